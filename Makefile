@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (the main job) and `make test` (the whole suite).
+# Each creates the virtual environment it needs in .venv on first use.
+
+# The first interpreter that actually runs (a pyenv shim may exist without working): 3.12 first.
+PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 python3; do \
+	$$p -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null && { echo $$p; break; }; done)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+$(STAMP): setup.cfg requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m deepseek_jax.demo
+
+# Tests run on 8 fake CPU devices (tests/conftest.py sets the XLA flag) in two workers.
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

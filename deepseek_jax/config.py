@@ -1,0 +1,312 @@
+"""Model configuration: one frozen dataclass, the named variants, and the HF mapping.
+
+`ModelConfig` holds every architectural number of the DeepSeek-V2/V3 family plus the few
+numerical choices that belong to the model (compute dtype, parameter dtype, dispatch path,
+scan/remat). Run settings (learning rate, paths, mesh) live in the `ml_collections` run config
+of each entrypoint and never reach the layers.
+
+Named variants (`get_config(name)`):
+
+    tiny      tests: every feature on (q compression, YaRN, groups, shared expert, MTP) at toy sizes
+    small     the CPU demo: a few million parameters, trains in seconds per step on two cores
+    v2-lite   DeepSeek-V2-Lite (15.7B / 2.4B): no q compression, softmax routing, YaRN mscale 0.707
+    moonlight Moonlight-16B-A3B: V2-Lite shapes with V3 routing (sigmoid + bias), no YaRN
+    v3-671b   DeepSeek-V3 (671B / 37B active) with one MTP module
+
+Numbers are from DeepSeek's released configs and reports (V3 tech report §4.2, V2 report §3.1.2
+and App. B, HF `config.json` files). Two choices depart from the HF defaults on purpose:
+`init_std` is the paper's 0.006 (HF: 0.02), and `balance_alpha` is the V3 training value 1e-4
+(the HF field `aux_loss_alpha` = 0.001 is a leftover from V2 and is not read by `from_hf`).
+
+Left out: `moe_layer_freq` other than 1, biases on attention projections, activations other
+than SiLU, and key/value head counts different from the query head count; DeepSeek's released
+models use none of them, and `from_hf` rejects configs that ask for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+SCORE_FUNCS = ("sigmoid", "softmax")
+MOE_IMPLS = ("dense", "ragged")
+ATTENTION_IMPLS = ("expanded", "absorbed")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                              "nothing_saveable", "everything_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a DeepSeek-V2/V3 model. Letters refer to the alphabet in `deepseek_jax.model`."""
+
+    # --- sizes ---------------------------------------------------------------------------------
+    vocab_size: int = 129280            # V
+    d_model: int = 7168                 # D     (HF hidden_size)
+    n_layers: int = 61                  #       (HF num_hidden_layers), main model only
+    n_dense_layers: int = 3             #       first layers with a dense FFN (first_k_dense_replace)
+    d_ff: int = 18432                   # F     dense FFN width (intermediate_size)
+    # --- MLA -----------------------------------------------------------------------------------
+    n_heads: int = 128                  # N
+    q_lora_rank: int = 1536             # Q     0 = no query compression (V2-Lite, Moonlight)
+    kv_lora_rank: int = 512             # C
+    qk_nope_head_dim: int = 128         # H
+    qk_rope_head_dim: int = 64          # R
+    v_head_dim: int = 128               # U
+    # --- MoE -----------------------------------------------------------------------------------
+    n_routed_experts: int = 256         # E     0 = every layer dense
+    n_shared_experts: int = 1
+    n_experts_per_token: int = 8        # X     (num_experts_per_tok)
+    moe_d_ff: int = 2048                # F of one expert (moe_intermediate_size)
+    n_expert_groups: int = 8            # G     (n_group)
+    n_limited_groups: int = 4           #       groups kept per token (topk_group)
+    routed_scaling_factor: float = 2.5
+    score_func: str = "sigmoid"         # "sigmoid" (V3) or "softmax" (V2)
+    norm_topk_prob: bool = True         # renormalize the selected weights to sum to one
+    routing_bias: bool = True           # aux-loss-free selection bias (V3 `noaux_tc`)
+    group_score: str = "top2_sum"       # "top2_sum" (V3) or "max" (V2 group_limited_greedy)
+    # --- balancing and MTP loss weights (used by the train step, not by the layers) ------------
+    bias_update_rate: float = 0.001     # γ: b += γ·sign(mean_load − load) after each step
+    balance_alpha: float = 1e-4         # α of the sequence-wise balance loss
+    mtp_depth: int = 1                  # D_mtp  (num_nextn_predict_layers)
+    mtp_loss_weight: float = 0.3        # λ
+    # --- norms, positions ----------------------------------------------------------------------
+    rms_norm_eps: float = 1e-6
+    max_seq_len: int = 163840           # max_position_embeddings
+    rope_theta: float = 10000.0
+    rope_interleaved: bool = True       # rotate consecutive pairs (2i, 2i+1), as the official weights
+    rope_factor: float = 40.0           # YaRN scale s; 1.0 = plain RoPE
+    rope_original_max_len: int = 4096   # YaRN original_max_position_embeddings
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 1.0
+    rope_mscale_all_dim: float = 1.0
+    # --- embedding / init / tokens -------------------------------------------------------------
+    tie_embeddings: bool = False
+    init_std: float = 0.006             # paper §4.2 (HF initializer_range default 0.02)
+    bos_id: int = 0
+    eos_id: int = 1
+    # --- numerics and implementation choices ---------------------------------------------------
+    dtype: Any = jnp.bfloat16           # compute (activation) dtype
+    param_dtype: Any = jnp.float32      # storage dtype of parameters
+    moe_impl: str = "ragged"            # "ragged" (sort + ragged_dot) or "dense" (reference)
+    attention_impl: str = "expanded"    # "expanded" (train, prefill) or "absorbed" (latent space)
+    scan_layers: bool = True            # nn.scan over identical blocks (compile time flat in depth)
+    remat_policy: str = "none"          # a name from REMAT_POLICIES
+    fp8: bool = False                   # fp8 projections (block-scaled e4m3 GEMMs)
+
+    def __post_init__(self):
+        validate(self)
+
+    # --- derived ---------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers if self.n_routed_experts else 0
+
+    @property
+    def uses_yarn(self) -> bool:
+        return self.rope_factor > 1.0
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(H+R), times YaRN's mscale² when YaRN is on (HF semantics: whenever it is set)."""
+        scale = self.qk_head_dim ** -0.5
+        if self.uses_yarn and self.rope_mscale_all_dim:
+            m = yarn_mscale(self.rope_factor, self.rope_mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    @property
+    def kv_cache_values_per_token(self) -> int:
+        """Values an MLA cache holds per token per layer: the latent C plus the RoPE key R."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
+        """Maps a Hugging Face DeepSeek-V2/V3 `config.json` dict to a ModelConfig."""
+        return from_hf(hf, **overrides)
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN attention temperature √t = 0.1·mscale·ln(s) + 1 (1 when s ≤ 1)."""
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be built; the message says what to change."""
+
+
+def validate(c: ModelConfig) -> None:
+    """Rejects invalid combinations with a message that names the fix."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    for name in ("vocab_size", "d_model", "n_layers", "d_ff", "n_heads", "kv_lora_rank",
+           "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        need(getattr(c, name) > 0, f"{name}={getattr(c, name)} must be positive")
+    need(c.q_lora_rank >= 0, f"q_lora_rank={c.q_lora_rank} must be >= 0 (0 = no q compression)")
+    need(c.qk_rope_head_dim % 2 == 0,
+         f"qk_rope_head_dim={c.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+    need(0 <= c.n_dense_layers <= c.n_layers,
+         f"n_dense_layers={c.n_dense_layers} must lie in [0, n_layers={c.n_layers}]")
+    need(c.mtp_depth >= 0, f"mtp_depth={c.mtp_depth} must be >= 0")
+    need(c.score_func in SCORE_FUNCS, f"score_func={c.score_func!r}: use one of {SCORE_FUNCS}")
+    need(c.group_score in ("top2_sum", "max"),
+         f"group_score={c.group_score!r}: use 'top2_sum' (V3) or 'max' (V2)")
+    need(c.moe_impl in MOE_IMPLS, f"moe_impl={c.moe_impl!r}: use one of {MOE_IMPLS}")
+    need(c.attention_impl in ATTENTION_IMPLS,
+         f"attention_impl={c.attention_impl!r}: use one of {ATTENTION_IMPLS}")
+    need(c.remat_policy in REMAT_POLICIES,
+         f"remat_policy={c.remat_policy!r}: use one of {REMAT_POLICIES}")
+    need(c.rope_factor >= 1.0, f"rope_factor={c.rope_factor} must be >= 1 (1 = plain RoPE)")
+    if c.n_routed_experts:
+        E, X, G = c.n_routed_experts, c.n_experts_per_token, c.n_expert_groups
+        need(c.moe_d_ff > 0, f"moe_d_ff={c.moe_d_ff} must be positive when n_routed_experts > 0")
+        need(1 <= X <= E, f"n_experts_per_token={X} must lie in [1, n_routed_experts={E}]")
+        need(G >= 1 and E % G == 0,
+             f"n_routed_experts={E} is not divisible by n_expert_groups={G}; "
+             f"use a group count that divides {E}")
+        need(1 <= c.n_limited_groups <= G,
+             f"n_limited_groups={c.n_limited_groups} must lie in [1, n_expert_groups={G}]")
+        need(X <= c.n_limited_groups * (E // G),
+             f"n_experts_per_token={X} exceeds the {c.n_limited_groups} kept groups of {E // G} "
+             f"experts each; raise n_limited_groups or lower n_experts_per_token")
+        if c.group_score == "top2_sum" and G > 1:
+            need(E // G >= 2, f"group_score='top2_sum' needs >= 2 experts per group, got {E // G}; "
+                        "use fewer groups or group_score='max'")
+        need(not (c.routing_bias and c.score_func == "softmax"),
+             "routing_bias=True goes with score_func='sigmoid' (V3); set routing_bias=False for "
+             "softmax routing (V2)")
+
+
+# --- named variants --------------------------------------------------------------------------
+
+_V3 = dict()  # the dataclass defaults are DeepSeek-V3 (671B)
+
+_VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=64, d_model=32, n_layers=3, n_dense_layers=1, d_ff=64, n_heads=4,
+        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+        n_routed_experts=8, n_shared_experts=1, n_experts_per_token=2, moe_d_ff=16,
+        n_expert_groups=4, n_limited_groups=2, mtp_depth=1, max_seq_len=64,
+        rope_factor=4.0, rope_original_max_len=16, init_std=0.02,
+        dtype=jnp.float32, param_dtype=jnp.float32),
+    "small": dict(
+        vocab_size=128, d_model=128, n_layers=4, n_dense_layers=1, d_ff=384, n_heads=4,
+        q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=16, n_shared_experts=1, n_experts_per_token=4,
+        moe_d_ff=64, n_expert_groups=4, n_limited_groups=2, mtp_depth=1, max_seq_len=256,
+        rope_factor=1.0, init_std=0.02, dtype=jnp.float32, param_dtype=jnp.float32),
+    "v2-lite": dict(
+        vocab_size=102400, d_model=2048, n_layers=27, n_dense_layers=1, d_ff=10944,
+        n_heads=16, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+        n_experts_per_token=6, moe_d_ff=1408, n_expert_groups=1, n_limited_groups=1,
+        routed_scaling_factor=1.0, score_func="softmax", norm_topk_prob=False,
+        routing_bias=False, group_score="max", balance_alpha=0.001, mtp_depth=0,
+        max_seq_len=163840, rope_factor=40.0, rope_mscale=0.707, rope_mscale_all_dim=0.707,
+        bos_id=100000, eos_id=100001),
+    "moonlight": dict(
+        vocab_size=163840, d_model=2048, n_layers=27, n_dense_layers=1, d_ff=11264,
+        n_heads=16, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+        n_experts_per_token=6, moe_d_ff=1408, n_expert_groups=1, n_limited_groups=1,
+        routed_scaling_factor=2.446, rms_norm_eps=1e-5, rope_theta=50000.0, rope_factor=1.0,
+        max_seq_len=8192, mtp_depth=0, bos_id=163584, eos_id=163586),
+    "v3-671b": _V3,
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """Returns a named variant, with field overrides (e.g. `dtype=jnp.float32`)."""
+    if name not in _VARIANTS:
+        raise ConfigError(f"unknown model {name!r}; use one of {sorted(_VARIANTS)}")
+    return ModelConfig(**{**_VARIANTS[name], **overrides})
+
+
+def variant_names() -> list[str]:
+    return list(_VARIANTS)
+
+
+# --- Hugging Face config.json --------------------------------------------------------------------
+
+_HF_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+def from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
+    """Maps an HF DeepSeek-V2/V3 `config.json` dict; rejects features the model does not have."""
+    mt = hf.get("model_type")
+    if mt not in _HF_MODEL_TYPES:
+        raise ConfigError(f"model_type={mt!r} is not supported; expected one of {_HF_MODEL_TYPES}")
+
+    def reject(cond: bool, msg: str):
+        if cond:
+            raise ConfigError(msg)
+
+    reject(hf.get("moe_layer_freq", 1) != 1, "moe_layer_freq != 1 is not supported")
+    reject(bool(hf.get("attention_bias", False)), "attention_bias=True is not supported")
+    reject(hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r}: only silu")
+    n_heads = hf["num_attention_heads"]
+    reject(hf.get("num_key_value_heads", n_heads) != n_heads,
+           "num_key_value_heads must equal num_attention_heads for MLA")
+
+    topk_method = hf.get("topk_method", "noaux_tc" if mt == "deepseek_v3" else "greedy")
+    scoring = hf.get("scoring_func", "sigmoid" if mt == "deepseek_v3" else "softmax")
+    reject(topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"),
+           f"topk_method={topk_method!r} is not supported")
+    n_group = hf.get("n_group") or 1
+    topk_group = hf.get("topk_group") or 1
+    if topk_method == "greedy":  # plain top-k over all experts
+        n_group, topk_group = 1, 1
+
+    rs = hf.get("rope_scaling") or {}
+    if rs:
+        kind = rs.get("type", rs.get("rope_type"))
+        reject(kind not in ("yarn", "default", None), f"rope_scaling type {kind!r}: only yarn")
+    yarn = bool(rs) and rs.get("type", rs.get("rope_type")) == "yarn"
+
+    kw = dict(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"], n_dense_layers=hf.get("first_k_dense_replace", 0),
+        d_ff=hf["intermediate_size"], n_heads=n_heads, q_lora_rank=hf.get("q_lora_rank") or 0,
+        kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+        n_routed_experts=hf.get("n_routed_experts") or 0,
+        n_shared_experts=hf.get("n_shared_experts") or 0,
+        n_experts_per_token=hf.get("num_experts_per_tok") or 1,
+        moe_d_ff=hf.get("moe_intermediate_size") or 0,
+        n_expert_groups=n_group, n_limited_groups=topk_group,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        score_func=scoring, norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        routing_bias=topk_method == "noaux_tc",
+        group_score="top2_sum" if topk_method == "noaux_tc" else "max",
+        mtp_depth=hf.get("num_nextn_predict_layers", 0) or 0,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_interleaved=bool(hf.get("rope_interleave", True)),
+        rope_factor=float(rs.get("factor", 1.0)) if yarn else 1.0,
+        rope_original_max_len=int(rs.get("original_max_position_embeddings", 4096)),
+        rope_beta_fast=float(rs.get("beta_fast", 32.0)),
+        rope_beta_slow=float(rs.get("beta_slow", 1.0)),
+        rope_mscale=float(rs.get("mscale", 1.0)),
+        rope_mscale_all_dim=float(rs.get("mscale_all_dim", 0.0)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=hf.get("initializer_range", 0.006),
+        bos_id=hf.get("bos_token_id") or 0,
+        eos_id=hf.get("eos_token_id") or 1,
+    )
+    if isinstance(kw["eos_id"], (list, tuple)):
+        kw["eos_id"] = kw["eos_id"][0]
+    kw.update(overrides)
+    return ModelConfig(**kw)

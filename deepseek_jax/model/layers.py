@@ -1,0 +1,92 @@
+"""Shared building blocks: parameter declaration with logical axes, RMSNorm, SwiGLU FFN.
+
+Every parameter is declared through `param`, which attaches logical axis names
+(`nn.with_logical_partitioning`); `deepseek_jax.parallel` maps those names onto a device mesh.
+The names used here (frozen: checkpoints and the rule table depend on them):
+
+  "vocab" V   "embed" D   "heads" N   "head_dim" H/R/U   "q_lora" Q   "kv_lora" C
+  "mlp" F     "expert" E  "layers" (added by nn.scan over stacked blocks)
+
+Activations are constrained at block boundaries with `constrain`, a no-op outside a mesh.
+
+Left out: biases (no DeepSeek projection has one), LayerNorm, activations other than SiLU.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+
+# Logical names of activation axes (parameters use the names in the docstring above).
+BATCH, LENGTH, EMBED, HEADS, VOCAB = ("act_batch", "act_length", "act_embed", "act_heads",
+                                      "act_vocab")
+
+
+def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str],
+          config: ModelConfig, init: str = "normal") -> jax.Array:
+    """Declares a parameter with logical axes; `init` is "normal" (std = config.init_std) or "ones"."""
+    if init == "normal":
+        fn = nn.initializers.normal(stddev=config.init_std)
+    elif init == "ones":
+        fn = nn.initializers.ones
+    elif init == "zeros":
+        fn = nn.initializers.zeros
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return module.param(name, nn.with_logical_partitioning(fn, tuple(axes)), tuple(shape),
+                        config.param_dtype)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Logical sharding constraint on an activation; does nothing without mesh rules."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """A projection: both operands in the compute dtype, result in the compute dtype."""
+    return jnp.einsum(eqn, x.astype(dtype), w.astype(dtype))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · scale over the last axis, computed in fp32 (as DeepSeek and HF do)."""
+    config: ModelConfig
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param(self, "scale", (x.shape[-1],), (self.axis_name,), self.config, init="ones")
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
+                                  + self.config.rms_norm_eps)
+        return (x32 * scale.astype(jnp.float32)).astype(self.config.dtype)
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+           dtype) -> jax.Array:
+    """SwiGLU FFN: w_down(silu(x·w_gate) ⊙ x·w_up). x [..., D]; w_gate, w_up [D, F]; w_down [F, D]."""
+    gate = einsum("...D,DF->...F", x, w_gate, dtype)         # [..., F]
+    up = einsum("...D,DF->...F", x, w_up, dtype)             # [..., F]
+    return einsum("...F,FD->...D", nn.silu(gate) * up, w_down, dtype)  # [..., D]
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU FFN (dense layers, and the shared experts with width n_shared·moe_d_ff).
+
+    Parameter names (frozen): w_gate [D, F] (HF gate_proj), w_up [D, F] (up_proj),
+    w_down [F, D] (down_proj).
+    """
+    config: ModelConfig
+    d_ff: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, D, F = self.config, self.config.d_model, self.d_ff
+        w_gate = param(self, "w_gate", (D, F), ("embed", "mlp"), c)
+        w_up = param(self, "w_up", (D, F), ("embed", "mlp"), c)
+        w_down = param(self, "w_down", (F, D), ("mlp", "embed"), c)
+        return swiglu(x, w_gate, w_up, w_down, c.dtype)      # [B, T, D]

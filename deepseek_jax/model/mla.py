@@ -1,0 +1,132 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1) with an expanded and an absorbed path.
+
+Keys and values are rebuilt from one low-rank latent per token, c_kv = RMSNorm(W_DKV·h) [C], plus
+a RoPE key k_r = RoPE(W_KR·h) [R] shared by all heads. Queries optionally go through their own
+latent c_q = RMSNorm(W_DQ·h) [Q] (Q = 0: straight from h, as V2-Lite and Moonlight).
+
+  q_nope = W_UQ·c_q [N, H]     q_rope = RoPE(W_QR·c_q) [N, R]
+  k_nope = W_UK·c_kv [N, H]    v = W_UV·c_kv [N, U]
+  score  = (q_nope·k_nope + q_rope·k_r) · softmax_scale       (fp32 softmax)
+  out    = W_O · Σ_s p_s v_s
+
+Two paths over the same parameters (they agree to fp32 rounding, see the tests):
+
+* expanded: materialise k_nope and v for every key (training and prefill);
+* absorbed: fold W_UK into the queries (q_lat = q_nope·W_UKᵀ [N, C]) and W_UV into the output,
+  so attention runs in latent space and a cache needs only c_kv and k_r per token: C + R values
+  (576 for V3) against 2·N·H = 32,768 for an MHA cache of the same model.
+
+The attention cores are pure functions (`expanded_attention`, `absorbed_attention`) over
+(queries, latent keys) so that the sampler can call them on a cache.
+
+Parameter names (frozen; HF DeepseekV3 names in brackets):
+  w_dq [D, Q] (q_a_proj)   q_norm (q_a_layernorm)   w_uq [Q|D, N, H] and w_qr [Q|D, N, R]
+  (q_b_proj, or q_proj when Q = 0, split into its non-RoPE and RoPE columns per head)
+  w_dkv [D, C] and w_kr [D, R] (kv_a_proj_with_mqa, split)   kv_norm (kv_a_layernorm)
+  w_uk [C, N, H] and w_uv [C, N, U] (kv_b_proj, split)      w_o [N, U, D] (o_proj)
+
+Left out: attention dropout (DeepSeek uses none), sliding windows, fused attention kernels
+(a later piece; the einsum core here is the reference they are tested against).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import layers
+from deepseek_jax.model.layers import RMSNorm, einsum, param
+from deepseek_jax.model.rope import apply_rope, rope_angles
+
+_MASKED = -1e30  # added to masked scores; finite so fully masked (padding) rows stay NaN-free
+
+
+def _softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """fp32 softmax over S of scores [B, N, T, S] where mask [B, T, S] is True."""
+    scores = jnp.where(mask[:, None, :, :], scores, _MASKED)   # [B, N, T, S]
+    return jax.nn.softmax(scores, axis=-1)                      # [B, N, T, S]
+
+
+def expanded_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale, dtype):
+    """Attention with keys and values expanded from the latent.
+
+    q_nope [B, T, N, H], q_rope [B, T, N, R], c_kv [B, S, C], k_rope [B, S, R],
+    w_uk [C, N, H], w_uv [C, N, U], mask [B, T, S] (True = attend). Returns [B, T, N, U].
+    """
+    k_nope = einsum("BSC,CNH->BSNH", c_kv, w_uk, dtype)                     # [B, S, N, H]
+    v = einsum("BSC,CNU->BSNU", c_kv, w_uv, dtype)                          # [B, S, N, U]
+    scores = (jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=jnp.float32)
+              + jnp.einsum("BTNR,BSR->BNTS", q_rope, k_rope.astype(dtype),
+                           preferred_element_type=jnp.float32)) * scale      # [B, N, T, S]
+    probs = _softmax(scores, mask).astype(dtype)                            # [B, N, T, S]
+    return jnp.einsum("BNTS,BSNU->BTNU", probs, v)                          # [B, T, N, U]
+
+
+def absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale, dtype):
+    """The same attention computed in latent space; arguments and result as `expanded_attention`."""
+    q_lat = einsum("BTNH,CNH->BTNC", q_nope, w_uk, dtype)                   # [B, T, N, C]
+    scores = (jnp.einsum("BTNC,BSC->BNTS", q_lat, c_kv.astype(dtype),
+                         preferred_element_type=jnp.float32)
+              + jnp.einsum("BTNR,BSR->BNTS", q_rope, k_rope.astype(dtype),
+                           preferred_element_type=jnp.float32)) * scale      # [B, N, T, S]
+    probs = _softmax(scores, mask).astype(dtype)                            # [B, N, T, S]
+    o_lat = jnp.einsum("BNTS,BSC->BTNC", probs, c_kv.astype(dtype))         # [B, T, N, C]
+    return einsum("BTNC,CNU->BTNU", o_lat, w_uv, dtype)                     # [B, T, N, U]
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention over x [B, T, D] at int positions [B, T] with mask [B, T, S]."""
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        D, N, Q, C = c.d_model, c.n_heads, c.q_lora_rank, c.kv_lora_rank
+        H, R, U = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        q_in, q_axis = (Q, "q_lora") if Q else (D, "embed")
+        if Q:
+            self.w_dq = param(self, "w_dq", (D, Q), ("embed", "q_lora"), c)
+            self.q_norm = RMSNorm(c, axis_name="q_lora")
+        self.w_uq = param(self, "w_uq", (q_in, N, H), (q_axis, "heads", "head_dim"), c)
+        self.w_qr = param(self, "w_qr", (q_in, N, R), (q_axis, "heads", "head_dim"), c)
+        self.w_dkv = param(self, "w_dkv", (D, C), ("embed", "kv_lora"), c)
+        self.kv_norm = RMSNorm(c, axis_name="kv_lora")
+        self.w_kr = param(self, "w_kr", (D, R), ("embed", "head_dim"), c)
+        self.w_uk = param(self, "w_uk", (C, N, H), ("kv_lora", "heads", "head_dim"), c)
+        self.w_uv = param(self, "w_uv", (C, N, U), ("kv_lora", "heads", "head_dim"), c)
+        self.w_o = param(self, "w_o", (N, U, D), ("heads", "head_dim", "embed"), c)
+
+    def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """(q_nope [B, T, N, H], q_rope [B, T, N, R]) for x [B, T, D]."""
+        c = self.config
+        if c.q_lora_rank:
+            x = self.q_norm(einsum("BTD,DQ->BTQ", x, self.w_dq, c.dtype))   # [B, T, Q]
+        # With Q = 0 the "Q" axis below is the model width D.
+        q_nope = einsum("BTQ,QNH->BTNH", x, self.w_uq, c.dtype)              # [B, T, N, H]
+        q_rope = einsum("BTQ,QNR->BTNR", x, self.w_qr, c.dtype)              # [B, T, N, R]
+        return q_nope, apply_rope(q_rope, cos, sin, c.rope_interleaved)
+
+    def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """What a cache stores per token: (c_kv [B, T, C] normalized, k_rope [B, T, R] rotated)."""
+        c = self.config
+        c_kv = self.kv_norm(einsum("BTD,DC->BTC", x, self.w_dkv, c.dtype))   # [B, T, C]
+        k_rope = einsum("BTD,DR->BTR", x, self.w_kr, c.dtype)                # [B, T, R]
+        return c_kv, apply_rope(k_rope, cos, sin, c.rope_interleaved)
+
+    def attend(self, q_nope, q_rope, c_kv, k_rope, mask, impl: str | None = None) -> jax.Array:
+        """Attention core plus output projection: returns [B, T, D]."""
+        c = self.config
+        core = {"expanded": expanded_attention,
+                "absorbed": absorbed_attention}[impl or c.attention_impl]
+        o = core(q_nope, q_rope, c_kv, k_rope, self.w_uk, self.w_uv, mask,
+                 c.softmax_scale, c.dtype)                                   # [B, T, N, U]
+        o = layers.constrain(o, (layers.BATCH, layers.LENGTH, layers.HEADS, None))
+        return einsum("BTNU,NUD->BTD", o, self.w_o, c.dtype)                 # [B, T, D]
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 impl: str | None = None) -> jax.Array:
+        cos, sin = rope_angles(positions, self.config)                       # [B, T, R/2]
+        q_nope, q_rope = self.queries(x, cos, sin)
+        c_kv, k_rope = self.latents(x, cos, sin)
+        return self.attend(q_nope, q_rope, c_kv, k_rope, mask, impl)        # [B, T, D]

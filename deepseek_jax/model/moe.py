@@ -1,0 +1,259 @@
+"""DeepSeekMoE: shared + fine-grained routed experts, the V3 gate, aux-loss-free balancing.
+
+What is in:
+
+  gate                   router scores → (combine weights, expert ids, scores). Sigmoid (V3) or
+                         softmax (V2) scores in fp32; the routing bias enters the *selection* only;
+                         group-limited routing (keep `n_limited_groups` of G groups, ranked by
+                         the sum of their top-2 biased scores (V3) or their max (V2)), dropped
+                         groups masked with −inf; weights are the unbiased scores of the selected
+                         experts, optionally renormalised, times `routed_scaling_factor`.
+  expert_load            (token, slot) assignments per expert, for the bias update.
+  sequence_balance_loss  V3's complementary sequence-wise balance loss (eqs. 17–20) without α.
+  update_routing_bias    b ← b + γ·sign(mean load − load), on arrays or pytrees of them.
+  dense_dispatch         reference expert computation: every expert on every token, combined with
+                         a [.., E] weight matrix that is zero for unselected experts.
+  ragged_dispatch        (token, slot) pairs sorted by expert, three `jax.lax.ragged_dot`s, weighted
+                         and summed back per token. Same values and gradients as the dense path.
+  MoE                    the Flax module: router, stacked experts, shared experts, statistics.
+
+Left out, and why:
+
+  - Token dropping / expert capacity: V3 drops no tokens in training or inference, and both
+    dispatch paths here handle any load, including empty experts.
+  - Expert parallelism (all-to-all across an `expert` mesh axis) and node-limited routing: they
+    belong to `deepseek_jax/parallel`, which wraps these same functions in `shard_map`.
+  - V2's device- and communication-balance losses (α2, α3) and its batch-level expert loss: V3
+    replaced them with the bias update plus the sequence-wise loss kept here.
+
+Frozen parameter and variable names (checkpoints and the HF import depend on them):
+
+  params/router       [D, E]     ("embed", "expert")        HF mlp.gate.weight, transposed
+  params/w_gate       [E, D, F]  ("expert", "embed", "mlp") HF mlp.experts.{e}.gate_proj.weight,
+                                                            transposed and stacked over e
+  params/w_up         [E, D, F]  ("expert", "embed", "mlp") HF mlp.experts.{e}.up_proj.weight,
+                                                            transposed and stacked over e
+  params/w_down       [E, F, D]  ("expert", "mlp", "embed") HF mlp.experts.{e}.down_proj.weight,
+                                                            transposed and stacked over e
+  params/shared/...   `layers.MLP` of width n_shared_experts·moe_d_ff: HF mlp.shared_experts.*
+  routing/bias        [E] fp32, only when `routing_bias`     HF mlp.gate.e_score_correction_bias
+
+Collections: `routing` holds the bias (state, never seen by the optimizer; updated after each step
+with `update_routing_bias`). `moe_stats` receives, through `sow` (tuples, one entry per call), the
+expert `load` [E] and the `balance_loss` scalar; nothing is sown during `init`, so the variables
+returned by `init` hold only `params` and `routing`. Apply with `mutable=["moe_stats"]` to read
+them.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.layers import MLP, einsum, param
+
+
+# --- gate --------------------------------------------------------------------------------------
+
+def gate(logits: jax.Array, bias: jax.Array | None,
+         config: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Chooses X experts per token and their combine weights (spec §3; V3 eqs. 13–16).
+
+    Args:
+      logits: router logits [..., E], computed in fp32.
+      bias: selection bias [E] (the aux-loss-free balancing state), or None.
+      config: uses n_experts_per_token, n_expert_groups, n_limited_groups, score_func,
+        group_score, norm_topk_prob and routed_scaling_factor.
+
+    Returns:
+      weights [..., X] fp32: unbiased scores of the chosen experts, renormalised if
+        `norm_topk_prob`, times `routed_scaling_factor`.
+      idx [..., X] int32: chosen experts, in decreasing order of biased score (ties go to the
+        lower expert id, as `lax.top_k` breaks them).
+      scores [..., E] fp32: the unbiased affinities (for the balance loss).
+    """
+    c = config
+    E, X, G = logits.shape[-1], c.n_experts_per_token, c.n_expert_groups
+    logits = logits.astype(jnp.float32)
+    if c.score_func == "sigmoid":
+        scores = jax.nn.sigmoid(logits)                                    # [..., E]
+    else:
+        scores = jax.nn.softmax(logits, axis=-1)                           # [..., E]
+    # The bias decides which experts are chosen, never how much they weigh.
+    biased = scores if bias is None else scores + bias.astype(jnp.float32)  # [..., E]
+
+    if G > 1:
+        grouped = biased.reshape(*biased.shape[:-1], G, E // G)            # [..., G, E/G]
+        if c.group_score == "top2_sum":
+            group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)           # [..., G]
+        else:
+            group_scores = grouped.max(-1)                                 # [..., G]
+        kept = jax.lax.top_k(group_scores, c.n_limited_groups)[1]          # [..., n_limited]
+        keep = jax.nn.one_hot(kept, G, dtype=jnp.bool_).any(-2)           # [..., G]
+        # −inf, not 0: biased scores can be negative, and a 0 would then outrank every kept
+        # expert (HF's router has that bug; DeepSeek's reference uses −inf).
+        grouped = jnp.where(keep[..., None], grouped, -jnp.inf)           # [..., G, E/G]
+        biased = grouped.reshape(*biased.shape)                            # [..., E]
+
+    idx = jax.lax.top_k(biased, X)[1].astype(jnp.int32)                    # [..., X]
+    weights = jnp.take_along_axis(scores, idx, axis=-1)                    # [..., X]
+    if c.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * c.routed_scaling_factor, idx, scores
+
+
+# --- balancing -----------------------------------------------------------------------------------
+
+def expert_load(idx: jax.Array, n_experts: int) -> jax.Array:
+    """Number of (token, slot) assignments per expert over every leading axis.
+
+    Args:
+      idx: expert ids [..., X] from `gate`.
+      n_experts: E.
+
+    Returns:
+      [E] fp32 counts. Applied to a global (sharded) batch array under jit, these are counts over
+      the global batch, which is what the bias update wants.
+    """
+    return jnp.bincount(idx.reshape(-1), length=n_experts).astype(jnp.float32)  # [E]
+
+
+def sequence_balance_loss(scores: jax.Array, idx: jax.Array, n_experts: int) -> jax.Array:
+    """V3's sequence-wise balance loss Σ_i f_i·P_i (eqs. 17–20), averaged over sequences, no α.
+
+    f_i = E/(X·T) · #{t : i chosen for token t} and P_i = mean_t s'_{i,t}, with s' the scores
+    normalised over E per token. For f we count the experts *actually selected* (the biased
+    top-X from `gate`); the paper's eq. 18 writes the unbiased top-K, which is ambiguous once
+    a bias steers routing (spec §10), and the loss is meant to balance the real routing.
+    The value is 1 for perfectly uniform routing (Σ_i f_i = E and P_i = 1/E) and at most E/X.
+
+    Args:
+      scores: unbiased affinities [B, T, E] from `gate`.
+      idx: selected experts [B, T, X] from `gate`.
+      n_experts: E.
+
+    Returns:
+      scalar fp32 loss; gradients flow through the scores only (f is a count).
+    """
+    _, T, X = idx.shape
+    counts = jax.vmap(lambda i: expert_load(i, n_experts))(idx)            # [B, E]
+    f = counts * (n_experts / (X * T))                                     # [B, E]
+    scores = scores.astype(jnp.float32)
+    p = (scores / scores.sum(-1, keepdims=True)).mean(1)                   # [B, E]
+    return jnp.einsum("BE,BE->B", f, p).mean()
+
+
+def update_routing_bias(bias, load, rate: float):
+    """Aux-loss-free balancing step: b ← b + rate·sign(mean_E(load) − load).
+
+    Overloaded experts become less likely to be chosen (bias down by exactly `rate`), underloaded
+    ones more likely; experts exactly at the mean keep their bias. Call it once per training step
+    with the load of the whole global batch, outside the optimizer.
+
+    Args:
+      bias: array [..., E] (e.g. [L, E] for scanned layers) or a pytree of such arrays.
+      load: same structure and shapes as `bias` (e.g. from `expert_load`).
+      rate: γ, `ModelConfig.bias_update_rate`.
+
+    Returns:
+      the new bias, same structure, shapes and dtypes as `bias`.
+    """
+    def one(b, l):
+        l = l.astype(jnp.float32)
+        step = jnp.sign(l.mean(-1, keepdims=True) - l)                     # [..., E]
+        return (b + rate * step).astype(b.dtype)
+    return jax.tree.map(one, bias, load)
+
+
+# --- dispatch ------------------------------------------------------------------------------------
+
+def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
+                   w_up: jax.Array, w_down: jax.Array, dtype) -> jax.Array:
+    """Routed experts, reference path: every expert runs on every token (E/X times the FLOPs).
+
+    Args:
+      x: tokens [..., D] (the module passes [B, T, D]; flattened [B·T, D] works too).
+      weights: combine weights [..., X] from `gate`.
+      idx: expert ids [..., X] from `gate`.
+      w_gate, w_up: stacked expert weights [E, D, F].
+      w_down: [E, F, D].
+      dtype: compute dtype.
+
+    Returns:
+      Σ_k weights_k · SwiGLU_{idx_k}(x), [..., D] in `dtype`.
+    """
+    E = w_gate.shape[0]
+    combine = jnp.einsum("...XE,...X->...E", jax.nn.one_hot(idx, E, dtype=weights.dtype),
+                         weights)                                          # [..., E]
+    gate_ = einsum("...D,EDF->...EF", x, w_gate, dtype)                    # [..., E, F]
+    up = einsum("...D,EDF->...EF", x, w_up, dtype)                         # [..., E, F]
+    out = einsum("...EF,EFD->...ED", nn.silu(gate_) * up, w_down, dtype)   # [..., E, D]
+    return einsum("...ED,...E->...D", out, combine, dtype)                 # [..., D]
+
+
+def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
+                    w_up: jax.Array, w_down: jax.Array, dtype) -> jax.Array:
+    """Routed experts, sorted path: each (token, slot) pair runs through its one expert.
+
+    The M = B·T·X pairs are sorted by expert id (stable), so each expert's rows are contiguous,
+    and `jax.lax.ragged_dot` multiplies each run of rows by its expert's weights with group sizes
+    = per-expert counts. Empty experts (size 0) and any imbalance are fine; nothing is dropped.
+    Outputs are unsorted and summed over the X slots with the combine weights.
+
+    Same arguments, result and gradients as `dense_dispatch`.
+    """
+    D, E, X = x.shape[-1], w_gate.shape[0], idx.shape[-1]
+    flat_idx = idx.reshape(-1)                                             # [M]
+    order = jnp.argsort(flat_idx, stable=True)                             # [M] pair ids by expert
+    sizes = jnp.bincount(flat_idx, length=E).astype(jnp.int32)             # [E]
+    tokens = x.reshape(-1, D).astype(dtype)                                # [B·T, D]
+    rows = tokens[order // X]                                              # [M, D] sorted pairs
+    gate_ = jax.lax.ragged_dot(rows, w_gate.astype(dtype), sizes)          # [M, F]
+    up = jax.lax.ragged_dot(rows, w_up.astype(dtype), sizes)               # [M, F]
+    out = jax.lax.ragged_dot(nn.silu(gate_) * up, w_down.astype(dtype), sizes)  # [M, D]
+    unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
+    unsorted = unsorted.reshape(*idx.shape, D)                             # [..., X, D]
+    return einsum("...XD,...X->...D", unsorted, weights, dtype)            # [..., D]
+
+
+# --- module --------------------------------------------------------------------------------------
+
+class MoE(nn.Module):
+    """DeepSeekMoE FFN: shared experts + top-X of E routed experts. [B, T, D] → [B, T, D].
+
+    Parameter names are frozen (see the module docstring). Scan-safe: under `nn.scan` with
+    variable_axes {"params": 0, "routing": 0, "moe_stats": 0} the bias becomes [L, E] and the
+    sown load [L, E].
+    """
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        D, E, F = c.d_model, c.n_routed_experts, c.moe_d_ff
+        router = param(self, "router", (D, E), ("embed", "expert"), c)
+        w_gate = param(self, "w_gate", (E, D, F), ("expert", "embed", "mlp"), c)
+        w_up = param(self, "w_up", (E, D, F), ("expert", "embed", "mlp"), c)
+        w_down = param(self, "w_down", (E, F, D), ("expert", "mlp", "embed"), c)
+        bias = None
+        if c.routing_bias:
+            bias = self.variable("routing", "bias",
+                                 lambda: jnp.zeros((E,), jnp.float32)).value  # [E]
+
+        # Router in full fp32 (HIGHEST keeps TPU/GPU from using bf16/tf32 passes); it is tiny.
+        logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)              # [B, T, E]
+        weights, idx, scores = gate(logits, bias, c)                          # [B, T, X] ×2
+        dispatch = ragged_dispatch if c.moe_impl == "ragged" else dense_dispatch
+        y = dispatch(x, weights, idx, w_gate, w_up, w_down, c.dtype)          # [B, T, D]
+        if c.n_shared_experts > 0:
+            y = y + MLP(c, d_ff=c.n_shared_experts * F, name="shared")(x)     # [B, T, D]
+
+        # Statistics for the train step; skipped at init so `init` returns no stale stats (sow
+        # appends, so re-applied init stats would double up).
+        if not self.is_initializing():
+            self.sow("moe_stats", "load", expert_load(idx, E))
+            self.sow("moe_stats", "balance_loss", sequence_balance_loss(scores, idx, E))
+        return y.astype(c.dtype)

@@ -1,0 +1,72 @@
+"""Multi-Token Prediction (V3 §2.2): K sequential modules that each predict one token further.
+
+Module k (k = 1 … K) at position i combines the previous depth's hidden state h^{k−1}_i with the
+embedding of token t_{i+k} and predicts t_{i+k+1}:
+
+  h'^k_i = eh_proj [ enorm(Emb(t_{i+k})) ; hnorm(h^{k−1}_i) ]     embedding first, as the
+                                                                   released weights (the paper
+                                                                   writes the reverse order)
+  h^k    = Block_k(h'^k)                    one full MLA + FFN block, causal over positions
+  P^k_i  = softmax(OutHead(norm_k(h^k_i)))  embedding and output head shared with the main model
+
+h^0 is the main model's last-block output before its final norm (hnorm normalizes it again).
+All depths keep the full length T: the input tokens are shifted left by k and the last k
+positions, which have no t_{i+k}, see token 0; the loss masks every position whose target lies
+beyond the sequence (`deepseek_jax.train.losses.mtp_loss`).
+
+Parameter names (frozen; HF names of `model.layers.{n_layers + k − 1}`): layer_{k−1}/enorm,
+hnorm, eh_proj [2D, D] (eh_proj, transposed), block (the decoder layer), norm
+(shared_head.norm). HF's shared_head.head and embed_tokens copies are not stored.
+
+Left out: DeepSeek's inference-time zeroing of the embedding at absolute position 0 (not part of
+the training objective), and dropping the modules at inference (simply ignore the MTP logits).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.blocks import Block
+from deepseek_jax.model.layers import RMSNorm, param
+
+
+def shift_left(tokens: jax.Array, k: int) -> jax.Array:
+    """tokens [B, T] → t_{i+k} at position i, 0 past the end."""
+    pad = jnp.zeros((tokens.shape[0], k), tokens.dtype)
+    return jnp.concatenate([tokens[:, k:], pad], axis=1)      # [B, T]
+
+
+class MTPLayer(nn.Module):
+    """One MTP depth: returns (h^k [B, T, D], norm_k(h^k) [B, T, D])."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_prev, emb_next, positions, mask):
+        c = self.config
+        D = c.d_model
+        w = param(self, "eh_proj", (2 * D, D), ("mtp_in", "embed"), c)
+        both = jnp.concatenate([RMSNorm(c, name="enorm")(emb_next),
+                                RMSNorm(c, name="hnorm")(h_prev)], axis=-1)  # [B, T, 2D]
+        x = jnp.einsum("BTI,ID->BTD", both, w.astype(c.dtype))                # [B, T, D]
+        h, _ = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions, mask)
+        return h, RMSNorm(c, name="norm")(h)
+
+
+class MTP(nn.Module):
+    """All K depths. Returns logits [K, B, T, V] (fp32); [k−1, :, i] predicts token t_{i+k+1}."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h, tokens, embed, head, positions, mask):
+        """h [B, T, D] main hidden state, tokens [B, T], embed [V, D], head [D, V]."""
+        c = self.config
+        out = []
+        for k in range(1, c.mtp_depth + 1):
+            emb = jnp.take(embed, shift_left(tokens, k), axis=0).astype(c.dtype)  # [B, T, D]
+            h, normed = MTPLayer(c, name=f"layer_{k - 1}")(h, emb, positions, mask)
+            out.append(jnp.einsum("BTD,DV->BTV", normed, head.astype(c.dtype),
+                                  preferred_element_type=jnp.float32))           # [B, T, V]
+        return jnp.stack(out)                                                     # [K, B, T, V]

@@ -1,0 +1,1 @@
+"""Training: losses (LM, MTP, balance), the optimizer, and the pure train step."""

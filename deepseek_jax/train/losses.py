@@ -1,0 +1,72 @@
+"""Losses as pure functions: next-token cross entropy, the MTP loss, and their combination.
+
+  total = LM + λ·MTP + α·Σ_layers L_Bal
+
+LM and each MTP depth are token means over valid targets; MTP averages its K depths (the paper's
+λ/K·Σ_k). The sequence-wise balance loss (moe.sequence_balance_loss) is summed over MoE layers,
+each layer carrying its own L_Bal as in V3 eq. 17. Every function returns fp32 scalars.
+
+Targets: for int tokens [B, T] and a validity mask [B, T] (1 = real token), position i of the main
+logits is scored against t_{i+1}, and position i of MTP depth k against t_{i+k+1}; a position
+whose target lies past the end of the sequence, or is padding, has weight 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from deepseek_jax.model.mtp import shift_left
+
+
+def shifted_targets(tokens: jax.Array, valid: jax.Array, k: int):
+    """(targets [B, T], weights [B, T] fp32) for predicting t_{i+k} at position i."""
+    return shift_left(tokens, k), shift_left(valid.astype(jnp.float32), k)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+    """(weighted sum of −log p(target), sum of weights) over logits [..., V] and targets [...]."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def lm_loss(logits: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean next-token cross entropy of logits [B, T, V] on tokens [B, T]."""
+    targets, weights = shifted_targets(tokens, valid, 1)
+    total, count = cross_entropy(logits, targets, weights)
+    return total / jnp.maximum(count, 1.0)
+
+
+def mtp_loss(mtp_logits: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean over the K depths of depth k's cross entropy against t_{i+k+1}; mtp_logits [K, B, T, V]."""
+    per_depth = [lm_loss_at(mtp_logits[k], tokens, valid, k + 2)
+                 for k in range(mtp_logits.shape[0])]
+    return jnp.mean(jnp.stack(per_depth))
+
+
+def lm_loss_at(logits: jax.Array, tokens: jax.Array, valid: jax.Array, k: int) -> jax.Array:
+    """Mean cross entropy of logits [B, T, V] against t_{i+k}."""
+    targets, weights = shifted_targets(tokens, valid, k)
+    total, count = cross_entropy(logits, targets, weights)
+    return total / jnp.maximum(count, 1.0)
+
+
+def balance_loss(moe_stats: dict | None) -> jax.Array:
+    """Σ over MoE layers of the sown sequence-balance losses (0 without MoE layers)."""
+    if not moe_stats:
+        return jnp.zeros((), jnp.float32)
+    leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(moe_stats)
+              if "balance_loss" in jax.tree_util.keystr(path)]
+    return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
+
+
+def total_loss(logits, mtp_logits, moe_stats, tokens, valid, *, mtp_weight: float,
+               balance_alpha: float):
+    """(total, parts) with parts = {"lm_loss", "mtp_loss", "balance_loss"} (unweighted)."""
+    lm = lm_loss(logits, tokens, valid)
+    mtp = (mtp_loss(mtp_logits, tokens, valid) if mtp_logits is not None
+           else jnp.zeros((), jnp.float32))
+    bal = balance_loss(moe_stats)
+    total = lm + mtp_weight * mtp + balance_alpha * bal
+    return total, {"lm_loss": lm, "mtp_loss": mtp, "balance_loss": bal}
