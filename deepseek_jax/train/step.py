@@ -11,7 +11,11 @@
 The state is a plain pytree (`TrainState`); the routing bias lives in `state.routing`, outside
 `params`, so the optimizer never sees it and weight decay cannot touch it.
 
-Left out here (added by the pretraining entrypoint): gradient accumulation, fp8, sharding.
+Gradient accumulation: `microbatches=k` splits the batch into k strided micro-batches, scans
+over them summing fp32 gradients and expert loads, and applies one update.
+
+Left out here: sharding (deepseek_jax.parallel wraps this function with in/out shardings) and
+fp8 (a model config switch).
 """
 
 from __future__ import annotations
@@ -63,28 +67,76 @@ def routing_loads(moe_stats, routing):
     return jax.tree_util.tree_map_with_path(find, routing)
 
 
-def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
-               tx: optax.GradientTransformation):
-    """batch = {"tokens": int [B, T], "valid": [B, T] (optional, default all ones)}."""
-    model = Transformer(config)
+def _forward(params, routing, batch: dict, config: ModelConfig):
+    """Loss and statistics of one (micro-)batch: (total, (parts, moe_stats))."""
     tokens = batch["tokens"]
-    valid = batch.get("valid", jnp.ones(tokens.shape, jnp.float32))
+    valid = batch.get("valid")
+    valid = jnp.ones(tokens.shape, jnp.float32) if valid is None else valid
+    variables = {"params": params, **({"routing": routing} if routing else {})}
+    (logits, mtp_logits), aux = Transformer(config).apply(
+        variables, tokens, positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"), mutable=["moe_stats"])
+    stats = aux.get("moe_stats", {})
+    total, parts = losses.total_loss(
+        logits, mtp_logits, stats, tokens, valid,
+        mtp_weight=config.mtp_loss_weight, balance_alpha=config.balance_alpha)
+    return total, (parts, stats)
 
-    def loss_fn(params):
-        variables = {"params": params, **({"routing": state.routing} if state.routing else {})}
-        (logits, mtp_logits), aux = model.apply(variables, tokens, mutable=["moe_stats"])
-        stats = aux.get("moe_stats", {})
-        total, parts = losses.total_loss(
-            logits, mtp_logits, stats, tokens, valid,
-            mtp_weight=config.mtp_loss_weight, balance_alpha=config.balance_alpha)
-        return total, (parts, stats)
 
-    (loss, (parts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+def _split_microbatches(batch: dict, k: int) -> dict:
+    """[B, ...] → [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, … (strided, so that a
+    batch sharded over devices gives every device an equal share of every micro-batch)."""
+    def split(x):
+        B = x.shape[0]
+        if B % k:
+            raise ValueError(f"batch {B} is not divisible by microbatches={k}")
+        return jnp.swapaxes(x.reshape(B // k, k, *x.shape[1:]), 0, 1)    # [k, B/k, ...]
+    return jax.tree.map(split, batch)
+
+
+def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatches: int = 1):
+    """(loss, parts, moe_stats, grads), accumulated over `microbatches` equal micro-batches.
+
+    Loss, parts and gradients are means over micro-batches; expert loads are summed (they are
+    counts over the whole batch either way), balance losses averaged. The routing bias is the
+    same for every micro-batch: it changes once per step.
+    """
+    grad_fn = jax.value_and_grad(_forward, has_aux=True)
+    if microbatches == 1:
+        (loss, (parts, stats)), grads = grad_fn(params, routing, batch, config)
+        return loss, parts, stats, grads
+
+    mbs = _split_microbatches(batch, microbatches)
+    first = jax.tree.map(lambda x: x[0], mbs)
+    shapes = jax.eval_shape(lambda p, b: grad_fn(p, routing, b, config), params, first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+    def body(acc, mb):
+        out = grad_fn(params, routing, mb, config)
+        return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, out), None
+
+    ((loss, (parts, stats)), grads), _ = jax.lax.scan(body, zeros, mbs)
+    mean = lambda t: jax.tree.map(lambda x: x / microbatches, t)
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if "load" in jax.tree_util.keystr(path) else x / microbatches, stats)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), mean(grads), params)
+    return loss / microbatches, mean(parts), stats, grads
+
+
+def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
+               tx: optax.GradientTransformation, microbatches: int = 1):
+    """One optimizer step on `batch` = {"tokens": int [B, T], and optionally "valid" [B, T]
+    (loss weight of each target position, see losses.py), "positions" and "segment_ids" [B, T]
+    for packed sequences}. Returns (new state, metrics)."""
+    loss, parts, stats, grads = loss_and_grads(state.params, state.routing, batch, config,
+                                               microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
     routing = state.routing
-    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+    grad_norm = optax.tree.norm(grads)
+    metrics = {"loss": loss, **parts, "grad_norm": grad_norm,
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
     if routing:
         loads = routing_loads(stats, routing)
         routing = moe.update_routing_bias(routing, loads, config.bias_update_rate)
@@ -98,3 +150,9 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               routing=routing)
     return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, config: ModelConfig) -> dict:
+    """Held-out metrics of one batch: the loss parts, no update."""
+    loss, (parts, _) = _forward(state.params, state.routing, batch, config)
+    return {"loss": loss, **parts}
