@@ -6,9 +6,10 @@ LM and each MTP depth are token means over valid targets; MTP averages its K dep
 λ/K·Σ_k). The sequence-wise balance loss (moe.sequence_balance_loss) is summed over MoE layers,
 each layer carrying its own L_Bal as in V3 eq. 17. Every function returns fp32 scalars.
 
-Targets: for int tokens [B, T] and a validity mask [B, T] (1 = real token), position i of the main
+Targets: for int tokens [B, T] and a mask `valid` [B, T] (1 = a real token that continues the
+document of the token before it; all ones for unpacked, unpadded rows), position i of the main
 logits is scored against t_{i+1}, and position i of MTP depth k against t_{i+k+1}; a position
-whose target lies past the end of the sequence, or is padding, has weight 0.
+whose target lies past the end of the row, in padding, or in another document has weight 0.
 """
 
 from __future__ import annotations
@@ -21,8 +22,17 @@ from deepseek_jax.model.mtp import shift_left
 
 
 def shifted_targets(tokens: jax.Array, valid: jax.Array, k: int):
-    """(targets [B, T], weights [B, T] fp32) for predicting t_{i+k} at position i."""
-    return shift_left(tokens, k), shift_left(valid.astype(jnp.float32), k)
+    """(targets [B, T], weights [B, T] fp32) for predicting t_{i+k} at position i.
+
+    valid[j] = 1 says token j is real and continues the document of token j−1 (the data
+    pipeline's convention), so t_{i+k} is a fair target for position i only when every step
+    i → i+1 → … → i+k stays inside one document: the weight is Π_{j=1..k} valid[i+j].
+    """
+    valid = valid.astype(jnp.float32)
+    weights = shift_left(valid, 1)
+    for j in range(2, k + 1):
+        weights = weights * shift_left(valid, j)
+    return shift_left(tokens, k), weights
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):

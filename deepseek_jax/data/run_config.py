@@ -1,0 +1,91 @@
+"""The run config's `data` section to prepared datasets and iterators (what trainers call).
+
+`experiments/configs/*.py` describe data with these fields (ml_collections `config.data`):
+
+    dataset        "arithmetic", "countdown" or "text_files"
+    num_train      procedural tasks: training examples
+    num_eval       procedural tasks: examples in each of validation and test
+    text_glob      text_files: a directory, glob or file (.txt, .jsonl, …); local paths
+    text_field     text_files: the JSONL field that holds the text
+    validation_fraction  text_files, optional (default 0.01): share of documents held out
+    tokenizer      "" for the character tokenizer, else an HF tokenizer.json path
+    seq_len        tokens per row, T
+    global_batch   rows per step over all processes
+    shuffle_seed   the shuffle seed, unless the caller passes seed=
+
+`pipeline.make_train_iterator(config.data, data_dir, seed=...)` and
+`pipeline.make_eval_iterator(config.data, data_dir, num_batches=...)` land here: the dataset is
+built under `data_dir` (idempotent, so every call after the first only opens the records), the
+training iterator reads split "train" and the eval iterator split "validation".
+
+Left out: remote paths (gs://…) for text_files; copy the corpus to local disk first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepseek_jax.data import builders, pipeline
+from deepseek_jax.data.encoding import Encoder
+
+
+def is_data_config(obj: Any) -> bool:
+    """Whether `obj` looks like a run config's data section (has `dataset` and `seq_len`)."""
+    try:
+        return hasattr(obj, "dataset") and hasattr(obj, "seq_len")
+    except Exception:  # an exotic source whose attribute access raises
+        return False
+
+
+def _get(cfg, name: str, default: Any = None) -> Any:
+    try:
+        return getattr(cfg, name)
+    except AttributeError:
+        return default
+
+
+def dataset_options(cfg) -> tuple[str, dict[str, Any]]:
+    """(dataset name, `build_dataset` options) from the data section."""
+    name = cfg.dataset
+    if name == "text_files":
+        glob = _get(cfg, "text_glob", "")
+        if not glob:
+            raise ValueError("dataset text_files needs config.data.text_glob: a directory, glob "
+                             "or file of .txt/.jsonl documents")
+        return name, {"paths": glob, "text_field": _get(cfg, "text_field", "text"),
+                      "validation_fraction": _get(cfg, "validation_fraction", 0.01)}
+    if name in ("arithmetic", "countdown"):
+        num_eval = _get(cfg, "num_eval", 1000)
+        return name, {"num_train": _get(cfg, "num_train", 10_000),
+                      "num_validation": num_eval, "num_test": num_eval}
+    raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(builders.BUILDERS)}")
+
+
+def _source(cfg, data_dir, split: str):
+    if not data_dir:
+        raise ValueError("data_dir is required with a config: the folder for the array_record "
+                         "files")
+    name, options = dataset_options(cfg)
+    return builders.data_source(name, data_dir, split, **options)
+
+
+def vocab_size(tokenizer: str = "") -> int:
+    """Ids the tokenizer can emit: 99 for the character tokenizer, else the HF file's size."""
+    return Encoder(tokenizer or None).vocab_size
+
+
+def train_iterator(cfg, data_dir, *, seed: int | None = None, **kwargs):
+    """`pipeline.make_train_iterator` over split "train" of the dataset `cfg` describes."""
+    seed = _get(cfg, "shuffle_seed", 0) if seed is None else seed
+    return pipeline.make_train_iterator(
+        _source(cfg, data_dir, "train"), seq_len=cfg.seq_len,
+        global_batch_size=cfg.global_batch, seed=seed,
+        tokenizer_path=_get(cfg, "tokenizer", "") or None, **kwargs)
+
+
+def eval_iterator(cfg, data_dir, **kwargs):
+    """`pipeline.make_eval_iterator` over split "validation" of the dataset `cfg` describes."""
+    return pipeline.make_eval_iterator(
+        _source(cfg, data_dir, "validation"), seq_len=cfg.seq_len,
+        global_batch_size=cfg.global_batch, tokenizer_path=_get(cfg, "tokenizer", "") or None,
+        **kwargs)

@@ -1,0 +1,208 @@
+"""The device mesh: axis names, sizes from a config, multi-slice layout, multi-process start-up.
+
+One mesh serves training, rollouts and evaluation. Its axes, outermost (slowest link) first:
+
+  dcn_data   data parallelism across slices or hosts joined by the data-centre network (DCN);
+             1 on a single slice. DCN is the slow link, so only the cheapest traffic (one
+             gradient all-reduce per step) crosses it.
+  data       data parallelism inside a slice: parameters replicated, batch split.
+  fsdp       fully sharded data parallelism: batch split, parameters and optimizer state split
+             along "embed" (ZeRO-3), gathered layer by layer under jit.
+  expert     expert parallelism: routed experts split across devices; these devices also split
+             the batch (DeepSeek / MaxText practice: expert ranks are data ranks).
+  tensor     tensor parallelism: heads, FFN width and vocabulary split; the most communication,
+             so it is innermost (neighbouring devices).
+
+Sizes come from a mapping (`ml_collections.ConfigDict` or dict) with any of those fields; a
+missing field is 1 and one of data/fsdp/expert/tensor may be -1 to take the remaining devices.
+`dcn_data` = -1 means "one per slice found". Axis types are `AxisType.Auto`: the compiler
+(Shardy) propagates shardings from the rules in `rules.py`; no explicit-mode annotations.
+
+Multi-slice: with dcn_data > 1 the mesh comes from `mesh_utils.create_hybrid_device_mesh`,
+slices told apart by `device.slice_index` (TPU) or by process (GPU hosts, one process per host).
+When every device sits in one slice and one process (CPU tests, one GPU host), dcn_data > 1 is
+emulated by splitting the device list into contiguous groups; nothing crosses a real DCN then.
+
+Left out: DCN axes other than data (e.g. FSDP across slices), pipeline stages, several
+processes per GPU host as DCN granules (give each host one process, or use dcn_data = 1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+
+from deepseek_jax.config import ConfigError
+
+MESH_AXES = ("dcn_data", "data", "fsdp", "expert", "tensor")
+ICI_AXES = MESH_AXES[1:]          # inside one slice
+
+
+class MeshError(ConfigError):
+    """A mesh that cannot be built on these devices; the message says what to change."""
+
+
+def _divisors(n: int) -> str:
+    return ",".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _as_dict(mesh_config: Mapping[str, Any] | Any) -> dict[str, int]:
+    """Plain {axis: size} from a dict or ConfigDict; unknown fields are errors."""
+    items = dict(mesh_config.items()) if hasattr(mesh_config, "items") else dict(mesh_config)
+    unknown = sorted(set(items) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"unknown mesh axis {unknown[0]!r}; mesh axes are {', '.join(MESH_AXES)}")
+    sizes = {a: int(items.get(a, 1)) for a in MESH_AXES}
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise MeshError(f"mesh {axis}={size}: use a positive size, or -1 to take the rest")
+    return sizes
+
+
+def _slices(devices: Sequence[Any]) -> tuple[int, bool]:
+    """(number of DCN granules among `devices`, whether they are told apart by slice_index)."""
+    if all(hasattr(d, "slice_index") for d in devices):
+        return len({d.slice_index for d in devices}), True
+    return len({d.process_index for d in devices}), False
+
+
+def resolve_mesh_shape(mesh_config: Mapping[str, Any], n_devices: int,
+                       n_slices: int = 1) -> dict[str, int]:
+    """Fills in -1 and checks that the axis sizes use exactly `n_devices` devices.
+
+    Args:
+      mesh_config: {axis: size} for axes in MESH_AXES (missing = 1; one ICI axis may be -1;
+        dcn_data = -1 means `n_slices`).
+      n_devices: devices the mesh must cover.
+      n_slices: DCN granules found among the devices (only used for dcn_data = -1).
+
+    Returns:
+      {axis: size} for every axis in MESH_AXES, product = n_devices.
+
+    Raises:
+      MeshError: naming the axis to change and the sizes that would work.
+    """
+    sizes = _as_dict(mesh_config)
+    if sizes["dcn_data"] == -1:
+        sizes["dcn_data"] = n_slices
+    fill = [a for a in ICI_AXES if sizes[a] == -1]
+    if len(fill) > 1:
+        raise MeshError(f"mesh has -1 on {' and '.join(fill)}; only one axis may be -1 "
+                        "(it takes the devices the others leave)")
+    fixed = {a: s for a, s in sizes.items() if s != -1}
+    for axis, size in fixed.items():
+        if n_devices % size:
+            raise MeshError(f"mesh {axis}={size} does not divide {n_devices} devices; "
+                            f"use one of {_divisors(n_devices)}")
+    product = math.prod(fixed.values())
+    written = " × ".join(f"{a}={s}" for a, s in fixed.items() if s != 1) or "all axes 1"
+    if fill:
+        if n_devices % product:
+            raise MeshError(f"mesh {written} = {product} does not divide {n_devices} devices; "
+                            f"make the product one of {_divisors(n_devices)}")
+        sizes[fill[0]] = n_devices // product
+    elif product != n_devices:
+        raise MeshError(f"mesh {written} uses {product} devices but {n_devices} are given; "
+                        f"make the product {n_devices}, or set one axis to -1 to take the rest")
+    return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
+    """The device mesh with axes MESH_AXES (all `AxisType.Auto`), sizes from `mesh_config`.
+
+    Args:
+      mesh_config: {axis: size}; see `resolve_mesh_shape`.
+      devices: devices to use (default: all of `jax.devices()`).
+
+    Returns:
+      a `jax.sharding.Mesh` of shape (dcn_data, data, fsdp, expert, tensor).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n_slices, by_slice_index = _slices(devices)
+    sizes = resolve_mesh_shape(mesh_config, len(devices), n_slices)
+    ici = tuple(sizes[a] for a in ICI_AXES)
+    dcn = sizes["dcn_data"]
+    if dcn == 1 and (n_slices == 1 or not by_slice_index):
+        # One slice (several GPU hosts without DCN axes count as one: NCCL spans them).
+        # jax.make_mesh picks a topology-aware device order on TPU.
+        grid = jax.make_mesh(ici, ICI_AXES, devices=devices).devices[None]
+    elif dcn == n_slices:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (1, *ici), (dcn, 1, 1, 1, 1), devices, process_is_granule=not by_slice_index)
+    elif n_slices == 1:
+        # One slice, one process: stand in for slices with contiguous groups of devices.
+        grid = np.asarray(devices, dtype=object).reshape(dcn, *ici)
+    else:
+        kind = "slices" if by_slice_index else "processes"
+        raise MeshError(f"mesh dcn_data={dcn} but the devices span {n_slices} {kind}; "
+                        f"set dcn_data={n_slices} (or -1)")
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+# --- multi-process start-up ------------------------------------------------------------------
+
+def _int_env(environ: Mapping[str, str], *names: str) -> int:
+    for name in names:
+        try:
+            return int(environ[name])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def multi_process_launch(environ: Mapping[str, str] | None = None) -> str | None:
+    """Names the launcher when the environment says this is one of several processes.
+
+    Signals (any one): JAX_COORDINATOR_ADDRESS (explicit set-up, e.g. plain `ssh`/K8s launches;
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID then say how many and which); a multi-host TPU slice
+    (TPU_WORKER_HOSTNAMES lists more than one host) or multi-slice (MEGASCALE_NUM_SLICES > 1);
+    SLURM with more than one task (SLURM_NTASKS); Open MPI with more than one rank
+    (OMPI_COMM_WORLD_SIZE). Returns None for a single process (a laptop, one CPU, one TPU VM).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "explicit"
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+        return "tpu"
+    if _int_env(env, "MEGASCALE_NUM_SLICES") > 1:
+        return "tpu"
+    if _int_env(env, "SLURM_NTASKS", "SLURM_NPROCS") > 1:
+        return "slurm"
+    if _int_env(env, "OMPI_COMM_WORLD_SIZE") > 1:
+        return "mpi"
+    return None
+
+
+def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
+    """Calls `jax.distributed.initialize()` when the run spans several processes.
+
+    Call it first thing in an entrypoint, before any other JAX call.
+
+    Args:
+      enabled: True forces initialization, False skips it, None (default) decides from the
+        environment (`multi_process_launch`).
+
+    Returns:
+      True if this call initialized the distributed runtime; False otherwise (one process, or
+      already initialized).
+    """
+    if jax.distributed.is_initialized():
+        return False
+    launcher = multi_process_launch() if enabled is None else ("forced" if enabled else None)
+    if launcher is None:
+        return False
+    kwargs = {}
+    if launcher == "explicit":
+        # JAX reads the coordinator address itself; process count and id it cannot guess.
+        if os.environ.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        if os.environ.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    return True

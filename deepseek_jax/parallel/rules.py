@@ -1,0 +1,192 @@
+"""The logical-axis rule table, the strategy presets, and the context that applies them.
+
+Parameters and activations carry logical axis names (`deepseek_jax.model.layers`); the table
+below maps each name to mesh axes. Read it top to bottom: for each dimension of an array, the
+first rule naming it whose mesh axes are still free in that array wins (Flax's resolution); a
+name with no winning rule stays unsharded. So `w_gate [L, E, D, F]` takes E→expert first, then
+F→tensor, then D→fsdp.
+
+  logical     mesh axes                              arrays
+  act_batch   dcn_data, data, fsdp, expert           B of every activation and batch array
+  act_heads   tensor                                 N of attention outputs
+  act_vocab   tensor                                 V of logits
+  expert      expert                                 E of routed experts, router, routing bias
+  heads       tensor                                 N of MLA projections
+  mlp         tensor                                 F of dense, shared and routed FFNs
+  vocab       tensor                                 V of embedding and output head
+  embed       fsdp                                   D of nearly every weight (ZeRO-3)
+  q_lora      fsdp                                   Q where D is absent (w_uq, w_qr, q_norm)
+  kv_lora     fsdp                                   C where D is absent (w_uk, w_uv, kv_norm)
+  (never)     act_length, act_embed, layers, head_dim, mtp_in
+
+A preset picks which mesh axes the table may use and a default mesh shape; the rules a run
+uses are the table with every other axis, and every axis of size 1, struck out
+(`logical_axis_rules`). A preset refuses a mesh whose other axes are larger than 1, so
+`--config.mesh.fsdp=2` under preset "dp" is an error rather than a silent change of strategy.
+
+Expert parallelism here shards E of the expert weights and leaves the dispatch (sort, ragged
+matmuls, combine) to the compiler under jit. The explicit path, `shard_map` with all-to-all
+over the expert axis, plugs in at `deepseek_jax.model.moe.MoE` (its `dispatch` call) and will
+read the expert axis from `expert_axes(rules)`; the table does not change.
+
+Left out: sequence/context parallelism (act_length stays whole), pipeline stages ("layers"),
+ZeRO across expert ranks (add ("embed", ("fsdp", "expert")) before the embed row to try it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Iterator, Mapping
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from deepseek_jax.parallel.mesh import ICI_AXES, MeshError, make_mesh
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+BATCH_AXES = ("dcn_data", "data", "fsdp", "expert")
+
+LOGICAL_AXIS_RULES: Rules = (
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters, in order of precedence
+    ("expert", "expert"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_lora", "fsdp"),
+    ("kv_lora", "fsdp"),
+    # never sharded (listed so that every name the model uses appears once)
+    ("act_length", None),
+    ("act_embed", None),
+    ("layers", None),
+    ("head_dim", None),
+    ("mtp_in", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A parallelism strategy: the mesh axes it uses and its default mesh shape.
+
+    Attributes:
+      name: the name presets are chosen by.
+      axes: ICI mesh axes the rules may use (dcn_data is always allowed).
+      fill: the axis that takes the remaining devices (-1) in the default mesh.
+      sizes: target sizes of the other axes in the default mesh (reduced to divide the devices).
+    """
+    name: str
+    axes: tuple[str, ...]
+    fill: str
+    sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+PRESETS = {p.name: p for p in (
+    # Pure data parallelism: every array replicated, batch split.
+    Preset("dp", axes=("data",), fill="data"),
+    # ZeRO-3: weights and optimizer state split along embed; batch over data and fsdp.
+    Preset("fsdp", axes=("data", "fsdp"), fill="fsdp"),
+    # FSDP plus tensor parallelism over heads, FFN width and vocabulary.
+    Preset("fsdp_tp", axes=("data", "fsdp", "tensor"), fill="fsdp", sizes={"tensor": 4}),
+    # FSDP plus expert parallelism; expert ranks also split the batch.
+    Preset("fsdp_ep", axes=("data", "fsdp", "expert"), fill="fsdp", sizes={"expert": 4}),
+    # Replicated dense weights, experts split over expert, heads/FFN/vocab over tensor.
+    Preset("dp_ep_tp", axes=("data", "expert", "tensor"), fill="data",
+           sizes={"expert": 2, "tensor": 2}),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise MeshError(f"unknown parallelism preset {name!r}; use one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def default_mesh_config(preset: str, n_devices: int) -> dict[str, int]:
+    """The preset's mesh for `n_devices` (one slice): fixed axes shrunk to divide the devices.
+
+    E.g. fsdp_tp on 8 devices → {"fsdp": -1, "tensor": 4} (fsdp = 2); on 2 devices tensor = 2.
+    """
+    p = get_preset(preset)
+    config, left = {p.fill: -1}, n_devices
+    for axis, target in p.sizes.items():
+        config[axis] = math.gcd(target, left)
+        left //= config[axis]
+    return config
+
+
+def mesh_and_rules(preset: str, mesh_config: Mapping[str, int] | None = None,
+                   devices=None) -> tuple[Mesh, Rules]:
+    """(mesh, rules) for a preset: its default mesh unless `mesh_config` is given."""
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = make_mesh(mesh_config or default_mesh_config(preset, len(devices)), devices)
+    return mesh, logical_axis_rules(preset, mesh)
+
+
+def _keep(mesh_axes, allowed: set[str]):
+    """Mesh axes of one rule with the disallowed ones struck out; None when none is left."""
+    axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    axes = tuple(a for a in axes if a in allowed)
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def logical_axis_rules(preset: str, mesh: Mesh, table: Rules = LOGICAL_AXIS_RULES) -> Rules:
+    """The rules a run uses: `table` restricted to the preset's axes of size > 1 on `mesh`.
+
+    Raises:
+      MeshError: when the mesh has an axis larger than 1 that the preset does not use.
+    """
+    p = get_preset(preset)
+    unused = [a for a in ICI_AXES if a not in p.axes and mesh.shape.get(a, 1) > 1]
+    if unused:
+        a = unused[0]
+        users = [q.name for q in PRESETS.values() if a in q.axes]
+        raise MeshError(f"preset {preset!r} does not use mesh axis {a}={mesh.shape[a]}; set "
+                        f"mesh.{a}=1 or choose a preset that uses it ({', '.join(users)})")
+    allowed = {a for a in ("dcn_data", *p.axes) if mesh.shape.get(a, 1) > 1}
+    rules = []
+    for name, axes in table:
+        kept = _keep(axes, allowed)
+        # A rule whose axes were all struck out is dropped (so a later fallback can still apply);
+        # an explicit None rule stays.
+        if kept is not None or axes is None:
+            rules.append((name, kept))
+    return tuple(rules)
+
+
+def mesh_axes_of(logical: tuple[str | None, ...], rules: Rules) -> jax.sharding.PartitionSpec:
+    """The PartitionSpec that `rules` give an array with these logical axis names."""
+    return nn.logical_to_mesh_axes(logical, list(rules))
+
+
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+    """Mesh axes the batch dimension is split over under `rules` (() = replicated)."""
+    axes = mesh_axes_of(("act_batch",), rules)[0]
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def expert_axes(rules: Rules) -> tuple[str, ...]:
+    """Mesh axes the routed-expert dimension E is split over (the all-to-all path's axis)."""
+    axes = mesh_axes_of(("expert",), rules)[0]
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Mesh and rules in scope, so that `nn.with_logical_constraint` in the model takes effect.
+
+    Flax applies an activation constraint only when rules are set and a mesh is in context
+    (`jax.set_mesh`); both are read while tracing, so trace (first call, `.lower`) inside this.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        yield
+

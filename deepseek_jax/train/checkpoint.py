@@ -1,0 +1,88 @@
+"""Orbax checkpoints for training runs: async saves every K steps, keep-N, exact resume.
+
+One checkpoint (a step directory under `WORKDIR/checkpoints`) holds three items:
+
+  state   the TrainState pytree: step, params, optimizer state, routing bias (sharded arrays)
+  rng     the run's PRNG key data (uint32), so that a resumed run draws the same numbers
+  data    the data iterator's state (JSON), so that a resumed run sees the same batches
+
+Orbax writes each checkpoint into a temporary directory and renames it when every item is
+complete, so a save killed midway (kill -9, preemption) leaves the previous checkpoints intact;
+the half-written temporary directory is ignored on restore and removed by the next manager.
+
+Restoring goes through an abstract target that carries the *current* mesh's shardings
+(`jax.ShapeDtypeStruct(shape, dtype, sharding=...)`), so a checkpoint saved under one mesh or
+preset restores onto another.
+
+Left out: EMA parameters (V3 keeps an EMA on CPU; not needed for the runs here).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def make_manager(directory: str, *, save_every: int, keep: int,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager saving every `save_every` steps, keeping the newest `keep`."""
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(save_every, 1), max_to_keep=max(keep, 1),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+    return ocp.CheckpointManager(directory, options=options,
+                                 item_names=("state", "rng", "data"))
+
+
+def _encode_data_state(data_state: Any) -> dict:
+    """Iterator states may be bytes or dicts; JSON holds either."""
+    if isinstance(data_state, (bytes, bytearray)):
+        return {"bytes": data_state.decode("latin-1")}
+    return {"json": data_state}
+
+
+def _decode_data_state(saved: dict) -> Any:
+    if "bytes" in saved:
+        return saved["bytes"].encode("latin-1")
+    return saved.get("json")
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, rng: jax.Array, data_state: Any,
+         *, force: bool = False) -> bool:
+    """Starts an (async) save of step `step`; returns whether one was started."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        rng=ocp.args.ArraySave(np.asarray(jax.random.key_data(rng))),
+        data=ocp.args.JsonSave(_encode_data_state(data_state)))
+    return manager.save(step, args=args, force=force)
+
+
+def abstract_like(tree, shardings=None):
+    """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs), with `shardings` if given."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=getattr(x, "sharding", None)),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+    """(state, rng, data_state) of `step` (default: the latest) onto the target's shardings."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        rng=ocp.args.ArrayRestore(),
+        data=ocp.args.JsonRestore()))
+    rng = jax.random.wrap_key_data(np.asarray(out["rng"], np.uint32))
+    return out["state"], rng, _decode_data_state(out["data"])
+
+
+def describe(manager: ocp.CheckpointManager) -> str:
+    steps = manager.all_steps()
+    return json.dumps({"directory": str(manager.directory), "steps": list(steps)})

@@ -1,0 +1,58 @@
+"""Training FLOPs per token from the config, and peak FLOP/s per device, for MFU.
+
+  FLOPs/token = 6 · P_matmul  +  3 · Σ_attention-layers N·(H + R + U)·T
+
+* P_matmul: the parameters a token multiplies by — the active parameters (routed experts
+  counted X/E) minus the embedding table (a lookup, not a matmul), plus the MTP modules (each
+  depth runs one more block and the head). 6 = 2 (multiply-add) × 3 (forward + two backward
+  products).
+* Attention: per layer and token, scores cost 2·N·(H+R)·S and the weighted sum 2·N·U·S over S
+  keys; causal attention averages S = T/2 keys, so the forward pass costs N·(H+R+U)·T and
+  training three times that. The expanded path is counted (the absorbed path costs more FLOPs
+  and less memory; it is for decoding).
+* Left out: norms, softmax, RoPE, the router's top-k (all O(D) per token), rematerialization
+  (MFU counts useful FLOPs only, as in PaLM's definition).
+
+Peak numbers are dense bf16 per chip from vendor data sheets; unknown devices (CPU) give None and
+MFU is then not reported.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from deepseek_jax.config import ModelConfig
+
+# Dense bf16 FLOP/s per chip (vendor data sheets).
+PEAK_BF16_FLOPS = {
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+    "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12, "tpu7x": 2307e12,
+    "h100": 989e12, "h200": 989e12, "h800": 989e12, "a100": 312e12, "b200": 2250e12,
+}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    from deepseek_jax.model.params import count_params
+    n = count_params(config)
+    p_matmul = n["active"] - n["embedding"] + n["mtp"] * _mtp_active_fraction(config, n)
+    attn_layers = config.n_layers + config.mtp_depth
+    attn = 3 * attn_layers * config.n_heads * (
+        config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * seq_len
+    return 6.0 * p_matmul + attn
+
+
+def _mtp_active_fraction(config: ModelConfig, n: dict) -> float:
+    """The MTP block's routed experts are also sparse: scale its count to its active share."""
+    if not n["mtp"] or not config.n_routed_experts:
+        return 1.0
+    D, F, E, X = config.d_model, config.moe_d_ff, config.n_routed_experts, config.n_experts_per_token
+    routed = config.mtp_depth * 3 * D * F * E
+    return (n["mtp"] - routed * (1 - X / E)) / n["mtp"]
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in kind:
+            return value
+    return None

@@ -1,0 +1,173 @@
+"""The pretraining entrypoint end to end on the tiny config: metrics, resume, a real kill -9,
+SIGTERM, a resharded restore, non-finite loss and bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import pretrain
+from experiments.configs.pretrain import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "experiments", "configs", "pretrain.py")
+
+
+def _tiny(**train):
+    c = get_config("tiny")
+    c.train.update(train)
+    return c
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(l) for l in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted in-process run of 12 steps (the baseline for the resume tests)."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    pretrain.train_and_evaluate(_tiny(steps=12, checkpoint_every=4, eval_every=6), workdir)
+    return workdir, _losses(workdir)
+
+
+def test_run_writes_metrics_checkpoints_and_events(reference):
+    workdir, losses = reference
+    assert sorted(losses) == list(range(1, 13))
+    assert losses[12] < losses[1]
+    rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_row = next(r for r in rows if "loss" in r)
+    for key in ("lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens_per_s",
+                "load_imbalance", "bias_spread"):
+        assert key in train_row, key
+    assert any("eval_loss" in r for r in rows)
+    steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+    assert max(steps) == 12 and len(steps) <= 3
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+
+
+def test_rerun_of_finished_run_resumes_and_does_nothing(reference):
+    workdir, losses = reference
+    before = open(os.path.join(workdir, "metrics.jsonl")).read()
+    pretrain.train_and_evaluate(_tiny(steps=12, checkpoint_every=4, eval_every=6), workdir)
+    assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+
+
+def _launch(workdir, *overrides, env_extra=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "experiments.pretrain", f"--config={CONFIG}:tiny",
+           f"--workdir={workdir}", "--config.train.steps=12", "--config.train.checkpoint_every=4",
+           "--config.train.eval_every=6", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(
+                _losses(workdir) or [0]) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture(scope="module")
+def process_reference(tmp_path_factory):
+    """The same run as `reference`, uninterrupted, in a fresh 1-device process: bit-exact
+    comparisons need the same device count and XLA flags as the processes under test."""
+    workdir = str(tmp_path_factory.mktemp("process_reference"))
+    proc = _launch(workdir)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    return _losses(workdir)
+
+
+def test_kill_9_then_rerun_gives_identical_losses(process_reference, tmp_path):
+    """A real process killed with SIGKILL mid-run; rerunning the command resumes from the last
+    checkpoint and reproduces the uninterrupted run's losses exactly (CPU, fp32, same seed)."""
+    want = process_reference
+    workdir = str(tmp_path)
+    proc = _launch(workdir)
+    _wait_for_step(workdir, 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    rerun = _launch(workdir)
+    out = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, out
+    assert "resumed from step" in out
+    got = _losses(workdir)
+    assert sorted(got) == list(range(1, 13))      # each step logged once after truncation
+    for step in range(1, 13):
+        assert got[step] == want[step], (step, got[step], want[step])
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    workdir = str(tmp_path)
+    proc = _launch(workdir)
+    _wait_for_step(workdir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    stopped_at = int(out.split("stopped by signal at step ")[1].split(";")[0])
+    assert 2 <= stopped_at < 12
+    steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+    assert max(steps) == stopped_at                  # saved at the step it stopped, not before
+
+
+def test_restore_onto_another_preset(reference, tmp_path):
+    """Saved under `dp` on 1 device, resumed under `fsdp` on 8: the run continues and its losses
+    match the uninterrupted run (fp32 reductions in another order: 1e-5 relative)."""
+    _, want = reference
+    workdir = str(tmp_path)
+    first = _launch(workdir)                           # a 1-device process, stopped by SIGTERM
+    _wait_for_step(workdir, 4, first)
+    first.send_signal(signal.SIGTERM)
+    out = first.communicate(timeout=120)[0]
+    assert first.returncode == 0, out
+    c2 = _tiny(steps=12, checkpoint_every=4, eval_every=6)
+    c2.mesh.preset = "fsdp"
+    pretrain.train_and_evaluate(c2, workdir)
+    got = _losses(workdir)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
+
+
+def test_non_finite_loss_stops_without_saving_it(tmp_path):
+    workdir = str(tmp_path)
+    c = _tiny(steps=6, checkpoint_every=1, eval_every=0)
+    c.optim.lr = 1e30          # the first update makes the weights ~1e30: the next loss overflows
+    c.optim.warmup_steps = 0
+    c.optim.clip_norm = 0.0
+    with pytest.raises(pretrain.NonFiniteLoss, match="Lower optim.lr"):
+        pretrain.train_and_evaluate(c, workdir)
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    for step in manager.all_steps():
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+        for leaf in jax.tree.leaves(restored):
+            assert np.all(np.isfinite(np.asarray(leaf, np.float64))), step
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["--config.train.stepz=3"], "stepz"),
+    (["--config.mesh.preset=fsdp", "--config.mesh.fsdp=3"], "fsdp=3 does not divide"),
+])
+def test_bad_config_fails_before_compiling(tmp_path, overrides, words):
+    proc = _launch(str(tmp_path), *overrides,
+                   env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and words in out, out

@@ -1,0 +1,81 @@
+"""Mesh construction on 8 fake CPU devices: sizes, -1 fill, multi-slice layout, error messages,
+and the multi-process detection that must stay a no-op on one CPU."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from deepseek_jax.config import ConfigError
+from deepseek_jax.parallel import mesh as mesh_lib
+from deepseek_jax.parallel.mesh import MESH_AXES, MeshError, make_mesh, resolve_mesh_shape
+
+
+def test_sizes_and_fill():
+    mesh = make_mesh({"fsdp": -1, "tensor": 2})
+    assert mesh.axis_names == MESH_AXES
+    assert dict(mesh.shape) == {"dcn_data": 1, "data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+
+
+def test_config_dict_and_explicit_devices():
+    cfg = ml_collections.ConfigDict(dict(dcn_data=1, data=2, fsdp=1, expert=2, tensor=2))
+    assert dict(make_mesh(cfg).shape)["expert"] == 2
+    one = make_mesh({"data": -1}, devices=jax.devices()[:1])
+    assert one.devices.size == 1 and dict(one.shape)["data"] == 1
+
+
+def test_multi_slice_is_slice_major():
+    """dcn_data=2 on one host: the two 'slices' are the contiguous halves of the device list."""
+    mesh = make_mesh({"dcn_data": 2, "fsdp": -1, "tensor": 2})
+    assert mesh.devices.shape == (2, 1, 2, 1, 2)
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
+    # -1 on dcn_data means "the slices found": one here.
+    assert dict(make_mesh({"dcn_data": -1, "fsdp": -1}).shape)["dcn_data"] == 1
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"fsdp": 3}, "mesh fsdp=3 does not divide 8 devices; use one of 1,2,4,8"),
+    ({"data": -1, "fsdp": -1}, "mesh has -1 on data and fsdp; only one axis may be -1"),
+    ({"data": 2, "fsdp": 2}, "mesh data=2 × fsdp=2 uses 4 devices but 8 are given; make the "
+                             "product 8, or set one axis to -1"),
+    ({"data": 4, "fsdp": 4, "tensor": -1}, "mesh data=4 × fsdp=4 = 16 does not divide 8 "
+                                           "devices"),
+    ({"model": 8}, "unknown mesh axis 'model'; mesh axes are dcn_data, data, fsdp, expert, "
+                   "tensor"),
+    ({"tensor": 0, "fsdp": -1}, "mesh tensor=0: use a positive size, or -1"),
+])
+def test_bad_sizes_name_the_fix(config, message):
+    with pytest.raises(MeshError) as err:
+        resolve_mesh_shape(config, 8)
+    assert message in str(err.value)
+    assert isinstance(err.value, ConfigError)
+
+
+def test_multi_process_detection():
+    detect = mesh_lib.multi_process_launch
+    assert detect({}) is None
+    assert detect({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"}) is None
+    assert detect({"SLURM_NTASKS": "16"}) == "slurm"
+    assert detect({"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3"}) == "tpu"
+    assert detect({"MEGASCALE_NUM_SLICES": "2"}) == "tpu"
+    assert detect({"OMPI_COMM_WORLD_SIZE": "4"}) == "mpi"
+    assert detect({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}) == "explicit"
+
+
+def test_initialize_distributed_is_a_no_op_on_one_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_NUM_SLICES",
+                 "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert mesh_lib.maybe_initialize_distributed() is False and calls == []
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert mesh_lib.maybe_initialize_distributed() is True
+    assert calls == [{"num_processes": 2, "process_id": 1}]
+    assert mesh_lib.maybe_initialize_distributed(enabled=False) is False and len(calls) == 1
