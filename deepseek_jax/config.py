@@ -202,7 +202,7 @@ _VARIANTS: dict[str, dict[str, Any]] = {
         rope_factor=4.0, rope_original_max_len=16, init_std=0.02,
         dtype=jnp.float32, param_dtype=jnp.float32),
     "small": dict(
-        vocab_size=128, d_model=128, n_layers=4, n_dense_layers=1, d_ff=384, n_heads=4,
+        vocab_size=320, d_model=128, n_layers=4, n_dense_layers=1, d_ff=384, n_heads=4,
         q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
         v_head_dim=32, n_routed_experts=16, n_shared_experts=1, n_experts_per_token=4,
         moe_d_ff=64, n_expert_groups=4, n_limited_groups=2, mtp_depth=1, max_seq_len=256,

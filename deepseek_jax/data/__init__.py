@@ -19,9 +19,9 @@ Public API (the Grain/TFDS parts are imported on first use, so `deepseek_jax.dat
         The same from a run config's data section (fields in run_config.py): the dataset is
         built under data_dir first; training reads "train", evaluation "validation".
     vocab_size(tokenizer="") -> int
-        Ids the configured tokenizer emits (99 for the character tokenizer).
+        Ids the configured tokenizer emits (259 for the byte tokenizer).
     Encoder(path=None, *, add_bos=False, eos_token=None, ...)
-        Text -> int32 ids + eos: character tokenizer, or an HF tokenizer.json.
+        Text -> int32 ids + eos: byte tokenizer, or an HF tokenizer.json.
     arithmetic_problem(rng, max_digits=3, ops="+-*"), countdown_problem(rng, ...),
     solve_countdown(numbers, target), evaluate_expression(expr), check_countdown(expr, numbers,
     target, exactly_once=False)
@@ -34,7 +34,7 @@ Typical use:
                                   global_batch_size=16, seed=0)
     batch = next(it)
 
-Files: tokenizer.py (character ids), synthetic.py (in-memory arithmetic stream for the demo),
+Files: tokenizer.py (byte ids), synthetic.py (in-memory arithmetic stream for the demo),
 tasks.py, text_files.py, builders.py (TFDS), encoding.py, packing.py, pipeline.py (Grain),
 run_config.py (the run config's data section).
 

@@ -1,6 +1,6 @@
-"""Documents to token ids for the pipeline: the character tokenizer, or an HF `tokenizer.json`.
+"""Documents to token ids for the pipeline: the byte tokenizer, or an HF `tokenizer.json`.
 
-`Encoder(path=None)` uses `deepseek_jax.data.tokenizer` (no files needed, 99 ids). With `path` set
+`Encoder(path=None)` uses `deepseek_jax.data.tokenizer` (no files needed, 259 ids). With `path` set
 to a Hugging Face `tokenizer.json` (DeepSeek-V3's, or any other) it uses the `tokenizers` package,
 imported only then. Either way `encoder(text)` returns int32 ids with `eos_id` appended, and
 optionally `bos_id` prepended: the pipeline packs those documents as they are.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepseek_jax.data import tokenizer as char_tokenizer
+from deepseek_jax.data import tokenizer as byte_tokenizer
 
 # Special-token spellings tried, in order, when eos_token/bos_token/pad_token are not given.
 EOS_NAMES = ("<｜end▁of▁sentence｜>", "</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
@@ -29,7 +29,7 @@ class Encoder:
     """Callable text -> int32 ids [L] with eos (and optionally bos) added.
 
     Args:
-        path: an HF `tokenizer.json`; None for the character tokenizer.
+        path: an HF `tokenizer.json`; None for the byte tokenizer.
         add_bos: prepend `bos_id` to every document.
         eos_token, bos_token, pad_token: the special tokens' spellings in the HF vocabulary; when
             None, the usual spellings (DeepSeek's first) are tried. Ignored without `path`.
@@ -43,9 +43,9 @@ class Encoder:
         self._names = (eos_token, bos_token, pad_token)
         self._hf = None
         if self.path is None:
-            self.eos_id, self.bos_id, self.pad_id = (char_tokenizer.EOS, char_tokenizer.BOS,
-                                                     char_tokenizer.PAD)
-            self.vocab_size = char_tokenizer.VOCAB_SIZE
+            self.eos_id, self.bos_id, self.pad_id = (byte_tokenizer.EOS, byte_tokenizer.BOS,
+                                                     byte_tokenizer.PAD)
+            self.vocab_size = byte_tokenizer.VOCAB_SIZE
         else:
             hf = self._load()
             self.eos_id = self._lookup(hf, eos_token, EOS_NAMES, "eos_token", required=True)
@@ -82,11 +82,7 @@ class Encoder:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
         if self.path is None:
-            try:
-                ids = char_tokenizer.encode(text)
-            except ValueError as e:
-                raise ValueError(f"{e}; to train on arbitrary text set tokenizer_path to an HF "
-                                 "tokenizer.json") from None
+            ids = byte_tokenizer.encode(text)
         else:
             ids = self._load().encode(text, add_special_tokens=False).ids
         head = [self.bos_id] if self.add_bos else []

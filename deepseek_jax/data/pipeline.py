@@ -10,7 +10,7 @@ Training (`make_train_iterator`), in order:
   (Grain's `MapDataset.shuffle` reseeds per epoch); each process then takes a contiguous block of
   it (`shard_options`, by default `grain.sharding.ShardByJaxProcess(drop_remainder=True)`), so
   processes read disjoint documents and together cover the epoch.
-- Encoding appends eos (`encoding.Encoder`): the character tokenizer, or an HF tokenizer.json.
+- Encoding appends eos (`encoding.Encoder`): the byte tokenizer, or an HF tokenizer.json.
 - Packing (`packing.PackIterDataset`) gives rows of `seq_len` tokens; see packing.py for
   `segment_ids`, `positions`, `valid` and how documents longer than a row are split.
 - Batches are dicts of numpy arrays [B, T] with B = global_batch_size / process count:
@@ -162,7 +162,7 @@ def make_train_iterator(source: Sequence[Any], data_dir: str | None = None, *,
             process count rows; required with a source.
         seed: the shuffle seed (0 <= seed < 2**32, default 0, or the config's shuffle_seed); the
             same seed gives the same batches.
-        tokenizer: an `Encoder`; default the character tokenizer.
+        tokenizer: an `Encoder`; default the byte tokenizer.
         tokenizer_path: shorthand for `tokenizer=Encoder(tokenizer_path)` (HF tokenizer.json).
         text_field: the field of dict elements that holds the text.
         shard_options: which shard this process reads; default one shard per JAX process.

@@ -8,7 +8,7 @@
     text_glob      text_files: a directory, glob or file (.txt, .jsonl, …); local paths
     text_field     text_files: the JSONL field that holds the text
     validation_fraction  text_files, optional (default 0.01): share of documents held out
-    tokenizer      "" for the character tokenizer, else an HF tokenizer.json path
+    tokenizer      "" for the byte tokenizer, else an HF tokenizer.json path
     seq_len        tokens per row, T
     global_batch   rows per step over all processes
     shuffle_seed   the shuffle seed, unless the caller passes seed=
@@ -70,7 +70,7 @@ def _source(cfg, data_dir, split: str):
 
 
 def vocab_size(tokenizer: str = "") -> int:
-    """Ids the tokenizer can emit: 99 for the character tokenizer, else the HF file's size."""
+    """Ids the tokenizer can emit: 259 for the byte tokenizer, else the HF file's size."""
     return Encoder(tokenizer or None).vocab_size
 
 

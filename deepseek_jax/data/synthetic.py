@@ -1,6 +1,6 @@
 """Built-in procedural text: multi-digit addition and subtraction lines, packed into sequences.
 
-Each line reads like "417+85=502\n". A stream of such lines, tokenized with the character
+Each line reads like "417+85=502\n". A stream of such lines, tokenized with the byte
 tokenizer, is cut into fixed-length windows. Everything is deterministic from a seed, so a run
 and its resumption see the same data. The answer digits are the only hard part: a model that
 learns the format but not the arithmetic plateaus well above a model that learns both.

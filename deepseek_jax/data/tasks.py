@@ -8,7 +8,7 @@ problem is a plain dict that the TFDS builders store as-is:
 - `text`: the pretraining line, `prompt` + separator + `answer` + newline (formats below).
 - `numbers`, `target` (and `op` for arithmetic): the structured fields a reward parser checks.
 
-Formats (all ASCII, so the character tokenizer encodes them):
+Formats (all ASCII: one byte id per character):
 
 - arithmetic: prompt `"417+85="`, answer `"502"`, text `"417+85=502\\n"`. Operators are `+`, `-`
   and `*`; a subtraction may give a negative result (`"12-85=-73\\n"`).
