@@ -19,10 +19,10 @@ $(STAMP): setup.cfg requirements-dev.txt pyproject.toml
 
 venv: $(STAMP)
 
-# The main job: pretrain the small model on built-in arithmetic data (reruns resume).
+# The main job: pretrain → GRPO → held-out evaluation of the small model (reruns resume).
 DEMO_DIR ?= runs/demo
 demo: $(STAMP)
-	$(PY) -m experiments.pretrain --config=experiments/configs/pretrain.py:small --workdir=$(DEMO_DIR)
+	$(PY) -m experiments.demo --workdir=$(DEMO_DIR)
 
 # Tests run on 8 fake CPU devices (tests/conftest.py sets the XLA flag) in two workers.
 test: $(STAMP)

@@ -32,19 +32,8 @@ from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train.flops import flops_per_token, peak_flops_per_device
 from deepseek_jax.train.metrics import MetricsWriter, Throughput, truncate_after
 from deepseek_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from deepseek_jax.train.step import eval_step, init_train_state
+from deepseek_jax.train.step import NonFiniteLoss, eval_step, init_train_state
 from experiments.configs.pretrain import to_model_config
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or gradient norm became NaN or inf."""
-
-
-def _mesh_config(mesh_cfg, n_devices: int) -> dict:
-    sizes = {a: mesh_cfg[a] for a in ("dcn_data", "data", "fsdp", "expert", "tensor")}
-    if all(v == 0 for v in sizes.values()):
-        return {**parallel.default_mesh_config(mesh_cfg.preset, n_devices), "dcn_data": 1}
-    return {a: (1 if v == 0 else v) for a, v in sizes.items()}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -52,13 +41,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # --- mesh ---------------------------------------------------------------------------------
     parallel.maybe_initialize_distributed(config.mesh.distributed)
     model_config = to_model_config(config.model)
-    mesh = parallel.make_mesh(_mesh_config(config.mesh, jax.device_count()))
+    mesh = parallel.make_mesh(parallel.run_mesh_config(config.mesh, jax.device_count()))
     rules = parallel.logical_axis_rules(config.mesh.preset, mesh)
     parallel.validate(model_config, mesh, rules, config.data.global_batch)
     if model_config.vocab_size < run_config.vocab_size(config.data.tokenizer):
         raise ValueError(f"model.vocab_size={model_config.vocab_size} is smaller than the "
                          f"tokenizer's {run_config.vocab_size(config.data.tokenizer)}; raise it")
     is_lead = jax.process_index() == 0
+    if is_lead:
+        ckpt.save_model_config(workdir, model_config)
     if is_lead:
         print(f"mesh {dict(mesh.shape)} preset {config.mesh.preset} on {jax.device_count()} "
               f"{jax.devices()[0].platform} devices", flush=True)
@@ -177,13 +168,11 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
     tfds.disable_progress_bar()
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and data.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and data.")
+    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -69,6 +69,7 @@ class ArithmeticConfig(TaskConfig):
     """`tasks.arithmetic_problem` knobs."""
     max_digits: int = 3
     ops: str = "+-*"
+    min_digits: int = 1
 
 
 @dataclasses.dataclass(eq=False)

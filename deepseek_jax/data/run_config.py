@@ -9,6 +9,10 @@
     text_field     text_files: the JSONL field that holds the text
     validation_fraction  text_files, optional (default 0.01): share of documents held out
     tokenizer      "" for the byte tokenizer, else an HF tokenizer.json path
+    format         "text" (the stored pretraining line), or an R1 template name ("r1_zero",
+                   "compact"): prompt + a well-formed <think>…</think> <answer>…</answer>
+                   completion, to pretrain a model that GRPO then improves
+    max_digits, min_digits, ops  arithmetic only: operand digit range and operators
     seq_len        tokens per row, T
     global_batch   rows per step over all processes
     shuffle_seed   the shuffle seed, unless the caller passes seed=
@@ -56,17 +60,47 @@ def dataset_options(cfg) -> tuple[str, dict[str, Any]]:
                       "validation_fraction": _get(cfg, "validation_fraction", 0.01)}
     if name in ("arithmetic", "countdown"):
         num_eval = _get(cfg, "num_eval", 1000)
-        return name, {"num_train": _get(cfg, "num_train", 10_000),
-                      "num_validation": num_eval, "num_test": num_eval}
+        options = {"num_train": _get(cfg, "num_train", 10_000),
+                   "num_validation": num_eval, "num_test": num_eval}
+        if name == "arithmetic":
+            options.update(max_digits=_get(cfg, "max_digits", 3), ops=_get(cfg, "ops", "+-*"),
+                           min_digits=_get(cfg, "min_digits", 1))
+        return name, options
     raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(builders.BUILDERS)}")
 
 
-def _source(cfg, data_dir, split: str):
+class FormattedSource:
+    """A random-access source whose records are rendered as text by `fn` (lazily, per index)."""
+
+    def __init__(self, source, fn):
+        self.source, self.fn = source, fn
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return self.fn(self.source[i])
+
+
+def task_source(cfg, data_dir, split: str):
+    """The split's records as stored (dicts), for consumers that need the structured fields."""
     if not data_dir:
         raise ValueError("data_dir is required with a config: the folder for the array_record "
                          "files")
     name, options = dataset_options(cfg)
     return builders.data_source(name, data_dir, split, **options)
+
+
+def _source(cfg, data_dir, split: str):
+    source = task_source(cfg, data_dir, split)
+    fmt = _get(cfg, "format", "text")
+    if fmt == "text":
+        return source
+    from deepseek_jax.rl import rewards           # the R1 templates live with the rewards
+    if fmt not in rewards.TEMPLATES or cfg.dataset == "text_files":
+        raise ValueError(f"data.format={fmt!r}: use 'text', or one of {sorted(rewards.TEMPLATES)} "
+                         "with the arithmetic or countdown dataset")
+    return FormattedSource(source, lambda r: rewards.sft_text(rewards.problem_from_record(r), fmt))
 
 
 def vocab_size(tokenizer: str = "") -> int:

@@ -48,29 +48,34 @@ _MAX_MAGNITUDE = 10 ** 12                   # evaluate_expression refuses anythi
 # Arithmetic
 
 
-def _operand(rng: np.random.Generator, max_digits: int) -> int:
-    digits = int(rng.integers(1, max_digits + 1))
+def _operand(rng: np.random.Generator, max_digits: int, min_digits: int = 1) -> int:
+    digits = int(rng.integers(min_digits, max_digits + 1))
     low = 0 if digits == 1 else 10 ** (digits - 1)
     return int(rng.integers(low, 10 ** digits))
 
 
 def arithmetic_problem(rng: np.random.Generator, max_digits: int = 3,
-                       ops: str = "+-*") -> dict[str, Any]:
-    """One `a op b` problem; each operand has a uniform number of digits in 1..max_digits.
+                       ops: str = "+-*", min_digits: int = 1) -> dict[str, Any]:
+    """One `a op b` problem; each operand has a uniform number of digits in
+    min_digits..max_digits (equal bounds give fixed-width operands, an easier layout for small
+    models: every digit sits at the same place in every prompt).
 
     Args:
         rng: the random generator (advanced in place).
         max_digits: the most digits an operand may have (>= 1).
         ops: which operators to draw from, a non-empty subset of "+-*".
+        min_digits: the fewest digits an operand may have (1..max_digits).
 
     Returns:
         dict with `prompt`, `answer`, `text`, `numbers` ([a, b]), `target` (the result) and `op`.
     """
     if max_digits < 1:
         raise ValueError(f"max_digits={max_digits}; use max_digits >= 1")
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(f"min_digits={min_digits}; use 1 <= min_digits <= max_digits")
     if not ops or set(ops) - set("+-*"):
         raise ValueError(f"ops={ops!r}; use a non-empty subset of '+-*'")
-    a, b = _operand(rng, max_digits), _operand(rng, max_digits)
+    a, b = _operand(rng, max_digits, min_digits), _operand(rng, max_digits, min_digits)
     op = ops[int(rng.integers(0, len(ops)))]
     result = a + b if op == "+" else a - b if op == "-" else a * b
     prompt = f"{a}{op}{b}="

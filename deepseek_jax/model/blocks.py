@@ -1,4 +1,5 @@
-"""The transformer block, its stacking (scanned or unrolled, with remat), and the attention mask.
+"""The transformer block, its stacking (scanned or unrolled, with remat), the attention masks, and
+the block's KV-cache path.
 
   x = x + MLA(RMSNorm(x))
   x = x + FFN(RMSNorm(x))        FFN = dense SwiGLU (first `n_dense_layers`) or DeepSeekMoE
@@ -9,8 +10,29 @@ axis L (logical name "layers"). `scan_layers=False` unrolls the stack for debugg
 parameters are then named `layer_0`, `layer_1`, … (not interchangeable with the scanned layout).
 Rematerialization wraps each block with a named `jax.checkpoint_policies` policy.
 
+Decoding (`cache` given; `deepseek_jax.sampling` builds the caches). A cache slot is a position:
+row b's token at position p lives in slot p, so rows of different lengths simply sit at
+different slots, and a query at position p sees slots 0 … p (`cache_mask`). One layer's cache
+is a dict of arrays, one of two kinds:
+
+  latent    {"c_kv": [B, S, C], "k_rope": [B, S, R]}          what MLA needs: C + R per token
+  expanded  {"k": [B, N, S, H+R], "v": [B, N, S, U]}          the MHA-style baseline
+
+(the expanded cache is heads-major, as MHA decode caches usually are: the attention matmuls
+batch over (B, N), and with S between B and N those batch dimensions would not be contiguous,
+which XLA typically resolves by transposing the whole cache each step, an unfair baseline).
+
+A block writes the new tokens' entries at their positions into a copy of its layer's cache,
+attends over it (latent: `MLA.attend` with `config.attention_impl`, which the sampler sets to
+"absorbed" for decode steps; expanded: `expanded_cache_attention`), and returns the new entries
+[B, T, ...] only; `BlockStack` writes the entries of all its layers into the stacked cache
+[L, B, S, ...] once, after the scan (in place when the caller donates the cache). The transient
+copy is one layer's cache, not a second copy of the whole stack.
+
 Parameter names (frozen): attn_norm (HF input_layernorm), attn (self_attn), ffn_norm
 (post_attention_layernorm), mlp (dense FFN) or moe (MoE FFN).
+
+Left out: paged or ring-buffer caches, cache quantization, fused decode-attention kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +46,9 @@ from deepseek_jax.model import layers
 from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.moe import MoE
+from deepseek_jax.model.rope import rope_angles
+
+_MASKED = -1e30  # as in mla.py: finite, so a fully masked row stays NaN-free
 
 
 def attention_mask(batch: int, length: int, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -35,20 +60,106 @@ def attention_mask(batch: int, length: int, segment_ids: jax.Array | None = None
     return mask                                                   # [B, T, S]
 
 
+# --- cache helpers (pure) -------------------------------------------------------------------------
+
+def cache_mask(positions: jax.Array, length: int) -> jax.Array:
+    """[B, T, S]: query at position p (positions [B, T]) may read cache slots 0 … p of S."""
+    slots = jnp.arange(length)
+    return slots[None, None, :] <= positions[:, :, None]          # [B, T, S]
+
+
+def cache_length(layer_cache: dict) -> int:
+    """S of one layer's cache, stacked ([L, B, ...]) or not: the axis before the last."""
+    return (layer_cache["c_kv"] if "c_kv" in layer_cache else layer_cache["v"]).shape[-2]
+
+
+def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """One entry of one layer: new [B, T, ...] written at slots `positions` [B, T] of cache
+    [B, S, ...] (latent) or [B, N, S, ...] (expanded, new [B, T, N, ...]).
+
+    Slots outside [0, S) are dropped (the sampler checks lengths before compiling).
+    """
+    rows = jnp.arange(cache.shape[0])[:, None]                    # [B, 1]
+    new = new.astype(cache.dtype)
+    if cache.ndim == 3:                                           # [B, S, C|R]
+        return cache.at[rows, positions].set(new, mode="drop")
+    # [B, N, S, .]: the two index arrays sit apart, so the indexed shape is [B, T, N, .] = new's.
+    return cache.at[rows, :, positions].set(new, mode="drop")
+
+
+def write_stacked_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Stacked cache [L, B, ...] with new [L, B, T, ...] written at `positions` [B, T]."""
+    return jax.vmap(write_cache, in_axes=(0, 0, None))(cache, new, positions)
+
+
+def take_positions(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, T, ...] at indices `index` [B, T'] along T: [B, T', ...]."""
+    index = index.reshape(*index.shape, *([1] * (x.ndim - 2)))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def expanded_cache_attention(q_nope, q_rope, k, v, mask, scale, dtype):
+    """Attention over an expanded (MHA-style) cache; the baseline the latent cache is measured by.
+
+    q_nope [B, T, N, H], q_rope [B, T, N, R], k [B, N, S, H+R] (k_nope then the shared RoPE key
+    repeated per head), v [B, N, S, U], mask [B, T, S]. Returns [B, T, N, U]. In the einsums,
+    A = H + R is one full q/k head.
+    """
+    q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)      # [B, T, N, A]
+    scores = jnp.einsum("BTNA,BNSA->BNTS", q.astype(dtype), k.astype(dtype),
+                        preferred_element_type=jnp.float32) * scale           # [B, N, T, S]
+    scores = jnp.where(mask[:, None, :, :], scores, _MASKED)                  # [B, N, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)                     # [B, N, T, S]
+    return jnp.einsum("BNTS,BNSU->BTNU", probs, v.astype(dtype))              # [B, T, N, U]
+
+
+def _cached_attention(attn: MLA, h: jax.Array, positions: jax.Array, mask: jax.Array,
+                      cache: dict, c: ModelConfig) -> tuple[jax.Array, dict]:
+    """MLA over h [B, T, D] with one layer's cache: (output [B, T, D], new entries [B, T, ...])."""
+    cos, sin = rope_angles(positions, c)                                      # [B, T, R/2]
+    q_nope, q_rope = attn.queries(h, cos, sin)             # [B, T, N, H], [B, T, N, R]
+    c_kv, k_rope = attn.latents(h, cos, sin)               # [B, T, C], [B, T, R]
+    if set(cache) == {"c_kv", "k_rope"}:
+        new = {"c_kv": c_kv, "k_rope": k_rope}
+        full = {k: write_cache(cache[k], new[k], positions) for k in new}   # [B, S, C|R]
+        return attn.attend(q_nope, q_rope, full["c_kv"], full["k_rope"], mask), new
+    if set(cache) != {"k", "v"}:
+        raise ValueError(f"unknown cache entries {sorted(cache)}; expected c_kv/k_rope (latent) "
+                         "or k/v (expanded), as deepseek_jax.sampling.init_cache builds them")
+    k_nope = layers.einsum("BTC,CNH->BTNH", c_kv, attn.w_uk, c.dtype)        # [B, T, N, H]
+    k_rope = jnp.broadcast_to(k_rope[:, :, None, :].astype(c.dtype),
+                              (*k_rope.shape[:2], c.n_heads, k_rope.shape[-1]))  # [B, T, N, R]
+    new = {"k": jnp.concatenate([k_nope, k_rope], axis=-1),                  # [B, T, N, H+R]
+           "v": layers.einsum("BTC,CNU->BTNU", c_kv, attn.w_uv, c.dtype)}    # [B, T, N, U]
+    full = {k: write_cache(cache[k], new[k], positions) for k in new}       # [B, N, S, .]
+    o = expanded_cache_attention(q_nope, q_rope, full["k"], full["v"], mask,
+                                 c.softmax_scale, c.dtype)                    # [B, T, N, U]
+    o = layers.constrain(o, (layers.BATCH, layers.LENGTH, layers.HEADS, None))
+    return layers.einsum("BTNU,NUD->BTD", o, attn.w_o, c.dtype, c.fp8), new  # [B, T, D]
+
+
 class Block(nn.Module):
-    """One pre-norm transformer block; returns (x, None) so that it can be scanned."""
+    """One pre-norm transformer block, scannable: returns (x, None), or (x, new cache entries)
+    when `cache` (this layer's cache, see the module docstring) is given."""
     config: ModelConfig
     moe: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array):
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: dict | None = None):
         c = self.config
         x = layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))        # [B, T, D]
-        x = x + MLA(c, name="attn")(RMSNorm(c, name="attn_norm")(x), positions, mask)
+        attn = MLA(c, name="attn")
+        h = RMSNorm(c, name="attn_norm")(x)                                       # [B, T, D]
+        if cache is None:
+            x = x + attn(h, positions, mask)                                      # [B, T, D]
+        else:
+            out, cache = _cached_attention(attn, h, positions, mask, cache, c)
+            x = x + out                                                           # [B, T, D]
         h = RMSNorm(c, name="ffn_norm")(x)                                        # [B, T, D]
         ffn = MoE(c, name="moe") if self.moe else MLP(c, c.d_ff, name="mlp")
         x = x + ffn(h)                                                            # [B, T, D]
-        return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED)), None
+        return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED)), cache
 
 
 def _remat(cls, config: ModelConfig):
@@ -61,23 +172,47 @@ def _remat(cls, config: ModelConfig):
 
 
 class BlockStack(nn.Module):
-    """`n` identical blocks (all dense or all MoE) applied in order to x [B, T, D]."""
+    """`n` identical blocks (all dense or all MoE) applied in order to x [B, T, D].
+
+    Returns x, or (x, cache) when a stacked cache {name: [L, B, S, ...]} is given: the cache
+    with the new tokens' entries written at `positions` [B, T] in every layer.
+    """
     config: ModelConfig
     n: int
     moe: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: dict | None = None):
         c = self.config
-        block = _remat(Block, c)
+        if cache is None:
+            block = _remat(Block, c)
+            if c.scan_layers:
+                stack = nn.scan(block, length=self.n,
+                                variable_axes={"params": 0, "routing": 0, "moe_stats": 0},
+                                split_rngs={"params": True},
+                                in_axes=(nn.broadcast, nn.broadcast),
+                                metadata_params={nn.PARTITION_NAME: "layers"})
+                x, _ = stack(c, self.moe, name="layers")(x, positions, mask)
+                return x
+            for i in range(self.n):
+                x, _ = block(c, self.moe, name=f"layer_{i}")(x, positions, mask)
+            return x
+
+        # Decoding: no remat (nothing is differentiated); the layer's cache slice is scanned
+        # along with its parameters, the new entries [L, B, T, ...] come out as the scan's ys.
         if c.scan_layers:
-            stack = nn.scan(block, length=self.n,
+            stack = nn.scan(Block, length=self.n,
                             variable_axes={"params": 0, "routing": 0, "moe_stats": 0},
                             split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast),
+                            in_axes=(nn.broadcast, nn.broadcast, 0),
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(c, self.moe, name="layers")(x, positions, mask)
-            return x
-        for i in range(self.n):
-            x, _ = block(c, self.moe, name=f"layer_{i}")(x, positions, mask)
-        return x
+            x, new = stack(c, self.moe, name="layers")(x, positions, mask, cache)
+        else:
+            entries = []
+            for i in range(self.n):
+                layer_cache = {k: v[i] for k, v in cache.items()}                # [B, S, ...]
+                x, e = Block(c, self.moe, name=f"layer_{i}")(x, positions, mask, layer_cache)
+                entries.append(e)
+            new = jax.tree.map(lambda *e: jnp.stack(e), *entries)               # [L, B, T, ...]
+        return x, {k: write_stacked_cache(cache[k], new[k], positions) for k in cache}

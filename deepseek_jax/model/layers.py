@@ -1,4 +1,4 @@
-"""Shared building blocks: parameter declaration with logical axes, RMSNorm, SwiGLU FFN.
+"""Shared building blocks: parameter declaration with logical axes, RMSNorm, SwiGLU FFN, projections.
 
 Every parameter is declared through `param`, which attaches logical axis names
 (`nn.with_logical_partitioning`); `deepseek_jax.parallel` maps those names onto a device mesh.
@@ -8,6 +8,13 @@ The names used here (frozen: checkpoints and the rule table depend on them):
   "mlp" F     "expert" E  "layers" (added by nn.scan over stacked blocks)
 
 Activations are constrained at block boundaries with `constrain`, a no-op outside a mesh.
+
+Projections go through `einsum(eqn, x, w, dtype, fp8=False)`. With `fp8=True` (the model passes
+`config.fp8`) the product runs through DeepSeek-V3's fp8 recipe instead of a `config.dtype` GEMM:
+x in 1×128 e4m3 tiles, the fp32 master weight in 128×128 blocks, fp32 accumulation, and the two
+backward GEMMs in fp8 as well (`deepseek_jax.kernels.fp8_linear.fp8_einsum`). With `fp8=False`
+nothing changes. What stays in higher precision whatever `fp8` says (V3 §3.3): the embedding, the
+output head, the MoE router, the norms and the attention core (scores, softmax, W_UK / W_UV).
 
 Left out: biases (no DeepSeek projection has one), LayerNorm, activations other than SiLU.
 """
@@ -21,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.fp8_linear import fp8_einsum
 
 # Logical names of activation axes (parameters use the names in the docstring above).
 BATCH, LENGTH, EMBED, HEADS, VOCAB = ("act_batch", "act_length", "act_embed", "act_heads",
@@ -47,8 +55,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(axes))
 
 
-def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """A projection: both operands in the compute dtype, result in the compute dtype."""
+def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool = False) -> jax.Array:
+    """A projection: both operands in the compute dtype, result in the compute dtype.
+
+    fp8=True: x (cast to `dtype`) and the weight as stored (the fp32 master, not cast) go through
+    the fp8 GEMMs of `fp8_einsum`; the weight's contracted axes form K and its other axes N, so
+    `eqn` must be a projection (no axis shared by x, w and the result). Result in `dtype`.
+    """
+    if fp8:
+        return fp8_einsum(eqn, x.astype(dtype), w, out_dtype=dtype)
     return jnp.einsum(eqn, x.astype(dtype), w.astype(dtype))
 
 
@@ -67,18 +82,21 @@ class RMSNorm(nn.Module):
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-           dtype) -> jax.Array:
-    """SwiGLU FFN: w_down(silu(x·w_gate) ⊙ x·w_up). x [..., D]; w_gate, w_up [D, F]; w_down [F, D]."""
-    gate = einsum("...D,DF->...F", x, w_gate, dtype)         # [..., F]
-    up = einsum("...D,DF->...F", x, w_up, dtype)             # [..., F]
-    return einsum("...F,FD->...D", nn.silu(gate) * up, w_down, dtype)  # [..., D]
+           dtype, fp8: bool = False) -> jax.Array:
+    """SwiGLU FFN: w_down(silu(x·w_gate) ⊙ x·w_up). x [..., D]; w_gate, w_up [D, F]; w_down [F, D].
+
+    fp8=True runs the three projections as fp8 GEMMs (`einsum`); the SiLU and the product stay
+    in `dtype`."""
+    gate = einsum("...D,DF->...F", x, w_gate, dtype, fp8)    # [..., F]
+    up = einsum("...D,DF->...F", x, w_up, dtype, fp8)        # [..., F]
+    return einsum("...F,FD->...D", nn.silu(gate) * up, w_down, dtype, fp8)  # [..., D]
 
 
 class MLP(nn.Module):
     """Dense SwiGLU FFN (dense layers, and the shared experts with width n_shared·moe_d_ff).
 
     Parameter names (frozen): w_gate [D, F] (HF gate_proj), w_up [D, F] (up_proj),
-    w_down [F, D] (down_proj).
+    w_down [F, D] (down_proj). `config.fp8` switches the three projections to fp8 GEMMs.
     """
     config: ModelConfig
     d_ff: int
@@ -89,4 +107,4 @@ class MLP(nn.Module):
         w_gate = param(self, "w_gate", (D, F), ("embed", "mlp"), c)
         w_up = param(self, "w_up", (D, F), ("embed", "mlp"), c)
         w_down = param(self, "w_down", (F, D), ("mlp", "embed"), c)
-        return swiglu(x, w_gate, w_up, w_down, c.dtype)      # [B, T, D]
+        return swiglu(x, w_gate, w_up, w_down, c.dtype, c.fp8)  # [B, T, D]

@@ -25,6 +25,17 @@ Parameter names (frozen; HF DeepseekV3 names in brackets):
   w_dkv [D, C] and w_kr [D, R] (kv_a_proj_with_mqa, split)   kv_norm (kv_a_layernorm)
   w_uk [C, N, H] and w_uv [C, N, U] (kv_b_proj, split)      w_o [N, U, D] (o_proj)
 
+fp8 (`config.fp8`): the six projections around the core — w_dq, w_uq, w_qr, w_dkv, w_kr and
+w_o — run as DeepSeek fp8 GEMMs (`layers.einsum(..., fp8=True)`: the weight's input axes are
+flattened into K and its output axes into N, e.g. w_uq [Q, N, H] as a [Q, N·H] matrix and w_o
+[N, U, D] as [N·U, D], and that matrix is quantized in 128×128 blocks). The W_UK / W_UV products
+stay in `config.dtype` on purpose: they live inside the attention cores, which both paths, the
+absorbed one and a latent cache share, and V3 keeps "attention operators" in high precision. (In
+DeepSeek's own training code kv_b_proj is an fp8 linear; routing the expanded path's k_nope / v
+through fp8 would be a small change in `expanded_attention`.) Scores, softmax, RoPE and the norms
+stay in fp32 / `config.dtype` as without fp8. DeepSeek's E5M6 format for the input of w_o is not
+used: that input is quantized in e4m3 1×128 tiles like the others.
+
 Left out: attention dropout (DeepSeek uses none), sliding windows, fused attention kernels
 (a later piece; the einsum core here is the reference they are tested against).
 """
@@ -101,17 +112,17 @@ class MLA(nn.Module):
         """(q_nope [B, T, N, H], q_rope [B, T, N, R]) for x [B, T, D]."""
         c = self.config
         if c.q_lora_rank:
-            x = self.q_norm(einsum("BTD,DQ->BTQ", x, self.w_dq, c.dtype))   # [B, T, Q]
+            x = self.q_norm(einsum("BTD,DQ->BTQ", x, self.w_dq, c.dtype, c.fp8))  # [B, T, Q]
         # With Q = 0 the "Q" axis below is the model width D.
-        q_nope = einsum("BTQ,QNH->BTNH", x, self.w_uq, c.dtype)              # [B, T, N, H]
-        q_rope = einsum("BTQ,QNR->BTNR", x, self.w_qr, c.dtype)              # [B, T, N, R]
+        q_nope = einsum("BTQ,QNH->BTNH", x, self.w_uq, c.dtype, c.fp8)       # [B, T, N, H]
+        q_rope = einsum("BTQ,QNR->BTNR", x, self.w_qr, c.dtype, c.fp8)       # [B, T, N, R]
         return q_nope, apply_rope(q_rope, cos, sin, c.rope_interleaved)
 
     def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """What a cache stores per token: (c_kv [B, T, C] normalized, k_rope [B, T, R] rotated)."""
         c = self.config
-        c_kv = self.kv_norm(einsum("BTD,DC->BTC", x, self.w_dkv, c.dtype))   # [B, T, C]
-        k_rope = einsum("BTD,DR->BTR", x, self.w_kr, c.dtype)                # [B, T, R]
+        c_kv = self.kv_norm(einsum("BTD,DC->BTC", x, self.w_dkv, c.dtype, c.fp8))  # [B, T, C]
+        k_rope = einsum("BTD,DR->BTR", x, self.w_kr, c.dtype, c.fp8)         # [B, T, R]
         return c_kv, apply_rope(k_rope, cos, sin, c.rope_interleaved)
 
     def attend(self, q_nope, q_rope, c_kv, k_rope, mask, impl: str | None = None) -> jax.Array:
@@ -122,7 +133,7 @@ class MLA(nn.Module):
         o = core(q_nope, q_rope, c_kv, k_rope, self.w_uk, self.w_uv, mask,
                  c.softmax_scale, c.dtype)                                   # [B, T, N, U]
         o = layers.constrain(o, (layers.BATCH, layers.LENGTH, layers.HEADS, None))
-        return einsum("BTNU,NUD->BTD", o, self.w_o, c.dtype)                 # [B, T, D]
+        return einsum("BTNU,NUD->BTD", o, self.w_o, c.dtype, c.fp8)          # [B, T, D]
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  impl: str | None = None) -> jax.Array:

@@ -17,6 +17,17 @@ What is in:
                          and summed back per token. Same values and gradients as the dense path.
   MoE                    the Flax module: router, stacked experts, shared experts, statistics.
 
+fp8 (`config.fp8`; both dispatch functions take `fp8=`): the expert projections run with
+DeepSeek's fp8 numerics. The dense path vmaps `kernels.fp8_linear.fp8_dot` (real block-scaled
+fp8 GEMMs: Fprop, Dgrad, Wgrad) over the experts. The ragged path calls
+`kernels.fp8_linear.fp8_ragged_dot`, an EMULATION of an fp8 grouped GEMM: the sorted rows are
+quantized in 1×128 tiles, every expert's weight in 128×128 blocks, and `ragged_dot` runs on the
+dequantized values with fp32 accumulation (the numerics of a block-scaled fp8 GEMM up to fp32
+rounding and summation order, at fp32 speed); its backward quantizes the same way (wgrad tiles
+along the tokens restart at each expert's first row). An exact fp8 grouped kernel is a later
+piece. The router, the gate arithmetic and the combine stay in fp32 / `dtype`, as in V3; the
+shared experts are an `MLP`, which follows `config.fp8` too.
+
 Left out, and why:
 
   - Token dropping / expert capacity: V3 drops no tokens in training or inference, and both
@@ -52,6 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.fp8_linear import fp8_dot, fp8_ragged_dot
 from deepseek_jax.model.layers import MLP, einsum, param
 
 
@@ -170,7 +182,7 @@ def update_routing_bias(bias, load, rate: float):
 # --- dispatch ------------------------------------------------------------------------------------
 
 def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
-                   w_up: jax.Array, w_down: jax.Array, dtype) -> jax.Array:
+                   w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False) -> jax.Array:
     """Routed experts, reference path: every expert runs on every token (E/X times the FLOPs).
 
     Args:
@@ -180,6 +192,7 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax
       w_gate, w_up: stacked expert weights [E, D, F].
       w_down: [E, F, D].
       dtype: compute dtype.
+      fp8: run the three expert projections as fp8 GEMMs (`fp8_dot` per expert, vmapped).
 
     Returns:
       Σ_k weights_k · SwiGLU_{idx_k}(x), [..., D] in `dtype`.
@@ -187,14 +200,23 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax
     E = w_gate.shape[0]
     combine = jnp.einsum("...XE,...X->...E", jax.nn.one_hot(idx, E, dtype=weights.dtype),
                          weights)                                          # [..., E]
-    gate_ = einsum("...D,EDF->...EF", x, w_gate, dtype)                    # [..., E, F]
-    up = einsum("...D,EDF->...EF", x, w_up, dtype)                         # [..., E, F]
-    out = einsum("...EF,EFD->...ED", nn.silu(gate_) * up, w_down, dtype)   # [..., E, D]
+    if fp8:
+        x = x.astype(dtype)
+        per_expert = lambda h, w: fp8_dot(h, w, out_dtype=dtype)           # [..., F|D]
+        up_proj = jax.vmap(per_expert, in_axes=(None, 0), out_axes=-2)
+        gate_ = up_proj(x, w_gate)                                         # [..., E, F]
+        up = up_proj(x, w_up)                                              # [..., E, F]
+        out = jax.vmap(per_expert, in_axes=(-2, 0), out_axes=-2)(
+            nn.silu(gate_) * up, w_down)                                   # [..., E, D]
+    else:
+        gate_ = einsum("...D,EDF->...EF", x, w_gate, dtype)                # [..., E, F]
+        up = einsum("...D,EDF->...EF", x, w_up, dtype)                     # [..., E, F]
+        out = einsum("...EF,EFD->...ED", nn.silu(gate_) * up, w_down, dtype)  # [..., E, D]
     return einsum("...ED,...E->...D", out, combine, dtype)                 # [..., D]
 
 
 def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
-                    w_up: jax.Array, w_down: jax.Array, dtype) -> jax.Array:
+                    w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False) -> jax.Array:
     """Routed experts, sorted path: each (token, slot) pair runs through its one expert.
 
     The M = B·T·X pairs are sorted by expert id (stable), so each expert's rows are contiguous,
@@ -202,7 +224,10 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     = per-expert counts. Empty experts (size 0) and any imbalance are fine; nothing is dropped.
     Outputs are unsorted and summed over the X slots with the combine weights.
 
-    Same arguments, result and gradients as `dense_dispatch`.
+    Same arguments, result and gradients as `dense_dispatch`. With fp8=True the three
+    `ragged_dot`s become `fp8_ragged_dot` (emulated fp8 grouped GEMMs, see the module docstring);
+    the result then matches `dense_dispatch(..., fp8=True)` in the forward pass up to fp32
+    rounding, and its gradients up to the different wgrad tiling (tiles per expert here).
     """
     D, E, X = x.shape[-1], w_gate.shape[0], idx.shape[-1]
     flat_idx = idx.reshape(-1)                                             # [M]
@@ -210,9 +235,13 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     sizes = jnp.bincount(flat_idx, length=E).astype(jnp.int32)             # [E]
     tokens = x.reshape(-1, D).astype(dtype)                                # [B·T, D]
     rows = tokens[order // X]                                              # [M, D] sorted pairs
-    gate_ = jax.lax.ragged_dot(rows, w_gate.astype(dtype), sizes)          # [M, F]
-    up = jax.lax.ragged_dot(rows, w_up.astype(dtype), sizes)               # [M, F]
-    out = jax.lax.ragged_dot(nn.silu(gate_) * up, w_down.astype(dtype), sizes)  # [M, D]
+    if fp8:
+        grouped = lambda h, w: fp8_ragged_dot(h, w, sizes, out_dtype=dtype)
+    else:
+        grouped = lambda h, w: jax.lax.ragged_dot(h, w.astype(dtype), sizes)
+    gate_ = grouped(rows, w_gate)                                          # [M, F]
+    up = grouped(rows, w_up)                                               # [M, F]
+    out = grouped(nn.silu(gate_) * up, w_down)                             # [M, D]
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
     unsorted = unsorted.reshape(*idx.shape, D)                             # [..., X, D]
     return einsum("...XD,...X->...D", unsorted, weights, dtype)            # [..., D]
@@ -247,7 +276,7 @@ class MoE(nn.Module):
                             precision=jax.lax.Precision.HIGHEST)              # [B, T, E]
         weights, idx, scores = gate(logits, bias, c)                          # [B, T, X] ×2
         dispatch = ragged_dispatch if c.moe_impl == "ragged" else dense_dispatch
-        y = dispatch(x, weights, idx, w_gate, w_up, w_down, c.dtype)          # [B, T, D]
+        y = dispatch(x, weights, idx, w_gate, w_up, w_down, c.dtype, c.fp8)   # [B, T, D]
         if c.n_shared_experts > 0:
             y = y + MLP(c, d_ff=c.n_shared_experts * F, name="shared")(x)     # [B, T, D]
 

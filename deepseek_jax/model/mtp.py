@@ -18,8 +18,13 @@ Parameter names (frozen; HF names of `model.layers.{n_layers + k − 1}`): layer
 hnorm, eh_proj [2D, D] (eh_proj, transposed), block (the decoder layer), norm
 (shared_head.norm). HF's shared_head.head and embed_tokens copies are not stored.
 
+Drafting (`MTP.draft`, used by speculative decoding in `deepseek_jax.sampling`): depth 1 alone,
+with a KV cache for its block, on main hidden states h^0 [B, T, D] and the tokens that follow
+them, t_{i+1} at position i; its logits at i are the draft distribution for t_{i+2}.
+
 Left out: DeepSeek's inference-time zeroing of the embedding at absolute position 0 (not part of
-the training objective), and dropping the modules at inference (simply ignore the MTP logits).
+the training objective), dropping the modules at inference (simply ignore the MTP logits), and
+drafting with depths beyond the first (their caches would lag one position per depth).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.blocks import Block
+from deepseek_jax.model.blocks import Block, take_positions, write_cache
 from deepseek_jax.model.layers import RMSNorm, param
 
 
@@ -40,33 +45,67 @@ def shift_left(tokens: jax.Array, k: int) -> jax.Array:
 
 
 class MTPLayer(nn.Module):
-    """One MTP depth: returns (h^k [B, T, D], norm_k(h^k) [B, T, D])."""
+    """One MTP depth: returns (h^k [B, T, D], norm_k(h^k) [B, T, D]), and the block's new cache
+    entries as a third element when `cache` (one layer's cache, see `blocks`) is given."""
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h_prev, emb_next, positions, mask):
+    def __call__(self, h_prev, emb_next, positions, mask, cache: dict | None = None):
         c = self.config
         D = c.d_model
         w = param(self, "eh_proj", (2 * D, D), ("mtp_in", "embed"), c)
         both = jnp.concatenate([RMSNorm(c, name="enorm")(emb_next),
                                 RMSNorm(c, name="hnorm")(h_prev)], axis=-1)  # [B, T, 2D]
         x = jnp.einsum("BTI,ID->BTD", both, w.astype(c.dtype))                # [B, T, D]
-        h, _ = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions, mask)
-        return h, RMSNorm(c, name="norm")(h)
+        h, new = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions, mask, cache)
+        if cache is None:
+            return h, RMSNorm(c, name="norm")(h)
+        return h, RMSNorm(c, name="norm")(h), new
 
 
 class MTP(nn.Module):
     """All K depths. Returns logits [K, B, T, V] (fp32); [k−1, :, i] predicts token t_{i+k+1}."""
     config: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        self.layers = [MTPLayer(self.config, name=f"layer_{k}")
+                       for k in range(self.config.mtp_depth)]
+
     def __call__(self, h, tokens, embed, head, positions, mask):
         """h [B, T, D] main hidden state, tokens [B, T], embed [V, D], head [D, V]."""
         c = self.config
         out = []
         for k in range(1, c.mtp_depth + 1):
             emb = jnp.take(embed, shift_left(tokens, k), axis=0).astype(c.dtype)  # [B, T, D]
-            h, normed = MTPLayer(c, name=f"layer_{k - 1}")(h, emb, positions, mask)
-            out.append(jnp.einsum("BTD,DV->BTV", normed, head.astype(c.dtype),
-                                  preferred_element_type=jnp.float32))           # [B, T, V]
+            h, normed = self.layers[k - 1](h, emb, positions, mask)
+            out.append(_logits(normed, head, c))                                   # [B, T, V]
         return jnp.stack(out)                                                     # [K, B, T, V]
+
+    def draft(self, h, next_tokens, embed, head, positions, mask, cache: dict,
+              logits_index: jax.Array | None = None):
+        """Depth 1 with a cache, for speculative decoding.
+
+        Args:
+          h: main hidden states h^0 [B, T, D] (before the final norm) at `positions` [B, T].
+          next_tokens: t_{i+1} [B, T], the token that follows position i.
+          embed, head: the main model's embedding [V, D] and output head [D, V].
+          mask: [B, T, S] over the cache slots (`blocks.cache_mask`).
+          cache: depth 1's layer cache {name: [B, S, ...]}.
+          logits_index: [B, T'] indices along T where logits are wanted (default: all T).
+
+        Returns:
+          (logits [B, T (or T'), V] fp32, the draft distribution for t_{i+2}; the cache with the
+          new entries written at `positions`).
+        """
+        c = self.config
+        emb = jnp.take(embed, next_tokens, axis=0).astype(c.dtype)                # [B, T, D]
+        _, normed, new = self.layers[0](h, emb, positions, mask, cache)
+        cache = {k: write_cache(cache[k], new[k], positions) for k in cache}     # [B, S, ...]
+        if logits_index is not None:
+            normed = take_positions(normed, logits_index)                         # [B, T', D]
+        return _logits(normed, head, c), cache                                    # [B, T', V]
+
+
+def _logits(normed: jax.Array, head: jax.Array, c: ModelConfig) -> jax.Array:
+    return jnp.einsum("BTD,DV->BTV", normed, head.astype(c.dtype),
+                      preferred_element_type=jnp.float32)                         # [B, T, V]

@@ -17,7 +17,13 @@ Parameter names (frozen; HF names in brackets): embed [V, D] (embed_tokens), den
 moe_layers (the first `n_dense_layers` and the rest of model.layers), final_norm (norm),
 lm_head [D, V] (lm_head, transposed; absent when embeddings are tied), mtp (model.layers.{n_layers…}).
 
-Left out: KV caches and decoding (deepseek_jax.sampling), pipeline parallelism.
+Decoding: `apply(variables, tokens, positions, cache, method="decode")` runs the stacks over
+a KV cache and returns (logits, hidden, cache); `method="draft"` runs MTP depth 1 over its own
+cache for speculative decoding. Both are documented on the methods; caches, sampling and the
+generation loop are in `deepseek_jax.sampling`. Without a cache nothing changes: `__call__`
+runs exactly the training computation.
+
+Left out: pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import layers
-from deepseek_jax.model.blocks import BlockStack, attention_mask
+from deepseek_jax.model.blocks import (BlockStack, attention_mask, cache_length, cache_mask,
+                                       take_positions)
 from deepseek_jax.model.layers import RMSNorm, param
 from deepseek_jax.model.mtp import MTP
 
@@ -36,7 +43,22 @@ from deepseek_jax.model.mtp import MTP
 class Transformer(nn.Module):
     config: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        # Attribute names are the frozen parameter names (see the module docstring); `embed`
+        # before `lm_head` keeps the parameter RNG stream of earlier versions.
+        c = self.config
+        self.embed = param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"), c)
+        n_dense = c.n_layers if not c.n_routed_experts else c.n_dense_layers
+        if n_dense:
+            self.dense_layers = BlockStack(c, n_dense, moe=False)
+        if c.n_moe_layers:
+            self.moe_layers = BlockStack(c, c.n_moe_layers, moe=True)
+        if not c.tie_embeddings:
+            self.lm_head = param(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"), c)
+        self.final_norm = RMSNorm(c)
+        if c.mtp_depth:
+            self.mtp = MTP(c)
+
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None):
         c = self.config
@@ -44,27 +66,74 @@ class Transformer(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         mask = attention_mask(B, T, segment_ids)                                # [B, T, S]
-
-        embed = param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"), c)
-        x = jnp.take(embed, tokens, axis=0).astype(c.dtype)                      # [B, T, D]
-        x = layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
-
-        n_dense = c.n_layers if not c.n_routed_experts else c.n_dense_layers
-        if n_dense:
-            x = BlockStack(c, n_dense, moe=False, name="dense_layers")(x, positions, mask)
-        if c.n_moe_layers:
-            x = BlockStack(c, c.n_moe_layers, moe=True, name="moe_layers")(x, positions, mask)
-
-        head = (embed.T if c.tie_embeddings
-                else param(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"), c))
-        normed = RMSNorm(c, name="final_norm")(x)                                # [B, T, D]
-        logits = jnp.einsum("BTD,DV->BTV", normed, head.astype(c.dtype),
-                            preferred_element_type=jnp.float32)                  # [B, T, V]
-        logits = layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.VOCAB))
+        x = self._embed(tokens)                                                  # [B, T, D]
+        for stack in self._stacks():
+            x = stack(x, positions, mask)                                        # [B, T, D]
+        logits = self._logits(x)                                                 # [B, T, V]
         if not c.mtp_depth:
             return logits, None
-        mtp_logits = MTP(c, name="mtp")(x, tokens, embed, head, positions, mask)  # [K, B, T, V]
+        mtp_logits = self.mtp(x, tokens, self.embed, self._head(), positions, mask)  # [K, B, T, V]
         return logits, mtp_logits
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: dict,
+               logits_index: jax.Array | None = None):
+        """One prefill or decode step over a KV cache (built by `deepseek_jax.sampling.init_cache`).
+
+        Args:
+          tokens: int [B, T], the tokens at `positions`.
+          positions: int [B, T]; token (b, t) is written to cache slot positions[b, t] and
+            attends to slots 0 … positions[b, t] (earlier slots must hold that row's earlier
+            tokens). Rows may sit at different positions.
+          cache: {"dense_layers"?, "moe_layers"?: {name: [L, B, S, ...]}, "mtp"?: ...}; the
+            "mtp" entry, if present, is passed through untouched (see `draft`).
+          logits_index: int [B, T'] indices along T where logits are wanted (default: all T),
+            e.g. each row's last prompt token in a prefill.
+
+        Returns:
+          (logits [B, T (or T'), V] fp32 — computed exactly as in `__call__`;
+           hidden [B, T, D], the last block's output before the final norm (MTP's input);
+           the cache with the new tokens' entries written).
+        """
+        cache, stacks = dict(cache), self._stacks()
+        mask = cache_mask(positions, cache_length(cache[stacks[0].name]))        # [B, T, S]
+        x = self._embed(tokens)                                                  # [B, T, D]
+        for stack in stacks:
+            x, cache[stack.name] = stack(x, positions, mask, cache[stack.name])  # [B, T, D]
+        hidden = x
+        if logits_index is not None:
+            x = take_positions(x, logits_index)                                  # [B, T', D]
+        return self._logits(x), hidden, cache
+
+    def draft(self, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array, cache: dict,
+              logits_index: jax.Array | None = None):
+        """MTP depth 1 over its cache: (logits [B, T (or T'), V] two tokens ahead, the cache).
+
+        `hidden` [B, T, D] comes from `decode` at `positions` [B, T]; `next_tokens` [B, T] holds
+        the token after each position. Only cache["mtp"] is read and written; see `MTP.draft`.
+        """
+        if not self.config.mtp_depth:
+            raise ValueError("draft needs MTP modules; this config has mtp_depth=0")
+        mask = cache_mask(positions, cache_length(cache["mtp"]))                 # [B, T, S]
+        logits, mtp_cache = self.mtp.draft(hidden, next_tokens, self.embed, self._head(),
+                                           positions, mask, cache["mtp"], logits_index)
+        return logits, {**cache, "mtp": mtp_cache}
+
+    def _stacks(self):
+        return [getattr(self, n) for n in ("dense_layers", "moe_layers") if hasattr(self, n)]
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed, tokens, axis=0).astype(self.config.dtype)       # [B, T, D]
+        return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
+
+    def _head(self) -> jax.Array:
+        return self.embed.T if self.config.tie_embeddings else self.lm_head      # [D, V]
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        normed = self.final_norm(x)                                              # [B, T, D]
+        logits = jnp.einsum("BTD,DV->BTV", normed, self._head().astype(c.dtype),
+                            preferred_element_type=jnp.float32)                  # [B, T, V]
+        return layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.VOCAB))
 
 
 def init_variables(rng: jax.Array, config: ModelConfig, batch: int = 1, length: int = 8) -> dict:

@@ -22,7 +22,7 @@ from deepseek_jax.parallel.mesh import (MESH_AXES, MeshError, make_mesh,
                                         resolve_mesh_shape)
 from deepseek_jax.parallel.rules import (LOGICAL_AXIS_RULES, PRESETS, Preset, batch_axes,
                                          default_mesh_config, expert_axes, get_preset,
-                                         logical_axis_rules, mesh_and_rules,
+                                         logical_axis_rules, mesh_and_rules, run_mesh_config,
                                          sharding_context)
 from deepseek_jax.parallel.sharding import (batch_sharding, check_global_batch, logical_specs,
                                             param_shardings, state_shardings, validate)
@@ -33,5 +33,6 @@ __all__ = [
     "batch_sharding", "check_global_batch", "default_mesh_config", "expert_axes", "get_preset",
     "init_sharded_state", "logical_axis_rules", "logical_specs", "make_mesh",
     "make_sharded_train_step", "maybe_initialize_distributed", "mesh_and_rules",
-    "multi_process_launch", "param_shardings", "resolve_mesh_shape", "sharding_context", "state_shardings", "validate",
+    "multi_process_launch", "param_shardings", "resolve_mesh_shape", "run_mesh_config",
+    "sharding_context", "state_shardings", "validate",
 ]

@@ -130,6 +130,16 @@ def mesh_and_rules(preset: str, mesh_config: Mapping[str, int] | None = None,
     return mesh, logical_axis_rules(preset, mesh)
 
 
+def run_mesh_config(mesh_cfg, n_devices: int) -> dict[str, int]:
+    """A run config's `mesh` section (preset + axis sizes, 0 = unset) → mesh sizes: all axes 0
+    gives the preset's default shape for `n_devices`; otherwise unset axes are 1."""
+    axes = ("dcn_data",) + ICI_AXES
+    sizes = {a: int(mesh_cfg[a]) for a in axes}
+    if all(v == 0 for v in sizes.values()):
+        return {**default_mesh_config(mesh_cfg["preset"], n_devices), "dcn_data": 1}
+    return {a: (1 if v == 0 else v) for a, v in sizes.items()}
+
+
 def _keep(mesh_axes, allowed: set[str]):
     """Mesh axes of one rule with the disallowed ones struck out; None when none is left."""
     axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())

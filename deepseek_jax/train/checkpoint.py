@@ -83,6 +83,69 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     return out["state"], rng, _decode_data_state(out["data"])
 
 
+def save_model_config(workdir: str, config) -> None:
+    """Writes WORKDIR/model_config.json (what `load_trained` reads to rebuild the model)."""
+    import dataclasses
+    import os
+    import jax.numpy as jnp
+    fields = dataclasses.asdict(config)
+    fields["dtype"] = jnp.dtype(config.dtype).name
+    fields["param_dtype"] = jnp.dtype(config.param_dtype).name
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, "model_config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(fields, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, "model_config.json"))
+
+
+def load_model_config(workdir: str):
+    import os
+    import jax.numpy as jnp
+    from deepseek_jax.config import ModelConfig
+    path = os.path.join(workdir, "model_config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training run's directory?")
+    with open(path) as f:
+        fields = json.load(f)
+    fields["dtype"] = jnp.dtype(fields["dtype"]).type
+    fields["param_dtype"] = jnp.dtype(fields["param_dtype"]).type
+    return ModelConfig(**fields)
+
+
+def load_trained(workdir: str, step: int | None = None, shardings=None):
+    """(ModelConfig, {"params", "routing"?}) of a training run's latest (or given) checkpoint.
+
+    Only the parameters and routing bias are read; the optimizer state is left on disk. Arrays
+    land with `shardings` ({"params", "routing"} trees of shardings, e.g. from
+    `deepseek_jax.parallel.param_shardings`), or on the first device when None.
+    """
+    import os
+    config = load_model_config(workdir)
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    step = manager.latest_step() if step is None else step
+    manager.close()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(path).item_metadata
+    wanted = {k: meta[k] for k in ("params", "routing") if k in meta}
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                                wanted)
+    else:
+        abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                                wanted, {k: shardings[k] for k in wanted})
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+    variables = {"params": restored["params"]}
+    if restored.get("routing"):
+        variables["routing"] = restored["routing"]
+    return config, variables
+
+
 def describe(manager: ocp.CheckpointManager) -> str:
     steps = manager.all_steps()
     return json.dumps({"directory": str(manager.directory), "steps": list(steps)})

@@ -34,6 +34,10 @@ from deepseek_jax.model.transformer import Transformer, init_variables
 from deepseek_jax.train import losses
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm became NaN or inf (raised by the entrypoints)."""
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array

@@ -47,7 +47,7 @@ def to_model_config(fields) -> ModelConfig:
 _RUNS = {
     #        model      batch seq steps  lr     warmup preset      remat
     "tiny": ("tiny", 8, 32, 20, 3e-3, 2, "dp", "none"),
-    "small": ("small", 16, 64, 150, 3e-3, 10, "dp", "none"),
+    "small": ("small", 16, 128, 300, 3e-3, 10, "dp", "none"),
     "v2-lite": ("v2-lite", 1024, 4096, 100_000, 4.2e-4, 2000, "fsdp_ep", "full"),
     "v3-671b": ("v3-671b", 4096, 4096, 500_000, 2.2e-4, 2000, "fsdp_ep", "full"),
 }
@@ -74,8 +74,13 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "arithmetic" if small else "text_files"   # arithmetic, countdown, text_files
     c.data.data_dir = ""            # where the array_record files live; "" = WORKDIR/data
-    c.data.num_train = 2000 if arg == "tiny" else 20000          # procedural tasks only
+    c.data.num_train = 2000 if arg == "tiny" else 8000           # procedural tasks only
     c.data.num_eval = 200
+    # "text", or an R1 template ("compact", "r1_zero"): prompt + <think>…</think><answer>…</answer>
+    c.data.format = "compact" if arg == "small" else "text"
+    c.data.max_digits = 2 if arg == "small" else 3   # arithmetic: operand digits, at most ...
+    c.data.min_digits = 2 if arg == "small" else 1   # ... and at least
+    c.data.ops = "+-" if arg == "small" else "+-*"   # arithmetic: operators
     c.data.text_glob = ""           # text_files: files or a glob (.txt, .jsonl)
     c.data.text_field = "text"      # text_files: the JSONL field holding the text
     c.data.validation_fraction = 0.01  # text_files: share of documents held out for evaluation

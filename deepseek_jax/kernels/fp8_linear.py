@@ -1,0 +1,301 @@
+"""fp8 linear layers for training: DeepSeek-V3's three GEMMs (Fprop, Dgrad, Wgrad) under one `custom_vjp`.
+
+What is in:
+
+  fp8_dot         y = x @ w for x `[..., K]` and a Flax kernel w `[K, N]` (the fp32 master
+                  weight). Forward: x in 1×128 tiles along K, w in 128×128 blocks emitted K-major
+                  `[N, K]` (`quantize_flax_weight`), `fp8_matmul`. Backward (V3 §3.3, Fig. 6):
+                    dgrad  dx = dy @ wᵀ   dy in 1×128 tiles along N, the same 128×128 blocks of w
+                                          transposed (`transpose_quantized_weight`), `fp8_dgrad`;
+                    wgrad  dw = xᵀ @ dy   dy and x both in 1×128 tiles along the tokens,
+                                          `fp8_wgrad`, fp32 output.
+                  Residuals are fp8 tensors and their fp32 scales only, as V3 caches activations
+                  in fp8: xᵀ already quantized along the tokens (the operand wgrad reads; it is
+                  quantized from the full-precision x in the forward pass, as a fused
+                  quantize-both-layouts kernel would) and the quantized weight. The
+                  full-precision x is not kept. The incoming gradient is first scaled by an
+                  exact power of two (`_normalize_grad`) so that the quantizer's 1e-4 amax
+                  floor cannot flatten small gradients.
+  fp8_einsum      a projection written as an einsum (`"BTQ,QNH->BTNH"`, `"...F,FD->...D"`): the
+                  weight's contracted axes are flattened into K and its output axes into N around
+                  `fp8_dot`, so the 128×128 blocks run over the flattened `[K, N]` matrix (as
+                  in DeepSeek's 2-D checkpoint matrices, whose head axes are flattened too).
+  fp8_ragged_dot  the routed-expert GEMM (`jax.lax.ragged_dot` over rows sorted by expert) with
+                  fp8 numerics, by EMULATION: rows are quantized in 1×128 tiles along K, each
+                  expert's weight in 128×128 blocks, and `ragged_dot` runs on the dequantized
+                  values with fp32 accumulation (HIGHEST precision, so no accelerator drops to
+                  bf16 passes). Every product is the product of the e4m3 codes times their scales,
+                  so this is the numerics of a block-scaled fp8 grouped GEMM up to fp32 rounding
+                  and summation order; it is not faster than bf16 (it is slower: fp32 GEMMs plus
+                  the quantize/dequantize passes). Backward as in `fp8_dot`: dgrad with dy in
+                  1×128 tiles along N and the same weight blocks; wgrad with 1×128 tiles along
+                  the tokens that restart at every expert's first row (DeepGEMM's "contiguous"
+                  layout aligns each expert's segment to 128 rows, so no tile mixes two
+                  experts). An exact fp8 grouped kernel replaces the emulation later, with the
+                  same signature.
+
+Numbers to expect: e4m3 keeps 3 mantissa bits, so one rounding is off by at most 2⁻⁴ relative and
+by about 2.6 % rms over a binade; a product of two quantized operands is off by ≈ √2 · 2.6 ≈ 3.7 %
+rms per term. On random data the errors of the K terms are independent, so the output's error
+relative to its typical size is the same ≈ 3.7 % rms (it neither grows nor shrinks with K), i.e.
+DeepGEMM's `1 − 2Σxy/Σ(x²+y²)` ≈ 0.037²/2 ≈ 7e-4 (tests/kernels/test_fp8_linear.py measures it).
+
+Left out, and why: DeepSeek's E5M6 cache for the input of the linear after attention and its
+power-of-two re-tiling (e4m3 1×128 here, like every other input); the fp8 all-to-all dispatch
+(expert parallelism lives in `deepseek_jax.parallel`); fusing the gate and up projections into
+one GEMM (their blocks would straddle the two halves when F is not a multiple of 128); delayed
+scaling (V3 uses online amax, as here).
+
+Not yet checked: sharded runs (under a mesh the flattening reshapes and the quantizers' padding
+may make XLA gather a sharded weight or activation) and any accelerator: on CPU "auto" resolves
+to the plain-JAX reference GEMMs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.kernels import fp8
+
+BLOCK = fp8.BLOCK
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense projections
+
+
+def _normalize_grad(dy):
+    """(dy · 2⁻ᵉ, 2ᵉ) with e chosen so that max|dy · 2⁻ᵉ| lies in [0.5, 1).
+
+    The quantizers floor every tile's amax at 1e-4 (DeepSeek's clamp, sized for activations);
+    gradients of a loss averaged over many tokens can sit far below it, where the floor would
+    push them into e4m3's subnormals or to zero. A power-of-two factor is exact, and it commutes
+    with the quantizer (amax, scale and codes all scale by 2⁻ᵉ), so when the floor is not hit
+    the products are bit-for-bit those of the unnormalized gradient; multiply them by 2ᵉ.
+    """
+    amax = jnp.max(jnp.abs(dy)).astype(jnp.float32)
+    _, e = jnp.frexp(amax)                                                  # amax = m · 2^e
+    e = jnp.clip(jnp.where(jnp.isfinite(amax), e, 0), -100, 100)          # 2^±100 fits bf16/fp32
+    one = jnp.ones((), jnp.float32)
+    return dy * jnp.ldexp(one, -e).astype(dy.dtype), jnp.ldexp(one, e)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _fp8_dot(x, w, out_dtype, backend, x_dtype, w_dtype):
+    """x `[M, K]`, w `[K, N]` → `[M, N]` (the differentiable core of `fp8_dot`)."""
+    return _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype)[0]
+
+
+def _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype):
+    x_q, x_s = fp8.quantize_activation(x)                                   # [M, K], [M, J]
+    w_q, w_s = fp8.quantize_flax_weight(w)                                  # [N, K], [NB, J]
+    y = fp8.fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=out_dtype, backend=backend)  # [M, N]
+    # For wgrad: xᵀ in 1×128 tiles along the tokens, quantized now from the full-precision x.
+    x_t_q, x_t_s = fp8.quantize_activation(x, transpose=True)              # [K, M], [K, ceil(M/128)]
+    return y, (x_t_q, x_t_s, w_q, w_s)
+
+
+def _fp8_dot_bwd(out_dtype, backend, x_dtype, w_dtype, res, dy):
+    x_t_q, x_t_s, w_q, w_s = res
+    dy, unscale = _normalize_grad(dy)                                       # exact, see above
+    # dgrad: dx = dy @ wᵀ with dy in 1×128 tiles along N and wᵀ's blocks (the same blocks).
+    dy_q, dy_s = fp8.quantize_activation(dy)                                # [M, N], [M, NB]
+    w_t_q, w_t_s = fp8.transpose_quantized_weight(w_q, w_s)                 # [K, N], [J, NB]
+    dx = fp8.fp8_dgrad(dy_q, dy_s, w_t_q, w_t_s, out_dtype=x_dtype, backend=backend)  # [M, K]
+    # wgrad: dwᵀ = dyᵀ @ x, contracting the tokens, 1×128 tiles along the tokens on both sides.
+    dy_t_q, dy_t_s = fp8.quantize_activation(dy, transpose=True)           # [N, M], [N, ceil(M/128)]
+    dw_t = fp8.fp8_wgrad(dy_t_q, dy_t_s, x_t_q, x_t_s, out_dtype=jnp.float32,
+                         backend=backend)                                   # [N, K]
+    dx = dx * unscale.astype(x_dtype)                                       # [M, K]
+    return dx, jnp.einsum("NK->KN", dw_t * unscale).astype(w_dtype)         # [M, K], [K, N]
+
+
+_fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
+
+
+def fp8_dot(x: jax.Array, w: jax.Array, *, out_dtype=None, backend: str = "auto") -> jax.Array:
+    """`x @ w` with DeepSeek's fp8 recipe in the forward and both backward GEMMs.
+
+    Args:
+      x: activations `[..., K]` (any float dtype; quantized in 1×128 tiles along K).
+      w: Flax kernel `[K, N]`, the master weight (fp32 in training; quantized per 128×128 block
+        on every call, online, as V3 does).
+      out_dtype: dtype of the result (default x.dtype); the GEMM accumulates in fp32.
+      backend: the GEMM backend of `deepseek_jax.kernels.fp8` ("auto": Hopper → Mosaic GPU,
+        TPU → Mosaic TPU, otherwise the plain-JAX reference).
+
+    Returns:
+      `[..., N]` in `out_dtype`. Gradients: dx in x.dtype, dw in w.dtype, both from fp8 GEMMs.
+    """
+    if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"fp8_dot: need x [..., K] and a Flax kernel w [K, N] with the same K; "
+                         f"got x {x.shape} and w {w.shape}")
+    for name, a in (("x", x), ("w", w)):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(f"fp8_dot: {name} must be floating point, got {a.dtype}")
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    lead, (k, n) = x.shape[:-1], w.shape
+    x2 = x.reshape(math.prod(lead), k)                                      # [M, K]
+    y = _fp8_dot(x2, w, out_dtype, backend, jnp.dtype(x.dtype), jnp.dtype(w.dtype))  # [M, N]
+    return y.reshape(*lead, n)                                              # [..., N]
+
+
+def _parse_projection(eqn: str):
+    """"xs,ws->out" → (ellipsis, batch axes, contracted axes, free axes, xs, ws, out)."""
+    try:
+        lhs, out = eqn.replace(" ", "").split("->")
+        xs, ws = lhs.split(",")
+    except ValueError:
+        raise ValueError(f"fp8_einsum: expected 'x_axes,w_axes->out_axes', got {eqn!r}") from None
+    ell = xs.startswith("...")
+    if ell != out.startswith("...") or "." in ws or "." in xs[3 if ell else 0:] \
+            or "." in out[3 if ell else 0:]:
+        raise ValueError(f"fp8_einsum {eqn!r}: '...' may only lead the activation and the output")
+    xa, oa = (xs[3:], out[3:]) if ell else (xs, out)
+    for part in (xa, ws, oa):
+        if len(set(part)) != len(part):
+            raise ValueError(f"fp8_einsum {eqn!r}: repeated axis in {part!r}")
+    contracted = "".join(a for a in ws if a in xa)
+    free = "".join(a for a in ws if a not in xa)
+    batch = "".join(a for a in xa if a not in ws)
+    if any(a in oa for a in contracted):
+        raise ValueError(f"fp8_einsum {eqn!r}: axes {[a for a in contracted if a in oa]} are in "
+                         "the activation, the weight and the output (a batched weight); vmap "
+                         "fp8_dot over them instead")
+    if not contracted:
+        raise ValueError(f"fp8_einsum {eqn!r}: the weight shares no axis with the activation")
+    if sorted(oa) != sorted(batch + free):
+        raise ValueError(f"fp8_einsum {eqn!r}: the output must hold exactly the activation's "
+                         f"uncontracted axes {batch!r} and the weight's output axes {free!r}")
+    return ell, batch, contracted, free, xs, ws, out
+
+
+def fp8_einsum(eqn: str, x: jax.Array, w: jax.Array, *, out_dtype=None,
+               backend: str = "auto") -> jax.Array:
+    """A projection `jnp.einsum(eqn, x, w)` through `fp8_dot`.
+
+    The weight's axes that also appear in x are contracted (flattened, in the weight's order, into
+    K); its other axes are the output features (flattened into N). E.g. `"BTNU,NUD->BTD"`: K = N·U,
+    N_out = D; `"BTQ,QNH->BTNH"`: K = Q, N_out = N·H. An optional leading `...` on x and the output
+    stands for batch axes. Axes shared by x, w and the output (batched weights) are rejected.
+    """
+    ell, batch, contracted, free, xs, ws, out = _parse_projection(eqn)
+    pre = "..." if ell else ""
+    xp = jnp.einsum(f"{xs}->{pre}{batch}{contracted}", x)                  # [..., batch, contracted]
+    wp = jnp.einsum(f"{ws}->{contracted}{free}", w)                         # [contracted, free]
+    lead = xp.shape[:xp.ndim - len(contracted)]
+    free_shape = wp.shape[len(contracted):]
+    k = math.prod(wp.shape[:len(contracted)])
+    y = fp8_dot(xp.reshape(*lead, k), wp.reshape(k, math.prod(free_shape)),
+                out_dtype=out_dtype, backend=backend)                       # [..., batch, K→N]
+    y = y.reshape(*lead, *free_shape)                                       # [..., batch, free]
+    return jnp.einsum(f"{pre}{batch}{free}->{out}", y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routed experts: emulated fp8 grouped GEMM
+
+
+def group_tiles(group_sizes: jax.Array, m: int) -> tuple[jax.Array, int]:
+    """Tile id of each of the m sorted rows: 128-row tiles along the rows that restart at every
+    group's first row. Returns (tile ids int32 `[M]`, non-decreasing; an upper bound on the
+    number of tiles, static). Rows past sum(group_sizes) join the last group's tiles."""
+    e = group_sizes.shape[0]
+    sizes = group_sizes.astype(jnp.int32)                                   # [E]
+    ends = jnp.cumsum(sizes)                                                # [E]
+    starts = ends - sizes                                                   # [E]
+    tiles = -(-sizes // BLOCK)                                              # [E]
+    first = jnp.cumsum(tiles) - tiles                                       # [E]
+    rows = jnp.arange(m, dtype=jnp.int32)                                   # [M]
+    grp = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), e - 1)   # [M]
+    return first[grp] + (rows - starts[grp]) // BLOCK, -(-m // BLOCK) + e + 1
+
+
+def quantize_token_tiles(x: jax.Array, tiles: jax.Array, n_tiles: int):
+    """x `[M, K]` quantized in tiles of rows (`group_tiles`) per column: the grouped form of
+    `quantize_activation(x, transpose=True)`. Returns (e4m3 `[M, K]`, fp32 scales `[n_tiles, K]`)."""
+    x32 = x.astype(jnp.float32)                                             # [M, K]
+    amax = jax.ops.segment_max(jnp.abs(x32), tiles, num_segments=n_tiles,
+                               indices_are_sorted=True)                     # [n_tiles, K]
+    scale = jnp.maximum(amax, fp8.AMAX_FLOOR) / fp8.E4M3_MAX                # empty tiles: floor
+    q = jnp.clip(x32 / scale[tiles], -fp8.E4M3_MAX, fp8.E4M3_MAX)          # [M, K]
+    return q.astype(jnp.float8_e4m3fn), scale
+
+
+def _dequantize_token_tiles(q, scale, tiles):
+    return q.astype(jnp.float32) * scale[tiles]                             # [M, K]
+
+
+def _quantize_expert_weights(w):
+    """w `[E, K, N]` → (e4m3 `[E, K, N]`, scales `[E, J, NB]`): 128×128 blocks per expert (the same
+    blocks whichever way round the matrix is stored)."""
+    return jax.vmap(fp8.quantize_weight)(w)
+
+
+def _rows_fp8(x):
+    """x `[M, K]` → its 1×128-tile fp8 value, dequantized to fp32 `[M, K]`."""
+    return fp8.dequantize_activation(*fp8.quantize_activation(x))
+
+
+def _ragged(lhs, rhs, group_sizes):
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=jax.lax.Precision.HIGHEST,
+                              preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fp8_ragged_dot(rows, w, group_sizes, out_dtype, x_dtype, w_dtype):
+    return _fp8_ragged_dot_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype)[0]
+
+
+def _fp8_ragged_dot_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype):
+    w_q, w_s = _quantize_expert_weights(w)                                  # [E, K, N], [E, J, NB]
+    w_dq = jax.vmap(fp8.dequantize_weight)(w_q, w_s)                        # [E, K, N] fp32
+    y = _ragged(_rows_fp8(rows), w_dq, group_sizes).astype(out_dtype)      # [M, N]
+    tiles, n_tiles = group_tiles(group_sizes, rows.shape[0])                # [M]
+    x_t_q, x_t_s = quantize_token_tiles(rows, tiles, n_tiles)               # [M, K], [tiles, K]
+    return y, (x_t_q, x_t_s, w_q, w_s, group_sizes)
+
+
+def _fp8_ragged_dot_bwd(out_dtype, x_dtype, w_dtype, res, dy):
+    x_t_q, x_t_s, w_q, w_s, group_sizes = res
+    m = dy.shape[0]
+    dy, unscale = _normalize_grad(dy)                                       # exact
+    w_dq = jax.vmap(fp8.dequantize_weight)(w_q, w_s)                        # [E, K, N]
+    # dgrad: dy in 1×128 tiles along N, each expert's blocks transposed.
+    dx = _ragged(_rows_fp8(dy), jnp.einsum("EKN->ENK", w_dq), group_sizes)  # [M, K]
+    # wgrad: dy and x in 128-row tiles per expert along the tokens; dw_e = Σ_{rows of e} xᵀ dy.
+    tiles, n_tiles = group_tiles(group_sizes, m)                            # [M]
+    dy_t = _dequantize_token_tiles(*quantize_token_tiles(dy, tiles, n_tiles), tiles)  # [M, N]
+    x_t = _dequantize_token_tiles(x_t_q, x_t_s, tiles)                      # [M, K]
+    _, pull = jax.vjp(lambda v: _ragged(x_t, v, group_sizes), w_dq)         # linear in v
+    (dw,) = pull(dy_t)                                                      # [E, K, N]
+    return (dx * unscale).astype(x_dtype), (dw * unscale).astype(w_dtype), None
+
+
+_fp8_ragged_dot.defvjp(_fp8_ragged_dot_fwd, _fp8_ragged_dot_bwd)
+
+
+def fp8_ragged_dot(rows: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+                   out_dtype=None) -> jax.Array:
+    """`jax.lax.ragged_dot(rows, w, group_sizes)` with emulated fp8 numerics (see the module docstring).
+
+    Args:
+      rows: `[M, K]`, sorted by group (expert); group g owns the next group_sizes[g] rows.
+      w: stacked Flax kernels `[E, K, N]` (fp32 masters).
+      group_sizes: int `[E]`.
+      out_dtype: dtype of the result (default rows.dtype).
+
+    Returns:
+      `[M, N]`; gradients for rows (rows.dtype) and w (w.dtype), none for group_sizes.
+    """
+    if rows.ndim != 2 or w.ndim != 3 or rows.shape[1] != w.shape[1] \
+            or group_sizes.shape != (w.shape[0],):
+        raise ValueError(f"fp8_ragged_dot: need rows [M, K], w [E, K, N] and group_sizes [E]; got "
+                         f"{rows.shape}, {w.shape} and {group_sizes.shape}")
+    out_dtype = jnp.dtype(rows.dtype if out_dtype is None else out_dtype)
+    return _fp8_ragged_dot(rows, w, group_sizes, out_dtype, jnp.dtype(rows.dtype),
+                           jnp.dtype(w.dtype))

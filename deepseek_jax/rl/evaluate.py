@@ -1,0 +1,39 @@
+"""Held-out evaluation of a policy on task problems: greedy completions, scored.
+
+accuracy = share of problems whose completion's answer is right; format = share of well-formed
+completions. Greedy (temperature 0) decoding, so the number is a property of the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.data import tokenizer
+from deepseek_jax.rl import rollout
+
+
+def evaluate(variables, config: ModelConfig, problems: Sequence[dict[str, Any]], template: str,
+             *, max_new_tokens: int, batch_size: int, show: int = 0, mesh=None,
+             rules=None) -> dict:
+    """{"accuracy", "format", "length", "samples"} over `problems` (batched; the last batch is
+    padded by repeating problems, whose scores are dropped)."""
+    from deepseek_jax.sampling import generate
+    acc, fmt, lengths, samples = [], [], [], []
+    for start in range(0, len(problems), batch_size):
+        chunk = list(problems[start: start + batch_size])
+        n = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - n)            # one compiled shape
+        out = generate(variables, config, rollout.encode_prompts(chunk, template),
+                       max_new_tokens=max_new_tokens, temperature=0.0, eos_id=tokenizer.EOS,
+                       mesh=mesh, rules=rules)
+        completions = rollout.completion_ids(np.asarray(out.tokens), np.asarray(out.lengths))
+        scores = rollout.score_completions(completions, chunk, format_weight=0.0)
+        acc += list(scores["accuracy"][:n])
+        fmt += list(scores["format"][:n])
+        lengths += list(np.asarray(out.lengths)[:n])
+        samples += scores["texts"][: max(0, show - len(samples))]
+    return {"accuracy": float(np.mean(acc)), "format": float(np.mean(fmt)),
+            "length": float(np.mean(lengths)), "samples": samples}

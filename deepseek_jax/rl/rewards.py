@@ -1,0 +1,129 @@
+"""Prompts and rule-based rewards for R1-Zero-style RL on the procedural tasks.
+
+Template (R1 paper, Table 1), ending in "<think>" so that completions continue the reasoning:
+
+  A conversation between User and Assistant. The user asks a question, and the Assistant solves
+  it. ... i.e., <think> reasoning process here </think> <answer> answer here </answer>.
+  User: {question}. Assistant: <think>
+
+`compact` is a shorter template for small models on a CPU (fewer tokens to prefill and learn):
+"{question} <think>". Both expect the completion to read "… </think> <answer> … </answer>".
+
+Rewards are pure functions of text (never executed as code):
+
+  format_reward      1 if "<think>" + completion is exactly <think>…</think> <answer>…</answer>
+                     with each tag once (whitespace allowed between and after), else 0
+  countdown_reward   1 if the answer is an expression of + − × ÷ that reaches the target using
+                     each given number at most once (a safe parser: `data.tasks.evaluate_expression`
+                     — no `**`, no names, no unary minus, values capped at 1e12)
+  arithmetic_reward  1 if the answer is the integer result
+  total              accuracy + format_weight · format (R1 adds them with equal weight; TinyZero
+                     gives the format 0.1; `format_weight` chooses)
+
+The answer is the text of the LAST <answer>…</answer> (several answers score only the last, so
+listing guesses does not pay), stripped, at most 128 characters (longer answers score 0: they
+cost the parser time and are never needed here).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+from deepseek_jax.data import tasks
+
+R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the "
+           "Assistant solves it. The assistant first thinks about the reasoning process in the "
+           "mind and then provides the user with the answer. The reasoning process and answer "
+           "are enclosed within <think> </think> and <answer> </answer> tags, respectively, "
+           "i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+           "User: {question}. Assistant: <think>")
+COMPACT = "{question} <think>"
+TEMPLATES = {"r1_zero": R1_ZERO, "compact": COMPACT}
+
+_FORMAT = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+MAX_ANSWER_CHARS = 128
+
+
+def question(problem: dict[str, Any]) -> str:
+    """The question a task example asks, in words."""
+    if "numbers" in problem and "target" in problem and "op" not in problem:
+        nums = ", ".join(str(int(n)) for n in problem["numbers"])
+        return (f"Using the numbers [{nums}], create an equation that equals "
+                f"{int(problem['target'])}. Use + - * / and each number at most once")
+    return f"What is {problem['prompt'].rstrip('=')}?"
+
+
+def make_prompt(problem: dict[str, Any], template: str = "r1_zero") -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; use one of {sorted(TEMPLATES)}")
+    return TEMPLATES[template].format(question=question(problem))
+
+
+def extract_answer(completion: str) -> str | None:
+    found = _ANSWER.findall(completion)
+    if not found:
+        return None
+    answer = found[-1].strip()
+    return answer if len(answer) <= MAX_ANSWER_CHARS else None
+
+
+def format_reward(completion: str) -> float:
+    """1 for exactly one think block followed by exactly one answer block, else 0."""
+    text = "<think>" + completion
+    once = all(text.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
+    return 1.0 if once and _FORMAT.match(text) else 0.0
+
+
+def countdown_reward(completion: str, numbers: Sequence[int], target: int) -> float:
+    answer = extract_answer(completion)
+    if answer is None:
+        return 0.0
+    try:
+        return 1.0 if tasks.check_countdown(answer, list(numbers), int(target)) else 0.0
+    except (RecursionError, MemoryError, OverflowError):   # pathological nesting
+        return 0.0
+
+
+def arithmetic_reward(completion: str, answer: str) -> float:
+    got = extract_answer(completion)
+    if got is None or not re.fullmatch(r"-?\d{1,40}", got):
+        return 0.0
+    return 1.0 if int(got) == int(answer) else 0.0
+
+
+def accuracy_reward(completion: str, problem: dict[str, Any]) -> float:
+    """The task's own check: countdown or arithmetic, told apart by the problem's fields."""
+    if "op" in problem or "numbers" not in problem:
+        return arithmetic_reward(completion, str(problem["answer"]))
+    return countdown_reward(completion, problem["numbers"], problem["target"])
+
+
+def score(completion: str, problem: dict[str, Any], format_weight: float = 0.1) -> dict[str, float]:
+    """{"accuracy", "format", "total"} for one completion."""
+    acc = accuracy_reward(completion, problem)
+    fmt = format_reward(completion)
+    return {"accuracy": acc, "format": fmt, "total": acc + format_weight * fmt}
+
+
+def target_completion(problem: dict[str, Any]) -> str:
+    """A well-formed completion with the reference answer (for pretraining on the format)."""
+    return f" {problem['prompt']} </think> <answer>{problem['answer']}</answer>"
+
+
+def sft_text(problem: dict[str, Any], template: str) -> str:
+    """Prompt + well-formed completion: one pretraining document in the RL format."""
+    return make_prompt(problem, template) + target_completion(problem)
+
+
+def problem_from_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored task record (TFDS gives bytes and numpy arrays) as plain Python values."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, bytes):
+            v = v.decode("utf-8")
+        elif hasattr(v, "tolist"):
+            v = v.tolist()
+        out[k] = v
+    return out

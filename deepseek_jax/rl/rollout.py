@@ -1,0 +1,61 @@
+"""Rollouts for GRPO: prompts in, scored completions and a training batch out.
+
+  prompts  → `sampling.generate` (G completions per prompt, each prompt repeated G times in a row)
+           → text → rewards (rewards.py) → advantages (advantages.py)
+           → rows [prompt | completion | padding] with the target-aligned completion mask
+
+The row layout and mask are the ones `rl.step.grpo_step` documents: position i scores token i+1,
+so mask[i] = 1 exactly when token i+1 is a completion token (the EOS that ended it included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from deepseek_jax.data import tokenizer
+from deepseek_jax.rl import rewards
+
+
+def encode_prompts(problems: Sequence[dict[str, Any]], template: str) -> list[list[int]]:
+    return [tokenizer.encode(rewards.make_prompt(p, template), bos=True) for p in problems]
+
+
+def completion_ids(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    """Generated ids per row, cut at each row's length (EOS kept when present)."""
+    return [list(map(int, tokens[i, : int(lengths[i])])) for i in range(tokens.shape[0])]
+
+
+def score_completions(completions: Sequence[list[int]], problems: Sequence[dict[str, Any]],
+                      format_weight: float) -> dict[str, np.ndarray]:
+    """{"total", "accuracy", "format"} arrays [B] and the decoded texts."""
+    texts = [tokenizer.decode(c) for c in completions]
+    scored = [rewards.score(t, p, format_weight) for t, p in zip(texts, problems)]
+    out = {k: np.asarray([s[k] for s in scored], np.float32) for k in ("total", "accuracy",
+                                                                       "format")}
+    out["texts"] = texts
+    return out
+
+
+def training_rows(prompts: Sequence[list[int]], completions: Sequence[list[int]], length: int,
+                  sampler_logprobs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Right-padded rows [B, length] of prompt + completion, the target-aligned mask, and (if
+    given) the sampler's log-probs placed at the same positions as the mask."""
+    B = len(prompts)
+    tokens = np.full((B, length), tokenizer.PAD, np.int32)
+    mask = np.zeros((B, length), np.float32)
+    sampler = np.zeros((B, length), np.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if len(p) + len(c) > length:
+            raise ValueError(f"row {i}: prompt {len(p)} + completion {len(c)} tokens exceed "
+                             f"the training row of {length}; raise rl.max_new_tokens' budget")
+        tokens[i, : len(p)] = p
+        tokens[i, len(p): len(p) + len(c)] = c
+        mask[i, len(p) - 1: len(p) + len(c) - 1] = 1.0       # positions whose next token is c
+        if sampler_logprobs is not None:
+            sampler[i, len(p) - 1: len(p) + len(c) - 1] = sampler_logprobs[i, : len(c)]
+    out = {"tokens": tokens, "mask": mask}
+    if sampler_logprobs is not None:
+        out["sampler_logp"] = sampler
+    return out

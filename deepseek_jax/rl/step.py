@@ -1,0 +1,70 @@
+"""One GRPO policy update as a pure function: `grpo_step(state, batch) -> (state, metrics)`.
+
+A batch holds P·G right-padded rows `tokens [B, T]` = prompt + completion (+ padding). Position i
+scores token i+1, so every array indexed by position is aligned to the *target* token:
+
+  mask      [B, T]  1 where tokens[i+1] is a completion token (its EOS included), else 0
+  old_logp  [B, T]  log π_old(tokens[i+1]) at those positions, computed once per batch
+  ref_logp  [B, T]  the frozen reference model's, only when β > 0
+  advantages [B]    group-relative, one per completion
+
+The loss is `rl.loss.grpo_loss` over log-probs under softmax(logits / temperature). After the
+optimizer update the routing bias moves by the expert loads of this batch, as in pretraining
+(the balancing keeps working during RL). The state is `train.step.TrainState`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import moe
+from deepseek_jax.model.transformer import Transformer
+from deepseek_jax.rl import loss as loss_lib
+from deepseek_jax.train.step import TrainState, routing_loads
+
+
+def _variables(params, routing):
+    return {"params": params, **({"routing": routing} if routing else {})}
+
+
+def target_logprobs(params, routing, tokens, config: ModelConfig, temperature: float):
+    """(logp [B, T] of tokens[i+1] at position i (0 at the last), entropy [B, T], moe_stats)."""
+    (logits, _), aux = Transformer(config).apply(_variables(params, routing), tokens,
+                                                 mutable=["moe_stats"])
+    t = 1.0 if temperature == 0 else temperature
+    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)      # [B, T, V]
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)           # [B, T]
+    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]   # [B, T]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)                   # [B, T]
+    last = jnp.arange(tokens.shape[1]) == tokens.shape[1] - 1
+    return jnp.where(last, 0.0, logp), entropy, aux.get("moe_stats", {})
+
+
+def grpo_step(state: TrainState, batch: dict, *, config: ModelConfig,
+              tx: optax.GradientTransformation, temperature: float, eps_low: float,
+              eps_high: float, beta: float, aggregation: str, max_len: int):
+    def loss_fn(params):
+        logp, entropy, stats = target_logprobs(params, state.routing, batch["tokens"], config,
+                                               temperature)
+        loss, metrics = loss_lib.grpo_loss(
+            logp, batch["old_logp"], batch["advantages"], batch["mask"],
+            ref_logp=batch.get("ref_logp"), eps_low=eps_low, eps_high=eps_high, beta=beta,
+            aggregation=aggregation, max_len=max_len)
+        m = batch["mask"]
+        metrics["entropy"] = jnp.sum(entropy * m) / jnp.maximum(jnp.sum(m), 1.0)
+        return loss, (metrics, stats)
+
+    (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    routing = state.routing
+    if routing:
+        routing = moe.update_routing_bias(routing, routing_loads(stats, routing),
+                                          config.bias_update_rate)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+    metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         routing=routing), metrics

@@ -1,0 +1,156 @@
+"""GRPO's pure parts: advantages, loss aggregation, clipping, KL, rewards and prompts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax.data import tasks
+from deepseek_jax.rl import advantages as adv_lib
+from deepseek_jax.rl import loss as loss_lib
+from deepseek_jax.rl import rewards
+
+
+# --- advantages -------------------------------------------------------------------------------
+
+def test_group_advantages_hand_computed():
+    r = [1.0, 0.0, 0.0, 1.0,   0.5, 0.5, 0.5, 0.5]     # two groups of 4
+    a = np.asarray(adv_lib.group_advantages(r, 4, "group", eps=0.0))
+    # Group 1: mean 0.5, population std 0.5 → ±1. Group 2: all equal → exactly 0.
+    np.testing.assert_allclose(a, [1, -1, -1, 1, 0, 0, 0, 0], atol=1e-6)
+    assert float(adv_lib.zero_variance_fraction(r, 4)) == 0.5
+
+
+def test_advantage_scalings():
+    r = np.array([3.0, 1.0, 2.0, 2.0])
+    none = np.asarray(adv_lib.group_advantages(r, 2, "none"))
+    np.testing.assert_allclose(none, [1, -1, 0, 0])
+    batch = np.asarray(adv_lib.group_advantages(r, 2, "batch", eps=0.0))
+    np.testing.assert_allclose(batch, np.array([1, -1, 0, 0]) / r.std(), rtol=1e-6)
+    with pytest.raises(ValueError, match="groups of 3"):
+        adv_lib.group_advantages(r, 3)
+    with pytest.raises(ValueError, match="use one of"):
+        adv_lib.group_advantages(r, 2, "rank")
+
+
+# --- loss ---------------------------------------------------------------------------------------
+
+def _ragged(seed=0, B=4, T=7):
+    rng = np.random.default_rng(seed)
+    lengths = np.array([7, 3, 1, 5])
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
+    return rng.standard_normal((B, T)).astype(np.float32), mask
+
+
+@pytest.mark.parametrize("how", loss_lib.AGGREGATIONS)
+def test_aggregations_against_numpy(how):
+    x, mask = _ragged()
+    got = float(loss_lib.aggregate(jnp.asarray(x), jnp.asarray(mask), how, max_len=7))
+    if how == "token_mean":
+        want = (x * mask).sum() / mask.sum()
+    elif how == "seq_mean_token_mean":
+        want = np.mean([(x[i] * mask[i]).sum() / mask[i].sum() for i in range(4)])
+    else:
+        want = np.mean([(x[i] * mask[i]).sum() / 7 for i in range(4)])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_ratio_one_gives_minus_advantage_and_the_policy_gradient():
+    """On-policy (old = current): per-token loss −A, gradient −A·∇logp (the REINFORCE form)."""
+    logp = jnp.array([[-1.0, -2.0], [-0.5, -0.3]])
+    adv = jnp.array([2.0, -1.0])
+    mask = jnp.ones((2, 2))
+    loss, m = loss_lib.grpo_loss(logp, jax.lax.stop_gradient(logp), adv, mask,
+                                 aggregation="token_mean")
+    assert float(loss) == pytest.approx(-(2 * 2 + -1 * 2) / 4)
+    g = jax.grad(lambda lp: loss_lib.grpo_loss(lp, jax.lax.stop_gradient(lp), adv, mask,
+                                               aggregation="token_mean")[0])(logp)
+    np.testing.assert_allclose(np.asarray(g), -np.array([[2, 2], [-1, -1]]) / 4, rtol=1e-6)
+    assert float(m["kl"]) == 0.0
+
+
+def test_clipping():
+    """ρ = e^{0.5} ≈ 1.65 with A > 0 is clipped at 1 + ε_high (no gradient); with A < 0 the
+    unclipped term is smaller, so it stays (gradient flows). ρ = e^{−0.5} ≈ 0.61 mirrors that."""
+    old = jnp.zeros((4, 1))
+    logp = jnp.array([[0.5], [0.5], [-0.5], [-0.5]])
+    adv = jnp.array([1.0, -1.0, 1.0, -1.0])
+    mask = jnp.ones((4, 1))
+    f = lambda lp: loss_lib.grpo_loss(lp, old, adv, mask, eps_low=0.2, eps_high=0.28,
+                                      aggregation="token_mean")
+    (loss, m), g = jax.value_and_grad(f, has_aux=True)(logp)
+    r_hi, r_lo = np.exp(0.5), np.exp(-0.5)
+    want = [-1.28, r_hi, -r_lo, 0.8]      # −min(ρA, clip(ρ)A) per row
+    assert float(loss) == pytest.approx(np.mean(want), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(g)[:, 0], [0, r_hi / 4, -r_lo / 4, 0], rtol=1e-5)
+    assert float(m["clip_high_frac"]) == 0.25 and float(m["clip_low_frac"]) == 0.25
+
+
+def test_k3_kl():
+    logp = jnp.array([[-1.0, -2.0]])
+    ref = jnp.array([[-1.5, -2.0]])
+    d = -0.5
+    np.testing.assert_allclose(np.asarray(loss_lib.kl_k3(logp, ref)),
+                               [[np.exp(d) - d - 1, 0.0]], rtol=1e-6)
+    assert np.all(np.asarray(loss_lib.kl_k3(logp, logp)) == 0)
+    loss, m = loss_lib.grpo_loss(logp, logp, jnp.zeros(1), jnp.ones((1, 2)), ref_logp=ref,
+                                 beta=0.5, aggregation="token_mean")
+    assert float(loss) == pytest.approx(0.5 * (np.exp(d) - d - 1) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="ref_logp"):
+        loss_lib.grpo_loss(logp, logp, jnp.zeros(1), jnp.ones((1, 2)), beta=0.1)
+
+
+def test_token_logprobs_with_temperature():
+    logits = jnp.array([[[1.0, 2.0, 0.5]]])
+    got = float(loss_lib.token_logprobs(logits, jnp.array([[1]]), 0.7)[0, 0])
+    z = np.array([1.0, 2.0, 0.5]) / 0.7
+    assert got == pytest.approx(z[1] - np.log(np.exp(z).sum()), rel=1e-6)
+
+
+# --- rewards ------------------------------------------------------------------------------------
+
+CD = {"numbers": [3, 7, 25, 50], "target": 79, "prompt": "numbers 3 7 25 50 target 79",
+      "answer": "50+25+7-3"}
+AR = {"prompt": "417+85=", "answer": "502", "op": "+", "numbers": [417, 85], "target": 502}
+
+
+@pytest.mark.parametrize("completion, acc, fmt", [
+    (" add them </think> <answer>50+25+7-3</answer>", 1.0, 1.0),
+    (" </think> <answer> (50+25)+7-3 </answer>\n", 1.0, 1.0),
+    (" </think> <answer>50+25+7+3-3-3</answer>", 0.0, 1.0),         # 3 used three times
+    (" </think> <answer>50+25+7-3-3</answer>", 0.0, 1.0),           # reused number
+    (" </think> <answer>79</answer>", 0.0, 1.0),                    # no numbers used
+    (" </think> <answer>50/(3-3)+79</answer>", 0.0, 1.0),           # division by zero
+    (" </think> <answer>3**4-7+25-50+... </answer>", 0.0, 1.0),     # ** and junk
+    (" </think> <answer>__import__('os')</answer>", 0.0, 1.0),      # never executed
+    (" </think> <answer>99999999*99999999*99999999</answer>", 0.0, 1.0),  # huge values
+    (" </think> <answer>1</answer> <answer>50+25+7-3</answer>", 1.0, 0.0),  # several: last counts
+    (" </think> <answer>50+25+7-3</answer> <answer>1</answer>", 0.0, 0.0),
+    (" no tags at all 50+25+7-3", 0.0, 0.0),
+    (" </think> <answer>" + "(" * 5000 + "1" + ")" * 5000 + "</answer>", 0.0, 1.0),  # too long
+])
+def test_countdown_reward_edge_cases(completion, acc, fmt):
+    s = rewards.score(completion, CD)
+    assert (s["accuracy"], s["format"]) == (acc, fmt)
+    assert s["total"] == pytest.approx(acc + 0.1 * fmt)
+
+
+def test_arithmetic_reward():
+    assert rewards.score(" 417+85 </think> <answer>502</answer>", AR)["accuracy"] == 1.0
+    assert rewards.score(" </think> <answer>-502</answer>", AR)["accuracy"] == 0.0
+    assert rewards.score(" </think> <answer>5e2</answer>", AR)["accuracy"] == 0.0
+    neg = {"prompt": "12-85=", "answer": "-73", "op": "-"}
+    assert rewards.score(" </think> <answer>-73</answer>", neg)["accuracy"] == 1.0
+
+
+def test_prompts_and_target_completion_score_full_marks():
+    rng = np.random.default_rng(0)
+    for problem in [tasks.countdown_problem(rng) for _ in range(20)] + [CD, AR]:
+        for template in rewards.TEMPLATES:
+            prompt = rewards.make_prompt(problem, template)
+            assert prompt.endswith("<think>")
+        s = rewards.score(rewards.target_completion(problem), problem)
+        assert s == {"accuracy": 1.0, "format": 1.0, "total": 1.1}
+    assert rewards.make_prompt(CD).startswith("A conversation between User and Assistant.")
+    with pytest.raises(ValueError, match="template"):
+        rewards.make_prompt(CD, "chatml")
