@@ -130,6 +130,21 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (dtypes by name): for JSON files and ml_collections configs."""
+        fields = dataclasses.asdict(self)
+        fields["dtype"] = jnp.dtype(self.dtype).name
+        fields["param_dtype"] = jnp.dtype(self.param_dtype).name
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> "ModelConfig":
+        """The inverse of `to_dict`."""
+        fields = dict(fields)
+        for key in ("dtype", "param_dtype"):
+            fields[key] = jnp.dtype(fields[key]).type
+        return cls(**fields)
+
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
         """Maps a Hugging Face DeepSeek-V2/V3 `config.json` dict to a ModelConfig."""

@@ -106,3 +106,11 @@ def test_unknown_variant():
 def test_dtype_override_gives_fp32_model():
     c = dataclasses.replace(get_config("v3-671b"), dtype=jnp.float32)
     assert c.dtype == jnp.float32 and c.param_dtype == jnp.float32
+
+
+def test_dict_round_trip():
+    for name in variant_names():
+        c = get_config(name)
+        d = c.to_dict()
+        assert isinstance(d["dtype"], str) and isinstance(d["param_dtype"], str)
+        assert ModelConfig.from_dict(d) == c

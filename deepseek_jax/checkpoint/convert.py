@@ -41,7 +41,6 @@ conversion back to safetensors.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -60,20 +59,9 @@ MODEL_CONFIG = "model_config.json"
 DEFAULT_GROUP_BYTES = 4 * 2**30
 
 
-def model_config_json(config: ModelConfig) -> dict:
-    """ModelConfig as plain JSON values (dtypes by name)."""
-    fields = dataclasses.asdict(config)
-    fields["dtype"] = jnp.dtype(config.dtype).name
-    fields["param_dtype"] = jnp.dtype(config.param_dtype).name
-    return fields
-
-
 def read_model_config(out_dir: str) -> ModelConfig:
     with open(os.path.join(out_dir, MODEL_CONFIG)) as f:
-        fields = json.load(f)
-    fields["dtype"] = jnp.dtype(fields["dtype"]).type
-    fields["param_dtype"] = jnp.dtype(fields["param_dtype"]).type
-    return ModelConfig(**fields)
+        return ModelConfig.from_dict(json.load(f))
 
 
 def _save_group(step_dir: str, group: dict, metadata: dict) -> None:
@@ -136,7 +124,7 @@ def convert_to_orbax(hf_dir: str, out_dir: str, *, preset: str = "fsdp",
     partial.finalize(step_dir)
     if lead:
         with open(os.path.join(out_dir, MODEL_CONFIG), "w") as f:
-            json.dump(model_config_json(p.config), f, indent=1)
+            json.dump(p.config.to_dict(), f, indent=1)
         shutil.copyfile(os.path.join(hf_dir, "config.json"),
                         os.path.join(out_dir, "hf_config.json"))
     return p.config

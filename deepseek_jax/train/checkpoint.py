@@ -20,11 +20,14 @@ Left out: EMA parameters (V3 keeps an EMA on CPU; not needed for the runs here).
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from deepseek_jax.config import ModelConfig
 
 
 def make_manager(directory: str, *, save_every: int, keep: int,
@@ -83,33 +86,21 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     return out["state"], rng, _decode_data_state(out["data"])
 
 
-def save_model_config(workdir: str, config) -> None:
+def save_model_config(workdir: str, config: ModelConfig) -> None:
     """Writes WORKDIR/model_config.json (what `load_trained` reads to rebuild the model)."""
-    import dataclasses
-    import os
-    import jax.numpy as jnp
-    fields = dataclasses.asdict(config)
-    fields["dtype"] = jnp.dtype(config.dtype).name
-    fields["param_dtype"] = jnp.dtype(config.param_dtype).name
     os.makedirs(workdir, exist_ok=True)
     tmp = os.path.join(workdir, "model_config.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(fields, f, indent=1)
+        json.dump(config.to_dict(), f, indent=1)
     os.replace(tmp, os.path.join(workdir, "model_config.json"))
 
 
-def load_model_config(workdir: str):
-    import os
-    import jax.numpy as jnp
-    from deepseek_jax.config import ModelConfig
+def load_model_config(workdir: str) -> ModelConfig:
     path = os.path.join(workdir, "model_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a training run's directory?")
     with open(path) as f:
-        fields = json.load(f)
-    fields["dtype"] = jnp.dtype(fields["dtype"]).type
-    fields["param_dtype"] = jnp.dtype(fields["param_dtype"]).type
-    return ModelConfig(**fields)
+        return ModelConfig.from_dict(json.load(f))
 
 
 def load_trained(workdir: str, step: int | None = None, shardings=None):
@@ -119,7 +110,6 @@ def load_trained(workdir: str, step: int | None = None, shardings=None):
     land with `shardings` ({"params", "routing"} trees of shardings, e.g. from
     `deepseek_jax.parallel.param_shardings`), or on the first device when None.
     """
-    import os
     config = load_model_config(workdir)
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
     step = manager.latest_step() if step is None else step
@@ -144,8 +134,3 @@ def load_trained(workdir: str, step: int | None = None, shardings=None):
     if restored.get("routing"):
         variables["routing"] = restored["routing"]
     return config, variables
-
-
-def describe(manager: ocp.CheckpointManager) -> str:
-    steps = manager.all_steps()
-    return json.dumps({"directory": str(manager.directory), "steps": list(steps)})

@@ -20,7 +20,6 @@ to with plain file I/O.
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax.numpy as jnp
 import ml_collections
@@ -30,18 +29,12 @@ from deepseek_jax.config import ModelConfig, get_config as get_model_config
 
 def model_fields(config: ModelConfig) -> ml_collections.ConfigDict:
     """A ModelConfig as a ConfigDict of plain values (dtypes by name)."""
-    d = dataclasses.asdict(config)
-    d["dtype"] = jnp.dtype(config.dtype).name
-    d["param_dtype"] = jnp.dtype(config.param_dtype).name
-    return ml_collections.ConfigDict(d)
+    return ml_collections.ConfigDict(config.to_dict())
 
 
 def to_model_config(fields) -> ModelConfig:
     """The inverse of `model_fields`."""
-    d = dict(fields)
-    d["dtype"] = jnp.dtype(d["dtype"]).type
-    d["param_dtype"] = jnp.dtype(d["param_dtype"]).type
-    return ModelConfig(**d)
+    return ModelConfig.from_dict(fields)
 
 
 _RUNS = {
