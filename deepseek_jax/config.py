@@ -33,6 +33,11 @@ import jax.numpy as jnp
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 MOE_IMPLS = ("dense", "ragged")
+# Grouped GEMM backends (kernels/grouped_gemm.py) and expert-parallel transports
+# (parallel/expert.py); tests check that these lists match those modules.
+MOE_BACKENDS = ("auto", "ragged_dot", "mosaic_gpu", "megablox", "reference",
+                "mosaic_gpu_interpret", "megablox_interpret")
+MOE_EP_TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "ragged_all_to_all_emulated")
 ATTENTION_IMPLS = ("expanded", "absorbed")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                               "nothing_saveable", "everything_saveable")
@@ -91,7 +96,11 @@ class ModelConfig:
     # --- numerics and implementation choices ---------------------------------------------------
     dtype: Any = jnp.bfloat16           # compute (activation) dtype
     param_dtype: Any = jnp.float32      # storage dtype of parameters
-    moe_impl: str = "ragged"            # "ragged" (sort + ragged_dot) or "dense" (reference)
+    moe_impl: str = "ragged"            # "ragged" (sort + grouped GEMM) or "dense" (reference)
+    moe_backend: str = "auto"           # grouped GEMM of the ragged path: auto = by platform
+    moe_capacity_factor: float = 0.0    # 0 = dropless (V3); > 0 drops pairs past the capacity
+    moe_ep_buffer_factor: float = 2.0   # EP receive buffer per round, in balanced loads
+    moe_ep_transport: str = "auto"      # EP exchange: auto = ragged_all_to_all on GPU/TPU
     attention_impl: str = "expanded"    # "expanded" (train, prefill) or "absorbed" (latent space)
     scan_layers: bool = True            # nn.scan over identical blocks (compile time flat in depth)
     remat_policy: str = "none"          # a name from REMAT_POLICIES
@@ -179,6 +188,15 @@ def validate(c: ModelConfig) -> None:
     need(c.group_score in ("top2_sum", "max"),
          f"group_score={c.group_score!r}: use 'top2_sum' (V3) or 'max' (V2)")
     need(c.moe_impl in MOE_IMPLS, f"moe_impl={c.moe_impl!r}: use one of {MOE_IMPLS}")
+    need(c.moe_backend in MOE_BACKENDS,
+         f"moe_backend={c.moe_backend!r}: use one of {MOE_BACKENDS}")
+    need(c.moe_ep_transport in MOE_EP_TRANSPORTS,
+         f"moe_ep_transport={c.moe_ep_transport!r}: use one of {MOE_EP_TRANSPORTS}")
+    need(c.moe_capacity_factor >= 0,
+         f"moe_capacity_factor={c.moe_capacity_factor} must be >= 0 (0 = drop no tokens)")
+    need(c.moe_ep_buffer_factor > 0,
+         f"moe_ep_buffer_factor={c.moe_ep_buffer_factor} must be > 0 (2.0 holds twice the "
+         "balanced load per exchange round)")
     need(c.attention_impl in ATTENTION_IMPLS,
          f"attention_impl={c.attention_impl!r}: use one of {ATTENTION_IMPLS}")
     need(c.remat_policy in REMAT_POLICIES,

@@ -13,9 +13,21 @@ What is in:
   update_routing_bias    b ← b + γ·sign(mean load − load), on arrays or pytrees of them.
   dense_dispatch         reference expert computation: every expert on every token, combined with
                          a [.., E] weight matrix that is zero for unselected experts.
-  ragged_dispatch        (token, slot) pairs sorted by expert, three `jax.lax.ragged_dot`s, weighted
-                         and summed back per token. Same values and gradients as the dense path.
+  ragged_dispatch        (token, slot) pairs sorted by expert, three grouped GEMMs
+                         (`kernels.grouped_gemm.gmm`, backend from `config.moe_backend`: "auto" =
+                         ragged_dot on CPU, megablox on TPU, Mosaic GPU on Hopper), weighted and
+                         summed back per token. Same values and gradients as the dense path.
   MoE                    the Flax module: router, stacked experts, shared experts, statistics.
+
+Expert parallelism: when the active mesh and rules (`parallel.sharding_context`) split E over a
+mesh axis of size > 1 and `moe_impl` is "ragged", the module calls
+`parallel.expert.expert_parallel_moe` (shard_map + all-to-all, dropless with a bounded buffer);
+`moe_impl="dense"` stays the compiler-partitioned reference. Nothing else changes: same
+parameters, same statistics (loads are global counts either way).
+
+Token dropping (`moe_capacity_factor` > 0, default 0 = dropless as in V3): pairs past their
+expert's per-sequence capacity (`parallel.expert.capacity_keep`) get weight zero on every path
+(and are not sent under EP); their number is sown as `moe_stats/dropped`.
 
 fp8 (`config.fp8`; both dispatch functions take `fp8=`): the expert projections run with
 DeepSeek's fp8 numerics. The dense path vmaps `kernels.fp8_linear.fp8_dot` (real block-scaled
@@ -30,10 +42,8 @@ shared experts are an `MLP`, which follows `config.fp8` too.
 
 Left out, and why:
 
-  - Token dropping / expert capacity: V3 drops no tokens in training or inference, and both
-    dispatch paths here handle any load, including empty experts.
-  - Expert parallelism (all-to-all across an `expert` mesh axis) and node-limited routing: they
-    belong to `deepseek_jax/parallel`, which wraps these same functions in `shard_map`.
+  - Dropping by score (V2 dropped the lowest-affinity pairs): capacity drops the latest pairs
+    of a sequence, which needs no extra sort; the default drops nothing.
   - V2's device- and communication-balance losses (α2, α3) and its batch-level expert loss: V3
     replaced them with the bias update plus the sequence-wise loss kept here.
 
@@ -51,7 +61,7 @@ Frozen parameter and variable names (checkpoints and the HF import depend on the
 
 Collections: `routing` holds the bias (state, never seen by the optimizer; updated after each step
 with `update_routing_bias`). `moe_stats` receives, through `sow` (tuples, one entry per call), the
-expert `load` [E] and the `balance_loss` scalar; nothing is sown during `init`, so the variables
+expert `load` [E], the `balance_loss` scalar and, with a capacity factor, the `dropped` count; nothing is sown during `init`, so the variables
 returned by `init` hold only `params` and `routing`. Apply with `mutable=["moe_stats"]` to read
 them.
 """
@@ -63,7 +73,8 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.kernels.fp8_linear import fp8_dot, fp8_ragged_dot
+from deepseek_jax.kernels.fp8_linear import fp8_dot
+from deepseek_jax.kernels.grouped_gemm import gmm
 from deepseek_jax.model.layers import MLP, einsum, param
 
 
@@ -216,16 +227,17 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax
 
 
 def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
-                    w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False) -> jax.Array:
+                    w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False,
+                    backend: str = "auto") -> jax.Array:
     """Routed experts, sorted path: each (token, slot) pair runs through its one expert.
 
     The M = B·T·X pairs are sorted by expert id (stable), so each expert's rows are contiguous,
-    and `jax.lax.ragged_dot` multiplies each run of rows by its expert's weights with group sizes
-    = per-expert counts. Empty experts (size 0) and any imbalance are fine; nothing is dropped.
-    Outputs are unsorted and summed over the X slots with the combine weights.
+    and a grouped GEMM (`gmm` with `backend`) multiplies each run of rows by its expert's weights
+    with group sizes = per-expert counts. Empty experts (size 0) and any imbalance are fine;
+    nothing is dropped. Outputs are unsorted and summed over the X slots with the combine weights.
 
-    Same arguments, result and gradients as `dense_dispatch`. With fp8=True the three
-    `ragged_dot`s become `fp8_ragged_dot` (emulated fp8 grouped GEMMs, see the module docstring);
+    Same arguments, result and gradients as `dense_dispatch` (plus `backend`, a name from
+    `grouped_gemm.CONFIG_BACKENDS`). With fp8=True the three grouped GEMMs become `fp8_ragged_dot` (emulated fp8 grouped GEMMs, see the module docstring);
     the result then matches `dense_dispatch(..., fp8=True)` in the forward pass up to fp32
     rounding, and its gradients up to the different wgrad tiling (tiles per expert here).
     """
@@ -235,10 +247,7 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     sizes = jnp.bincount(flat_idx, length=E).astype(jnp.int32)             # [E]
     tokens = x.reshape(-1, D).astype(dtype)                                # [B·T, D]
     rows = tokens[order // X]                                              # [M, D] sorted pairs
-    if fp8:
-        grouped = lambda h, w: fp8_ragged_dot(h, w, sizes, out_dtype=dtype)
-    else:
-        grouped = lambda h, w: jax.lax.ragged_dot(h, w.astype(dtype), sizes)
+    grouped = lambda h, w: gmm(h, w, sizes, backend=backend, out_dtype=dtype, fp8=fp8)
     gate_ = grouped(rows, w_gate)                                          # [M, F]
     up = grouped(rows, w_up)                                               # [M, F]
     out = grouped(nn.silu(gate_) * up, w_down)                             # [M, D]
@@ -275,14 +284,43 @@ class MoE(nn.Module):
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router.astype(jnp.float32),
                             precision=jax.lax.Precision.HIGHEST)              # [B, T, E]
         weights, idx, scores = gate(logits, bias, c)                          # [B, T, X] ×2
-        dispatch = ragged_dispatch if c.moe_impl == "ragged" else dense_dispatch
-        y = dispatch(x, weights, idx, w_gate, w_up, w_down, c.dtype, c.fp8)   # [B, T, D]
+        # Shared experts first: they do not depend on the routed exchange, so the scheduler may
+        # run them while the all-to-all is in flight.
+        shared = None
         if c.n_shared_experts > 0:
-            y = y + MLP(c, d_ff=c.n_shared_experts * F, name="shared")(x)     # [B, T, D]
+            shared = MLP(c, d_ff=c.n_shared_experts * F, name="shared")(x)    # [B, T, D]
+
+        keep, stats = None, {}
+        if c.moe_capacity_factor > 0:
+            from deepseek_jax.parallel.expert import capacity_keep
+            keep = capacity_keep(idx, E, c.moe_capacity_factor)               # [B, T, X]
+            stats["dropped"] = jnp.sum(~keep).astype(jnp.float32)
+        layout = None
+        if c.moe_impl == "ragged":
+            # Imported here: deepseek_jax.parallel imports the model (shardings from its init).
+            from deepseek_jax.parallel import expert
+            layout = expert.layout_from_context(c)
+        if layout is not None:
+            y, load, _ = expert.expert_parallel_moe(
+                x, weights, idx, w_gate, w_up, w_down, layout=layout, dtype=c.dtype,
+                backend=c.moe_backend, transport=c.moe_ep_transport,
+                buffer_factor=c.moe_ep_buffer_factor, fp8=c.fp8, keep=keep)  # [B, T, D]
+        else:
+            w_kept = weights if keep is None else jnp.where(keep, weights, 0)
+            if c.moe_impl == "ragged":
+                y = ragged_dispatch(x, w_kept, idx, w_gate, w_up, w_down, c.dtype, c.fp8,
+                                    backend=c.moe_backend)                    # [B, T, D]
+            else:
+                y = dense_dispatch(x, w_kept, idx, w_gate, w_up, w_down, c.dtype, c.fp8)
+            load = expert_load(idx, E)                                        # [E]
+        if shared is not None:
+            y = y + shared                                                    # [B, T, D]
 
         # Statistics for the train step; skipped at init so `init` returns no stale stats (sow
         # appends, so re-applied init stats would double up).
         if not self.is_initializing():
-            self.sow("moe_stats", "load", expert_load(idx, E))
+            self.sow("moe_stats", "load", load)
             self.sow("moe_stats", "balance_loss", sequence_balance_loss(scores, idx, E))
+            for name, value in stats.items():
+                self.sow("moe_stats", name, value)
         return y.astype(c.dtype)

@@ -121,8 +121,9 @@ def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatch
 
     ((loss, (parts, stats)), grads), _ = jax.lax.scan(body, zeros, mbs)
     mean = lambda t: jax.tree.map(lambda x: x / microbatches, t)
+    summed = lambda path: any(k in jax.tree_util.keystr(path) for k in ("load", "dropped"))
     stats = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if "load" in jax.tree_util.keystr(path) else x / microbatches, stats)
+        lambda path, x: x if summed(path) else x / microbatches, stats)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), mean(grads), params)
     return loss / microbatches, mean(parts), stats, grads
 
@@ -151,6 +152,10 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
     elif stats:
         all_loads = jnp.concatenate([l.reshape(-1, l.shape[-1]) for l in _load_stats(stats)])
         metrics["load_imbalance"] = jnp.max(jnp.max(all_loads, -1) / jnp.mean(all_loads, -1))
+    dropped = [x for path, x in jax.tree_util.tree_leaves_with_path(stats)
+               if "dropped" in jax.tree_util.keystr(path)]
+    if dropped:     # only with moe_capacity_factor > 0: (token, slot) pairs dropped, all layers
+        metrics["dropped_tokens"] = sum(jnp.sum(d) for d in dropped)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               routing=routing)
     return new_state, metrics

@@ -1,0 +1,375 @@
+"""Expert parallelism: routed experts split over a mesh axis, tokens exchanged with all-to-all.
+
+    y, load = expert_parallel_moe(x, weights, idx, w_gate, w_up, w_down, layout=..., ...)
+
+Runs inside `jax.shard_map` over the whole mesh. Each device holds B/n_batch sequences (split over
+the batch axes, which include the expert axis) and E/P experts (P = size of the expert axis,
+experts placed contiguously: device p owns experts [p·E/P, (p+1)·E/P)). Per device:
+
+  1. sort    its M = b·T·X (token, slot) pairs by expert id; since experts are contiguous per
+             device this also groups them by destination device d. c[d] = pairs for device d.
+  2. plan    dropless with a BOUNDED buffer: each round moves at most C rows from every source to
+             every destination, C = ceil(moe_ep_buffer_factor · M / P) (rounded up to 8), so the
+             receive buffer is P·C = buffer_factor·M rows whatever the routing. Rounds needed:
+             R = ceil(max over the expert group of c[d] / C) (a `pmax`, so every device of the
+             group runs the same number of exchanges). Pair i of destination d, at position j
+             in d's run, travels in round j // C to slot (source·C + j mod C) of d's buffer.
+  3. round   exchange rows and their local expert ids → on the destination, sort the P·C rows by
+             local expert (padding rows last, in no group) → three grouped GEMMs
+             (`kernels.grouped_gemm.gmm`, SwiGLU) → `psum` over the tensor axes when the expert
+             width F is split there → unsort → exchange back into the source's pair order.
+  4. combine each token sums its X outputs with the gate weights, on its own device.
+
+Round 0 is an ordinary differentiable function (its residuals kept as for any layer). Rounds 1…R−1,
+the overflow, run in a `while_loop` inside a `custom_vjp` whose backward replays each round under
+`jax.vjp` (rematerialized): the loop only runs when routing is skewed past the buffer, and memory
+stays at one round's buffers whatever R is. The worst case handled is every pair of every source
+going to one device: R = ceil(M / C) = ceil(P / buffer_factor) rounds, no token dropped, the same
+memory as a balanced step, and R times the exchange latency.
+
+Transports (`moe_ep_transport`): "all_to_all" sends a dense [P, C, D] block per round (padding
+included; runs everywhere, including CPU). "ragged_all_to_all" sends only the real rows
+(`jax.lax.ragged_all_to_all`, GPU and TPU; XLA:CPU has no lowering). `ragged_all_to_all_emulated`
+has the same signature and semantics built from `all_to_all` and gathers, so the ragged offset
+arithmetic is tested on CPU; "ragged_all_to_all_emulated" selects it. "auto": ragged on gpu/tpu,
+all_to_all on cpu.
+
+Token dropping (optional, `moe_capacity_factor` > 0): `capacity_keep` marks pairs beyond an
+expert's per-sequence capacity; the MoE module zeroes their weights on every path and, here, they
+are not sent at all. Sequences are never split across devices, so the same pairs are dropped
+with and without EP.
+
+Node-limited routing: the gate keeps `n_limited_groups` of G expert groups per token, and groups
+are contiguous runs of experts, so when P is a multiple of G (each group spans P/G devices, a
+"node") or G a multiple of P (each device holds whole groups), every token's experts lie on at
+most `node_limit(config, P)` devices — DeepSeek-V3's "at most 4 nodes" with G = 8 nodes.
+
+Expert loads for the balancing update are `psum`med over the batch axes: global counts.
+
+Shared experts: the MoE module computes them outside this function; nothing links them to the
+exchange, so the compiler's scheduler is free to overlap the two (XLA's latency-hiding scheduler
+on TPU and GPU runs collectives asynchronously); nothing here forces an order.
+
+Left out, and why:
+  - Sending a token once per destination device (DeepEP's dedup) instead of once per (token,
+    expert) pair: with 256 experts on 64 devices a token's 8 experts share a device rarely (~1.1
+    pairs per touched device), so it saves little at V3's shape.
+  - fp8 dispatch (V3 quantizes the dispatched activations): rows travel in the compute dtype.
+  - Hierarchical (intra-node then inter-node) exchange: one flat all-to-all over the expert axis.
+  - Overlapping rounds with each other; CPU measurements of speed (nothing here was run on a GPU
+    or TPU: the ragged transport is lowered for TPU ahead of time, not executed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.grouped_gemm import gmm
+from deepseek_jax.parallel.mesh import MeshError
+
+TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "ragged_all_to_all_emulated")
+
+
+@dataclasses.dataclass(frozen=True)
+class EPLayout:
+    """Where the MoE's arrays live on the mesh (mesh axis names)."""
+    expert_axes: tuple[str, ...]      # E of the expert weights; the all-to-all axis
+    batch_axes: tuple[str, ...]       # B of tokens, weights, ids
+    mlp_axes: tuple[str, ...]         # F of the expert weights (tensor parallelism inside experts)
+    n_shards: int                     # P = product of the expert axes' sizes
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def layout_from_context(config: ModelConfig) -> EPLayout | None:
+    """The EP layout the active mesh and logical rules give, or None when E is not split.
+
+    Reads the mesh set by `jax.set_mesh` and the rules set by `nn.logical_axis_rules` (both set by
+    `parallel.sharding_context`). Raises MeshError when E does not divide over the expert axes.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return None
+    spec = lambda name: _axes(nn.logical_to_mesh_axes((name,), rules)[0])
+    expert = tuple(a for a in spec("expert") if mesh.shape.get(a, 1) > 1)
+    if not expert:
+        return None
+    n = math.prod(mesh.shape[a] for a in expert)
+    E = config.n_routed_experts
+    if E % n:
+        ok = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and E % d == 0)
+        raise MeshError(f"expert parallelism: n_routed_experts={E} is not divisible by the "
+                        f"expert mesh axis {'×'.join(expert)}={n}; use an expert axis size that "
+                        f"divides {E} (here one of {ok}) or change n_routed_experts")
+    batch = tuple(a for a in spec("act_batch") if mesh.shape.get(a, 1) > 1)
+    mlp = tuple(a for a in spec("mlp") if mesh.shape.get(a, 1) > 1 and a not in expert)
+    return EPLayout(expert, batch, mlp, n)
+
+
+def resolve_transport(transport: str) -> str:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"moe_ep_transport={transport!r}: use one of {TRANSPORTS}")
+    if transport != "auto":
+        return transport
+    return "all_to_all" if jax.default_backend() == "cpu" else "ragged_all_to_all"
+
+
+def node_limit(config: ModelConfig, n_shards: int) -> int | None:
+    """Most devices one token's experts can lie on under group-limited routing, or None when
+    expert groups do not line up with device boundaries (then only X bounds it)."""
+    G, kept, X = config.n_expert_groups, config.n_limited_groups, config.n_experts_per_token
+    if G <= 1:
+        return min(X, n_shards)
+    if n_shards % G == 0:
+        return min(X, kept * (n_shards // G))
+    if G % n_shards == 0:
+        return min(X, kept, n_shards)
+    return None
+
+
+def chunk_rows(n_pairs: int, n_shards: int, buffer_factor: float) -> int:
+    """C: rows one source may send one destination per round (a multiple of 8, at least 8)."""
+    c = math.ceil(buffer_factor * n_pairs / n_shards)
+    return max(8, -(-c // 8) * 8)
+
+
+# --- capacity (optional dropping) ----------------------------------------------------------------
+
+def capacity_keep(idx: jax.Array, n_experts: int, capacity_factor: float) -> jax.Array:
+    """Which (token, slot) pairs fit their expert's per-sequence capacity.
+
+    capacity = ceil(capacity_factor · T · X / E) pairs per expert per sequence; pairs are admitted
+    in (token, slot) order, so the latest tokens of a sequence are the ones dropped.
+
+    Args:
+      idx: expert ids [B, T, X].
+    Returns:
+      bool [B, T, X].
+    """
+    B, T, X = idx.shape
+    cap = math.ceil(capacity_factor * T * X / n_experts)
+    onehot = jax.nn.one_hot(idx.reshape(B, T * X), n_experts, dtype=jnp.int32)  # [B, T·X, E]
+    rank = jnp.cumsum(onehot, axis=1) - onehot                              # earlier pairs, same e
+    rank = jnp.einsum("BME,BME->BM", rank, onehot)                          # [B, T·X]
+    return (rank < cap).reshape(B, T, X)
+
+
+# --- ragged all-to-all on CPU -------------------------------------------------------------------
+
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name, max_chunk: int):
+    """`jax.lax.ragged_all_to_all` from `all_to_all` and gathers, for platforms without it.
+
+    Same arguments and result; `max_chunk` (static) bounds every send size. Moves P·max_chunk rows
+    per device (the padding the real collective avoids).
+    """
+    j = jnp.arange(max_chunk)                                               # [C]
+    src = input_offsets[:, None] + j                                        # [P, C]
+    src = jnp.where(j < send_sizes[:, None], src, operand.shape[0])         # out of range → 0
+    chunks = operand.at[src].get(mode="fill", fill_value=0)                 # [P, C, ...]
+    chunks = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)       # [P, C, ...] by source
+    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # [P] by source
+    dst = offsets[:, None] + j                                              # [P, C]
+    dst = jnp.where(j < recv_sizes[:, None], dst, output.shape[0])          # out of range → drop
+    return output.at[dst].set(chunks, mode="drop")
+
+
+# --- one exchange round ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static sizes and the per-device integer arrays every round reads."""
+    n_shards: int            # P
+    chunk: int               # C
+    n_local: int             # E/P
+    axis: tuple[str, ...]    # expert mesh axes
+    mlp_axes: tuple[str, ...]
+    transport: str
+    backend: str
+    fp8: bool
+    dtype: object
+
+
+def _round(plan: _Plan, ints: dict, rows, w_gate, w_up, w_down, r):
+    """Round r: rows [M, D] sorted by expert → their expert outputs [M, D] (zeros outside round r)."""
+    Pn, C, El = plan.n_shards, plan.chunk, plan.n_local
+    M, D = rows.shape
+    me = jax.lax.axis_index(plan.axis)
+    send, recv = ints["send"], ints["recv"]                                 # [P] pair counts
+    start = ints["start"]                                                   # [P] run start per dest
+    local_e = ints["local_e"]                                               # [M] (El = none)
+    lo = r * C
+    send_r = jnp.clip(send - lo, 0, C)                                      # [P] rows sent now
+    recv_r = jnp.clip(recv - lo, 0, C)                                      # [P] rows received
+
+    if plan.transport == "all_to_all":
+        j = jnp.arange(C)
+        src = jnp.where(j < send_r[:, None], start[:, None] + lo + j, M)   # [P, C]
+        buf = rows.at[src].get(mode="fill", fill_value=0)                   # [P, C, D]
+        ids = local_e.at[src].get(mode="fill", fill_value=El)               # [P, C]
+        buf = jax.lax.all_to_all(buf, plan.axis, 0, 0, tiled=True).reshape(Pn * C, D)
+        ids = jax.lax.all_to_all(ids, plan.axis, 0, 0, tiled=True).reshape(Pn * C)
+    else:
+        a2a = (functools.partial(ragged_all_to_all_emulated, max_chunk=C)
+               if plan.transport.endswith("emulated") else jax.lax.ragged_all_to_all)
+        offsets = (start + lo).astype(jnp.int32)
+        mine = jnp.full((Pn,), me * C, jnp.int32)                           # my slot at every dest
+        buf = a2a(rows, jnp.zeros((Pn * C, D), rows.dtype), offsets, send_r, mine, recv_r,
+                  axis_name=plan.axis)                                      # [P·C, D]
+        ids = a2a(local_e, jnp.full((Pn * C,), El, local_e.dtype), offsets, send_r, mine,
+                  recv_r, axis_name=plan.axis)                              # [P·C]
+
+    # Destination: group received rows by local expert; padding (id El) sorts last, in no group.
+    order = jnp.argsort(ids, stable=True)                                   # [P·C]
+    sizes = jax.ops.segment_sum(jnp.ones_like(ids), ids, num_segments=El)   # [El]
+    h = buf[order]                                                          # [P·C, D]
+    mm = lambda a, w: gmm(a, w, sizes, backend=plan.backend, out_dtype=plan.dtype, fp8=plan.fp8)
+    gate_ = mm(h, w_gate)                                                   # [P·C, F]
+    up = mm(h, w_up)                                                        # [P·C, F]
+    out = mm(nn.silu(gate_) * up, w_down)                                   # [P·C, D]
+    if plan.mlp_axes:                                                       # F split: partial sums
+        out = jax.lax.psum(out, plan.mlp_axes)
+    out = jnp.zeros_like(out).at[order].set(out, unique_indices=True)       # [P·C, D] slot order
+
+    if plan.transport == "all_to_all":
+        back = jax.lax.all_to_all(out.reshape(Pn, C, D), plan.axis, 0, 0, tiled=True)  # [P, C, D]
+        dest, pos = ints["dest"], ints["pos"]                               # [M]
+        here = (pos >= lo) & (pos < lo + C)
+        flat = jnp.where(here, dest * C + pos - lo, Pn * C)                 # [M]
+        return back.reshape(Pn * C, D).at[flat].get(mode="fill", fill_value=0)  # [M, D]
+    # Back to each source's sorted order: at its run start for me, shifted by the round.
+    src_start = jax.lax.all_to_all(start, plan.axis, 0, 0, tiled=True)     # [P] by source
+    slots = (jnp.arange(Pn) * C).astype(jnp.int32)
+    return a2a(out, jnp.zeros((M, D), out.dtype), slots, recv_r,
+               (src_start + lo).astype(jnp.int32), send_r, axis_name=plan.axis)
+
+
+def _overflow_rounds(plan, ints, n_rounds, rows, w_gate, w_up, w_down):
+    def body(carry):
+        r, acc = carry
+        return r + 1, acc + _round(plan, ints, rows, w_gate, w_up, w_down, r)
+    init = (jnp.int32(1), jnp.zeros(rows.shape, plan.dtype))
+    return jax.lax.while_loop(lambda c: c[0] < n_rounds, body, init)[1]
+
+
+def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
+    """Σ over rounds 1…n_rounds−1 of `_round`, in a loop that only runs when needed; its
+    backward replays each round under `jax.vjp` (nothing per round is kept)."""
+
+    @jax.custom_vjp
+    def run(ints, n_rounds, rows, w_gate, w_up, w_down):
+        return _overflow_rounds(plan, ints, n_rounds, rows, w_gate, w_up, w_down)
+
+    def fwd(ints, n_rounds, rows, w_gate, w_up, w_down):
+        out = _overflow_rounds(plan, ints, n_rounds, rows, w_gate, w_up, w_down)
+        return out, (ints, n_rounds, rows, w_gate, w_up, w_down)
+
+    def bwd(res, g):
+        ints, n_rounds, *ws = res
+        g = g.astype(plan.dtype)
+
+        def body(carry):
+            r, acc = carry
+            _, pull = jax.vjp(lambda *a: _round(plan, ints, *a, r), *ws)
+            return r + 1, jax.tree.map(jnp.add, acc, tuple(pull(g)))
+        zeros = tuple(jnp.zeros_like(w) for w in ws)
+        _, grads = jax.lax.while_loop(lambda c: c[0] < n_rounds, body, (jnp.int32(1), zeros))
+        return (None, None, *grads)
+
+    run.defvjp(fwd, bwd)
+    return run(ints, n_rounds, rows, w_gate, w_up, w_down)
+
+
+# --- the layer --------------------------------------------------------------------------------------
+
+def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
+                        w_up: jax.Array, w_down: jax.Array, *, layout: EPLayout, dtype,
+                        backend: str = "auto", transport: str = "auto",
+                        buffer_factor: float = 2.0, fp8: bool = False,
+                        keep: jax.Array | None = None):
+    """Routed experts with expert parallelism (see the module docstring).
+
+    Args:
+      x: tokens [B, T, D] (global arrays under jit; B split over `layout.batch_axes`).
+      weights: combine weights [B, T, X]; idx: expert ids [B, T, X] (from `moe.gate`).
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D]. E is split over `layout.expert_axes`, F over
+        `layout.mlp_axes`; D is gathered (FSDP weights are all-gathered on the way in).
+      layout: from `layout_from_context`.
+      dtype: compute dtype. backend: grouped GEMM backend. transport: one of TRANSPORTS.
+      buffer_factor: per-round receive buffer in units of the balanced load (P·C ≈ factor·M).
+      fp8: emulated fp8 grouped GEMMs.
+      keep: optional bool [B, T, X] from `capacity_keep`; pairs with False are not sent.
+
+    Returns:
+      (y [B, T, D] in dtype, load [E] fp32 global (token, slot) choices per expert (dropped
+      pairs included, as `moe.expert_load` counts them), and the number of exchange rounds run
+      (int32 scalar, a diagnostic; the maximum over expert groups)).
+    """
+    E = w_gate.shape[0]
+    Pn = layout.n_shards
+    batch = layout.batch_axes or None
+    b_spec = P(batch, None, None)
+    ex = layout.expert_axes if len(layout.expert_axes) > 1 else layout.expert_axes[0]
+    mlp = (layout.mlp_axes if len(layout.mlp_axes) > 1 else layout.mlp_axes[0]) \
+        if layout.mlp_axes else None
+    n_batch = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in layout.batch_axes)
+    if x.shape[0] % n_batch:
+        raise MeshError(f"expert parallelism: batch {x.shape[0]} is not divisible by the batch "
+                        f"axes {'×'.join(layout.batch_axes)}={n_batch}; use a multiple of "
+                        f"{n_batch} sequences")
+    M = (x.shape[0] // n_batch) * x.shape[1] * idx.shape[2]
+    plan = _Plan(n_shards=Pn, chunk=chunk_rows(M, Pn, buffer_factor), n_local=E // Pn,
+                 axis=layout.expert_axes, mlp_axes=layout.mlp_axes,
+                 transport=resolve_transport(transport), backend=backend, fp8=fp8, dtype=dtype)
+
+    def body(x, weights, idx, w_gate, w_up, w_down, *keep):
+        b, T, D = x.shape
+        X = idx.shape[-1]
+        El, C = plan.n_local, plan.chunk
+        routed = jax.ops.segment_sum(jnp.ones((idx.size,), jnp.int32), idx.reshape(-1),
+                                     num_segments=E)                       # [E] choices
+        if keep:                                                            # dropped: id E, unsent
+            idx = jnp.where(keep[0], idx, E)
+        flat = idx.reshape(-1)                                              # [M]
+        order = jnp.argsort(flat, stable=True)                              # [M] by expert
+        sorted_e = flat[order]                                              # [M] (E = dropped)
+        counts = jax.ops.segment_sum(jnp.ones_like(flat), flat, num_segments=E)  # [E] kept
+        send = counts.reshape(Pn, El).sum(-1).astype(jnp.int32)             # [P]
+        start = (jnp.cumsum(send) - send).astype(jnp.int32)                 # [P]
+        dest = jnp.minimum(sorted_e // El, Pn - 1)                          # [M]
+        valid = sorted_e < E
+        pos = jnp.where(valid, jnp.arange(flat.shape[0]) - start[dest], -C - 1)  # [M]
+        ints = dict(send=send, start=start, dest=dest, pos=pos,
+                    recv=jax.lax.all_to_all(send, plan.axis, 0, 0, tiled=True),
+                    local_e=jnp.where(valid, sorted_e % El, El).astype(jnp.int32))
+        n_rounds = -(-jax.lax.pmax(jnp.max(send), plan.axis) // C)          # same on the group
+        n_rounds = jnp.maximum(n_rounds, 1).astype(jnp.int32)
+
+        rows = x.reshape(-1, D).astype(dtype)[order // X]                   # [M, D] sorted pairs
+        out = _round(plan, ints, rows, w_gate, w_up, w_down, 0)             # [M, D]
+        out = out + _overflow(plan, ints, n_rounds, rows, w_gate, w_up, w_down)
+        pairs = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
+        pairs = pairs.reshape(b, T, X, D)                                   # [b, T, X, D]
+        y = jnp.einsum("BTXD,BTX->BTD", pairs, weights.astype(dtype))       # [b, T, D]
+        load = routed.astype(jnp.float32)
+        if layout.batch_axes:
+            load = jax.lax.psum(load, layout.batch_axes)                    # global counts
+            n_rounds = jax.lax.pmax(n_rounds, layout.batch_axes)            # report the worst
+        return y.astype(dtype), load, n_rounds
+
+    w_spec = P(ex, None, mlp)
+    extra = () if keep is None else (keep,)
+    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(ex, mlp, None))
+                       + (b_spec,) * len(extra), out_specs=(b_spec, P(), P()), check_vma=False)
+    return fn(x, weights, idx, w_gate, w_up, w_down, *extra)
