@@ -113,6 +113,24 @@ def _pad_to(a, axis, size):
     return jnp.pad(a, pad)
 
 
+@jax.custom_vjp
+def _zero_grad_outside_groups(lhs, group_sizes):
+    """Identity whose gradient is zero on rows in no group (kernels leave those rows of dlhs
+    unwritten: NaN in interpret mode, stale memory on hardware)."""
+    return lhs
+
+
+def _zgo_fwd(lhs, group_sizes):
+    return lhs, group_sizes
+
+
+def _zgo_bwd(group_sizes, g):
+    return jnp.where(_row_mask(group_sizes, g.shape[0]), g, 0), None
+
+
+_zero_grad_outside_groups.defvjp(_zgo_fwd, _zgo_bwd)
+
+
 # --- reference ---------------------------------------------------------------------------------
 
 def gmm_reference(lhs, rhs, group_sizes, out_dtype):
@@ -225,7 +243,7 @@ def _gmm_megablox(lhs, rhs, group_sizes, out_dtype, interpret, tiling):
     tm, tk, tn = tiling
     tm = min(tm, _round_up(m, 8))        # small problems: one short row tile, not 128 rows
     mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
-    lhs_p = _pad_to(_pad_to(lhs, 0, mp), 1, kp)                            # [Mp, Kp]
+    lhs_p = _zero_grad_outside_groups(_pad_to(_pad_to(lhs, 0, mp), 1, kp), group_sizes)
     rhs_p = _pad_to(_pad_to(rhs.astype(lhs.dtype), 1, kp), 2, np_)         # [G, Kp, Np]
     out = megablox.gmm(lhs_p, rhs_p, group_sizes.astype(jnp.int32), jnp.float32,
                        (tm, tk, tn), None, None, False, interpret)          # [Mp, Np]
