@@ -1,0 +1,162 @@
+"""Compile the real sharded train step for one strategy, without running it, and measure it.
+
+  result = compile_strategy(config, strategy, devices, batch=512, seq=4096)
+
+The step is `parallel.make_sharded_train_step` (the one `experiments/pretrain.py` runs), lowered
+with `jax.ShapeDtypeStruct` arguments that carry their shardings, so nothing is allocated: the
+671B model's state exists only as shapes. `devices` are compile-only TPU devices from
+`jax.experimental.topologies` (ahead of time, from a CPU host) or fake CPU devices.
+
+Measured per chip:
+  params, optimizer, routing   from the argument shardings (exact shard shapes)
+  arguments, output, alias, temp, generated code, peak   `Compiled.memory_analysis()`
+  total                        the compiler's peak when it reports one, else
+                               arguments + output − alias + temp
+  xla_flops                    `Compiled.cost_analysis()["flops"]` — counts the body of a
+                               scanned layer loop once, so it undercounts a scanned model;
+                               the planner reports FLOPs from the config instead
+  collectives                  `hlo.collective_stats(Compiled.as_text())`
+
+When the program does not fit, the TPU compiler stops with RESOURCE_EXHAUSTED; the result then
+holds the temporaries (or total) the message reports and `fits=False`, and no HLO.
+
+The batch holds every key the data pipeline feeds the step (tokens, segment_ids, positions,
+valid), so packed-sequence masking is part of the compiled program. The optimizer is the
+pretraining AdamW chain with a constant learning rate (the schedule changes no shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax import parallel
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.tools import hlo
+from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.step import init_train_state
+
+_UNITS = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+_OOM_TEMP = re.compile(r"HLO temporaries \(([\d.]+)\s*([KMGT]?)i?B?\)")
+_OOM_USED = re.compile(r"Used ([\d.]+)\s*([KMGT]?)i?B? of ([\d.]+)\s*([KMGT]?)i?B? hbm")
+_OOM_AVAIL = re.compile(r"available HBM \(([\d.]+)\s*([KMGT]?)i?B?\)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """A preset and its mesh axis sizes (every axis of MESH_AXES, product = device count)."""
+    preset: str
+    sizes: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def make(cls, preset: str, sizes: dict[str, int]) -> "Strategy":
+        return cls(preset, tuple((a, int(sizes.get(a, 1))) for a in parallel.MESH_AXES))
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        return dict(self.sizes)
+
+    @property
+    def label(self) -> str:
+        axes = ",".join(f"{a}={n}" for a, n in self.sizes if n > 1) or "1 device"
+        return f"{self.preset}({axes})"
+
+
+def abstract_train_inputs(config: ModelConfig, mesh, rules, batch: int, seq: int):
+    """(state, batch, step) with ShapeDtypeStruct leaves that carry their shardings."""
+    tx = make_optimizer(1e-4)
+    step = parallel.make_sharded_train_step(config, tx, mesh, rules)
+    shapes = jax.eval_shape(lambda k: init_train_state(k, config, tx), jax.random.key(0))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         shapes, step.shardings)
+    bs = parallel.batch_sharding(mesh, rules)
+    ints = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bs)
+    data = {"tokens": ints, "segment_ids": ints, "positions": ints,
+            "valid": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=bs)}
+    return state, data, step
+
+
+def shard_bytes(tree) -> float:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return float(total)
+
+
+def _parse_size(value: str, unit: str) -> float:
+    return float(value) * _UNITS[unit or "B"]
+
+
+def parse_oom(message: str) -> dict:
+    """{"temp": bytes} or {"total": bytes}, and {"available": bytes}, from an HBM OOM message."""
+    out = {}
+    m = _OOM_TEMP.search(message)
+    if m:
+        out["temp"] = _parse_size(*m.groups())
+    m = _OOM_USED.search(message)
+    if m:
+        out["total"] = _parse_size(m.group(1), m.group(2))
+        out["available"] = _parse_size(m.group(3), m.group(4))
+    m = _OOM_AVAIL.search(message)
+    if m:
+        out["available"] = _parse_size(*m.groups())
+    return out
+
+
+def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: int, seq: int,
+                     keep_hlo: bool = False) -> dict:
+    """Compiles the train step for `strategy` on `devices`; a dict of measurements (see module).
+
+    Raises `parallel.MeshError` (before compiling) when the mesh or batch cannot be sharded.
+    """
+    t0 = time.perf_counter()
+    mesh = parallel.make_mesh(strategy.mesh, devices)
+    rules = parallel.logical_axis_rules(strategy.preset, mesh)
+    parallel.validate(config, mesh, rules, batch)
+    state, data, step = abstract_train_inputs(config, mesh, rules, batch, seq)
+    out = {"params": shard_bytes(state.params), "optimizer": shard_bytes(state.opt_state),
+           "routing": shard_bytes(state.routing), "fits": True, "error": ""}
+    t1 = time.perf_counter()
+    lowered = step.lower(state, data)
+    t2 = time.perf_counter()
+    out["lower_s"] = t2 - t1
+    out["setup_s"] = t1 - t0
+    try:
+        compiled = lowered.compile()
+    except Exception as e:          # noqa: BLE001 — the compiler's OOM is a result, not a failure
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+            raise
+        out["compile_s"] = time.perf_counter() - t2
+        oom = parse_oom(msg)
+        args = out["params"] + out["optimizer"] + out["routing"] + shard_bytes(data)
+        out.update(fits=False, error=msg.splitlines()[0][:300], arguments=args,
+                   temp=oom.get("temp", float("nan")),
+                   total=oom.get("total", args + oom.get("temp", float("nan"))),
+                   available=oom.get("available"))
+        return out
+    out["compile_s"] = time.perf_counter() - t2
+    m = compiled.memory_analysis()
+    out.update(arguments=float(m.argument_size_in_bytes), output=float(m.output_size_in_bytes),
+               alias=float(m.alias_size_in_bytes), temp=float(m.temp_size_in_bytes),
+               code=float(m.generated_code_size_in_bytes))
+    peak = float(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    out["peak"] = peak
+    out["total"] = peak or (out["arguments"] + out["output"] - out["alias"] + out["temp"])
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out["xla_flops"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    text = compiled.as_text()
+    stats = hlo.collective_stats(text)
+    out["collectives"] = stats
+    out["unknown_loops"] = stats.unknown_loops
+    if keep_hlo:
+        out["hlo"] = text
+    return out

@@ -1,0 +1,327 @@
+"""Analytic cost of one train step per chip: memory, FLOPs, collective bytes, step time, MFU.
+
+  est = estimate(config, mesh_sizes, preset, batch, seq, target)   # no devices, no compile
+  est.memory_total, est.comm_bytes, est.step_time, est.mfu
+
+The model follows the scaling book's chapters on sharding and training (collectives are
+bandwidth-bound, an all-reduce costs two all-gathers, an all-to-all a quarter of one on a
+TPU torus) applied to this project's parameters and mesh rules.
+
+Memory per chip
+  parameters, optimizer  exact: every leaf of the train state divided by the mesh axes its
+                         logical names map to under the preset's rules (AdamW: two moments
+                         in the parameter dtype).
+  gradients              one more parameter-sized copy in the parameter dtype (a temporary).
+  activations            with remat ("full"): one [B, T, D] layer input per layer saved for the
+                         backward pass plus one layer's working set recomputed; without remat,
+                         every layer's working set. A layer's working set is the attention
+                         scores (fp32 scores, probabilities and their gradient, [B, N, T, T]),
+                         the MoE's routed copies of the tokens (X per token, in and out, with the
+                         expert hidden widths) and the projections' outputs; the loss adds the
+                         fp32 logits and their gradient, per output head (main + MTP).
+  Rough by nature (±30% against the compiler on the configs checked in tests); the compiled
+  numbers are authoritative wherever a compile is possible.
+
+Collectives per chip and step, as in the HLO parser (`hlo.py`: bytes = the whole array moved)
+  fsdp       all-gather of every fsdp-sharded weight in the compute dtype, in the forward pass
+             and again in the backward pass; reduce-scatter of its gradient in the param dtype.
+  data, dcn  all-reduce of each gradient over the batch axes it is replicated on.
+  tensor     Megatron: an all-reduce of the [B, T, D] output of attention and of the FFN per
+             layer in the forward pass, two more in the backward pass (and again when remat
+             recomputes the forward).
+  expert     an ideal all-to-all dispatch: tokens to their experts and back, B·T·X·D each way,
+             forward, backward (and recompute).
+
+Time: a collective over a mesh axis of size n moves bytes·(n−1)/n at the axis bandwidth
+(`axis_bandwidth`); all-reduce counts twice, all-to-all ¼ on a TPU torus. Weight gathers and
+gradient reductions overlap with compute; tensor- and expert-parallel traffic sits on the
+critical path. step = max(compute, overlapped comm) + exposed comm; compute = hardware FLOPs
+(model FLOPs, plus the recomputed forward under remat) at peak.
+MFU = model FLOPs per chip / (step time × peak).
+
+Left out: HBM-bandwidth-bound time (weight reads at small batch), latency, pipeline stages,
+load imbalance between experts, and the compiler's own scheduling; the ranking is a relative
+guide, the compile is what says whether a strategy fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.parallel.mesh import MESH_AXES
+from deepseek_jax.parallel.rules import Rules, batch_axes, logical_axis_rules, mesh_axes_of
+from deepseek_jax.parallel.sharding import abstract_variables
+from deepseek_jax.tools.targets import Target
+from deepseek_jax.train.flops import flops_per_token
+
+COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
+
+
+def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
+    return AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def _bytes(dtype) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+# --- bandwidth of a mesh axis ------------------------------------------------------------------
+
+def axis_dims(sizes: dict[str, int], target: Target) -> dict[str, int]:
+    """How many torus dimensions each ICI axis spans, inner axes (tensor) placed first.
+
+    jax.make_mesh lays the innermost mesh axis along neighbouring chips; an axis of size n takes
+    factors of the remaining torus dimensions until it has n chips.
+    """
+    left = list(target.slice_shape) or [target.n_chips]
+    out = {}
+    for axis in reversed(MESH_AXES[1:]):
+        need, touched = sizes.get(axis, 1), 0
+        for i, d in enumerate(left):
+            if need == 1:
+                break
+            g = math.gcd(need, d)
+            if g > 1:
+                left[i] //= g
+                need //= g
+                touched += 1
+        out[axis] = max(touched, 1)
+    return out
+
+
+def axis_bandwidth(axes: tuple[str, ...], sizes: dict[str, int], target: Target) -> float:
+    """One-way bytes/s per chip for a collective over `axes` (the slowest link decides)."""
+    chip = target.chip
+    if "dcn_data" in axes and sizes.get("dcn_data", 1) > 1:
+        return chip.dcn_bw
+    if chip.kind == "gpu":
+        # Inner axes fill a node first; a group that reaches past the node runs at the NIC rate.
+        live = [a for a in axes if sizes.get(a, 1) > 1]
+        if not live:
+            return chip.nvlink_bw
+        first = min(MESH_AXES.index(a) for a in live)
+        span = math.prod(sizes.get(a, 1) for a in MESH_AXES[max(first, 1):])
+        return chip.nvlink_bw if span <= chip.gpus_per_node else chip.node_bw
+    dims = axis_dims(sizes, target)
+    spanned = sum(dims[a] for a in axes if sizes.get(a, 1) > 1) or 1
+    return 2 * chip.ici_link_bw * spanned     # bidirectional rings, one per dimension spanned
+
+
+def collective_time(kind: str, nbytes: float, group: int, bandwidth: float, chip_kind: str) -> float:
+    """Seconds for one collective moving `nbytes` (whole array) among `group` chips."""
+    if group <= 1 or nbytes == 0:
+        return 0.0
+    t = nbytes * (group - 1) / group / bandwidth
+    if kind == "all-reduce":
+        t *= 2
+    elif kind in ("all-to-all", "ragged-all-to-all") and chip_kind == "tpu":
+        t /= 4
+    return t
+
+
+# --- the estimate ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Estimate:
+    params: float                 # bytes per chip
+    optimizer: float
+    gradients: float
+    activations: float
+    model_flops: float            # per chip per step (useful FLOPs, for MFU)
+    hardware_flops: float         # per chip per step, remat recompute included
+    comm_bytes: dict[str, float]  # kind → bytes per chip per step
+    comm_time: dict[str, float]   # kind → seconds
+    exposed_time: float           # critical-path communication (tensor, expert)
+    overlap_time: float           # communication that can hide under compute
+    compute_time: float
+    peak_flops: float
+
+    @property
+    def memory_total(self) -> float:
+        return self.params + self.optimizer + self.gradients + self.activations
+
+    @property
+    def comm_time_total(self) -> float:
+        return self.exposed_time + self.overlap_time
+
+    @property
+    def step_time(self) -> float:
+        return max(self.compute_time, self.overlap_time) + self.exposed_time
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / (self.step_time * self.peak_flops) if self.step_time else 0.0
+
+
+def rules_for(preset: str, sizes: dict[str, int]) -> Rules:
+    return logical_axis_rules(preset, abstract_mesh(sizes))
+
+
+def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dict[str, float]:
+    """Per-chip bytes of parameters and AdamW moments, and the collective bytes of the weights:
+    {"params", "optimizer", "gather", "scatter", "allreduce"} (gather in the compute dtype,
+    scatter/all-reduce of gradients in the parameter dtype, per step)."""
+    variables = abstract_variables(config)
+    leaves = jax.tree_util.tree_leaves(variables["params"],
+                                       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    b_axes = [a for a in ("dcn_data", "data", "fsdp", "expert") if sizes.get(a, 1) > 1]
+    out = dict(params=0.0, optimizer=0.0, gather=0.0, scatter=0.0, allreduce=0.0,
+               allreduce_dcn=0.0)
+    compute_b = _bytes(config.dtype)
+    for leaf in leaves:
+        names = tuple(leaf.names)
+        value = leaf.value
+        spec = mesh_axes_of(names, rules)
+        used = [a for entry in spec for a in _axes(entry)]
+        shard = math.prod(sizes.get(a, 1) for a in used)
+        n = math.prod(value.shape)
+        pb = _bytes(value.dtype)
+        local = n / shard
+        out["params"] += local * pb
+        out["optimizer"] += 2 * local * pb
+        f = sizes.get("fsdp", 1) if "fsdp" in used else 1
+        if f > 1:
+            # Forward and backward gathers of the full-over-fsdp array, gradient reduce-scatter.
+            out["gather"] += 2 * local * f * compute_b
+            out["scatter"] += local * f * pb
+        replicated = [a for a in b_axes if a not in used]
+        ici = [a for a in replicated if a != "dcn_data"]
+        if ici:
+            out["allreduce"] += local * pb
+        if "dcn_data" in replicated:
+            out["allreduce_dcn"] += local * pb
+    return out
+
+
+def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, batch: int,
+                     seq: int) -> float:
+    """Per-chip activation memory of one step (see the module docstring for what is counted)."""
+    b_split = math.prod(sizes.get(a, 1) for a in batch_axes(rules))
+    tp = sizes.get("tensor", 1) if ("heads", "tensor") in rules else 1
+    Bl, T, D = batch / b_split, seq, config.d_model
+    ab = _bytes(config.dtype)
+    N = config.n_heads / tp
+    H, R, U = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    scores = Bl * N * T * T * (4 + 4 + 4)                       # scores, probs, grad (fp32)
+    proj = Bl * T * (N * (2 * (H + R) + 2 * U) + 2 * D + config.kv_lora_rank
+                     + config.q_lora_rank) * ab * 2
+    if config.n_routed_experts:
+        X, F = config.n_experts_per_token, config.moe_d_ff / tp
+        moe = Bl * T * X * (3 * D + 3 * F) * ab * 2
+    else:
+        moe = Bl * T * 3 * config.d_ff / tp * ab * 2
+    layer = scores + proj + moe
+    layers = config.n_layers + config.mtp_depth
+    vocab = config.vocab_size / tp
+    logits = Bl * T * vocab * 4 * 3 * (1 + (config.mtp_depth > 0))
+    if config.remat_policy == "none":
+        return layers * layer + logits
+    return layers * Bl * T * D * ab + layer + logits
+
+
+def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int, seq: int,
+             target: Target) -> Estimate:
+    """The analytic per-chip cost of a train step on `target` with mesh `sizes` (see module)."""
+    sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
+    rules = rules_for(preset, sizes)
+    n = math.prod(sizes.values())
+    state = state_bytes(config, sizes, rules)
+    acts = activation_bytes(config, sizes, rules, batch, seq)
+
+    model_flops = flops_per_token(config, seq) * batch * seq / n
+    recompute = 4 / 3 if config.remat_policy == "full" else 1.0
+    hardware_flops = model_flops * recompute
+    chip = target.chip
+
+    b_split = math.prod(sizes.get(a, 1) for a in batch_axes(rules))
+    tokens_local = batch * seq / b_split
+    ab = _bytes(config.dtype)
+    passes = 3 if config.remat_policy != "none" else 2    # forward, backward (and recompute)
+
+    comm = {k: 0.0 for k in COLLECTIVE_KINDS}
+    overlap = exposed = 0.0
+    times = {k: 0.0 for k in COLLECTIVE_KINDS}
+
+    def add(kind, nbytes, axes, critical):
+        nonlocal overlap, exposed
+        group = math.prod(sizes.get(a, 1) for a in axes)
+        if group <= 1 or nbytes == 0:
+            return
+        comm[kind] += nbytes
+        t = collective_time(kind, nbytes, group, axis_bandwidth(axes, sizes, target), chip.kind)
+        times[kind] += t
+        if critical:
+            exposed += t
+        else:
+            overlap += t
+
+    add("all-gather", state["gather"], ("fsdp",), False)
+    add("reduce-scatter", state["scatter"], ("fsdp",), False)
+    ici_rep = tuple(a for a in ("data", "expert") if sizes[a] > 1)
+    add("all-reduce", state["allreduce"], ici_rep, False)
+    add("all-reduce", state["allreduce_dcn"], ("dcn_data",), False)
+    if sizes["tensor"] > 1:
+        layers = config.n_layers + config.mtp_depth
+        add("all-reduce", 2 * layers * passes * tokens_local * config.d_model * ab, ("tensor",),
+            True)
+    if sizes["expert"] > 1 and config.n_routed_experts:
+        moe_layers = config.n_moe_layers + config.mtp_depth
+        add("all-to-all", 2 * moe_layers * passes * tokens_local * config.n_experts_per_token
+            * config.d_model * ab, ("expert",), True)
+
+    return Estimate(params=state["params"], optimizer=state["optimizer"],
+                    gradients=state["params"], activations=acts, model_flops=model_flops,
+                    hardware_flops=hardware_flops, comm_bytes=comm, comm_time=times,
+                    exposed_time=exposed, overlap_time=overlap,
+                    compute_time=hardware_flops / chip.peak_flops, peak_flops=chip.peak_flops)
+
+
+def mesh_group_axes(group: int, sizes: dict[str, int]) -> tuple[str, ...]:
+    """The mesh axes a replica group of `group` devices most likely spans: a single axis of that
+    size, else the shortest run of adjacent axes (size-1 axes skipped) whose sizes multiply to it,
+    else () (unknown; callers then treat the group as a sub-torus of that many chips)."""
+    live = [a for a in MESH_AXES if sizes.get(a, 1) > 1]
+    for a in reversed(live):
+        if sizes[a] == group:
+            return (a,)
+    for length in range(2, len(live) + 1):
+        for i in range(len(live) - length, -1, -1):
+            run = tuple(live[i:i + length])
+            if math.prod(sizes[a] for a in run) == group:
+                return run
+    return ()
+
+
+def hlo_comm_time(collectives, sizes: dict[str, int], target: Target) -> tuple[float, float, dict]:
+    """(overlapped, exposed, seconds by kind) for collectives parsed from compiled HLO, with the
+    same bandwidth model: all-gathers, reduce-scatters and all-reduces not over `tensor` overlap
+    with compute; all-reduces over `tensor`, all-to-alls and permutes are on the critical path."""
+    overlap = exposed = 0.0
+    by_kind: dict[str, float] = {}
+    for c in collectives:
+        axes = mesh_group_axes(c.group_size, sizes)
+        if axes:
+            bw = axis_bandwidth(axes, sizes, target)
+        else:       # unknown axes: a sub-torus of `group` chips inside a slice
+            bw = axis_bandwidth(("tensor",), {**{a: 1 for a in MESH_AXES},
+                                              "tensor": c.group_size}, target)
+        t = collective_time(c.kind, c.bytes, c.group_size, bw, target.chip.kind) * c.executions
+        by_kind[c.kind] = by_kind.get(c.kind, 0.0) + t
+        critical = (c.kind in ("all-to-all", "ragged-all-to-all", "collective-permute")
+                    or (c.kind == "all-reduce" and "tensor" in axes))
+        if critical:
+            exposed += t
+        else:
+            overlap += t
+    return overlap, exposed, by_kind

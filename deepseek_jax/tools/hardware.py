@@ -1,0 +1,145 @@
+"""The hardware table the planner's analytic model reads: one `Chip` per accelerator.
+
+Every number carries its source in a comment. Conventions:
+
+  peak_flops   dense bf16 FLOP/s per chip (no sparsity)
+  hbm_bytes    memory a program may use per chip. For TPUs this is what the compiler itself
+               reports as available in its out-of-memory message (libtpu 0.0.48.1, ahead-of-time
+               compile from a CPU host), which is a little below the marketing capacity;
+               for GPUs the data-sheet capacity.
+  hbm_bw       HBM bytes/s per chip
+  ici_link_bw  TPU: one-way bytes/s of one ICI link; a mesh axis laid along one torus dimension
+               gets 2 × this (a bidirectional ring), and × k when it spans k dimensions.
+  ici_dims     TPU torus dimensions (v5p 3-D; v5e, v6e 2-D)
+  dcn_bw       bytes/s per chip across the data-centre network (multi-slice)
+  nvlink_bw    GPU: one-way NVLink bytes/s per GPU inside a node
+  node_bw      GPU: one-way scale-out bytes/s per GPU across nodes (InfiniBand NIC share)
+  gpus_per_node
+
+Left out: TPU v4 (its compile-only topology exposes each TensorCore as a device, so per-device
+memory would not be per-chip memory), fp8/int8 peaks (the planner models bf16 training), and
+latency terms (the model is bandwidth-only; at pod scale the arrays are large).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    kind: str                    # "tpu", "gpu" or "cpu"
+    peak_flops: float
+    hbm_bytes: float
+    hbm_bw: float
+    ici_link_bw: float = 0.0
+    ici_dims: int = 0
+    dcn_bw: float = 0.0
+    nvlink_bw: float = 0.0
+    node_bw: float = 0.0
+    gpus_per_node: int = 0
+    topology_prefix: str = ""    # jax.experimental.topologies name, e.g. "v5p"
+    cores_per_chip: int = 1      # TensorCores counted by the Cloud TPU accelerator-type suffix
+    max_slice_chips: int = 0     # largest single slice (ICI domain)
+
+
+CHIPS = {
+    "v5p": Chip(
+        "TPU v5p", "tpu",
+        # 459 TFLOP/s bf16: cloud.google.com/tpu/docs/v5p ("Peak compute per chip (bf16) 459
+        # TFLOPs"); scaling book, "How to Think About TPUs", chip table (4.59e14).
+        peak_flops=4.59e14,
+        # "available HBM (95.73G)" in the libtpu 0.0.48.1 OOM message for topology v5p:2x2x1;
+        # the data sheet says 95 GB HBM2e (cloud.google.com/tpu/docs/v5p).
+        hbm_bytes=95.73 * GiB,
+        # 2,765 GB/s: cloud.google.com/tpu/docs/v5p ("HBM bandwidth per chip 2765 GBps").
+        hbm_bw=2.765e12,
+        # 9.0e10 B/s one-way per link (1.8e11 bidirectional): scaling book chip table (tpus.md).
+        ici_link_bw=9.0e10, ici_dims=3,
+        # 6.25e9 B/s per chip: scaling book, tpus.md ("DCN ... 6.25e9 bytes/s per TPU").
+        dcn_bw=6.25e9,
+        topology_prefix="v5p",
+        # v5p-N counts TensorCores, 2 per chip: cloud.google.com/tpu/docs/v5p (v5p-8 = 4 chips).
+        cores_per_chip=2,
+        # 8,960 chips per pod: cloud.google.com/tpu/docs/v5p ("chips per pod 8960").
+        max_slice_chips=8960),
+    "v5e": Chip(
+        "TPU v5e", "tpu",
+        # 197 TFLOP/s bf16: cloud.google.com/tpu/docs/v5e; scaling book chip table (1.97e14).
+        peak_flops=1.97e14,
+        # "available HBM (15.75G)" in the libtpu 0.0.48.1 OOM message for v5e:2x2 (16 GB chip).
+        hbm_bytes=15.75 * GiB,
+        # 819 GB/s: cloud.google.com/tpu/docs/v5e ("HBM2 ... 819 GBps").
+        hbm_bw=8.19e11,
+        # 4.5e10 B/s one-way per link: scaling book chip table (tpus.md).
+        ici_link_bw=4.5e10, ici_dims=2,
+        # 3.125e9 B/s per chip: scaling book, tpus.md (DCN per TPU on v5e).
+        dcn_bw=3.125e9,
+        topology_prefix="v5e", cores_per_chip=1,
+        # 256 chips per pod (16x16): cloud.google.com/tpu/docs/v5e.
+        max_slice_chips=256),
+    "v6e": Chip(
+        "TPU v6e", "tpu",
+        # 918 TFLOP/s bf16: cloud.google.com/tpu/docs/v6e ("Peak compute per chip (bf16) 918
+        # TFLOPs").
+        peak_flops=9.18e14,
+        # "available HBM (31.24G)" in the libtpu 0.0.48.1 OOM message for v6e:2x2 (32 GB chip).
+        hbm_bytes=31.24 * GiB,
+        # 1,640 GB/s: cloud.google.com/tpu/docs/v6e ("HBM bandwidth per chip 1640 GBps").
+        hbm_bw=1.64e12,
+        # 9.0e10 B/s one-way per link: scaling book chip table (tpus.md).
+        ici_link_bw=9.0e10, ici_dims=2,
+        # 1.25e10 B/s per chip: scaling book, tpus.md (DCN on v6e).
+        dcn_bw=1.25e10,
+        topology_prefix="v6e", cores_per_chip=1,
+        # 256 chips per pod (16x16): cloud.google.com/tpu/docs/v6e.
+        max_slice_chips=256),
+    "h100": Chip(
+        "NVIDIA H100 SXM", "gpu",
+        # 989 TFLOP/s dense bf16: NVIDIA H100 Tensor Core GPU data sheet (1,979 with sparsity).
+        peak_flops=9.89e14,
+        # 80 GB HBM3, 3.35 TB/s: NVIDIA H100 data sheet (SXM5).
+        hbm_bytes=80e9, hbm_bw=3.35e12,
+        # NVLink 4: 900 GB/s bidirectional per GPU = 450 GB/s one way (H100 data sheet;
+        # scaling book gpus.md: 18 links x 25 GB/s).
+        nvlink_bw=4.5e11,
+        # 8 x 400 Gb/s ConnectX-7 per DGX H100 node = 50 GB/s per GPU one way (scaling book
+        # gpus.md: "400 GB/s node egress"; NVIDIA DGX H100 user guide).
+        node_bw=5.0e10, gpus_per_node=8),
+    "h200": Chip(
+        "NVIDIA H200 SXM", "gpu",
+        # 989 TFLOP/s dense bf16, 141 GB HBM3e, 4.8 TB/s: NVIDIA H200 data sheet.
+        peak_flops=9.89e14, hbm_bytes=141e9, hbm_bw=4.8e12,
+        # NVLink 4, 900 GB/s bidirectional per GPU (H200 data sheet).
+        nvlink_bw=4.5e11,
+        # 8 x 400 Gb/s NICs per 8-GPU node, as DGX H100/H200 (NVIDIA DGX H200 data sheet).
+        node_bw=5.0e10, gpus_per_node=8),
+    "a100": Chip(
+        "NVIDIA A100 SXM 80GB", "gpu",
+        # 312 TFLOP/s dense bf16, 80 GB HBM2e, 2,039 GB/s: NVIDIA A100 data sheet.
+        peak_flops=3.12e14, hbm_bytes=80e9, hbm_bw=2.039e12,
+        # NVLink 3: 600 GB/s bidirectional per GPU (A100 data sheet).
+        nvlink_bw=3.0e11,
+        # 8 x 200 Gb/s HDR NICs per DGX A100 = 25 GB/s per GPU (NVIDIA DGX A100 user guide).
+        node_bw=2.5e10, gpus_per_node=8),
+    "cpu": Chip(
+        "host CPU (fake devices)", "cpu",
+        # One x86 core with AVX2 FMA: 2 FMA ports x 8 fp32 lanes x 2 FLOPs x ~3 GHz ≈ 1e11
+        # FLOP/s. Fake devices share the host's cores; this sets a scale for ranking only.
+        peak_flops=1.0e11,
+        # Memory per fake device: set from the host at run time (targets.py divides the host's
+        # physical memory by the device count); this default is used only when unknown.
+        hbm_bytes=1 * GiB,
+        # ~10 GB/s: single-core streaming copy bandwidth on a DDR4 server (STREAM "Copy"
+        # order of magnitude); collectives between fake devices are memory copies.
+        hbm_bw=1.0e10, ici_link_bw=1.0e10, ici_dims=1, dcn_bw=1.0e10),
+}
+
+
+def get_chip(name: str) -> Chip:
+    if name not in CHIPS:
+        raise ValueError(f"unknown chip {name!r}; known: {', '.join(CHIPS)}")
+    return CHIPS[name]

@@ -1,0 +1,398 @@
+"""Sharding planner: does this model fit on that pod with this strategy, and which is fastest?
+
+  python -m deepseek_jax.tools.plan --model=v3-671b --target=tpu-v5p-1024 \\
+      --batch=512 --seq=4096 --strategies=all --out=plan_v3
+
+For each strategy it compiles the real sharded train step (ahead of time for TPU topologies,
+with libtpu and no TPU; on fake CPU devices for cpu-N) and reports per chip: memory (parameters,
+optimizer state, activations and temporaries, total against HBM), FLOPs, collectives by type
+with their bytes (parsed from the compiled HLO), and a step-time estimate from the hardware
+table (compute against communication, MFU). Strategies are ranked (fitting ones first, then by
+estimated step time), printed as a table and written to OUT/plan.md, plan.csv and plan.png.
+
+  --model        a name from `deepseek_jax.config` (tiny, small, v2-lite, moonlight, v3-671b)
+                 or the path of a Hugging Face config.json
+  --target       tpu-v5p-1024, tpu-v5e-256, tpu-v6e-64, 2xtpu-v5p-512, gpu-h100-64, cpu-8, ...
+                 (`targets.py`)
+  --strategies   all | a comma list of presets (fsdp, fsdp_ep, ...), presets with axis sizes
+                 (fsdp_ep:expert=8), or bare mesh shapes (data=2:fsdp=4, preset inferred).
+                 `all` enumerates valid meshes, scores them with the analytic model
+                 (`cost_model.py`) and compiles the best --top_k.
+  --remat, --dtype, --param_dtype   model numerics (defaults: full remat, bf16 compute for
+                 models of a billion parameters or more, the config's values otherwise)
+  --analytic_only  no compiles (GPU targets are always analytic: JAX has no compile-only
+                 GPU devices)
+  --isolate      compile each strategy in a child process (default for TPU targets), which also
+                 measures its peak host memory
+
+Left out: pipeline parallelism and sequence parallelism (the mesh has no such axes), searching
+remat policies and micro-batching (pass them explicitly and compare runs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# cpu-N: the fake device count must be set before JAX starts (here, before any jax import).
+_target_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--target=")), "")
+if __name__ == "__main__" and _target_arg.startswith("cpu-"):
+    _n = _target_arg.split("-", 1)[1]
+    if _n.isdigit() and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
+                                                                                      ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={_n}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+
+from deepseek_jax import parallel  # noqa: E402
+from deepseek_jax.config import ModelConfig, get_config  # noqa: E402
+from deepseek_jax.parallel.mesh import ICI_AXES, MESH_AXES  # noqa: E402
+from deepseek_jax.parallel.rules import PRESETS  # noqa: E402
+from deepseek_jax.tools import cost_model, report  # noqa: E402
+from deepseek_jax.tools.compile import Strategy  # noqa: E402
+from deepseek_jax.tools.hlo import Collective, CollectiveStats  # noqa: E402
+from deepseek_jax.tools.targets import Target, TargetError, parse_target  # noqa: E402
+
+GiB = 2 ** 30
+
+
+class PlanError(ValueError):
+    """A planner request that cannot be served; the message says what to change."""
+
+
+# --- model ------------------------------------------------------------------------------------
+
+def load_model(name: str, remat: str | None = None, dtype: str | None = None,
+               param_dtype: str | None = None) -> ModelConfig:
+    """A config by name or HF config.json path, with the planner's numerics applied."""
+    if name.endswith(".json") or os.path.isdir(name):
+        path = os.path.join(name, "config.json") if os.path.isdir(name) else name
+        with open(path) as f:
+            config = ModelConfig.from_hf(json.load(f))
+    else:
+        config = get_config(name)
+    from deepseek_jax.model.params import count_params
+    big = count_params(config)["total"] >= 1e9
+    changes = {"remat_policy": remat or ("full" if big else config.remat_policy)}
+    if dtype or big:
+        changes["dtype"] = jnp.dtype(dtype or "bfloat16").type
+    if param_dtype:
+        changes["param_dtype"] = jnp.dtype(param_dtype).type
+    return config.replace(**changes)
+
+
+# --- strategies -------------------------------------------------------------------------------
+
+def _resolve(preset: str, given: dict[str, int], target: Target) -> Strategy:
+    p = parallel.get_preset(preset)
+    if given:
+        cfg = {p.fill: -1, **given} if p.fill not in given else dict(given)
+    else:
+        cfg = parallel.default_mesh_config(preset, target.chips_per_slice)
+    cfg.setdefault("dcn_data", target.n_slices)
+    sizes = parallel.resolve_mesh_shape(cfg, target.n_chips, target.n_slices)
+    return Strategy.make(preset, sizes)
+
+
+def _infer_preset(given: dict[str, int]) -> str:
+    used = {a for a, n in given.items() if n > 1 and a in ICI_AXES}
+    fits = [p for p in PRESETS.values() if used <= set(p.axes)]
+    if not fits:
+        raise PlanError(f"no preset uses the mesh axes {sorted(used)}; presets: "
+                        + ", ".join(f"{p.name} {p.axes}" for p in PRESETS.values()))
+    return min(fits, key=lambda p: len(p.axes)).name
+
+
+def parse_strategies(spec: str, target: Target) -> list[Strategy]:
+    """'fsdp,fsdp_ep:expert=8,data=2:fsdp=4' → Strategies (see the module docstring)."""
+    out = []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        parts = token.split(":")
+        preset = parts[0] if "=" not in parts[0] else None
+        given = {}
+        for part in parts[1 if preset else 0:]:
+            axis, _, value = part.partition("=")
+            if axis not in MESH_AXES or not value.lstrip("-").isdigit():
+                raise PlanError(f"strategy {token!r}: {part!r} is not AXIS=SIZE with AXIS one of "
+                                f"{', '.join(MESH_AXES)}")
+            given[axis] = int(value)
+        out.append(_resolve(preset or _infer_preset(given), given, target))
+    return out
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [2 ** k for k in range(1, int(math.log2(max(limit, 1))) + 1)]
+
+
+def shard_problem(config: ModelConfig, strategy: Strategy, batch: int) -> str | None:
+    """Why the strategy cannot shard the model or batch evenly (None if it can); no devices."""
+    sizes = strategy.mesh
+    rules = cost_model.rules_for(strategy.preset, sizes)
+    k = math.prod(sizes[a] for a in parallel.batch_axes(rules))
+    if batch % k:
+        return f"batch {batch} does not split over {k} batch shards"
+    for name, size in (("heads", config.n_heads), ("expert", config.n_routed_experts or 1),
+                       ("mlp", math.gcd(config.d_ff, config.moe_d_ff or config.d_ff)),
+                       ("vocab", config.vocab_size), ("embed", config.d_model),
+                       ("q_lora", config.q_lora_rank or config.d_model),
+                       ("kv_lora", config.kv_lora_rank)):
+        spec = parallel.rules.mesh_axes_of((name,), rules)[0]
+        axes = () if spec is None else ((spec,) if isinstance(spec, str) else spec)
+        n = math.prod(sizes[a] for a in axes)
+        if size % n:
+            return f"{name} size {size} does not split over {'×'.join(axes)}={n}"
+    return None
+
+
+def enumerate_strategies(config: ModelConfig, target: Target, batch: int) -> list[Strategy]:
+    """Every preset with power-of-two sizes on its non-fill axes that shards evenly (data=1 in
+    the presets that fill fsdp: data parallelism inside a slice only adds replicas)."""
+    n = target.chips_per_slice
+    options = {"tensor": [1] + [t for t in _powers_of_two(min(n, 16)) if config.n_heads % t == 0],
+               "expert": [1] + [e for e in _powers_of_two(min(n, config.n_routed_experts or 1))
+                                if config.n_routed_experts % e == 0]}
+    seen, out = set(), []
+    for p in PRESETS.values():
+        free = [a for a in p.axes if a != p.fill and a in options]
+        combos = [{}]
+        for axis in free:
+            combos = [{**c, axis: v} for c in combos for v in options[axis]]
+        for combo in combos:
+            if n % math.prod(combo.values() or [1]):
+                continue
+            try:
+                s = _resolve(p.name, {**combo, p.fill: -1}, target)
+            except parallel.MeshError:
+                continue
+            if s in seen:
+                continue
+            # Keep a strategy under the smallest preset that expresses it.
+            used = {a for a, v in s.mesh.items() if v > 1 and a in ICI_AXES}
+            if _infer_preset({a: 2 for a in used}) != p.name:
+                continue
+            if shard_problem(config, s, batch):
+                continue
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+# --- one row of the table ---------------------------------------------------------------------
+
+def _stats_to_json(stats: CollectiveStats) -> dict:
+    return {"collectives": [dataclasses.asdict(c) for c in stats.collectives],
+            "unknown_loops": stats.unknown_loops}
+
+
+def _stats_from_json(d: dict) -> CollectiveStats:
+    return CollectiveStats([Collective(**c) for c in d["collectives"]], d["unknown_loops"])
+
+
+def compile_in_process(config: ModelConfig, strategy: Strategy, target: Target, batch: int,
+                       seq: int) -> dict:
+    from deepseek_jax.tools.compile import compile_strategy
+    result = compile_strategy(config, strategy, target.devices(), batch, seq)
+    if "collectives" in result:
+        result["collectives"] = _stats_to_json(result["collectives"])
+    return result
+
+
+def compile_isolated(args_json: dict) -> dict:
+    """Runs one compile in a child process; adds its wall time and peak host RSS."""
+    cmd = [sys.executable, "-m", "deepseek_jax.tools.plan", "--worker", json.dumps(args_json),
+           f"--target={args_json['target']}"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = "", ""
+    # os.wait4 gives this child's own peak RSS (getrusage(RUSAGE_CHILDREN) would give the max).
+    import threading
+    out_chunks, err_chunks = [], []
+    readers = [threading.Thread(target=lambda: out_chunks.append(proc.stdout.read())),
+               threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()))]
+    for r in readers:
+        r.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    for r in readers:
+        r.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout, stderr = "".join(out_chunks), "".join(err_chunks)
+    wall = time.perf_counter() - t0
+    rss = usage.ru_maxrss * 1024.0            # Linux reports KiB
+    lines = [l for l in stdout.splitlines() if l.startswith("{")]
+    if proc.returncode or not lines:
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        return {"fits": None, "error": f"compile failed (exit {proc.returncode}): {tail}",
+                "process_s": wall, "host_rss": rss}
+    result = json.loads(lines[-1])
+    result.update(process_s=wall, host_rss=rss)
+    return result
+
+
+def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: int, seq: int,
+              compiled: dict | None) -> dict:
+    """Analytic estimate merged with the compile's measurements into one table row."""
+    est = cost_model.estimate(config, strategy.mesh, strategy.preset, batch, seq, target)
+    hbm = target.chip.hbm_bytes
+    row = {"strategy": strategy.label, "preset": strategy.preset, "mesh": strategy.mesh,
+           "source": "analytic", "params": est.params, "optimizer": est.optimizer,
+           "act_temp": est.gradients + est.activations, "total": est.memory_total,
+           "analytic_total": est.memory_total, "hbm": hbm,
+           "fits": est.memory_total <= hbm, "model_tflops": est.model_flops / 1e12,
+           "xla_tflops": float("nan"), "comm": dict(est.comm_bytes),
+           "analytic_comm": dict(est.comm_bytes), "compute_s": est.compute_time,
+           "comm_s": est.comm_time_total, "step_s": est.step_time, "mfu": est.mfu,
+           "compile_s": float("nan"), "host_rss": float("nan"), "note": ""}
+    if target.compile_on is None:
+        row["note"] = "analytic only (no compile-only devices for this target)"
+    if not compiled:
+        return row
+    row["compile_s"] = compiled.get("compile_s", float("nan")) + compiled.get("lower_s", 0.0)
+    row["host_rss"] = compiled.get("host_rss", float("nan"))
+    if compiled.get("fits") is None:
+        row["note"] = compiled.get("error", "compile failed")
+        return row
+    row["source"] = f"compiled ({target.compile_on})"
+    fixed = compiled["params"] + compiled["optimizer"] + compiled.get("routing", 0.0)
+    row.update(params=compiled["params"], optimizer=compiled["optimizer"],
+               total=compiled["total"], act_temp=compiled["total"] - fixed)
+    row["fits"] = bool(compiled["fits"]) and compiled["total"] <= hbm
+    if not compiled["fits"]:
+        row["note"] = "compiler: out of HBM (" + compiled.get("error", "")[-120:] + ")"
+        return row
+    row["xla_tflops"] = compiled.get("xla_flops", float("nan")) / 1e12
+    stats = _stats_from_json(compiled["collectives"])
+    row["comm"] = {k: float(v) for k, v in stats.bytes_by_kind().items()}
+    overlap, exposed, _ = cost_model.hlo_comm_time(stats.collectives, strategy.mesh, target)
+    row["comm_s"] = overlap + exposed
+    row["step_s"] = max(est.compute_time, overlap) + exposed
+    row["mfu"] = est.model_flops / (row["step_s"] * est.peak_flops) if row["step_s"] else 0.0
+    if stats.unknown_loops:
+        row["note"] = f"{len(stats.unknown_loops)} loop(s) with unknown trip count counted once"
+    return row
+
+
+def rank(rows: list[dict]) -> list[dict]:
+    """Fitting strategies first (compiled before analytic-only), then by estimated step time;
+    strategies that do not fit follow, smallest memory first."""
+    def key(r):
+        compiled = r["source"].startswith("compiled")
+        return (0 if r["fits"] else 1, 0 if compiled or not r["fits"] else 1,
+                r["step_s"] if r["fits"] else r["total"])
+    ranked = sorted(rows, key=key)
+    for i, r in enumerate(ranked, 1):
+        r["rank"] = i
+    return ranked
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "all",
+         top_k: int = 6, analytic_only: bool = False, isolate: bool | None = None,
+         remat: str | None = None, dtype: str | None = None, param_dtype: str | None = None,
+         log=print) -> tuple[dict, list[dict]]:
+    """Plans `strategies` for `model` on `target_name`; returns (header, ranked rows)."""
+    target = parse_target(target_name)
+    config = load_model(model, remat, dtype, param_dtype)
+    if strategies.strip() == "all":
+        candidates = enumerate_strategies(config, target, batch)
+        if not candidates:
+            raise PlanError(f"no strategy shards {model} with batch {batch} on {target.name}; "
+                            "try a batch that is a multiple of the chip count")
+        scored = rank([build_row(config, s, target, batch, seq, None) for s in candidates])
+        by_label = {s.label: s for s in candidates}
+        chosen = [by_label[r["strategy"]] for r in scored[:top_k]]
+        log(f"{len(candidates)} valid meshes; compiling the analytic top {len(chosen)}")
+    else:
+        chosen = parse_strategies(strategies, target)
+        for s in chosen:
+            problem = shard_problem(config, s, batch)
+            if problem:
+                raise PlanError(f"strategy {s.label}: {problem}")
+        candidates = chosen
+    compile_it = not analytic_only and target.compile_on is not None
+    if isolate is None:
+        isolate = target.compile_on == "tpu"
+    rows = []
+    for s in candidates:
+        compiled = None
+        if compile_it and s in chosen:
+            log(f"compiling {s.label} for {target.name} ...")
+            if isolate:
+                compiled = compile_isolated({"model": model, "target": target_name,
+                                             "batch": batch, "seq": seq, "preset": s.preset,
+                                             "mesh": s.mesh, "remat": config.remat_policy,
+                                             "dtype": jnp.dtype(config.dtype).name,
+                                             "param_dtype": jnp.dtype(config.param_dtype).name})
+            else:
+                t0 = time.perf_counter()
+                compiled = compile_in_process(config, s, target, batch, seq)
+                compiled["process_s"] = time.perf_counter() - t0
+        rows.append(build_row(config, s, target, batch, seq, compiled))
+    from deepseek_jax.model.params import count_params
+    n = count_params(config)
+    header = {"model": model, "target": target.describe(), "batch": batch, "seq": seq,
+              "params_b": n["total"] / 1e9, "mtp_b": n["mtp"] / 1e9,
+              "remat": config.remat_policy, "dtype": jnp.dtype(config.dtype).name,
+              "param_dtype": jnp.dtype(config.param_dtype).name,
+              "hbm_gib": target.chip.hbm_bytes / GiB, "peak_tflops": target.chip.peak_flops / 1e12,
+              "analytic_only": not compile_it}
+    return header, rank(rows)
+
+
+def _worker(request: str) -> None:
+    """Child-process entry of --isolate: compile one strategy, print its result as JSON."""
+    r = json.loads(request)
+    config = load_model(r["model"], r["remat"], r["dtype"], r["param_dtype"])
+    target = parse_target(r["target"])
+    strategy = Strategy.make(r["preset"], r["mesh"])
+    result = compile_in_process(config, strategy, target, r["batch"], r["seq"])
+    print(json.dumps(result, default=float), flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deepseek_jax.tools.plan",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="v3-671b")
+    ap.add_argument("--target", default="tpu-v5p-1024")
+    ap.add_argument("--batch", type=int, default=None, help="global batch (default 1 per chip)")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--strategies", default="all")
+    ap.add_argument("--top_k", type=int, default=6)
+    ap.add_argument("--remat", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--param_dtype", default=None)
+    ap.add_argument("--analytic_only", action="store_true")
+    ap.add_argument("--isolate", dest="isolate", action="store_true", default=None)
+    ap.add_argument("--no_isolate", dest="isolate", action="store_false")
+    ap.add_argument("--out", default="", help="folder for plan.md, plan.csv, plan.png")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        _worker(args.worker)
+        return 0
+    try:
+        batch = args.batch or parse_target(args.target).n_chips
+        header, rows = plan(args.model, args.target, batch, args.seq, args.strategies,
+                            args.top_k, args.analytic_only, args.isolate, args.remat, args.dtype,
+                            args.param_dtype, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (PlanError, TargetError, parallel.MeshError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.text_table(header, rows))
+    if args.out:
+        paths = report.write_all(header, rows, args.out)
+        print("wrote " + ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
