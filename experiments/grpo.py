@@ -66,7 +66,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          "completion are always 0")
     # --- mesh ---------------------------------------------------------------------------------
     parallel.maybe_initialize_distributed(config.mesh.distributed)
-    mesh = parallel.make_mesh(parallel.run_mesh_config(config.mesh, jax.device_count()))
+    devices = jax.devices()[: config.mesh.num_devices or None]
+    if config.mesh.num_devices and (jax.process_count() > 1 or
+                                    config.mesh.num_devices > jax.device_count()):
+        raise ValueError(f"mesh.num_devices={config.mesh.num_devices}: use 0 (all devices) in "
+                         f"multi-process runs, or at most the {jax.device_count()} devices here")
+    mesh = parallel.make_mesh(parallel.run_mesh_config(config.mesh, len(devices)), devices)
     rules = parallel.logical_axis_rules(config.mesh.preset, mesh)
     batch_rows = rl.prompts_per_step * rl.group_size
     is_lead = jax.process_index() == 0

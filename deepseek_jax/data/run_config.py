@@ -12,6 +12,9 @@
     format         "text" (the stored pretraining line), or an R1 template name ("r1_zero",
                    "compact"): prompt + a well-formed <think>…</think> <answer>…</answer>
                    completion, to pretrain a model that GRPO then improves
+    worked_fraction  R1 templates, optional (default 0): share of + and − problems whose think
+                   block works the sum out column by column (`tasks.worked_solution`) instead
+                   of restating it; a fixed hash of each prompt picks them
     max_digits, min_digits, ops  arithmetic only: operand digit range and operators
     seq_len        tokens per row, T
     global_batch   rows per step over all processes
@@ -100,7 +103,11 @@ def _source(cfg, data_dir, split: str):
     if fmt not in rewards.TEMPLATES or cfg.dataset == "text_files":
         raise ValueError(f"data.format={fmt!r}: use 'text', or one of {sorted(rewards.TEMPLATES)} "
                          "with the arithmetic or countdown dataset")
-    return FormattedSource(source, lambda r: rewards.sft_text(rewards.problem_from_record(r), fmt))
+    worked = float(_get(cfg, "worked_fraction", 0.0))
+    if not 0.0 <= worked <= 1.0:
+        raise ValueError(f"data.worked_fraction={worked}; use a share between 0 and 1")
+    return FormattedSource(source, lambda r: rewards.sft_text(rewards.problem_from_record(r), fmt,
+                                                              worked))
 
 
 def vocab_size(tokenizer: str = "") -> int:

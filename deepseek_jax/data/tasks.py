@@ -83,6 +83,39 @@ def arithmetic_problem(rng: np.random.Generator, max_digits: int = 3,
             "numbers": [a, b], "target": result, "op": op}
 
 
+def worked_solution(a: int, op: str, b: int) -> str | None:
+    """Column arithmetic for `a op b` written out, ones column first, or None for `*`.
+
+    Each column is one step "digit op digit [carry] = result": `"3+7=10 4+2+1=7"` for 43+27 (the
+    carry into a column is written `+1`), `"13-7=6 4-2-1=1"` for 43−27 (a borrowed ten is
+    written as the leading 1 of the top digit, the borrow paid back as `-1`). A subtraction with
+    a smaller first operand is worked the other way round after `-(b-a)`: 27−43 gives
+    `"-(43-27) 13-7=6 4-2-1=1"`. Operands are padded with zeros to a common width. The answer
+    reads off the steps: the last digit of each result, from the last column back, the last
+    column's whole result first; leading zeros dropped.
+    """
+    if op not in "+-" or a < 0 or b < 0:
+        return None
+    prefix = ""
+    if op == "-" and a < b:
+        prefix, (a, b) = f"-({b}-{a}) ", (b, a)
+    width = max(len(str(a)), len(str(b)))
+    top, bottom = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]   # ones digit first
+    steps, carry = [], 0
+    for da, db in zip(map(int, top), map(int, bottom)):
+        if op == "+":
+            value = da + db + carry
+            steps.append(f"{da}+{db}{'+1' if carry else ''}={value}")
+            carry = value // 10
+        else:
+            value = da - db - carry
+            borrow = value < 0
+            steps.append(f"{'1' if borrow else ''}{da}-{db}{'-1' if carry else ''}="
+                         f"{value + 10 if borrow else value}")
+            carry = int(borrow)
+    return prefix + " ".join(steps)
+
+
 # --------------------------------------------------------------------------------------------
 # Countdown
 

@@ -28,6 +28,7 @@ cost the parser time and are never needed here).
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Any, Sequence
 
 from deepseek_jax.data import tasks
@@ -107,14 +108,31 @@ def score(completion: str, problem: dict[str, Any], format_weight: float = 0.1) 
     return {"accuracy": acc, "format": fmt, "total": acc + format_weight * fmt}
 
 
-def target_completion(problem: dict[str, Any]) -> str:
-    """A well-formed completion with the reference answer (for pretraining on the format)."""
-    return f" {problem['prompt']} </think> <answer>{problem['answer']}</answer>"
+def target_completion(problem: dict[str, Any], worked: bool = False) -> str:
+    """A well-formed completion with the reference answer (for pretraining on the format).
+
+    The think block restates the problem (`" 43+27= </think> …"`), or with `worked=True`, for
+    + and − problems, works it out column by column (`tasks.worked_solution`:
+    `" 3+7=10 4+2+1=7 </think> …"`).
+    """
+    think = problem["prompt"]
+    if worked and "op" in problem:
+        a, b = problem["numbers"]
+        think = tasks.worked_solution(int(a), problem["op"], int(b)) or think
+    return f" {think} </think> <answer>{problem['answer']}</answer>"
 
 
-def sft_text(problem: dict[str, Any], template: str) -> str:
-    """Prompt + well-formed completion: one pretraining document in the RL format."""
-    return make_prompt(problem, template) + target_completion(problem)
+def worked_for(problem: dict[str, Any], fraction: float) -> bool:
+    """Whether `problem` is among the `fraction` of problems shown worked out: a fixed hash of
+    its prompt decides, so the choice is the same on every pass and in every process."""
+    return zlib.crc32(problem["prompt"].encode()) % 10_000 < round(fraction * 10_000)
+
+
+def sft_text(problem: dict[str, Any], template: str, worked_fraction: float = 0.0) -> str:
+    """Prompt + well-formed completion: one pretraining document in the RL format, worked out
+    column by column for a `worked_fraction` share of the problems."""
+    return make_prompt(problem, template) + target_completion(
+        problem, worked=worked_for(problem, worked_fraction))
 
 
 def problem_from_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -82,6 +82,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.mesh.fsdp = 0
     c.mesh.expert = 0
     c.mesh.tensor = 0
+    c.mesh.num_devices = 0           # use the first N devices of a single process; 0 = all
     c.mesh.distributed = ml_collections.FieldReference(None, field_type=bool)
 
     c.train = ml_collections.ConfigDict()

@@ -149,3 +149,28 @@ def test_tasks_and_tokenizer_import_without_grain_or_tfds():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.stdout.strip() == "[]"
+
+
+def _read_off(trace: str) -> int:
+    """The answer a worked solution leads to, read back independently of how it was written:
+    the last digit of each column's result, last column's whole result first, sign from -(…)."""
+    negative = trace.startswith("-(")
+    steps = trace.split(") ", 1)[1].split() if negative else trace.split()
+    results = [s.split("=")[1] for s in steps]
+    digits = results[-1] + "".join(r[-1] for r in reversed(results[:-1]))
+    return -int(digits) if negative else int(digits)
+
+
+def test_worked_solution_leads_to_the_answer():
+    pairs = [(a, b) for a in range(100) for b in range(100)] + \
+        [(999, 1), (1, 999), (500, 499), (123, 4567), (4567, 123), (1000, 1000)]
+    for a, b in pairs:
+        assert _read_off(tasks.worked_solution(a, "+", b)) == a + b, (a, b)
+        assert _read_off(tasks.worked_solution(a, "-", b)) == a - b, (a, b)
+    assert tasks.worked_solution(43, "+", 27) == "3+7=10 4+2+1=7"
+    assert tasks.worked_solution(27, "-", 43) == "-(43-27) 13-7=6 4-2-1=1"
+    # Each step's arithmetic is itself right (what the model is taught to imitate).
+    for step in tasks.worked_solution(4567, "-", 1238).split():
+        lhs, rhs = step.split("=")
+        assert tasks.evaluate_expression(lhs) == int(rhs), step
+    assert tasks.worked_solution(12, "*", 3) is None

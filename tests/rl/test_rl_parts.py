@@ -154,3 +154,19 @@ def test_prompts_and_target_completion_score_full_marks():
     assert rewards.make_prompt(CD).startswith("A conversation between User and Assistant.")
     with pytest.raises(ValueError, match="template"):
         rewards.make_prompt(CD, "chatml")
+
+
+def test_worked_completions_score_full_marks_and_fraction_holds():
+    rng = np.random.default_rng(1)
+    problems = [tasks.arithmetic_problem(rng, 2, "+-", 2) for _ in range(2000)]
+    for p in problems[:50]:
+        worked = rewards.target_completion(p, worked=True)
+        assert worked != rewards.target_completion(p)
+        assert rewards.score(worked, p) == {"accuracy": 1.0, "format": 1.0, "total": 1.1}
+    # The hash picks close to the asked share (binomial sd over 2000 draws ≈ 0.01).
+    share = np.mean([rewards.worked_for(p, 0.3) for p in problems])
+    assert abs(share - 0.3) < 0.04
+    assert not any(rewards.worked_for(p, 0.0) for p in problems)
+    assert all(rewards.worked_for(p, 1.0) for p in problems)
+    # Countdown has no column arithmetic: the restating think block is kept.
+    assert rewards.target_completion(CD, worked=True) == rewards.target_completion(CD)
