@@ -296,7 +296,9 @@ class MoE(nn.Module):
             keep = capacity_keep(idx, E, c.moe_capacity_factor)               # [B, T, X]
             stats["dropped"] = jnp.sum(~keep).astype(jnp.float32)
         layout = None
-        if c.moe_impl == "ragged":
+        # Not at init: the routed output does not matter there, and init traces a dummy batch
+        # (often one sequence) that need not split over the batch axes.
+        if c.moe_impl == "ragged" and not self.is_initializing():
             # Imported here: deepseek_jax.parallel imports the model (shardings from its init).
             from deepseek_jax.parallel import expert
             layout = expert.layout_from_context(c)

@@ -204,10 +204,11 @@ def test_experts_not_divisible_by_expert_axis_is_a_clear_error():
     c = get_config("tiny", n_routed_experts=6, n_expert_groups=2, n_limited_groups=1)
     mesh, rules = par.mesh_and_rules("fsdp_ep", {"fsdp": 2, "expert": 4})
     x = jax.ShapeDtypeStruct((B, T, c.d_model), jnp.float32)
+    variables = jax.eval_shape(moe.MoE(c).init, jax.random.key(0), x)
     with par.sharding_context(mesh, rules):
         with pytest.raises(MeshError, match=r"n_routed_experts=6 is not divisible by the "
                                             r"expert mesh axis expert=4.*one of 1, 2"):
-            jax.eval_shape(moe.MoE(c).init, jax.random.key(0), x)
+            jax.eval_shape(moe.MoE(c).apply, variables, x)
 
 
 def test_pretraining_preset_step_uses_the_ep_exchange(tiny):

@@ -1,0 +1,250 @@
+"""MoE at speed: grouped GEMM backends and the MoE layer against dense equivalents; EP traffic.
+
+GPU (one H200; part of experiments/benchmarks/run_all.sh):
+
+    python experiments/benchmarks/moe.py [--json out.json] [--quick]
+
+  1. grouped GEMM: `gmm` forward at an expert projection's shape (rows sorted over E experts,
+     routing drawn from a random gate) per backend, TFLOP/s against one dense GEMM of the same
+     rows and sizes. Goal: grouped ≥ 85 % of dense.
+  2. MoE layer forward+backward (router, gate, sort, three grouped GEMMs, combine; no shared
+     expert) per backend, against a dense SwiGLU whose width is X·F, i.e. the same active FLOPs.
+     Goal: MoE ≤ 1.3× the dense time.
+  Shapes: V2-Lite-like (D 2048, F 1408, E 64, X 6) and V3-like (D 7168, F 2048, E 256, X 8;
+  one device holds all 256 experts here, as a single GPU would under no EP). bf16 weights and
+  activations, random normal data, median of 10 after 3 warm-ups, host-timed after
+  `block_until_ready`.
+
+CPU (8 fake devices; `--cpu_ep`): bytes moved by the expert-parallel all-to-all in one forward+
+backward, read from the compiled HLO, against the analytic count of the bounded-buffer exchange:
+per round a [P, C, D] block for each of dispatch and return in the forward and their transposes
+in the backward, plus the [P, C] int32 expert ids (the dense transport never sends the counts).
+Also the ideal (ragged_all_to_all) payload: the real rows only, 4·M·D elements.
+
+Nothing here ran on a GPU when it was written; BENCHMARKS.md says which numbers were measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+_CPU_EP = "--cpu_ep" in sys.argv
+if _CPU_EP:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from deepseek_jax.config import get_config  # noqa: E402
+from deepseek_jax.kernels import grouped_gemm as gg  # noqa: E402
+from deepseek_jax.model import moe  # noqa: E402
+from deepseek_jax.model.layers import swiglu  # noqa: E402
+
+SHAPES = {
+    "v2-lite": dict(D=2048, F=1408, E=64, X=6, tokens=16384),
+    "v3": dict(D=7168, F=2048, E=256, X=8, tokens=8192),
+}
+
+
+def _time(fn, *args, reps=10, warmup=3):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _routing(key, tokens, E, X):
+    """Expert ids from a random sigmoid gate (roughly balanced, as trained routing is)."""
+    logits = jax.random.normal(key, (tokens, E), jnp.float32)
+    return jax.lax.top_k(logits, X)[1].astype(jnp.int32)                   # [tokens, X]
+
+
+def grouped_gemm_rows(shape, backends, tilings=()):
+    D, F, E, X, tokens = (shape[k] for k in ("D", "F", "E", "X", "tokens"))
+    k = jax.random.split(jax.random.key(0), 3)
+    idx = _routing(k[0], tokens, E, X)
+    sizes = jnp.bincount(idx.reshape(-1), length=E).astype(jnp.int32)
+    M = tokens * X
+    rows = jax.random.normal(k[1], (M, D), jnp.bfloat16)
+    w = (jax.random.normal(k[2], (E, D, F), jnp.float32) / np.sqrt(D)).astype(jnp.bfloat16)
+    w_dense = w[0]
+    flops = 2 * M * D * F
+    out = []
+    dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+                    .astype(jnp.bfloat16))
+    t_dense = _time(dense, rows, w_dense)
+    out.append({"what": "dense GEMM", "ms": t_dense * 1e3, "tflops": flops / t_dense / 1e12})
+    configs = [(b, None) for b in backends] + [("mosaic_gpu", t) for t in tilings]
+    for backend, tiling in configs:
+        fn = jax.jit(lambda a, b, s: gg.gmm(a, b, s, backend=backend, tiling=tiling))
+        try:
+            t = _time(fn, rows, w, sizes)
+        except Exception as e:     # noqa: BLE001 — report and go on (e.g. shared-memory overflow)
+            out.append({"what": f"gmm {backend} {tiling or ''}", "error": str(e)[:200]})
+            continue
+        out.append({"what": f"gmm {backend} {tiling or ''}".strip(), "ms": t * 1e3,
+                    "tflops": flops / t / 1e12, "of_dense": t_dense / t})
+    return out
+
+
+def layer_rows(shape, backends):
+    D, F, E, X, tokens = (shape[k] for k in ("D", "F", "E", "X", "tokens"))
+    c = get_config("tiny", d_model=D, moe_d_ff=F, n_routed_experts=E, n_experts_per_token=X,
+                   n_expert_groups=1, n_limited_groups=1, dtype=jnp.bfloat16,
+                   param_dtype=jnp.bfloat16)
+    k = jax.random.split(jax.random.key(1), 6)
+    x = jax.random.normal(k[0], (1, tokens, D), jnp.bfloat16)
+    router = jax.random.normal(k[1], (D, E), jnp.float32) * 0.02
+    w = [(jax.random.normal(k[i], s, jnp.float32) / np.sqrt(s[1])).astype(jnp.bfloat16)
+         for i, s in ((2, (E, D, F)), (3, (E, D, F)), (4, (E, F, D)))]
+    wd = [jax.random.normal(k[5], s, jnp.bfloat16) / np.sqrt(s[0])
+          for s in ((D, X * F), (D, X * F), (X * F, D))]
+
+    def moe_loss(x, router, wg, wu, wdn, backend):
+        logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router)
+        weights, idx, _ = moe.gate(logits, None, c)
+        y = moe.ragged_dispatch(x, weights, idx, wg, wu, wdn, jnp.bfloat16, backend=backend)
+        return jnp.sum(y.astype(jnp.float32))
+
+    def dense_loss(x, a, b, d):
+        return jnp.sum(swiglu(x, a, b, d, jnp.bfloat16).astype(jnp.float32))
+
+    out = []
+    dense = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3)))
+    t_dense = _time(dense, x, *wd)
+    flops = 3 * 2 * tokens * D * X * F * 3                  # 3 GEMMs, fwd + 2 bwd
+    out.append({"what": "dense SwiGLU (width X·F) fwd+bwd", "ms": t_dense * 1e3,
+                "tflops": flops / t_dense / 1e12})
+    for backend in backends:
+        fn = jax.jit(jax.grad(lambda *a: moe_loss(*a, backend), argnums=(0, 1, 2, 3, 4)))
+        try:
+            t = _time(fn, x, router, *w)
+        except Exception as e:     # noqa: BLE001
+            out.append({"what": f"MoE layer {backend}", "error": str(e)[:200]})
+            continue
+        out.append({"what": f"MoE layer {backend} fwd+bwd", "ms": t * 1e3,
+                    "tflops": flops / t / 1e12, "x_dense": t / t_dense})
+    return out
+
+
+# --- CPU: EP all-to-all bytes ---------------------------------------------------------------
+
+_A2A = re.compile(r"=\s*(\(?[^=]*?\)?)\s+all-to-all\(")
+_TYPE = re.compile(r"(\w+)\[([\d,]*)\]")
+_BYTES = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "u32": 4, "pred": 1, "s8": 1}
+
+
+def _hlo_computations(text):
+    """{name: body text} of an HLO module's computations."""
+    comps, name, lines = {}, None, []
+    for line in text.splitlines():
+        m = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if m and not line.startswith(" "):
+            name, lines = ("ENTRY" if line.startswith("ENTRY") else m.group(1)), []
+        elif line.startswith("}") and name:
+            comps[name] = "\n".join(lines)
+            name = None
+        elif name:
+            lines.append(line)
+    return comps
+
+
+def _a2a_bytes(body):
+    total, ops = 0, 0
+    for m in _A2A.finditer(body):
+        ops += 1
+        for dtype, dims in _TYPE.findall(m.group(1)):
+            n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+            total += n * _BYTES[dtype]
+    return total, ops
+
+
+def ep_bytes(batch=16, seq=64, D=256, F=64, E=16, X=4, fsdp=2, expert=4, buffer_factor=2.0):
+    from deepseek_jax import parallel as par
+    from deepseek_jax.parallel import expert as ep
+    jax.config.update("jax_disable_most_optimizations", True)
+    mesh, rules = par.mesh_and_rules("fsdp_ep", {"fsdp": fsdp, "expert": expert})
+    k = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(k[0], (batch, seq, D), jnp.float32)
+    idx = _routing(k[1], batch * seq, E, X).reshape(batch, seq, X)
+    weights = jax.random.uniform(k[2], (batch, seq, X))
+    ws = [jax.random.normal(k[i], s) * 0.1 for i, s in ((3, (E, D, F)), (4, (E, D, F)),
+                                                         (5, (E, F, D)))]
+    with par.sharding_context(mesh, rules):
+        layout = ep.layout_from_context(get_config("tiny", n_routed_experts=E,
+                                                   n_experts_per_token=X))
+        f = lambda x, w, *ws: jnp.sum(ep.expert_parallel_moe(
+            x, w, idx, *ws, layout=layout, dtype=jnp.float32, transport="all_to_all",
+            buffer_factor=buffer_factor)[0])
+        text = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4))).lower(x, weights, *ws) \
+            .compile().as_text()
+    comps = _hlo_computations(text)
+    loop_bodies = set(re.findall(r"body=%?([\w.\-]+)", text))
+    outside = sum(_a2a_bytes(b)[0] for n, b in comps.items() if n not in loop_bodies)
+    ops_outside = sum(_a2a_bytes(b)[1] for n, b in comps.items() if n not in loop_bodies)
+    per_loop_round = sum(_a2a_bytes(b)[0] for n, b in comps.items() if n in loop_bodies)
+    P = expert
+    M = batch // (fsdp * expert) * seq * X
+    C = ep.chunk_rows(M, P, buffer_factor)
+    block, ids = P * C * D * 4, P * C * 4                   # one [P, C, D] f32 block, [P, C] int32
+    analytic = 4 * block + ids          # round 0: dispatch, return, their two transposes; ids
+    # An overflow round: forward loop body (dispatch, return, ids) and backward loop body
+    # (the replayed dispatch and ids — the replayed return is dead code — and the 2 transposes).
+    analytic_overflow = (2 * block + ids) + (3 * block + ids)
+    ideal = 4 * M * D * 4
+    return {"P": P, "M_pairs_per_device": M, "C": C, "hlo_bytes_round0": outside,
+            "hlo_all_to_all_ops_round0": ops_outside, "analytic_bytes_round0": analytic,
+            "hlo_bytes_per_overflow_round_fwd_and_bwd_bodies": per_loop_round,
+            "analytic_bytes_per_overflow_round": analytic_overflow,
+            "ideal_ragged_payload_bytes": ideal, "padding_overhead": analytic / ideal}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default="")
+    ap.add_argument("--quick", action="store_true", help="V2-Lite shape only")
+    ap.add_argument("--cpu_ep", action="store_true", help="EP all-to-all bytes on 8 CPU devices")
+    args = ap.parse_args()
+    results = {}
+    if args.cpu_ep:
+        results["ep_bytes"] = ep_bytes()
+        print(json.dumps(results["ep_bytes"], indent=1))
+    else:
+        backends = ["ragged_dot"]
+        if gg.default_backend() == "mosaic_gpu":
+            backends.append("mosaic_gpu")
+        if jax.default_backend() == "tpu":
+            backends.append("megablox")
+        tilings = [gg.MosaicGpuTiling(128, 128, 64, 4, 1), gg.MosaicGpuTiling(128, 256, 64, 3, 1),
+                   gg.MosaicGpuTiling(64, 128, 64, 4, 2)] if "mosaic_gpu" in backends else []
+        print(f"device: {jax.devices()[0].device_kind}; backends: {backends}")
+        for name, shape in SHAPES.items():
+            if args.quick and name != "v2-lite":
+                continue
+            for part, rows in (("grouped GEMM", grouped_gemm_rows(shape, backends, tilings)),
+                               ("layer", layer_rows(shape, backends))):
+                results[f"{name} {part}"] = rows
+                print(f"\n== {name} {part} {shape}")
+                for r in rows:
+                    print("  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in r.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
