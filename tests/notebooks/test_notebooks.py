@@ -1,0 +1,103 @@
+"""The Colab notebooks in notebooks/: each one runs top to bottom without an error, and each one
+is committed without outputs, with its Colab badge and a Colab-only install cell.
+
+Every `notebooks/*.ipynb` is picked up (a new notebook needs no change here). Each runs in a fresh
+IPython kernel of this interpreter (nbclient, kernel "python3": jupyter_client starts the
+`ipykernel` installed next to this Python), from the notebooks/ folder, with matplotlib's Agg
+backend and the CPU platform. The 8 fake devices that tests/conftest.py asks for are *not*
+passed on: a notebook that needs fake devices sets `XLA_FLAGS` itself, as a reader's would.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+CELL_TIMEOUT_S = 600   # one cell; the notebooks aim for well under a minute in all on two cores
+
+
+def _ids(paths):
+    return [p.name for p in paths]
+
+
+def _kernel_env() -> dict[str, str]:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    else:
+        env.pop("XLA_FLAGS", None)
+    env["MPLBACKEND"] = "Agg"
+    env["JAX_PLATFORMS"] = "cpu"
+    # The kernel runs from notebooks/: make the checkout importable even when it is not
+    # installed (a relative PYTHONPATH such as "." would point into notebooks/).
+    paths = [str(ROOT)] + [str(pathlib.Path(p).resolve())
+                           for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def test_notebooks_exist():
+    assert NOTEBOOKS, "no notebooks found under notebooks/"
+
+
+def test_python3_kernel_is_this_interpreter():
+    """nbclient resolves kernel "python3" through jupyter_client; it must start this Python (the
+    one with deepseek_jax's dependencies), not another one found on the machine."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
+    # jupyter_client replaces a bare "python" with sys.executable when it starts the kernel.
+    assert argv0 in ("python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}") \
+        or os.path.realpath(argv0) == os.path.realpath(sys.executable), (
+            f"kernel 'python3' starts {argv0!r}, not {sys.executable!r}: remove the stray "
+            "kernelspec (jupyter kernelspec list) or install ipykernel into this environment")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
+             and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, (f"{path.name}: cells {dirty} hold outputs or execution counts; strip them "
+                       "(e.g. jupyter nbconvert --clear-output --inplace) before committing")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_colab_badge_and_install_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and "colab-badge.svg" in first.source
+    assert f"/deepseek_jax/blob/main/notebooks/{path.name})" in first.source, (
+        f"{path.name}: the Colab badge must open notebooks/{path.name}")
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    installs = [s for s in code if "pip" in s and "install" in s]
+    assert len(installs) == 1, f"{path.name}: expected one install cell, found {len(installs)}"
+    assert 'if "google.colab" in sys.modules:' in installs[0], (
+        f"{path.name}: the install cell must run only in Colab")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_runs_top_to_bottom(path):
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=CELL_TIMEOUT_S, allow_errors=False,
+        resources={"metadata": {"path": str(path.parent)}})
+    start = time.perf_counter()
+    try:
+        client.execute(env=_kernel_env())
+    except nbclient.exceptions.CellExecutionError as e:
+        pytest.fail(f"{path.name} failed:\n{e}", pytrace=False)
+    print(f"{path.name}: {time.perf_counter() - start:.1f} s")
