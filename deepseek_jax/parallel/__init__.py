@@ -11,10 +11,9 @@ Files: `mesh.py` (axes, sizes, multi-slice, jax.distributed), `rules.py` (the ru
 presets, `sharding_context`), `sharding.py` (shardings derived from `jax.eval_shape` of the init,
 `validate`), `step.py` (sharded init and train step).
 
-Expert parallelism is GSPMD-style for now: E of the expert weights is sharded over the `expert`
-axis and the compiler partitions the dispatch. An explicit `shard_map` all-to-all dispatch is
-the next piece; it will live in `parallel/expert.py` and take its axis from
-`rules.expert_axes(rules)`.
+Expert parallelism (`expert.py`): when the rules split E over a mesh axis larger than 1, the
+MoE layer exchanges tokens with all-to-all inside `shard_map` (dropless, bounded buffer, overflow
+rounds); the axis comes from the same rule table (`expert_axes(rules)`).
 """
 
 from deepseek_jax.parallel.mesh import (MESH_AXES, MeshError, make_mesh,

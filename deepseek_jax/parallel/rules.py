@@ -24,10 +24,9 @@ uses are the table with every other axis, and every axis of size 1, struck out
 (`logical_axis_rules`). A preset refuses a mesh whose other axes are larger than 1, so
 `--config.mesh.fsdp=2` under preset "dp" is an error rather than a silent change of strategy.
 
-Expert parallelism here shards E of the expert weights and leaves the dispatch (sort, ragged
-matmuls, combine) to the compiler under jit. The explicit path, `shard_map` with all-to-all
-over the expert axis, plugs in at `deepseek_jax.model.moe.MoE` (its `dispatch` call) and will
-read the expert axis from `expert_axes(rules)`; the table does not change.
+Expert parallelism shards E of the expert weights by this table; the MoE layer then runs its
+dispatch explicitly (`parallel/expert.py`: `shard_map` with all-to-all over the expert axis,
+read from these rules through `expert.layout_from_context`); the table does not change.
 
 Left out: sequence/context parallelism (act_length stays whole), pipeline stages ("layers"),
 ZeRO across expert ranks (add ("embed", ("fsdp", "expert")) before the embed row to try it).

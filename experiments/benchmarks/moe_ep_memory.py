@@ -23,16 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import time
 
-import jax
-import jax.numpy as jnp
+# Compile-only TPU devices on a CPU host: JAX itself runs on the CPU; libtpu may be loaded by
+# other processes on the same host (its lock file would otherwise make this one wait).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from deepseek_jax import parallel
-from deepseek_jax.config import get_config
-from deepseek_jax.train.optimizer import make_optimizer
-from deepseek_jax.train.step import init_train_state
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from deepseek_jax import parallel  # noqa: E402
+from deepseek_jax.config import get_config  # noqa: E402
+from deepseek_jax.train.optimizer import make_optimizer  # noqa: E402
+from deepseek_jax.train.step import init_train_state  # noqa: E402
 
 GIB = 2 ** 30
 V5P_HBM = 95.74 * GIB

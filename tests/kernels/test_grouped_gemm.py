@@ -135,3 +135,14 @@ def test_mosaic_gpu_lowers_for_cuda():
 def test_megablox_lowers_for_tpu():
     text = _lower("megablox", "tpu")
     assert text.count("tpu_custom_call") >= 3
+
+
+@pytest.mark.skipif(gg.default_backend() != "mosaic_gpu", reason="needs a Hopper GPU")
+def test_hardware_mosaic_gpu_matches_loop():
+    # The compiled kernels on a real H100/H200 (run by experiments/benchmarks/run_all.sh).
+    _check("mosaic_gpu", jnp.bfloat16, 2e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+def test_hardware_megablox_matches_loop():
+    _check("megablox", jnp.float32, 1e-4)
