@@ -40,7 +40,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepseek_jax import parallel
-from deepseek_jax.data import run_config, tokenizer
+from deepseek_jax.data import run_config
+from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import rewards, rollout
 from deepseek_jax.rl.evaluate import evaluate
@@ -78,6 +79,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # --- data ---------------------------------------------------------------------------------
     data_cfg = config.data
+    # Prompts start with BOS; the byte tokenizer by default, else the model's tokenizer.json.
+    encoder = Encoder(data_cfg.tokenizer or None, add_bos=True)
     data_dir = data_cfg.data_dir or os.path.join(workdir, "data")
     train_src = run_config.task_source(data_cfg, data_dir, "train")
     test_src = run_config.task_source(data_cfg, data_dir, "test")
@@ -85,22 +88,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
     order = np.random.default_rng(config.seed).permutation(len(train_src))
     max_prompt = max(len(p) for p in rollout.encode_prompts(
         _problems(train_src, order[: min(len(order), 2000)]) + eval_problems,
-        data_cfg.template))
+        data_cfg.template, encoder))
     row_len = max_prompt + 8 + rl.max_new_tokens       # slack for longer unseen prompts
 
     # --- policy -------------------------------------------------------------------------------
-    if config.init.pretrain_dir:
-        model_config, variables = ckpt.load_trained(config.init.pretrain_dir)
+    # The model first, checked against the mesh and tokenizer before anything is read.
+    pretrained = config.init.pretrain_dir
+    model_config = (ckpt.load_model_config(pretrained) if pretrained
+                    else to_model_config(config.model))
+    parallel.validate(model_config, mesh, rules, batch_rows)
+    if model_config.vocab_size < encoder.vocab_size:
+        raise ValueError(f"the model's vocab_size {model_config.vocab_size} is smaller than the "
+                         f"tokenizer's {encoder.vocab_size}: set data.tokenizer to the model's "
+                         "tokenizer.json (an HF-imported model needs its own)")
+    if pretrained:
+        # Read straight into the run's shardings: a large model never lands whole on a device.
+        _, variables = ckpt.load_trained(
+            pretrained, shardings=parallel.param_shardings(model_config, mesh, rules))
     else:
-        model_config = to_model_config(config.model)
         from deepseek_jax.model import init_variables
         import flax
         variables = flax.core.meta.unbox(init_variables(jax.random.key(config.seed),
                                                         model_config))
-    parallel.validate(model_config, mesh, rules, batch_rows)
-    if model_config.vocab_size < tokenizer.VOCAB_SIZE:
-        raise ValueError(f"the model's vocab_size {model_config.vocab_size} is smaller than the "
-                         f"byte tokenizer's {tokenizer.VOCAB_SIZE}")
     if is_lead:
         ckpt.save_model_config(workdir, model_config)
     schedule = learning_rate_schedule(config.optim.lr, config.optim.warmup_steps,
@@ -135,12 +144,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def sample(state, prompts, rng, temperature):
         return generate(variables_of(state), model_config, prompts,
                         max_new_tokens=rl.max_new_tokens, temperature=temperature,
-                        eos_id=tokenizer.EOS, rng=rng, mesh=mesh, rules=rules)
+                        eos_id=encoder.eos_id, rng=rng, mesh=mesh, rules=rules)
 
     def run_eval(state) -> dict:
         return evaluate(variables_of(state), model_config, eval_problems, data_cfg.template,
                         max_new_tokens=rl.max_new_tokens, batch_size=batch_rows,
-                        mesh=mesh, rules=rules)
+                        mesh=mesh, rules=rules, encoder=encoder)
 
     # --- checkpoint ---------------------------------------------------------------------------
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
@@ -174,16 +183,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
             idx = order[np.arange(step * rl.prompts_per_step, (step + 1) * rl.prompts_per_step)
                         % len(order)]
             problems = [p for p in _problems(train_src, idx) for _ in range(rl.group_size)]
-            prompts = rollout.encode_prompts(problems, data_cfg.template)
+            prompts = rollout.encode_prompts(problems, data_cfg.template, encoder)
             out = sample(state, prompts, jax.random.fold_in(rng, step), rl.temperature)
             tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
             completions = rollout.completion_ids(tokens, lengths)
             # 2. rewards and advantages
-            scores = rollout.score_completions(completions, problems, rl.format_weight)
+            scores = rollout.score_completions(completions, problems, rl.format_weight, encoder)
             advantages = adv_lib.group_advantages(scores["total"], rl.group_size,
                                                   rl.advantage_scale)
             # 3. old (and reference) log-probs once, then μ updates
-            rows = rollout.training_rows(prompts, completions, row_len, np.asarray(out.logprobs))
+            rows = rollout.training_rows(prompts, completions, row_len, np.asarray(out.logprobs),
+                                         pad_id=encoder.pad_id)
             batch = {"tokens": jax.device_put(rows["tokens"], batch_sharding),
                      "mask": jax.device_put(rows["mask"], batch_sharding),
                      "advantages": jax.device_put(advantages, rows_sharding)}
@@ -202,7 +212,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 old = np.asarray(batch["old_logp"])
                 gap = np.abs(rows["sampler_logp"] - old)[mask > 0]
                 truncated = np.mean([lengths[i] == rl.max_new_tokens and
-                                     (not completions[i] or completions[i][-1] != tokenizer.EOS)
+                                     (not completions[i] or completions[i][-1] != encoder.eos_id)
                                      for i in range(len(completions))])
                 last = {**{k: float(v) for k, v in m.items()},
                         "reward_mean": float(scores["total"].mean()),

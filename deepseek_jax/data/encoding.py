@@ -88,6 +88,23 @@ class Encoder:
         head = [self.bos_id] if self.add_bos else []
         return np.asarray(head + list(ids) + [self.eos_id], np.int32)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt to continue: bos (when `add_bos`) + ids, no eos."""
+        if self.path is None:
+            ids = byte_tokenizer.encode(text)
+        else:
+            ids = self._load().encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if self.add_bos else []) + [int(i) for i in ids]
+
+    def decode(self, ids) -> str:
+        """Generated ids to text, cut at the first eos (special tokens dropped)."""
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        if self.path is None:
+            return byte_tokenizer.decode(ids)
+        return self._load().decode(ids, skip_special_tokens=True)
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_hf"] = None                      # reloaded from `path` where it is used

@@ -11,13 +11,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.data import tokenizer
+from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import rollout
 
 
 def evaluate(variables, config: ModelConfig, problems: Sequence[dict[str, Any]], template: str,
              *, max_new_tokens: int, batch_size: int, show: int = 0, mesh=None,
-             rules=None) -> dict:
+             rules=None, encoder: Encoder = rollout.BYTES) -> dict:
     """{"accuracy", "format", "length", "samples"} over `problems` (batched; the last batch is
     padded by repeating problems, whose scores are dropped)."""
     from deepseek_jax.sampling import generate
@@ -26,11 +26,12 @@ def evaluate(variables, config: ModelConfig, problems: Sequence[dict[str, Any]],
         chunk = list(problems[start: start + batch_size])
         n = len(chunk)
         chunk += [chunk[-1]] * (batch_size - n)            # one compiled shape
-        out = generate(variables, config, rollout.encode_prompts(chunk, template),
-                       max_new_tokens=max_new_tokens, temperature=0.0, eos_id=tokenizer.EOS,
+        out = generate(variables, config, rollout.encode_prompts(chunk, template, encoder),
+                       max_new_tokens=max_new_tokens, temperature=0.0, eos_id=encoder.eos_id,
                        mesh=mesh, rules=rules)
         completions = rollout.completion_ids(np.asarray(out.tokens), np.asarray(out.lengths))
-        scores = rollout.score_completions(completions, chunk, format_weight=0.0)
+        scores = rollout.score_completions(completions, chunk, format_weight=0.0,
+                                           encoder=encoder)
         acc += list(scores["accuracy"][:n])
         fmt += list(scores["format"][:n])
         lengths += list(np.asarray(out.lengths)[:n])

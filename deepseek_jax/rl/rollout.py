@@ -15,11 +15,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from deepseek_jax.data import tokenizer
+from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import rewards
 
+BYTES = Encoder(None, add_bos=True)     # the default: byte tokenizer, prompts start with BOS
 
-def encode_prompts(problems: Sequence[dict[str, Any]], template: str) -> list[list[int]]:
-    return [tokenizer.encode(rewards.make_prompt(p, template), bos=True) for p in problems]
+
+def encode_prompts(problems: Sequence[dict[str, Any]], template: str,
+                   encoder: Encoder = BYTES) -> list[list[int]]:
+    """Template-wrapped prompts as ids (an HF model needs its own tokenizer.json's `Encoder`)."""
+    return [encoder.encode_prompt(rewards.make_prompt(p, template)) for p in problems]
 
 
 def completion_ids(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
@@ -28,9 +33,9 @@ def completion_ids(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
 
 
 def score_completions(completions: Sequence[list[int]], problems: Sequence[dict[str, Any]],
-                      format_weight: float) -> dict[str, np.ndarray]:
+                      format_weight: float, encoder: Encoder = BYTES) -> dict[str, np.ndarray]:
     """{"total", "accuracy", "format"} arrays [B] and the decoded texts."""
-    texts = [tokenizer.decode(c) for c in completions]
+    texts = [encoder.decode(c) for c in completions]
     scored = [rewards.score(t, p, format_weight) for t, p in zip(texts, problems)]
     out = {k: np.asarray([s[k] for s in scored], np.float32) for k in ("total", "accuracy",
                                                                        "format")}
@@ -39,11 +44,12 @@ def score_completions(completions: Sequence[list[int]], problems: Sequence[dict[
 
 
 def training_rows(prompts: Sequence[list[int]], completions: Sequence[list[int]], length: int,
-                  sampler_logprobs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  sampler_logprobs: np.ndarray | None = None,
+                  pad_id: int = tokenizer.PAD) -> dict[str, np.ndarray]:
     """Right-padded rows [B, length] of prompt + completion, the target-aligned mask, and (if
     given) the sampler's log-probs placed at the same positions as the mask."""
     B = len(prompts)
-    tokens = np.full((B, length), tokenizer.PAD, np.int32)
+    tokens = np.full((B, length), pad_id, np.int32)
     mask = np.zeros((B, length), np.float32)
     sampler = np.zeros((B, length), np.float32)
     for i, (p, c) in enumerate(zip(prompts, completions)):

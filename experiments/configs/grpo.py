@@ -53,6 +53,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.data.min_digits = 2            # fixed-width operands: digits at fixed prompt positions
     c.data.ops = "+-"
     c.data.template = template       # r1_zero (the paper's) or compact (short, for small models)
+    c.data.tokenizer = ""            # "" = the byte tokenizer; an HF model: its tokenizer.json
 
     c.rl = ml_collections.ConfigDict()
     c.rl.prompts_per_step = prompts
