@@ -47,6 +47,7 @@ guide, the compile is what says whether a strategy fits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -164,6 +165,11 @@ class Estimate:
         return self.model_flops / (self.step_time * self.peak_flops) if self.step_time else 0.0
 
 
+@functools.lru_cache(maxsize=64)
+def _flops_per_token(config: ModelConfig, seq: int) -> float:
+    return flops_per_token(config, seq)          # counts parameters with an eval_shape: cached
+
+
 def rules_for(preset: str, sizes: dict[str, int]) -> Rules:
     return logical_axis_rules(preset, abstract_mesh(sizes))
 
@@ -239,7 +245,7 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
     state = state_bytes(config, sizes, rules)
     acts = activation_bytes(config, sizes, rules, batch, seq)
 
-    model_flops = flops_per_token(config, seq) * batch * seq / n
+    model_flops = _flops_per_token(config, seq) * batch * seq / n
     recompute = 4 / 3 if config.remat_policy == "full" else 1.0
     hardware_flops = model_flops * recompute
     chip = target.chip

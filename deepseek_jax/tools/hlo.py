@@ -255,7 +255,7 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
             if kind is None:
                 continue
             if opcode.endswith("-done"):      # group size and channel live on the start
-                operand = re.search(r"\(%([\w.\-]+)", tail)
+                operand = re.search(r"%([\w.\-]+)", tail)
                 tail = starts.get(operand.group(1), tail) if operand else tail
             m = _CHANNEL.search(tail)
             channel = int(m.group(1)) if m else None

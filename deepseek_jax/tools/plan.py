@@ -20,6 +20,7 @@ estimated step time), printed as a table and written to OUT/plan.md, plan.csv an
                  (`cost_model.py`) and compiles the best --top_k.
   --remat, --dtype, --param_dtype   model numerics (defaults: full remat, bf16 compute for
                  models of a billion parameters or more, the config's values otherwise)
+  --set FIELD=VALUE  any other ModelConfig field (repeatable), e.g. --set=moe_capacity_factor=1.25
   --analytic_only  no compiles (GPU targets are always analytic: JAX has no compile-only
                  GPU devices)
   --isolate      compile each strategy in a child process (default for TPU targets), which also
@@ -34,21 +35,26 @@ from __future__ import annotations
 import os
 import sys
 
-# cpu-N: the fake device count must be set before JAX starts (here, before any jax import).
-_target_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--target=")), "")
-if __name__ == "__main__" and _target_arg.startswith("cpu-"):
-    _n = _target_arg.split("-", 1)[1]
+# Before JAX starts: the planner only compiles, so it runs on the CPU backend (TPU topologies
+# come from libtpu's compile-only API, which needs no TPU); it must not take the TPU lock another
+# process on this host may hold (libtpu's ALLOW_MULTIPLE_LIBTPU_LOAD); and for cpu-N the fake
+# device count must be set.
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    _target_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--target=")), "")
+    _n = _target_arg.split("-", 1)[1] if _target_arg.startswith("cpu-") else ""
     if _n.isdigit() and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
                                                                                       ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={_n}").strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
@@ -71,15 +77,19 @@ class PlanError(ValueError):
 
 # --- model ------------------------------------------------------------------------------------
 
-def load_model(name: str, remat: str | None = None, dtype: str | None = None,
-               param_dtype: str | None = None) -> ModelConfig:
-    """A config by name or HF config.json path, with the planner's numerics applied."""
-    if name.endswith(".json") or os.path.isdir(name):
-        path = os.path.join(name, "config.json") if os.path.isdir(name) else name
+def load_model(model, remat: str | None = None, dtype: str | None = None,
+               param_dtype: str | None = None, overrides: dict | None = None) -> ModelConfig:
+    """A config by name, HF config.json path or ModelConfig, with the planner's numerics applied:
+    models of a billion parameters or more default to full remat and bf16 compute (as the
+    pretraining configs run them); `overrides` sets any other ModelConfig field."""
+    if isinstance(model, ModelConfig):
+        config = model
+    elif model.endswith(".json") or os.path.isdir(model):
+        path = os.path.join(model, "config.json") if os.path.isdir(model) else model
         with open(path) as f:
             config = ModelConfig.from_hf(json.load(f))
     else:
-        config = get_config(name)
+        config = get_config(model)
     from deepseek_jax.model.params import count_params
     big = count_params(config)["total"] >= 1e9
     changes = {"remat_policy": remat or ("full" if big else config.remat_policy)}
@@ -87,7 +97,22 @@ def load_model(name: str, remat: str | None = None, dtype: str | None = None,
         changes["dtype"] = jnp.dtype(dtype or "bfloat16").type
     if param_dtype:
         changes["param_dtype"] = jnp.dtype(param_dtype).type
+    for field, value in (overrides or {}).items():
+        if not hasattr(config, field):
+            raise PlanError(f"--set {field}=...: ModelConfig has no field {field!r}")
+        current = getattr(config, field)
+        if isinstance(current, bool):
+            value = str(value).lower() in ("1", "true", "yes")
+        elif isinstance(current, (int, float, str)):
+            value = type(current)(value)
+        else:
+            value = jnp.dtype(value).type
+        changes[field] = value
     return config.replace(**changes)
+
+
+def _model_label(model) -> str:
+    return model if isinstance(model, str) else "custom config"
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -206,30 +231,36 @@ def compile_in_process(config: ModelConfig, strategy: Strategy, target: Target, 
     return result
 
 
-def compile_isolated(args_json: dict) -> dict:
-    """Runs one compile in a child process; adds its wall time and peak host RSS."""
+def compile_isolated(args_json: dict, timeout_s: float = 900.0) -> dict:
+    """Runs one compile in a child process; adds its wall time and peak host RSS. A compile that
+    outlives `timeout_s` is stopped and reported as such."""
     cmd = [sys.executable, "-m", "deepseek_jax.tools.plan", "--worker", json.dumps(args_json),
            f"--target={args_json['target']}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = "", ""
-    # os.wait4 gives this child's own peak RSS (getrusage(RUSAGE_CHILDREN) would give the max).
-    import threading
-    out_chunks, err_chunks = [], []
-    readers = [threading.Thread(target=lambda: out_chunks.append(proc.stdout.read())),
-               threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()))]
-    for r in readers:
-        r.start()
+    chunks = {"out": [], "err": []}
+    readers = [threading.Thread(target=lambda: chunks["out"].append(proc.stdout.read())),
+               threading.Thread(target=lambda: chunks["err"].append(proc.stderr.read()))]
+    timer = threading.Timer(timeout_s, proc.kill)
+    for t in (*readers, timer):
+        t.start()
+    # os.wait4 gives this child's own peak RSS (getrusage(RUSAGE_CHILDREN) is a max over all).
     _, status, usage = os.wait4(proc.pid, 0)
+    timed_out = not timer.is_alive()
+    timer.cancel()
     for r in readers:
         r.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    stdout, stderr = "".join(out_chunks), "".join(err_chunks)
+    stdout, stderr = "".join(chunks["out"]), "".join(chunks["err"])
     wall = time.perf_counter() - t0
     rss = usage.ru_maxrss * 1024.0            # Linux reports KiB
-    lines = [l for l in stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if timed_out:
+        return {"fits": None, "error": f"compile did not finish in {timeout_s:.0f} s "
+                f"(--compile_timeout)", "process_s": wall, "host_rss": rss,
+                "compile_s": wall}
     if proc.returncode or not lines:
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        tail = "\n".join(stderr.strip().splitlines()[-3:])
         return {"fits": None, "error": f"compile failed (exit {proc.returncode}): {tail}",
                 "process_s": wall, "host_rss": rss}
     result = json.loads(lines[-1])
@@ -298,10 +329,12 @@ def rank(rows: list[dict]) -> list[dict]:
 def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "all",
          top_k: int = 6, analytic_only: bool = False, isolate: bool | None = None,
          remat: str | None = None, dtype: str | None = None, param_dtype: str | None = None,
+         compile_timeout: float = 900.0, overrides: dict | None = None,
          log=print) -> tuple[dict, list[dict]]:
-    """Plans `strategies` for `model` on `target_name`; returns (header, ranked rows)."""
+    """Plans `strategies` for `model` (name, config.json path or ModelConfig) on `target_name`;
+    returns (header, ranked rows)."""
     target = parse_target(target_name)
-    config = load_model(model, remat, dtype, param_dtype)
+    config = load_model(model, remat, dtype, param_dtype, overrides)
     if strategies.strip() == "all":
         candidates = enumerate_strategies(config, target, batch)
         if not candidates:
@@ -327,11 +360,10 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
         if compile_it and s in chosen:
             log(f"compiling {s.label} for {target.name} ...")
             if isolate:
-                compiled = compile_isolated({"model": model, "target": target_name,
+                compiled = compile_isolated({"config": config.to_dict(), "target": target_name,
                                              "batch": batch, "seq": seq, "preset": s.preset,
-                                             "mesh": s.mesh, "remat": config.remat_policy,
-                                             "dtype": jnp.dtype(config.dtype).name,
-                                             "param_dtype": jnp.dtype(config.param_dtype).name})
+                                             "mesh": s.mesh},
+                                            compile_timeout)
             else:
                 t0 = time.perf_counter()
                 compiled = compile_in_process(config, s, target, batch, seq)
@@ -339,7 +371,7 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
         rows.append(build_row(config, s, target, batch, seq, compiled))
     from deepseek_jax.model.params import count_params
     n = count_params(config)
-    header = {"model": model, "target": target.describe(), "batch": batch, "seq": seq,
+    header = {"model": _model_label(model), "target": target.describe(), "batch": batch, "seq": seq,
               "params_b": n["total"] / 1e9, "mtp_b": n["mtp"] / 1e9,
               "remat": config.remat_policy, "dtype": jnp.dtype(config.dtype).name,
               "param_dtype": jnp.dtype(config.param_dtype).name,
@@ -351,7 +383,7 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
 def _worker(request: str) -> None:
     """Child-process entry of --isolate: compile one strategy, print its result as JSON."""
     r = json.loads(request)
-    config = load_model(r["model"], r["remat"], r["dtype"], r["param_dtype"])
+    config = ModelConfig.from_dict(r["config"])
     target = parse_target(r["target"])
     strategy = Strategy.make(r["preset"], r["mesh"])
     result = compile_in_process(config, strategy, target, r["batch"], r["seq"])
@@ -373,6 +405,10 @@ def main(argv=None) -> int:
     ap.add_argument("--analytic_only", action="store_true")
     ap.add_argument("--isolate", dest="isolate", action="store_true", default=None)
     ap.add_argument("--no_isolate", dest="isolate", action="store_false")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a ModelConfig field, e.g. --set=moe_capacity_factor=1.25")
+    ap.add_argument("--compile_timeout", type=float, default=900.0,
+                    help="seconds one isolated compile may take")
     ap.add_argument("--out", default="", help="folder for plan.md, plan.csv, plan.png")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -380,10 +416,12 @@ def main(argv=None) -> int:
         _worker(args.worker)
         return 0
     try:
+        overrides = dict(item.split("=", 1) for item in args.set)
         batch = args.batch or parse_target(args.target).n_chips
         header, rows = plan(args.model, args.target, batch, args.seq, args.strategies,
                             args.top_k, args.analytic_only, args.isolate, args.remat, args.dtype,
-                            args.param_dtype, log=lambda m: print(m, file=sys.stderr, flush=True))
+                            args.param_dtype, args.compile_timeout, overrides,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
     except (PlanError, TargetError, parallel.MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

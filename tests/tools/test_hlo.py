@@ -1,0 +1,132 @@
+"""HLO collective parsing: hand-written programs with known answers, and a compiled one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from deepseek_jax.tools import hlo
+
+# A program in the shape XLA prints after SPMD partitioning: a combined (tuple) all-reduce, an
+# async all-gather pair, a reduce-scatter, an all-to-all, a permute, and a while loop (trip count
+# 4 from the backend config) whose body runs an all-gather.
+PROGRAM = """HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], f32[2,8])) -> (s32[], f32[2,8]) {
+  %p = (s32[], f32[2,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %w = f32[2,8]{1,0} get-tuple-element(%p), index=1
+  %ag = f32[8,8]{1,0} all-gather(%w), channel_id=7, replica_groups=[2,4]<=[8], dimensions={0}, use_global_device_ids=true
+  %s = f32[2,8]{1,0} slice(%ag), slice={[0:2], [0:8]}
+  ROOT %t = (s32[], f32[2,8]{1,0}) tuple(%i, %s)
+}
+
+%cond (q: (s32[], f32[2,8])) -> pred[] {
+  %q = (s32[], f32[2,8]{1,0}) parameter(0)
+  %n = s32[] constant(4)
+  %j = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (a: f32[1024], b: bf16[16,4], c: f32[2,8]) -> f32[] {
+  %a = f32[1024]{0} parameter(0)
+  %b = bf16[16,4]{1,0} parameter(1)
+  %c = f32[2,8]{1,0} parameter(2)
+  %ar = (f32[1024]{0}, bf16[16,4]{1,0}) all-reduce(f32[1024]{0} %a, bf16[16,4]{1,0} %b), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}, use_global_device_ids=true, to_apply=%add
+  %ags = (bf16[16,4]{1,0}, bf16[64,4]{1,0}) all-gather-start(bf16[16,4]{1,0} %b), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}, use_global_device_ids=true
+  %agd = bf16[64,4]{1,0} all-gather-done((bf16[16,4]{1,0}, bf16[64,4]{1,0}) %ags)
+  %rs = f32[256]{0} reduce-scatter(f32[1024]{0} %a), channel_id=3, replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add
+  %a2a = bf16[16,4]{1,0} all-to-all(bf16[16,4]{1,0} %b), channel_id=4, replica_groups=[4,2]<=[8], dimensions={0}
+  %cp = f32[1024]{0} collective-permute(f32[1024]{0} %a), channel_id=5, source_target_pairs={{0,1},{1,0}}
+  %init = (s32[], f32[2,8]{1,0}) tuple(s32[] constant(0), %c)
+  %loop = (s32[], f32[2,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_shape_bytes_sums_tuples_and_ignores_layouts():
+    assert hlo.shape_bytes("f32[1024]{0}") == 4096
+    assert hlo.shape_bytes("(f32[1024]{0}, bf16[16,4]{1,0})") == 4096 + 128
+    assert hlo.shape_bytes("bf16[1,256,256]{2,1,0:T(8,128)(2,1)S(1)}") == 2 * 256 * 256
+    assert hlo.shape_bytes("f32[]") == 4
+    assert hlo.shape_bytes("(s32[], /*index=1*/u32[]{:S(2)})") == 8
+
+
+def test_known_program():
+    stats = hlo.collective_stats(PROGRAM)
+    by = stats.by_kind()
+    # Combined all-reduce: both tuple elements, once.
+    assert by["all-reduce"] == {"count": 1, "executions": 1, "bytes": 4096 + 128}
+    # The async pair counts once (at the done: 64×4 bf16 output); the loop's gather runs 4 times.
+    assert by["all-gather"]["count"] == 2
+    assert by["all-gather"]["executions"] == 1 + 4
+    assert by["all-gather"]["bytes"] == 64 * 4 * 2 + 4 * (8 * 8 * 4)
+    # Reduce-scatter: the unreduced input (256 floats × group of 4).
+    assert by["reduce-scatter"]["bytes"] == 256 * 4 * 4
+    assert by["all-to-all"]["bytes"] == 128
+    assert by["collective-permute"]["bytes"] == 4096
+    groups = {c.name: c.group_size for c in stats.collectives}
+    assert groups == {"ar": 8, "agd": 4, "rs": 4, "a2a": 2, "cp": 2, "ag": 4}
+    assert stats.unknown_loops == []
+
+
+def test_trip_count_from_condition_constant_and_channel_dedup():
+    # TPU style: no known_trip_count; the condition compares with constant(4). The same channel
+    # cloned into two fusions (async start and done) counts once.
+    text = PROGRAM.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
+    text = text.replace("  ROOT %r = f32[] constant(0)",
+                        "  %dup = f32[1024]{0} collective-permute(f32[1024]{0} %a), channel_id=5, "
+                        "source_target_pairs={{0,1},{1,0}}\n  ROOT %r = f32[] constant(0)")
+    by = hlo.collective_stats(text).by_kind()
+    assert by["all-gather"]["executions"] == 5
+    assert by["collective-permute"]["count"] == 1
+
+
+def test_unknown_trip_count_is_reported():
+    text = PROGRAM.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
+    text = text.replace("  %n = s32[] constant(4)\n", "").replace("compare(%j, %n)", "compare(%j, %j)")
+    stats = hlo.collective_stats(text)
+    assert stats.unknown_loops == ["loop"]
+    assert stats.by_kind()["all-gather"]["executions"] == 2
+
+
+def test_compiled_program_on_eight_devices():
+    """A scanned, FSDP-sharded matmul: the compiler's own HLO, counted per step."""
+    devices = jax.devices()[:8]
+    mesh = Mesh(np.array(devices), ("x",))
+    L, D = 3, 64
+
+    def f(w, x):
+        def body(h, wl):
+            return jnp.tanh(h @ wl), None
+        return jax.lax.scan(body, x, w)[0].sum()
+
+    step = jax.jit(jax.grad(f), in_shardings=(NamedSharding(mesh, P(None, "x", None)),
+                                              NamedSharding(mesh, P("x", None))),
+                   out_shardings=NamedSharding(mesh, P(None, "x", None)))
+    compiled = step.lower(jax.ShapeDtypeStruct((L, D, D), jnp.float32),
+                          jax.ShapeDtypeStruct((16, D), jnp.float32)).compile()
+    stats = hlo.collective_stats(compiled.as_text())
+    by = stats.by_kind()
+    assert stats.unknown_loops == []
+    # Every layer's weight is gathered whole (D·D fp32) in the forward loop and again in the
+    # backward loop: 2·L gathers of 16 KiB.
+    assert by["all-gather"]["executions"] == 2 * L
+    assert by["all-gather"]["bytes"] == 2 * L * D * D * 4
+    # Each layer's weight gradient is reduced over the 8 batch shards (all-reduce or
+    # reduce-scatter, as the compiler chooses): L arrays of D·D fp32 in total.
+    reduced = sum(by.get(k, {}).get("bytes", 0) for k in ("all-reduce", "reduce-scatter"))
+    assert reduced == L * D * D * 4
+
+
+@pytest.mark.parametrize("n,expected", [(0, "0 B"), (1536, "1.5 KiB"), (3 * 2 ** 30, "3.0 GiB")])
+def test_format_bytes(n, expected):
+    assert hlo.format_bytes(n) == expected
