@@ -15,11 +15,10 @@ import pathlib
 import sys
 import time
 
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
+from nbclient.exceptions import CellExecutionError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -98,6 +97,6 @@ def test_runs_top_to_bottom(path):
     start = time.perf_counter()
     try:
         client.execute(env=_kernel_env())
-    except nbclient.exceptions.CellExecutionError as e:
+    except CellExecutionError as e:
         pytest.fail(f"{path.name} failed:\n{e}", pytrace=False)
     print(f"{path.name}: {time.perf_counter() - start:.1f} s")
