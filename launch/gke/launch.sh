@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# GKE launch of a pretraining run on TPU slices: with a JobSet (kubectl) or with xpk.
+#
+#   launch/gke/launch.sh jobset --run=v3-001 --type=v5p-1024 [--slices=2] --image=IMAGE \
+#       --bucket=BUCKET [--config=v3-671b] [--service-account=KSA] [--dry-run] [-- EXTRA ARGS]
+#   launch/gke/launch.sh xpk --run=v3-001 --type=v5p-1024 [--slices=2] --image=IMAGE \
+#       --cluster=CLUSTER --zone=ZONE --bucket=BUCKET [--project=ID] [--dry-run] [-- EXTRA ARGS]
+#   launch/gke/launch.sh delete --run=v3-001 [--dry-run]
+#
+# IMAGE is a container with this repository at its working directory and the README's set-up
+# done (`pip install -r requirements-dev.txt && pip install -e .[tpu]`). BUCKET is a GCS bucket
+# name (no gs://); the run writes to gs://BUCKET/RUN through a FUSE mount at /mnt/run.
+# --dry-run prints the rendered YAML and the commands instead of running them.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+
+ACTION="${1:-}"; shift || true
+RUN="" TYPE="v5p-1024" SLICES=1 IMAGE="" BUCKET="" CONFIG="v3-671b" SERVICE_ACCOUNT="default"
+CLUSTER="" ZONE="" PROJECT="" MAX_RESTARTS=3 DRY_RUN=0 EXTRA=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --run=*) RUN="${1#*=}" ;;
+    --type=*) TYPE="${1#*=}" ;;
+    --slices=*) SLICES="${1#*=}" ;;
+    --image=*) IMAGE="${1#*=}" ;;
+    --bucket=*) BUCKET="${1#*=}"; BUCKET="${BUCKET#gs://}" ;;
+    --config=*) CONFIG="${1#*=}" ;;
+    --service-account=*) SERVICE_ACCOUNT="${1#*=}" ;;
+    --cluster=*) CLUSTER="${1#*=}" ;;
+    --zone=*) ZONE="${1#*=}" ;;
+    --project=*) PROJECT="${1#*=}" ;;
+    --max-restarts=*) MAX_RESTARTS="${1#*=}" ;;
+    --dry-run) DRY_RUN=1 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+  shift
+done
+die() { echo "error: $*" >&2; exit 2; }
+need() { for v in "$@"; do [[ -n "${!v}" ]] || die "--$(echo "$v" | tr 'A-Z_' 'a-z-')=... is required for '$ACTION'"; done; }
+run() { if [[ "$DRY_RUN" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
+
+# Accelerator type → GKE node labels, slice topology and hosts (4 chips per host).
+slice_facts() {
+  local gen="${TYPE%-*}" n="${TYPE##*-}" chips dims
+  case "$gen" in
+    v5p) GKE_ACCELERATOR="tpu-v5p-slice"; chips=$((n / 2)); dims=3 ;;
+    v5litepod) GKE_ACCELERATOR="tpu-v5-lite-podslice"; chips=$n; dims=2 ;;
+    v6e) GKE_ACCELERATOR="tpu-v6e-slice"; chips=$n; dims=2 ;;
+    *) die "--type=$TYPE: use v5p-N, v5litepod-N or v6e-N" ;;
+  esac
+  (( chips >= 4 && (chips & (chips - 1)) == 0 )) || die "--type=$TYPE: $chips chips; use a power-of-two slice of at least 4 chips"
+  # Cloud TPU slice shapes: double the smallest dimension first (v5p 512 chips → 8x8x8).
+  local -a shape; for ((i = 0; i < dims; i++)); do shape[i]=1; done
+  local prod=1
+  while (( prod < chips )); do
+    local m=0; for ((i = 1; i < dims; i++)); do (( shape[i] < shape[m] )) && m=$i; done
+    shape[m]=$((shape[m] * 2)); prod=$((prod * 2))
+  done
+  TOPOLOGY="$(printf '%s\n' "${shape[@]}" | sort -n | awk '$1>1' | paste -sd x)"
+  local ones; ones="$(printf '%s\n' "${shape[@]}" | awk '$1==1' | wc -l)"
+  for ((i = 0; i < ones; i++)); do TOPOLOGY+="x1"; done
+  HOSTS=$((chips / 4))
+}
+
+EXTRA_ARGS=""; for a in "${EXTRA[@]}"; do EXTRA_ARGS+=" $(printf '%q' "$a")"; done
+[[ "$SLICES" != 1 ]] && EXTRA_ARGS=" --config.mesh.dcn_data=-1$EXTRA_ARGS"
+
+case "$ACTION" in
+  jobset)
+    need RUN IMAGE BUCKET
+    slice_facts
+    YAML="$(RUN="$RUN" SLICES="$SLICES" HOSTS="$HOSTS" GKE_ACCELERATOR="$GKE_ACCELERATOR" \
+      TOPOLOGY="$TOPOLOGY" IMAGE="$IMAGE" CONFIG="$CONFIG" EXTRA_ARGS="$EXTRA_ARGS" \
+      BUCKET="$BUCKET" SERVICE_ACCOUNT="$SERVICE_ACCOUNT" MAX_RESTARTS="$MAX_RESTARTS" \
+      python3 -c 'import os, re, sys
+text = open(sys.argv[1]).read()
+print(re.sub(r"\$\{(\w+)\}", lambda m: os.environ[m.group(1)], text), end="")' "$HERE/jobset.yaml")"
+    if [[ "$DRY_RUN" == 1 ]]; then
+      echo "$YAML"; echo "---"; echo "kubectl apply -f - # the YAML above"
+      echo "kubectl logs -f --max-log-requests=$((HOSTS * SLICES)) -l jobset.sigs.k8s.io/jobset-name=$RUN"
+    else
+      echo "$YAML" | kubectl apply -f -
+      echo "logs: kubectl logs -f -l jobset.sigs.k8s.io/jobset-name=$RUN" >&2
+    fi
+    ;;
+  xpk)
+    need RUN IMAGE CLUSTER ZONE BUCKET
+    slice_facts
+    PROJECT_FLAG=(); [[ -n "$PROJECT" ]] && PROJECT_FLAG=(--project="$PROJECT")
+    # xpk sets the TPU and MEGASCALE variables itself; the bucket is mounted by the cluster's
+    # storage attachment (xpk storage attach RUN --type=gcsfuse --bucket=BUCKET --mount-point=/mnt/run).
+    run xpk storage attach "$RUN-run" --type=gcsfuse --bucket="$BUCKET" --mount-point=/mnt/run \
+      --readonly=false --auto-mount=true --cluster="$CLUSTER" --zone="$ZONE" "${PROJECT_FLAG[@]}"
+    run xpk workload create --workload="$RUN" --cluster="$CLUSTER" --zone="$ZONE" \
+      "${PROJECT_FLAG[@]}" --device-type="$TYPE" --num-slices="$SLICES" \
+      --docker-image="$IMAGE" --max-restarts="$MAX_RESTARTS" \
+      --command="python -m experiments.pretrain --config=experiments/configs/pretrain.py:$CONFIG --workdir=/mnt/run/$RUN$EXTRA_ARGS"
+    ;;
+  delete)
+    need RUN
+    if [[ -n "$CLUSTER" ]]; then
+      run xpk workload delete --workload="$RUN" --cluster="$CLUSTER" --zone="$ZONE"
+    else
+      run kubectl delete jobset "$RUN"
+    fi
+    ;;
+  *)
+    echo "usage: $0 jobset|xpk|delete --run=NAME ... [--dry-run]" >&2; exit 2 ;;
+esac
