@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -65,6 +66,14 @@ def compile_memory(n_layers: int, batch: int, seq: int, remat: str, buffer_facto
     t0 = time.perf_counter()
     lowered = step.lower(state, data)
     out = {"n_layers": n_layers, "n_moe_layers": config.n_moe_layers}
+    # Per-chip bytes of one scanned MoE layer's parameters and AdamW moments (exact shard shapes),
+    # for the one-compile extrapolation.
+    def shard(leaf):
+        return math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+    stack = lambda tree: sum(shard(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+                             if "moe_layers" in jax.tree_util.keystr(p))
+    out["moe_layer_params"] = stack(state.params) / config.n_moe_layers
+    out["moe_layer_state"] = (stack(state.params) + stack(state.opt_state)) / config.n_moe_layers
     try:
         compiled = lowered.compile()
     except Exception as e:          # noqa: BLE001 — an OOM report is a result
@@ -84,7 +93,9 @@ def compile_memory(n_layers: int, batch: int, seq: int, remat: str, buffer_facto
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", default="4,5", help="two n_layers values (3 are dense)")
+    ap.add_argument("--layers", default="4,5",
+                    help="n_layers values (3 are dense): two give a measured per-layer slope, "
+                         "one a slope from shapes")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--remat", default="full")
@@ -114,6 +125,21 @@ def main():
         print(f"v3-671b (58 MoE layers) extrapolated: total {full['total'] / GIB:.1f} GiB, "
               f"temp {full['temp'] / GIB:.1f} GiB, arguments {full['arguments'] / GIB:.1f} GiB "
               f"of {V5P_HBM / GIB:.1f} GiB HBM → {'fits' if summary['fits_v5p'] else 'DOES NOT FIT'}")
+    if len(results) == 1 and results[0]["fits"]:
+        # One compile: the per-layer slope from shapes — state (params + moments, arguments),
+        # fp32 gradients of the stacked parameters (temporaries), and with remat "full" one saved
+        # [b, T, D] bf16 layer input per chip.
+        (a,) = results
+        saved = args.batch // 512 * args.seq * get_config("v3-671b").d_model * 2
+        per_layer = {"arguments": a["moe_layer_state"], "temp": a["moe_layer_params"] + saved}
+        per_layer["total"] = per_layer["arguments"] + per_layer["temp"]
+        full = {k: a[k] + per_layer[k] * (58 - a["n_moe_layers"]) for k in per_layer}
+        summary.update(per_moe_layer_from_shapes=per_layer, v3_671b_extrapolated=full,
+                       fits_v5p=full["total"] < V5P_HBM)
+        print(f"per MoE layer (from shapes): {per_layer['total'] / GIB:.2f} GiB; v3-671b "
+              f"extrapolated: total {full['total'] / GIB:.1f} GiB (temp {full['temp'] / GIB:.1f}, "
+              f"arguments {full['arguments'] / GIB:.1f}) of {V5P_HBM / GIB:.1f} GiB → "
+              f"{'fits' if summary['fits_v5p'] else 'DOES NOT FIT'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1, default=float)
