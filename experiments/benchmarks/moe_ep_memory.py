@@ -11,7 +11,9 @@ To stay cheap on a small host it compiles the model with fewer layers (3 dense l
 MoE layers, the MTP module) and extrapolates linearly in the number of MoE layers to V3's 58:
 with scanned layers, parameters, optimizer state and saved layer inputs grow by the same amount
 per layer, while the temporaries of one layer's forward and backward (the all-to-all buffers
-among them) are reused by every layer. Two compiles give the per-layer slope.
+among them) are reused by every layer. Two compiles (`--layers 4,5`) measure the per-layer slope;
+one (`--layers 4`) takes it from the state's shard shapes (parameters, moments, fp32 gradients,
+one saved layer input). On a shared 2-core host one compile takes about 17 minutes.
 
 The EP exchange is the bounded one (`parallel/expert.py`): a receive buffer of
 moe_ep_buffer_factor × the balanced load per round, overflow rounds for skewed routing; it never
