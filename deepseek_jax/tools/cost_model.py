@@ -24,7 +24,9 @@ Memory per chip
 
 Collectives per chip and step, as in the HLO parser (`hlo.py`: bytes = the whole array moved)
   fsdp       all-gather of every fsdp-sharded weight in the compute dtype, in the forward pass
-             and again in the backward pass; reduce-scatter of its gradient in the param dtype.
+             and again in the backward pass (what the compilers do under remat; without remat
+             the TPU compiler may keep the forward's gathered weights, one gather);
+             reduce-scatter of its gradient in the param dtype.
   data, dcn  all-reduce of each gradient over the batch axes it is replicated on.
   tensor     Megatron: an all-reduce of the [B, T, D] output of attention and of the FFN per
              layer in the forward pass, two more in the backward pass (and again when remat

@@ -20,7 +20,9 @@ Counting rules:
   tuple also holds the inputs). Collectives wrapped in `async-start(..., calls=%c)` are counted
   where they are defined, inside `%c`.
 * TPU programs clone one collective into the fusions of its asynchronous start, continuation
-  and done (same `channel_id` in each); those count once per channel id.
+  and done (same `channel_id` and shape in each); those count once.
+* TPU reduce-scatters are fusions named `all-reduce-scatter.N` around an all-reduce of the whole
+  array; they count as reduce-scatters.
 * Executions per step: a collective inside a `while` body runs once per iteration. Trip
   counts come from `known_trip_count` in the while's backend config (CPU) or, failing that, the
   integer constant its condition compares against (TPU); multipliers are propagated through
@@ -259,10 +261,18 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
                 tail = starts.get(operand.group(1), tail) if operand else tail
             m = _CHANNEL.search(tail)
             channel = int(m.group(1)) if m else None
-            coll = Collective(kind=kind, name=name, computation=comp,
-                              result_bytes=shape_bytes(shape), group_size=_group_size(tail, kind),
-                              channel=channel, executions=max(runs.get(comp, 0), 1))
-            key = (kind, channel) if channel is not None else (kind, comp, name)
+            result_bytes = shape_bytes(shape)
+            group = _group_size(tail, kind)
+            key = (kind, channel, result_bytes) if channel is not None else (kind, comp, name)
+            if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
+                # TPU writes a reduce-scatter as a fusion `all-reduce-scatter.N` holding an
+                # all-reduce of the whole array and a slice; it is called once per use, so it is
+                # not one of the async clones either.
+                kind, result_bytes = "reduce-scatter", result_bytes // max(group, 1)
+                key = (kind, comp, name)
+            coll = Collective(kind=kind, name=name, computation=comp, result_bytes=result_bytes,
+                              group_size=group, channel=channel,
+                              executions=max(runs.get(comp, 0), 1))
             prev = found.get(key)
             if prev is None or coll.executions > prev.executions:
                 found[key] = coll
