@@ -297,7 +297,8 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
                total=compiled["total"], act_temp=compiled["total"] - fixed)
     row["fits"] = bool(compiled["fits"]) and compiled["total"] <= hbm
     if not compiled["fits"]:
-        row["note"] = "compiler: out of HBM (" + compiled.get("error", "")[-120:] + ")"
+        row["note"] = ("compiler: out of HBM (" + compiled.get("error", "")[-120:]
+                       + "); collectives and times are analytic")
         return row
     row["xla_tflops"] = compiled.get("xla_flops", float("nan")) / 1e12
     stats = _stats_from_json(compiled["collectives"])
