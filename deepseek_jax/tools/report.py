@@ -80,7 +80,7 @@ def text_table(header: dict, rows: list[dict]) -> str:
 
 
 def markdown(header: dict, rows: list[dict]) -> str:
-    lines = [f"# Sharding plan", "", _title(header) + ".", "",
+    lines = ["# Sharding plan", "", _title(header) + ".", "",
              "Memory and collectives in GiB per chip per step, times in seconds per step. "
              "`model` is the analytic memory estimate; `total` is the compiler's when the "
              "source says compiled.", "",
