@@ -64,3 +64,45 @@ def test_data_parallel_over_two_devices_equals_one(tmp_path):
         np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-3, atol=1e-7)
     for x, y in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def _char_tokenizer(path):
+    """An HF tokenizer.json with one token per character (fits the fixture's 64 ids)."""
+    import tokenizers
+    chars = sorted(set("What is 0123456789+-=?<>/thinkanswer"))
+    vocab = {"<｜begin▁of▁sentence｜>": 0, "<｜end▁of▁sentence｜>": 1, "<unk>": 2}
+    vocab.update({c: i + 3 for i, c in enumerate(chars)})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), "isolated")
+    tok.decoder = tokenizers.decoders.Fuse()
+    tok.add_special_tokens(["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"])
+    tok.save(str(path))
+    return str(path)
+
+
+def test_grpo_from_an_hf_imported_checkpoint(tmp_path):
+    """HF folder → converted Orbax → GRPO policy, prompts through the model's tokenizer."""
+    import jax.numpy as jnp
+    from deepseek_jax.checkpoint import convert_to_orbax, load_hf_checkpoint
+    hf = os.path.join(os.path.dirname(__file__), "..", "checkpoint", "fixtures", "v3")
+    converted = str(tmp_path / "v3_orbax")
+    convert_to_orbax(hf, converted, preset="fsdp", mesh_config={"fsdp": 8}, dtype=jnp.float32)
+    c = get_config("tiny")
+    c.init.pretrain_dir = converted
+    c.data.num_train, c.data.num_eval = 100, 8
+    c.data.tokenizer = _char_tokenizer(tmp_path / "tokenizer.json")
+    c.train.steps, c.train.eval_every, c.train.eval_problems = 1, 1, 8
+    result = grpo.train_and_evaluate(c, str(tmp_path / "run"))
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert np.isfinite(rows[0]["loss"])
+    # The imported config computes in bf16: the sampler's cached, absorbed attention and the
+    # trainer's expanded attention round differently (median ~6e-3 per token here, max ~0.2).
+    # The update uses the trainer's own old log-probs, so this gap is only reported.
+    assert rows[0]["sampler_trainer_logp_gap"] < 0.5
+    assert 0.0 <= result["after"]["accuracy"] <= 1.0
+    # The policy started from the imported weights: one small update away from them at most.
+    _, start = load_hf_checkpoint(hf, dtype=jnp.float32)
+    _, trained = load_trained(str(tmp_path / "run"))
+    assert jax.tree.structure(start["params"]) == jax.tree.structure(trained["params"])
+    for a, b in zip(jax.tree.leaves(start["params"]), jax.tree.leaves(trained["params"])):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() < 0.01     # μ·lr = 2e-3 per Adam step
