@@ -19,11 +19,16 @@ What is in:
                          summed back per token. Same values and gradients as the dense path.
   MoE                    the Flax module: router, stacked experts, shared experts, statistics.
 
-Expert parallelism: when the active mesh and rules (`parallel.sharding_context`) split E over a
-mesh axis of size > 1 and `moe_impl` is "ragged", the module calls
-`parallel.expert.expert_parallel_moe` (shard_map + all-to-all, dropless with a bounded buffer);
-`moe_impl="dense"` stays the compiler-partitioned reference. Nothing else changes: same
-parameters, same statistics (loads are global counts either way).
+Sharded meshes (`moe_impl="ragged"`, mesh and rules from `parallel.sharding_context`): when the
+rules split E over a mesh axis of size > 1 the module calls `parallel.expert.expert_parallel_moe`
+(shard_map + all-to-all, dropless with a bounded buffer). When E stays whole but the batch is
+split (dp, fsdp, fsdp_tp: `expert.layout_from_context` gives a layout without expert axes), the
+same function dispatches locally: each device sorts only its own tokens and runs them through the
+full expert weights inside a shard_map, with no exchange. Left to the compiler, the global sort of
+`ragged_dispatch` would gather routing scores and ids over the whole batch and all-reduce the
+routed token copies (280 GiB of temporaries per chip for V3 on 512 chips). `moe_impl="dense"`
+stays the compiler-partitioned reference. Nothing else changes: same parameters, same statistics
+(loads are global counts either way).
 
 Token dropping (`moe_capacity_factor` > 0, default 0 = dropless as in V3): pairs past their
 expert's per-sequence capacity (`parallel.expert.capacity_keep`) get weight zero on every path
@@ -283,25 +288,31 @@ class MoE(nn.Module):
         # Router in full fp32 (HIGHEST keeps TPU/GPU from using bf16/tf32 passes); it is tiny.
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router.astype(jnp.float32),
                             precision=jax.lax.Precision.HIGHEST)              # [B, T, E]
-        weights, idx, scores = gate(logits, bias, c)                          # [B, T, X] ×2
-        # Shared experts first: they do not depend on the routed exchange, so the scheduler may
-        # run them while the all-to-all is in flight.
-        shared = None
-        if c.n_shared_experts > 0:
-            shared = MLP(c, d_ff=c.n_shared_experts * F, name="shared")(x)    # [B, T, D]
-
-        keep, stats = None, {}
-        if c.moe_capacity_factor > 0:
-            from deepseek_jax.parallel.expert import capacity_keep
-            keep = capacity_keep(idx, E, c.moe_capacity_factor)               # [B, T, X]
-            stats["dropped"] = jnp.sum(~keep).astype(jnp.float32)
         layout = None
         # Not at init: the routed output does not matter there, and init traces a dummy batch
         # (often one sequence) that need not split over the batch axes.
         if c.moe_impl == "ragged" and not self.is_initializing():
             # Imported here: deepseek_jax.parallel imports the model (shardings from its init).
             from deepseek_jax.parallel import expert
-            layout = expert.layout_from_context(c)
+            layout = expert.layout_from_context(c, batch_size=x.shape[0])
+        keep, stats, balance = None, {}, None
+        if layout is not None:
+            # Gate, balance loss and capacity per device on its own sequences (the compiler
+            # would gather the scores over the batch for the top-k).
+            weights, idx, balance, keep = expert.local_routing(logits, bias, c, layout)
+        else:
+            weights, idx, scores = gate(logits, bias, c)                      # [B, T, X] ×2
+            if c.moe_capacity_factor > 0:
+                from deepseek_jax.parallel.expert import capacity_keep
+                keep = capacity_keep(idx, E, c.moe_capacity_factor)           # [B, T, X]
+        if keep is not None:
+            stats["dropped"] = jnp.sum(~keep).astype(jnp.float32)
+        # Shared experts first: they do not depend on the routed exchange, so the scheduler may
+        # run them while the all-to-all is in flight.
+        shared = None
+        if c.n_shared_experts > 0:
+            shared = MLP(c, d_ff=c.n_shared_experts * F, name="shared")(x)    # [B, T, D]
+
         if layout is not None:
             y, load, _ = expert.expert_parallel_moe(
                 x, weights, idx, w_gate, w_up, w_down, layout=layout, dtype=c.dtype,
@@ -322,7 +333,9 @@ class MoE(nn.Module):
         # appends, so re-applied init stats would double up).
         if not self.is_initializing():
             self.sow("moe_stats", "load", load)
-            self.sow("moe_stats", "balance_loss", sequence_balance_loss(scores, idx, E))
+            if balance is None:
+                balance = sequence_balance_loss(scores, idx, E)
+            self.sow("moe_stats", "balance_loss", balance)
             for name, value in stats.items():
                 self.sow("moe_stats", name, value)
         return y.astype(c.dtype)

@@ -46,6 +46,13 @@ most `node_limit(config, P)` devices — DeepSeek-V3's "at most 4 nodes" with G 
 
 Expert loads for the balancing update are `psum`med over the batch axes: global counts.
 
+No expert axis (dp, fsdp, fsdp_tp: E whole on every device, batch split): `layout_from_context`
+returns a layout with no expert axes and `expert_parallel_moe` runs `_local_moe` instead — a
+shard_map in which each device sorts its own pairs and runs `moe.ragged_dispatch` with the full
+(FSDP-gathered) expert weights; F split over the tensor axes is summed with a `psum`; no
+all-to-all, no rounds. Both paths cast the expert weights to the compute dtype before the
+shard_map (the grouped GEMMs multiply in that dtype anyway), so FSDP gathers bf16, not fp32.
+
 Shared experts: the MoE module computes them outside this function; nothing links them to the
 exchange, so the compiler's scheduler is free to overlap the two (XLA's latency-hiding scheduler
 on TPU and GPU runs collectives asynchronously); nothing here forces an order.
@@ -72,7 +79,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.kernels.grouped_gemm import gmm
+from deepseek_jax.kernels.grouped_gemm import gmm, resolve_backend
 from deepseek_jax.parallel.mesh import MeshError
 
 TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "ragged_all_to_all_emulated")
@@ -91,8 +98,15 @@ def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
-def layout_from_context(config: ModelConfig) -> EPLayout | None:
-    """The EP layout the active mesh and logical rules give, or None when E is not split.
+def layout_from_context(config: ModelConfig, batch_size: int | None = None) -> EPLayout | None:
+    """The layout the active mesh and logical rules give the routed experts.
+
+    E split over axes of size > 1: the expert-parallel layout (n_shards = P). E whole but the
+    batch (or the expert width F) split: a layout with no expert axes (n_shards = 1), for which
+    `expert_parallel_moe` dispatches each device's own tokens locally. None when nothing is split
+    (no mesh, one device, all axes of size 1), or when E is whole and `batch_size` does not
+    divide over the batch axes: the single-device `moe.ragged_dispatch` then runs, partitioned by
+    the compiler.
 
     Reads the mesh set by `jax.set_mesh` and the rules set by `nn.logical_axis_rules` (both set by
     `parallel.sharding_context`). Raises MeshError when E does not divide over the expert axes.
@@ -103,8 +117,15 @@ def layout_from_context(config: ModelConfig) -> EPLayout | None:
         return None
     spec = lambda name: _axes(nn.logical_to_mesh_axes((name,), rules)[0])
     expert = tuple(a for a in spec("expert") if mesh.shape.get(a, 1) > 1)
+    batch = tuple(a for a in spec("act_batch") if mesh.shape.get(a, 1) > 1)
+    mlp = tuple(a for a in spec("mlp") if mesh.shape.get(a, 1) > 1 and a not in expert)
     if not expert:
-        return None
+        # Local dispatch: every device sorts its own tokens. Needs whole sequences per device;
+        # a batch that does not split (a lone prompt while sampling) stays with the compiler.
+        n_batch = math.prod(mesh.shape[a] for a in batch)
+        if not (batch or mlp) or (batch_size is not None and batch_size % n_batch):
+            return None
+        return EPLayout((), batch, mlp, 1)
     n = math.prod(mesh.shape[a] for a in expert)
     E = config.n_routed_experts
     if E % n:
@@ -112,8 +133,6 @@ def layout_from_context(config: ModelConfig) -> EPLayout | None:
         raise MeshError(f"expert parallelism: n_routed_experts={E} is not divisible by the "
                         f"expert mesh axis {'×'.join(expert)}={n}; use an expert axis size that "
                         f"divides {E} (here one of {ok}) or change n_routed_experts")
-    batch = tuple(a for a in spec("act_batch") if mesh.shape.get(a, 1) > 1)
-    mlp = tuple(a for a in spec("mlp") if mesh.shape.get(a, 1) > 1 and a not in expert)
     return EPLayout(expert, batch, mlp, n)
 
 
@@ -291,6 +310,81 @@ def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
     return run(ints, n_rounds, rows, w_gate, w_up, w_down)
 
 
+# --- routing on each device's own sequences ----------------------------------------------------------
+
+def local_routing(logits: jax.Array, bias: jax.Array | None, config: ModelConfig,
+                  layout: EPLayout):
+    """`moe.gate`, `moe.sequence_balance_loss` and `capacity_keep` inside a shard_map over the
+    batch axes: all three are per token or per sequence, so each device computes them for its own
+    sequences and nothing crosses devices. (Partitioned by the compiler, the top-k of the gate
+    gathered the [B, T, E] scores over the whole batch.)
+
+    Args:
+      logits: router logits [B, T, E] fp32. bias: [E] or None. layout: `layout_from_context`.
+    Returns:
+      (weights [B, T, X], idx [B, T, X], balance loss scalar (mean over all B sequences),
+       keep [B, T, X] bool when `config.moe_capacity_factor` > 0, else None).
+    """
+    from deepseek_jax.model.moe import gate, sequence_balance_loss
+
+    E, cf = logits.shape[-1], config.moe_capacity_factor
+    b_spec = P(layout.batch_axes or None)
+
+    def body(logits, *bias):
+        weights, idx, scores = gate(logits, bias[0] if bias else None, config)  # [b, T, X] ×2
+        per_seq = jax.vmap(lambda s, i: sequence_balance_loss(s[None], i[None], E))(
+            scores, idx)                                                    # [b]
+        keep = (capacity_keep(idx, E, cf),) if cf > 0 else ()               # [b, T, X]
+        return (weights, idx, per_seq) + keep
+
+    extra = () if bias is None else (bias,)
+    n_out = 4 if cf > 0 else 3
+    out = jax.shard_map(body, in_specs=(b_spec,) + (P(),) * len(extra),
+                        out_specs=(b_spec,) * n_out, check_vma=False)(logits, *extra)
+    # The mean over sequences outside: every device holds the same number of them.
+    return out[0], out[1], out[2].mean(), (out[3] if cf > 0 else None)
+
+
+# --- no expert axis: local dispatch ---------------------------------------------------------------
+
+def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype, backend, fp8,
+               keep):
+    """`expert_parallel_moe` with E whole on every device: no exchange.
+
+    Each device sorts only its own b = B/n_batch sequences' pairs and runs them through the full
+    expert weights (`moe.ragged_dispatch`); the weights enter the shard_map whole along E and D
+    (FSDP all-gathers them as it does any weight; their gradients are reduce-scattered back) and
+    split along F over `layout.mlp_axes`, where the partial outputs are summed (`psum`). Without
+    this, the compiler partitions the single-device sort of all B·T·X pairs by gathering routing
+    scores and ids over the whole batch and all-reducing [B·T·X, D] token copies.
+    """
+    from deepseek_jax.model.moe import ragged_dispatch   # the model imports this module lazily
+
+    E = w_gate.shape[0]
+    b_spec = P(layout.batch_axes or None, None, None)
+    mlp = (layout.mlp_axes if len(layout.mlp_axes) > 1 else layout.mlp_axes[0]) \
+        if layout.mlp_axes else None
+
+    def body(x, weights, idx, w_gate, w_up, w_down, *keep):
+        load = jax.ops.segment_sum(jnp.ones((idx.size,), jnp.float32), idx.reshape(-1),
+                                   num_segments=E)                          # [E] local choices
+        if keep:                                                            # dropped: weight 0
+            weights = jnp.where(keep[0], weights, 0)
+        y = ragged_dispatch(x, weights, idx, w_gate, w_up, w_down, dtype, fp8,
+                            backend=backend)                                # [b, T, D]
+        if layout.mlp_axes:                                                 # F split: partials
+            y = jax.lax.psum(y, layout.mlp_axes)
+        if layout.batch_axes:
+            load = jax.lax.psum(load, layout.batch_axes)                    # global counts
+        return y.astype(dtype), load, jnp.int32(0)
+
+    w_spec = P(None, None, mlp)
+    extra = () if keep is None else (keep,)
+    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(None, mlp, None))
+                       + (b_spec,) * len(extra), out_specs=(b_spec, P(), P()), check_vma=False)
+    return fn(x, weights, idx, w_gate, w_up, w_down, *extra)
+
+
 # --- the layer --------------------------------------------------------------------------------------
 
 def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
@@ -320,7 +414,6 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
     Pn = layout.n_shards
     batch = layout.batch_axes or None
     b_spec = P(batch, None, None)
-    ex = layout.expert_axes if len(layout.expert_axes) > 1 else layout.expert_axes[0]
     mlp = (layout.mlp_axes if len(layout.mlp_axes) > 1 else layout.mlp_axes[0]) \
         if layout.mlp_axes else None
     n_batch = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in layout.batch_axes)
@@ -328,6 +421,15 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         raise MeshError(f"expert parallelism: batch {x.shape[0]} is not divisible by the batch "
                         f"axes {'×'.join(layout.batch_axes)}={n_batch}; use a multiple of "
                         f"{n_batch} sequences")
+    if not fp8 and resolve_backend(backend) != "reference":
+        # The grouped GEMMs multiply in `dtype` anyway (they cast the weights to the rows' dtype),
+        # so casting first changes no value and halves the bytes FSDP gathers for a bf16 model.
+        # (fp8 quantizes the stored weights; the reference backend multiplies them in fp32.)
+        w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
+    if not layout.expert_axes:
+        return _local_moe(x, weights, idx, w_gate, w_up, w_down, layout=layout, dtype=dtype,
+                          backend=backend, fp8=fp8, keep=keep)
+    ex = layout.expert_axes if len(layout.expert_axes) > 1 else layout.expert_axes[0]
     M = (x.shape[0] // n_batch) * x.shape[1] * idx.shape[2]
     plan = _Plan(n_shards=Pn, chunk=chunk_rows(M, Pn, buffer_factor), n_local=E // Pn,
                  axis=layout.expert_axes, mlp_axes=layout.mlp_axes,

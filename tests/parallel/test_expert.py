@@ -9,11 +9,15 @@ O(1) sums of ≤ 64 terms, so differences are ~1e-7; 1e-5 absolute/relative is f
 routing or exchange bug (O(1e-1)).
 """
 
+import math
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import parallel as par
 from deepseek_jax.config import get_config
@@ -46,7 +50,10 @@ def module_setup():
         def loss(params, x):
             y, st = moe.MoE(config).apply({**variables, "params": params}, x,
                                           mutable=["moe_stats"])
-            return jnp.sum(y * jnp.cos(y)), (y, st["moe_stats"]["load"][0])
+            # The balance loss joins the loss so that its gradient is checked too.
+            stats = st["moe_stats"]
+            loss = jnp.sum(y * jnp.cos(y)) + stats["balance_loss"][0]
+            return loss, (y, stats["load"][0])
         return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
 
     reference = grads(c.replace(moe_impl="dense"))(variables["params"], x)
@@ -76,6 +83,79 @@ def test_module_under_ep_matches_dense_reference(module_setup, preset, mesh_conf
     # Loads are global counts: the whole batch's (token, slot) choices, on every device.
     np.testing.assert_array_equal(np.asarray(load), np.asarray(rload))
     assert float(load.sum()) == B * T * c.n_experts_per_token
+
+
+@pytest.mark.parametrize("preset,mesh_config", [
+    ("dp", {"data": 8}),
+    ("fsdp", {"data": 2, "fsdp": 4}),
+    ("fsdp_tp", {"fsdp": 2, "tensor": 4}),          # F = 16 of the experts split 4 ways
+])
+def test_module_without_expert_axis_matches_dense_reference(module_setup, preset, mesh_config):
+    # E whole, batch split: each device dispatches its own tokens (local shard_map, no exchange).
+    c, x, variables, grads, ((rp, rx), (ry, rload)) = module_setup
+    mesh, rules = par.mesh_and_rules(preset, mesh_config)
+    with par.sharding_context(mesh, rules):
+        layout = expert.layout_from_context(c, batch_size=B)
+        assert layout.n_shards == 1 and layout.expert_axes == ()
+        assert layout.mlp_axes == (("tensor",) if preset == "fsdp_tp" else ())
+        (gp, gx), (y, load) = grads(c)(variables["params"], x)
+    _close(y, ry, "y")
+    _close(gx, rx, "dx")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(gp)),
+                            jax.tree.leaves(nn.unbox(rp))):
+        _close(a, b, jax.tree_util.keystr(path))
+    np.testing.assert_array_equal(np.asarray(load), np.asarray(rload))
+
+
+def test_layout_without_expert_axis():
+    c = get_config("tiny")
+    assert expert.layout_from_context(c) is None                     # no mesh
+    for preset, sizes in [("dp", {"data": 1}), ("fsdp", {"fsdp": 8})]:
+        mesh, rules = par.mesh_and_rules(preset, sizes, jax.devices()[:math.prod(sizes.values())])
+        with par.sharding_context(mesh, rules):
+            layout = expert.layout_from_context(c, batch_size=8)
+            odd = expert.layout_from_context(c, batch_size=3)        # does not split: compiler
+        assert odd is None
+        assert layout == (None if preset == "dp" else expert.EPLayout((), ("fsdp",), (), 1))
+
+
+def _batch_wide_collectives(text, n_tokens, n_pairs):
+    """(shape, kind) of every collective in compiled HLO `text` that moves an array spanning the
+    whole batch with more than one value per token: leading dims (B, T, ...) or B·T or B·T·X."""
+    from deepseek_jax.tools import hlo
+    shapes = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s", line)
+        if m:
+            shapes[m.group(1)] = m.group(2)
+    found = []
+    for coll in hlo.collective_stats(text).collectives:
+        for dtype, dims in re.findall(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]", shapes[coll.name]):
+            d = [int(v) for v in dims.split(",") if v]
+            lead = (d[0] * d[1] if len(d) > 1 and d[:2] == [B, T] else
+                    d[0] if d and d[0] in (n_tokens, n_pairs) else 0)
+            if lead and math.prod(d) > n_tokens:
+                found.append((f"{dtype}{d}", coll.kind))
+    return found
+
+
+def test_fsdp_step_gathers_no_routing_arrays_over_the_batch(module_setup, monkeypatch):
+    # The MoE layer's forward + backward under fsdp=8 (one sequence per device), compiled. Without
+    # the local path, the compiler gathers scores [B, T, E], group scores and the pair ids
+    # [B·T·X], and all-reduces token copies [B·T·X, D] (checked below by switching it off), which
+    # at V3's size on 512 chips was 280 GiB of temporaries per chip.
+    c, x, variables, grads, _ = module_setup
+    mesh, rules = par.mesh_and_rules("fsdp", {"fsdp": 8})
+    n_tokens, n_pairs = B * T, B * T * c.n_experts_per_token
+
+    def compiled_text():
+        with par.sharding_context(mesh, rules):
+            xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("fsdp")))
+            return grads(c).lower(variables["params"], xs).compile().as_text()
+    assert _batch_wide_collectives(compiled_text(), n_tokens, n_pairs) == []
+    monkeypatch.setattr(expert, "layout_from_context", lambda *a, **k: None)
+    compiler = _batch_wide_collectives(compiled_text(), n_tokens, n_pairs)
+    assert ("f32" + str([B, T, c.n_routed_experts]), "all-gather") in compiler
 
 
 # --- the exchange itself: skewed routing, overflow rounds, both transports -------------------------
@@ -160,7 +240,9 @@ def test_worst_case_every_pair_on_one_device(skewed_setup):
 
 # --- capacity, node limit, errors ----------------------------------------------------------------
 
-def test_capacity_drops_the_same_pairs_with_and_without_ep(module_setup):
+@pytest.mark.parametrize("preset,mesh_config", [("fsdp_ep", {"fsdp": 2, "expert": 4}),
+                                                ("fsdp", {"fsdp": 8})])
+def test_capacity_drops_the_same_pairs_with_and_without_ep(module_setup, preset, mesh_config):
     c, x, variables, _, _ = module_setup
     c = c.replace(moe_capacity_factor=1.0)
 
@@ -168,7 +250,7 @@ def test_capacity_drops_the_same_pairs_with_and_without_ep(module_setup):
         return jax.jit(lambda v, x: moe.MoE(config).apply(v, x, mutable=["moe_stats"]))(
             variables, x)
     y_dense, st_dense = run(c.replace(moe_impl="dense"))
-    mesh, rules = par.mesh_and_rules("fsdp_ep", {"fsdp": 2, "expert": 4})
+    mesh, rules = par.mesh_and_rules(preset, mesh_config)
     with par.sharding_context(mesh, rules):
         y_ep, st_ep = run(c)
     _close(y_ep, y_dense, "y")
