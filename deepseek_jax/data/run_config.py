@@ -15,6 +15,9 @@
     worked_fraction  R1 templates, optional (default 0): share of + and − problems whose think
                    block works the sum out column by column (`tasks.worked_solution`) instead
                    of restating it; a fixed hash of each prompt picks them
+    plain_fraction R1 templates, optional (default 0): share of problems written as the bare
+                   stored line ("43+27=70\n") instead: ~6× more problems per token, so a brief
+                   pretraining learns more arithmetic, while the rest teach the R1 format
     max_digits, min_digits, ops  arithmetic only: operand digit range and operators
     seq_len        tokens per row, T
     global_batch   rows per step over all processes
@@ -104,10 +107,17 @@ def _source(cfg, data_dir, split: str):
         raise ValueError(f"data.format={fmt!r}: use 'text', or one of {sorted(rewards.TEMPLATES)} "
                          "with the arithmetic or countdown dataset")
     worked = float(_get(cfg, "worked_fraction", 0.0))
-    if not 0.0 <= worked <= 1.0:
-        raise ValueError(f"data.worked_fraction={worked}; use a share between 0 and 1")
-    return FormattedSource(source, lambda r: rewards.sft_text(rewards.problem_from_record(r), fmt,
-                                                              worked))
+    plain = float(_get(cfg, "plain_fraction", 0.0))
+    for name, share in (("worked_fraction", worked), ("plain_fraction", plain)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"data.{name}={share}; use a share between 0 and 1")
+
+    def render(record):
+        problem = rewards.problem_from_record(record)
+        if rewards.worked_for(problem, plain, salt="plain"):
+            return problem["text"]                    # the bare line, e.g. "43+27=70\n"
+        return rewards.sft_text(problem, fmt, worked)
+    return FormattedSource(source, render)
 
 
 def vocab_size(tokenizer: str = "") -> int:

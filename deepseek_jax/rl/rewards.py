@@ -111,21 +111,23 @@ def score(completion: str, problem: dict[str, Any], format_weight: float = 0.1) 
 def target_completion(problem: dict[str, Any], worked: bool = False) -> str:
     """A well-formed completion with the reference answer (for pretraining on the format).
 
-    The think block restates the problem (`" 43+27= </think> …"`), or with `worked=True`, for
-    + and − problems, works it out column by column (`tasks.worked_solution`:
+    The think block writes the equation for arithmetic (`" 43+27=70 </think> …"`, the stored
+    pretraining line) and restates the problem otherwise, or with `worked=True`, for + and −
+    problems, works it out column by column (`tasks.worked_solution`:
     `" 3+7=10 4+2+1=7 </think> …"`).
     """
-    think = problem["prompt"]
+    think = problem["text"].strip() if "op" in problem and "text" in problem else problem["prompt"]
     if worked and "op" in problem:
         a, b = problem["numbers"]
         think = tasks.worked_solution(int(a), problem["op"], int(b)) or think
     return f" {think} </think> <answer>{problem['answer']}</answer>"
 
 
-def worked_for(problem: dict[str, Any], fraction: float) -> bool:
-    """Whether `problem` is among the `fraction` of problems shown worked out: a fixed hash of
-    its prompt decides, so the choice is the same on every pass and in every process."""
-    return zlib.crc32(problem["prompt"].encode()) % 10_000 < round(fraction * 10_000)
+def worked_for(problem: dict[str, Any], fraction: float, salt: str = "") -> bool:
+    """Whether `problem` is among the `fraction` of problems shown worked out (or, with another
+    `salt`, picked for another independent choice): a fixed hash of its prompt decides, so the
+    choice is the same on every pass and in every process."""
+    return zlib.crc32((salt + problem["prompt"]).encode()) % 10_000 < round(fraction * 10_000)
 
 
 def sft_text(problem: dict[str, Any], template: str, worked_fraction: float = 0.0) -> str:

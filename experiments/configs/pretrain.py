@@ -71,6 +71,10 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.data.num_eval = 200
     # "text", or an R1 template ("compact", "r1_zero"): prompt + <think>…</think><answer>…</answer>
     c.data.format = "compact" if arg == "small" else "text"
+    # R1 formats only: shares of the problems written as bare lines ("43+27=70"), and worked out
+    # column by column in the think block (see deepseek_jax/data/run_config.py).
+    c.data.plain_fraction = 0.0
+    c.data.worked_fraction = 0.0
     c.data.max_digits = 2 if arg == "small" else 3   # arithmetic: operand digits, at most ...
     c.data.min_digits = 2 if arg == "small" else 1   # ... and at least
     c.data.ops = "+-" if arg == "small" else "+-*"   # arithmetic: operators
