@@ -1,6 +1,7 @@
 """Grain pipeline: determinism, sharding, epochs, checkpoint/restore, eval, HF tokenizer, errors."""
 
 import json
+import re
 import pickle
 
 import grain
@@ -253,3 +254,24 @@ def test_run_config_call_form(tmp_path):
         train(data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="required with a source"):
         pipeline.make_train_iterator(DOCS)
+
+
+def test_r1_documents_mix_plain_lines_and_worked_solutions(tmp_path):
+    ml_collections = pytest.importorskip("ml_collections")
+    from deepseek_jax.data import run_config
+    cfg = ml_collections.ConfigDict(dict(
+        dataset="arithmetic", num_train=400, num_eval=10, max_digits=2, min_digits=2, ops="+-",
+        format="compact", plain_fraction=0.5, worked_fraction=0.5))
+    docs = run_config._source(cfg, str(tmp_path), "train")
+    texts = [docs[i] for i in range(len(docs))]
+    plain = [t for t in texts if not t.startswith("What is")]
+    assert all(re.fullmatch(r"\d+[+-]\d+=-?\d+\n", t) for t in plain)
+    r1 = [t for t in texts if t.startswith("What is")]
+    # An equation think block is one word ("43+27=70"); a worked one has a step per column.
+    worked = [t for t in r1 if len(t.split("<think>")[1].split("</think>")[0].split()) > 1]
+    # Two independent fixed-hash halves: ~1/2 plain, ~1/4 worked (sd ≈ 0.025 and 0.02 here).
+    assert abs(len(plain) / len(texts) - 0.5) < 0.1
+    assert abs(len(worked) / len(texts) - 0.25) < 0.08
+    with pytest.raises(ValueError, match="plain_fraction"):
+        run_config._source(ml_collections.ConfigDict({**cfg.to_dict(), "plain_fraction": 1.5}),
+                           str(tmp_path), "train")
