@@ -3,9 +3,10 @@
     python -m experiments.demo [--workdir=runs/demo] [--pretrain_steps=N] [--grpo_steps=N]
 
 1. Pretrain the `small` model (experiments/configs/pretrain.py:small) on built-in arithmetic
-   problems (two-digit + and −) written in the R1 format: "What is 43-27? <think> 43-27
-   </think> <answer>16</answer>". Brief on purpose: the model learns the format and gets some
-   answers right.
+   problems (two-digit + and −) written in the R1 format: "What is 43-27? <think> 43-27=16
+   </think> <answer>16</answer>". Brief on purpose. Measured on a 2-core CPU (BENCHMARKS.md):
+   300 steps teach the format but only ~1–2 % of held-out answers, which leaves GRPO little
+   reward variance to learn from; `--pretrain_steps` buys more on a faster machine.
 2. GRPO (experiments/configs/grpo.py:small) from that checkpoint: G sampled completions per
    training problem, rewarded by a parser that checks the <answer>; held-out (test split)
    accuracy with greedy decoding before and after.
