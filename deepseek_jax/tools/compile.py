@@ -10,8 +10,8 @@ with `jax.ShapeDtypeStruct` arguments that carry their shardings, so nothing is 
 Measured per chip:
   params, optimizer, routing   from the argument shardings (exact shard shapes)
   arguments, output, alias, temp, generated code, peak   `Compiled.memory_analysis()`
-  total                        the compiler's peak when it reports one, else
-                               arguments + output − alias + temp
+  total                        the TPU compiler's peak; on CPU targets (whose reported peak
+                               omits temporaries) arguments + output − alias + temp
   xla_flops                    `Compiled.cost_analysis()["flops"]` — counts the body of a
                                scanned layer loop once, so it undercounts a scanned model;
                                the planner reports FLOPs from the config instead
@@ -149,7 +149,10 @@ def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: in
                code=float(m.generated_code_size_in_bytes))
     peak = float(getattr(m, "peak_memory_in_bytes", 0) or 0)
     out["peak"] = peak
-    out["total"] = peak or (out["arguments"] + out["output"] - out["alias"] + out["temp"])
+    # XLA:CPU's peak leaves out the temporaries; only the TPU/GPU compilers' peak is the whole.
+    on_cpu = getattr(devices[0], "platform", "cpu") == "cpu"
+    summed = out["arguments"] + out["output"] - out["alias"] + out["temp"]
+    out["total"] = summed if (on_cpu or not peak) else peak
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out["xla_flops"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
