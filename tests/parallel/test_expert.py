@@ -1,10 +1,12 @@
-"""Expert parallelism (`deepseek_jax.parallel.expert`) on 8 fake CPU devices.
+"""Expert parallelism (`deepseek_jax.parallel.expert`) on 8 fake CPU devices, and the local
+dispatch it falls back to when the batch is split but the experts are not (dp, fsdp, fsdp_tp).
 
 The reference everywhere is the single-device dense dispatch (`moe.dense_dispatch`: every expert
 on every token, no sort, no exchange) or the MoE module without a mesh.
 
 Tolerance: EP computes the same fp32 products as the reference; only summation order differs
-(grouped GEMM vs dense einsum, partial sums across devices for FSDP/TP gradients). Values are
+(grouped GEMM vs dense einsum, partial sums across devices for FSDP/TP gradients and for the
+expert width split over the tensor axis). Values are
 O(1) sums of ≤ 64 terms, so differences are ~1e-7; 1e-5 absolute/relative is far below any
 routing or exchange bug (O(1e-1)).
 """
