@@ -149,7 +149,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def run_eval(state) -> dict:
         return evaluate(variables_of(state), model_config, eval_problems, data_cfg.template,
                         max_new_tokens=rl.max_new_tokens, batch_size=batch_rows,
-                        mesh=mesh, rules=rules, encoder=encoder)
+                        mesh=mesh, rules=rules, encoder=encoder,
+                        show=config.train.samples_to_show)
 
     # --- checkpoint ---------------------------------------------------------------------------
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),

@@ -93,5 +93,5 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.train.eval_problems = 200      # held-out (test split) problems, greedy
     c.train.checkpoint_every = 2 if arg == "tiny" else 20
     c.train.keep_checkpoints = 3
-    c.train.samples_to_show = 2      # completions printed at each log step
+    c.train.samples_to_show = 2      # completions printed at each log step and kept per eval
     return c
