@@ -39,8 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from deepseek_jax import parallel  # noqa: E402
 from deepseek_jax.config import get_config  # noqa: E402
-from deepseek_jax.train.optimizer import make_optimizer  # noqa: E402
-from deepseek_jax.train.step import init_train_state  # noqa: E402
+from deepseek_jax.tools.compile import abstract_train_inputs  # noqa: E402
 
 GIB = 2 ** 30
 V5P_HBM = 95.74 * GIB
@@ -56,15 +55,7 @@ def compile_memory(n_layers: int, batch: int, seq: int, remat: str, buffer_facto
                         moe_backend=backend)
     mesh = parallel.make_mesh({"fsdp": 8, "expert": 64}, devices)
     rules = parallel.logical_axis_rules("fsdp_ep", mesh)
-    tx = make_optimizer(1e-4)
-    step = parallel.make_sharded_train_step(config, tx, mesh, rules)
-    shapes = jax.eval_shape(lambda k: init_train_state(k, config, tx), jax.random.key(0))
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         shapes, step.shardings)
-    bs = parallel.batch_sharding(mesh, rules)
-    ints = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bs)
-    data = {"tokens": ints, "segment_ids": ints, "positions": ints,
-            "valid": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=bs)}
+    state, data, step = abstract_train_inputs(config, mesh, rules, batch, seq)
     t0 = time.perf_counter()
     lowered = step.lower(state, data)
     out = {"n_layers": n_layers, "n_moe_layers": config.n_moe_layers}
