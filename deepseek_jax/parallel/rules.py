@@ -26,7 +26,8 @@ uses are the table with every other axis, and every axis of size 1, struck out
 
 Expert parallelism shards E of the expert weights by this table; the MoE layer then runs its
 dispatch explicitly (`parallel/expert.py`: `shard_map` with all-to-all over the expert axis,
-read from these rules through `expert.layout_from_context`); the table does not change.
+read from these rules through `expert.layout_from_context`); the table does not change. With the
+batch split and E not split, the same module dispatches each device's own tokens locally.
 
 Left out: sequence/context parallelism (act_length stays whole), pipeline stages ("layers"),
 ZeRO across expert ranks (add ("embed", ("fsdp", "expert")) before the embed row to try it).
