@@ -28,6 +28,7 @@ checkpoints/ (rerunning resumes). `train_and_evaluate(config, workdir)` is impor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -96,6 +97,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     pretrained = config.init.pretrain_dir
     model_config = (ckpt.load_model_config(pretrained) if pretrained
                     else to_model_config(config.model))
+    if rl.bias_update_rate >= 0:      # the routing bias's γ during RL (0 freezes the bias)
+        model_config = dataclasses.replace(model_config, bias_update_rate=rl.bias_update_rate)
     parallel.validate(model_config, mesh, rules, batch_rows)
     if model_config.vocab_size < encoder.vocab_size:
         raise ValueError(f"the model's vocab_size {model_config.vocab_size} is smaller than the "

@@ -67,6 +67,9 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.rl.advantage_scale = "group"   # group, batch or none (Dr. GRPO)
     c.rl.aggregation = "seq_mean_token_mean"  # or token_mean (DAPO), seq_mean_token_sum_norm
     c.rl.format_weight = 0.1
+    # γ of the routing-bias update during RL: -1 keeps the model's; 0 freezes the bias (a few
+    # hundred short completions per step are a noisy load signal, and each sign step moves routing)
+    c.rl.bias_update_rate = -1.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = lr

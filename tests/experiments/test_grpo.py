@@ -92,6 +92,7 @@ def test_grpo_from_an_hf_imported_checkpoint(tmp_path):
     c.data.num_train, c.data.num_eval = 100, 8
     c.data.tokenizer = _char_tokenizer(tmp_path / "tokenizer.json")
     c.train.steps, c.train.eval_every, c.train.eval_problems = 1, 1, 8
+    c.rl.bias_update_rate = 0.0                    # routing bias frozen during RL
     result = grpo.train_and_evaluate(c, str(tmp_path / "run"))
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert np.isfinite(rows[0]["loss"])
@@ -106,3 +107,6 @@ def test_grpo_from_an_hf_imported_checkpoint(tmp_path):
     assert jax.tree.structure(start["params"]) == jax.tree.structure(trained["params"])
     for a, b in zip(jax.tree.leaves(start["params"]), jax.tree.leaves(trained["params"])):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() < 0.01     # μ·lr = 2e-3 per Adam step
+    assert jax.tree.leaves(start["routing"])
+    for a, b in zip(jax.tree.leaves(start["routing"]), jax.tree.leaves(trained["routing"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
