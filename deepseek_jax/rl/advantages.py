@@ -26,7 +26,12 @@ def group_advantages(rewards, group_size: int, scale: str = "group", eps: float 
     if r.shape[0] % group_size:
         raise ValueError(f"{r.shape[0]} rewards do not split into groups of {group_size}")
     g = r.reshape(-1, group_size)                                      # [P, G]
-    centered = g - g.mean(axis=1, keepdims=True)                       # [P, G]
+    # A group of equal rewards gets exactly 0. Computed, its mean can differ from the rewards by
+    # rounding (eight rewards of 0.1 in fp32), leaving every member the same tiny advantage, which
+    # the group std (itself rounding-sized) would blow up to ~±0.01: a uniform push on all of a
+    # prompt's samples that Adam's normalization turns into full-size steps.
+    same = jnp.all(g == g[:, :1], axis=1, keepdims=True)              # [P, 1]
+    centered = jnp.where(same, 0.0, g - g.mean(axis=1, keepdims=True))  # [P, G]
     if scale != "none":
         s = g.std(axis=1, keepdims=True) if scale == "group" else r.std()
         # Where s = 0 the numerator is 0 too: keep the 0 instead of 0/0 when eps = 0.

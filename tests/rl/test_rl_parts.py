@@ -21,6 +21,16 @@ def test_group_advantages_hand_computed():
     assert float(adv_lib.zero_variance_fraction(r, 4)) == 0.5
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_equal_rewards_give_exactly_zero_despite_rounding(scale):
+    # Eight format-only rewards of 0.1: their fp32 mean is not exactly 0.1, and dividing the
+    # rounding residue by a rounding-sized std once gave every member the same ~0.01 advantage.
+    r = [0.1] * 8 + [1.1] + [0.1] * 7
+    a = np.asarray(adv_lib.group_advantages(r, 8, scale))
+    assert np.all(a[:8] == 0.0)
+    assert a[8] > 0 and np.all(a[9:] < 0)
+
+
 def test_advantage_scalings():
     r = np.array([3.0, 1.0, 2.0, 2.0])
     none = np.asarray(adv_lib.group_advantages(r, 2, "none"))
