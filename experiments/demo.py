@@ -4,12 +4,13 @@
 
 1. Pretrain the `small` model (experiments/configs/pretrain.py:small) on built-in arithmetic
    problems (two-digit + and −) written in the R1 format: "What is 43-27? <think> 43-27=16
-   </think> <answer>16</answer>". Brief on purpose. Measured on a 2-core CPU (BENCHMARKS.md):
-   300 steps teach the format but only ~1–2 % of held-out answers, which leaves GRPO little
-   reward variance to learn from; `--pretrain_steps` buys more on a faster machine.
+   </think> <answer>16</answer>"; three quarters of the problems appear as bare lines
+   ("43-27=16", `data.plain_fraction`), which packs ~6× more problems per token. Measured on a
+   2-core CPU (BENCHMARKS.md): 300 steps teach the format but ~1–2 % of held-out answers; 700
+   steps (~13 min) reach ~10 %, enough reward variance for GRPO.
 2. GRPO (experiments/configs/grpo.py:small) from that checkpoint: G sampled completions per
    training problem, rewarded by a parser that checks the <answer>; held-out (test split)
-   accuracy with greedy decoding before and after.
+   accuracy with greedy decoding before and after (measured: 10.5 % → 17.0 % in 40 steps).
 
 Both stages checkpoint under WORKDIR/{pretrain,grpo}; rerunning resumes (a finished stage is
 skipped). The printed numbers are the held-out accuracies before and after GRPO.

@@ -40,7 +40,7 @@ def to_model_config(fields) -> ModelConfig:
 _RUNS = {
     #        model      batch seq steps  lr     warmup preset      remat
     "tiny": ("tiny", 8, 32, 20, 3e-3, 2, "dp", "none"),
-    "small": ("small", 16, 128, 300, 3e-3, 10, "dp", "none"),
+    "small": ("small", 16, 128, 700, 3e-3, 10, "dp", "none"),
     "v2-lite": ("v2-lite", 1024, 4096, 100_000, 4.2e-4, 2000, "fsdp_ep", "full"),
     "v3-671b": ("v3-671b", 4096, 4096, 500_000, 2.2e-4, 2000, "fsdp_ep", "full"),
 }
@@ -60,6 +60,9 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
         # Runs of tens of steps: a faster bias update than V3's γ = 0.001 (tuned for 1e5 steps)
         # lets the aux-loss-free balancing visibly act.
         overrides["bias_update_rate"] = 0.01
+        # On a CPU the dense dispatch (every expert on every token) is ~1.3× faster than the
+        # grouped GEMM at these sizes; the math is the same.
+        overrides["moe_impl"] = "dense"
     else:
         overrides["dtype"] = jnp.bfloat16
     c.model = model_fields(get_model_config(model, remat_policy=remat, **overrides))
@@ -73,7 +76,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.data.format = "compact" if arg == "small" else "text"
     # R1 formats only: shares of the problems written as bare lines ("43+27=70"), and worked out
     # column by column in the think block (see deepseek_jax/data/run_config.py).
-    c.data.plain_fraction = 0.0
+    # small: ¾ bare lines (~6× more problems per token) is what reached 10 % held-out in 700 steps.
+    c.data.plain_fraction = 0.75 if arg == "small" else 0.0
     c.data.worked_fraction = 0.0
     c.data.max_digits = 2 if arg == "small" else 3   # arithmetic: operand digits, at most ...
     c.data.min_digits = 2 if arg == "small" else 1   # ... and at least
