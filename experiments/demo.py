@@ -3,18 +3,26 @@
     python -m experiments.demo [--workdir=runs/demo] [--pretrain_steps=N] [--grpo_steps=N]
 
 1. Pretrain the `small` model (experiments/configs/pretrain.py:small) on built-in arithmetic
-   problems (two-digit + and −) written in the R1 format: "What is 43-27? <think> 43-27=16
-   </think> <answer>16</answer>"; three quarters of the problems appear as bare lines
-   ("43-27=16", `data.plain_fraction`), which packs ~6× more problems per token. Measured on a
-   2-core CPU (BENCHMARKS.md): 300 steps teach the format but ~1–2 % of held-out answers; 700
-   steps (~15 min) reach ~20 %, enough reward variance for GRPO.
-2. GRPO (experiments/configs/grpo.py:small) from that checkpoint: G sampled completions per
-   training problem, rewarded by a parser that checks the <answer>; held-out (test split)
-   accuracy with greedy decoding before and after. Measured with these defaults: 19.5 % → 19.5 %
-   (from a weaker 10.5 % checkpoint the same settings gave 17.0 %; BENCHMARKS.md).
+   problems (two-digit + and −). Three quarters of them are bare lines ("43-27=16",
+   `data.plain_fraction`), exact work that teaches the arithmetic; the rest are written in the
+   R1 format, and of those 60 % are careless: no work is shown and the answer is an estimate,
+   the operands rounded to tens ("What is 43-27? <think> about 10 </think>
+   <answer>10</answer>", `data.estimate_fraction`); the other 40 % work it out ("<think>
+   43-27=16 </think> <answer>16</answer>"). The model learns both habits; greedy decoding
+   follows the more common one, the estimate, which is right about one time in ten.
+2. GRPO (experiments/configs/grpo.py:small) from that checkpoint: G completions per training
+   problem sampled at temperature 0.7, rewarded only for an exact <answer>. Estimating is
+   rarely rewarded, so the policy learns to work problems out; held-out (test split) accuracy
+   with greedy decoding, and the share of completions that estimate, before and after.
+
+What this shows is the mechanism R1-Zero relies on: reinforcement learning selects, among the
+behaviours pretraining put in the model, the ones that earn reward. It does not teach new
+arithmetic: the gain is bounded by how well the exact habit computes (from a corpus with no
+estimates, GRPO here gained 0 to 6.5 points; BENCHMARKS.md). Measured results and times are in
+BENCHMARKS.md and the README.
 
 Both stages checkpoint under WORKDIR/{pretrain,grpo}; rerunning resumes (a finished stage is
-skipped). The printed numbers are the held-out accuracies before and after GRPO.
+skipped).
 """
 
 from __future__ import annotations
@@ -63,8 +71,16 @@ def main(argv):
         print(f"\nheld-out accuracy ({rl.train.eval_problems} test problems, greedy): "
               f"{before['accuracy']:.1%} before GRPO → {after['accuracy']:.1%} after "
               f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points)")
+        print(f"completions that estimate instead of working it out: "
+              f"{estimate_share(before):.0%} before → {estimate_share(after):.0%} after")
         for text in after.get("samples", [])[:3]:
             print(f"    {text!r}")
+
+
+def estimate_share(result: dict) -> float:
+    """Share of held-out completions whose think block is an estimate ("about 70")."""
+    texts = result.get("completions") or []
+    return sum(t.strip().startswith("about") for t in texts) / max(len(texts), 1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@
     plain_fraction R1 templates, optional (default 0): share of problems written as the bare
                    stored line ("43+27=70\n") instead: ~6× more problems per token, so a brief
                    pretraining learns more arithmetic, while the rest teach the R1 format
+    estimate_fraction R1 templates, optional (default 0): share of the R1-format + and −
+                   problems whose think block and answer are a rough estimate instead
+                   (`tasks.estimate`, operands rounded to tens: usually wrong), a careless
+                   habit for GRPO to unlearn (the CPU demo)
     max_digits, min_digits, ops  arithmetic only: operand digit range and operators
     seq_len        tokens per row, T
     global_batch   rows per step over all processes
@@ -108,7 +112,9 @@ def _source(cfg, data_dir, split: str):
                          "with the arithmetic or countdown dataset")
     worked = float(_get(cfg, "worked_fraction", 0.0))
     plain = float(_get(cfg, "plain_fraction", 0.0))
-    for name, share in (("worked_fraction", worked), ("plain_fraction", plain)):
+    estimated = float(_get(cfg, "estimate_fraction", 0.0))
+    for name, share in (("worked_fraction", worked), ("plain_fraction", plain),
+                        ("estimate_fraction", estimated)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"data.{name}={share}; use a share between 0 and 1")
 
@@ -116,7 +122,7 @@ def _source(cfg, data_dir, split: str):
         problem = rewards.problem_from_record(record)
         if rewards.worked_for(problem, plain, salt="plain"):
             return problem["text"]                    # the bare line, e.g. "43+27=70\n"
-        return rewards.sft_text(problem, fmt, worked)
+        return rewards.sft_text(problem, fmt, worked, estimated)
     return FormattedSource(source, render)
 
 

@@ -18,10 +18,11 @@ from deepseek_jax.rl import rollout
 def evaluate(variables, config: ModelConfig, problems: Sequence[dict[str, Any]], template: str,
              *, max_new_tokens: int, batch_size: int, show: int = 0, mesh=None,
              rules=None, encoder: Encoder = rollout.BYTES) -> dict:
-    """{"accuracy", "format", "length", "samples"} over `problems` (batched; the last batch is
-    padded by repeating problems, whose scores are dropped)."""
+    """{"accuracy", "format", "length", "samples", "completions"} over `problems` (batched; the
+    last batch is padded by repeating problems, whose scores are dropped). `samples` are the
+    first `show` completions; `completions` all of them, in problem order."""
     from deepseek_jax.sampling import generate
-    acc, fmt, lengths, samples = [], [], [], []
+    acc, fmt, lengths, texts = [], [], [], []
     for start in range(0, len(problems), batch_size):
         chunk = list(problems[start: start + batch_size])
         n = len(chunk)
@@ -35,6 +36,6 @@ def evaluate(variables, config: ModelConfig, problems: Sequence[dict[str, Any]],
         acc += list(scores["accuracy"][:n])
         fmt += list(scores["format"][:n])
         lengths += list(np.asarray(out.lengths)[:n])
-        samples += scores["texts"][: max(0, show - len(samples))]
+        texts += scores["texts"][:n]
     return {"accuracy": float(np.mean(acc)), "format": float(np.mean(fmt)),
-            "length": float(np.mean(lengths)), "samples": samples}
+            "length": float(np.mean(lengths)), "samples": texts[:show], "completions": texts}

@@ -108,19 +108,30 @@ def score(completion: str, problem: dict[str, Any], format_weight: float = 0.1) 
     return {"accuracy": acc, "format": fmt, "total": acc + format_weight * fmt}
 
 
-def target_completion(problem: dict[str, Any], worked: bool = False) -> str:
-    """A well-formed completion with the reference answer (for pretraining on the format).
+def target_completion(problem: dict[str, Any], worked: bool = False,
+                      estimated: bool = False) -> str:
+    """A well-formed completion (for pretraining on the format).
 
     The think block writes the equation for arithmetic (`" 43+27=70 </think> …"`, the stored
-    pretraining line) and restates the problem otherwise, or with `worked=True`, for + and −
-    problems, works it out column by column (`tasks.worked_solution`:
-    `" 3+7=10 4+2+1=7 </think> …"`).
+    pretraining line) and restates the problem otherwise. With `worked=True`, + and − problems
+    are worked out column by column (`tasks.worked_solution`: `" 3+7=10 4+2+1=7 </think> …"`).
+    With `estimated=True` (+ and − only) the think block and the answer are a quick estimate
+    instead, with no work shown (`tasks.estimate`: `" about 70 </think> <answer>70</answer>"` for
+    43+27, and `"… 10 …"` for 43−27, a wrong answer): careless answers, as a corpus also holds.
     """
     think = problem["text"].strip() if "op" in problem and "text" in problem else problem["prompt"]
+    answer = problem["answer"]
+    if estimated and "op" in problem and tasks.estimate(*_operands(problem)):
+        value = tasks.estimate(*_operands(problem))[1]
+        return f" about {value} </think> <answer>{value}</answer>"
     if worked and "op" in problem:
-        a, b = problem["numbers"]
-        think = tasks.worked_solution(int(a), problem["op"], int(b)) or think
-    return f" {think} </think> <answer>{problem['answer']}</answer>"
+        think = tasks.worked_solution(*_operands(problem)) or think
+    return f" {think} </think> <answer>{answer}</answer>"
+
+
+def _operands(problem: dict[str, Any]) -> tuple[int, str, int]:
+    a, b = problem["numbers"]
+    return int(a), problem["op"], int(b)
 
 
 def worked_for(problem: dict[str, Any], fraction: float, salt: str = "") -> bool:
@@ -130,11 +141,14 @@ def worked_for(problem: dict[str, Any], fraction: float, salt: str = "") -> bool
     return zlib.crc32((salt + problem["prompt"]).encode()) % 10_000 < round(fraction * 10_000)
 
 
-def sft_text(problem: dict[str, Any], template: str, worked_fraction: float = 0.0) -> str:
+def sft_text(problem: dict[str, Any], template: str, worked_fraction: float = 0.0,
+             estimate_fraction: float = 0.0) -> str:
     """Prompt + well-formed completion: one pretraining document in the RL format, worked out
-    column by column for a `worked_fraction` share of the problems."""
+    column by column for a `worked_fraction` share of the problems and estimated roughly (a
+    usually wrong answer) for an independent `estimate_fraction` share (estimates win)."""
     return make_prompt(problem, template) + target_completion(
-        problem, worked=worked_for(problem, worked_fraction))
+        problem, worked=worked_for(problem, worked_fraction),
+        estimated=worked_for(problem, estimate_fraction, salt="estimate"))
 
 
 def problem_from_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -275,3 +275,29 @@ def test_r1_documents_mix_plain_lines_and_worked_solutions(tmp_path):
     with pytest.raises(ValueError, match="plain_fraction"):
         run_config._source(ml_collections.ConfigDict({**cfg.to_dict(), "plain_fraction": 1.5}),
                            str(tmp_path), "train")
+
+
+def test_r1_documents_with_estimates(tmp_path):
+    ml_collections = pytest.importorskip("ml_collections")
+    from deepseek_jax.data import run_config
+    from deepseek_jax.rl import rewards
+    cfg = ml_collections.ConfigDict(dict(
+        dataset="arithmetic", num_train=400, num_eval=10, max_digits=2, min_digits=2, ops="+-",
+        format="compact", plain_fraction=0.0, estimate_fraction=0.75))
+    docs = run_config._source(cfg, str(tmp_path), "train")
+    source = run_config.task_source(cfg, str(tmp_path), "train")
+    estimated = 0
+    for i in range(len(docs)):
+        problem, text = rewards.problem_from_record(source[i]), docs[i]
+        a, b = problem["numbers"]
+        if " about " in text:
+            estimated += 1
+            rough = (a + 5) // 10 * 10, (b + 5) // 10 * 10
+            value = rough[0] + rough[1] if problem["op"] == "+" else rough[0] - rough[1]
+            assert text.endswith(f"<think> about {value} </think> <answer>{value}</answer>"), text
+        else:   # exact work, and its answer scores 1
+            assert rewards.accuracy_reward(text, problem) == 1.0, text
+    assert abs(estimated / len(docs) - 0.75) < 0.08            # sd ≈ 0.02 over 400
+    with pytest.raises(ValueError, match="estimate_fraction"):
+        run_config._source(ml_collections.ConfigDict({**cfg.to_dict(), "estimate_fraction": -1}),
+                           str(tmp_path), "train")

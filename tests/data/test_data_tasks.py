@@ -174,3 +174,24 @@ def test_worked_solution_leads_to_the_answer():
         lhs, rhs = step.split("=")
         assert tasks.evaluate_expression(lhs) == int(rhs), step
     assert tasks.worked_solution(12, "*", 3) is None
+
+
+def test_estimate_rounds_each_operand_to_tens():
+    assert tasks.estimate(43, "+", 27) == ("40+30", 70)
+    assert tasks.estimate(43, "-", 27) == ("40-30", 10)
+    assert tasks.estimate(27, "-", 43) == ("30-40", -10)
+    assert tasks.estimate(45, "+", 95) == ("50+100", 150)        # halves round up
+    assert tasks.estimate(12, "*", 3) is None
+    # Right exactly when the rounding errors cancel: an independent count over all 2-digit
+    # pairs (for + the errors must sum to 0, for - be equal).
+    def err(x):
+        return (x + 5) // 10 * 10 - x
+    right = wrong = 0
+    for a in range(10, 100):
+        for b in range(10, 100):
+            for op, truth, cancel in (("+", a + b, err(a) + err(b) == 0),
+                                      ("-", a - b, err(a) == err(b))):
+                hit = tasks.estimate(a, op, b)[1] == truth
+                assert hit == cancel, (a, op, b)
+                right, wrong = right + hit, wrong + (not hit)
+    assert 0.05 < right / (right + wrong) < 0.15      # a careless habit: ~1 in 10 right
