@@ -18,6 +18,9 @@ Departures from the papers (DeepSeekMath, R1), each a config choice:
     forward), 0.04 in `tiny` to exercise it;
   - the `compact` template (question + " <think>") for small models instead of the full R1-Zero
     text, which costs ~300 prompt tokens per sample;
+  - the CPU demo (`small`) samples at temperature 0.7, not 1: at 1 its small model's sampled
+    exact answers are wrong so often that working a problem out earns no more reward than
+    estimating it (BENCHMARKS.md);
   - advantages use the population std (the paper does not say), and the loss averages tokens
     per completion, then completions (the paper's form; `rl.aggregation` selects DAPO's or
     Dr. GRPO's instead).

@@ -25,7 +25,7 @@ from deepseek_jax.config import get_config as get_model_config
 _RUNS = {
     #           model   task          prompts G  new  steps  lr     template   beta   mu
     "tiny": ("tiny", "arithmetic", 4, 4, 12, 4, 1e-3, "compact", 0.04, 2),
-    "small": ("small", "arithmetic", 16, 8, 48, 40, 3e-5, "compact", 0.0, 1),
+    "small": ("small", "arithmetic", 16, 8, 48, 60, 3e-5, "compact", 0.0, 1),
     "v3-671b": ("v3-671b", "countdown", 32, 16, 32768, 10400, 3e-6, "r1_zero", 0.001, 1),
 }
 
