@@ -76,7 +76,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.data.format = "compact" if arg == "small" else "text"
     # R1 formats only: shares of the problems written as bare lines ("43+27=70"), and worked out
     # column by column in the think block (see deepseek_jax/data/run_config.py).
-    # small: ¾ bare lines (~6× more problems per token) is what reached 10 % held-out in 700 steps.
+    # small: ¾ bare lines (~6× more problems per token) is what made 700–1,200 steps learn some
+    # arithmetic (10–20 % held-out; BENCHMARKS.md).
     c.data.plain_fraction = 0.75 if arg == "small" else 0.0
     c.data.worked_fraction = 0.0
     # R1 formats only: share of the R1-format problems written as a rough estimate (operands
