@@ -120,13 +120,12 @@ def target_completion(problem: dict[str, Any], worked: bool = False,
     43+27, and `"… 10 …"` for 43−27, a wrong answer): careless answers, as a corpus also holds.
     """
     think = problem["text"].strip() if "op" in problem and "text" in problem else problem["prompt"]
-    answer = problem["answer"]
-    if estimated and "op" in problem and tasks.estimate(*_operands(problem)):
-        value = tasks.estimate(*_operands(problem))[1]
-        return f" about {value} </think> <answer>{value}</answer>"
+    rough = tasks.estimate(*_operands(problem)) if estimated and "op" in problem else None
+    if rough:
+        return f" about {rough[1]} </think> <answer>{rough[1]}</answer>"
     if worked and "op" in problem:
         think = tasks.worked_solution(*_operands(problem)) or think
-    return f" {think} </think> <answer>{answer}</answer>"
+    return f" {think} </think> <answer>{problem['answer']}</answer>"
 
 
 def _operands(problem: dict[str, Any]) -> tuple[int, str, int]:

@@ -256,12 +256,17 @@ def test_run_config_call_form(tmp_path):
         pipeline.make_train_iterator(DOCS)
 
 
-def test_r1_documents_mix_plain_lines_and_worked_solutions(tmp_path):
+def _r1_arithmetic(**shares):
+    """A `data` config: 400 two-digit ± training problems in the compact R1 format."""
     ml_collections = pytest.importorskip("ml_collections")
-    from deepseek_jax.data import run_config
-    cfg = ml_collections.ConfigDict(dict(
+    return ml_collections.ConfigDict(dict(
         dataset="arithmetic", num_train=400, num_eval=10, max_digits=2, min_digits=2, ops="+-",
-        format="compact", plain_fraction=0.5, worked_fraction=0.5))
+        format="compact", **shares))
+
+
+def test_r1_documents_mix_plain_lines_and_worked_solutions(tmp_path):
+    from deepseek_jax.data import run_config
+    cfg = _r1_arithmetic(plain_fraction=0.5, worked_fraction=0.5)
     docs = run_config._source(cfg, str(tmp_path), "train")
     texts = [docs[i] for i in range(len(docs))]
     plain = [t for t in texts if not t.startswith("What is")]
@@ -273,17 +278,13 @@ def test_r1_documents_mix_plain_lines_and_worked_solutions(tmp_path):
     assert abs(len(plain) / len(texts) - 0.5) < 0.1
     assert abs(len(worked) / len(texts) - 0.25) < 0.08
     with pytest.raises(ValueError, match="plain_fraction"):
-        run_config._source(ml_collections.ConfigDict({**cfg.to_dict(), "plain_fraction": 1.5}),
-                           str(tmp_path), "train")
+        run_config._source(_r1_arithmetic(plain_fraction=1.5), str(tmp_path), "train")
 
 
 def test_r1_documents_with_estimates(tmp_path):
-    ml_collections = pytest.importorskip("ml_collections")
     from deepseek_jax.data import run_config
     from deepseek_jax.rl import rewards
-    cfg = ml_collections.ConfigDict(dict(
-        dataset="arithmetic", num_train=400, num_eval=10, max_digits=2, min_digits=2, ops="+-",
-        format="compact", plain_fraction=0.0, estimate_fraction=0.75))
+    cfg = _r1_arithmetic(estimate_fraction=0.75)
     docs = run_config._source(cfg, str(tmp_path), "train")
     source = run_config.task_source(cfg, str(tmp_path), "train")
     estimated = 0
@@ -299,5 +300,4 @@ def test_r1_documents_with_estimates(tmp_path):
             assert rewards.accuracy_reward(text, problem) == 1.0, text
     assert abs(estimated / len(docs) - 0.75) < 0.08            # sd ≈ 0.02 over 400
     with pytest.raises(ValueError, match="estimate_fraction"):
-        run_config._source(ml_collections.ConfigDict({**cfg.to_dict(), "estimate_fraction": -1}),
-                           str(tmp_path), "train")
+        run_config._source(_r1_arithmetic(estimate_fraction=-1), str(tmp_path), "train")
