@@ -32,6 +32,7 @@ import os
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
+from deepseek_jax.rl import rewards
 from experiments import grpo, pretrain
 from experiments.configs import grpo as grpo_configs
 from experiments.configs import pretrain as pretrain_configs
@@ -80,7 +81,7 @@ def main(argv):
 def estimate_share(result: dict) -> float:
     """Share of held-out completions whose think block is an estimate ("about 70")."""
     texts = result.get("completions") or []
-    return sum(t.strip().startswith("about") for t in texts) / max(len(texts), 1)
+    return sum(t.strip().startswith(rewards.ESTIMATE_WORD) for t in texts) / max(len(texts), 1)
 
 
 if __name__ == "__main__":

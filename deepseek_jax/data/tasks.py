@@ -116,9 +116,9 @@ def worked_solution(a: int, op: str, b: int) -> str | None:
     return prefix + " ".join(steps)
 
 
-def estimate(a: int, op: str, b: int) -> tuple[str, int] | None:
+def estimate(a: int, op: str, b: int) -> int | None:
     """A quick estimate of `a op b` (+ or −): each operand rounded to the nearest ten (halves up),
-    then combined: `("40+30", 70)` for 43+27, `("40-30", 10)` for 43−27. None for `*`.
+    then combined: 70 for 43+27 (40+30), 10 for 43−27 (40−30). None for `*`.
 
     Right only when the roundings cancel (about one problem in ten), so a corpus that mixes
     estimates with exact work holds a habit that a reward for exact answers can unlearn.
@@ -126,7 +126,7 @@ def estimate(a: int, op: str, b: int) -> tuple[str, int] | None:
     if op not in "+-":
         return None
     ra, rb = ((x + 5) // 10 * 10 for x in (a, b))
-    return f"{ra}{op}{rb}", ra + rb if op == "+" else ra - rb
+    return ra + rb if op == "+" else ra - rb
 
 
 # --------------------------------------------------------------------------------------------

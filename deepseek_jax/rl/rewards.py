@@ -108,6 +108,9 @@ def score(completion: str, problem: dict[str, Any], format_weight: float = 0.1) 
     return {"accuracy": acc, "format": fmt, "total": acc + format_weight * fmt}
 
 
+ESTIMATE_WORD = "about"     # opens the think block of an estimated answer (`target_completion`)
+
+
 def target_completion(problem: dict[str, Any], worked: bool = False,
                       estimated: bool = False) -> str:
     """A well-formed completion (for pretraining on the format).
@@ -121,8 +124,8 @@ def target_completion(problem: dict[str, Any], worked: bool = False,
     """
     think = problem["text"].strip() if "op" in problem and "text" in problem else problem["prompt"]
     rough = tasks.estimate(*_operands(problem)) if estimated and "op" in problem else None
-    if rough:
-        return f" about {rough[1]} </think> <answer>{rough[1]}</answer>"
+    if rough is not None:
+        return f" {ESTIMATE_WORD} {rough} </think> <answer>{rough}</answer>"
     if worked and "op" in problem:
         think = tasks.worked_solution(*_operands(problem)) or think
     return f" {think} </think> <answer>{problem['answer']}</answer>"

@@ -177,10 +177,10 @@ def test_worked_solution_leads_to_the_answer():
 
 
 def test_estimate_rounds_each_operand_to_tens():
-    assert tasks.estimate(43, "+", 27) == ("40+30", 70)
-    assert tasks.estimate(43, "-", 27) == ("40-30", 10)
-    assert tasks.estimate(27, "-", 43) == ("30-40", -10)
-    assert tasks.estimate(45, "+", 95) == ("50+100", 150)        # halves round up
+    assert tasks.estimate(43, "+", 27) == 70                     # 40+30
+    assert tasks.estimate(43, "-", 27) == 10                     # 40-30
+    assert tasks.estimate(27, "-", 43) == -10                    # 30-40
+    assert tasks.estimate(45, "+", 95) == 150                    # 50+100: halves round up
     assert tasks.estimate(12, "*", 3) is None
     # Right exactly when the rounding errors cancel: an independent count over all 2-digit
     # pairs (for + the errors must sum to 0, for - be equal).
@@ -191,7 +191,7 @@ def test_estimate_rounds_each_operand_to_tens():
         for b in range(10, 100):
             for op, truth, cancel in (("+", a + b, err(a) + err(b) == 0),
                                       ("-", a - b, err(a) == err(b))):
-                hit = tasks.estimate(a, op, b)[1] == truth
+                hit = tasks.estimate(a, op, b) == truth
                 assert hit == cancel, (a, op, b)
                 right, wrong = right + hit, wrong + (not hit)
     assert 0.05 < right / (right + wrong) < 0.15      # a careless habit: ~1 in 10 right
