@@ -14,9 +14,18 @@ Named variants (`get_config(name)`):
     v3-671b   DeepSeek-V3 (671B / 37B active) with one MTP module
 
 Numbers are from DeepSeek's released configs and reports (V3 tech report §4.2, V2 report §3.1.2
-and App. B, HF `config.json` files). Two choices depart from the HF defaults on purpose:
-`init_std` is the paper's 0.006 (HF: 0.02), and `balance_alpha` is the V3 training value 1e-4
-(the HF field `aux_loss_alpha` = 0.001 is a leftover from V2 and is not read by `from_hf`).
+and App. B, HF `config.json` files). Two choices depart from the HF files on purpose, in the
+named variants and in `from_hf` alike:
+
+  - `init_std` is the V3 paper's 0.006 (§4.2: weights initialized with standard deviation
+    0.006). The `initializer_range` of DeepSeek's `config.json` files (0.02) is the default of
+    the `transformers` config class, written out when the weights were exported; DeepSeek's
+    own inference code never reads it and nothing says the models were trained with it. So
+    `from_hf` ignores `initializer_range`: it only matters for a fresh init from an HF config
+    (loaded weights replace the init), and a fresh DeepSeek model should start the way the
+    paper says. Pass `from_hf(hf, init_std=...)` to choose another value.
+  - `balance_alpha` is the V3 training value 1e-4 (the HF field `aux_loss_alpha` = 0.001 is a
+    leftover from V2 and is not read by `from_hf`).
 
 Left out: `moe_layer_freq` other than 1, biases on attention projections, activations other
 than SiLU, and key/value head counts different from the query head count; DeepSeek's released
@@ -90,7 +99,7 @@ class ModelConfig:
     rope_mscale_all_dim: float = 1.0
     # --- embedding / init / tokens -------------------------------------------------------------
     tie_embeddings: bool = False
-    init_std: float = 0.006             # paper §4.2 (HF initializer_range default 0.02)
+    init_std: float = 0.006             # paper §4.2; from_hf ignores initializer_range (above)
     bos_id: int = 0
     eos_id: int = 1
     # --- numerics and implementation choices ---------------------------------------------------
@@ -335,7 +344,7 @@ def from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
         rope_mscale=float(rs.get("mscale", 1.0)),
         rope_mscale_all_dim=float(rs.get("mscale_all_dim", 0.0)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=hf.get("initializer_range", 0.006),
+        init_std=ModelConfig.init_std,      # the paper's 0.006, not initializer_range (above)
         bos_id=hf.get("bos_token_id") or 0,
         eos_id=hf.get("eos_token_id") or 1,
     )

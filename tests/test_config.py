@@ -114,3 +114,12 @@ def test_dict_round_trip():
         d = c.to_dict()
         assert isinstance(d["dtype"], str) and isinstance(d["param_dtype"], str)
         assert ModelConfig.from_dict(d) == c
+
+
+def test_from_hf_init_std_is_the_papers_not_initializer_range():
+    # DeepSeek-V3's config.json carries transformers' default initializer_range 0.02; the paper
+    # (§4.2) initializes with std 0.006, and from_hf follows the paper (config.py docstring).
+    assert HF_V3["initializer_range"] == 0.02
+    assert ModelConfig.from_hf(HF_V3).init_std == 0.006
+    assert ModelConfig.from_hf(HF_V3).init_std == get_config("v3-671b").init_std
+    assert ModelConfig.from_hf(HF_V3, init_std=0.02).init_std == 0.02
