@@ -20,9 +20,11 @@ $(STAMP): setup.cfg requirements-dev.txt pyproject.toml
 venv: $(STAMP)
 
 # The main job: pretrain → GRPO → held-out evaluation of the small model (reruns resume).
+# DEMO_ARGS overrides run-config fields, e.g. DEMO_ARGS="--pretrain.train.steps=4 --grpo.train.steps=2".
 DEMO_DIR ?= runs/demo
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m experiments.demo --workdir=$(DEMO_DIR)
+	$(PY) -m experiments.demo --workdir=$(DEMO_DIR) $(DEMO_ARGS)
 
 # Tests run on 8 fake CPU devices (tests/conftest.py sets the XLA flag) in two workers.
 test: $(STAMP)

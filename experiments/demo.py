@@ -1,8 +1,12 @@
 """The README's main job: pretrain → GRPO → held-out evaluation, end to end on a CPU.
 
-    python -m experiments.demo [--workdir=runs/demo] [--pretrain_steps=N] [--grpo_steps=N]
+    python -m experiments.demo [--workdir=runs/demo] [--pretrain.FIELD=VALUE] [--grpo.FIELD=VALUE]
 
-1. Pretrain the `small` model (experiments/configs/pretrain.py:small) on built-in arithmetic
+`--pretrain.*` and `--grpo.*` override fields of the two run configs below, e.g.
+`--pretrain.train.steps=4 --grpo.train.steps=2` for a quick check that everything runs
+(`make demo DEMO_ARGS="..."` passes them on).
+
+1. Pretrain the `small` model (deepseek_jax/configs/pretrain.py:small) on built-in arithmetic
    problems (two-digit + and −). Three quarters of them are bare lines ("43-27=16",
    `data.plain_fraction`), exact work that teaches the arithmetic; the rest are written in the
    R1 format, and of those 60 % are careless: no work is shown and the answer is an estimate,
@@ -10,7 +14,7 @@
    <answer>10</answer>", `data.estimate_fraction`); the other 40 % work it out ("<think>
    43-27=16 </think> <answer>16</answer>"). The model learns both habits; greedy decoding
    follows the more common one, the estimate, which is right about one time in ten.
-2. GRPO (experiments/configs/grpo.py:small) from that checkpoint: G completions per training
+2. GRPO (deepseek_jax/configs/grpo.py:small) from that checkpoint: G completions per training
    problem sampled at temperature 0.7, rewarded only for an exact <answer>. Estimating is
    rarely rewarded, so the policy learns to work problems out; held-out (test split) accuracy
    with greedy decoding, and the share of completions that estimate, before and after.
@@ -22,7 +26,8 @@ to work it out), and GRPO then also sharpened the exact work, to 28 %; from a co
 estimates GRPO gained only 0 to 6.5 points here. Times are in BENCHMARKS.md and the README.
 
 Both stages checkpoint under WORKDIR/{pretrain,grpo}; rerunning resumes (a finished stage is
-skipped).
+skipped). WORKDIR is made absolute at start-up and checked before the first step
+(`deepseek_jax.train.workdir`).
 """
 
 from __future__ import annotations
@@ -31,15 +36,19 @@ import os
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
+from ml_collections import config_flags
 
+from deepseek_jax.configs import grpo as grpo_configs
+from deepseek_jax.configs import pretrain as pretrain_configs
 from deepseek_jax.rl import rewards
-from experiments import grpo, pretrain
-from experiments.configs import grpo as grpo_configs
-from experiments.configs import pretrain as pretrain_configs
+from deepseek_jax.train import workdir as run_dir
+from deepseek_jax.trainers import grpo, pretrain
 
 flags.DEFINE_string("workdir", "runs/demo", "Directory for both stages.")
-flags.DEFINE_integer("pretrain_steps", 0, "Override the pretraining steps (0 = the config's).")
-flags.DEFINE_integer("grpo_steps", 0, "Override the GRPO steps (0 = the config's).")
+config_flags.DEFINE_config_dict("pretrain", pretrain_configs.get_config("small"),
+                                "Stage 1's run config (override fields: --pretrain.FIELD=VALUE).")
+config_flags.DEFINE_config_dict("grpo", grpo_configs.get_config("small"),
+                                "Stage 2's run config (override fields: --grpo.FIELD=VALUE).")
 
 
 def main(argv):
@@ -47,24 +56,20 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     tfds.disable_progress_bar()
     FLAGS = flags.FLAGS
-    workdir = FLAGS.workdir
+    workdir = run_dir.prepare(FLAGS.workdir)        # absolute, writable, can hold checkpoints
     data_dir = os.path.join(workdir, "data")
 
-    pre = pretrain_configs.get_config("small")
+    pre = FLAGS.pretrain
     pre.data.data_dir = data_dir
-    if FLAGS.pretrain_steps:
-        pre.train.steps = FLAGS.pretrain_steps
     print("== 1/2 pretraining the small model on arithmetic in the R1 format", flush=True)
     pretrain.train_and_evaluate(pre, os.path.join(workdir, "pretrain"))
 
-    rl = grpo_configs.get_config("small")
+    rl = FLAGS.grpo
     rl.init.pretrain_dir = os.path.join(workdir, "pretrain")
     rl.data.data_dir = data_dir
     for field in ("dataset", "num_train", "num_eval", "max_digits", "min_digits", "ops"):
         rl.data[field] = pre.data[field]
     rl.data.template = pre.data.format
-    if FLAGS.grpo_steps:
-        rl.train.steps = FLAGS.grpo_steps
     print("== 2/2 GRPO with verifiable rewards", flush=True)
     result = grpo.train_and_evaluate(rl, os.path.join(workdir, "grpo"))
     before, after = result["before"], result["after"]

@@ -1,0 +1,120 @@
+"""A run's directory (WORKDIR): paths made absolute once, and checked before anything compiles.
+
+Every entrypoint calls `resolve` on each path it is given, at start-up: Orbax refuses relative
+checkpoint paths, and a path resolved once keeps meaning the same place if the working
+directory changes later. `prepare(workdir, model_config)` then checks, in seconds, what would
+otherwise fail at the first checkpoint (step 100 of the demo) or, worse, silently mix two runs:
+
+  - the path is a directory this process can create and write into;
+  - the filesystem supports what an Orbax save does: write files into a fresh temporary
+    directory, then rename that directory into place (how a checkpoint is committed);
+  - WORKDIR does not already hold a run of another model (its model_config.json differs).
+
+Each failure is a `WorkdirError` whose message names the fix. Left out: a free-space check (a
+checkpoint's size depends on the optimizer and sharding; a full disk fails at the save, and the
+previous checkpoints stay intact).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from deepseek_jax.config import ModelConfig
+
+MODEL_CONFIG = "model_config.json"
+
+
+class WorkdirError(ValueError):
+    """WORKDIR cannot hold this run; the message says what to change."""
+
+
+def resolve(path: str) -> str:
+    """`path` as an absolute, normalized path ('~' expanded); '' stays ''.
+
+    Remote URLs (gs://, s3://) are refused: the runs write metrics.jsonl with plain file I/O,
+    so a bucket is used through a mount (gcsfuse), as launch/README.md sets up.
+    """
+    if not path:
+        return path
+    if "://" in path:
+        raise WorkdirError(f"{path!r}: give a filesystem path; the run writes its metrics with "
+                           "plain file I/O, so mount the bucket (e.g. gcsfuse) and pass the "
+                           "mounted path")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _check_writable(workdir: str) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"workdir {workdir} is a file, not a directory: pass a directory "
+                           "(it is created if missing)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"cannot create workdir {workdir} ({e.strerror}): pass a --workdir "
+                           "under a directory you can write to") from e
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise WorkdirError(f"workdir {workdir} is not writable by this user: pass another "
+                           "--workdir, or fix its permissions")
+
+
+def _check_checkpoint_commit(workdir: str) -> None:
+    """Does in small what an Orbax save does: files into a temporary directory, then a rename."""
+    probe = None
+    try:
+        probe = tempfile.mkdtemp(prefix=".write-probe-", dir=workdir)
+        with open(os.path.join(probe, "item"), "wb") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+        committed = probe + "-committed"
+        os.rename(probe, committed)
+        probe = committed
+        with open(os.path.join(probe, "item"), "rb") as f:
+            if f.read() != b"probe":
+                raise OSError(0, "a file read back differs from what was written")
+    except OSError as e:
+        raise WorkdirError(
+            f"workdir {workdir} cannot hold checkpoints: writing a file into a new directory "
+            f"and renaming the directory (how Orbax commits a checkpoint) failed "
+            f"({e.strerror or e}). Use a local disk or a shared POSIX filesystem (NFS, a "
+            "gcsfuse mount) for --workdir") from e
+    finally:
+        if probe is not None:
+            shutil.rmtree(probe, ignore_errors=True)
+
+
+def check_same_model(workdir: str, model_config: ModelConfig) -> None:
+    """Raises unless WORKDIR holds no model_config.json or one equal to `model_config`."""
+    path = os.path.join(workdir, MODEL_CONFIG)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path} is unreadable ({e}): remove it if the run in {workdir} is "
+                           "not wanted, or pass a fresh --workdir") from e
+    wanted = json.loads(json.dumps(model_config.to_dict()))     # tuples as JSON lists
+    differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now"
+                          for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise WorkdirError(
+            f"workdir {workdir} already holds a run of another model ({shown}{more}). "
+            "Pass a fresh --workdir, or the config that run was started with to resume it")
+
+
+def prepare(workdir: str, model_config: ModelConfig | None = None) -> str:
+    """Resolves WORKDIR, creates it and runs the checks above; returns the absolute path."""
+    workdir = resolve(workdir)
+    if not workdir:
+        raise WorkdirError("workdir is empty: pass --workdir=DIR")
+    _check_writable(workdir)
+    _check_checkpoint_commit(workdir)
+    if model_config is not None:
+        check_same_model(workdir, model_config)
+    return workdir

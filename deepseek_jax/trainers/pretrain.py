@@ -1,0 +1,164 @@
+"""The pretraining loop, `train_and_evaluate(config, workdir)`; the command line is
+`python -m experiments.pretrain --config=experiments/configs/pretrain.py:NAME --workdir=DIR`.
+
+Reads top to bottom: mesh → data → model/optimizer → shardings → step → checkpoint → loop.
+Rerunning the same command resumes from the latest checkpoint in DIR/checkpoints, with the same
+data order (the iterator state is checkpointed) and the same numbers. Outputs under DIR:
+metrics.jsonl (one JSON object per logged step), tensorboard/, checkpoints/, data/ (the
+prepared array_record files when data.data_dir is empty).
+
+Stops cleanly: SIGTERM (preemption) saves a checkpoint at the next step boundary and exits 0;
+a non-finite loss or gradient stops the run with an error before anything non-finite is saved.
+
+`config` is a run config from `deepseek_jax.configs.pretrain`; tests, notebooks and the command
+line (experiments/pretrain.py) all call `train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import jax
+import numpy as np
+
+from deepseek_jax.data import run_config
+from deepseek_jax import parallel
+from deepseek_jax.train import checkpoint as ckpt
+from deepseek_jax.train import workdir as run_dir
+from deepseek_jax.train.flops import flops_per_token, peak_flops_per_device
+from deepseek_jax.train.metrics import MetricsWriter, Throughput, truncate_after
+from deepseek_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from deepseek_jax.train.step import NonFiniteLoss, eval_step, init_train_state
+from deepseek_jax.configs.pretrain import to_model_config
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Runs (or resumes) the training described by `config`; returns the last logged metrics."""
+    # --- mesh ---------------------------------------------------------------------------------
+    parallel.maybe_initialize_distributed(config.mesh.distributed)
+    model_config = to_model_config(config.model)
+    mesh = parallel.make_mesh(parallel.run_mesh_config(config.mesh, jax.device_count()))
+    rules = parallel.logical_axis_rules(config.mesh.preset, mesh)
+    parallel.validate(model_config, mesh, rules, config.data.global_batch)
+    if model_config.vocab_size < run_config.vocab_size(config.data.tokenizer):
+        raise ValueError(f"model.vocab_size={model_config.vocab_size} is smaller than the "
+                         f"tokenizer's {run_config.vocab_size(config.data.tokenizer)}; raise it")
+    # Absolute from here on (Orbax needs it), checked before the data or any compile.
+    workdir = run_dir.prepare(workdir, model_config)
+    is_lead = jax.process_index() == 0
+    if is_lead:
+        ckpt.save_model_config(workdir, model_config)
+    if is_lead:
+        print(f"mesh {dict(mesh.shape)} preset {config.mesh.preset} on {jax.device_count()} "
+              f"{jax.devices()[0].platform} devices", flush=True)
+
+    # --- data ---------------------------------------------------------------------------------
+    data_dir = run_dir.resolve(config.data.data_dir) or os.path.join(workdir, "data")
+    train_iter = run_config.train_iterator(config.data, data_dir)    # seeded by data.shuffle_seed
+    eval_batches = lambda: run_config.eval_iterator(config.data, data_dir,
+                                                    num_batches=config.train.eval_batches)
+
+    # --- model and optimizer ------------------------------------------------------------------
+    schedule = learning_rate_schedule(
+        config.optim.lr, config.optim.warmup_steps, config.train.steps,
+        kind=config.optim.schedule, final_fraction=config.optim.final_fraction)
+    tx = make_optimizer(schedule, b1=config.optim.b1, b2=config.optim.b2,
+                        weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
+
+    # --- shardings and step -------------------------------------------------------------------
+    step_fn = parallel.make_sharded_train_step(model_config, tx, mesh, rules,
+                                               microbatches=config.train.microbatches)
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    with parallel.sharding_context(mesh, rules):
+        eval_fn = jax.jit(lambda s, b: eval_step(s, b, config=model_config),
+                          in_shardings=(step_fn.shardings, batch_sharding))
+
+    def to_device(batch: dict) -> dict:
+        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+                for k, v in batch.items()}
+
+    # --- checkpoint: restore or initialize ----------------------------------------------------
+    manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
+                                save_every=config.train.checkpoint_every,
+                                keep=config.train.keep_checkpoints,
+                                async_save=config.train.async_checkpoint)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if manager.latest_step() is not None:
+        shapes = jax.eval_shape(lambda: init_train_state(jax.random.key(0), model_config, tx))
+        abstract = ckpt.abstract_like(shapes, step_fn.shardings)
+        state, rng, data_state = ckpt.restore(manager, abstract)
+        train_iter.set_state(data_state)
+        start = int(state.step)
+        if is_lead:
+            truncate_after(metrics_path, start)
+            print(f"resumed from step {start}", flush=True)
+    else:
+        rng = jax.random.key(config.seed)
+        rng, init_rng = jax.random.split(rng)
+        state = parallel.init_sharded_state(init_rng, model_config, tx, mesh, rules)
+        start = 0
+
+    # --- loop ---------------------------------------------------------------------------------
+    stop = {"signal": None}
+
+    def on_sigterm(signum, _frame):
+        stop["signal"] = signum
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    writer = MetricsWriter(workdir, config.train.steps)
+    meter = Throughput(config.data.global_batch * config.data.seq_len,
+                       flops_per_token(model_config, config.data.seq_len),
+                       (peak_flops_per_device() or 0) * jax.device_count() or None,
+                       start_step=start)
+    pending = None          # (step, metrics) of the last step, checked one step late
+    last = {}
+
+    def flush() -> None:
+        """Checks the pending step's metrics (stops on non-finite) and logs them if due."""
+        nonlocal pending, last
+        if pending is None:
+            return
+        step, m = pending[0], jax.device_get(pending[1])
+        pending = None
+        if not bool(m["finite"]):
+            raise NonFiniteLoss(
+                f"step {step}: loss {float(m['loss'])}, grad norm {float(m['grad_norm'])}; "
+                "stopping before anything non-finite is saved. Lower optim.lr, raise "
+                "optim.warmup_steps or check the data, then rerun to resume from the last "
+                "good checkpoint")
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            last = {**{k: v for k, v in m.items() if k != "finite"},
+                    "lr": float(schedule(step - 1)), **meter.read(step)}
+            writer.write(step, last)
+
+    try:
+        for step in range(start, config.train.steps):
+            batch = to_device(next(train_iter))
+            state, metrics = step_fn(state, batch)   # dispatched; runs while we check the last
+            flush()
+            pending = (step + 1, metrics)
+            done = step + 1
+
+            if config.train.eval_every and done % config.train.eval_every == 0:
+                parts = [jax.device_get(eval_fn(state, to_device(b))) for b in eval_batches()]
+                writer.write(done, {k: float(np.mean([p[k] for p in parts])) for k in parts[0]},
+                             prefix="eval_")
+
+            stopping = stop["signal"] is not None or manager.reached_preemption(done)
+            if done % config.train.checkpoint_every == 0 or stopping or done == config.train.steps:
+                flush()              # never save a state that came from a non-finite step
+                ckpt.save(manager, done, state, rng, train_iter.get_state(), force=True)
+            if stopping:
+                manager.wait_until_finished()
+                if is_lead:
+                    print(f"stopped by signal at step {done}; checkpoint saved", flush=True)
+                return last
+        flush()
+        manager.wait_until_finished()
+        return last
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        writer.close()
+        manager.close()
+
