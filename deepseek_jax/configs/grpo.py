@@ -52,7 +52,9 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.data.max_digits = 2
     c.data.min_digits = 2            # fixed-width operands: digits at fixed prompt positions
     c.data.ops = "+-"
-    c.data.template = template       # r1_zero (the paper's) or compact (short, for small models)
+    # r1_zero (R1's Table 1: ends "Assistant:"), r1_zero_think (the same, "<think>" prefilled) or
+    # compact (question + " <think>": short, for small models); see deepseek_jax/rl/rewards.py
+    c.data.template = template
     c.data.tokenizer = ""            # "" = the byte tokenizer; an HF model: its tokenizer.json
 
     c.rl = ml_collections.ConfigDict()
@@ -68,7 +70,9 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.rl.beta = beta                 # k3 KL weight; 0 skips the reference model
     c.rl.advantage_scale = "group"   # group, batch or none (Dr. GRPO)
     c.rl.aggregation = "seq_mean_token_mean"  # or token_mean (DAPO), seq_mean_token_sum_norm
-    c.rl.format_weight = 0.1
+    # total reward = accuracy + format_weight·format: R1 adds the two (1.0); the small runs keep
+    # TinyZero's 0.1, with which the demo was measured (rl.rewards.FORMAT_WEIGHTS names both)
+    c.rl.format_weight = 1.0 if arg == "v3-671b" else 0.1
     # γ of the routing-bias update during RL: -1 keeps the model's; 0 freezes the bias (a few
     # hundred short completions per step are a noisy load signal, and each sign step moves routing)
     c.rl.bias_update_rate = 0.0 if arg == "small" else -1.0

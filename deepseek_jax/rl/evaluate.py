@@ -32,7 +32,7 @@ def evaluate(variables, config: ModelConfig, problems: Sequence[dict[str, Any]],
                        mesh=mesh, rules=rules)
         completions = rollout.completion_ids(np.asarray(out.tokens), np.asarray(out.lengths))
         scores = rollout.score_completions(completions, chunk, format_weight=0.0,
-                                           encoder=encoder)
+                                           encoder=encoder, template=template)
         acc += list(scores["accuracy"][:n])
         fmt += list(scores["format"][:n])
         lengths += list(np.asarray(out.lengths)[:n])

@@ -1,24 +1,35 @@
 """Prompts and rule-based rewards for R1-Zero-style RL on the procedural tasks.
 
-Template (R1 paper, Table 1), ending in "<think>" so that completions continue the reasoning:
+Templates (`TEMPLATES`, chosen by name in the run configs):
 
-  A conversation between User and Assistant. The user asks a question, and the Assistant solves
-  it. ... i.e., <think> reasoning process here </think> <answer> answer here </answer>.
-  User: {question}. Assistant: <think>
+  r1_zero        the R1 paper's (Table 1), the default. It ends with "Assistant:", so the model
+                 opens the think block itself; a completion reads
+                 " <think> … </think> <answer> … </answer>":
+                   A conversation between User and Assistant. The user asks a question, and the
+                   Assistant solves it. ... i.e., <think> reasoning process here </think>
+                   <answer> answer here </answer>. User: {question}. Assistant:
+  r1_zero_think  the same text with "<think>" prefilled ("… Assistant: <think>"): every
+                 completion starts inside the think block, so the opening tag cannot be missed
+                 (the form several open R1-Zero replications use).
+  compact        "{question} <think>": a short prefilled template for small models on a CPU
+                 (fewer tokens to prefill and learn); the demo's.
 
-`compact` is a shorter template for small models on a CPU (fewer tokens to prefill and learn):
-"{question} <think>". Both expect the completion to read "… </think> <answer> … </answer>".
+With a prefilled template (`prefills_think`) the completion reads "… </think> <answer> …
+</answer>"; the format reward judges "<think>" + completion, the same text either way.
 
 Rewards are pure functions of text (never executed as code):
 
-  format_reward      1 if "<think>" + completion is exactly <think>…</think> <answer>…</answer>
-                     with each tag once (whitespace allowed between and after), else 0
+  format_reward      1 if the completion (after the template's prefilled "<think>", if any) is
+                     exactly <think>…</think> <answer>…</answer> with each tag once (whitespace
+                     allowed before, between and after), else 0
   countdown_reward   1 if the answer is an expression of + − × ÷ that reaches the target using
                      each given number at most once (a safe parser: `data.tasks.evaluate_expression`
                      — no `**`, no names, no unary minus, values capped at 1e12)
   arithmetic_reward  1 if the answer is the integer result
-  total              accuracy + format_weight · format (R1 adds them with equal weight; TinyZero
-                     gives the format 0.1; `format_weight` chooses)
+  total              accuracy + format_weight · format. The default weight 1 is R1's (§2.2.2:
+                     the two rule-based rewards, added); `FORMAT_WEIGHTS` names the choices
+                     ("r1" = 1, "tinyzero" = 0.1, TinyZero's countdown reward, the demo's;
+                     "accuracy_only" = 0), and a run config may set any number
 
 The answer is the text of the LAST <answer>…</answer> (several answers score only the last, so
 listing guesses does not pay), stripped, at most 128 characters (longer answers score 0: they
@@ -38,11 +49,13 @@ R1_ZERO = ("A conversation between User and Assistant. The user asks a question,
            "mind and then provides the user with the answer. The reasoning process and answer "
            "are enclosed within <think> </think> and <answer> </answer> tags, respectively, "
            "i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
-           "User: {question}. Assistant: <think>")
+           "User: {question}. Assistant:")
+R1_ZERO_THINK = R1_ZERO + " <think>"
 COMPACT = "{question} <think>"
-TEMPLATES = {"r1_zero": R1_ZERO, "compact": COMPACT}
+TEMPLATES = {"r1_zero": R1_ZERO, "r1_zero_think": R1_ZERO_THINK, "compact": COMPACT}
+FORMAT_WEIGHTS = {"r1": 1.0, "tinyzero": 0.1, "accuracy_only": 0.0}
 
-_FORMAT = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 MAX_ANSWER_CHARS = 128
 
@@ -56,9 +69,19 @@ def question(problem: dict[str, Any]) -> str:
     return f"What is {problem['prompt'].rstrip('=')}?"
 
 
-def make_prompt(problem: dict[str, Any], template: str = "r1_zero") -> str:
+def _check_template(template: str) -> None:
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; use one of {sorted(TEMPLATES)}")
+
+
+def prefills_think(template: str) -> bool:
+    """Whether the prompt of `template` already opens the think block."""
+    _check_template(template)
+    return TEMPLATES[template].endswith("<think>")
+
+
+def make_prompt(problem: dict[str, Any], template: str = "r1_zero") -> str:
+    _check_template(template)
     return TEMPLATES[template].format(question=question(problem))
 
 
@@ -70,9 +93,10 @@ def extract_answer(completion: str) -> str | None:
     return answer if len(answer) <= MAX_ANSWER_CHARS else None
 
 
-def format_reward(completion: str) -> float:
-    """1 for exactly one think block followed by exactly one answer block, else 0."""
-    text = "<think>" + completion
+def format_reward(completion: str, template: str = "r1_zero") -> float:
+    """1 for exactly one think block followed by exactly one answer block, else 0 (the think
+    block opened by the prompt when `template` prefills it, by the completion otherwise)."""
+    text = ("<think>" if prefills_think(template) else "") + completion
     once = all(text.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
     return 1.0 if once and _FORMAT.match(text) else 0.0
 
@@ -101,10 +125,11 @@ def accuracy_reward(completion: str, problem: dict[str, Any]) -> float:
     return countdown_reward(completion, problem["numbers"], problem["target"])
 
 
-def score(completion: str, problem: dict[str, Any], format_weight: float = 0.1) -> dict[str, float]:
-    """{"accuracy", "format", "total"} for one completion."""
+def score(completion: str, problem: dict[str, Any], format_weight: float = FORMAT_WEIGHTS["r1"],
+          template: str = "r1_zero") -> dict[str, float]:
+    """{"accuracy", "format", "total"} for one completion of a `template` prompt."""
     acc = accuracy_reward(completion, problem)
-    fmt = format_reward(completion)
+    fmt = format_reward(completion, template)
     return {"accuracy": acc, "format": fmt, "total": acc + format_weight * fmt}
 
 
@@ -112,8 +137,10 @@ ESTIMATE_WORD = "about"     # opens the think block of an estimated answer (`tar
 
 
 def target_completion(problem: dict[str, Any], worked: bool = False,
-                      estimated: bool = False) -> str:
-    """A well-formed completion (for pretraining on the format).
+                      estimated: bool = False, template: str = "r1_zero") -> str:
+    """A well-formed completion of a `template` prompt (for pretraining on the format). Below,
+    the part after "<think>"; a template that does not prefill it gets " <think>" in front, so
+    prompt + completion is the same text under r1_zero and r1_zero_think.
 
     The think block writes the equation for arithmetic (`" 43+27=70 </think> …"`, the stored
     pretraining line) and restates the problem otherwise. With `worked=True`, + and − problems
@@ -122,13 +149,14 @@ def target_completion(problem: dict[str, Any], worked: bool = False,
     instead, with no work shown (`tasks.estimate`: `" about 70 </think> <answer>70</answer>"` for
     43+27, and `"… 10 …"` for 43−27, a wrong answer): careless answers, as a corpus also holds.
     """
+    opening = "" if prefills_think(template) else " <think>"
     think = problem["text"].strip() if "op" in problem and "text" in problem else problem["prompt"]
     rough = tasks.estimate(*_operands(problem)) if estimated and "op" in problem else None
     if rough is not None:
-        return f" {ESTIMATE_WORD} {rough} </think> <answer>{rough}</answer>"
+        return f"{opening} {ESTIMATE_WORD} {rough} </think> <answer>{rough}</answer>"
     if worked and "op" in problem:
         think = tasks.worked_solution(*_operands(problem)) or think
-    return f" {think} </think> <answer>{problem['answer']}</answer>"
+    return f"{opening} {think} </think> <answer>{problem['answer']}</answer>"
 
 
 def _operands(problem: dict[str, Any]) -> tuple[int, str, int]:
@@ -150,7 +178,7 @@ def sft_text(problem: dict[str, Any], template: str, worked_fraction: float = 0.
     usually wrong answer) for an independent `estimate_fraction` share (estimates win)."""
     return make_prompt(problem, template) + target_completion(
         problem, worked=worked_for(problem, worked_fraction),
-        estimated=worked_for(problem, estimate_fraction, salt="estimate"))
+        estimated=worked_for(problem, estimate_fraction, salt="estimate"), template=template)
 
 
 def problem_from_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -33,10 +33,12 @@ def completion_ids(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
 
 
 def score_completions(completions: Sequence[list[int]], problems: Sequence[dict[str, Any]],
-                      format_weight: float, encoder: Encoder = BYTES) -> dict[str, np.ndarray]:
-    """{"total", "accuracy", "format"} arrays [B] and the decoded texts."""
+                      format_weight: float, encoder: Encoder = BYTES, *,
+                      template: str) -> dict[str, np.ndarray]:
+    """{"total", "accuracy", "format"} arrays [B] and the decoded texts, for completions of
+    `template` prompts (the format reward depends on whether the prompt opened <think>)."""
     texts = [encoder.decode(c) for c in completions]
-    scored = [rewards.score(t, p, format_weight) for t, p in zip(texts, problems)]
+    scored = [rewards.score(t, p, format_weight, template) for t, p in zip(texts, problems)]
     out = {k: np.asarray([s[k] for s in scored], np.float32) for k in ("total", "accuracy",
                                                                        "format")}
     out["texts"] = texts

@@ -140,7 +140,8 @@ AR = {"prompt": "417+85=", "answer": "502", "op": "+", "numbers": [417, 85], "ta
     (" </think> <answer>" + "(" * 5000 + "1" + ")" * 5000 + "</answer>", 0.0, 1.0),  # too long
 ])
 def test_countdown_reward_edge_cases(completion, acc, fmt):
-    s = rewards.score(completion, CD)
+    # Completions of a prompt that prefilled "<think>", scored with TinyZero's format weight.
+    s = rewards.score(completion, CD, format_weight=0.1, template="r1_zero_think")
     assert (s["accuracy"], s["format"]) == (acc, fmt)
     assert s["total"] == pytest.approx(acc + 0.1 * fmt)
 
@@ -158,9 +159,10 @@ def test_prompts_and_target_completion_score_full_marks():
     for problem in [tasks.countdown_problem(rng) for _ in range(20)] + [CD, AR]:
         for template in rewards.TEMPLATES:
             prompt = rewards.make_prompt(problem, template)
-            assert prompt.endswith("<think>")
-        s = rewards.score(rewards.target_completion(problem), problem)
-        assert s == {"accuracy": 1.0, "format": 1.0, "total": 1.1}
+            assert prompt.endswith("<think>") == rewards.prefills_think(template)
+            completion = rewards.target_completion(problem, template=template)
+            s = rewards.score(completion, problem, template=template)
+            assert s == {"accuracy": 1.0, "format": 1.0, "total": 2.0}
     assert rewards.make_prompt(CD).startswith("A conversation between User and Assistant.")
     with pytest.raises(ValueError, match="template"):
         rewards.make_prompt(CD, "chatml")
@@ -172,7 +174,7 @@ def test_worked_completions_score_full_marks_and_fraction_holds():
     for p in problems[:50]:
         worked = rewards.target_completion(p, worked=True)
         assert worked != rewards.target_completion(p)
-        assert rewards.score(worked, p) == {"accuracy": 1.0, "format": 1.0, "total": 1.1}
+        assert rewards.score(worked, p) == {"accuracy": 1.0, "format": 1.0, "total": 2.0}
     # The hash picks close to the asked share (binomial sd over 2000 draws ≈ 0.01).
     share = np.mean([rewards.worked_for(p, 0.3) for p in problems])
     assert abs(share - 0.3) < 0.04
@@ -180,3 +182,30 @@ def test_worked_completions_score_full_marks_and_fraction_holds():
     assert all(rewards.worked_for(p, 1.0) for p in problems)
     # Countdown has no column arithmetic: the restating think block is kept.
     assert rewards.target_completion(CD, worked=True) == rewards.target_completion(CD)
+
+
+def test_r1_zero_is_the_papers_template_and_rewards():
+    # R1 Table 1: the prompt ends with "Assistant:" and the model opens <think> itself; §2.2.2:
+    # accuracy and format rewards, added.
+    prompt = rewards.make_prompt(AR)
+    assert prompt.endswith("User: What is 417+85?. Assistant:")
+    assert rewards.make_prompt(AR, "r1_zero_think") == prompt + " <think>"
+    assert rewards.make_prompt(AR, "compact") == "What is 417+85? <think>"
+    assert not rewards.prefills_think("r1_zero") and rewards.prefills_think("r1_zero_think")
+    opened = " <think> 417+85=502 </think> <answer>502</answer>"
+    assert rewards.score(opened, AR) == {"accuracy": 1.0, "format": 1.0, "total": 2.0}
+    # Without its own <think> a completion of the paper's prompt is not well formed...
+    assert rewards.score(opened.replace(" <think>", ""), AR)["format"] == 0.0
+    # ...and after a prefilled <think> a second one is not either.
+    assert rewards.score(opened, AR, template="r1_zero_think")["format"] == 0.0
+    assert rewards.score(opened.replace(" <think>", ""), AR, template="compact")["format"] == 1.0
+    assert rewards.FORMAT_WEIGHTS == {"r1": 1.0, "tinyzero": 0.1, "accuracy_only": 0.0}
+    assert rewards.score(opened, AR, rewards.FORMAT_WEIGHTS["tinyzero"])["total"] == 1.1
+
+
+def test_sft_text_is_the_same_text_under_both_r1_templates():
+    for estimate in (0.0, 1.0):
+        texts = {t: rewards.sft_text(AR, t, estimate_fraction=estimate)
+                 for t in ("r1_zero", "r1_zero_think")}
+        assert texts["r1_zero"] == texts["r1_zero_think"]
+        assert "Assistant: <think> " in texts["r1_zero"]
