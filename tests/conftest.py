@@ -27,3 +27,27 @@ def tiny():
 def tiny_variables(tiny):
     from deepseek_jax.model import init_variables
     return init_variables(jax.random.key(0), tiny)
+
+
+class _HopperLikeJax:
+    """`jax` as one kernel module sees it, with a first device that reports an H100/H200's 132 SMs."""
+
+    class _Device:
+        core_count = 132
+
+    def devices(self, *args):
+        return [self._Device()]
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+
+@pytest.fixture
+def hopper_sm_count(monkeypatch):
+    """Lets the Mosaic GPU wgrad kernel trace on a CPU host (interpret mode, lowering for cuda).
+
+    `transposed_ragged_dot` reads `jax.devices()[0].core_count` while tracing; CPU devices have
+    none. Only that module's view of `jax` changes, for one test.
+    """
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
+    monkeypatch.setattr(trd, "jax", _HopperLikeJax())

@@ -151,9 +151,18 @@ def default_config(m: int, n: int, b_scaling: str = "block", out_dtype=jnp.bfloa
     return dataclasses.replace(best, stages=min(4, max_stages(best, b_scaling, out_dtype)))
 
 
-def _gemm_kernel(a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem, out_smem, *, config, b_scaling,
-                 k_steps, m_tiles, n_tiles):
-    """Kernel body. a `[Mp, Kp]`, as `[J, Mp]`, b `[Np, Kp]`, bs `[NB, J]` (block) or `[J, Np]` (row)."""
+def _gemm_kernel(*refs, out_smem, config, b_scaling, k_steps, m_tiles, n_tiles, grouped=False):
+    """Kernel body. a `[Mp, Kp]`, as `[J, Mp]`, b `[Np, Kp]`, bs `[NB, J]` (block) or `[J, Np]` (row).
+
+    grouped=True (block scaling only): a leading int32 ref `[m_tiles]` names the group of each
+    CTA row tile; b is `[G·Np, Kp]` and bs `[G·NB, J]` (every group's matrix padded to Np rows),
+    and a row tile of group g reads rows g·Np + … of b and its scale blocks g·NB + ….
+    """
+    if grouped:
+        grp_gmem, a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem = refs
+    else:
+        a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem = refs
+    n_rows = n_tiles * config.cta_n  # Np: rows of one group's b
     tile_m, tile_n = WG_ROWS, config.tile_n
     cta_m, cta_n = config.cta_m, config.cta_n
     out_dtype = out_gmem.dtype
@@ -179,10 +188,10 @@ def _gemm_kernel(a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem, out_smem, *, config
             compute_context=compute_context,
         )
 
-    def tile_args(m_sl, n_sl):
-        args = [a_gmem.at[m_sl, :], b_gmem.at[n_sl, :], as_gmem.at[:, m_sl]]
+    def tile_args(m_sl, b_sl):
+        args = [a_gmem.at[m_sl, :], b_gmem.at[b_sl, :], as_gmem.at[:, m_sl]]
         if b_scaling == "row":
-            args.append(bs_gmem.at[:, n_sl])
+            args.append(bs_gmem.at[:, b_sl])
         return args
 
     ignore = lambda *_, **__: None  # the allocations do not depend on the bodies
@@ -202,13 +211,15 @@ def _gemm_kernel(a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem, out_smem, *, config
             mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), 1, config.grid_tile_width)
             m_sl = pl.ds(mi * cta_m, cta_m)
             n_sl = pl.ds(ni * cta_n, cta_n)
+            g = grp_gmem[mi] if grouped else 0  # this row tile's group (its matrix in b)
+            b_sl = pl.ds(g * n_rows + ni * cta_n, cta_n)
             if config.wg_dim == "m":
                 wg_m, wg_n = pl.ds(wg * tile_m, tile_m), pl.ds(0, tile_n)
                 col0 = ni * cta_n
             else:
                 wg_m, wg_n = pl.ds(0, tile_m), pl.ds(wg * tile_n, tile_n)
                 col0 = ni * cta_n + wg * tile_n
-            n_block = col0 // BLOCK  # the B scale block of this warpgroup's columns
+            n_block = g * (n_rows // BLOCK) + col0 // BLOCK  # B scale block of these columns
 
             def compute_context(run_pipeline):
                 total = run_pipeline(jnp.zeros((tile_m, tile_n), jnp.float32))  # [64, tile_n]
@@ -235,7 +246,7 @@ def _gemm_kernel(a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem, out_smem, *, config
                 part, scale = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
                 return total + part * scale  # promotion: fp32 FMA on the CUDA cores
 
-            get_pipeline(step, compute_context)(*tile_args(m_sl, n_sl), allocations=allocs)
+            get_pipeline(step, compute_context)(*tile_args(m_sl, b_sl), allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -267,7 +278,16 @@ def gemm_nt(a_q, a_scale, b_q, b_scale, *, b_scaling: str = "block", out_dtype=j
         nb = -(-np_ // BLOCK)
         b_scale = jnp.pad(b_scale.astype(jnp.float32), ((0, nb - b_scale.shape[0]), (0, 0)))  # [NB, J]
 
-    m_tiles, n_tiles = mp // config.cta_m, np_ // config.cta_n
+    out = _launch(a_q, a_scale_t, b_q, b_scale, config=config, b_scaling=b_scaling,
+                  out_dtype=out_dtype, n_cols=np_, sms=sms, interpret=interpret)  # [Mp, Np]
+    return out[:m, :n]
+
+
+def _launch(*operands, config, b_scaling, out_dtype, n_cols, sms, interpret, grouped=False):
+    """Builds and calls the kernel on padded operands (`[group table,] a, a scales, b, b scales`)."""
+    a_q, a_scale_t = operands[-4], operands[-3]
+    mp, nj = a_q.shape[0], a_scale_t.shape[0]
+    m_tiles, n_tiles = mp // config.cta_m, n_cols // config.cta_n
     out_swizzle = plgpu.find_swizzle(config.tile_n * jnp.dtype(out_dtype).itemsize * 8, "output")
     out_transforms = (
         plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
@@ -275,11 +295,11 @@ def gemm_nt(a_q, a_scale, b_q, b_scale, *, b_scaling: str = "block", out_dtype=j
     )
     kernel = functools.partial(
         _gemm_kernel, config=config, b_scaling=b_scaling, k_steps=nj, m_tiles=m_tiles,
-        n_tiles=n_tiles,
+        n_tiles=n_tiles, grouped=grouped,
     )
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        out_type=jax.ShapeDtypeStruct((mp, n_cols), out_dtype),
         grid=(min(sms, m_tiles * n_tiles),),
         grid_names=("sm",),
         num_threads=3,  # two consumer warpgroups + the TMA producer
@@ -291,5 +311,37 @@ def gemm_nt(a_q, a_scale, b_q, b_scale, *, b_scaling: str = "block", out_dtype=j
         **({"interpret": interpret if isinstance(interpret, plgpu.InterpretGPUParams)
             else plgpu.InterpretGPUParams()} if interpret else {}),
     )
-    out = call(a_q, a_scale_t, b_q, b_scale)  # [Mp, Np]
-    return out[:m, :n]
+    return call(*operands)
+
+
+def grouped_gemm_nt(a_q, a_scale, b_q, b_scale, tile_group, *, out_dtype=jnp.bfloat16,
+                    config: GpuConfig | None = None, interpret=False):
+    """Grouped `a @ b[g].T` with block scales: the m-grouped contiguous layout (DeepGEMM's name).
+
+    a_q `[Ma, K]` with a_scale `[Ma, J]` (1×128 tiles); rows come in 128-row tiles, each wholly
+    of one group, `tile_group` int32 `[Ma/128]` naming it (padding tiles name any valid group
+    and give rows the caller drops). b_q `[G, N, K]` with 128×128 block scales
+    b_scale `[G, ceil(N/128), J]`. Returns `[Ma, N]`. N is padded per group to a multiple of
+    the CTA tile and of 128, K to J·128; Ma must be a multiple of 128.
+    """
+    ma, k = a_q.shape
+    g, n, _ = b_q.shape
+    nj = a_scale.shape[1]
+    if ma % BLOCK or tile_group.shape != (ma // BLOCK,):
+        raise ValueError(f"grouped_gemm_nt: rows {ma} must be a multiple of {BLOCK} with one group "
+                         f"per {BLOCK}-row tile (tile_group {tile_group.shape})")
+    sms = (2 if interpret else num_sms()) if config is None or config.num_sms is None else config.num_sms
+    if config is None:
+        config = default_config(ma, n, "block", out_dtype, sms)
+    check_config(config, "block", out_dtype)
+    np_, kp = _round_up(n, max(config.cta_n, BLOCK)), nj * BLOCK
+    nb = np_ // BLOCK
+    b_q = jnp.pad(b_q, ((0, 0), (0, np_ - n), (0, kp - k))).reshape(g * np_, kp)   # [G·Np, Kp]
+    b_scale = jnp.pad(b_scale.astype(jnp.float32),
+                      ((0, 0), (0, nb - b_scale.shape[1]), (0, 0))).reshape(g * nb, nj)  # [G·NB, J]
+    a_q = jnp.pad(a_q, ((0, 0), (0, kp - k)))                                        # [Ma, Kp]
+    a_scale_t = jnp.einsum("MJ->JM", a_scale.astype(jnp.float32))                    # [J, Ma]
+    per_cta = jnp.repeat(tile_group.astype(jnp.int32), BLOCK // config.cta_m)       # [Ma/cta_m]
+    out = _launch(per_cta, a_q, a_scale_t, b_q, b_scale, config=config, b_scaling="block",
+                  out_dtype=out_dtype, n_cols=np_, sms=sms, interpret=interpret, grouped=True)
+    return out[:, :n]                                                                 # [Ma, N]

@@ -14,7 +14,7 @@ What is in:
                   quantized from the full-precision x in the forward pass, as a fused
                   quantize-both-layouts kernel would) and the quantized weight. The
                   full-precision x is not kept. The incoming gradient is first scaled by an
-                  exact power of two (`_normalize_grad`) so that the quantizer's 1e-4 amax
+                  exact power of two (`normalize_grad`) so that the quantizer's 1e-4 amax
                   floor cannot flatten small gradients.
   fp8_einsum      a projection written as an einsum (`"BTQ,QNH->BTNH"`, `"...F,FD->...D"`): the
                   weight's contracted axes are flattened into K and its output axes into N around
@@ -68,7 +68,7 @@ BLOCK = fp8.BLOCK
 # Dense projections
 
 
-def _normalize_grad(dy):
+def normalize_grad(dy):
     """(dy · 2⁻ᵉ, 2ᵉ) with e chosen so that max|dy · 2⁻ᵉ| lies in [0.5, 1).
 
     The quantizers floor every tile's amax at 1e-4 (DeepSeek's clamp, sized for activations);
@@ -101,7 +101,7 @@ def _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype):
 
 def _fp8_dot_bwd(out_dtype, backend, x_dtype, w_dtype, res, dy):
     x_t_q, x_t_s, w_q, w_s = res
-    dy, unscale = _normalize_grad(dy)                                       # exact, see above
+    dy, unscale = normalize_grad(dy)                                       # exact, see above
     # dgrad: dx = dy @ wᵀ with dy in 1×128 tiles along N and wᵀ's blocks (the same blocks).
     dy_q, dy_s = fp8.quantize_activation(dy)                                # [M, N], [M, NB]
     w_t_q, w_t_s = fp8.transpose_quantized_weight(w_q, w_s)                 # [K, N], [J, NB]
@@ -263,7 +263,7 @@ def _fp8_ragged_dot_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype):
 def _fp8_ragged_dot_bwd(out_dtype, x_dtype, w_dtype, res, dy):
     x_t_q, x_t_s, w_q, w_s, group_sizes = res
     m = dy.shape[0]
-    dy, unscale = _normalize_grad(dy)                                       # exact
+    dy, unscale = normalize_grad(dy)                                       # exact
     w_dq = jax.vmap(fp8.dequantize_weight)(w_q, w_s)                        # [E, K, N]
     # dgrad: dy in 1×128 tiles along N, each expert's blocks transposed.
     dx = _ragged(_rows_fp8(dy), jnp.einsum("EKN->ENK", w_dq), group_sizes)  # [M, K]

@@ -50,10 +50,13 @@ import contextlib
 import dataclasses
 import functools
 import math
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
+
+from deepseek_jax.kernels import fp8, fp8_gpu
+from deepseek_jax.kernels.fp8_linear import (fp8_ragged_dot, group_tiles, normalize_grad,
+                                             quantize_token_tiles)
 
 BACKENDS = ("ragged_dot", "mosaic_gpu", "megablox", "reference", "mosaic_gpu_interpret",
             "megablox_interpret")
@@ -72,28 +75,45 @@ class MosaicGpuTiling:
 
 MOSAIC_GPU_TILING = MosaicGpuTiling()
 MEGABLOX_TILING = (128, 128, 128)
-_HOPPER_SMS = 132          # what ragged_dot_mgpu assumes; the wgrad kernel asks the device
 
 
-def default_backend(platform: str | None = None) -> str:
-    """The backend "auto" means on `platform` (default: JAX's default backend).
+def _is_hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 
-    cpu → ragged_dot; tpu → megablox; gpu → mosaic_gpu on Hopper (compute capability 9.x),
-    ragged_dot elsewhere (the Hopper kernels use wgmma, which other GPUs lack).
+
+def _is_16_bit(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def default_backend(platform: str | None = None, dtype=jnp.bfloat16, fp8: bool = False) -> str:
+    """The backend "auto" means on `platform` (default: JAX's default backend) for `dtype` rows.
+
+    cpu → ragged_dot; tpu → megablox; gpu → mosaic_gpu on Hopper (compute capability 9.x) when
+    the operands are 16-bit or fp8=True (the fp8 kernel quantizes whatever it gets), else
+    ragged_dot (the Hopper kernels use wgmma, which other GPUs lack and which takes no fp32).
     """
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return "megablox"
     if platform in ("gpu", "cuda"):
-        cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-        return "mosaic_gpu" if cc.startswith("9") else "ragged_dot"
+        return "mosaic_gpu" if _is_hopper() and (fp8 or _is_16_bit(dtype)) else "ragged_dot"
     return "ragged_dot"
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, dtype=jnp.bfloat16, fp8: bool = False) -> str:
+    """`backend` checked against the operands (`dtype` rows, fp8 or not); "auto" → `default_backend`."""
     if backend not in CONFIG_BACKENDS:
         raise ValueError(f"grouped GEMM backend {backend!r}: use one of {CONFIG_BACKENDS}")
-    return default_backend() if backend == "auto" else backend
+    if backend == "auto":
+        return default_backend(dtype=dtype, fp8=fp8)
+    if backend.startswith("mosaic_gpu") and not fp8 and not _is_16_bit(dtype):
+        raise ValueError(
+            f"moe_backend={backend!r} multiplies 16-bit operands only (Hopper's wgmma transposes "
+            f"no fp32), got {jnp.dtype(dtype).name} rows: set the model's dtype to bfloat16, or "
+            "moe_backend='ragged_dot' (or 'auto') for an fp32 model")
+    if backend.startswith("megablox") and fp8:
+        return backend  # fp8 on TPU runs the emulation, below
+    return backend
 
 
 def _row_mask(group_sizes, m):
@@ -148,34 +168,13 @@ def gmm_reference(lhs, rhs, group_sizes, out_dtype):
 
 @contextlib.contextmanager
 def _mosaic_gpu_mode(interpret: bool):
-    """GPU interpreter on for interpret mode; and a device that reports an SM count.
-
-    `transposed_ragged_dot` reads `jax.devices()[0].core_count` while tracing, which CPU devices
-    (interpret mode, or cross-lowering for cuda from a CPU host) lack; they see an H100/H200's 132.
-    """
+    """Pallas' GPU interpreter on for interpret mode (CPU tests); nothing otherwise."""
     with contextlib.ExitStack() as stack:
         if interpret:
             from jax._src.pallas.mosaic_gpu.interpret.params import (InterpretGPUParams,
                                                                      force_gpu_interpret_mode)
             stack.enter_context(force_gpu_interpret_mode(InterpretGPUParams()))
-        if not hasattr(jax.devices()[0], "core_count"):
-            fake = type("HopperLike", (), {"core_count": _HOPPER_SMS})()
-            from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
-            stack.enter_context(mock.patch.object(trd, "jax", _JaxWithDevices(fake)))
         yield
-
-
-class _JaxWithDevices:
-    """The `jax` module as seen by one kernel file, with `devices()` answering a fake device."""
-
-    def __init__(self, device):
-        self._device = device
-
-    def devices(self, *args):
-        return [self._device]
-
-    def __getattr__(self, name):
-        return getattr(jax, name)
 
 
 def _mgpu_forward(lhs, rhs, group_sizes, transpose_rhs, t):
@@ -188,6 +187,11 @@ def _mgpu_forward(lhs, rhs, group_sizes, transpose_rhs, t):
 
 def _mgpu_wgrad(x, dy, group_sizes, t):
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
+    if not hasattr(trd.jax.devices()[0], "core_count"):
+        raise ValueError(
+            "the Mosaic GPU wgrad kernel (transposed_ragged_dot) sizes its grid by the GPU's SM "
+            f"count while tracing, and this host's first device {trd.jax.devices()[0]} reports "
+            "none: differentiate the mosaic_gpu backend on a Hopper GPU")
     return trd.transposed_ragged_dot(
         x, dy, group_sizes=group_sizes, block_m=t.block_m, block_n=t.block_n,
         block_k=t.block_k, max_concurrent_steps=t.max_concurrent_steps,
@@ -234,6 +238,82 @@ def _gmm_mosaic_gpu(lhs, rhs, group_sizes, out_dtype, interpret, tiling):
     return out.astype(out_dtype)
 
 
+# --- fp8 on Hopper: block-scaled grouped GEMM ---------------------------------------------------
+
+def aligned_layout(group_sizes, m: int):
+    """DeepGEMM's contiguous layout: every group's rows start on a 128-row tile of their own.
+
+    Returns (pos int32 `[M]`: the aligned row of each sorted row, `ma` for rows in no group;
+    tile_group int32 `[Ma/128]`: the group of each tile; ma: the static row count,
+    round_up(M, 128) + 128·G, which bounds Σ round_up(size_g, 128)).
+    """
+    g = group_sizes.shape[0]
+    ma = _round_up(m, fp8_gpu.BLOCK) + fp8_gpu.BLOCK * g
+    sizes = group_sizes.astype(jnp.int32)                                   # [G]
+    ends = jnp.cumsum(sizes)                                                # [G]
+    padded = -(-sizes // fp8_gpu.BLOCK) * fp8_gpu.BLOCK                     # [G]
+    a_ends = jnp.cumsum(padded)                                             # [G]
+    rows = jnp.arange(m, dtype=jnp.int32)                                   # [M]
+    grp = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), g - 1)   # [M]
+    pos = a_ends[grp] - padded[grp] + rows - (ends[grp] - sizes[grp])       # [M]
+    pos = jnp.where(rows < ends[-1], pos, ma)
+    tile_rows = jnp.arange(ma // fp8_gpu.BLOCK, dtype=jnp.int32) * fp8_gpu.BLOCK
+    tile_group = jnp.minimum(jnp.searchsorted(a_ends, tile_rows, side="right"), g - 1)
+    return pos, tile_group.astype(jnp.int32), ma
+
+
+def _fp8_grouped_nt(rows, b_q, b_s, group_sizes, out_dtype, interpret):
+    """rows `[M, K]` (sorted) · b[g]ᵀ for b_q `[G, N, K]` fp8 with 128×128 scales `[G, NB, J]`:
+    rows quantized in 1×128 tiles along K, in the aligned layout; `[M, N]` in out_dtype."""
+    m = rows.shape[0]
+    pos, tile_group, ma = aligned_layout(group_sizes, m)
+    aligned = jnp.zeros((ma, rows.shape[1]), rows.dtype).at[pos].set(rows, mode="drop")  # [Ma, K]
+    a_q, a_s = fp8.quantize_activation(aligned)                             # [Ma, K], [Ma, J]
+    out = fp8_gpu.grouped_gemm_nt(a_q, a_s, b_q, b_s, tile_group, out_dtype=out_dtype,
+                                  interpret=interpret)                      # [Ma, N]
+    return out.at[pos].get(mode="fill", fill_value=0)                       # [M, N]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fp8_hopper_gmm(rows, w, group_sizes, out_dtype, x_dtype, w_dtype, interpret):
+    return _fp8_hopper_gmm_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype, interpret)[0]
+
+
+def _fp8_hopper_gmm_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype, interpret):
+    w_q, w_s = jax.vmap(fp8.quantize_weight)(w)                             # [G, K, N], [G, KB, NB]
+    y = _fp8_grouped_nt(rows, jnp.einsum("GKN->GNK", w_q), jnp.einsum("GBC->GCB", w_s),
+                        group_sizes, out_dtype, interpret)                  # [M, N]
+    tiles, n_tiles = group_tiles(group_sizes, rows.shape[0])                # [M]
+    x_t_q, x_t_s = quantize_token_tiles(rows, tiles, n_tiles)               # [M, K], [tiles, K]
+    return y, (x_t_q, x_t_s, w_q, w_s, group_sizes)
+
+
+def _fp8_hopper_gmm_bwd(out_dtype, x_dtype, w_dtype, interpret, res, dy):
+    x_t_q, x_t_s, w_q, w_s, group_sizes = res
+    m, n = dy.shape
+    k = x_t_q.shape[1]
+    dy, unscale = normalize_grad(dy)                                        # exact
+    # dgrad: dy in 1×128 tiles along N times each group's blocks read as [K rows, N contraction].
+    dx = _fp8_grouped_nt(dy, w_q, w_s, group_sizes, jnp.float32, interpret)  # [M, K]
+    # wgrad: 128-token tiles per group on both sides, as fp8 values; the product runs in bf16
+    # on the Mosaic transposed grouped GEMM (see the module docstring).
+    tiles, n_tiles = group_tiles(group_sizes, m)                            # [M]
+    dy_t_q, dy_t_s = quantize_token_tiles(dy, tiles, n_tiles)               # [M, N], [tiles, N]
+    x_t = (x_t_q.astype(jnp.float32) * x_t_s[tiles]).astype(jnp.bfloat16)  # [M, K]
+    dy_t = (dy_t_q.astype(jnp.float32) * dy_t_s[tiles]).astype(jnp.bfloat16)  # [M, N]
+    t = MOSAIC_GPU_TILING
+    kp = _round_up(k, math.lcm(t.block_k, t.block_m))
+    np_ = _round_up(n, math.lcm(t.block_k, t.block_n))
+    with _mosaic_gpu_mode(interpret):
+        dw = _mgpu_wgrad(_pad_to(x_t, 1, kp), _pad_to(dy_t, 1, np_), group_sizes, t)  # [G, Kp, Np]
+    dw = dw[:, :k, :n].astype(jnp.float32)
+    dx = jnp.where(_row_mask(group_sizes, m), dx, 0)
+    return (dx * unscale).astype(x_dtype), (dw * unscale).astype(w_dtype), None
+
+
+_fp8_hopper_gmm.defvjp(_fp8_hopper_gmm_fwd, _fp8_hopper_gmm_bwd)
+
+
 # --- megablox (TPU) ------------------------------------------------------------------------------
 
 def _gmm_megablox(lhs, rhs, group_sizes, out_dtype, interpret, tiling):
@@ -275,11 +355,19 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
                          f"{lhs.shape}, {rhs.shape}, {group_sizes.shape}")
     out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
     group_sizes = group_sizes.astype(jnp.int32)
+    backend = resolve_backend(backend, lhs.dtype, fp8)
     if fp8:
-        from deepseek_jax.kernels.fp8_linear import fp8_ragged_dot
+        if backend.startswith("mosaic_gpu"):
+            return _fp8_hopper_gmm(lhs, rhs, group_sizes, out_dtype, jnp.dtype(lhs.dtype),
+                                   jnp.dtype(rhs.dtype), backend.endswith("interpret"))
+        if backend == "ragged_dot" and jax.default_backend() == "gpu":
+            raise ValueError(
+                "fp8 routed experts on a GPU need the Hopper fp8 grouped GEMM "
+                "(moe_backend='mosaic_gpu' or 'auto' on an sm90 GPU): the portable emulation runs "
+                "lax.ragged_dot, which XLA's GPU backend turns into a dense masked GEMM with "
+                "G times the FLOPs and memory. Use moe_impl='dense' or fp8=False on this GPU")
         out = fp8_ragged_dot(lhs, rhs, group_sizes, out_dtype=out_dtype)
         return jnp.where(_row_mask(group_sizes, lhs.shape[0]), out, 0)
-    backend = resolve_backend(backend)
     if backend == "ragged_dot":
         return jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes).astype(out_dtype)
     if backend == "reference":

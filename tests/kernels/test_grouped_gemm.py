@@ -78,7 +78,7 @@ def test_fp32_backends_match_loop(backend):
     _check(backend, jnp.float32, 1e-4)
 
 
-def test_mosaic_gpu_interpret_matches_loop():
+def test_mosaic_gpu_interpret_matches_loop(hopper_sm_count):
     # GPU interpreter (no GPU): the shipped Hopper kernels, bf16 in, fp32 accumulate, bf16 out.
     _check("mosaic_gpu_interpret", jnp.bfloat16, 2e-2)
 
@@ -126,7 +126,7 @@ def _lower(backend, platform):
     return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-def test_mosaic_gpu_lowers_for_cuda():
+def test_mosaic_gpu_lowers_for_cuda(hopper_sm_count):
     # Forward, dgrad and wgrad kernels lower through Mosaic GPU (layouts, dtypes, block shapes).
     text = _lower("mosaic_gpu", "cuda")
     assert text.count("mosaic_gpu") >= 3
