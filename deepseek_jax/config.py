@@ -44,6 +44,8 @@ SCORE_FUNCS = ("sigmoid", "softmax")
 MOE_IMPLS = ("dense", "ragged")
 # Grouped GEMM backends (kernels/grouped_gemm.py) and expert-parallel transports
 # (parallel/expert.py); tests check that these lists match those modules.
+FP8_BACKENDS = ("auto", "reference", "mosaic_gpu", "mosaic_tpu", "pallas_interpret",
+                "mosaic_gpu_interpret", "mosaic_tpu_interpret")   # kernels/fp8.py
 MOE_BACKENDS = ("auto", "ragged_dot", "mosaic_gpu", "megablox", "reference",
                 "mosaic_gpu_interpret", "megablox_interpret")
 MOE_EP_TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "ragged_all_to_all_emulated")
@@ -114,6 +116,7 @@ class ModelConfig:
     scan_layers: bool = True            # nn.scan over identical blocks (compile time flat in depth)
     remat_policy: str = "none"          # a name from REMAT_POLICIES
     fp8: bool = False                   # fp8 projections (block-scaled e4m3 GEMMs)
+    fp8_backend: str = "auto"           # their GEMM kernels (kernels/fp8.py): auto = by platform
 
     def __post_init__(self):
         validate(self)
@@ -197,6 +200,8 @@ def validate(c: ModelConfig) -> None:
     need(c.group_score in ("top2_sum", "max"),
          f"group_score={c.group_score!r}: use 'top2_sum' (V3) or 'max' (V2)")
     need(c.moe_impl in MOE_IMPLS, f"moe_impl={c.moe_impl!r}: use one of {MOE_IMPLS}")
+    need(c.fp8_backend in FP8_BACKENDS,
+         f"fp8_backend={c.fp8_backend!r}: use one of {FP8_BACKENDS}")
     need(c.moe_backend in MOE_BACKENDS,
          f"moe_backend={c.moe_backend!r}: use one of {MOE_BACKENDS}")
     need(c.moe_ep_transport in MOE_EP_TRANSPORTS,

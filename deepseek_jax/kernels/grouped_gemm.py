@@ -77,26 +77,30 @@ MOSAIC_GPU_TILING = MosaicGpuTiling()
 MEGABLOX_TILING = (128, 128, 128)
 
 
-def _is_hopper() -> bool:
-    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+def _is_hopper(compute_capability: str | None = None) -> bool:
+    cc = compute_capability or getattr(jax.devices()[0], "compute_capability", "")
+    return str(cc).startswith("9")
 
 
 def _is_16_bit(dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def default_backend(platform: str | None = None, dtype=jnp.bfloat16, fp8: bool = False) -> str:
+def default_backend(platform: str | None = None, dtype=jnp.bfloat16, fp8: bool = False,
+                    compute_capability: str | None = None) -> str:
     """The backend "auto" means on `platform` (default: JAX's default backend) for `dtype` rows.
 
     cpu → ragged_dot; tpu → megablox; gpu → mosaic_gpu on Hopper (compute capability 9.x) when
     the operands are 16-bit or fp8=True (the fp8 kernel quantizes whatever it gets), else
     ragged_dot (the Hopper kernels use wgmma, which other GPUs lack and which takes no fp32).
+    compute_capability: the GPU's (e.g. "9.0"); None asks the first device.
     """
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return "megablox"
     if platform in ("gpu", "cuda"):
-        return "mosaic_gpu" if _is_hopper() and (fp8 or _is_16_bit(dtype)) else "ragged_dot"
+        hopper = _is_hopper(compute_capability)
+        return "mosaic_gpu" if hopper and (fp8 or _is_16_bit(dtype)) else "ragged_dot"
     return "ragged_dot"
 
 

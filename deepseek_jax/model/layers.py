@@ -55,15 +55,18 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(axes))
 
 
-def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool = False) -> jax.Array:
+def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool = False,
+           fp8_backend: str = "auto") -> jax.Array:
     """A projection: both operands in the compute dtype, result in the compute dtype.
 
     fp8=True: x (cast to `dtype`) and the weight as stored (the fp32 master, not cast) go through
     the fp8 GEMMs of `fp8_einsum`; the weight's contracted axes form K and its other axes N, so
     `eqn` must be a projection (no axis shared by x, w and the result). Result in `dtype`.
+    fp8_backend: the GEMM backend of `kernels.fp8` ("auto" picks by the tracing host's platform;
+    name one to lower for another platform).
     """
     if fp8:
-        return fp8_einsum(eqn, x.astype(dtype), w, out_dtype=dtype)
+        return fp8_einsum(eqn, x.astype(dtype), w, out_dtype=dtype, backend=fp8_backend)
     return jnp.einsum(eqn, x.astype(dtype), w.astype(dtype))
 
 
@@ -82,14 +85,14 @@ class RMSNorm(nn.Module):
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-           dtype, fp8: bool = False) -> jax.Array:
+           dtype, fp8: bool = False, fp8_backend: str = "auto") -> jax.Array:
     """SwiGLU FFN: w_down(silu(x·w_gate) ⊙ x·w_up). x [..., D]; w_gate, w_up [D, F]; w_down [F, D].
 
     fp8=True runs the three projections as fp8 GEMMs (`einsum`); the SiLU and the product stay
     in `dtype`."""
-    gate = einsum("...D,DF->...F", x, w_gate, dtype, fp8)    # [..., F]
-    up = einsum("...D,DF->...F", x, w_up, dtype, fp8)        # [..., F]
-    return einsum("...F,FD->...D", nn.silu(gate) * up, w_down, dtype, fp8)  # [..., D]
+    gate = einsum("...D,DF->...F", x, w_gate, dtype, fp8, fp8_backend)    # [..., F]
+    up = einsum("...D,DF->...F", x, w_up, dtype, fp8, fp8_backend)        # [..., F]
+    return einsum("...F,FD->...D", nn.silu(gate) * up, w_down, dtype, fp8, fp8_backend)  # [..., D]
 
 
 class MLP(nn.Module):
@@ -107,4 +110,4 @@ class MLP(nn.Module):
         w_gate = param(self, "w_gate", (D, F), ("embed", "mlp"), c)
         w_up = param(self, "w_up", (D, F), ("embed", "mlp"), c)
         w_down = param(self, "w_down", (F, D), ("mlp", "embed"), c)
-        return swiglu(x, w_gate, w_up, w_down, c.dtype, c.fp8)  # [B, T, D]
+        return swiglu(x, w_gate, w_up, w_down, c.dtype, c.fp8, c.fp8_backend)  # [B, T, D]

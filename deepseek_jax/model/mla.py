@@ -112,17 +112,17 @@ class MLA(nn.Module):
         """(q_nope [B, T, N, H], q_rope [B, T, N, R]) for x [B, T, D]."""
         c = self.config
         if c.q_lora_rank:
-            x = self.q_norm(einsum("BTD,DQ->BTQ", x, self.w_dq, c.dtype, c.fp8))  # [B, T, Q]
+            x = self.q_norm(einsum("BTD,DQ->BTQ", x, self.w_dq, c.dtype, c.fp8, c.fp8_backend))  # [B, T, Q]
         # With Q = 0 the "Q" axis below is the model width D.
-        q_nope = einsum("BTQ,QNH->BTNH", x, self.w_uq, c.dtype, c.fp8)       # [B, T, N, H]
-        q_rope = einsum("BTQ,QNR->BTNR", x, self.w_qr, c.dtype, c.fp8)       # [B, T, N, R]
+        q_nope = einsum("BTQ,QNH->BTNH", x, self.w_uq, c.dtype, c.fp8, c.fp8_backend)       # [B, T, N, H]
+        q_rope = einsum("BTQ,QNR->BTNR", x, self.w_qr, c.dtype, c.fp8, c.fp8_backend)       # [B, T, N, R]
         return q_nope, apply_rope(q_rope, cos, sin, c.rope_interleaved)
 
     def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """What a cache stores per token: (c_kv [B, T, C] normalized, k_rope [B, T, R] rotated)."""
         c = self.config
-        c_kv = self.kv_norm(einsum("BTD,DC->BTC", x, self.w_dkv, c.dtype, c.fp8))  # [B, T, C]
-        k_rope = einsum("BTD,DR->BTR", x, self.w_kr, c.dtype, c.fp8)         # [B, T, R]
+        c_kv = self.kv_norm(einsum("BTD,DC->BTC", x, self.w_dkv, c.dtype, c.fp8, c.fp8_backend))  # [B, T, C]
+        k_rope = einsum("BTD,DR->BTR", x, self.w_kr, c.dtype, c.fp8, c.fp8_backend)         # [B, T, R]
         return c_kv, apply_rope(k_rope, cos, sin, c.rope_interleaved)
 
     def attend(self, q_nope, q_rope, c_kv, k_rope, mask, impl: str | None = None) -> jax.Array:
@@ -133,7 +133,7 @@ class MLA(nn.Module):
         o = core(q_nope, q_rope, c_kv, k_rope, self.w_uk, self.w_uv, mask,
                  c.softmax_scale, c.dtype)                                   # [B, T, N, U]
         o = layers.constrain(o, (layers.BATCH, layers.LENGTH, layers.HEADS, None))
-        return einsum("BTNU,NUD->BTD", o, self.w_o, c.dtype, c.fp8)          # [B, T, D]
+        return einsum("BTNU,NUD->BTD", o, self.w_o, c.dtype, c.fp8, c.fp8_backend)          # [B, T, D]
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  impl: str | None = None) -> jax.Array:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import config as config_mod
+from deepseek_jax.kernels import fp8
 from deepseek_jax.kernels import grouped_gemm as gg
 from deepseek_jax.parallel import expert
 
@@ -105,8 +106,24 @@ def test_auto_backend_by_platform():
         gg.resolve_backend("cutlass")
 
 
+def test_gpu_backend_follows_the_dtype():
+    # wgmma takes 16-bit operands (or fp8): an fp32 model on Hopper must not reach the Mosaic
+    # kernels, and fp8 experts always go to the Hopper fp8 kernel there.
+    hopper = dict(platform="cuda", compute_capability="9.0")
+    assert gg.default_backend(dtype=jnp.bfloat16, **hopper) == "mosaic_gpu"
+    assert gg.default_backend(dtype=jnp.float32, **hopper) == "ragged_dot"
+    assert gg.default_backend(dtype=jnp.float32, fp8=True, **hopper) == "mosaic_gpu"
+    assert gg.default_backend("cuda", jnp.bfloat16, compute_capability="8.0") == "ragged_dot"
+    with pytest.raises(ValueError, match="16-bit operands only.*ragged_dot"):
+        gg.resolve_backend("mosaic_gpu", jnp.float32)
+    assert gg.resolve_backend("mosaic_gpu", jnp.float32, fp8=True) == "mosaic_gpu"
+
+
 def test_config_lists_match_modules():
     assert config_mod.MOE_BACKENDS == gg.CONFIG_BACKENDS
+    assert config_mod.FP8_BACKENDS == fp8.BACKENDS
+    with pytest.raises(config_mod.ConfigError, match="fp8_backend"):
+        config_mod.get_config("tiny", fp8_backend="cublas")
     assert config_mod.MOE_EP_TRANSPORTS == expert.TRANSPORTS
     with pytest.raises(config_mod.ConfigError, match="moe_backend"):
         config_mod.get_config("tiny", moe_backend="cutlass")
