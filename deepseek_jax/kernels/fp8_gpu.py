@@ -19,6 +19,11 @@ Structure (one CTA per SM, persistent over output tiles):
     other consumer's wgmma runs while one promotes; that is the only overlap.
   * epilogue: fp32 sum → `out_dtype` → SMEM → TMA store, overlapped with the next tile's loads.
 
+Grouped (`grouped_gemm_nt`, the routed experts' forward and dgrad): the same kernel with one
+more input, the group of each CTA row tile. Rows come in DeepGEMM's contiguous layout (every
+group starts on a 128-row tile), b stacks the groups' matrices `[G·Np, Kp]`, and a tile of group
+g reads rows g·Np + … of b and scale blocks g·NB + …. Padding tiles are computed and dropped.
+
 Left out (first GPU session should measure before adding): split-K for small M (with M ≤ 128 a
 7168-wide N gives only 28–56 CTAs for 132 SMs), tiles wider than 128 columns per warpgroup
 (needs two B-scale columns per tile), TMA multicast across a cluster, wgmma/promotion software

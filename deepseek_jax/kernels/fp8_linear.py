@@ -31,8 +31,8 @@ What is in:
                   1×128 tiles along N and the same weight blocks; wgrad with 1×128 tiles along
                   the tokens that restart at every expert's first row (DeepGEMM's "contiguous"
                   layout aligns each expert's segment to 128 rows, so no tile mixes two
-                  experts). An exact fp8 grouped kernel replaces the emulation later, with the
-                  same signature.
+                  experts). On Hopper `grouped_gemm.gmm(..., fp8=True)` runs the fp8 kernel
+                  instead; this emulation is its reference and the path on other platforms.
 
 Numbers to expect: e4m3 keeps 3 mantissa bits, so one rounding is off by at most 2⁻⁴ relative and
 by about 2.6 % rms over a binade; a product of two quantized operands is off by ≈ √2 · 2.6 ≈ 3.7 %

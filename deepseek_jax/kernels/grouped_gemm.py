@@ -7,17 +7,20 @@ by rhs[g]. Rows past sum(group_sizes) come out as exact zeros on every backend (
 parallel receive buffers rely on it: their padding rows are never part of a group). Groups may be
 empty and arbitrarily uneven. Gradients flow to `lhs` and `rhs` (none to the integer sizes).
 
-Backends (`BACKENDS`; "auto" picks by platform with `default_backend`):
+Backends (`BACKENDS`; "auto" picks by platform and operand dtype with `default_backend`):
 
   ragged_dot      `jax.lax.ragged_dot`. Native on TPU; the portable path for CPU. On GPU XLA
                   rewrites it into a dense masked dot (11 TFLOP/s on an H200 where a dense GEMM
-                  runs 548), so "auto" avoids it there on Hopper.
+                  runs 548), so "auto" avoids it there on Hopper for 16-bit and fp8 operands;
+                  an fp32 model on a GPU still gets it (wgmma takes no fp32 operands), which
+                  suits the small fp32 models and nothing large.
   mosaic_gpu      Hopper (sm90) Pallas Mosaic GPU kernels that ship with JAX
                   (`jax.experimental.pallas.ops.gpu`): `ragged_dot_mgpu.ragged_dot` for the forward
                   pass and dgrad (the same kernel reading rhs K-major, `transpose_rhs=True`), and
                   `transposed_ragged_dot_mgpu.transposed_ragged_dot` for wgrad, joined by a
                   `custom_vjp` here (the kernels have no autodiff). Both operands run in the compute
-                  dtype (bf16); the kernels accumulate in fp32 and store in that dtype. K and N are
+                  dtype, which must be 16-bit (bf16/f16; fp32 is refused with the fix named);
+                  the kernels accumulate in fp32 and store in that dtype. K and N are
                   zero-padded to the block sizes, which changes no value.
   megablox        the TPU Pallas grouped GEMM (`jax.experimental.pallas.ops.tpu.megablox.ops.gmm`,
                   its own custom_vjp with gmm/tgmm backward); bf16/fp32 only. M, K and N are
@@ -29,14 +32,22 @@ JAX's GPU interpreter and "megablox_interpret" runs megablox with `interpret=Tru
 no accelerator, slow (seconds for 256×128×128). Cross-lowering (`.lower(lowering_platforms=...)`)
 of "mosaic_gpu" for cuda and "megablox" for tpu also works from a CPU host.
 
-fp8: `fp8=True` runs `kernels.fp8_linear.fp8_ragged_dot`, the EMULATED block-scaled fp8 grouped
-GEMM (DeepSeek's numerics on dequantized values, fp32 speed) whatever the backend.
+fp8 (`fp8=True`), DeepSeek's recipe on the expert GEMMs:
+  mosaic_gpu      the block-scaled fp8 GEMM of `fp8_gpu.py` run grouped: rows are laid out as
+                  DeepGEMM's "m-grouped contiguous" layout (`aligned_layout`: each expert's rows
+                  start on a 128-row tile of their own, at most 128·G padding rows), and each
+                  row tile reads its expert's weight blocks through a tile → group table.
+                  Forward: rows in 1×128 tiles along K, weights in 128×128 blocks; dgrad: dy in
+                  1×128 tiles along N, the same blocks read the other way. Wgrad: x and dy in
+                  128-token tiles that restart at each expert's first row (as V3 quantizes
+                  them), multiplied by the bf16 Mosaic wgrad kernel (`transposed_ragged_dot`)
+                  after rounding the fp8 values to bf16 (2⁻⁹ relative): a k-grouped fp8 kernel
+                  (the token axis as a per-group contraction of dynamic length) is not written.
+  other backends  `kernels.fp8_linear.fp8_ragged_dot`, the EMULATED fp8 grouped GEMM (the same
+                  numerics on dequantized values, at fp32 speed) over `lax.ragged_dot`. On a GPU
+                  XLA densifies that, so there it is refused with a clear error instead.
 
 Left out, and why:
-  - An fp8 Mosaic GPU grouped kernel (DeepGEMM's "m-grouped contiguous" GEMM): the shipped
-    `ragged_dot_mgpu` has no scale operands and stores its output in the input dtype, so it cannot
-    run DeepSeek's 1×128 / 128×128 recipe; writing that kernel is a piece of its own, and no GPU
-    was available to tune or check it.
   - Tuned tile sizes: `MOSAIC_GPU_TILING` is a reasonable Hopper default (128×128 output tiles,
     64-deep K steps, 4 stages: 160 KiB of the 227 KiB shared memory) that has not been tuned on
     an H200 (experiments/benchmarks/moe.py sweeps a few). Megablox uses (128, 128, 128).
