@@ -2,33 +2,38 @@
 and what MTP speculative decoding buys.
 
 Prints one table. Part 1, one decode step (`Transformer.decode`, T = 1, cache donated) of a
-mid-size model — DeepSeek-V2-Lite widths (D 2048, N 16, C 512, R 64, H = U = 128, no q
-compression, vocab 102,400) with `--layers` dense layers (FFN 10,944; a dense FFN keeps XLA's
-slow GPU fallback for ragged_dot, see shared/H200.md, out of an attention benchmark), bf16,
-random weights — at batch 1, 32 and 128 and context 4k and 32k, every row of the cache filled
-(random values; decode cost does not depend on them):
+model with DeepSeek-V3's attention widths (`--model v3`, the default: D 7168, N 128, Q 1536,
+C 512, R 64, H = U = 128, vocab 129,280) and `--layers` dense layers (default 1; FFN 18,432; a
+dense FFN keeps MoE dispatch out of an attention benchmark), one MTP module, bf16, random
+weights — at batch 128, 32 and 1 and context 32k and 4k, every row of the cache filled (random
+values; decode cost does not depend on them):
 
   cache GB      the whole cache: latent (C + R)·2 bytes = 1,152 per token per layer, expanded
-                N·(H+R+U)·2 = 10,240 (8.9× more)
+                N·(H+R+U)·2 = 81,920 at V3's widths (71× more; 10,240 at V2-Lite's, 8.9×)
   tok/s         batch / median step time (host time around block_until_ready, 10 steps after
                 2 warm-ups)
   latent/exp    the speed-up of the latent cache (the goal: ≥ 5× at 32k context, batch 128,
                 where reading the cache dominates a step)
 
+A row whose cache and weights would not fit in device memory is reported as "does not fit"
+without being tried: at V3's widths the expanded cache of batch 128 × 32k is 344 GB per layer.
+Part 1b measures that point again at V2-Lite widths (`--model v2-lite`: N 16, no q compression;
+43 GB per layer), where both caches fit, so the goal's ratio is measured somewhere.
+
 Part 2, MTP speculative decoding: the cost of one speculative round (verify T = 2 plus the MTP
 draft, T = 2) against one plain step on the same model at 4k context, and the speed-up it
 implies, (1 + α)·t_step / t_round, at V3's reported acceptance α = 0.85–0.90 (spec §4).
-Part 3, measured end to end: the `small` config trained for `--train-steps` on arithmetic
-lines (so that its MTP module predicts something), then `generate` greedy with and without
-`speculative=True` on arithmetic prompts: acceptance rate, tokens/s of both, and whether the
-outputs are identical (they must be).
+Part 3 (skipped with `--train-steps 0`, as h200.sh does to stay in its budget), measured end to
+end: the `small` config trained for `--train-steps` on arithmetic lines (so that its MTP module
+predicts something), then `generate` greedy with and without `speculative=True` on arithmetic
+prompts: acceptance rate, tokens/s of both, and whether the outputs are identical (they must be).
 
 Every row runs in its own try/except (an expanded cache that does not fit prints "OOM");
-errors are listed under the table.
+errors are listed under the table. `--json` rewrites its file after every row.
 
   python experiments/benchmarks/decode.py                 # GPU: the table (a few minutes)
   python experiments/benchmarks/decode.py --smoke         # CPU: tiny sizes through the same code
-  python experiments/benchmarks/decode.py --json decode.json
+  python experiments/benchmarks/decode.py --json decode.json --train-steps 0   # h200.sh part 5
 
 No ml_collections / grain / tfds imports: the GPU host does not have them.
 
@@ -67,6 +72,15 @@ GB = 1e9
 def mid_config(layers: int) -> ModelConfig:
     """V2-Lite widths, `layers` dense layers, one MTP module, bf16 throughout."""
     return get_config("v2-lite", n_layers=layers, n_dense_layers=layers, n_routed_experts=0,
+                      mtp_depth=1, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                      max_seq_len=65536)
+
+
+def v3_attention_config(layers: int) -> ModelConfig:
+    """V3's attention widths (D 7168, N 128, Q 1536, C 512, R 64, H = U = 128, vocab 129,280) with
+    `layers` dense layers (FFN 18,432) and one MTP module, bf16: the caches have V3's sizes per
+    layer (latent 1,152 bytes per token, expanded 81,920: 71× more)."""
+    return get_config("v3-671b", n_layers=layers, n_dense_layers=layers, n_routed_experts=0,
                       mtp_depth=1, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                       max_seq_len=65536)
 
@@ -204,14 +218,21 @@ def _error(e: Exception) -> str:
     return "".join(traceback.format_exception_only(e)).strip()[:400]
 
 
-def _decode_pair(config, variables, batch, context, errors) -> dict:
+def _decode_pair(config, variables, batch, context, errors, memory=None) -> dict:
     pair = {}
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables))
     for kind in ("latent", "expanded"):
+        abstract = jax.eval_shape(lambda: init_cache(config, batch, context, kind=kind))
+        need = cache_bytes(abstract) + param_bytes
+        if memory and need > 0.92 * memory:          # would not fit: say so without trying
+            pair[kind] = {"kind": kind, "batch": batch, "context": context,
+                          "cache_gb": cache_bytes(abstract) / GB,
+                          "error": f"does not fit ({need / GB:.0f} GB > {memory / GB:.0f} GB)"}
+            continue
         try:
             pair[kind] = decode_row(config, variables, batch, context, kind)
         except Exception as e:  # noqa: BLE001 - one row's failure must not stop the table
             oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-            abstract = jax.eval_shape(lambda: init_cache(config, batch, context, kind=kind))
             pair[kind] = {"kind": kind, "batch": batch, "context": context,
                           "cache_gb": cache_bytes(abstract) / GB,
                           "error": "OOM" if oom else type(e).__name__}
@@ -236,82 +257,110 @@ def _print_pair(r):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")
-    parser.add_argument("--layers", type=int, default=2, help="dense layers of the mid model")
-    parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--model", choices=("v3", "v2-lite"), default="v3",
+                        help="attention widths of the decode model (default V3's)")
+    parser.add_argument("--layers", type=int, default=1, help="dense layers of the decode model")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="part 3's training steps (0 = skip part 3)")
     parser.add_argument("--json", type=str, default=None,
-                        help="also write the rows here (rewritten after each part)")
+                        help="also write the rows here (rewritten after each row)")
     args = parser.parse_args(argv)
 
+    from experiments.benchmarks.common import Results, check_imports, device_memory_bytes
+    from experiments.benchmarks.common import device_meta
     if args.smoke:
-        config, batches, contexts, spec_batches = smoke_config(), (1, 4), (64, 128), (1, 4)
-        train_steps, e2e_batch, e2e_tokens = args.train_steps or 5, 4, 8
+        config, batches, contexts, spec_batches = smoke_config(), (4, 1), (128, 64), (1, 4)
+        check = (smoke_config(), 4, 128)
+        train_steps, e2e_batch, e2e_tokens = args.train_steps, 4, 8
+        train_steps = 5 if train_steps is None else train_steps
     else:
-        config, batches, contexts, spec_batches = (mid_config(args.layers), (1, 32, 128),
-                                                   (4096, 32768), (1, 32))
-        train_steps, e2e_batch, e2e_tokens = args.train_steps or 300, 16, 64
+        make = v3_attention_config if args.model == "v3" else mid_config
+        # The goal's point (batch 128, 32k) first: a part cut short loses the least telling rows.
+        config, batches, contexts, spec_batches = (make(args.layers), (128, 32, 1),
+                                                   (32768, 4096), (1, 32))
+        # Where V3's expanded cache cannot fit (batch 128 × 32k = 344 GB a layer), the same
+        # point at V2-Lite widths (43 GB a layer) still gives the ratio.
+        check = (mid_config(1), 128, 32768) if args.model == "v3" else None
+        train_steps, e2e_batch, e2e_tokens = args.train_steps, 16, 64
+        train_steps = 300 if train_steps is None else train_steps
     start = time.perf_counter()
-    print(f"devices: {jax.devices()}  jax {jax.__version__}")
-    print(f"model: D={config.d_model} N={config.n_heads} C={config.kv_lora_rank} "
-          f"R={config.qk_rope_head_dim} H={config.qk_nope_head_dim} U={config.v_head_dim} "
-          f"layers={config.n_layers} V={config.vocab_size} {jnp.dtype(config.dtype).name}",
-          flush=True)
+    memory = device_memory_bytes()
+    print(f"devices: {jax.devices()}  jax {jax.__version__}  memory "
+          f"{'-' if memory is None else f'{memory / GB:.0f} GB'}")
+    describe = lambda c: (f"D={c.d_model} N={c.n_heads} Q={c.q_lora_rank} C={c.kv_lora_rank} "
+                          f"R={c.qk_rope_head_dim} H={c.qk_nope_head_dim} U={c.v_head_dim} "
+                          f"layers={c.n_layers} V={c.vocab_size} {jnp.dtype(c.dtype).name}")
+    print(f"model: {describe(config)}", flush=True)
+    results = Results(args.json, {**device_meta(), "model": describe(config)})
+    results.data.update({"decode": [], "speculative_round": [], "speculative_e2e": None})
+    errors = []
+
+    def save_errors():
+        results.data["errors"] = [{"error": e} for e in errors]
+        results.save()
+
     variables = flax.core.meta.unbox(init_variables(jax.random.key(0), config))
-    results = {"decode": [], "speculative_round": [], "speculative_e2e": None, "errors": []}
-    errors = results["errors"]
-
-    def save():
-        if args.json:
-            pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
-
-    # Rows print as they finish, so a run cut short by a timeout still shows what it measured.
+    # Rows print (and save) as they finish, so a run cut short still shows what it measured.
     print("\nPart 1: one decode step (T = 1), latent (absorbed MLA) vs expanded cache")
     print(f"{'context':>8} {'batch':>6} | {'latent GB':>9} {'ms':>8} {'tok/s':>10} | "
           f"{'expanded GB':>11} {'ms':>8} {'tok/s':>10} | {'latent/exp':>10}", flush=True)
     for context in contexts:
         for batch in batches:
-            results["decode"].append(_decode_pair(config, variables, batch, context, errors))
-            _print_pair(results["decode"][-1])
-    save()
+            results.add("decode", _decode_pair(config, variables, batch, context, errors, memory))
+            save_errors()
+            _print_pair(results.data["decode"][-1])
 
     print(f"\nPart 2: speculative round (verify T=2 + MTP draft T=2) vs plain step, latent, "
-          f"context {contexts[0]}")
+          f"context {contexts[-1]}")
     print(f"{'batch':>6} {'step ms':>8} {'round ms':>9} {'speed-up @0.85':>15} {'@0.90':>7}",
           flush=True)
     for batch in spec_batches:
         try:
-            r = speculative_round_row(config, variables, batch, contexts[0])
-            results["speculative_round"].append(r)
+            r = speculative_round_row(config, variables, batch, contexts[-1])
+            results.add("speculative_round", r)
             print(f"{r['batch']:>6} {r['step_ms']:>8.2f} {r['round_ms']:>9.2f} "
                   f"{r['speedup_at_0.85']:>15.2f} {r['speedup_at_0.9']:>7.2f}", flush=True)
         except Exception as e:  # noqa: BLE001
             errors.append(f"speculative round B={batch}: {_error(e)}")
-    save()
-
+            save_errors()
     del variables
-    try:
-        e2e = results["speculative_e2e"] = speculative_end_to_end(train_steps, args.smoke,
-                                                                  e2e_batch, e2e_tokens)
-        print(f"\nPart 3: `small` trained {e2e['train_steps']} steps (loss "
-              f"{e2e['train_loss']:.3f}), greedy, batch {e2e['batch']}, {e2e['new_tokens']} "
-              f"new tokens")
-        print(f"  acceptance {e2e['acceptance']:.3f}   plain {e2e['plain_tok_s']:.0f} tok/s "
-              f"({e2e['plain_passes']} passes)   speculative {e2e['speculative_tok_s']:.0f} "
-              f"tok/s ({e2e['speculative_passes']} passes)   speed-up {e2e['speedup']:.2f}   "
-              f"identical outputs: {e2e['identical']}", flush=True)
-    except Exception as e:  # noqa: BLE001
-        errors.append(f"speculative end to end: {_error(e)}")
-    save()
+
+    if check is not None:
+        c2, batch, context = check
+        print(f"\nPart 1b: the goal's point at {describe(c2)}", flush=True)
+        try:
+            v2 = flax.core.meta.unbox(init_variables(jax.random.key(0), c2))
+            pair = _decode_pair(c2, v2, batch, context, errors, memory)
+            pair["model"] = describe(c2)
+            results.add("decode_check", pair)
+            _print_pair(pair)
+            del v2
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"check pair: {_error(e)}")
+        save_errors()
+
+    if train_steps:
+        try:
+            e2e = speculative_end_to_end(train_steps, args.smoke, e2e_batch, e2e_tokens)
+            results.set("speculative_e2e", e2e)
+            print(f"\nPart 3: `small` trained {e2e['train_steps']} steps (loss "
+                  f"{e2e['train_loss']:.3f}), greedy, batch {e2e['batch']}, {e2e['new_tokens']} "
+                  f"new tokens")
+            print(f"  acceptance {e2e['acceptance']:.3f}   plain {e2e['plain_tok_s']:.0f} tok/s "
+                  f"({e2e['plain_passes']} passes)   speculative {e2e['speculative_tok_s']:.0f} "
+                  f"tok/s ({e2e['speculative_passes']} passes)   speed-up {e2e['speedup']:.2f}   "
+                  f"identical outputs: {e2e['identical']}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"speculative end to end: {_error(e)}")
+        save_errors()
 
     if errors:
         print("\nErrors:")
         for e in errors:
             print("  " + e)
     print(f"\n({time.perf_counter() - start:.0f} s in all)")
-    if args.smoke:
-        banned = [m for m in ("ml_collections", "grain", "tensorflow_datasets")
-                  if m in sys.modules]
-        assert not banned, f"imported {banned}: the GPU host does not have them"
-    return results
+    check_imports()
+    return results.data
 
 
 if __name__ == "__main__":

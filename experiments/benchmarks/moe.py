@@ -1,8 +1,9 @@
 """MoE at speed: grouped GEMM backends and the MoE layer against dense equivalents; EP traffic.
 
-GPU (one H200; part of experiments/benchmarks/run_all.sh):
+GPU (one H200; part 3 of experiments/benchmarks/h200.sh, ~80 s):
 
     python experiments/benchmarks/moe.py [--json out.json] [--quick]
+    python experiments/benchmarks/moe.py --smoke       # CPU: tiny shapes through the same code
 
   1. grouped GEMM: `gmm` forward at an expert projection's shape (rows sorted over E experts,
      routing drawn from a random gate) per backend, TFLOP/s against one dense GEMM of the same
@@ -13,7 +14,10 @@ GPU (one H200; part of experiments/benchmarks/run_all.sh):
   Shapes: V2-Lite-like (D 2048, F 1408, E 64, X 6) and V3-like (D 7168, F 2048, E 256, X 8;
   one device holds all 256 experts here, as a single GPU would under no EP). bf16 weights and
   activations, random normal data, median of 10 after 3 warm-ups, host-timed after
-  `block_until_ready`.
+  `block_until_ready`. The JSON file is rewritten after every row.
+  3. `jax.lax.ragged_dot` only at a capped shape (V2-Lite widths, 1,024 tokens): XLA:GPU turns it
+     into a dense dot over a masked [E, M, K] operand (E× the FLOPs; ~240 GB at the V3 shape), so
+     it never runs at the full shapes on a GPU.
 
 CPU (8 fake devices; `--cpu_ep`): bytes moved by the expert-parallel all-to-all in one forward+
 backward, read from the compiled HLO, against the analytic count of the bounded-buffer exchange:
@@ -40,6 +44,8 @@ if _CPU_EP:
                                + " --xla_force_host_platform_device_count=8").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -53,9 +59,18 @@ SHAPES = {
     "v2-lite": dict(D=2048, F=1408, E=64, X=6, tokens=16384),
     "v3": dict(D=7168, F=2048, E=256, X=8, tokens=8192),
 }
+# ragged_dot on a GPU densifies (above): only this capped shape, [E, M, K] bf16 = 1.6 GB.
+RAGGED_DOT_GPU_SHAPE = dict(D=2048, F=1408, E=64, X=6, tokens=1024)
+SMOKE_SHAPES = {
+    "v2-lite": dict(D=128, F=64, E=8, X=2, tokens=64),
+    "v3": dict(D=256, F=128, E=16, X=4, tokens=64),
+}
+REPS, WARMUP = 10, 3
 
 
-def _time(fn, *args, reps=10, warmup=3):
+def _time(fn, *args, reps=None, warmup=None):
+    reps = REPS if reps is None else reps
+    warmup = WARMUP if warmup is None else warmup
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -73,6 +88,7 @@ def _routing(key, tokens, E, X):
 
 
 def grouped_gemm_rows(shape, backends, tilings=()):
+    """Yields one dict per row: the dense GEMM first, then each backend / tiling."""
     D, F, E, X, tokens = (shape[k] for k in ("D", "F", "E", "X", "tokens"))
     k = jax.random.split(jax.random.key(0), 3)
     idx = _routing(k[0], tokens, E, X)
@@ -82,25 +98,37 @@ def grouped_gemm_rows(shape, backends, tilings=()):
     w = (jax.random.normal(k[2], (E, D, F), jnp.float32) / np.sqrt(D)).astype(jnp.bfloat16)
     w_dense = w[0]
     flops = 2 * M * D * F
-    out = []
     dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
                     .astype(jnp.bfloat16))
     t_dense = _time(dense, rows, w_dense)
-    out.append({"what": "dense GEMM", "ms": t_dense * 1e3, "tflops": flops / t_dense / 1e12})
+    yield {"what": "dense GEMM", "M": M, "ms": t_dense * 1e3, "tflops": flops / t_dense / 1e12}
     configs = [(b, None) for b in backends] + [("mosaic_gpu", t) for t in tilings]
     for backend, tiling in configs:
         fn = jax.jit(lambda a, b, s: gg.gmm(a, b, s, backend=backend, tiling=tiling))
+        what = f"gmm {backend} {_tiling_name(tiling)}".strip()
         try:
             t = _time(fn, rows, w, sizes)
         except Exception as e:     # noqa: BLE001 — report and go on (e.g. shared-memory overflow)
-            out.append({"what": f"gmm {backend} {tiling or ''}", "error": str(e)[:200]})
+            yield {"what": what, "error": _short(e)}
             continue
-        out.append({"what": f"gmm {backend} {tiling or ''}".strip(), "ms": t * 1e3,
-                    "tflops": flops / t / 1e12, "of_dense": t_dense / t})
-    return out
+        yield {"what": what, "M": M, "ms": t * 1e3, "tflops": flops / t / 1e12,
+               "of_dense": t_dense / t}
+
+
+def _tiling_name(t) -> str:
+    if t is None:
+        return ""
+    return (f"[{t.block_m}x{t.block_n}x{t.block_k} stages {t.max_concurrent_steps} "
+            f"grid_n {t.grid_block_n}]")
+
+
+def _short(e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text.splitlines()[0][:400] if text else type(e).__name__
 
 
 def layer_rows(shape, backends):
+    """Yields one dict per row: the dense SwiGLU of the same active FLOPs, then each backend."""
     D, F, E, X, tokens = (shape[k] for k in ("D", "F", "E", "X", "tokens"))
     c = get_config("tiny", d_model=D, moe_d_ff=F, n_routed_experts=E, n_experts_per_token=X,
                    n_expert_groups=1, n_limited_groups=1, dtype=jnp.bfloat16,
@@ -122,22 +150,20 @@ def layer_rows(shape, backends):
     def dense_loss(x, a, b, d):
         return jnp.sum(swiglu(x, a, b, d, jnp.bfloat16).astype(jnp.float32))
 
-    out = []
     dense = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3)))
     t_dense = _time(dense, x, *wd)
     flops = 3 * 2 * tokens * D * X * F * 3                  # 3 GEMMs, fwd + 2 bwd
-    out.append({"what": "dense SwiGLU (width X·F) fwd+bwd", "ms": t_dense * 1e3,
-                "tflops": flops / t_dense / 1e12})
+    yield {"what": "dense SwiGLU (width X·F) fwd+bwd", "ms": t_dense * 1e3,
+           "tflops": flops / t_dense / 1e12}
     for backend in backends:
         fn = jax.jit(jax.grad(lambda *a: moe_loss(*a, backend), argnums=(0, 1, 2, 3, 4)))
         try:
             t = _time(fn, x, router, *w)
         except Exception as e:     # noqa: BLE001
-            out.append({"what": f"MoE layer {backend}", "error": str(e)[:200]})
+            yield {"what": f"MoE layer {backend}", "error": _short(e)}
             continue
-        out.append({"what": f"MoE layer {backend} fwd+bwd", "ms": t * 1e3,
-                    "tflops": flops / t / 1e12, "x_dense": t / t_dense})
-    return out
+        yield {"what": f"MoE layer {backend} fwd+bwd", "ms": t * 1e3,
+               "tflops": flops / t / 1e12, "x_dense": t / t_dense}
 
 
 # --- CPU: EP all-to-all bytes ---------------------------------------------------------------
@@ -212,38 +238,67 @@ def ep_bytes(batch=16, seq=64, D=256, F=64, E=16, X=4, fsdp=2, expert=4, buffer_
             "ideal_ragged_payload_bytes": ideal, "padding_overhead": analytic / ideal}
 
 
-def main():
+def _print_row(r):
+    print("  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in r.items()), flush=True)
+
+
+def main(argv=None):
+    global REPS, WARMUP
     ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default="")
+    ap.add_argument("--json", default="", help="results, rewritten after every row")
     ap.add_argument("--quick", action="store_true", help="V2-Lite shape only")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU rehearsal)")
     ap.add_argument("--cpu_ep", action="store_true", help="EP all-to-all bytes on 8 CPU devices")
-    args = ap.parse_args()
-    results = {}
+    args = ap.parse_args(argv)
     if args.cpu_ep:
-        results["ep_bytes"] = ep_bytes()
-        print(json.dumps(results["ep_bytes"], indent=1))
-    else:
-        backends = ["ragged_dot"]
-        if gg.default_backend() == "mosaic_gpu":
-            backends.append("mosaic_gpu")
-        if jax.default_backend() == "tpu":
-            backends.append("megablox")
-        tilings = [gg.MosaicGpuTiling(128, 128, 64, 4, 1), gg.MosaicGpuTiling(128, 256, 64, 3, 1),
-                   gg.MosaicGpuTiling(64, 128, 64, 4, 2)] if "mosaic_gpu" in backends else []
-        print(f"device: {jax.devices()[0].device_kind}; backends: {backends}")
-        for name, shape in SHAPES.items():
-            if args.quick and name != "v2-lite":
-                continue
-            for part, rows in (("grouped GEMM", grouped_gemm_rows(shape, backends, tilings)),
-                               ("layer", layer_rows(shape, backends))):
-                results[f"{name} {part}"] = rows
-                print(f"\n== {name} {part} {shape}")
-                for r in rows:
-                    print("  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                           for k, v in r.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        out = ep_bytes()
+        print(json.dumps(out, indent=1))
+        if args.json:
+            Results(args.json).set("ep_bytes", out)
+        return
+
+    from experiments.benchmarks.common import Results, check_imports, device_meta
+    on_gpu = jax.default_backend() == "gpu"
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    if args.smoke:
+        REPS, WARMUP = 2, 1
+    # Grouped GEMM backends at the full shapes: never ragged_dot on a GPU (see the docstring).
+    backends = ["ragged_dot"] if not on_gpu else []
+    if gg.default_backend() == "mosaic_gpu":
+        backends.append("mosaic_gpu")
+    if jax.default_backend() == "tpu":
+        backends.append("megablox")
+    tilings = [gg.MosaicGpuTiling(128, 256, 64, 3, 1),
+               gg.MosaicGpuTiling(64, 128, 64, 4, 2)] if "mosaic_gpu" in backends else []
+    results = Results(args.json or None, {**device_meta(), "backends": backends,
+                                          "reps": REPS, "warmup": WARMUP})
+    print(f"device: {jax.devices()[0].device_kind}; backends: {backends}", flush=True)
+    start = time.perf_counter()
+    parts = []
+    for name, shape in shapes.items():
+        if args.quick and name != "v2-lite":
+            continue
+        # Alternative tilings at the V2-Lite shape only (time).
+        parts.append((f"{name} grouped GEMM", shape,
+                      lambda s=shape, n=name: grouped_gemm_rows(
+                          s, backends, tilings if n == "v2-lite" else ())))
+        parts.append((f"{name} layer", shape, lambda s=shape: layer_rows(s, backends)))
+    if on_gpu:
+        parts.append(("ragged_dot capped grouped GEMM", RAGGED_DOT_GPU_SHAPE,
+                      lambda: grouped_gemm_rows(RAGGED_DOT_GPU_SHAPE,
+                                                ["ragged_dot"] + backends[-1:])))
+    for part, shape, rows in parts:
+        print(f"\n== {part} {shape}", flush=True)
+        results.set(f"{part} shape", shape)
+        try:
+            for r in rows():
+                results.add(part, r)
+                _print_row(r)
+        except Exception as e:     # noqa: BLE001 — e.g. the dense baseline itself failed
+            results.error(part, e)
+        print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    check_imports()
 
 
 if __name__ == "__main__":
