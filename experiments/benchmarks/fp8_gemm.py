@@ -63,7 +63,18 @@ SMOKE_SHAPES = [(64, 256, 384), (100, 200, 300)]
 WARMUP, ITERS = 3, 10
 
 
+SAMPLE_ROWS = 2048
+
+
+def sample_rows(a):
+    """At most SAMPLE_ROWS evenly spaced rows, taken on the device before the copy to the host:
+    the whole product is checked by the hardware tests (part 1 of h200.sh); here the difference
+    guards the timed cells, and float64 sums over 100M+ entries would cost seconds a row."""
+    return a[::max(1, a.shape[0] // SAMPLE_ROWS)]
+
+
 def calc_diff(x, y) -> float:
+    """DeepGEMM's 1 − 2Σxy/Σ(x²+y²), in float64."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     return float(1.0 - 2.0 * (x * y).sum() / (x * x + y * y).sum())
 
@@ -148,7 +159,7 @@ def time_torch(run) -> tuple[float, np.ndarray]:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times), out.float().cpu().numpy()
+    return statistics.median(times), sample_rows(out).float().cpu().numpy()
 
 
 @dataclasses.dataclass
@@ -183,7 +194,8 @@ def bench_shape(m, n, k, *, ours_backend, timer, sweep, use_torch, errors) -> Ro
         kx, kw = jax.random.split(jax.random.key(m * 7 + n * 13 + k))
         x = jax.random.normal(kx, (m, k), jnp.bfloat16)  # [M, K]
         w = jax.random.normal(kw, (n, k), jnp.bfloat16)  # [N, K]
-        return x, w, *fp8.quantize_activation(x), *fp8.quantize_weight(w)
+        # jitted: eager quantization would dispatch (and compile) op by op for every shape
+        return (x, w, *jax.jit(fp8.quantize_activation)(x), *jax.jit(fp8.quantize_weight)(w))
 
     data = cell("setup", setup)
     if data is None:
@@ -194,7 +206,7 @@ def bench_shape(m, n, k, *, ours_backend, timer, sweep, use_torch, errors) -> Ro
     ref = cell("xla_ref", lambda: timer(ref_fn, x_q, x_s, w_q, w_s))
     ref_out = None
     if ref is not None:
-        row.xla_ref, ref_out = tflops(ref[0]), np.asarray(ref[1], np.float32)
+        row.xla_ref, ref_out = tflops(ref[0]), np.asarray(sample_rows(ref[1]), np.float32)
 
     bf16_fn = jax.jit(lambda a, b: jnp.einsum("MK,NK->MN", a, b, preferred_element_type=jnp.bfloat16))
     t = cell("bf16", lambda: timer(bf16_fn, x, w))
@@ -216,7 +228,7 @@ def bench_shape(m, n, k, *, ours_backend, timer, sweep, use_torch, errors) -> Ro
         t = cell(name, lambda: timer(ours_fn, x_q, x_s, w_q, w_s))
         if t is not None and (best is None or t[0] < best[0]):
             shown = cfg or fp8_gpu.default_config(m, n)
-            best = (t[0], np.asarray(t[1], np.float32), f"{shown.tile_n}{shown.wg_dim}{shown.stages}")
+            best = (t[0], np.asarray(sample_rows(t[1]), np.float32), f"{shown.tile_n}{shown.wg_dim}{shown.stages}")
     if best is not None:
         row.ours, row.config = tflops(best[0]), best[2]
         if ref_out is not None:
