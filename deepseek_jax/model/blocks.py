@@ -140,13 +140,14 @@ def _cached_attention(attn: MLA, h: jax.Array, positions: jax.Array, mask: jax.A
 
 class Block(nn.Module):
     """One pre-norm transformer block, scannable: returns (x, None), or (x, new cache entries)
-    when `cache` (this layer's cache, see the module docstring) is given."""
+    when `cache` (this layer's cache, see the module docstring) is given. `token_mask` [B, T]
+    (true = a real token) keeps padding out of the MoE statistics (`MoE`)."""
     config: ModelConfig
     moe: bool
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 cache: dict | None = None):
+                 cache: dict | None = None, token_mask: jax.Array | None = None):
         c = self.config
         x = layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))        # [B, T, D]
         attn = MLA(c, name="attn")
@@ -157,8 +158,10 @@ class Block(nn.Module):
             out, cache = _cached_attention(attn, h, positions, mask, cache, c)
             x = x + out                                                           # [B, T, D]
         h = RMSNorm(c, name="ffn_norm")(x)                                        # [B, T, D]
-        ffn = MoE(c, name="moe") if self.moe else MLP(c, c.d_ff, name="mlp")
-        x = x + ffn(h)                                                            # [B, T, D]
+        if self.moe:
+            x = x + MoE(c, name="moe")(h, token_mask)                             # [B, T, D]
+        else:
+            x = x + MLP(c, c.d_ff, name="mlp")(h)                                 # [B, T, D]
         return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED)), cache
 
 
@@ -175,7 +178,8 @@ class BlockStack(nn.Module):
     """`n` identical blocks (all dense or all MoE) applied in order to x [B, T, D].
 
     Returns x, or (x, cache) when a stacked cache {name: [L, B, S, ...]} is given: the cache
-    with the new tokens' entries written at `positions` [B, T] in every layer.
+    with the new tokens' entries written at `positions` [B, T] in every layer. `token_mask`
+    (training only) goes to every block (see `Block`).
     """
     config: ModelConfig
     n: int
@@ -183,7 +187,7 @@ class BlockStack(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 cache: dict | None = None):
+                 cache: dict | None = None, token_mask: jax.Array | None = None):
         c = self.config
         if cache is None:
             block = _remat(Block, c)
@@ -191,12 +195,13 @@ class BlockStack(nn.Module):
                 stack = nn.scan(block, length=self.n,
                                 variable_axes={"params": 0, "routing": 0, "moe_stats": 0},
                                 split_rngs={"params": True},
-                                in_axes=(nn.broadcast, nn.broadcast),
+                                in_axes=(nn.broadcast,) * 4,
                                 metadata_params={nn.PARTITION_NAME: "layers"})
-                x, _ = stack(c, self.moe, name="layers")(x, positions, mask)
+                x, _ = stack(c, self.moe, name="layers")(x, positions, mask, None, token_mask)
                 return x
             for i in range(self.n):
-                x, _ = block(c, self.moe, name=f"layer_{i}")(x, positions, mask)
+                x, _ = block(c, self.moe, name=f"layer_{i}")(x, positions, mask, None,
+                                                             token_mask)
             return x
 
         # Decoding: no remat (nothing is differentiated); the layer's cache slice is scanned

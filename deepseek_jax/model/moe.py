@@ -39,10 +39,9 @@ DeepSeek's fp8 numerics. The dense path vmaps `kernels.fp8_linear.fp8_dot` (real
 fp8 GEMMs: Fprop, Dgrad, Wgrad) over the experts. The ragged path calls
 `kernels.fp8_linear.fp8_ragged_dot`, an EMULATION of an fp8 grouped GEMM: the sorted rows are
 quantized in 1×128 tiles, every expert's weight in 128×128 blocks, and `ragged_dot` runs on the
-dequantized values with fp32 accumulation (the numerics of a block-scaled fp8 GEMM up to fp32
-rounding and summation order, at fp32 speed); its backward quantizes the same way (wgrad tiles
-along the tokens restart at each expert's first row). An exact fp8 grouped kernel is a later
-piece. The router, the gate arithmetic and the combine stay in fp32 / `dtype`, as in V3; the
+dequantized values with fp32 accumulation (at fp32 speed); its backward quantizes the same way
+(wgrad tiles along the tokens restart at each expert's first row). See
+`kernels/grouped_gemm.py` for what each runs. The router, the gate arithmetic and the combine stay in fp32 / `dtype`, as in V3; the
 shared experts are an `MLP`, which follows `config.fp8` too.
 
 Left out, and why:
@@ -134,21 +133,49 @@ def gate(logits: jax.Array, bias: jax.Array | None,
 
 # --- balancing -----------------------------------------------------------------------------------
 
-def expert_load(idx: jax.Array, n_experts: int) -> jax.Array:
+def expert_load(idx: jax.Array, n_experts: int,
+                token_mask: jax.Array | None = None) -> jax.Array:
     """Number of (token, slot) assignments per expert over every leading axis.
 
     Args:
       idx: expert ids [..., X] from `gate`.
       n_experts: E.
+      token_mask: optional [...] (idx's shape without X), true for the tokens that count;
+        padding is left out of the loads (None: every token counts).
 
     Returns:
       [E] fp32 counts. Applied to a global (sharded) batch array under jit, these are counts over
       the global batch, which is what the bias update wants.
     """
-    return jnp.bincount(idx.reshape(-1), length=n_experts).astype(jnp.float32)  # [E]
+    weights = None
+    if token_mask is not None:
+        weights = jnp.broadcast_to(token_mask[..., None], idx.shape).reshape(-1)
+        weights = weights.astype(jnp.float32)                              # [M]
+    return jnp.bincount(idx.reshape(-1), weights=weights,
+                        length=n_experts).astype(jnp.float32)              # [E]
 
 
-def sequence_balance_loss(scores: jax.Array, idx: jax.Array, n_experts: int) -> jax.Array:
+def sequence_balance_terms(scores: jax.Array, idx: jax.Array, n_experts: int,
+                           token_mask: jax.Array | None = None):
+    """Per-sequence Σ_i f_i·P_i [B] and whether each sequence has a token that counts [B].
+
+    T in f_i and P_i is the number of tokens that count in that sequence (padding is no part
+    of a sequence); a sequence of padding only has no loss and is left out of the mean.
+    """
+    B, T, X = idx.shape
+    m = (jnp.ones((B, T), jnp.float32) if token_mask is None
+         else token_mask.astype(jnp.float32))                              # [B, T]
+    n = m.sum(-1)                                                          # [B]
+    counts = jax.vmap(lambda i, w: expert_load(i, n_experts, w))(idx, m)   # [B, E]
+    f = counts * (n_experts / X) / jnp.maximum(n, 1.0)[:, None]            # [B, E]
+    scores = scores.astype(jnp.float32)
+    s = scores / scores.sum(-1, keepdims=True)                             # [B, T, E]
+    p = jnp.einsum("BTE,BT->BE", s, m) / jnp.maximum(n, 1.0)[:, None]      # [B, E]
+    return jnp.einsum("BE,BE->B", f, p), n > 0
+
+
+def sequence_balance_loss(scores: jax.Array, idx: jax.Array, n_experts: int,
+                          token_mask: jax.Array | None = None) -> jax.Array:
     """V3's sequence-wise balance loss Σ_i f_i·P_i (eqs. 17–20), averaged over sequences, no α.
 
     f_i = E/(X·T) · #{t : i chosen for token t} and P_i = mean_t s'_{i,t}, with s' the scores
@@ -157,20 +184,21 @@ def sequence_balance_loss(scores: jax.Array, idx: jax.Array, n_experts: int) -> 
     a bias steers routing (spec §10), and the loss is meant to balance the real routing.
     The value is 1 for perfectly uniform routing (Σ_i f_i = E and P_i = 1/E) and at most E/X.
 
+    Padding (`token_mask` false) is left out: f and P average over each sequence's real
+    tokens only, so a right-padded row weighs like the same row unpadded, and sequences with
+    no real token are left out of the mean (`sequence_balance_terms`).
+
     Args:
       scores: unbiased affinities [B, T, E] from `gate`.
       idx: selected experts [B, T, X] from `gate`.
       n_experts: E.
+      token_mask: optional [B, T], true for real tokens (None: all of them).
 
     Returns:
       scalar fp32 loss; gradients flow through the scores only (f is a count).
     """
-    _, T, X = idx.shape
-    counts = jax.vmap(lambda i: expert_load(i, n_experts))(idx)            # [B, E]
-    f = counts * (n_experts / (X * T))                                     # [B, E]
-    scores = scores.astype(jnp.float32)
-    p = (scores / scores.sum(-1, keepdims=True)).mean(1)                   # [B, E]
-    return jnp.einsum("BE,BE->B", f, p).mean()
+    per_seq, has = sequence_balance_terms(scores, idx, n_experts, token_mask)  # [B] ×2
+    return jnp.sum(jnp.where(has, per_seq, 0.0)) / jnp.maximum(jnp.sum(has), 1)
 
 
 def update_routing_bias(bias, load, rate: float):
@@ -273,7 +301,9 @@ class MoE(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] → [B, T, D]. `token_mask` [B, T] (true = a real token; None = all) keeps
+        padding out of the sown load and balance loss; the outputs do not depend on it."""
         c = self.config
         D, E, F = c.d_model, c.n_routed_experts, c.moe_d_ff
         router = param(self, "router", (D, E), ("embed", "expert"), c)
@@ -299,7 +329,8 @@ class MoE(nn.Module):
         if layout is not None:
             # Gate, balance loss and capacity per device on its own sequences (the compiler
             # would gather the scores over the batch for the top-k).
-            weights, idx, balance, keep = expert.local_routing(logits, bias, c, layout)
+            weights, idx, balance, keep = expert.local_routing(logits, bias, c, layout,
+                                                               token_mask)
         else:
             weights, idx, scores = gate(logits, bias, c)                      # [B, T, X] ×2
             if c.moe_capacity_factor > 0:
@@ -318,6 +349,8 @@ class MoE(nn.Module):
                 x, weights, idx, w_gate, w_up, w_down, layout=layout, dtype=c.dtype,
                 backend=c.moe_backend, transport=c.moe_ep_transport,
                 buffer_factor=c.moe_ep_buffer_factor, fp8=c.fp8, keep=keep)  # [B, T, D]
+            if token_mask is not None:                 # the loads of real tokens only
+                load = expert.local_load(idx, token_mask, E, layout)          # [E]
         else:
             w_kept = weights if keep is None else jnp.where(keep, weights, 0)
             if c.moe_impl == "ragged":
@@ -325,7 +358,7 @@ class MoE(nn.Module):
                                     backend=c.moe_backend)                    # [B, T, D]
             else:
                 y = dense_dispatch(x, w_kept, idx, w_gate, w_up, w_down, c.dtype, c.fp8)
-            load = expert_load(idx, E)                                        # [E]
+            load = expert_load(idx, E, token_mask)                            # [E]
         if shared is not None:
             y = y + shared                                                    # [B, T, D]
 
@@ -334,7 +367,7 @@ class MoE(nn.Module):
         if not self.is_initializing():
             self.sow("moe_stats", "load", load)
             if balance is None:
-                balance = sequence_balance_loss(scores, idx, E)
+                balance = sequence_balance_loss(scores, idx, E, token_mask)
             self.sow("moe_stats", "balance_loss", balance)
             for name, value in stats.items():
                 self.sow("moe_stats", name, value)

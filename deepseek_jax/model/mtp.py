@@ -9,7 +9,18 @@ embedding of token t_{i+k} and predicts t_{i+k+1}:
   h^k    = Block_k(h'^k)                    one full MLA + FFN block, causal over positions
   P^k_i  = softmax(OutHead(norm_k(h^k_i)))  embedding and output head shared with the main model
 
-h^0 is the main model's last-block output before its final norm (hnorm normalizes it again).
+h^0 is the main model's hidden state AFTER its final RMSNorm (the input of its output head),
+and h^k (k ≥ 1) is depth k's block output before norm_k. Why after: DeepSeek published no MTP
+code, and the paper says only "the representation given by the main model". The released
+MTP weights (`model.layers.61` of V3/R1) are served by vLLM (`deepseek_mtp`) and SGLang
+(`deepseek_nextn`), and both feed the module the final-normed state their main model returns
+(vLLM's `DeepseekV2Model.forward` ends with `self.norm`; SGLang hands the drafter the hidden
+states captured at its logits processor, after the norm). Those are the implementations the
+released weights are deployed and measured with, and both chain further depths on the MTP
+block's un-normed output, as here. So imported weights get the state they are served with,
+and training from scratch makes the same choice, so that a module trained here drafts the way
+it was trained. (MaxText feeds the state before the final norm; for a model trained from
+scratch either is self-consistent, and one is kept.)
 All depths keep the full length T: the input tokens are shifted left by k and the last k
 positions, which have no t_{i+k}, see token 0; the loss masks every position whose target lies
 beyond the sequence (`deepseek_jax.train.losses.mtp_loss`).
@@ -50,14 +61,16 @@ class MTPLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h_prev, emb_next, positions, mask, cache: dict | None = None):
+    def __call__(self, h_prev, emb_next, positions, mask, cache: dict | None = None,
+                 token_mask: jax.Array | None = None):
         c = self.config
         D = c.d_model
         w = param(self, "eh_proj", (2 * D, D), ("mtp_in", "embed"), c)
         both = jnp.concatenate([RMSNorm(c, name="enorm")(emb_next),
                                 RMSNorm(c, name="hnorm")(h_prev)], axis=-1)  # [B, T, 2D]
         x = jnp.einsum("BTI,ID->BTD", both, w.astype(c.dtype))                # [B, T, D]
-        h, new = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions, mask, cache)
+        h, new = Block(c, moe=c.n_routed_experts > 0, name="block")(x, positions, mask, cache,
+                                                                    token_mask)
         if cache is None:
             return h, RMSNorm(c, name="norm")(h)
         return h, RMSNorm(c, name="norm")(h), new
@@ -71,13 +84,17 @@ class MTP(nn.Module):
         self.layers = [MTPLayer(self.config, name=f"layer_{k}")
                        for k in range(self.config.mtp_depth)]
 
-    def __call__(self, h, tokens, embed, head, positions, mask):
-        """h [B, T, D] main hidden state, tokens [B, T], embed [V, D], head [D, V]."""
+    def __call__(self, h, tokens, embed, head, positions, mask, token_mask=None):
+        """h [B, T, D] main hidden state, tokens [B, T], embed [V, D], head [D, V]; token_mask
+        [B, T] or None: depth k's MoE statistics count position i when tokens i and i+k are
+        both real (its two inputs)."""
         c = self.config
         out = []
         for k in range(1, c.mtp_depth + 1):
             emb = jnp.take(embed, shift_left(tokens, k), axis=0).astype(c.dtype)  # [B, T, D]
-            h, normed = self.layers[k - 1](h, emb, positions, mask)
+            mask_k = (None if token_mask is None
+                      else token_mask & shift_left(token_mask, k))               # [B, T]
+            h, normed = self.layers[k - 1](h, emb, positions, mask, None, mask_k)
             out.append(_logits(normed, head, c))                                   # [B, T, V]
         return jnp.stack(out)                                                     # [K, B, T, V]
 
@@ -86,7 +103,7 @@ class MTP(nn.Module):
         """Depth 1 with a cache, for speculative decoding.
 
         Args:
-          h: main hidden states h^0 [B, T, D] (before the final norm) at `positions` [B, T].
+          h: main hidden states h^0 [B, T, D] (after the final norm) at `positions` [B, T].
           next_tokens: t_{i+1} [B, T], the token that follows position i.
           embed, head: the main model's embedding [V, D] and output head [D, V].
           mask: [B, T, S] over the cache slots (`blocks.cache_mask`).

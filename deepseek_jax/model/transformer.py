@@ -10,8 +10,11 @@ stacked [L, E] under scan; state updated by `moe.update_routing_bias`, never by 
 Apply with `mutable=["moe_stats"]` to also get the per-layer expert loads and sequence-balance
 losses that the train step needs.
 
-Optional inputs: `positions` [B, T] (default 0 … T−1) and `segment_ids` [B, T] for packed
-sequences (tokens attend only within their segment).
+Optional inputs: `positions` [B, T] (default 0 … T−1), `segment_ids` [B, T] for packed
+sequences (tokens attend only within their segment), and `token_mask` [B, T] bool (true = a
+real token, false = padding; default: all real), which keeps padding out of the MoE expert
+loads and sequence-balance losses (the bias update and the balance loss); no output depends
+on it.
 
 Parameter names (frozen; HF names in brackets): embed [V, D] (embed_tokens), dense_layers /
 moe_layers (the first `n_dense_layers` and the rest of model.layers), final_norm (norm),
@@ -60,19 +63,25 @@ class Transformer(nn.Module):
             self.mtp = MTP(c)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None):
+                 segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None):
         c = self.config
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         mask = attention_mask(B, T, segment_ids)                                # [B, T, S]
         x = self._embed(tokens)                                                  # [B, T, D]
+        if token_mask is not None:
+            token_mask = token_mask.astype(jnp.bool_)                            # [B, T]
         for stack in self._stacks():
-            x = stack(x, positions, mask)                                        # [B, T, D]
-        logits = self._logits(x)                                                 # [B, T, V]
+            x = stack(x, positions, mask, None, token_mask)                      # [B, T, D]
+        normed = self.final_norm(x)                                              # [B, T, D]
+        logits = self._logits(normed)                                            # [B, T, V]
         if not c.mtp_depth:
             return logits, None
-        mtp_logits = self.mtp(x, tokens, self.embed, self._head(), positions, mask)  # [K, B, T, V]
+        # MTP reads the final-normed state, as the engines that serve the released MTP
+        # weights do (mtp.py's docstring).
+        mtp_logits = self.mtp(normed, tokens, self.embed, self._head(), positions, mask,
+                              token_mask)                                        # [K, B, T, V]
         return logits, mtp_logits
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: dict,
@@ -91,7 +100,7 @@ class Transformer(nn.Module):
 
         Returns:
           (logits [B, T (or T'), V] fp32 — computed exactly as in `__call__`;
-           hidden [B, T, D], the last block's output before the final norm (MTP's input);
+           hidden [B, T, D], the last block's output after the final norm (MTP's input);
            the cache with the new tokens' entries written).
         """
         cache, stacks = dict(cache), self._stacks()
@@ -99,10 +108,11 @@ class Transformer(nn.Module):
         x = self._embed(tokens)                                                  # [B, T, D]
         for stack in stacks:
             x, cache[stack.name] = stack(x, positions, mask, cache[stack.name])  # [B, T, D]
-        hidden = x
+        hidden = self.final_norm(x)                                              # [B, T, D]
+        normed = hidden
         if logits_index is not None:
-            x = take_positions(x, logits_index)                                  # [B, T', D]
-        return self._logits(x), hidden, cache
+            normed = take_positions(hidden, logits_index)                        # [B, T', D]
+        return self._logits(normed), hidden, cache
 
     def draft(self, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array, cache: dict,
               logits_index: jax.Array | None = None):
@@ -128,9 +138,9 @@ class Transformer(nn.Module):
     def _head(self) -> jax.Array:
         return self.embed.T if self.config.tie_embeddings else self.lm_head      # [D, V]
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def _logits(self, normed: jax.Array) -> jax.Array:
+        """Head logits of final-normed states [B, T, D]."""
         c = self.config
-        normed = self.final_norm(x)                                              # [B, T, D]
         logits = jnp.einsum("BTD,DV->BTV", normed, self._head().astype(c.dtype),
                             preferred_element_type=jnp.float32)                  # [B, T, V]
         return layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.VOCAB))

@@ -313,7 +313,7 @@ def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
 # --- routing on each device's own sequences ----------------------------------------------------------
 
 def local_routing(logits: jax.Array, bias: jax.Array | None, config: ModelConfig,
-                  layout: EPLayout):
+                  layout: EPLayout, token_mask: jax.Array | None = None):
     """`moe.gate`, `moe.sequence_balance_loss` and `capacity_keep` inside a shard_map over the
     batch axes: all three are per token or per sequence, so each device computes them for its own
     sequences and nothing crosses devices. (Partitioned by the compiler, the top-k of the gate
@@ -321,28 +321,47 @@ def local_routing(logits: jax.Array, bias: jax.Array | None, config: ModelConfig
 
     Args:
       logits: router logits [B, T, E] fp32. bias: [E] or None. layout: `layout_from_context`.
+      token_mask: optional [B, T], true for real tokens (padding is left out of the loss).
     Returns:
-      (weights [B, T, X], idx [B, T, X], balance loss scalar (mean over all B sequences),
-       keep [B, T, X] bool when `config.moe_capacity_factor` > 0, else None).
+      (weights [B, T, X], idx [B, T, X], balance loss scalar (mean over the B sequences that
+       hold a real token), keep [B, T, X] bool when `config.moe_capacity_factor` > 0, else None).
     """
-    from deepseek_jax.model.moe import gate, sequence_balance_loss
+    from deepseek_jax.model.moe import gate, sequence_balance_terms
 
     E, cf = logits.shape[-1], config.moe_capacity_factor
     b_spec = P(layout.batch_axes or None)
+    if token_mask is None:
+        token_mask = jnp.ones(logits.shape[:2], jnp.bool_)                 # [B, T]
 
-    def body(logits, *bias):
+    def body(logits, token_mask, *bias):
         weights, idx, scores = gate(logits, bias[0] if bias else None, config)  # [b, T, X] ×2
-        per_seq = jax.vmap(lambda s, i: sequence_balance_loss(s[None], i[None], E))(
-            scores, idx)                                                    # [b]
+        per_seq, has = sequence_balance_terms(scores, idx, E, token_mask)   # [b] ×2
         keep = (capacity_keep(idx, E, cf),) if cf > 0 else ()               # [b, T, X]
-        return (weights, idx, per_seq) + keep
+        return (weights, idx, per_seq, has) + keep
 
     extra = () if bias is None else (bias,)
-    n_out = 4 if cf > 0 else 3
-    out = jax.shard_map(body, in_specs=(b_spec,) + (P(),) * len(extra),
-                        out_specs=(b_spec,) * n_out, check_vma=False)(logits, *extra)
-    # The mean over sequences outside: every device holds the same number of them.
-    return out[0], out[1], out[2].mean(), (out[3] if cf > 0 else None)
+    n_out = 5 if cf > 0 else 4
+    out = jax.shard_map(body, in_specs=(b_spec, b_spec) + (P(),) * len(extra),
+                        out_specs=(b_spec,) * n_out, check_vma=False)(logits, token_mask, *extra)
+    # The mean over sequences outside (the compiler sums the [B] arrays across devices).
+    balance = jnp.sum(jnp.where(out[3], out[2], 0.0)) / jnp.maximum(jnp.sum(out[3]), 1)
+    return out[0], out[1], balance, (out[4] if cf > 0 else None)
+
+
+def local_load(idx: jax.Array, token_mask: jax.Array, n_experts: int,
+               layout: EPLayout) -> jax.Array:
+    """`moe.expert_load` of the real tokens (`token_mask` [B, T]) of idx [B, T, X]: each device
+    counts its own sequences' choices, then the counts are summed over the batch axes."""
+    from deepseek_jax.model.moe import expert_load
+
+    b_spec = P(layout.batch_axes or None)
+
+    def body(idx, token_mask):
+        load = expert_load(idx, n_experts, token_mask)                      # [E] local
+        return jax.lax.psum(load, layout.batch_axes) if layout.batch_axes else load
+
+    return jax.shard_map(body, in_specs=(b_spec, b_spec), out_specs=P(),
+                         check_vma=False)(idx, token_mask)
 
 
 # --- no expert axis: local dispatch ---------------------------------------------------------------

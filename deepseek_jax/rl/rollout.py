@@ -48,11 +48,13 @@ def score_completions(completions: Sequence[list[int]], problems: Sequence[dict[
 def training_rows(prompts: Sequence[list[int]], completions: Sequence[list[int]], length: int,
                   sampler_logprobs: np.ndarray | None = None,
                   pad_id: int = tokenizer.PAD) -> dict[str, np.ndarray]:
-    """Right-padded rows [B, length] of prompt + completion, the target-aligned mask, and (if
-    given) the sampler's log-probs placed at the same positions as the mask."""
+    """Right-padded rows [B, length] of prompt + completion, the target-aligned mask, the
+    token mask (1 on prompt and completion tokens, 0 on padding) and (if given) the sampler's
+    log-probs placed at the same positions as the mask."""
     B = len(prompts)
     tokens = np.full((B, length), pad_id, np.int32)
     mask = np.zeros((B, length), np.float32)
+    real = np.zeros((B, length), np.bool_)
     sampler = np.zeros((B, length), np.float32)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         if len(p) + len(c) > length:
@@ -61,9 +63,10 @@ def training_rows(prompts: Sequence[list[int]], completions: Sequence[list[int]]
         tokens[i, : len(p)] = p
         tokens[i, len(p): len(p) + len(c)] = c
         mask[i, len(p) - 1: len(p) + len(c) - 1] = 1.0       # positions whose next token is c
+        real[i, : len(p) + len(c)] = True
         if sampler_logprobs is not None:
             sampler[i, len(p) - 1: len(p) + len(c) - 1] = sampler_logprobs[i, : len(c)]
-    out = {"tokens": tokens, "mask": mask}
+    out = {"tokens": tokens, "mask": mask, "token_mask": real}
     if sampler_logprobs is not None:
         out["sampler_logp"] = sampler
     return out

@@ -7,6 +7,8 @@ scores token i+1, so every array indexed by position is aligned to the *target* 
   old_logp  [B, T]  log π_old(tokens[i+1]) at those positions, computed once per batch
   ref_logp  [B, T]  the frozen reference model's, only when β > 0
   advantages [B]    group-relative, one per completion
+  token_mask [B, T] optional: 1 for prompt and completion tokens, 0 for the padding after them
+                    (keeps padding out of the expert loads and balance loss; `rollout` writes it)
 
 The loss is `rl.loss.grpo_loss` over log-probs under softmax(logits / temperature). After the
 optimizer update the routing bias moves by the expert loads of this batch, as in pretraining
@@ -30,10 +32,12 @@ def _variables(params, routing):
     return {"params": params, **({"routing": routing} if routing else {})}
 
 
-def target_logprobs(params, routing, tokens, config: ModelConfig, temperature: float):
-    """(logp [B, T] of tokens[i+1] at position i (0 at the last), entropy [B, T], moe_stats)."""
+def target_logprobs(params, routing, tokens, config: ModelConfig, temperature: float,
+                    token_mask=None):
+    """(logp [B, T] of tokens[i+1] at position i (0 at the last), entropy [B, T], moe_stats);
+    `token_mask` [B, T] (None = all real) only shapes the MoE statistics."""
     (logits, _), aux = Transformer(config).apply(_variables(params, routing), tokens,
-                                                 mutable=["moe_stats"])
+                                                 token_mask=token_mask, mutable=["moe_stats"])
     t = 1.0 if temperature == 0 else temperature
     logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)      # [B, T, V]
     targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)           # [B, T]
@@ -48,7 +52,7 @@ def grpo_step(state: TrainState, batch: dict, *, config: ModelConfig,
               eps_high: float, beta: float, aggregation: str, max_len: int):
     def loss_fn(params):
         logp, entropy, stats = target_logprobs(params, state.routing, batch["tokens"], config,
-                                               temperature)
+                                               temperature, batch.get("token_mask"))
         loss, metrics = loss_lib.grpo_loss(
             logp, batch["old_logp"], batch["advantages"], batch["mask"],
             ref_logp=batch.get("ref_logp"), eps_low=eps_low, eps_high=eps_high, beta=beta,

@@ -71,7 +71,17 @@ def routing_loads(moe_stats, routing):
     return jax.tree_util.tree_map_with_path(find, routing)
 
 
-def _forward(params, routing, batch: dict, config: ModelConfig):
+def token_mask(batch: dict) -> jax.Array | None:
+    """Which positions hold real tokens, for the MoE statistics: the batch's "token_mask" if it
+    has one, else segment_ids ≠ 0 (the data pipeline writes 0 for padding), else None (all)."""
+    if batch.get("token_mask") is not None:
+        return batch["token_mask"]
+    if batch.get("segment_ids") is not None:
+        return batch["segment_ids"] != 0
+    return None
+
+
+def _forward(params, routing, batch: dict, config: ModelConfig, mtp_weight=None):
     """Loss and statistics of one (micro-)batch: (total, (parts, moe_stats))."""
     tokens = batch["tokens"]
     valid = batch.get("valid")
@@ -79,11 +89,13 @@ def _forward(params, routing, batch: dict, config: ModelConfig):
     variables = {"params": params, **({"routing": routing} if routing else {})}
     (logits, mtp_logits), aux = Transformer(config).apply(
         variables, tokens, positions=batch.get("positions"),
-        segment_ids=batch.get("segment_ids"), mutable=["moe_stats"])
+        segment_ids=batch.get("segment_ids"), token_mask=token_mask(batch),
+        mutable=["moe_stats"])
     stats = aux.get("moe_stats", {})
     total, parts = losses.total_loss(
         logits, mtp_logits, stats, tokens, valid,
-        mtp_weight=config.mtp_loss_weight, balance_alpha=config.balance_alpha)
+        mtp_weight=config.mtp_loss_weight if mtp_weight is None else mtp_weight,
+        balance_alpha=config.balance_alpha)
     return total, (parts, stats)
 
 

@@ -210,6 +210,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                          pad_id=encoder.pad_id)
             batch = {"tokens": jax.device_put(rows["tokens"], batch_sharding),
                      "mask": jax.device_put(rows["mask"], batch_sharding),
+                     "token_mask": jax.device_put(rows["token_mask"], batch_sharding),
                      "advantages": jax.device_put(advantages, rows_sharding)}
             batch["old_logp"] = logprobs_fn(state.params, state.routing, batch["tokens"])
             if rl.beta:

@@ -14,6 +14,8 @@ from deepseek_jax.checkpoint import MTPWeightsMissing, load_hf_checkpoint, read_
 from deepseek_jax.checkpoint import mapping
 from deepseek_jax.checkpoint.safetensors_io import SafetensorsFolder
 from deepseek_jax.config import get_config
+from deepseek_jax.model import Transformer
+from deepseek_jax.model.blocks import attention_mask
 from deepseek_jax.parallel.sharding import abstract_variables
 from hf_helpers import ATOL, FP32, RTOL, fixture, forward, reference
 
@@ -25,12 +27,39 @@ def _run(name, **overrides):
     return config, variables, ref, logits, mtp_logits
 
 
+def _mtp_on(config, variables, tokens, normed: bool):
+    """MTP logits of the model's MTP module fed the last block's output before (normed=False)
+    or after (True) the final norm; the embedding, head, positions and mask are the model's."""
+    def run(m, tokens):
+        B, T = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        mask = attention_mask(B, T)
+        x = m._embed(tokens)
+        for stack in m._stacks():
+            x = stack(x, positions, mask)
+        h = m.final_norm(x) if normed else x
+        return m.mtp(h, tokens, m.embed, m._head(), positions, mask)
+    return Transformer(config).apply(variables, tokens, method=run)
+
+
 def test_v3_logits_and_mtp_match_transformers():
-    """q compression, sigmoid + nonzero bias, 2 of 4 groups, dense then MoE, YaRN, MTP."""
+    """q compression, sigmoid + nonzero bias, 2 of 4 groups, dense then MoE, YaRN, MTP.
+
+    The fixture's MTP reference is transformers' MtpModel fed the hidden state before the final
+    norm (make_fixtures.py), which checks the MTP module's math; the model feeds it the state
+    after the final norm, as the engines serving the released MTP weights do (model/mtp.py).
+    """
     config, variables, ref, logits, mtp_logits = _run("v3")
     assert config.mtp_depth == 1 and config.n_dense_layers == 1 and config.n_moe_layers == 2
     np.testing.assert_allclose(logits, ref["logits"], atol=ATOL, rtol=RTOL)
-    np.testing.assert_allclose(mtp_logits, ref["mtp_logits"], atol=ATOL, rtol=RTOL)
+    tokens = jnp.asarray(ref["tokens"])
+    np.testing.assert_allclose(_mtp_on(config, variables, tokens, normed=False),
+                               ref["mtp_logits"], atol=ATOL, rtol=RTOL)
+    # Same function, same inputs: the model's MTP logits are the post-norm ones (to rounding of
+    # a differently fused program), and differ from the pre-norm reference by far more.
+    post = _mtp_on(config, variables, tokens, normed=True)
+    np.testing.assert_allclose(mtp_logits, post, atol=1e-5, rtol=1e-5)
+    assert np.max(np.abs(np.asarray(mtp_logits) - ref["mtp_logits"])) > 100 * ATOL
 
 
 def test_v3_unrolled_layout_holds_the_scanned_values():
