@@ -84,8 +84,13 @@ part() {
   return 0
 }
 
+if COMMIT=$(git rev-parse --short HEAD 2>/dev/null); then
+  git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT with uncommitted changes"
+else
+  COMMIT="unknown (no git metadata)"
+fi
 log "h200.sh $( ((SMOKE)) && echo --smoke) at $(date -u '+%Y-%m-%d %H:%M:%S') UTC; OUT=$OUT;" \
-    "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes')"
+    "commit $COMMIT"
 
 part env "$B_ENV" bash -c '
   if command -v nvidia-smi >/dev/null; then

@@ -2,8 +2,11 @@
 
 The model is `get_config("v2-lite")` (D 2048, 16 heads, C 512, 64 routed experts of width 1408,
 top-6, 2 shared experts, vocabulary 102,400) with only `--layers` layers (default 4: one dense,
-three MoE), so that fp32 parameters, AdamW moments and the activations of a 8 × 4096 batch fit
-one 141 GB H200 without rematerialization. The step is the project's own
+three MoE; 2.25B parameters), so that fp32 parameters, gradients and AdamW moments (36 GB) and
+the activations of a 4 × 4096 batch fit one 141 GB H200 without rematerialization. (Attention is
+XLA einsums: the [B, N, T, S] fp32 scores alone are 4.3 GB per layer at this batch. Compiled on
+CPU, the all-dense variant of this model needed 61 GB of temporaries at 4 × 4096 and 119 GB at
+8 × 4096, so 8 × 4096 would not fit next to the state.) The step is the project's own
 (`deepseek_jax.train.step.train_step`: forward with MTP/balance bookkeeping, LM loss, backward,
 clipped AdamW, routing-bias update) under one `jax.jit` with the state donated; the tokens are
 random ids (no data pipeline: the step's cost does not depend on their values).
@@ -43,6 +46,8 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run from anywhere
+# JAX's allocator takes 75 % of the device by default; the state and activations need more.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -139,7 +144,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variant", choices=("bf16", "fp8"), default="bf16")
     p.add_argument("--layers", type=int, default=4, help="layers, the first dense")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-ups)")
     p.add_argument("--smoke", action="store_true", help="tiny model and batch (CPU rehearsal)")
