@@ -102,10 +102,12 @@ def grouped_gemm_rows(shape, backends, tilings=()):
                     .astype(jnp.bfloat16))
     t_dense = _time(dense, rows, w_dense)
     yield {"what": "dense GEMM", "M": M, "ms": t_dense * 1e3, "tflops": flops / t_dense / 1e12}
-    configs = [(b, None) for b in backends] + [("mosaic_gpu", t) for t in tilings]
-    for backend, tiling in configs:
-        fn = jax.jit(lambda a, b, s: gg.gmm(a, b, s, backend=backend, tiling=tiling))
-        what = f"gmm {backend} {_tiling_name(tiling)}".strip()
+    configs = [(b, None, False) for b in backends] + [("mosaic_gpu", t, False) for t in tilings]
+    if "mosaic_gpu" in backends:   # the fp8 grouped GEMM, quantizing rows and weights per call
+        configs.append(("mosaic_gpu", None, True))
+    for backend, tiling, fp8 in configs:
+        fn = jax.jit(lambda a, b, s: gg.gmm(a, b, s, backend=backend, tiling=tiling, fp8=fp8))
+        what = f"gmm {backend}{' fp8 (incl. quantize)' if fp8 else ''} {_tiling_name(tiling)}".strip()
         try:
             t = _time(fn, rows, w, sizes)
         except Exception as e:     # noqa: BLE001 — report and go on (e.g. shared-memory overflow)
@@ -141,10 +143,11 @@ def layer_rows(shape, backends):
     wd = [jax.random.normal(k[5], s, jnp.bfloat16) / np.sqrt(s[0])
           for s in ((D, X * F), (D, X * F), (X * F, D))]
 
-    def moe_loss(x, router, wg, wu, wdn, backend):
+    def moe_loss(x, router, wg, wu, wdn, backend, fp8=False):
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router)
         weights, idx, _ = moe.gate(logits, None, c)
-        y = moe.ragged_dispatch(x, weights, idx, wg, wu, wdn, jnp.bfloat16, backend=backend)
+        y = moe.ragged_dispatch(x, weights, idx, wg, wu, wdn, jnp.bfloat16, fp8=fp8,
+                                backend=backend)
         return jnp.sum(y.astype(jnp.float32))
 
     def dense_loss(x, a, b, d):
@@ -155,14 +158,16 @@ def layer_rows(shape, backends):
     flops = 3 * 2 * tokens * D * X * F * 3                  # 3 GEMMs, fwd + 2 bwd
     yield {"what": "dense SwiGLU (width X·F) fwd+bwd", "ms": t_dense * 1e3,
            "tflops": flops / t_dense / 1e12}
-    for backend in backends:
-        fn = jax.jit(jax.grad(lambda *a: moe_loss(*a, backend), argnums=(0, 1, 2, 3, 4)))
+    runs = [(b, False) for b in backends] + [("mosaic_gpu", True)] * ("mosaic_gpu" in backends)
+    for backend, fp8 in runs:
+        fn = jax.jit(jax.grad(lambda *a: moe_loss(*a, backend, fp8), argnums=(0, 1, 2, 3, 4)))
+        name = f"MoE layer {backend}{' fp8' if fp8 else ''}"
         try:
             t = _time(fn, x, router, *w)
         except Exception as e:     # noqa: BLE001
-            yield {"what": f"MoE layer {backend}", "error": _short(e)}
+            yield {"what": name, "error": _short(e)}
             continue
-        yield {"what": f"MoE layer {backend} fwd+bwd", "ms": t * 1e3,
+        yield {"what": f"{name} fwd+bwd", "ms": t * 1e3,
                "tflops": flops / t / 1e12, "x_dense": t / t_dense}
 
 
