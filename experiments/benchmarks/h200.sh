@@ -20,7 +20,7 @@
 #   2       65 s  fp8_gemm.json      fp8 GEMM TFLOP/s at DeepGEMM's V3 shapes and 8192³: ours,
 #                                    torch._scaled_mm blockwise (cuBLAS), XLA bf16, XLA reference
 #   3       70 s  moe.json           grouped GEMM vs dense; MoE layer fwd+bwd vs dense SwiGLU
-#   4   60+50 s  train.json         V2-Lite-width train step, bf16 then fp8: tokens/s, MFU
+#   4    60+50 s train.json          V2-Lite-width train step, bf16 then fp8: tokens/s, MFU
 #                 trace.tar.gz       (jax.profiler trace of one bf16 step, if under 16 MiB)
 #   5       65 s  decode.json        latent vs expanded cache decode, MTP speculative round
 #
@@ -29,7 +29,6 @@
 # Correctness is never cut; later parts are cut from the end. At most 7 files land in $OUT.
 # The closing summary (h200_summary.py) prints every goal as met / MISSED / not measured.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
 
 SMOKE=0
 for arg in "$@"; do
@@ -40,10 +39,11 @@ for arg in "$@"; do
 done
 [[ "${H200_SMOKE:-0}" == 1 ]] && SMOKE=1
 
-OUT="${OUT:-benchmark_results}"
+OUT="${OUT:-benchmark_results}"          # relative to where the script is called from
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/log.txt"
+cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
