@@ -14,8 +14,8 @@ random ids (no data pipeline: the step's cost does not depend on their values).
   variant bf16   `dtype=bfloat16` activations and GEMMs, fp32 parameters and optimizer state
   variant fp8    the same plus `fp8=True` (DeepSeek's block-scaled e4m3 projections)
 
-Per variant one JSON row: compile seconds, median step seconds over `--steps` steps after 2
-warm-ups (host time around `block_until_ready`), tokens/s, model FLOP/s from
+Per variant one JSON row: compile seconds, median step seconds over `--steps` steps after one
+warm-up (host time around `block_until_ready`), tokens/s, model FLOP/s from
 `deepseek_jax.train.flops.flops_per_token` (6·active matmul parameters + attention; no remat
 FLOPs), MFU against the chip's dense bf16 peak (989 TFLOP/s on an H200; the fp8 row uses the same
 denominator, so its MFU says how much of the bf16 peak its useful work reaches), peak device
@@ -61,6 +61,7 @@ from experiments.benchmarks.common import (Results, check_imports, device_meta, 
                                            is_oom)
 
 MAX_TRACE_BYTES = 16 * 2**20
+WARMUP = 1          # compiled ahead of time: one call settles allocations
 
 
 def model_config(variant: str, layers: int, seq: int, smoke: bool):
@@ -88,11 +89,11 @@ def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool
     compile_s = time.perf_counter() - t0
 
     losses, times = [], []
-    for i in range(2 + steps):                       # 2 warm-ups, then timed steps
+    for i in range(WARMUP + steps):                  # warm-ups, then timed steps
         t0 = time.perf_counter()
         state, metrics = compiled(state, data)
         jax.block_until_ready((state, metrics))
-        if i >= 2:
+        if i >= WARMUP:
             times.append(time.perf_counter() - t0)
             losses.append(float(metrics["loss"]))
     step_s = float(np.median(times))
@@ -146,7 +147,7 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4, help="layers, the first dense")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-ups)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     p.add_argument("--smoke", action="store_true", help="tiny model and batch (CPU rehearsal)")
     p.add_argument("--json", default="", help="add the row to this file (kept up to date)")
     p.add_argument("--trace", default="", help="also trace one step into this .tar.gz")
