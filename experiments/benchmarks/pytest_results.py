@@ -11,8 +11,9 @@ time limit still says what passed; pytest's own `--junitxml` is written only at 
 
   python experiments/benchmarks/pytest_results.py FILE [--require-ran]
 
-prints the summary and the skip reasons, and with `--require-ran` exits 1 when no test ran, or
-when any failed or errored: hardware tests that skip in silence must not pass for a success.
+prints the summary and the skip reasons, and with `--require-ran` exits 1 when no test ran, when
+any failed or errored, or when, on a GPU, a test skipped for want of a GPU: hardware tests that
+skip in silence must not pass for a success.
 """
 
 from __future__ import annotations
@@ -117,8 +118,17 @@ def report(path: str, require_ran: bool) -> int:
             print(f"  {t['outcome'].upper():7} {t['id']}: {first}")
     if meta.get("imported_missing_on_gpu_host"):
         print(f"  imported packages the GPU host lacks: {meta['imported_missing_on_gpu_host']}")
+    # On a GPU, a test that skips because it "needs a (Hopper) GPU" means the detection failed.
+    wrongly_skipped = [t["id"] for t in data.get("tests", [])
+                       if t["outcome"] == "skipped" and meta.get("backend") == "gpu"
+                       and any(w in t["message"].lower() for w in ("gpu", "hopper"))]
+    for test_id in wrongly_skipped:
+        print(f"  SKIPPED ON A GPU although it asks for one: {test_id}")
     if not require_ran:
         return 0
+    if wrongly_skipped:
+        print("FAILED: hardware tests skipped on the GPU they ask for")
+        return 1
     if not s.get("ran"):
         print("FAILED: NO HARDWARE TEST RAN (all skipped or none collected) — check JAX_PLATFORMS "
               "and the device")

@@ -71,10 +71,14 @@ def test_pytest_plugin_counts_and_fails_loudly(tmp_path):
                        "exit_status": 0, "finished": True}
     out.write_text(json.dumps(data))
     assert pytest_results.report(str(out), require_ran=True) == 1
-    data["tests"][0]["outcome"] = "passed"
-    data["summary"].update(ran=1, passed=1, skipped=0)
+    # One ran and passed, one skipped "needs a Hopper GPU": fine on CPU, a failure on a GPU.
+    data["tests"] = [{**skipped, "outcome": "passed", "message": ""}, skipped]
+    data["summary"].update(ran=1, passed=1, skipped=1)
     out.write_text(json.dumps(data))
     assert pytest_results.report(str(out), require_ran=True) == 0
+    data["meta"]["backend"] = "gpu"
+    out.write_text(json.dumps(data))
+    assert pytest_results.report(str(out), require_ran=True) == 1
 
 
 def test_summary_reads_partial_results(tmp_path, capsys):
