@@ -90,6 +90,9 @@ def test_summary_reads_partial_results(tmp_path, capsys):
     moe.add("v2-lite grouped GEMM", {"what": "dense GEMM", "tflops": 548.0})
     moe.add("v2-lite grouped GEMM", {"what": "gmm mosaic_gpu", "tflops": 422.0,
                                      "of_dense": 0.77})
+    moe.add("v2-lite layer", {"what": "dense SwiGLU (width X·F) fwd+bwd", "ms": 10.0})
+    moe.add("v2-lite layer", {"what": "MoE layer mosaic_gpu fwd+bwd", "x_dense": 1.2})
+    moe.add("v2-lite layer", {"what": "MoE layer mosaic_gpu fp8", "error": "ValueError: x"})
     train = Results(str(tmp_path / "train.json"), merge=True)
     train.add("rows", {"variant": "bf16", "tokens_per_s": 1e5, "mfu_vs_bf16_peak": 0.5})
     Results(str(tmp_path / "train.json"), merge=True).add(
@@ -101,6 +104,9 @@ def test_summary_reads_partial_results(tmp_path, capsys):
     assert verdicts["fp8 GEMM 8192³ ours / XLA bf16 ≥ 1.5"][1] == "met"
     assert verdicts["grouped GEMM v2-lite ≥ 85 % of dense"] == ("77 %", "MISSED")
     assert verdicts["grouped GEMM v3 ≥ 85 % of dense"][1] == "not measured"
+    assert verdicts["MoE layer v2-lite fwd+bwd ≤ 1.3× dense SwiGLU (bf16)"] == ("1.20×", "met")
+    assert verdicts["MoE layer fp8 v2-lite fwd+bwd ≤ 1.3× dense SwiGLU (bf16)"] == (
+        "ValueError: x", "not measured")
     assert verdicts["train step MFU bf16 ≥ 45 %"][1] == "met"
     assert verdicts["train step fp8 / bf16 tokens/s ≥ 1.3"][1] == "not measured"
     assert verdicts["decode latent / expanded ≥ 5× at batch 128, 32k"][1] == "not measured"
