@@ -33,9 +33,14 @@ name, e.g.
 
 i.e. the K-major [out, in] weight and [⌈out/128⌉, ⌈in/128⌉] scales that
 `kernels.fp8.quantize_weight` produces and the fp8 GEMMs take. The model itself does not read
-them (its fp8 path quantizes the fp32/bf16 masters on the fly; re-quantizing a dequantized
-block gives the stored values back); they are for fp8 serving kernels. Transformer.apply
-ignores the extra collection. keep_fp8 reads every fp8 tensor whole (no `mesh`).
+them: its fp8 path quantizes the masters on the fly, on the checkpoint's own block grid
+(q_b_proj as the one [N(H+R), Q] matrix it is stored as, see `model.mla.query_up_weight`;
+kv_a_proj_with_mqa split at 512, a multiple of 128). With fp32 masters, re-quantizing a
+dequantized block gives the stored e4m3 codes back and its scale to within fp32 rounding
+(tests/checkpoint/test_fp8_requantize.py); bf16 masters round the dequantized values first, so
+codes may differ there. kv_b_proj is the exception: the model keeps W_UK / W_UV in the compute
+dtype (model/mla.py). The kept values are for fp8 serving kernels; Transformer.apply ignores
+the extra collection. keep_fp8 reads every fp8 tensor whole (no `mesh`).
 
 Sharded loading: pass `mesh` and `rules` (deepseek_jax.parallel) and every leaf is built
 directly with its NamedSharding, one shard at a time (`reader.device_leaf`), so no host ever

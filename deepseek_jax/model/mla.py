@@ -25,10 +25,15 @@ Parameter names (frozen; HF DeepseekV3 names in brackets):
   w_dkv [D, C] and w_kr [D, R] (kv_a_proj_with_mqa, split)   kv_norm (kv_a_layernorm)
   w_uk [C, N, H] and w_uv [C, N, U] (kv_b_proj, split)      w_o [N, U, D] (o_proj)
 
-fp8 (`config.fp8`): the six projections around the core — w_dq, w_uq, w_qr, w_dkv, w_kr and
-w_o — run as DeepSeek fp8 GEMMs (`layers.einsum(..., fp8=True)`: the weight's input axes are
-flattened into K and its output axes into N, e.g. w_uq [Q, N, H] as a [Q, N·H] matrix and w_o
-[N, U, D] as [N·U, D], and that matrix is quantized in 128×128 blocks). The W_UK / W_UV products
+fp8 (`config.fp8`): the projections around the core — w_dq, the query up-projection, w_dkv,
+w_kr and w_o — run as DeepSeek fp8 GEMMs (`layers.einsum(..., fp8=True)`: the weight's input
+axes are flattened into K and its output axes into N, e.g. w_o [N, U, D] as [N·U, D], and that
+matrix is quantized in 128×128 blocks). The query up-projection is one GEMM over w_uq and w_qr
+joined per head (`query_up_weight`, [Q, N, H+R] = HF's q_b_proj transposed), so its blocks are
+the checkpoint's: a 128-wide block of q_b_proj's rows straddles heads and their non-RoPE/RoPE
+parts, and quantizing w_uq and w_qr apart would put block edges elsewhere (other scales, other
+codes). w_dkv and w_kr split kv_a_proj_with_mqa at C = 512, a multiple of 128, so their blocks
+coincide with the stored ones as they are. The W_UK / W_UV products
 stay in `config.dtype` on purpose: they live inside the attention cores, which both paths, the
 absorbed one and a latent cache share, and V3 keeps "attention operators" in high precision. (In
 DeepSeek's own training code kv_b_proj is an fp8 linear; routing the expanded path's k_nope / v
@@ -52,6 +57,13 @@ from deepseek_jax.model.layers import RMSNorm, einsum, param
 from deepseek_jax.model.rope import apply_rope, rope_angles
 
 _MASKED = -1e30  # added to masked scores; finite so fully masked (padding) rows stay NaN-free
+
+
+def query_up_weight(w_uq: jax.Array, w_qr: jax.Array) -> jax.Array:
+    """The query up-projection as DeepSeek stores it (q_b_proj, or q_proj when Q = 0), in our
+    [in, out] layout: [Q, N, H+R], each head's H non-RoPE columns then its R RoPE columns, so
+    that flattening N·(H+R) gives HF's row order n·(H+R) + (h | H + r)."""
+    return jnp.concatenate([w_uq, w_qr.astype(w_uq.dtype)], axis=-1)      # [Q, N, H+R]
 
 
 def _softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -113,9 +125,12 @@ class MLA(nn.Module):
         c = self.config
         if c.q_lora_rank:
             x = self.q_norm(einsum("BTD,DQ->BTQ", x, self.w_dq, c.dtype, c.fp8, c.fp8_backend))  # [B, T, Q]
-        # With Q = 0 the "Q" axis below is the model width D.
-        q_nope = einsum("BTQ,QNH->BTNH", x, self.w_uq, c.dtype, c.fp8, c.fp8_backend)       # [B, T, N, H]
-        q_rope = einsum("BTQ,QNR->BTNR", x, self.w_qr, c.dtype, c.fp8, c.fp8_backend)       # [B, T, N, R]
+        # With Q = 0 the "Q" axis below is the model width D. One GEMM over q_b_proj as stored
+        # (A = H + R, one full query head), so fp8 blocks match the checkpoint's.
+        w_q = query_up_weight(self.w_uq, self.w_qr)                          # [Q, N, A]
+        q = einsum("BTQ,QNA->BTNA", x, w_q, c.dtype, c.fp8, c.fp8_backend)   # [B, T, N, A]
+        H = c.qk_nope_head_dim
+        q_nope, q_rope = q[..., :H], q[..., H:]                              # [B, T, N, H|R]
         return q_nope, apply_rope(q_rope, cos, sin, c.rope_interleaved)
 
     def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
