@@ -93,12 +93,16 @@ def convert_to_orbax(hf_dir: str, out_dir: str, *, preset: str = "fsdp",
       the ModelConfig written to OUT/model_config.json.
     """
     from deepseek_jax import parallel
+    from deepseek_jax.train import workdir as run_dir
+    hf_dir = run_dir.resolve(hf_dir)
+    out_dir = run_dir.resolve(out_dir)          # Orbax needs an absolute path
     step_dir = os.path.join(out_dir, "checkpoints", "0")
     if os.path.exists(step_dir):
         raise FileExistsError(f"{step_dir} exists; convert into a new --out folder")
     p = prepare(hf_dir, dtype=dtype, overrides=overrides)
     mesh, rules = parallel.mesh_and_rules(preset, mesh_config, devices)
     parallel.validate(p.config, mesh, rules)
+    run_dir.prepare(out_dir, flag="--out")      # writable, and can commit a checkpoint
     shardings = parallel.param_shardings(p.config, mesh, rules)
     metadata = {"source": os.path.abspath(hf_dir), "converter": __name__,
                 "model_type": p.hf.get("model_type")}
@@ -139,6 +143,8 @@ def restore_converted(out_dir: str, mesh=None, rules=None, step: int = 0
     import flax
     import orbax.checkpoint as ocp
     from deepseek_jax import parallel
+    from deepseek_jax.train.workdir import resolve
+    out_dir = resolve(out_dir)                  # Orbax reads absolute paths only
     config = read_model_config(out_dir)
     shapes = flax.core.meta.unbox(parallel.sharding.abstract_variables(config))
     shapes = {k: v for k, v in shapes.items() if k in ("params", "routing")}
@@ -212,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="MiB (global) built on the devices before each partial save")
     args = ap.parse_args(argv)
     from deepseek_jax import parallel
+    from deepseek_jax.train import workdir as run_dir
+    args.hf, args.out = run_dir.resolve(args.hf), run_dir.resolve(args.out)   # once, at start-up
     parallel.maybe_initialize_distributed()
     config = convert_to_orbax(args.hf, args.out, preset=args.preset,
                               mesh_config=parse_mesh(args.mesh), dtype=jnp.dtype(args.dtype),

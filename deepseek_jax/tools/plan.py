@@ -67,6 +67,7 @@ from deepseek_jax.tools import cost_model, report  # noqa: E402
 from deepseek_jax.tools.compile import Strategy  # noqa: E402
 from deepseek_jax.tools.hlo import Collective, CollectiveStats  # noqa: E402
 from deepseek_jax.tools.targets import Target, TargetError, parse_target  # noqa: E402
+from deepseek_jax.train import workdir as run_dir  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -417,18 +418,22 @@ def main(argv=None) -> int:
         _worker(args.worker)
         return 0
     try:
+        # Resolved and checked once, at start-up: a bad --out fails now, not after the compiles.
+        out_dir = run_dir.resolve(args.out)
+        if out_dir:
+            run_dir.check_writable(out_dir, "--out")
         overrides = dict(item.split("=", 1) for item in args.set)
         batch = args.batch or parse_target(args.target).n_chips
         header, rows = plan(args.model, args.target, batch, args.seq, args.strategies,
                             args.top_k, args.analytic_only, args.isolate, args.remat, args.dtype,
                             args.param_dtype, args.compile_timeout, overrides,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (PlanError, TargetError, parallel.MeshError) as e:
+    except (PlanError, TargetError, parallel.MeshError, run_dir.WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.text_table(header, rows))
-    if args.out:
-        paths = report.write_all(header, rows, args.out)
+    if out_dir:
+        paths = report.write_all(header, rows, out_dir)
         print("wrote " + ", ".join(paths))
     return 0
 

@@ -110,6 +110,7 @@ def load_trained(workdir: str, step: int | None = None, shardings=None):
     land with `shardings` ({"params", "routing"} trees of shardings, e.g. from
     `deepseek_jax.parallel.param_shardings`), or on the first device when None.
     """
+    workdir = os.path.abspath(workdir)          # Orbax reads absolute paths only
     config = load_model_config(workdir)
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
     step = manager.latest_step() if step is None else step

@@ -46,21 +46,22 @@ def resolve(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _check_writable(workdir: str) -> None:
+def check_writable(workdir: str, flag: str = "--workdir") -> None:
+    """Creates `workdir` if missing; raises unless it is a directory this user can write."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise WorkdirError(f"workdir {workdir} is a file, not a directory: pass a directory "
+        raise WorkdirError(f"{workdir} is a file, not a directory: pass a directory as {flag} "
                            "(it is created if missing)")
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
-        raise WorkdirError(f"cannot create workdir {workdir} ({e.strerror}): pass a --workdir "
-                           "under a directory you can write to") from e
+        raise WorkdirError(f"cannot create {workdir} ({e.strerror}): pass a {flag} under a "
+                           "directory you can write to") from e
     if not os.access(workdir, os.W_OK | os.X_OK):
-        raise WorkdirError(f"workdir {workdir} is not writable by this user: pass another "
-                           "--workdir, or fix its permissions")
+        raise WorkdirError(f"{workdir} is not writable by this user: pass another {flag}, or "
+                           "fix its permissions")
 
 
-def _check_checkpoint_commit(workdir: str) -> None:
+def _check_checkpoint_commit(workdir: str, flag: str) -> None:
     """Does in small what an Orbax save does: files into a temporary directory, then a rename."""
     probe = None
     try:
@@ -77,10 +78,10 @@ def _check_checkpoint_commit(workdir: str) -> None:
                 raise OSError(0, "a file read back differs from what was written")
     except OSError as e:
         raise WorkdirError(
-            f"workdir {workdir} cannot hold checkpoints: writing a file into a new directory "
-            f"and renaming the directory (how Orbax commits a checkpoint) failed "
+            f"{workdir} cannot hold checkpoints: writing a file into a new directory and "
+            f"renaming the directory (how Orbax commits a checkpoint) failed "
             f"({e.strerror or e}). Use a local disk or a shared POSIX filesystem (NFS, a "
-            "gcsfuse mount) for --workdir") from e
+            f"gcsfuse mount) for {flag}") from e
     finally:
         if probe is not None:
             shutil.rmtree(probe, ignore_errors=True)
@@ -108,13 +109,18 @@ def check_same_model(workdir: str, model_config: ModelConfig) -> None:
             "Pass a fresh --workdir, or the config that run was started with to resume it")
 
 
-def prepare(workdir: str, model_config: ModelConfig | None = None) -> str:
-    """Resolves WORKDIR, creates it and runs the checks above; returns the absolute path."""
+def prepare(workdir: str, model_config: ModelConfig | None = None,
+            flag: str = "--workdir") -> str:
+    """Resolves WORKDIR, creates it and runs the checks above; returns the absolute path.
+
+    `flag` is how the user gave the path (named in the messages); `model_config` None skips the
+    same-model check (a caller that knows the model later runs `check_same_model`).
+    """
     workdir = resolve(workdir)
     if not workdir:
-        raise WorkdirError("workdir is empty: pass --workdir=DIR")
-    _check_writable(workdir)
-    _check_checkpoint_commit(workdir)
+        raise WorkdirError(f"the directory is empty: pass {flag}=DIR")
+    check_writable(workdir, flag)
+    _check_checkpoint_commit(workdir, flag)
     if model_config is not None:
         check_same_model(workdir, model_config)
     return workdir
