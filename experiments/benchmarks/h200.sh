@@ -117,7 +117,7 @@ if want == \"cuda\" and jax.default_backend() != \"gpu\":
 TIMEOUT_ARGS=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout=75)
 export PYTEST_RESULTS_JSON="$OUT/correctness.json"
-part 1-correctness "$B_CORRECT" "$PY" -m pytest -q -rs -p no:cacheprovider \
+part 1-correctness "$B_CORRECT" "$PY" -m pytest -q -rs --durations=10 -p no:cacheprovider \
   -p experiments.benchmarks.pytest_results "${TIMEOUT_ARGS[@]}" -k hardware tests/kernels tests/model
 unset PYTEST_RESULTS_JSON
 if [[ -f "$OUT/correctness.json" ]]; then
