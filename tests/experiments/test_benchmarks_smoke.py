@@ -137,3 +137,19 @@ def test_fp8_gemm_row_on_cpu(tmp_path):
     assert row["cublas"] is None                       # no torch / GPU here
     if row["ours"] is not None:                        # the kernel's own tests judge it
         assert row["diff_ours"] < 1e-6
+
+
+def test_decode_rows_that_cannot_fit_are_reported_not_tried():
+    """At V3's widths the expanded cache of batch 128 × 32k is 344 GB: said, never allocated.
+    (With 10 GB of device memory the 4.8 GB latent cache plus 6.2 GB of weights does not fit
+    either, so nothing runs here.)"""
+    import jax
+    from experiments.benchmarks import decode
+    config = decode.v3_attention_config(1)
+    variables = jax.eval_shape(lambda: decode.init_variables(jax.random.key(0), config))
+    errors = []
+    pair = decode._decode_pair(config, variables, 128, 32768, errors, memory=10e9)
+    assert pair["expanded"]["error"].startswith("does not fit (350 GB > 10 GB)")
+    assert round(pair["expanded"]["cache_gb"]) == 344 and round(pair["latent"]["cache_gb"]) == 5
+    assert pair["latent"]["error"].startswith("does not fit (11 GB")
+    assert pair["ratio"] is None and errors == []
