@@ -3,6 +3,7 @@
 #
 #   OUT=/some/empty/dir experiments/benchmarks/h200.sh            # on the GPU machine
 #   OUT=/tmp/h200_smoke experiments/benchmarks/h200.sh --smoke    # CPU rehearsal, tiny sizes
+#   OUT=... experiments/benchmarks/h200.sh --parts=1,4            # only those parts (a rerun)
 #
 # Run from anywhere (it moves to the repository root). Needs python3 with jax[cuda], flax, optax,
 # orbax, chex, numpy, pytest (pytest-timeout used when present) and, for the cuBLAS baseline,
@@ -32,10 +33,13 @@
 set -uo pipefail
 
 SMOKE=0
+PARTS="1,2,3,4,5"
 for arg in "$@"; do
   case "$arg" in
     --smoke) SMOKE=1 ;;
-    *) echo "unknown argument: $arg (use --smoke for the CPU rehearsal)"; exit 2 ;;
+    --parts=*) PARTS="${arg#--parts=}" ;;
+    *) echo "unknown argument: $arg (--smoke: the CPU rehearsal; --parts=1,4: only those parts)"
+       exit 2 ;;
   esac
 done
 [[ "${H200_SMOKE:-0}" == 1 ]] && SMOKE=1
@@ -68,6 +72,10 @@ log() { echo "$*" | tee -a "$LOG"; }
 # log and to stdout; records "== part NAME: rc=RC in Ns" (rc 124 = time limit).
 part() {
   local name=$1 budget=$2; shift 2
+  if [[ "$name" != env && ",$PARTS," != *",${name%%-*},"* ]]; then
+    log "== part $name: skipped (not in --parts=$PARTS)"
+    return 0
+  fi
   local left=$((TOTAL - SECONDS))
   local limit=$(( budget < left ? budget : left ))
   if (( limit < 10 )); then
@@ -120,7 +128,9 @@ export PYTEST_RESULTS_JSON="$OUT/correctness.json"
 part 1-correctness "$B_CORRECT" "$PY" -m pytest -q -rs --durations=10 -p no:cacheprovider \
   -p experiments.benchmarks.pytest_results "${TIMEOUT_ARGS[@]}" -k hardware tests/kernels tests/model
 unset PYTEST_RESULTS_JSON
-if [[ -f "$OUT/correctness.json" ]]; then
+if [[ ",$PARTS," != *",1,"* ]]; then
+  :
+elif [[ -f "$OUT/correctness.json" ]]; then
   if (( SMOKE )); then
     "$PY" experiments/benchmarks/pytest_results.py "$OUT/correctness.json" 2>&1 | tee -a "$LOG"
   else
