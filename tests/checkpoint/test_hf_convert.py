@@ -57,10 +57,9 @@ def test_restores_onto_meshes_with_the_values_of_a_direct_load(converted):
         assert got.keys() == direct.keys()
         for k in got:
             np.testing.assert_array_equal(got[k], direct[k], err_msg=k)
-    if hasattr(train_ckpt, "load_trained"):       # what GRPO starts a policy from
-        _, trained = train_ckpt.load_trained(out)
-        np.testing.assert_array_equal(trained["routing"]["moe_layers"]["layers"]["moe"]["bias"],
-                                      direct["routing/moe_layers/layers/moe/bias"])
+    _, trained = train_ckpt.load_trained(out)      # what GRPO starts a policy from
+    np.testing.assert_array_equal(trained["routing"]["moe_layers"]["layers"]["moe"]["bias"],
+                                  direct["routing/moe_layers/layers/moe/bias"])
 
 
 def test_a_training_run_can_start_from_it(converted):

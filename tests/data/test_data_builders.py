@@ -5,6 +5,7 @@ import fractions
 import json
 import os
 import re
+import subprocess
 import sys
 
 import grain
@@ -58,10 +59,20 @@ def countdown(data_dir):
     return data.build_dataset("countdown", data_dir, seed=1, **SMALL)
 
 
-def test_records_are_array_record_and_read_without_tensorflow(arithmetic):
+def test_records_are_array_record_and_read_without_tensorflow(arithmetic, tmp_path):
     files = os.listdir(arithmetic.data_dir)
     assert any(".array_record-" in f for f in files), files
-    assert "tensorflow" not in sys.modules
+    # In a fresh interpreter (another test may have imported anything into this one), building
+    # and reading records leaves TensorFlow unimported. This can only fail where TensorFlow is
+    # installed; where it is not (the dev environment), the records being built and read at all
+    # is the evidence.
+    code = ("import sys; from deepseek_jax import data; b = data.build_dataset('arithmetic', "
+            "sys.argv[1], seed=1, num_train=4, num_validation=2, num_test=2); "
+            "s = b.as_data_source('train'); print(len(s), 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "4 False", out.stdout
     assert {s: len(arithmetic.as_data_source(s)) for s in ("train", "validation", "test")} == {
         "train": 40, "validation": 8, "test": 8}
 

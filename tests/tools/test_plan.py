@@ -8,6 +8,7 @@ import os
 import jax
 import pytest
 
+from deepseek_jax import parallel
 from deepseek_jax.config import get_config
 from deepseek_jax.tools import cost_model, plan, report
 from deepseek_jax.tools.compile import Strategy, compile_strategy
@@ -106,9 +107,16 @@ def test_all_enumerates_prunes_and_explains_on_small():
     assert len(labels) == len(set(labels)) >= 8
     assert {"dp(data=8)", "fsdp(fsdp=8)", "fsdp_ep(expert=8)"} <= set(labels)
     assert all(r["source"] == "analytic" for r in rows)
+    # Each row is a mesh that exists on the 8 devices and that the library's own pre-compile
+    # check (actual parameter shapes against the mesh, independent of the planner's filter)
+    # accepts for this batch.
     config = plan.load_model("small")
     for r in rows:
-        assert plan.shard_problem(config, Strategy.make(r["preset"], r["mesh"]), 16) is None
+        mesh = parallel.make_mesh(r["mesh"], jax.devices())
+        parallel.validate(config, mesh, parallel.logical_axis_rules(r["preset"], mesh), 16)
+    # A strategy that cannot shard the model is dropped with its reason.
+    assert "heads size 4 does not split" in plan.shard_problem(
+        config, Strategy.make("fsdp_tp", {"fsdp": 1, "tensor": 8}), 16)
 
 
 def test_expert_parallel_moe_compiles_on_cpu():
