@@ -146,6 +146,7 @@ part 2-fp8-gemm "$B_GEMM" "$PY" experiments/benchmarks/fp8_gemm.py $S --json "$O
 
 part 3-moe "$B_MOE" "$PY" experiments/benchmarks/moe.py $S --json "$OUT/moe.json"
 
+[[ ",$PARTS," == *",4,"* ]] && rm -f "$OUT/train.json"   # its two processes add to one file
 part 4-train-bf16 "$B_TRAIN_BF16" "$PY" experiments/benchmarks/train_step.py $S --variant bf16 \
   --json "$OUT/train.json" --trace "$OUT/trace.tar.gz"
 part 4-train-fp8 "$B_TRAIN_FP8" "$PY" experiments/benchmarks/train_step.py $S --variant fp8 \
