@@ -3,15 +3,21 @@ is committed without outputs, with its Colab badge and a Colab-only install cell
 
 Every `notebooks/*.ipynb` is picked up (a new notebook needs no change here). Each runs in a fresh
 IPython kernel of this interpreter (nbclient, kernel "python3": jupyter_client starts the
-`ipykernel` installed next to this Python), from the notebooks/ folder, with matplotlib's Agg
-backend and the CPU platform. The 8 fake devices that tests/conftest.py asks for are *not*
-passed on: a notebook that needs fake devices sets `XLA_FLAGS` itself, as a reader's would.
+`ipykernel` installed next to this Python), with matplotlib's Agg backend and the CPU platform.
+
+They run as Colab runs them: from a working directory outside the repository, with no path of
+the checkout on `PYTHONPATH`, so a notebook sees only what `pip install` put into the
+environment (`deepseek_jax`, installed or editable-installed; not experiments/ or tests/).
+`test_kernel_sees_only_the_installed_package` checks that this isolation holds. The 8 fake
+devices that tests/conftest.py asks for are *not* passed on: a notebook that needs fake devices
+sets `XLA_FLAGS` itself, as a reader's would.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -29,6 +35,11 @@ def _ids(paths):
     return [p.name for p in paths]
 
 
+def _inside_checkout(path: str) -> bool:
+    resolved = pathlib.Path(path or ".").resolve()
+    return resolved == ROOT or ROOT in resolved.parents
+
+
 def _kernel_env() -> dict[str, str]:
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split()
@@ -39,12 +50,37 @@ def _kernel_env() -> dict[str, str]:
         env.pop("XLA_FLAGS", None)
     env["MPLBACKEND"] = "Agg"
     env["JAX_PLATFORMS"] = "cpu"
-    # The kernel runs from notebooks/: make the checkout importable even when it is not
-    # installed (a relative PYTHONPATH such as "." would point into notebooks/).
-    paths = [str(ROOT)] + [str(pathlib.Path(p).resolve())
-                           for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    # Nothing of the checkout on the path: the notebook imports what is installed, as on Colab.
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+             if p and not _inside_checkout(p)]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    else:
+        env.pop("PYTHONPATH", None)
     return env
+
+
+@pytest.fixture
+def outside_dir(tmp_path):
+    """A working directory outside the repository (pytest's tmp_path must not be inside it)."""
+    assert not _inside_checkout(str(tmp_path)), f"{tmp_path} is inside the checkout {ROOT}"
+    return tmp_path
+
+
+def test_kernel_sees_only_the_installed_package(outside_dir):
+    """In the notebooks' environment and working directory, `deepseek_jax` imports from its
+    installed location and the checkout's other top-level folders do not import at all."""
+    probe = ("import importlib.util, deepseek_jax\n"
+             "print(deepseek_jax.__file__)\n"
+             "print([m for m in ('experiments', 'tests') if importlib.util.find_spec(m)])\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=outside_dir, env=_kernel_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (
+        "deepseek_jax is not importable outside the checkout: install it into this environment "
+        f"(pip install -e \".[notebooks]\"):\n{out.stderr[-2000:]}")
+    where, visible = out.stdout.splitlines()[-2:]
+    assert visible == "[]", f"the notebooks would see the checkout's {visible} on sys.path"
+    assert pathlib.Path(where).resolve().parent.name == "deepseek_jax", where
 
 
 def test_notebooks_exist():
@@ -89,11 +125,11 @@ def test_colab_badge_and_install_cell(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_runs_top_to_bottom(path):
+def test_runs_top_to_bottom(path, outside_dir):
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb, kernel_name="python3", timeout=CELL_TIMEOUT_S, allow_errors=False,
-        resources={"metadata": {"path": str(path.parent)}})
+        resources={"metadata": {"path": str(outside_dir)}})
     start = time.perf_counter()
     try:
         client.execute(env=_kernel_env())
