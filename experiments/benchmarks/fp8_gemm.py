@@ -21,13 +21,9 @@ and errors are listed under the table.
   python experiments/benchmarks/fp8_gemm.py --smoke    # CPU: tiny shapes, kernel in interpret mode
   python experiments/benchmarks/fp8_gemm.py --sweep    # GPU: also time every tiling, report the best
 
-A first GPU session, in order (each step is cheap and tells whether the next is worth running):
-  JAX_PLATFORMS=cuda python -m pytest tests/kernels -q -k hardware   # compiled == reference, fwd/dgrad/wgrad
-  python experiments/benchmarks/fp8_gemm.py --smoke                  # small odd shapes through the table code
-  python experiments/benchmarks/fp8_gemm.py --json fp8_gemm.json     # the table
-
-In experiments/benchmarks/h200.sh this is part 2 (~70 s): the rows come 8192³ first, then M = 4096,
-128, 64, and the JSON file is rewritten after every row, so a time limit loses only the tail.
+In experiments/benchmarks/h200.sh this is part 2 (75 s, after the hardware tests of part 1 have
+compared the compiled kernels with the reference): the rows come 8192³ first, then M = 4096, 128,
+64, and the JSON file is rewritten after every row, so a time limit loses only the tail.
 
 No ml_collections / grain / tfds imports: the GPU host does not have them.
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU path checked and measured in one device call of at most 8 minutes, on one H200.
+# Every GPU path checked and measured in one run of at most 8 minutes on one H200.
 #
 #   OUT=/some/empty/dir experiments/benchmarks/h200.sh            # on the GPU machine
 #   OUT=/tmp/h200_smoke experiments/benchmarks/h200.sh --smoke    # CPU rehearsal, tiny sizes

@@ -1,7 +1,7 @@
 """The GPU device script (experiments/benchmarks/h200.sh) and its helpers, checked on CPU.
 
 The whole script runs on CPU with `--smoke` in a few minutes (too long for the suite); here the
-parts that decide whether one device call is well spent: the time budget and the files it may
+parts that decide whether one 8-minute GPU run is well spent: the time budget and the files it may
 leave under $OUT, the pytest plugin that must fail loudly when no hardware test ran, the summary
 reading whatever partial results a time limit left, the benchmark modules importing nothing the
 GPU host lacks, and one fp8 GEMM table row end to end at a tiny shape.
