@@ -49,68 +49,21 @@ several EOS ids, continuous batching.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import Transformer
-from deepseek_jax.sampling.cache import KINDS, cache_logical_axes, init_cache
-from deepseek_jax.sampling.sample import choose, token_logprobs
+from deepseek_jax.sampling.cache import KINDS, init_cache
+from deepseek_jax.sampling.loop import (Generation, Knobs, Settings, constrain_cache, fold_keys,
+                                        pick, step_models)
+from deepseek_jax.sampling.speculative import speculative_loop
 
 PROMPT_BUCKET = 8  # prompt widths are rounded up to a multiple of this (fewer recompiles)
-
-
-class Generation(NamedTuple):
-    """What `generate` returns (device arrays).
-
-    tokens: [B, N] int32 generated ids (prompt not included), `pad_id` after each row's end.
-    logprobs: [B, N] fp32 log-prob of each generated token (see the module docstring), 0 after
-      the end.
-    lengths: [B] int32 tokens generated per row, EOS included.
-    prompt_lengths: [B] int32 prompt tokens per row.
-    steps: [] int32 model passes after the prefill (decode steps, or verify steps when
-      speculative).
-    drafted: [B] int32 MTP drafts that could have become tokens (0 unless speculative).
-    accepted: [B] int32 drafts accepted.
-    """
-    tokens: jax.Array
-    logprobs: jax.Array
-    lengths: jax.Array
-    prompt_lengths: jax.Array
-    steps: jax.Array
-    drafted: jax.Array
-    accepted: jax.Array
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted drafts over drafted ones, over all rows (nan when nothing was drafted)."""
-        drafted = int(np.sum(np.asarray(self.drafted)))
-        return float(np.sum(np.asarray(self.accepted))) / drafted if drafted else float("nan")
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The static (compile-time) part of a generate call; everything else is a runtime value
-    (temperature, top-k, top-p, EOS and pad ids), so changing those does not recompile."""
-    max_new_tokens: int
-    speculative: bool
-    cache_len: int
-    cache_kind: str
-
-
-class Knobs(NamedTuple):
-    """Sampling settings as traced scalars: temperature (0 = greedy), top_k (0 = off), top_p
-    (1 = off)."""
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -220,33 +173,6 @@ def _check(config, lengths, width, max_new_tokens, temperature, top_k, top_p, eo
 
 # --- the compiled loops -------------------------------------------------------------------------
 
-def step_models(config: ModelConfig, kind: str) -> tuple[Transformer, Transformer]:
-    """(prefill model, decode-step model): decode steps use absorbed MLA over the latent cache."""
-    step = config.replace(attention_impl="absorbed") if kind == "latent" else config
-    return Transformer(config), Transformer(step)
-
-
-def constrain_cache(cache: dict) -> dict:
-    """Logical sharding constraints on a cache (no-op outside a mesh with rules)."""
-    return jax.tree.map(lambda a, names: nn.with_logical_constraint(a, names), cache,
-                        cache_logical_axes(cache))
-
-
-def fold_keys(keys: jax.Array, *data) -> jax.Array:
-    """keys [B] with each of `data` (ints or int scalars) folded in, in order."""
-    def one(key):
-        for d in data:
-            key = jax.random.fold_in(key, d)
-        return key
-    return jax.vmap(one)(keys)
-
-
-def pick(logits, keys, knobs: Knobs):
-    """(tokens [B], log-probs [B]) for logits [B, V]."""
-    tokens = choose(logits, keys, knobs.temperature, knobs.top_k, knobs.top_p)
-    return tokens, token_logprobs(logits, tokens, knobs.temperature)
-
-
 def _plain(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id, *,
            config: ModelConfig, s: Settings) -> Generation:
     """Prefill, then one token per row per step."""
@@ -288,11 +214,7 @@ def _plain(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id, *,
 @functools.lru_cache(maxsize=32)
 def compiled(config: ModelConfig, s: Settings):
     """The jitted run for these static settings (cached, so repeated calls do not retrace)."""
-    if s.speculative:
-        from deepseek_jax.sampling.speculative import speculative_loop
-        fn = speculative_loop
-    else:
-        fn = _plain
+    fn = speculative_loop if s.speculative else _plain
     return jax.jit(functools.partial(fn, config=config, s=s))
 
 

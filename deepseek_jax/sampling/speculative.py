@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.mtp import shift_left
 from deepseek_jax.sampling.cache import init_cache
-from deepseek_jax.sampling.generate import (Generation, Knobs, Settings, step_models,
-                                            constrain_cache, fold_keys, pick)
+from deepseek_jax.sampling.loop import (Generation, Knobs, Settings, constrain_cache, fold_keys,
+                                        pick, step_models)
 from deepseek_jax.sampling.sample import (choose, sampling_probs, speculative_accept,
                                           token_logprobs)
 
