@@ -110,6 +110,12 @@ def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool
         "losses": losses, "finite": bool(np.all(np.isfinite(losses))),
         "moe_backend": config.moe_backend, "fp8": config.fp8,
     }
+    try:    # what "auto" became on this device (informative only)
+        from deepseek_jax.kernels import fp8 as fp8_kernels, grouped_gemm
+        row["moe_backend_resolved"] = grouped_gemm.default_backend(fp8=config.fp8)
+        row["fp8_backend_resolved"] = fp8_kernels._resolve_backend("auto")
+    except Exception:  # noqa: BLE001
+        pass
     try:
         stats = jax.devices()[0].memory_stats() or {}
         row["peak_memory_gb"] = stats.get("peak_bytes_in_use", 0) / 1e9 or None
