@@ -44,7 +44,6 @@ so the ratio is the memory traffic ratio plus what XLA makes of it), quantized c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import statistics
@@ -224,7 +223,8 @@ def bench_shape(m, n, k, *, ours_backend, timer, sweep, use_torch, errors) -> Ro
         t = cell(name, lambda: timer(ours_fn, x_q, x_s, w_q, w_s))
         if t is not None and (best is None or t[0] < best[0]):
             shown = cfg or fp8_gpu.default_config(m, n)
-            best = (t[0], np.asarray(sample_rows(t[1]), np.float32), f"{shown.tile_n}{shown.wg_dim}{shown.stages}")
+            best = (t[0], np.asarray(sample_rows(t[1]), np.float32),
+                    f"{shown.tile_n}{shown.wg_dim}{shown.stages}")
     if best is not None:
         row.ours, row.config = tflops(best[0]), best[2]
         if ref_out is not None:

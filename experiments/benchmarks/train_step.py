@@ -36,7 +36,6 @@ No ml_collections / grain / tfds imports: the GPU host does not have them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import shutil
