@@ -36,8 +36,10 @@ expert's per-sequence capacity (`parallel.expert.capacity_keep`) get weight zero
 
 fp8 (`config.fp8`; both dispatch functions take `fp8=`): the expert projections run with
 DeepSeek's fp8 numerics. The dense path vmaps `kernels.fp8_linear.fp8_dot` (real block-scaled
-fp8 GEMMs: Fprop, Dgrad, Wgrad) over the experts. The ragged path calls
-`kernels.fp8_linear.fp8_ragged_dot`, an EMULATION of an fp8 grouped GEMM: the sorted rows are
+fp8 GEMMs: Fprop, Dgrad, Wgrad) over the experts (`config.fp8_backend` names their kernels).
+The ragged path calls `gmm(..., fp8=True)`: on Hopper (`moe_backend` "auto" or "mosaic_gpu") a
+block-scaled fp8 grouped GEMM in DeepGEMM's contiguous layout; elsewhere
+`kernels.fp8_linear.fp8_ragged_dot`, an EMULATION with the same numerics: the sorted rows are
 quantized in 1×128 tiles, every expert's weight in 128×128 blocks, and `ragged_dot` runs on the
 dequantized values with fp32 accumulation (at fp32 speed); its backward quantizes the same way
 (wgrad tiles along the tokens restart at each expert's first row). See
@@ -226,7 +228,8 @@ def update_routing_bias(bias, load, rate: float):
 # --- dispatch ------------------------------------------------------------------------------------
 
 def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
-                   w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False) -> jax.Array:
+                   w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False,
+                   fp8_backend: str = "auto") -> jax.Array:
     """Routed experts, reference path: every expert runs on every token (E/X times the FLOPs).
 
     Args:
@@ -237,6 +240,7 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax
       w_down: [E, F, D].
       dtype: compute dtype.
       fp8: run the three expert projections as fp8 GEMMs (`fp8_dot` per expert, vmapped).
+      fp8_backend: their GEMM backend (`kernels.fp8`).
 
     Returns:
       Σ_k weights_k · SwiGLU_{idx_k}(x), [..., D] in `dtype`.
@@ -246,7 +250,7 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax
                          weights)                                          # [..., E]
     if fp8:
         x = x.astype(dtype)
-        per_expert = lambda h, w: fp8_dot(h, w, out_dtype=dtype)           # [..., F|D]
+        per_expert = lambda h, w: fp8_dot(h, w, out_dtype=dtype, backend=fp8_backend)  # [..., F|D]
         up_proj = jax.vmap(per_expert, in_axes=(None, 0), out_axes=-2)
         gate_ = up_proj(x, w_gate)                                         # [..., E, F]
         up = up_proj(x, w_up)                                              # [..., E, F]
@@ -357,7 +361,8 @@ class MoE(nn.Module):
                 y = ragged_dispatch(x, w_kept, idx, w_gate, w_up, w_down, c.dtype, c.fp8,
                                     backend=c.moe_backend)                    # [B, T, D]
             else:
-                y = dense_dispatch(x, w_kept, idx, w_gate, w_up, w_down, c.dtype, c.fp8)
+                y = dense_dispatch(x, w_kept, idx, w_gate, w_up, w_down, c.dtype, c.fp8,
+                                   c.fp8_backend)
             load = expert_load(idx, E, token_mask)                            # [E]
         if shared is not None:
             y = y + shared                                                    # [B, T, D]
