@@ -1,11 +1,18 @@
-"""Test set-up: CPU with 8 fake devices (set before JAX is imported), shared tiny fixtures."""
+"""Test set-up: CPU with 8 fake devices (set before JAX is imported), one compile cache for every
+process of a run, heaviest files first, shared tiny fixtures."""
 
 import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the test workers and every process they start (entrypoint
+# runs, notebooks): the same tiny train step is compiled by several processes, and only the first
+# should pay. It lives in the checkout (git-ignored), so a fresh clone starts cold.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "xla"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -51,3 +58,29 @@ def hopper_sm_count(monkeypatch):
     """
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
     monkeypatch.setattr(trd, "jax", _HopperLikeJax())
+
+
+# Measured wall time of each file on two cores, in seconds (the `--durations` table of `make
+# test` shows where time goes; refresh these when a file's cost changes). Heaviest files are
+# collected first, so that under `--dist loadfile --no-loadscope-reorder` they start at once on
+# separate workers instead of last; files not listed keep their order after them.
+FILE_SECONDS = {
+    "experiments/test_pretrain.py": 270,
+    "notebooks/test_notebooks.py": 210,
+    "experiments/test_grpo.py": 240,
+    "parallel/test_sharded_parity.py": 180,
+    "experiments/test_first_run.py": 120,
+    "rl/test_grpo_data_parallel.py": 90,
+    "tools/test_plan.py": 90,
+    "parallel/test_expert.py": 60,
+    "checkpoint/test_hf_loading.py": 50,
+    "model/test_transformer.py": 50,
+    "kernels/test_fp8_linear.py": 45,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    def seconds(item):
+        path = os.path.relpath(str(item.path), os.path.join(ROOT, "tests")).replace(os.sep, "/")
+        return FILE_SECONDS.get(path, 0)
+    items.sort(key=lambda item: -seconds(item))        # stable: file order kept within ties

@@ -11,8 +11,8 @@ from flax.core.meta import unbox
 
 from deepseek_jax.model import init_variables
 from deepseek_jax.train.checkpoint import load_model_config, load_trained
-from experiments import grpo
-from experiments.configs.grpo import get_config
+from deepseek_jax.configs.grpo import get_config
+from deepseek_jax.trainers import grpo
 
 
 def test_tiny_grpo_run(tmp_path):

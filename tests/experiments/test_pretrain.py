@@ -13,8 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import pretrain
-from experiments.configs.pretrain import get_config
+from deepseek_jax.configs.pretrain import get_config
+from deepseek_jax.trainers import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "pretrain.py")
@@ -63,7 +63,10 @@ def test_rerun_of_finished_run_resumes_and_does_nothing(reference):
 
 
 def _launch(workdir, *overrides, env_extra=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env_extra or {})}
+    # Like the in-process tests (conftest): XLA's slow optimizations off, so subprocess and
+    # in-process runs compile the same programs; the compile cache conftest names is shared.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "experiments.pretrain", f"--config={CONFIG}:tiny",
            f"--workdir={workdir}", "--config.train.steps=12", "--config.train.checkpoint_every=4",
            "--config.train.eval_every=6", *overrides]
@@ -71,15 +74,26 @@ def _launch(workdir, *overrides, env_extra=None):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_step(workdir, step, proc, timeout=240):
+def _logged(workdir, step):
+    return os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(
+        _losses(workdir) or [0]) >= step
+
+
+def _checkpointed(workdir, step):
+    """Orbax renames a checkpoint's temporary folder to its step number once it is complete."""
+    return os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+
+def _wait_for(event, proc, timeout=240):
+    """Polls every 10 ms for something the run writes, so the signal lands with at least the
+    run's remaining steps to spare (here ≥ 8 steps, ~0.3 s each, plus two saves and an eval)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(
-                _losses(workdir) or [0]) >= step:
+        if event():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early:\n{proc.stdout.read()}")
-        time.sleep(0.2)
+            raise AssertionError(f"run ended before the event:\n{proc.stdout.read()}")
+        time.sleep(0.01)
     raise AssertionError("timed out")
 
 
@@ -100,10 +114,10 @@ def test_kill_9_then_rerun_gives_identical_losses(process_reference, tmp_path):
     want = process_reference
     workdir = str(tmp_path)
     proc = _launch(workdir)
-    _wait_for_step(workdir, 6, proc)
+    _wait_for(lambda: _checkpointed(workdir, 4), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it was killed"
     rerun = _launch(workdir)
     out = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, out
@@ -117,33 +131,48 @@ def test_kill_9_then_rerun_gives_identical_losses(process_reference, tmp_path):
 def test_sigterm_saves_and_exits_zero(tmp_path):
     workdir = str(tmp_path)
     proc = _launch(workdir)
-    _wait_for_step(workdir, 2, proc)
+    _wait_for(lambda: _logged(workdir, 2), proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
+    assert "stopped by signal at step " in out, out
     stopped_at = int(out.split("stopped by signal at step ")[1].split(";")[0])
     assert 2 <= stopped_at < 12
     steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
     assert max(steps) == stopped_at                  # saved at the step it stopped, not before
 
 
-def test_restore_onto_another_preset(reference, tmp_path):
-    """Saved under `dp` on 1 device, resumed under `fsdp` on 8: the run continues and its losses
-    match the uninterrupted run (fp32 reductions in another order: 1e-5 relative)."""
-    _, want = reference
+def test_restore_onto_another_preset(process_reference, tmp_path):
+    """Saved under `dp` on 1 device, resumed under `fsdp` on 8: the run continues from the saved
+    state. Compared with the uninterrupted 1-device process run:
+
+    - up to the step it stopped at, the losses are that run's exactly (same process set-up);
+    - the first step after the restore starts from the same parameters and data, so its loss
+      differs only by summation order: a mean of positive per-token terms over B·T = 256 tokens
+      and V = 64 logits each, at most 2·γ(320) ≈ 3.8e-5 relative;
+    - later steps follow an AdamW update computed in another order, which moves entries with
+      near-zero gradients by up to 2·lr and can flip a near-tied routing choice, so no bound is
+      derivable for them: they are checked to be logged once, finite, and still learning.
+    """
+    want = process_reference
     workdir = str(tmp_path)
     first = _launch(workdir)                           # a 1-device process, stopped by SIGTERM
-    _wait_for_step(workdir, 4, first)
+    _wait_for(lambda: _checkpointed(workdir, 4), first)
     first.send_signal(signal.SIGTERM)
     out = first.communicate(timeout=120)[0]
-    assert first.returncode == 0, out
+    assert first.returncode == 0 and "stopped by signal" in out, out
+    stopped_at = int(out.split("stopped by signal at step ")[1].split(";")[0])
+    assert 4 <= stopped_at < 12
     c2 = _tiny(steps=12, checkpoint_every=4, eval_every=6)
     c2.mesh.preset = "fsdp"
     pretrain.train_and_evaluate(c2, workdir)
     got = _losses(workdir)
     assert sorted(got) == list(range(1, 13))
-    for step in range(1, 13):
-        np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
+    for step in range(1, stopped_at + 1):
+        assert got[step] == want[step], (step, got[step], want[step])
+    np.testing.assert_allclose(got[stopped_at + 1], want[stopped_at + 1],
+                               rtol=2 * 320 * 2.0 ** -24 / (1 - 320 * 2.0 ** -24))
+    assert all(np.isfinite(got[s]) for s in got) and got[12] < got[1]
 
 
 def test_non_finite_loss_stops_without_saving_it(tmp_path):
