@@ -40,7 +40,7 @@ from ml_collections import config_flags
 
 from deepseek_jax.configs import grpo as grpo_configs
 from deepseek_jax.configs import pretrain as pretrain_configs
-from deepseek_jax.rl import rewards
+from deepseek_jax.data import r1
 from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.trainers import grpo, pretrain
 
@@ -86,7 +86,7 @@ def main(argv):
 def estimate_share(result: dict) -> float:
     """Share of held-out completions whose think block is an estimate ("about 70")."""
     texts = result.get("completions") or []
-    return sum(t.strip().startswith(rewards.ESTIMATE_WORD) for t in texts) / max(len(texts), 1)
+    return sum(t.strip().startswith(r1.ESTIMATE_WORD) for t in texts) / max(len(texts), 1)
 
 
 if __name__ == "__main__":

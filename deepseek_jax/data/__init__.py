@@ -14,8 +14,8 @@ Public API (the Grain/TFDS parts are imported on first use, so `deepseek_jax.dat
         valid: float32 [B, T]}; `get_state()`/`set_state()` resume exactly.
     make_eval_iterator(source, *, seq_len, global_batch_size, ..., num_batches=None)
         Finite, unshuffled batches of the same layout.
-    make_train_iterator(config.data, data_dir, *, seed=None, ...)
-    make_eval_iterator(config.data, data_dir, *, num_batches=None, ...)
+    train_iterator(config.data, data_dir, *, seed=None, ...)
+    eval_iterator(config.data, data_dir, *, num_batches=None, ...)
         The same from a run config's data section (fields in run_config.py): the dataset is
         built under data_dir first; training reads "train", evaluation "validation".
     vocab_size(tokenizer="") -> int
@@ -49,6 +49,7 @@ _LAZY = {
     "build_dataset": "builders", "data_source": "builders", "make_builder": "builders",
     "make_train_iterator": "pipeline", "make_eval_iterator": "pipeline",
     "Encoder": "encoding", "vocab_size": "run_config",
+    "train_iterator": "run_config", "eval_iterator": "run_config",
     "pack_documents": "packing", "PackIterDataset": "packing",
     "arithmetic_problem": "tasks", "countdown_problem": "tasks", "solve_countdown": "tasks",
     "evaluate_expression": "tasks", "check_countdown": "tasks", "generate_splits": "tasks",

@@ -111,24 +111,6 @@ def shard_range(num_examples: int, options: grain.sharding.ShardOptions) -> tupl
     return start, end
 
 
-def _from_config(source, data_dir, seq_len, global_batch_size, tokenizer, tokenizer_path) -> bool:
-    """True for the config call form; checks that each form got the arguments it needs."""
-    from deepseek_jax.data import run_config
-    if run_config.is_data_config(source):
-        given = [n for n, v in (("seq_len", seq_len), ("global_batch_size", global_batch_size),
-                                ("tokenizer", tokenizer), ("tokenizer_path", tokenizer_path))
-                 if v is not None]
-        if given:
-            raise ValueError(f"with a data config, {given} come from the config; drop them or "
-                             "pass a source instead")
-        return True
-    if data_dir is not None:
-        raise ValueError("data_dir goes with a data config; with a source, pass the source alone")
-    if seq_len is None or global_batch_size is None:
-        raise ValueError("seq_len and global_batch_size are required with a source")
-    return False
-
-
 def _check_source(source) -> int:
     try:
         n = len(source)
@@ -140,28 +122,23 @@ def _check_source(source) -> int:
     return n
 
 
-def make_train_iterator(source: Sequence[Any], data_dir: str | None = None, *,
-                        seq_len: int | None = None, global_batch_size: int | None = None,
-                        seed: int | None = None, tokenizer: Encoder | None = None,
+def make_train_iterator(source: Sequence[Any], *, seq_len: int, global_batch_size: int,
+                        seed: int = 0, tokenizer: Encoder | None = None,
                         tokenizer_path: str | None = None, text_field: str = "text",
                         shard_options: grain.sharding.ShardOptions | None = None,
                         num_epochs: int | None = None, read_threads: int = 2,
                         worker_count: int = 0) -> grain.DatasetIterator:
     """Checkpointable iterator of packed training batches (module docstring has the layout).
 
-    Two call forms: `make_train_iterator(source, seq_len=…, global_batch_size=…, seed=…)`, or
-    `make_train_iterator(config.data, data_dir, seed=…)` with a run config's data section, which
-    builds the dataset under `data_dir` and takes the rest from the config (run_config.py).
+    A run config's data section goes through `run_config.train_iterator` instead, which builds
+    the dataset and calls this with the config's values.
 
     Args:
-        source: random-access documents (a TFDS `data_source` split, a list of strings, …), or a
-            run config's data section.
-        data_dir: only with a config: where the array_record files are (built if missing).
-        seq_len: tokens per row, T (>= 2); required with a source.
+        source: random-access documents (a TFDS `data_source` split, a list of strings, …).
+        seq_len: tokens per row, T (>= 2).
         global_batch_size: rows per step over all processes; each process yields B = this /
-            process count rows; required with a source.
-        seed: the shuffle seed (0 <= seed < 2**32, default 0, or the config's shuffle_seed); the
-            same seed gives the same batches.
+            process count rows.
+        seed: the shuffle seed (0 <= seed < 2**32); the same seed gives the same batches.
         tokenizer: an `Encoder`; default the byte tokenizer.
         tokenizer_path: shorthand for `tokenizer=Encoder(tokenizer_path)` (HF tokenizer.json).
         text_field: the field of dict elements that holds the text.
@@ -174,12 +151,6 @@ def make_train_iterator(source: Sequence[Any], data_dir: str | None = None, *,
         a `grain.DatasetIterator` of dicts `tokens`/`segment_ids`/`positions` (int32 [B, T]) and
         `valid` (float32 [B, T]).
     """
-    if _from_config(source, data_dir, seq_len, global_batch_size, tokenizer, tokenizer_path):
-        from deepseek_jax.data import run_config
-        return run_config.train_iterator(source, data_dir, seed=seed, shard_options=shard_options,
-                                         num_epochs=num_epochs, read_threads=read_threads,
-                                         worker_count=worker_count)
-    seed = 0 if seed is None else seed
     packing.check_seq_len(seq_len)
     num = _check_source(source)
     options = _shard_options(shard_options, drop_remainder=True)
@@ -211,8 +182,7 @@ def _allow_unparsed_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def make_eval_iterator(source: Sequence[Any], data_dir: str | None = None, *,
-                       seq_len: int | None = None, global_batch_size: int | None = None,
+def make_eval_iterator(source: Sequence[Any], *, seq_len: int, global_batch_size: int,
                        tokenizer: Encoder | None = None, tokenizer_path: str | None = None,
                        text_field: str = "text",
                        shard_options: grain.sharding.ShardOptions | None = None,
@@ -220,8 +190,9 @@ def make_eval_iterator(source: Sequence[Any], data_dir: str | None = None, *,
     """Finite, deterministic, unshuffled batches over a held-out split; call it per evaluation.
 
     Args:
-        source, data_dir, seq_len, global_batch_size, tokenizer, tokenizer_path, text_field: as
-            for `make_train_iterator`; a run config's data section reads split "validation".
+        source, seq_len, global_batch_size, tokenizer, tokenizer_path, text_field: as for
+            `make_train_iterator` (`run_config.eval_iterator` reads a run config's split
+            "validation").
         shard_options: default one shard per JAX process, covering every example.
         num_batches: yield exactly this many batches (padding with empty batches when the data
             ends first); None stops after the last (padded) batch of this process's shard.
@@ -229,10 +200,6 @@ def make_eval_iterator(source: Sequence[Any], data_dir: str | None = None, *,
     Yields:
         dicts like the training batches; padding rows have every mask 0.
     """
-    if _from_config(source, data_dir, seq_len, global_batch_size, tokenizer, tokenizer_path):
-        from deepseek_jax.data import run_config
-        return run_config.eval_iterator(source, data_dir, shard_options=shard_options,
-                                        num_batches=num_batches)
     packing.check_seq_len(seq_len)
     num = _check_source(source)
     options = _shard_options(shard_options, drop_remainder=False)

@@ -27,10 +27,10 @@
     global_batch   rows per step over all processes
     shuffle_seed   the shuffle seed, unless the caller passes seed=
 
-`pipeline.make_train_iterator(config.data, data_dir, seed=...)` and
-`pipeline.make_eval_iterator(config.data, data_dir, num_batches=...)` land here: the dataset is
-built under `data_dir` (idempotent, so every call after the first only opens the records), the
-training iterator reads split "train" and the eval iterator split "validation".
+`train_iterator(config.data, data_dir, seed=...)` and
+`eval_iterator(config.data, data_dir, num_batches=...)` build the dataset under `data_dir`
+(idempotent, so every call after the first only opens the records) and call the pipeline's
+iterators with the config's values: training reads split "train", evaluation "validation".
 
 Left out: remote paths (gs://…) for text_files; copy the corpus to local disk first.
 """
@@ -39,16 +39,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepseek_jax.data import builders, pipeline
+from deepseek_jax.data import builders, pipeline, r1
 from deepseek_jax.data.encoding import Encoder
-
-
-def is_data_config(obj: Any) -> bool:
-    """Whether `obj` looks like a run config's data section (has `dataset` and `seq_len`)."""
-    try:
-        return hasattr(obj, "dataset") and hasattr(obj, "seq_len")
-    except Exception:  # an exotic source whose attribute access raises
-        return False
 
 
 def _get(cfg, name: str, default: Any = None) -> Any:
@@ -106,9 +98,8 @@ def _source(cfg, data_dir, split: str):
     fmt = _get(cfg, "format", "text")
     if fmt == "text":
         return source
-    from deepseek_jax.rl import rewards           # the R1 templates live with the rewards
-    if fmt not in rewards.TEMPLATES or cfg.dataset == "text_files":
-        raise ValueError(f"data.format={fmt!r}: use 'text', or one of {sorted(rewards.TEMPLATES)} "
+    if fmt not in r1.TEMPLATES or cfg.dataset == "text_files":
+        raise ValueError(f"data.format={fmt!r}: use 'text', or one of {sorted(r1.TEMPLATES)} "
                          "with the arithmetic or countdown dataset")
     worked = float(_get(cfg, "worked_fraction", 0.0))
     plain = float(_get(cfg, "plain_fraction", 0.0))
@@ -119,10 +110,10 @@ def _source(cfg, data_dir, split: str):
             raise ValueError(f"data.{name}={share}; use a share between 0 and 1")
 
     def render(record):
-        problem = rewards.problem_from_record(record)
-        if rewards.worked_for(problem, plain, salt="plain"):
+        problem = r1.problem_from_record(record)
+        if r1.chosen(problem, plain, salt="plain"):
             return problem["text"]                    # the bare line, e.g. "43+27=70\n"
-        return rewards.sft_text(problem, fmt, worked, estimated)
+        return r1.sft_text(problem, fmt, worked, estimated)
     return FormattedSource(source, render)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from deepseek_jax.data import tokenizer
 from deepseek_jax.data.encoding import Encoder
+from deepseek_jax.data import r1
 from deepseek_jax.rl import rewards
 
 BYTES = Encoder(None, add_bos=True)     # the default: byte tokenizer, prompts start with BOS
@@ -24,7 +25,7 @@ BYTES = Encoder(None, add_bos=True)     # the default: byte tokenizer, prompts s
 def encode_prompts(problems: Sequence[dict[str, Any]], template: str,
                    encoder: Encoder = BYTES) -> list[list[int]]:
     """Template-wrapped prompts as ids (an HF model needs its own tokenizer.json's `Encoder`)."""
-    return [encoder.encode_prompt(rewards.make_prompt(p, template)) for p in problems]
+    return [encoder.encode_prompt(r1.make_prompt(p, template)) for p in problems]
 
 
 def completion_ids(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:

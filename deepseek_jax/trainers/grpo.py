@@ -43,10 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import parallel
-from deepseek_jax.data import run_config
+from deepseek_jax.data import r1, run_config
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import advantages as adv_lib
-from deepseek_jax.rl import rewards, rollout
+from deepseek_jax.rl import rollout
 from deepseek_jax.rl.evaluate import evaluate
 from deepseek_jax.rl.step import grpo_step, target_logprobs
 from deepseek_jax.sampling import generate
@@ -59,7 +59,7 @@ from deepseek_jax.configs.pretrain import to_model_config
 
 
 def _problems(source, indices):
-    return [rewards.problem_from_record(source[int(i)]) for i in indices]
+    return [r1.problem_from_record(source[int(i)]) for i in indices]
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

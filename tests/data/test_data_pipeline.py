@@ -233,26 +233,23 @@ def test_run_config_call_form(tmp_path):
     cfg = ml_collections.ConfigDict(dict(
         dataset="countdown", data_dir="", num_train=30, num_eval=6, text_glob="",
         text_field="text", tokenizer="", seq_len=24, global_batch=2, shuffle_seed=4))
-    it = data.make_train_iterator(cfg, str(tmp_path), seed=None, shard_options=ONE,
-                                  read_threads=0)
+    it = data.train_iterator(cfg, str(tmp_path), seed=None, shard_options=ONE, read_threads=0)
     first = take(it, 2)
     assert first[0]["tokens"].shape == (2, 24)
-    again = data.make_train_iterator(cfg, str(tmp_path), shard_options=ONE, read_threads=0)
+    again = data.train_iterator(cfg, str(tmp_path), shard_options=ONE, read_threads=0)
     again.set_state(json.loads(json.dumps(it.get_state())))
     assert_same(take(again, 2), take(it, 2))
-    evals = list(data.make_eval_iterator(cfg, str(tmp_path), shard_options=ONE, num_batches=3))
+    evals = list(data.eval_iterator(cfg, str(tmp_path), shard_options=ONE, num_batches=3))
     assert len(evals) == 3 and evals[0]["valid"].sum() > 0
     texts = tokenizer.decode(evals[0]["tokens"][0], stop_at_eos=False)
     assert texts.startswith("numbers ")
     assert data.vocab_size("") == tokenizer.VOCAB_SIZE
-    with pytest.raises(ValueError, match="come from the config"):
-        data.make_train_iterator(cfg, str(tmp_path), seq_len=8)
+    with pytest.raises(TypeError, match="seq_len"):       # the config sets it
+        data.train_iterator(cfg, str(tmp_path), seq_len=8)
     with pytest.raises(ValueError, match="text_glob"):
-        data.make_train_iterator(ml_collections.ConfigDict({**cfg.to_dict(),
-                                                            "dataset": "text_files"}), tmp_path)
-    with pytest.raises(ValueError, match="data_dir goes with a data config"):
-        train(data_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="required with a source"):
+        data.train_iterator(ml_collections.ConfigDict({**cfg.to_dict(),
+                                                       "dataset": "text_files"}), tmp_path)
+    with pytest.raises(TypeError, match="seq_len"):       # a source needs its sizes
         pipeline.make_train_iterator(DOCS)
 
 
@@ -283,13 +280,14 @@ def test_r1_documents_mix_plain_lines_and_worked_solutions(tmp_path):
 
 def test_r1_documents_with_estimates(tmp_path):
     from deepseek_jax.data import run_config
+    from deepseek_jax.data import r1
     from deepseek_jax.rl import rewards
     cfg = _r1_arithmetic(estimate_fraction=0.75)
     docs = run_config._source(cfg, str(tmp_path), "train")
     source = run_config.task_source(cfg, str(tmp_path), "train")
     estimated = 0
     for i in range(len(docs)):
-        problem, text = rewards.problem_from_record(source[i]), docs[i]
+        problem, text = r1.problem_from_record(source[i]), docs[i]
         a, b = problem["numbers"]
         if " about " in text:
             estimated += 1

@@ -8,6 +8,7 @@ import pytest
 from deepseek_jax.data import tasks
 from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import loss as loss_lib
+from deepseek_jax.data import r1
 from deepseek_jax.rl import rewards
 
 
@@ -157,41 +158,41 @@ def test_arithmetic_reward():
 def test_prompts_and_target_completion_score_full_marks():
     rng = np.random.default_rng(0)
     for problem in [tasks.countdown_problem(rng) for _ in range(20)] + [CD, AR]:
-        for template in rewards.TEMPLATES:
-            prompt = rewards.make_prompt(problem, template)
-            assert prompt.endswith("<think>") == rewards.prefills_think(template)
-            completion = rewards.target_completion(problem, template=template)
+        for template in r1.TEMPLATES:
+            prompt = r1.make_prompt(problem, template)
+            assert prompt.endswith("<think>") == r1.prefills_think(template)
+            completion = r1.target_completion(problem, template=template)
             s = rewards.score(completion, problem, template=template)
             assert s == {"accuracy": 1.0, "format": 1.0, "total": 2.0}
-    assert rewards.make_prompt(CD).startswith("A conversation between User and Assistant.")
+    assert r1.make_prompt(CD).startswith("A conversation between User and Assistant.")
     with pytest.raises(ValueError, match="template"):
-        rewards.make_prompt(CD, "chatml")
+        r1.make_prompt(CD, "chatml")
 
 
 def test_worked_completions_score_full_marks_and_fraction_holds():
     rng = np.random.default_rng(1)
     problems = [tasks.arithmetic_problem(rng, 2, "+-", 2) for _ in range(2000)]
     for p in problems[:50]:
-        worked = rewards.target_completion(p, worked=True)
-        assert worked != rewards.target_completion(p)
+        worked = r1.target_completion(p, worked=True)
+        assert worked != r1.target_completion(p)
         assert rewards.score(worked, p) == {"accuracy": 1.0, "format": 1.0, "total": 2.0}
     # The hash picks close to the asked share (binomial sd over 2000 draws ≈ 0.01).
-    share = np.mean([rewards.worked_for(p, 0.3) for p in problems])
+    share = np.mean([r1.chosen(p, 0.3) for p in problems])
     assert abs(share - 0.3) < 0.04
-    assert not any(rewards.worked_for(p, 0.0) for p in problems)
-    assert all(rewards.worked_for(p, 1.0) for p in problems)
+    assert not any(r1.chosen(p, 0.0) for p in problems)
+    assert all(r1.chosen(p, 1.0) for p in problems)
     # Countdown has no column arithmetic: the restating think block is kept.
-    assert rewards.target_completion(CD, worked=True) == rewards.target_completion(CD)
+    assert r1.target_completion(CD, worked=True) == r1.target_completion(CD)
 
 
 def test_r1_zero_is_the_papers_template_and_rewards():
     # R1 Table 1: the prompt ends with "Assistant:" and the model opens <think> itself; §2.2.2:
     # accuracy and format rewards, added.
-    prompt = rewards.make_prompt(AR)
+    prompt = r1.make_prompt(AR)
     assert prompt.endswith("User: What is 417+85?. Assistant:")
-    assert rewards.make_prompt(AR, "r1_zero_think") == prompt + " <think>"
-    assert rewards.make_prompt(AR, "compact") == "What is 417+85? <think>"
-    assert not rewards.prefills_think("r1_zero") and rewards.prefills_think("r1_zero_think")
+    assert r1.make_prompt(AR, "r1_zero_think") == prompt + " <think>"
+    assert r1.make_prompt(AR, "compact") == "What is 417+85? <think>"
+    assert not r1.prefills_think("r1_zero") and r1.prefills_think("r1_zero_think")
     opened = " <think> 417+85=502 </think> <answer>502</answer>"
     assert rewards.score(opened, AR) == {"accuracy": 1.0, "format": 1.0, "total": 2.0}
     # Without its own <think> a completion of the paper's prompt is not well formed...
@@ -205,7 +206,7 @@ def test_r1_zero_is_the_papers_template_and_rewards():
 
 def test_sft_text_is_the_same_text_under_both_r1_templates():
     for estimate in (0.0, 1.0):
-        texts = {t: rewards.sft_text(AR, t, estimate_fraction=estimate)
+        texts = {t: r1.sft_text(AR, t, estimate_fraction=estimate)
                  for t in ("r1_zero", "r1_zero_think")}
         assert texts["r1_zero"] == texts["r1_zero_think"]
         assert "Assistant: <think> " in texts["r1_zero"]
