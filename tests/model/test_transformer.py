@@ -9,6 +9,7 @@ import pytest
 
 from deepseek_jax.config import get_config
 from deepseek_jax.model import Transformer, init_variables
+from numerics import assert_leaves_close_in_norm, gradient_rtol
 
 B, T = 2, 12
 
@@ -99,13 +100,18 @@ def default_grad(setup):
                                      dict(remat_policy="full"),
                                      dict(remat_policy="dots_with_no_batch_dims_saveable")])
 def test_equivalent_implementations(setup, default_grad, changes):
-    """Outputs and parameter gradients agree with the default path (fp32: ~1e-6 relative)."""
+    """Outputs and parameter gradients agree with the default path. The paths compute the same
+    sums in other orders or groupings (absorbed attention reassociates the key projection, the
+    dense MoE sums over all experts, remat recomputes), so each gradient leaf is compared in
+    norm at 2·γ(n)·κ (tests/numerics.py): n = B·T = 24 positions, κ ≤ 20, and a further ×D =
+    32 for the reassociated contractions inside each position: ≈ 1.8e-3 against an observed
+    ~1e-6. Entrywise, a near-zero gradient entry carries the absolute rounding of its terms,
+    which the ×3 weights make large, so no entrywise tolerance follows from the math."""
     c, v, tokens, _ = setup
     l1, g1 = default_grad
     l2, g2 = _loss_and_grad(c.replace(**changes), v, tokens)
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert_leaves_close_in_norm(g2, g1, gradient_rtol(B * T * c.d_model, 20.0))
 
 
 def test_packed_segments_do_not_interact(setup):

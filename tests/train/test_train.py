@@ -13,6 +13,7 @@ from deepseek_jax.model import Transformer
 from deepseek_jax.train import losses
 from deepseek_jax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from deepseek_jax.train.step import init_train_state, loss_and_grads, routing_loads, train_step
+from numerics import assert_leaves_close_in_norm, gradient_rtol
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +111,18 @@ def test_gradient_accumulation_matches_full_batch(run):
     acc, m = jax.jit(lambda s, b: train_step(s, b, config=c, tx=tx, microbatches=2))(
         state0, {"tokens": tokens})
     # Parameters after one Adam step are not compared: m/(√v + ε) turns fp32 reordering noise
-    # in a ~1e-9 gradient into a visible fraction of lr. The gradients are compared instead.
-    assert float(m["loss"]) == pytest.approx(float(run[3][0]["loss"]), rel=1e-6)
+    # in a ~1e-9 gradient into a visible fraction of lr (tests/numerics.py). The gradients are
+    # compared instead. The loss is a mean of positive per-token terms over B·T = 64 tokens and
+    # V = 64 logits each: 2·γ(128) ≈ 1.5e-5. Each gradient leaf, in norm: a sum over the 64
+    # tokens with κ ≤ 20 (as in tests/parallel/test_sharded_parity.py): 2·γ(64)·20 ≈ 1.5e-4.
+    loss_rtol = gradient_rtol(4 * 16 + c.vocab_size, 1.0)
+    assert float(m["loss"]) == pytest.approx(float(run[3][0]["loss"]), rel=loss_rtol)
     g1 = jax.jit(lambda p: loss_and_grads(p, state0.routing, {"tokens": tokens}, c, 1))(
         state0.params)
     g2 = jax.jit(lambda p: loss_and_grads(p, state0.routing, {"tokens": tokens}, c, 2))(
         state0.params)
-    np.testing.assert_allclose(float(g1[0]), float(g2[0]), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g1[3]), jax.tree.leaves(g2[3])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(float(g1[0]), float(g2[0]), rtol=loss_rtol)
+    assert_leaves_close_in_norm(g2[3], g1[3], gradient_rtol(4 * 16, 20.0))
+    # Routing from the same parameters: only a top-k tie within forward rounding could differ.
     for a, b in zip(jax.tree.leaves(acc.routing), jax.tree.leaves(first.routing)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
