@@ -1,5 +1,6 @@
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -104,8 +105,19 @@ def test_unknown_variant():
 
 
 def test_dtype_override_gives_fp32_model():
-    c = dataclasses.replace(get_config("v3-671b"), dtype=jnp.float32)
-    assert c.dtype == jnp.float32 and c.param_dtype == jnp.float32
+    """The contract parity checks rely on: replacing `dtype` gives a model whose whole program
+    runs in fp32 (its jaxpr holds no bf16 value), where the bf16 config's does."""
+    from deepseek_jax.model import Transformer, init_variables
+
+    def program(c):
+        v = jax.eval_shape(lambda k: init_variables(k, c), jax.random.key(0))
+        return str(jax.make_jaxpr(
+            lambda v: Transformer(c).apply(v, jnp.zeros((1, 8), jnp.int32)))(v))
+
+    bf16 = get_config("tiny", dtype=jnp.bfloat16)
+    fp32 = dataclasses.replace(bf16, dtype=jnp.float32)
+    assert fp32.param_dtype == jnp.float32
+    assert "bf16" in program(bf16) and "bf16" not in program(fp32)
 
 
 def test_dict_round_trip():
