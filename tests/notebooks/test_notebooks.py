@@ -125,6 +125,50 @@ def test_colab_badge_and_install_cell(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_imports_come_from_packages_that_install(path):
+    """A plain `pip install` (Colab's, not editable) ships the packages setup.cfg finds; every
+    module of the checkout that a notebook imports must be among them."""
+    import ast
+    import configparser
+    import fnmatch
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    include = cfg["options.packages.find"]["include"].split()
+    # What setuptools' find_packages gives: folders with an __init__.py, matched by name.
+    shipped = {".".join(d.relative_to(ROOT).parts) for d in
+               (f.parent for f in ROOT.glob("*/**/__init__.py") if ".venv" not in f.parts)}
+    shipped = {m for m in shipped if any(fnmatch.fnmatchcase(m, pat) for pat in include)}
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code"
+                     and not c.source.lstrip().startswith(("!", "%")))
+    imported = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            imported.add(node.module)
+            imported.update(f"{node.module}.{a.name}" for a in node.names)
+
+    def package_of(name):
+        """The checkout's package that holds module `name` (None: not from the checkout)."""
+        parts = name.split(".")
+        for n in range(len(parts), 0, -1):
+            path = ROOT.joinpath(*parts[:n])
+            if path.is_dir():
+                return ".".join(parts[:n])
+            if path.with_suffix(".py").is_file():
+                return ".".join(parts[:n - 1]) or parts[0]
+        return None
+
+    local = {m: package_of(m) for m in imported if package_of(m)}
+    missing = sorted(m for m, package in local.items() if package not in shipped)
+    assert local and not missing, (
+        f"{path.name} imports {missing}, which an installed deepseek_jax does not ship "
+        "(move it into the package)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_runs_top_to_bottom(path, outside_dir):
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
