@@ -79,8 +79,16 @@ FILE_SECONDS = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the tests in the reverse of the usual order (lightest files and "
+                          "last tests first), to show that no test depends on another's leftovers")
+
+
 def pytest_collection_modifyitems(config, items):
     def seconds(item):
         path = os.path.relpath(str(item.path), os.path.join(ROOT, "tests")).replace(os.sep, "/")
         return FILE_SECONDS.get(path, 0)
     items.sort(key=lambda item: -seconds(item))        # stable: file order kept within ties
+    if config.getoption("--reverse-order"):
+        items.reverse()
