@@ -43,7 +43,7 @@ import jax.numpy as jnp
 SCORE_FUNCS = ("sigmoid", "softmax")
 MOE_IMPLS = ("dense", "ragged")
 # Grouped GEMM backends (kernels/grouped_gemm.py) and expert-parallel transports
-# (parallel/expert.py); tests check that these lists match those modules.
+# (model/dispatch.py); tests check that these lists match those modules.
 FP8_BACKENDS = ("auto", "reference", "mosaic_gpu", "mosaic_tpu", "pallas_interpret",
                 "mosaic_gpu_interpret", "mosaic_tpu_interpret")   # kernels/fp8.py
 MOE_BACKENDS = ("auto", "ragged_dot", "mosaic_gpu", "megablox", "reference",
@@ -179,6 +179,12 @@ def yarn_mscale(factor: float, mscale: float) -> float:
 
 class ConfigError(ValueError):
     """A configuration that cannot be built; the message says what to change."""
+
+
+class MeshError(ConfigError):
+    """A mesh that cannot be built on these devices, or a model that cannot be sharded on it;
+    the message says what to change. (Here, not in `parallel/`, so the model can raise it
+    without importing the parallel package.)"""
 
 
 def validate(c: ModelConfig) -> None:

@@ -6,7 +6,7 @@
 
 where logits[:, i] predicts token t_{i+1} and mtp_logits[k−1, :, i] predicts t_{i+k+1}.
 `variables` holds "params" and, for V3-style routing, "routing" (the per-layer selection bias,
-stacked [L, E] under scan; state updated by `moe.update_routing_bias`, never by the optimizer).
+stacked [L, E] under scan; state updated by `routing.update_routing_bias`, never by the optimizer).
 Apply with `mutable=["moe_stats"]` to also get the per-layer expert loads and sequence-balance
 losses that the train step needs.
 

@@ -11,11 +11,12 @@ Files: `mesh.py` (axes, sizes, multi-slice, jax.distributed), `rules.py` (the ru
 presets, `sharding_context`), `sharding.py` (shardings derived from `jax.eval_shape` of the init,
 `validate`), `step.py` (sharded init and train step).
 
-Expert parallelism (`expert.py`): when the rules split E over a mesh axis larger than 1, the
-MoE layer exchanges tokens with all-to-all inside `shard_map` (dropless, bounded buffer, overflow
-rounds); the axis comes from the same rule table (`expert_axes(rules)`). When the batch is split
-but the experts are not (dp, fsdp, fsdp_tp), each device routes and dispatches only its own tokens
-inside `shard_map`, with no exchange; expert loads are still summed over the batch axes.
+Expert parallelism lives with the model (`model/dispatch.py`): when the rules split E over a
+mesh axis larger than 1, the MoE layer exchanges tokens with all-to-all inside `shard_map`
+(dropless, bounded buffer, overflow rounds); the axis comes from the same rule table
+(`expert_axes(rules)`). When the batch is split but the experts are not (dp, fsdp, fsdp_tp),
+each device routes and dispatches only its own tokens inside `shard_map`, with no exchange;
+expert loads are still summed over the batch axes.
 """
 
 from deepseek_jax.parallel.mesh import (MESH_AXES, MeshError, make_mesh,

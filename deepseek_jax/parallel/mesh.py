@@ -38,14 +38,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from deepseek_jax.config import ConfigError
+from deepseek_jax.config import MeshError
 
 MESH_AXES = ("dcn_data", "data", "fsdp", "expert", "tensor")
 ICI_AXES = MESH_AXES[1:]          # inside one slice
-
-
-class MeshError(ConfigError):
-    """A mesh that cannot be built on these devices; the message says what to change."""
 
 
 def _divisors(n: int) -> str:

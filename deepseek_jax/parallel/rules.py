@@ -25,7 +25,7 @@ uses are the table with every other axis, and every axis of size 1, struck out
 `--config.mesh.fsdp=2` under preset "dp" is an error rather than a silent change of strategy.
 
 Expert parallelism shards E of the expert weights by this table; the MoE layer then runs its
-dispatch explicitly (`parallel/expert.py`: `shard_map` with all-to-all over the expert axis,
+dispatch explicitly (`model/dispatch.py`: `shard_map` with all-to-all over the expert axis,
 read from these rules through `expert.layout_from_context`); the table does not change. With the
 batch split and E not split, the same module dispatches each device's own tokens locally.
 

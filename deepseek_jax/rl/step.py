@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import moe
+from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer
 from deepseek_jax.rl import loss as loss_lib
 from deepseek_jax.train.step import TrainState, routing_loads
@@ -66,7 +66,7 @@ def grpo_step(state: TrainState, batch: dict, *, config: ModelConfig,
     params = optax.apply_updates(state.params, updates)
     routing = state.routing
     if routing:
-        routing = moe.update_routing_bias(routing, routing_loads(stats, routing),
+        routing = update_routing_bias(routing, routing_loads(stats, routing),
                                           config.bias_update_rate)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
     metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])

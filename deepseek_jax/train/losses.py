@@ -3,7 +3,7 @@
   total = LM + λ·MTP + α·Σ_layers L_Bal
 
 LM and each MTP depth are token means over valid targets; MTP averages its K depths (the paper's
-λ/K·Σ_k). The sequence-wise balance loss (moe.sequence_balance_loss) is summed over MoE layers,
+λ/K·Σ_k). The sequence-wise balance loss (routing.sequence_balance_loss) is summed over MoE layers,
 each layer carrying its own L_Bal as in V3 eq. 17. Every function returns fp32 scalars.
 
 Targets: for int tokens [B, T] and a mask `valid` [B, T] (1 = a real token that continues the

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import moe
+from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer, init_variables
 from deepseek_jax.train import losses
 
@@ -156,7 +156,7 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
     if routing:
         loads = routing_loads(stats, routing)
-        routing = moe.update_routing_bias(routing, loads, config.bias_update_rate)
+        routing = update_routing_bias(routing, loads, config.bias_update_rate)
         all_loads = jnp.concatenate([l.reshape(-1, l.shape[-1]) for l in jax.tree.leaves(loads)])
         metrics["load_imbalance"] = jnp.max(jnp.max(all_loads, -1) / jnp.mean(all_loads, -1))
         biases = jnp.concatenate([b.reshape(-1, b.shape[-1]) for b in jax.tree.leaves(routing)])

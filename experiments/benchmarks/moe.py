@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 
 from deepseek_jax.config import get_config  # noqa: E402
 from deepseek_jax.kernels import grouped_gemm as gg  # noqa: E402
-from deepseek_jax.model import moe  # noqa: E402
+from deepseek_jax.model import dispatch, routing  # noqa: E402
 from deepseek_jax.model.layers import swiglu  # noqa: E402
 
 SHAPES = {
@@ -146,8 +146,8 @@ def layer_rows(shape, backends):
 
     def moe_loss(x, router, wg, wu, wdn, backend, fp8=False):
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router)
-        weights, idx, _ = moe.gate(logits, None, c)
-        y = moe.ragged_dispatch(x, weights, idx, wg, wu, wdn, jnp.bfloat16, fp8=fp8,
+        weights, idx, _ = routing.gate(logits, None, c)
+        y = dispatch.ragged_dispatch(x, weights, idx, wg, wu, wdn, jnp.bfloat16, fp8=fp8,
                                 backend=backend)
         return jnp.sum(y.astype(jnp.float32))
 
@@ -206,7 +206,6 @@ def _a2a_bytes(body):
 
 def ep_bytes(batch=16, seq=64, D=256, F=64, E=16, X=4, fsdp=2, expert=4, buffer_factor=2.0):
     from deepseek_jax import parallel as par
-    from deepseek_jax.parallel import expert as ep
     jax.config.update("jax_disable_most_optimizations", True)
     mesh, rules = par.mesh_and_rules("fsdp_ep", {"fsdp": fsdp, "expert": expert})
     k = jax.random.split(jax.random.key(0), 6)
@@ -216,9 +215,9 @@ def ep_bytes(batch=16, seq=64, D=256, F=64, E=16, X=4, fsdp=2, expert=4, buffer_
     ws = [jax.random.normal(k[i], s) * 0.1 for i, s in ((3, (E, D, F)), (4, (E, D, F)),
                                                          (5, (E, F, D)))]
     with par.sharding_context(mesh, rules):
-        layout = ep.layout_from_context(get_config("tiny", n_routed_experts=E,
+        layout = routing.layout_from_context(get_config("tiny", n_routed_experts=E,
                                                    n_experts_per_token=X))
-        f = lambda x, w, *ws: jnp.sum(ep.expert_parallel_moe(
+        f = lambda x, w, *ws: jnp.sum(dispatch.expert_parallel_moe(
             x, w, idx, *ws, layout=layout, dtype=jnp.float32, transport="all_to_all",
             buffer_factor=buffer_factor)[0])
         text = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4))).lower(x, weights, *ws) \
@@ -230,7 +229,7 @@ def ep_bytes(batch=16, seq=64, D=256, F=64, E=16, X=4, fsdp=2, expert=4, buffer_
     per_loop_round = sum(_a2a_bytes(b)[0] for n, b in comps.items() if n in loop_bodies)
     P = expert
     M = batch // (fsdp * expert) * seq * X
-    C = ep.chunk_rows(M, P, buffer_factor)
+    C = dispatch.chunk_rows(M, P, buffer_factor)
     block, ids = P * C * D * 4, P * C * 4                   # one [P, C, D] f32 block, [P, C] int32
     analytic = 4 * block + ids          # round 0: dispatch, return, their two transposes; ids
     # An overflow round: forward loop body (dispatch, return, ids) and backward loop body
@@ -257,6 +256,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU rehearsal)")
     ap.add_argument("--cpu_ep", action="store_true", help="EP all-to-all bytes on 8 CPU devices")
     args = ap.parse_args(argv)
+    from experiments.benchmarks.common import Results, check_imports, device_meta
     if args.cpu_ep:
         out = ep_bytes()
         print(json.dumps(out, indent=1))
@@ -264,7 +264,6 @@ def main(argv=None):
             Results(args.json).set("ep_bytes", out)
         return
 
-    from experiments.benchmarks.common import Results, check_imports, device_meta
     on_gpu = jax.default_backend() == "gpu"
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.smoke:

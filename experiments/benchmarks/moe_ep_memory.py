@@ -15,7 +15,7 @@ among them) are reused by every layer. Two compiles (`--layers 4,5`) measure the
 one (`--layers 4`) takes it from the state's shard shapes (parameters, moments, fp32 gradients,
 one saved layer input). On a shared 2-core host one compile takes about 17 minutes.
 
-The EP exchange is the bounded one (`parallel/expert.py`): a receive buffer of
+The EP exchange is the bounded one (`model/dispatch.py`): a receive buffer of
 moe_ep_buffer_factor × the balanced load per round, overflow rounds for skewed routing; it never
 sizes a buffer for every token landing on one chip (MaxText's dropless EP64 does, and that
 needs 99.9 GiB of temporaries on this topology against 95.7 GiB of HBM).

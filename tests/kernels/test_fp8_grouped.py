@@ -18,7 +18,6 @@ On hardware (the `hardware` test) Hopper's fp8 wgmma keeps ~14 bits inside a 128
 §3.3.2), ~1e-4 relative per block: calc_diff against the emulation is then ~1e-8; we allow 1e-6.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -33,7 +33,7 @@ from deepseek_jax.config import get_config
 from deepseek_jax.kernels import fp8
 from deepseek_jax.kernels import fp8_linear
 from deepseek_jax.kernels.fp8_linear import fp8_dot, fp8_einsum, fp8_ragged_dot
-from deepseek_jax.model import Transformer, init_variables, layers, moe
+from deepseek_jax.model import Transformer, dispatch, init_variables, layers, routing
 
 
 def calc_diff(x, y) -> float:
@@ -226,14 +226,14 @@ def test_dense_and_ragged_dispatch_agree_in_fp8(tiny):
     E, D, F = tiny.n_routed_experts, tiny.d_model, tiny.moe_d_ff
     x = normal(0, (2, 12, D))
     logits = normal(1, (2, 12, E))
-    weights, idx, _ = moe.gate(logits, None, tiny)
+    weights, idx, _ = routing.gate(logits, None, tiny)
     w = [normal(2, (E, D, F)) * 0.2, normal(3, (E, D, F)) * 0.2, normal(4, (E, F, D)) * 0.2]
 
     def run(dispatch):
         f = lambda x, *w: jnp.sum(dispatch(x, weights, idx, *w, jnp.float32, fp8=True) ** 2)
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, *w)
 
-    (yd, gd), (yr, gr) = run(moe.dense_dispatch), run(moe.ragged_dispatch)
+    (yd, gd), (yr, gr) = run(dispatch.dense_dispatch), run(dispatch.ragged_dispatch)
     assert abs(float(yd) - float(yr)) < 1e-5 * abs(float(yd))
     assert rel(gr[0], gd[0]) < 1e-5
     for a, b in zip(gd[1:], gr[1:]):

@@ -19,7 +19,7 @@ import pytest
 from deepseek_jax import config as config_mod
 from deepseek_jax.kernels import fp8
 from deepseek_jax.kernels import grouped_gemm as gg
-from deepseek_jax.parallel import expert
+from deepseek_jax.model import dispatch
 
 M, K, N, G = 96, 128, 128, 4
 SIZES = np.array([50, 0, 30, 6], np.int32)      # sum 86 < M: 10 trailing rows in no group
@@ -124,7 +124,7 @@ def test_config_lists_match_modules():
     assert config_mod.FP8_BACKENDS == fp8.BACKENDS
     with pytest.raises(config_mod.ConfigError, match="fp8_backend"):
         config_mod.get_config("tiny", fp8_backend="cublas")
-    assert config_mod.MOE_EP_TRANSPORTS == expert.TRANSPORTS
+    assert config_mod.MOE_EP_TRANSPORTS == dispatch.TRANSPORTS
     with pytest.raises(config_mod.ConfigError, match="moe_backend"):
         config_mod.get_config("tiny", moe_backend="cutlass")
     with pytest.raises(config_mod.ConfigError, match="moe_capacity_factor"):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax.config import get_config
-from deepseek_jax.model import moe
+from deepseek_jax.model import dispatch, moe, routing
 
 # fp32 tolerance for values that go through exp/log (logit -> sigmoid round trip, softmax):
 # a few ulps of numbers of order 1 (fp32 ulp at 1.0 is 1.2e-7).
@@ -27,7 +27,7 @@ _DISPATCH_TOL = 1e-5
 
 
 # Jitted once per config: eager op-by-op dispatch is slower than compiling these tiny graphs.
-_gate = jax.jit(moe.gate, static_argnums=2)
+_gate = jax.jit(routing.gate, static_argnums=2)
 
 
 def _randn(seed, shape):
@@ -186,7 +186,7 @@ def test_gate_gradient_flows_only_through_selected_scores():
     logits = _randn(5, (4, 8))
     bias = jnp.zeros((8,))
     coeffs = jnp.array([1.0, 0.5])             # distinguishes the two slots
-    g = jax.jit(jax.grad(lambda l: (moe.gate(l, bias, c)[0] * coeffs).sum()))(logits)
+    g = jax.jit(jax.grad(lambda l: (routing.gate(l, bias, c)[0] * coeffs).sum()))(logits)
     _, idx, scores = _gate(logits, bias, c)
     # d/dlogit of scale·sigmoid = scale·s(1−s), only at the chosen experts.
     expected = np.zeros((4, 8))
@@ -204,10 +204,10 @@ def test_gate_gradient_flows_only_through_selected_scores():
 def test_expert_load_counts():
     idx = jnp.array([[[0, 3], [3, 1]],
                      [[3, 0], [2, 3]]], jnp.int32)             # [B=2, T=2, X=2]
-    load = moe.expert_load(idx, 5)
+    load = routing.expert_load(idx, 5)
     assert load.dtype == jnp.float32 and load.shape == (5,)
     np.testing.assert_array_equal(np.asarray(load), [2, 1, 1, 4, 0])
-    np.testing.assert_array_equal(np.asarray(jax.jit(moe.expert_load, static_argnums=1)(idx, 5)),
+    np.testing.assert_array_equal(np.asarray(jax.jit(routing.expert_load, static_argnums=1)(idx, 5)),
                                   [2, 1, 1, 4, 0])
 
 
@@ -231,7 +231,7 @@ def test_sequence_balance_loss_matches_numpy():
     c = _config()
     logits = _randn(6, (3, 7, 8))
     _, idx, scores = _gate(logits, jnp.zeros((8,)), c)
-    loss = jax.jit(moe.sequence_balance_loss, static_argnums=2)(scores, idx, 8)
+    loss = jax.jit(routing.sequence_balance_loss, static_argnums=2)(scores, idx, 8)
     assert loss.shape == ()
     # fp32 sums of 7·8 numbers of order 1/8 against a float64 loop: a few ulps.
     np.testing.assert_allclose(float(loss), _np_balance_loss(scores, idx, 8), rtol=1e-6)
@@ -243,13 +243,13 @@ def test_sequence_balance_loss_uniform_is_one():
     # L = Σ_i f_i P_i = 4 · 1 · 1/4 = 1. (In general Σ_i f_i = E, so uniform P gives 1.)
     idx = jnp.array([[[0, 1], [2, 3]]], jnp.int32)            # [B=1, T=2, X=2]
     scores = jnp.full((1, 2, 4), 0.7)
-    np.testing.assert_allclose(float(moe.sequence_balance_loss(scores, idx, 4)), 1.0,
+    np.testing.assert_allclose(float(routing.sequence_balance_loss(scores, idx, 4)), 1.0,
                                rtol=1e-6)                      # fp32 rounding of 1/4 sums
     # Full collapse onto experts {0, 1} with all probability on them: f = [2, 2, 0, 0],
     # P = [1/2, 1/2, 0, 0], L = 2 = E/X, the largest value the loss can take.
     idx = jnp.array([[[0, 1], [0, 1]]], jnp.int32)
     scores = jnp.array([[[0.5, 0.5, 0.0, 0.0]] * 2])
-    np.testing.assert_allclose(float(moe.sequence_balance_loss(scores, idx, 4)), 2.0,
+    np.testing.assert_allclose(float(routing.sequence_balance_loss(scores, idx, 4)), 2.0,
                                rtol=1e-6)
 
 
@@ -257,7 +257,7 @@ def test_update_routing_bias_direction():
     rate = 0.001
     bias = jnp.array([0.1, -0.2, 0.0, 0.05], jnp.float32)
     load = jnp.array([4.0, 1.0, 1.0, 2.0])                     # mean 2
-    new = moe.update_routing_bias(bias, load, rate)
+    new = routing.update_routing_bias(bias, load, rate)
     # overloaded -> down by exactly rate, underloaded -> up, at the mean -> unchanged;
     # "exactly" in fp32: the same single rounding of b ± rate as NumPy fp32 arithmetic gives.
     step = np.array([-1, 1, 1, 0], np.float32)
@@ -271,7 +271,7 @@ def test_update_routing_bias_stacked_and_pytree():
     bias = {"moe_layers": jnp.zeros((2, 3)), "mtp": jnp.zeros((3,))}
     load = {"moe_layers": jnp.array([[6.0, 0.0, 0.0], [1.0, 1.0, 4.0]]),
             "mtp": jnp.array([1.0, 2.0, 3.0])}
-    new = moe.update_routing_bias(bias, load, rate)
+    new = routing.update_routing_bias(bias, load, rate)
     # each [L, E] row is compared with its own mean over E: row 0 mean 2, row 1 mean 2
     np.testing.assert_allclose(np.asarray(new["moe_layers"]),
                                [[-rate, rate, rate], [rate, rate, -rate]], atol=1e-9)
@@ -314,7 +314,7 @@ def test_dispatch_values_and_grads_match(case):
     weights, idx = _routing_cases()[case]
     n = idx.shape[0]
     if case == "skewed":
-        load = np.asarray(moe.expert_load(idx, _E))
+        load = np.asarray(routing.expert_load(idx, _E))
         assert load[1] == load[2] == load[7] == 0 and load.max() > n / 2
     x = _randn(9, (n, _D))
     w_gate, w_up, w_down = _expert_weights(10)
@@ -329,8 +329,8 @@ def test_dispatch_values_and_grads_match(case):
     args = (x, weights, w_gate, w_up, w_down, idx, cot)
     grad = lambda fn: jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=range(5),
                                        has_aux=True))(*args)
-    g_dense, y_dense = grad(moe.dense_dispatch)
-    g_ragged, y_ragged = grad(moe.ragged_dispatch)
+    g_dense, y_dense = grad(dispatch.dense_dispatch)
+    g_ragged, y_ragged = grad(dispatch.ragged_dispatch)
     assert y_ragged.shape == (n, _D) and y_ragged.dtype == jnp.float32
     assert np.isfinite(np.asarray(y_ragged)).all()
     np.testing.assert_allclose(np.asarray(y_ragged), np.asarray(y_dense),
@@ -348,7 +348,7 @@ def test_dense_dispatch_matches_per_token_loop():
     weights, idx = _routing_cases()["skewed"]
     x = _randn(12, (idx.shape[0], _D))
     w_gate, w_up, w_down = _expert_weights(13)
-    y = moe.dense_dispatch(x, weights, idx, w_gate, w_up, w_down, jnp.float32)
+    y = dispatch.dense_dispatch(x, weights, idx, w_gate, w_up, w_down, jnp.float32)
     silu = lambda v: v / (1.0 + np.exp(-v))
     xs, ws, ids = np.asarray(x, np.float64), np.asarray(weights), np.asarray(idx)
     wg, wu, wd = (np.asarray(a, np.float64) for a in (w_gate, w_up, w_down))
@@ -367,8 +367,8 @@ def test_ragged_dispatch_all_tokens_on_one_expert():
     weights = jnp.linspace(0.5, 1.5, n)[:, None]
     x = _randn(14, (n, _D))
     w = _expert_weights(15)
-    y_r = jax.jit(moe.ragged_dispatch, static_argnums=6)(x, weights, idx, *w, jnp.float32)
-    y_d = jax.jit(moe.dense_dispatch, static_argnums=6)(x, weights, idx, *w, jnp.float32)
+    y_r = jax.jit(dispatch.ragged_dispatch, static_argnums=6)(x, weights, idx, *w, jnp.float32)
+    y_d = jax.jit(dispatch.dense_dispatch, static_argnums=6)(x, weights, idx, *w, jnp.float32)
     np.testing.assert_allclose(np.asarray(y_r), np.asarray(y_d), rtol=_DISPATCH_TOL,
                                atol=_DISPATCH_TOL)
 
@@ -482,7 +482,7 @@ def test_module_under_scan():
     assert load.shape == (2, E) and bal.shape == (2,)
     np.testing.assert_array_equal(np.asarray(load.sum(-1)), [_B * _T * 2] * 2)
     # The stacked bias and stacked load feed the update directly.
-    new_bias = moe.update_routing_bias(variables["routing"]["moe"]["bias"], load,
+    new_bias = routing.update_routing_bias(variables["routing"]["moe"]["bias"], load,
                                        c.bias_update_rate)
     assert new_bias.shape == (2, E)
     np.testing.assert_allclose(np.abs(np.asarray(new_bias)),

@@ -14,7 +14,7 @@ import pytest
 
 from deepseek_jax import parallel as par
 from deepseek_jax.config import get_config
-from deepseek_jax.model import Transformer, init_variables, moe
+from deepseek_jax.model import Transformer, init_variables, moe, routing
 from deepseek_jax.rl import rollout
 from deepseek_jax.train import step as train_step_lib
 from deepseek_jax.rl.step import target_logprobs
@@ -46,15 +46,15 @@ def test_balance_loss_and_load_leave_padding_out():
     E, B, T = c.n_routed_experts, 4, 7
     lengths = [7, 3, 0, 5]                                  # one full row, one of padding only
     mask = np.arange(T)[None, :] < np.asarray(lengths)[:, None]          # [B, T]
-    _, idx, scores = moe.gate(_randn(0, (B, T, E)), None, c)
-    got = moe.sequence_balance_loss(scores, idx, E, jnp.asarray(mask))
+    _, idx, scores = routing.gate(_randn(0, (B, T, E)), None, c)
+    got = routing.sequence_balance_loss(scores, idx, E, jnp.asarray(mask))
     np.testing.assert_allclose(float(got), _np_balance(scores, idx, lengths, E), rtol=TOL)
     # Unmasked, the same function is the plain mean over all rows and positions.
-    np.testing.assert_allclose(float(moe.sequence_balance_loss(scores, idx, E)),
+    np.testing.assert_allclose(float(routing.sequence_balance_loss(scores, idx, E)),
                                _np_balance(scores, idx, [T] * B, E), rtol=TOL)
     want = np.bincount(np.asarray(idx)[mask].reshape(-1), minlength=E)
-    np.testing.assert_array_equal(np.asarray(moe.expert_load(idx, E, jnp.asarray(mask))), want)
-    assert float(moe.expert_load(idx, E).sum()) == B * T * c.n_experts_per_token
+    np.testing.assert_array_equal(np.asarray(routing.expert_load(idx, E, jnp.asarray(mask))), want)
+    assert float(routing.expert_load(idx, E).sum()) == B * T * c.n_experts_per_token
 
 
 def _stats(variables, config, tokens, token_mask):

@@ -1,7 +1,7 @@
-"""Expert parallelism (`deepseek_jax.parallel.expert`) on 8 fake CPU devices, and the local
+"""Expert parallelism (`deepseek_jax.model.dispatch`) on 8 fake CPU devices, and the local
 dispatch it falls back to when the batch is split but the experts are not (dp, fsdp, fsdp_tp).
 
-The reference everywhere is the single-device dense dispatch (`moe.dense_dispatch`: every expert
+The reference everywhere is the single-device dense dispatch (`dispatch.dense_dispatch`: every expert
 on every token, no sort, no exchange) or the MoE module without a mesh.
 
 Tolerance: EP computes the same fp32 products as the reference; only summation order differs
@@ -23,8 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import parallel as par
 from deepseek_jax.config import get_config
-from deepseek_jax.model import moe
-from deepseek_jax.parallel import expert
+from deepseek_jax.model import dispatch, moe, routing
 from deepseek_jax.parallel.mesh import MeshError
 
 TOL = 1e-5
@@ -72,7 +71,7 @@ def test_module_under_ep_matches_dense_reference(module_setup, preset, mesh_conf
     mesh, rules = par.mesh_and_rules(preset, mesh_config)
     config = c.replace(moe_ep_transport=transport)
     with par.sharding_context(mesh, rules):
-        assert expert.layout_from_context(config).n_shards == mesh.shape["expert"]
+        assert routing.layout_from_context(config).n_shards == mesh.shape["expert"]
         fn = grads(config)
         hlo = fn.lower(variables["params"], x).as_text()
         (gp, gx), (y, load) = fn(variables["params"], x)
@@ -97,7 +96,7 @@ def test_module_without_expert_axis_matches_dense_reference(module_setup, preset
     c, x, variables, grads, ((rp, rx), (ry, rload)) = module_setup
     mesh, rules = par.mesh_and_rules(preset, mesh_config)
     with par.sharding_context(mesh, rules):
-        layout = expert.layout_from_context(c, batch_size=B)
+        layout = routing.layout_from_context(c, batch_size=B)
         assert layout.n_shards == 1 and layout.expert_axes == ()
         assert layout.mlp_axes == (("tensor",) if preset == "fsdp_tp" else ())
         (gp, gx), (y, load) = grads(c)(variables["params"], x)
@@ -111,14 +110,14 @@ def test_module_without_expert_axis_matches_dense_reference(module_setup, preset
 
 def test_layout_without_expert_axis():
     c = get_config("tiny")
-    assert expert.layout_from_context(c) is None                     # no mesh
+    assert routing.layout_from_context(c) is None                     # no mesh
     for preset, sizes in [("dp", {"data": 1}), ("fsdp", {"fsdp": 8})]:
         mesh, rules = par.mesh_and_rules(preset, sizes, jax.devices()[:math.prod(sizes.values())])
         with par.sharding_context(mesh, rules):
-            layout = expert.layout_from_context(c, batch_size=8)
-            odd = expert.layout_from_context(c, batch_size=3)        # does not split: compiler
+            layout = routing.layout_from_context(c, batch_size=8)
+            odd = routing.layout_from_context(c, batch_size=3)        # does not split: compiler
         assert odd is None
-        assert layout == (None if preset == "dp" else expert.EPLayout((), ("fsdp",), (), 1))
+        assert layout == (None if preset == "dp" else routing.EPLayout((), ("fsdp",), (), 1))
 
 
 def _batch_wide_collectives(text, n_tokens, n_pairs):
@@ -155,7 +154,7 @@ def test_fsdp_step_gathers_no_routing_arrays_over_the_batch(module_setup, monkey
             xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("fsdp")))
             return grads(c).lower(variables["params"], xs).compile().as_text()
     assert _batch_wide_collectives(compiled_text(), n_tokens, n_pairs) == []
-    monkeypatch.setattr(expert, "layout_from_context", lambda *a, **k: None)
+    monkeypatch.setattr(routing, "layout_from_context", lambda *a, **k: None)
     compiler = _batch_wide_collectives(compiled_text(), n_tokens, n_pairs)
     assert ("f32" + str([B, T, c.n_routed_experts]), "all-gather") in compiler
 
@@ -185,7 +184,7 @@ def skewed_setup():
 
     def loss(fn, x, weights, *ws):
         return jnp.sum(fn(x, weights, idx, *ws) * cot)
-    dense = lambda x, w, *ws: moe.dense_dispatch(x, w, idx, *ws, jnp.float32)
+    dense = lambda x, w, *ws: dispatch.dense_dispatch(x, w, idx, *ws, jnp.float32)
     ref = jax.jit(jax.value_and_grad(lambda *a: loss(lambda x, w, i, *ws: dense(x, w, *ws), *a),
                                      argnums=range(5)))(x, weights, *ws)
     return x, weights, idx, ws, loss, ref
@@ -196,10 +195,10 @@ def test_overflow_rounds_are_dropless_and_exact(skewed_setup, transport):
     x, weights, idx, ws, loss, (ref_loss, ref_grads) = skewed_setup
     mesh, rules = par.mesh_and_rules("fsdp_ep", {"fsdp": 2, "expert": 4})
     with par.sharding_context(mesh, rules):
-        layout = expert.layout_from_context(get_config("tiny"))
+        layout = routing.layout_from_context(get_config("tiny"))
         # 12 pairs per device, C = 8 rows per (source, destination) per round; device 1 receives
         # up to 12 from one source → 2 rounds.
-        run = lambda x, w, i, *ws: expert.expert_parallel_moe(
+        run = lambda x, w, i, *ws: dispatch.expert_parallel_moe(
             x, w, i, *ws, layout=layout, dtype=jnp.float32, transport=transport,
             buffer_factor=0.5)
         rounds = jax.jit(run)(x, weights, idx, *ws)[2]
@@ -224,12 +223,12 @@ def test_worst_case_every_pair_on_one_device(skewed_setup):
     def loss(fn, x, *ws):
         y = fn(x, *ws)
         return jnp.sum(y * cot), y
-    dense = lambda x, *ws: moe.dense_dispatch(x, weights, idx, *ws, jnp.float32)
+    dense = lambda x, *ws: dispatch.dense_dispatch(x, weights, idx, *ws, jnp.float32)
     (_, ref), ref_g = jax.jit(jax.value_and_grad(lambda *a: loss(dense, *a), argnums=range(4),
                                                  has_aux=True))(x, *ws)
     with par.sharding_context(mesh, rules):
-        layout = expert.layout_from_context(get_config("tiny"))
-        run = lambda x, *ws: expert.expert_parallel_moe(x, weights, idx, *ws, layout=layout,
+        layout = routing.layout_from_context(get_config("tiny"))
+        run = lambda x, *ws: dispatch.expert_parallel_moe(x, weights, idx, *ws, layout=layout,
                                                          dtype=jnp.float32, buffer_factor=1.0)
         _, load, rounds = jax.jit(run)(x, *ws)
         (_, y), g = jax.jit(jax.value_and_grad(lambda *a: loss(lambda *b: run(*b)[0], *a),
@@ -260,7 +259,7 @@ def test_capacity_drops_the_same_pairs_with_and_without_ep(module_setup, preset,
     assert dropped == float(st_dense["moe_stats"]["dropped"][0])
     # Independent count: per sequence, pairs past ceil(1.0·T·X/E) per expert, in token order.
     logits = jnp.einsum("BTD,DE->BTE", x, nn.unbox(variables["params"])["router"])
-    _, idx, _ = moe.gate(logits, variables["routing"]["bias"], c)
+    _, idx, _ = routing.gate(logits, variables["routing"]["bias"], c)
     cap = int(np.ceil(T * c.n_experts_per_token / c.n_routed_experts))
     expect = 0
     for seq in np.asarray(idx):
@@ -275,12 +274,12 @@ def test_tokens_reach_at_most_node_limit_devices():
     # 16 experts in 4 groups, 1 group kept, 4 experts per token; on 8 devices a group spans 2.
     c = get_config("tiny", n_routed_experts=16, n_expert_groups=4, n_limited_groups=1,
                    n_experts_per_token=4)
-    assert expert.node_limit(c, 8) == 2
-    _, idx, _ = jax.jit(moe.gate, static_argnums=2)(_randn(7, (512, 16)), None, c)
+    assert dispatch.node_limit(c, 8) == 2
+    _, idx, _ = jax.jit(routing.gate, static_argnums=2)(_randn(7, (512, 16)), None, c)
     devices_per_token = [len(set(row // 2)) for row in np.asarray(idx)]
     assert max(devices_per_token) <= 2
     free = c.replace(n_expert_groups=1, n_limited_groups=1)
-    _, idx, _ = jax.jit(moe.gate, static_argnums=2)(_randn(7, (512, 16)), None, free)
+    _, idx, _ = jax.jit(routing.gate, static_argnums=2)(_randn(7, (512, 16)), None, free)
     assert max(len(set(row // 2)) for row in np.asarray(idx)) > 2    # without the limit
 
 

@@ -1,4 +1,16 @@
-"""Expert parallelism: routed experts split over a mesh axis, tokens exchanged with all-to-all.
+"""The MoE dispatch: the routed experts' computation for the chosen (token, slot) pairs.
+
+  dense_dispatch         reference: every expert on every token, combined with a [.., E] weight
+                         matrix that is zero for unselected experts.
+  ragged_dispatch        (token, slot) pairs sorted by expert, three grouped GEMMs
+                         (`kernels.grouped_gemm.gmm`, backend from `config.moe_backend`: "auto" =
+                         ragged_dot on CPU, megablox on TPU, Mosaic GPU on Hopper), weighted and
+                         summed back per token. Same values and gradients as the dense path.
+  expert_parallel_moe    on a mesh (layout from `routing.layout_from_context`): with an expert
+                         axis, expert parallelism (below); without one, each device dispatches
+                         its own tokens locally (`_local_moe`).
+
+Expert parallelism: routed experts split over a mesh axis, tokens exchanged with all-to-all.
 
     y, load = expert_parallel_moe(x, weights, idx, w_gate, w_up, w_down, layout=..., ...)
 
@@ -48,7 +60,7 @@ Expert loads for the balancing update are `psum`med over the batch axes: global 
 
 No expert axis (dp, fsdp, fsdp_tp: E whole on every device, batch split): `layout_from_context`
 returns a layout with no expert axes and `expert_parallel_moe` runs `_local_moe` instead — a
-shard_map in which each device sorts its own pairs and runs `moe.ragged_dispatch` with the full
+shard_map in which each device sorts its own pairs and runs `ragged_dispatch` with the full
 (FSDP-gathered) expert weights; F split over the tensor axes is summed with a `psum`; no
 all-to-all, no rounds. Both paths cast the expert weights to the compute dtype before the
 shard_map (the grouped GEMMs multiply in that dtype anyway), so FSDP gathers bf16, not fp32.
@@ -78,63 +90,84 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import MeshError, ModelConfig
+from deepseek_jax.kernels.fp8_linear import fp8_dot
 from deepseek_jax.kernels.grouped_gemm import gmm, resolve_backend
-from deepseek_jax.parallel.mesh import MeshError
+from deepseek_jax.model.layers import einsum
+from deepseek_jax.model.routing import EPLayout
 
 TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "ragged_all_to_all_emulated")
 
 
-@dataclasses.dataclass(frozen=True)
-class EPLayout:
-    """Where the MoE's arrays live on the mesh (mesh axis names)."""
-    expert_axes: tuple[str, ...]      # E of the expert weights; the all-to-all axis
-    batch_axes: tuple[str, ...]       # B of tokens, weights, ids
-    mlp_axes: tuple[str, ...]         # F of the expert weights (tensor parallelism inside experts)
-    n_shards: int                     # P = product of the expert axes' sizes
+# --- single device (or left to the compiler) ------------------------------------------------------
 
+def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
+                   w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False,
+                   fp8_backend: str = "auto") -> jax.Array:
+    """Routed experts, reference path: every expert runs on every token (E/X times the FLOPs).
 
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    Args:
+      x: tokens [..., D] (the module passes [B, T, D]; flattened [B·T, D] works too).
+      weights: combine weights [..., X] from `gate`.
+      idx: expert ids [..., X] from `gate`.
+      w_gate, w_up: stacked expert weights [E, D, F].
+      w_down: [E, F, D].
+      dtype: compute dtype.
+      fp8: run the three expert projections as fp8 GEMMs (`fp8_dot` per expert, vmapped).
+      fp8_backend: their GEMM backend (`kernels.fp8`).
 
-
-def layout_from_context(config: ModelConfig, batch_size: int | None = None) -> EPLayout | None:
-    """The layout the active mesh and logical rules give the routed experts.
-
-    E split over axes of size > 1: the expert-parallel layout (n_shards = P). E whole but the
-    batch (or the expert width F) split: a layout with no expert axes (n_shards = 1), for which
-    `expert_parallel_moe` dispatches each device's own tokens locally. None when nothing is split
-    (no mesh, one device, all axes of size 1), or when E is whole and `batch_size` does not
-    divide over the batch axes: the single-device `moe.ragged_dispatch` then runs, partitioned by
-    the compiler.
-
-    Reads the mesh set by `jax.set_mesh` and the rules set by `nn.logical_axis_rules` (both set by
-    `parallel.sharding_context`). Raises MeshError when E does not divide over the expert axes.
+    Returns:
+      Σ_k weights_k · SwiGLU_{idx_k}(x), [..., D] in `dtype`.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = nn.get_logical_axis_rules()
-    if mesh.empty or not rules:
-        return None
-    spec = lambda name: _axes(nn.logical_to_mesh_axes((name,), rules)[0])
-    expert = tuple(a for a in spec("expert") if mesh.shape.get(a, 1) > 1)
-    batch = tuple(a for a in spec("act_batch") if mesh.shape.get(a, 1) > 1)
-    mlp = tuple(a for a in spec("mlp") if mesh.shape.get(a, 1) > 1 and a not in expert)
-    if not expert:
-        # Local dispatch: every device sorts its own tokens. Needs whole sequences per device;
-        # a batch that does not split (a lone prompt while sampling) stays with the compiler.
-        n_batch = math.prod(mesh.shape[a] for a in batch)
-        if not (batch or mlp) or (batch_size is not None and batch_size % n_batch):
-            return None
-        return EPLayout((), batch, mlp, 1)
-    n = math.prod(mesh.shape[a] for a in expert)
-    E = config.n_routed_experts
-    if E % n:
-        ok = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and E % d == 0)
-        raise MeshError(f"expert parallelism: n_routed_experts={E} is not divisible by the "
-                        f"expert mesh axis {'×'.join(expert)}={n}; use an expert axis size that "
-                        f"divides {E} (here one of {ok}) or change n_routed_experts")
-    return EPLayout(expert, batch, mlp, n)
+    E = w_gate.shape[0]
+    combine = jnp.einsum("...XE,...X->...E", jax.nn.one_hot(idx, E, dtype=weights.dtype),
+                         weights)                                          # [..., E]
+    if fp8:
+        x = x.astype(dtype)
+        per_expert = lambda h, w: fp8_dot(h, w, out_dtype=dtype, backend=fp8_backend)  # [..., F|D]
+        up_proj = jax.vmap(per_expert, in_axes=(None, 0), out_axes=-2)
+        gate_ = up_proj(x, w_gate)                                         # [..., E, F]
+        up = up_proj(x, w_up)                                              # [..., E, F]
+        out = jax.vmap(per_expert, in_axes=(-2, 0), out_axes=-2)(
+            nn.silu(gate_) * up, w_down)                                   # [..., E, D]
+    else:
+        gate_ = einsum("...D,EDF->...EF", x, w_gate, dtype)                # [..., E, F]
+        up = einsum("...D,EDF->...EF", x, w_up, dtype)                     # [..., E, F]
+        out = einsum("...EF,EFD->...ED", nn.silu(gate_) * up, w_down, dtype)  # [..., E, D]
+    return einsum("...ED,...E->...D", out, combine, dtype)                 # [..., D]
 
+
+def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
+                    w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False,
+                    backend: str = "auto") -> jax.Array:
+    """Routed experts, sorted path: each (token, slot) pair runs through its one expert.
+
+    The M = B·T·X pairs are sorted by expert id (stable), so each expert's rows are contiguous,
+    and a grouped GEMM (`gmm` with `backend`) multiplies each run of rows by its expert's weights
+    with group sizes = per-expert counts. Empty experts (size 0) and any imbalance are fine;
+    nothing is dropped. Outputs are unsorted and summed over the X slots with the combine weights.
+
+    Same arguments, result and gradients as `dense_dispatch` (plus `backend`, a name from
+    `grouped_gemm.CONFIG_BACKENDS`). With fp8=True the three grouped GEMMs become `fp8_ragged_dot` (emulated fp8 grouped GEMMs, see the module docstring);
+    the result then matches `dense_dispatch(..., fp8=True)` in the forward pass up to fp32
+    rounding, and its gradients up to the different wgrad tiling (tiles per expert here).
+    """
+    D, E, X = x.shape[-1], w_gate.shape[0], idx.shape[-1]
+    flat_idx = idx.reshape(-1)                                             # [M]
+    order = jnp.argsort(flat_idx, stable=True)                             # [M] pair ids by expert
+    sizes = jnp.bincount(flat_idx, length=E).astype(jnp.int32)             # [E]
+    tokens = x.reshape(-1, D).astype(dtype)                                # [B·T, D]
+    rows = tokens[order // X]                                              # [M, D] sorted pairs
+    grouped = lambda h, w: gmm(h, w, sizes, backend=backend, out_dtype=dtype, fp8=fp8)
+    gate_ = grouped(rows, w_gate)                                          # [M, F]
+    up = grouped(rows, w_up)                                               # [M, F]
+    out = grouped(nn.silu(gate_) * up, w_down)                             # [M, D]
+    unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
+    unsorted = unsorted.reshape(*idx.shape, D)                             # [..., X, D]
+    return einsum("...XD,...X->...D", unsorted, weights, dtype)            # [..., D]
+
+
+# --- expert parallelism ---------------------------------------------------------------------------
 
 def resolve_transport(transport: str) -> str:
     if transport not in TRANSPORTS:
@@ -163,29 +196,6 @@ def chunk_rows(n_pairs: int, n_shards: int, buffer_factor: float) -> int:
     return max(8, -(-c // 8) * 8)
 
 
-# --- capacity (optional dropping) ----------------------------------------------------------------
-
-def capacity_keep(idx: jax.Array, n_experts: int, capacity_factor: float) -> jax.Array:
-    """Which (token, slot) pairs fit their expert's per-sequence capacity.
-
-    capacity = ceil(capacity_factor · T · X / E) pairs per expert per sequence; pairs are admitted
-    in (token, slot) order, so the latest tokens of a sequence are the ones dropped.
-
-    Args:
-      idx: expert ids [B, T, X].
-    Returns:
-      bool [B, T, X].
-    """
-    B, T, X = idx.shape
-    cap = math.ceil(capacity_factor * T * X / n_experts)
-    onehot = jax.nn.one_hot(idx.reshape(B, T * X), n_experts, dtype=jnp.int32)  # [B, T·X, E]
-    rank = jnp.cumsum(onehot, axis=1) - onehot                              # earlier pairs, same e
-    rank = jnp.einsum("BME,BME->BM", rank, onehot)                          # [B, T·X]
-    return (rank < cap).reshape(B, T, X)
-
-
-# --- ragged all-to-all on CPU -------------------------------------------------------------------
-
 def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets,
                                recv_sizes, *, axis_name, max_chunk: int):
     """`jax.lax.ragged_all_to_all` from `all_to_all` and gathers, for platforms without it.
@@ -203,8 +213,6 @@ def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outpu
     dst = jnp.where(j < recv_sizes[:, None], dst, output.shape[0])          # out of range → drop
     return output.at[dst].set(chunks, mode="drop")
 
-
-# --- one exchange round ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
@@ -310,60 +318,6 @@ def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
     return run(ints, n_rounds, rows, w_gate, w_up, w_down)
 
 
-# --- routing on each device's own sequences ----------------------------------------------------------
-
-def local_routing(logits: jax.Array, bias: jax.Array | None, config: ModelConfig,
-                  layout: EPLayout, token_mask: jax.Array | None = None):
-    """`moe.gate`, `moe.sequence_balance_loss` and `capacity_keep` inside a shard_map over the
-    batch axes: all three are per token or per sequence, so each device computes them for its own
-    sequences and nothing crosses devices. (Partitioned by the compiler, the top-k of the gate
-    gathered the [B, T, E] scores over the whole batch.)
-
-    Args:
-      logits: router logits [B, T, E] fp32. bias: [E] or None. layout: `layout_from_context`.
-      token_mask: optional [B, T], true for real tokens (padding is left out of the loss).
-    Returns:
-      (weights [B, T, X], idx [B, T, X], balance loss scalar (mean over the B sequences that
-       hold a real token), keep [B, T, X] bool when `config.moe_capacity_factor` > 0, else None).
-    """
-    from deepseek_jax.model.moe import gate, sequence_balance_terms
-
-    E, cf = logits.shape[-1], config.moe_capacity_factor
-    b_spec = P(layout.batch_axes or None)
-    if token_mask is None:
-        token_mask = jnp.ones(logits.shape[:2], jnp.bool_)                 # [B, T]
-
-    def body(logits, token_mask, *bias):
-        weights, idx, scores = gate(logits, bias[0] if bias else None, config)  # [b, T, X] ×2
-        per_seq, has = sequence_balance_terms(scores, idx, E, token_mask)   # [b] ×2
-        keep = (capacity_keep(idx, E, cf),) if cf > 0 else ()               # [b, T, X]
-        return (weights, idx, per_seq, has) + keep
-
-    extra = () if bias is None else (bias,)
-    n_out = 5 if cf > 0 else 4
-    out = jax.shard_map(body, in_specs=(b_spec, b_spec) + (P(),) * len(extra),
-                        out_specs=(b_spec,) * n_out, check_vma=False)(logits, token_mask, *extra)
-    # The mean over sequences outside (the compiler sums the [B] arrays across devices).
-    balance = jnp.sum(jnp.where(out[3], out[2], 0.0)) / jnp.maximum(jnp.sum(out[3]), 1)
-    return out[0], out[1], balance, (out[4] if cf > 0 else None)
-
-
-def local_load(idx: jax.Array, token_mask: jax.Array, n_experts: int,
-               layout: EPLayout) -> jax.Array:
-    """`moe.expert_load` of the real tokens (`token_mask` [B, T]) of idx [B, T, X]: each device
-    counts its own sequences' choices, then the counts are summed over the batch axes."""
-    from deepseek_jax.model.moe import expert_load
-
-    b_spec = P(layout.batch_axes or None)
-
-    def body(idx, token_mask):
-        load = expert_load(idx, n_experts, token_mask)                      # [E] local
-        return jax.lax.psum(load, layout.batch_axes) if layout.batch_axes else load
-
-    return jax.shard_map(body, in_specs=(b_spec, b_spec), out_specs=P(),
-                         check_vma=False)(idx, token_mask)
-
-
 # --- no expert axis: local dispatch ---------------------------------------------------------------
 
 def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype, backend, fp8,
@@ -377,8 +331,6 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
     this, the compiler partitions the single-device sort of all B·T·X pairs by gathering routing
     scores and ids over the whole batch and all-reducing [B·T·X, D] token copies.
     """
-    from deepseek_jax.model.moe import ragged_dispatch   # the model imports this module lazily
-
     E = w_gate.shape[0]
     b_spec = P(layout.batch_axes or None, None, None)
     mlp = (layout.mlp_axes if len(layout.mlp_axes) > 1 else layout.mlp_axes[0]) \
@@ -404,7 +356,7 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
     return fn(x, weights, idx, w_gate, w_up, w_down, *extra)
 
 
-# --- the layer --------------------------------------------------------------------------------------
+# --- the entry point on a mesh ----------------------------------------------------------------------
 
 def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
                         w_up: jax.Array, w_down: jax.Array, *, layout: EPLayout, dtype,
