@@ -18,17 +18,9 @@ under softmax(logits / temperature), the distribution the sampler drew from.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
-
-
-def token_logprobs(logits, tokens, temperature: float = 1.0):
-    """log p(tokens) under softmax(logits / T): logits [B, T, V], tokens [B, T] → [B, T] fp32."""
-    t = 1.0 if temperature == 0 else temperature
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)      # [B, T, V]
-    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]     # [B, T]
 
 
 def kl_k3(logp, ref_logp):

@@ -25,6 +25,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer
 from deepseek_jax.rl import loss as loss_lib
+from deepseek_jax.sampling.sample import tempered_log_softmax, token_logprobs
 from deepseek_jax.train.step import TrainState, routing_loads
 
 
@@ -38,10 +39,9 @@ def target_logprobs(params, routing, tokens, config: ModelConfig, temperature: f
     `token_mask` [B, T] (None = all real) only shapes the MoE statistics."""
     (logits, _), aux = Transformer(config).apply(_variables(params, routing), tokens,
                                                  token_mask=token_mask, mutable=["moe_stats"])
-    t = 1.0 if temperature == 0 else temperature
-    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)      # [B, T, V]
     targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)           # [B, T]
-    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]   # [B, T]
+    logp = token_logprobs(logits, targets, temperature)                         # [B, T]
+    logp_all = tempered_log_softmax(logits, temperature)                        # [B, T, V]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)                   # [B, T]
     last = jnp.arange(tokens.shape[1]) == tokens.shape[1] - 1
     return jnp.where(last, 0.0, logp), entropy, aux.get("moe_stats", {})

@@ -95,11 +95,18 @@ def choose(logits: jax.Array, keys: jax.Array, temperature, top_k=None,
     return jax.lax.cond(greedy, argmax, draw, logits)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature) -> jax.Array:
-    """log softmax(logits / T)[tokens] [B] fp32 for logits [B, V]; T = 1 when temperature is 0."""
+def tempered_log_softmax(logits: jax.Array, temperature) -> jax.Array:
+    """log softmax(logits / T) in fp32, [..., V]; T = 1 when temperature is 0 (greedy)."""
     _, t = _safe(temperature)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)        # [B, V]
-    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]          # [B]
+    return jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)       # [..., V]
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature) -> jax.Array:
+    """log softmax(logits / T)[tokens] fp32: logits [..., V], tokens [...] → [...]; T = 1 when
+    temperature is 0. The sampler (per step, [B, V]) and the GRPO trainer (per sequence,
+    [B, T, V]) both use it, so their log-probs agree by construction."""
+    logp = tempered_log_softmax(logits, temperature)                          # [..., V]
+    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]      # [...]
 
 
 def residual_distribution(p: jax.Array, q: jax.Array) -> jax.Array:

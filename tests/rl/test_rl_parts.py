@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.data import tasks
+from deepseek_jax.data import r1, tasks
 from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import loss as loss_lib
-from deepseek_jax.data import r1
 from deepseek_jax.rl import rewards
+from deepseek_jax.sampling import sample
 
 
 # --- advantages -------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_k3_kl():
 
 def test_token_logprobs_with_temperature():
     logits = jnp.array([[[1.0, 2.0, 0.5]]])
-    got = float(loss_lib.token_logprobs(logits, jnp.array([[1]]), 0.7)[0, 0])
+    got = float(sample.token_logprobs(logits, jnp.array([[1]]), 0.7)[0, 0])
     z = np.array([1.0, 2.0, 0.5]) / 0.7
     assert got == pytest.approx(z[1] - np.log(np.exp(z).sum()), rel=1e-6)
 
