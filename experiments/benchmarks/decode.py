@@ -347,7 +347,7 @@ def main(argv=None):
     print("\nPart 1, the other rows")
     print(header, flush=True)
     decode_rows(rest)
-    del variables
+    variables = None      # frees the model's device arrays before part 3
 
     if train_steps:
         try:
