@@ -8,8 +8,28 @@
            every host: --config.data.text_glob='/data/corpus/*.jsonl'
            --config.data.tokenizer=/data/tokenizer.json):
            python -m experiments.pretrain --config=experiments/configs/pretrain.py:v2-lite --workdir=/mnt/shared/runs/v2lite
-  v3-671b  DeepSeek-V3 on a large pod (e.g. v5p-1024), FSDP + EP, remat, bf16 compute:
+  v3-671b  DeepSeek-V3 on a large pod (e.g. v5p-1024), FSDP + EP, remat, bf16 compute, with V3's
+           recipe (§4.2) as fractions of the run: 14.8T tokens of 4K sequences, the batch
+           ramped from 3072 to 15360 sequences over the first 469B tokens (micro-batches of 768
+           accumulated, 4 → 20 per step, one compiled step), lr 2K warm-up steps to 2.2e-4,
+           constant until 10T tokens, cosine to 2.2e-5 by 14.3T, 2.2e-5 for 333B and 7.3e-6 for
+           the last 167B; MTP weight 0.3 then 0.1 from 10T; bias update speed 0.001 then 0 for
+           the last 500B (`deepseek_jax/train/schedules.py`):
            python -m experiments.pretrain --config=experiments/configs/pretrain.py:v3-671b --workdir=/mnt/shared/runs/v3
+  v3-671b-32k, v3-671b-128k
+           V3's two context-extension phases (§4.3), each from the previous phase's run
+           directory: YaRN on (s = 40 over the 4K pretraining length, as in the released
+           config), 32K sequences × 1920 for 1000 steps, then 128K × 480 for 1000 steps, lr
+           7.3e-6 (the pretraining run's last value):
+           python -m experiments.pretrain --config=experiments/configs/pretrain.py:v3-671b-32k --workdir=/mnt/shared/runs/v3-32k --config.init.pretrain_dir=/mnt/shared/runs/v3
+           python -m experiments.pretrain --config=experiments/configs/pretrain.py:v3-671b-128k --workdir=/mnt/shared/runs/v3-128k --config.init.pretrain_dir=/mnt/shared/runs/v3-32k
+  tiny-ext tests: an extension phase of a `tiny` run (YaRN s = 2 over its 32-token pretraining
+           length, 64-token sequences).
+
+Positions: pretraining runs use plain RoPE (`model.rope_factor=1`), as DeepSeek pretrained; YaRN
+is switched on only by the extension phases, which start from a pretraining run's parameters
+and routing bias (`init.pretrain_dir`; a fresh optimizer at step 0). Models imported from
+released weights keep the YaRN of their config.json.
 
 Every field can be overridden: `--config.optim.lr=1e-3 --config.mesh.preset=fsdp_tp
 --config.mesh.tensor=4 --config.model.remat_policy=full`. The config is locked: a misspelled
@@ -25,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from deepseek_jax.config import ModelConfig, get_config as get_model_config
+from deepseek_jax.train.schedules import steps_for_tokens
 
 
 def model_fields(config: ModelConfig) -> ml_collections.ConfigDict:
@@ -37,25 +58,47 @@ def to_model_config(fields) -> ModelConfig:
     return ModelConfig.from_dict(fields)
 
 
+# V3 pretraining (§4.2): 14.8T tokens of 4096; 15360 sequences per step after a ramp from 3072
+# over the first 469B tokens, in micro-batches of 768 (20 per full step).
+_V3_TOKENS = 14.8e12
+_V3_MICROBATCHES = 20
+_V3_RAMP = (3072, 469e9 / _V3_TOKENS)
+_V3_STEPS = steps_for_tokens(_V3_TOKENS, 15360 // _V3_MICROBATCHES * 4096, _V3_MICROBATCHES,
+                             _V3_RAMP[0] * _V3_MICROBATCHES // 15360, _V3_RAMP[1])
+_T = lambda tokens: tokens / _V3_TOKENS          # a token count as a fraction of the run
+
 _RUNS = {
     #        model      batch seq steps  lr     warmup preset      remat
     "tiny": ("tiny", 8, 32, 20, 3e-3, 2, "dp", "none"),
     "small": ("small", 16, 128, 1200, 3e-3, 10, "dp", "none"),
     "v2-lite": ("v2-lite", 1024, 4096, 100_000, 4.2e-4, 2000, "fsdp_ep", "full"),
-    "v3-671b": ("v3-671b", 4096, 4096, 500_000, 2.2e-4, 2000, "fsdp_ep", "full"),
+    "v3-671b": ("v3-671b", 15360, 4096, _V3_STEPS, 2.2e-4, 2000, "fsdp_ep", "full"),
+    # Context extension (§4.3): from a pretraining run, YaRN on.
+    "v3-671b-32k": ("v3-671b", 1920, 32768, 1000, 7.3e-6, 0, "fsdp_ep", "full"),
+    "v3-671b-128k": ("v3-671b", 480, 131072, 1000, 7.3e-6, 0, "fsdp_ep", "full"),
+    "tiny-ext": ("tiny", 8, 64, 6, 1e-3, 0, "dp", "none"),
 }
+_EXTENSIONS = ("v3-671b-32k", "v3-671b-128k", "tiny-ext")
 
 
 def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     if arg not in _RUNS:
         raise ValueError(f"unknown run config {arg!r}; use one of {sorted(_RUNS)}")
     model, batch, seq, steps, lr, warmup, preset, remat = _RUNS[arg]
-    small = arg in ("tiny", "small")
+    small = model in ("tiny", "small")
+    extension = arg in _EXTENSIONS
     c = ml_collections.ConfigDict()
     c.name = arg
     c.seed = 0
     # The tiny model's 64-id vocabulary is too small for the byte tokenizer's 259 ids.
-    overrides = {"vocab_size": 320} if arg == "tiny" else {}
+    overrides = {"vocab_size": 320} if model == "tiny" else {}
+    if not extension:
+        overrides["rope_factor"] = 1.0      # pretraining: plain RoPE (YaRN is for extension)
+    elif model == "tiny":
+        overrides.update(rope_factor=2.0, rope_original_max_len=32)   # tiny pretrains at 32
+    else:
+        # V3 does not state λ and γ for the extension phases: the values pretraining ended with.
+        overrides.update(mtp_loss_weight=0.1, bias_update_rate=0.0)
     if small:
         # Runs of tens of steps: a faster bias update than V3's γ = 0.001 (tuned for 1e5 steps)
         # lets the aux-loss-free balancing visibly act.
@@ -72,10 +115,17 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
         overrides["dtype"] = jnp.bfloat16
     c.model = model_fields(get_model_config(model, remat_policy=remat, **overrides))
 
+    c.init = ml_collections.ConfigDict()
+    # A run directory to start from (its latest checkpoint's parameters and routing bias, with
+    # a fresh optimizer at step 0) when WORKDIR holds no checkpoint yet; "" = random init.
+    c.init.pretrain_dir = ""
+    # Extension phases must start from a run: an empty pretrain_dir is then an error.
+    c.init.required = extension
+
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "arithmetic" if small else "text_files"   # arithmetic, countdown, text_files
     c.data.data_dir = ""            # where the array_record files live; "" = WORKDIR/data
-    c.data.num_train = 2000 if arg == "tiny" else 8000           # procedural tasks only
+    c.data.num_train = 2000 if model == "tiny" else 8000         # procedural tasks only
     c.data.num_eval = 200
     # "text", or an R1 template ("compact", "r1_zero"): prompt + <think>…</think><answer>…</answer>
     c.data.format = "compact" if arg == "small" else "text"
@@ -113,8 +163,16 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = lr
     c.optim.warmup_steps = warmup
-    c.optim.schedule = "cosine"     # cosine, step (DeepSeek: ×0.316 at 80% and 90%), constant
+    # cosine, step (DeepSeek: ×0.316 at 80% and 90%), constant, or deepseek_v3: constant until
+    # the fraction constant_until of the run's tokens, cosine to final_fraction·lr by
+    # cosine_until, then the (fraction, lr) points of `tail` (deepseek_jax/train/optimizer.py)
+    c.optim.schedule = ("deepseek_v3" if arg == "v3-671b" else
+                        "constant" if extension else "cosine")
     c.optim.final_fraction = 0.1
+    c.optim.constant_until = _T(10e12) if arg == "v3-671b" else 0.0
+    c.optim.cosine_until = _T(14.3e12) if arg == "v3-671b" else 1.0
+    c.optim.tail = (((_T(14.3e12), 2.2e-5), (_T(14.3e12 + 333e9), 7.3e-6)) if arg == "v3-671b"
+                    else ())
     c.optim.weight_decay = 0.1
     c.optim.clip_norm = 1.0
     c.optim.b1 = 0.9
@@ -122,7 +180,16 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = steps
-    c.train.microbatches = 1        # gradient accumulation
+    c.train.microbatches = _V3_MICROBATCHES if arg == "v3-671b" else 1  # gradient accumulation
+    # Batch-size ramp: sequences per step at the start (0 = none), growing linearly in tokens to
+    # data.global_batch over the fraction batch_ramp_fraction of the run, in whole micro-batches
+    # of global_batch / microbatches sequences (deepseek_jax/train/schedules.py).
+    c.train.batch_ramp_start = _V3_RAMP[0] if arg == "v3-671b" else 0
+    c.train.batch_ramp_fraction = _V3_RAMP[1] if arg == "v3-671b" else 0.0
+    # (fraction of the run's tokens, value) points; () = the model's constant
+    # (model.mtp_loss_weight, model.bias_update_rate)
+    c.train.mtp_weight_schedule = ((0.0, 0.3), (_T(10e12), 0.1)) if arg == "v3-671b" else ()
+    c.train.bias_rate_schedule = ((0.0, 0.001), (_T(14.3e12), 0.0)) if arg == "v3-671b" else ()
     c.train.log_every = 1 if arg == "tiny" else 10
     c.train.eval_every = 10 if arg == "tiny" else 100
     c.train.eval_batches = 2 if small else 20

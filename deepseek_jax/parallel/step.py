@@ -24,7 +24,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.parallel.rules import Rules, sharding_context
 from deepseek_jax.parallel.sharding import (batch_sharding, check_global_batch, state_shardings,
                                             validate)
-from deepseek_jax.train.step import TrainState, init_train_state, train_step
+from deepseek_jax.train.step import TrainSchedules, TrainState, init_train_state, train_step
 
 
 def init_sharded_state(rng: jax.Array, config: ModelConfig, tx: optax.GradientTransformation,
@@ -42,10 +42,12 @@ def init_sharded_state(rng: jax.Array, config: ModelConfig, tx: optax.GradientTr
 
 
 def make_sharded_train_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                            rules: Rules, microbatches: int = 1
+                            rules: Rules, microbatches: int = 1,
+                            schedule: TrainSchedules | None = None
                             ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step` jitted with the state and batch shardings; the input state is donated.
-    `microbatches` > 1 accumulates gradients over that many strided micro-batches.
+    `microbatches` > 1 accumulates gradients over that many strided micro-batches; `schedule`
+    (λ and γ per step) is passed through.
 
     Returns:
       step(state, batch) -> (state, metrics), metrics replicated scalars. `step.lower(state,
@@ -56,7 +58,7 @@ def make_sharded_train_step(config: ModelConfig, tx: optax.GradientTransformatio
     shardings = state_shardings(config, mesh, rules, tx)
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(functools.partial(train_step, config=config, tx=tx,
-                                       microbatches=microbatches),
+                                       microbatches=microbatches, schedule=schedule),
                      in_shardings=(shardings, batch_sharding(mesh, rules)),
                      out_shardings=(shardings, replicated), donate_argnums=0)
 

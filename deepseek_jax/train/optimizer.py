@@ -9,15 +9,24 @@ parameters), and the ZeRO-style sharding of optimizer state, which comes from th
 
 from __future__ import annotations
 
+import math
+
 import flax
 import jax
+import jax.numpy as jnp
 import optax
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
-                           kind: str = "cosine", final_fraction: float = 0.1):
+                           kind: str = "cosine", final_fraction: float = 0.1, *,
+                           fraction=None, constant_until: float = 0.0,
+                           cosine_until: float = 1.0, tail=()):
     """Linear warmup to `peak`, then cosine to `final_fraction·peak` ("cosine"), or DeepSeek's
-    step schedule ("step": ×0.316 at 80% and again at 90% of training, V2/V3 reports)."""
+    step schedule ("step": ×0.316 at 80% and again at 90% of training, V2/V3 reports), or
+    V3's pretraining schedule ("deepseek_v3", `deepseek_v3_learning_rate`): `peak`
+    until the fraction `constant_until` of the run's tokens, a cosine to final_fraction·peak by
+    `cosine_until`, then the (fraction, lr) points of `tail`. `fraction` maps a step to the
+    share of the run's tokens seen (`schedules.Progress.fraction`; default step/total_steps)."""
     if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0, peak, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
@@ -28,10 +37,40 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
             peak, {int(0.8 * total_steps) - warmup_steps: 0.316,
                    int(0.9 * total_steps) - warmup_steps: 0.316})
         return optax.join_schedules([warm, steps], [max(warmup_steps, 1)])
+    if kind == "deepseek_v3":
+        return deepseek_v3_learning_rate(
+            peak, warmup_steps, fraction or (lambda step: step / max(total_steps, 1)),
+            constant_until=constant_until, cosine_until=cosine_until,
+            cosine_to=peak * final_fraction, tail=tail)
     if kind == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),
                                      optax.constant_schedule(peak)], [max(warmup_steps, 1)])
-    raise ValueError(f"unknown schedule {kind!r}; use 'cosine', 'step' or 'constant'")
+    raise ValueError(f"unknown schedule {kind!r}; use 'cosine', 'step', 'deepseek_v3' or "
+                     "'constant'")
+
+
+def deepseek_v3_learning_rate(peak: float, warmup_steps: int, fraction: Callable, *,
+                              constant_until: float, cosine_until: float, cosine_to: float,
+                              tail: Sequence[Sequence[float]] = ()):
+    """V3's learning rate: linear warm-up from 0 over `warmup_steps` steps, `peak` until the
+    fraction `constant_until` of the run, a cosine to `cosine_to` by `cosine_until`, then the
+    (fraction, lr) points of `tail` (each holds from its fraction on)."""
+    if not 0 <= constant_until < cosine_until <= 1:
+        raise ValueError(f"need 0 ≤ constant_until ({constant_until}) < cosine_until "
+                         f"({cosine_until}) ≤ 1")
+    tail = [(float(f), float(v)) for f, v in tail]
+
+    def lr(step):
+        f = fraction(step)
+        t = jnp.clip((f - constant_until) / (cosine_until - constant_until), 0.0, 1.0)
+        value = cosine_to + (peak - cosine_to) * 0.5 * (1 + jnp.cos(math.pi * t))
+        value = jnp.where(f < constant_until, peak, value)
+        warm = peak * jnp.asarray(step, jnp.float32) / max(warmup_steps, 1)
+        value = jnp.where(jnp.asarray(step) < warmup_steps, warm, value)
+        for at, v in tail:
+            value = jnp.where(f >= at, v, value)
+        return jnp.asarray(value, jnp.float32)
+    return lr
 
 
 def decay_mask(params) -> dict:

@@ -12,10 +12,16 @@ a non-finite loss or gradient stops the run with an error before anything non-fi
 
 `config` is a run config from `deepseek_jax.configs.pretrain`; tests, notebooks and the command
 line (experiments/pretrain.py) all call `train_and_evaluate`.
+
+Schedules (`train.schedules.from_run_config`): the learning rate, λ and γ follow the run's
+fraction of tokens; with a batch ramp each step reads as many micro-batches as the ramp says
+and the compiled step leaves the other slots empty. `init.pretrain_dir` starts a new run (an
+extension phase) from another run's parameters and routing bias.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 
@@ -25,11 +31,12 @@ import numpy as np
 from deepseek_jax.data import run_config
 from deepseek_jax import parallel
 from deepseek_jax.train import checkpoint as ckpt
+from deepseek_jax.train import schedules
 from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.train.flops import flops_per_token, peak_flops_per_device
 from deepseek_jax.train.metrics import MetricsWriter, Throughput, truncate_after
-from deepseek_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from deepseek_jax.train.step import NonFiniteLoss, eval_step, init_train_state
+from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.step import NonFiniteLoss, TrainState, eval_step, init_train_state
 from deepseek_jax.configs.pretrain import to_model_config
 
 
@@ -55,20 +62,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # --- data ---------------------------------------------------------------------------------
     data_dir = run_dir.resolve(config.data.data_dir) or os.path.join(workdir, "data")
-    train_iter = run_config.train_iterator(config.data, data_dir)    # seeded by data.shuffle_seed
+    plan = schedules.from_run_config(config)
+    train_data = config.data
+    if plan.ramp:                   # the iterator yields micro-batches; a step reads k of them
+        train_data = config.data.copy_and_resolve_references()
+        train_data.global_batch = plan.microbatch_rows
+    train_iter = run_config.train_iterator(train_data, data_dir)     # seeded by data.shuffle_seed
     eval_batches = lambda: run_config.eval_iterator(config.data, data_dir,
                                                     num_batches=config.train.eval_batches)
 
     # --- model and optimizer ------------------------------------------------------------------
-    schedule = learning_rate_schedule(
-        config.optim.lr, config.optim.warmup_steps, config.train.steps,
-        kind=config.optim.schedule, final_fraction=config.optim.final_fraction)
+    schedule = plan.learning_rate
     tx = make_optimizer(schedule, b1=config.optim.b1, b2=config.optim.b2,
                         weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
 
     # --- shardings and step -------------------------------------------------------------------
     step_fn = parallel.make_sharded_train_step(model_config, tx, mesh, rules,
-                                               microbatches=config.train.microbatches)
+                                               microbatches=config.train.microbatches,
+                                               schedule=plan.train)
     batch_sharding = parallel.batch_sharding(mesh, rules)
     with parallel.sharding_context(mesh, rules):
         eval_fn = jax.jit(lambda s, b: eval_step(s, b, config=model_config),
@@ -96,7 +107,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     else:
         rng = jax.random.key(config.seed)
         rng, init_rng = jax.random.split(rng)
-        state = parallel.init_sharded_state(init_rng, model_config, tx, mesh, rules)
+        init = config.get("init") or {}
+        if init.get("pretrain_dir"):
+            state = _from_run(run_dir.resolve(init.pretrain_dir), model_config, tx, step_fn)
+            if is_lead:
+                print(f"starting from the parameters of {init.pretrain_dir}", flush=True)
+        elif init.get("required"):
+            raise ValueError(f"run config {config.name!r} continues another run: set "
+                             "--config.init.pretrain_dir to that run's directory")
+        else:
+            state = parallel.init_sharded_state(init_rng, model_config, tx, mesh, rules)
         start = 0
 
     # --- loop ---------------------------------------------------------------------------------
@@ -134,7 +154,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     try:
         for step in range(start, config.train.steps):
-            batch = to_device(next(train_iter))
+            if plan.ramp:
+                parts = [next(train_iter) for _ in range(plan.progress.microbatches(step))]
+                batch = to_device(schedules.assemble_microbatches(parts, plan.slots))
+            else:
+                batch = to_device(next(train_iter))
             state, metrics = step_fn(state, batch)   # dispatched; runs while we check the last
             flush()
             pending = (step + 1, metrics)
@@ -162,3 +186,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.close()
         manager.close()
 
+
+
+def _from_run(path: str, model_config, tx, step_fn) -> TrainState:
+    """A fresh TrainState (step 0, new optimizer state) holding the parameters and routing bias
+    of the run at `path`, read into this run's shardings. The architectures must agree; the
+    positions (RoPE/YaRN, max length), loss weights and numerics may differ."""
+    previous = ckpt.load_model_config(path)
+    free = {"max_seq_len", "mtp_loss_weight", "bias_update_rate", "balance_alpha", "dtype",
+            "remat_policy", "moe_impl", "moe_backend", "fp8",
+            "attention_impl", "moe_capacity_factor", "moe_ep_buffer_factor", "moe_ep_transport"}
+    free |= {f.name for f in dataclasses.fields(model_config) if f.name.startswith("rope_")
+             and f.name != "rope_interleaved"} | {"fp8_backend"}
+    differ = sorted(f.name for f in dataclasses.fields(model_config) if f.name not in free
+                    and getattr(previous, f.name, None) != getattr(model_config, f.name))
+    if differ:
+        raise ValueError(f"init.pretrain_dir={path} holds another architecture: "
+                         f"{', '.join(differ)} differ from this run's model config")
+    shardings = step_fn.shardings
+    _, variables = ckpt.load_trained(path, shardings={"params": shardings.params,
+                                                     "routing": shardings.routing})
+    params = variables["params"]
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(np.zeros((), np.int32), shardings.step),
+                      params=params, opt_state=opt_state,
+                      routing=variables.get("routing", {}))
