@@ -12,7 +12,13 @@ The state is a plain pytree (`TrainState`); the routing bias lives in `state.rou
 `params`, so the optimizer never sees it and weight decay cannot touch it.
 
 Gradient accumulation: `microbatches=k` splits the batch into k strided micro-batches, scans
-over them summing fp32 gradients and expert loads, and applies one update.
+over them summing fp32 gradients and expert loads, and applies one update. A batch with an
+"active" row flag [B] (`train.schedules.assemble_microbatches`) may leave micro-batch slots
+empty: those are skipped (`lax.cond`) and the means run over the filled ones, so a batch-size
+ramp reuses one compiled step.
+
+Schedules (`schedule=TrainSchedules(...)`): the MTP weight λ and the bias update speed γ as
+functions of the step (`train.schedules`); without them the ModelConfig's constants hold.
 
 Left out here: sharding (deepseek_jax.parallel wraps this function with in/out shardings) and
 fp8 (a model config switch).
@@ -32,6 +38,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer, init_variables
 from deepseek_jax.train import losses
+from deepseek_jax.train.schedules import TrainSchedules
 
 
 class NonFiniteLoss(RuntimeError):
@@ -110,43 +117,62 @@ def _split_microbatches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatches: int = 1):
+def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatches: int = 1,
+                   mtp_weight=None):
     """(loss, parts, moe_stats, grads), accumulated over `microbatches` equal micro-batches.
 
     Loss, parts and gradients are means over micro-batches; expert loads are summed (they are
     counts over the whole batch either way), balance losses averaged. The routing bias is the
-    same for every micro-batch: it changes once per step.
+    same for every micro-batch: it changes once per step. With batch["active"], micro-batches
+    whose rows are all inactive are skipped and left out of the means.
     """
     grad_fn = jax.value_and_grad(_forward, has_aux=True)
     if microbatches == 1:
-        (loss, (parts, stats)), grads = grad_fn(params, routing, batch, config)
+        (loss, (parts, stats)), grads = grad_fn(params, routing, batch, config, mtp_weight)
         return loss, parts, stats, grads
 
     mbs = _split_microbatches(batch, microbatches)
     first = jax.tree.map(lambda x: x[0], mbs)
-    shapes = jax.eval_shape(lambda p, b: grad_fn(p, routing, b, config), params, first)
+    shapes = jax.eval_shape(lambda p, b: grad_fn(p, routing, b, config, mtp_weight),
+                            params, first)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
 
-    def body(acc, mb):
-        out = grad_fn(params, routing, mb, config)
-        return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, out), None
+    def body(carry, mb):
+        acc, count = carry
+        run = lambda: jax.tree.map(lambda x: x.astype(jnp.float32),
+                                   grad_fn(params, routing, mb, config, mtp_weight))
+        if "active" in mb:                          # an empty slot of a batch-size ramp
+            on = jnp.max(mb["active"]) > 0
+            out, n = jax.lax.cond(on, run, lambda: zeros), on.astype(jnp.float32)
+        else:
+            out, n = run(), jnp.float32(1)
+        return (jax.tree.map(jnp.add, acc, out), count + n), None
 
-    ((loss, (parts, stats)), grads), _ = jax.lax.scan(body, zeros, mbs)
-    mean = lambda t: jax.tree.map(lambda x: x / microbatches, t)
+    (((loss, (parts, stats)), grads), count), _ = jax.lax.scan(
+        body, (zeros, jnp.float32(0)), mbs)
+    count = jnp.maximum(count, 1.0)
+    mean = lambda t: jax.tree.map(lambda x: x / count, t)
     summed = lambda path: any(k in jax.tree_util.keystr(path) for k in ("load", "dropped"))
     stats = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if summed(path) else x / microbatches, stats)
+        lambda path, x: x if summed(path) else x / count, stats)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), mean(grads), params)
-    return loss / microbatches, mean(parts), stats, grads
+    return loss / count, mean(parts), stats, grads
 
 
 def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
-               tx: optax.GradientTransformation, microbatches: int = 1):
+               tx: optax.GradientTransformation, microbatches: int = 1,
+               schedule: TrainSchedules | None = None):
     """One optimizer step on `batch` = {"tokens": int [B, T], and optionally "valid" [B, T]
     (loss weight of each target position, see losses.py), "positions" and "segment_ids" [B, T]
-    for packed sequences}. Returns (new state, metrics)."""
+    for packed sequences, "token_mask" [B, T] (padding = false; see `token_mask`)}. Returns
+    (new state, metrics). Expert loads and balance losses count real tokens only. `schedule`
+    gives λ and γ per step (their values are logged as `mtp_weight`, `bias_update_rate`)."""
+    schedule = schedule or TrainSchedules()
+    mtp_weight = schedule.mtp_weight(state.step) if schedule.mtp_weight else None
+    rate = (schedule.bias_update_rate(state.step) if schedule.bias_update_rate
+            else config.bias_update_rate)
     loss, parts, stats, grads = loss_and_grads(state.params, state.routing, batch, config,
-                                               microbatches)
+                                               microbatches, mtp_weight)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -154,9 +180,13 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
     grad_norm = optax.tree.norm(grads)
     metrics = {"loss": loss, **parts, "grad_norm": grad_norm,
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    if schedule.mtp_weight:
+        metrics["mtp_weight"] = mtp_weight
+    if schedule.bias_update_rate:
+        metrics["bias_update_rate"] = rate
     if routing:
         loads = routing_loads(stats, routing)
-        routing = update_routing_bias(routing, loads, config.bias_update_rate)
+        routing = update_routing_bias(routing, loads, rate)
         all_loads = jnp.concatenate([l.reshape(-1, l.shape[-1]) for l in jax.tree.leaves(loads)])
         metrics["load_imbalance"] = jnp.max(jnp.max(all_loads, -1) / jnp.mean(all_loads, -1))
         biases = jnp.concatenate([b.reshape(-1, b.shape[-1]) for b in jax.tree.leaves(routing)])
