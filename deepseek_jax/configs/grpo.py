@@ -21,6 +21,7 @@ import ml_collections
 
 from deepseek_jax.configs.pretrain import model_fields
 from deepseek_jax.config import get_config as get_model_config
+from deepseek_jax.rl.rewards import FORMAT_WEIGHTS
 
 _RUNS = {
     #           model   task          prompts G  new  steps  lr     template   beta   mu
@@ -72,7 +73,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.rl.aggregation = "seq_mean_token_mean"  # or token_mean (DAPO), seq_mean_token_sum_norm
     # total reward = accuracy + format_weight·format: R1 adds the two (1.0); the small runs keep
     # TinyZero's 0.1, with which the demo was measured (rl.rewards.FORMAT_WEIGHTS names both)
-    c.rl.format_weight = 1.0 if arg == "v3-671b" else 0.1
+    c.rl.format_weight = FORMAT_WEIGHTS["r1" if arg == "v3-671b" else "tinyzero"]
     # γ of the routing-bias update during RL: -1 keeps the model's; 0 freezes the bias (a few
     # hundred short completions per step are a noisy load signal, and each sign step moves routing)
     c.rl.bias_update_rate = 0.0 if arg == "small" else -1.0

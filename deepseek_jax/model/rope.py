@@ -15,7 +15,10 @@ The temperature √t = 0.1·mscale_all_dim·ln s + 1 is folded into the softmax 
 (`ModelConfig.softmax_scale`: 0.1352338 for V3); HF's extra cos/sin factor
 mscale(s, mscale)/mscale(s, mscale_all_dim) is applied here (it is 1 for every released model).
 YaRN is applied whenever `rope_factor > 1`, as HF transformers does; DeepSeek's inference demo
-applies it only when its max_seq_len exceeds the original length.
+applies it only when its max_seq_len exceeds the original length. DeepSeek pretrained with
+plain RoPE and switched YaRN on for context extension (V3 §4.3), so the pretraining run configs
+set `rope_factor = 1` and the extension phases (`deepseek_jax.configs.pretrain`, v3-671b-32k
+and -128k) keep the released config's s = 40; imported weights keep their config.json's YaRN.
 
 Pair layout: the official weights rotate consecutive pairs (x[2i], x[2i+1]) ("interleaved",
 `rope_interleaved=True`); `False` rotates (x[i], x[i + R/2]) (HF `rope_interleave=False`).
