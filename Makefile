@@ -26,12 +26,14 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m experiments.demo --workdir=$(DEMO_DIR) $(DEMO_ARGS)
 
+# The linter first (ruff, configured in pyproject.toml), then the tests.
 # Tests run on 8 fake CPU devices (tests/conftest.py sets the XLA flag) in two workers.
 # Whole files per worker, heaviest first (tests/conftest.py orders them; xdist's own reordering
 # by test count is off), and the 25 slowest tests listed at the end. TEST_ARGS adds options, e.g.
 # TEST_ARGS="--dist load" to hand out single tests instead.
 TEST_ARGS ?=
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 $(TEST_ARGS) tests
 
 clean:

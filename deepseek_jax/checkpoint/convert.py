@@ -54,6 +54,7 @@ import numpy as np
 from deepseek_jax.checkpoint.loader import leaf_dtype, prepare, set_path
 from deepseek_jax.checkpoint.reader import DEFAULT_CHUNK_BYTES, device_leaf
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.train import sharded
 
 MODEL_CONFIG = "model_config.json"
 DEFAULT_GROUP_BYTES = 4 * 2**30
@@ -101,9 +102,9 @@ def convert_to_orbax(hf_dir: str, out_dir: str, *, preset: str = "fsdp",
         raise FileExistsError(f"{step_dir} exists; convert into a new --out folder")
     p = prepare(hf_dir, dtype=dtype, overrides=overrides)
     mesh, rules = parallel.mesh_and_rules(preset, mesh_config, devices)
-    parallel.validate(p.config, mesh, rules)
+    sharded.validate(p.config, mesh, rules)
     run_dir.prepare(out_dir, flag="--out")      # writable, and can commit a checkpoint
-    shardings = parallel.param_shardings(p.config, mesh, rules)
+    shardings = sharded.param_shardings(p.config, mesh, rules)
     metadata = {"source": os.path.abspath(hf_dir), "converter": __name__,
                 "model_type": p.hf.get("model_type")}
     lead = jax.process_index() == 0
@@ -142,18 +143,17 @@ def restore_converted(out_dir: str, mesh=None, rules=None, step: int = 0
     """
     import flax
     import orbax.checkpoint as ocp
-    from deepseek_jax import parallel
     from deepseek_jax.train.workdir import resolve
     out_dir = resolve(out_dir)                  # Orbax reads absolute paths only
     config = read_model_config(out_dir)
-    shapes = flax.core.meta.unbox(parallel.sharding.abstract_variables(config))
+    shapes = flax.core.meta.unbox(sharded.abstract_variables(config))
     shapes = {k: v for k, v in shapes.items() if k in ("params", "routing")}
     if mesh is None:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, shapes)
     else:
-        parallel.validate(config, mesh, rules)
-        shardings = parallel.param_shardings(config, mesh, rules)
+        sharded.validate(config, mesh, rules)
+        shardings = sharded.param_shardings(config, mesh, rules)
         shardings = {k: shardings[k] for k in shapes}
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             shapes, shardings)
@@ -175,12 +175,12 @@ def train_state_from_converted(out_dir: str, config: ModelConfig, tx, mesh, rule
     from deepseek_jax import parallel
     from deepseek_jax.train.step import TrainState
     saved, variables = restore_converted(out_dir, mesh, rules)
-    want = parallel.sharding.abstract_variables(config)
-    got = parallel.sharding.abstract_variables(saved)
+    want = sharded.abstract_variables(config)
+    got = sharded.abstract_variables(saved)
     if jax.tree.map(lambda x: x.shape, want) != jax.tree.map(lambda x: x.shape, got):
         raise ValueError(f"{out_dir} was converted for a model with different parameter shapes "
                          f"than this run's model config; compare {MODEL_CONFIG} with it")
-    shardings = parallel.state_shardings(config, mesh, rules, tx)
+    shardings = sharded.state_shardings(config, mesh, rules, tx)
     params = jax.tree.map(lambda x: x.astype(config.param_dtype), variables["params"])
     with parallel.sharding_context(mesh, rules):
         opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)

@@ -69,6 +69,7 @@ from deepseek_jax.checkpoint.reader import (DEFAULT_CHUNK_BYTES, check_folder, d
                                             read_leaf)
 from deepseek_jax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFolder
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.train import sharded
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +215,8 @@ def load_hf_checkpoint(path: str, *, dtype=None, keep_fp8: bool = False, mesh=No
     p = prepare(path, dtype=dtype, overrides=overrides)
     shardings = None
     if mesh is not None:
-        from deepseek_jax import parallel
-        parallel.validate(p.config, mesh, rules)
-        shardings = parallel.param_shardings(p.config, mesh, rules)
+        sharded.validate(p.config, mesh, rules)
+        shardings = sharded.param_shardings(p.config, mesh, rules)
     variables: dict = {}
     for leaf in p.leaves:
         dt = leaf_dtype(p, leaf)

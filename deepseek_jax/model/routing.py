@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import MeshError, ModelConfig
+from deepseek_jax.parallel.rules import axis_names
 
 
 # --- gate --------------------------------------------------------------------------------------
@@ -208,10 +209,6 @@ class EPLayout:
     n_shards: int                     # P = product of the expert axes' sizes
 
 
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-
-
 def layout_from_context(config: ModelConfig, batch_size: int | None = None) -> EPLayout | None:
     """The layout the active mesh and logical rules give the routed experts.
 
@@ -229,7 +226,7 @@ def layout_from_context(config: ModelConfig, batch_size: int | None = None) -> E
     rules = nn.get_logical_axis_rules()
     if mesh.empty or not rules:
         return None
-    spec = lambda name: _axes(nn.logical_to_mesh_axes((name,), rules)[0])
+    spec = lambda name: axis_names(nn.logical_to_mesh_axes((name,), rules)[0])
     expert = tuple(a for a in spec("expert") if mesh.shape.get(a, 1) > 1)
     batch = tuple(a for a in spec("act_batch") if mesh.shape.get(a, 1) > 1)
     mlp = tuple(a for a in spec("mlp") if mesh.shape.get(a, 1) > 1 and a not in expert)

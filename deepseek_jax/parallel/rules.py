@@ -140,9 +140,14 @@ def run_mesh_config(mesh_cfg, n_devices: int) -> dict[str, int]:
     return {a: (1 if v == 0 else v) for a, v in sizes.items()}
 
 
+def axis_names(entry) -> tuple[str, ...]:
+    """A rule's or PartitionSpec's mesh-axis entry (None, a name, or names) as a tuple of names."""
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
 def _keep(mesh_axes, allowed: set[str]):
     """Mesh axes of one rule with the disallowed ones struck out; None when none is left."""
-    axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    axes = axis_names(mesh_axes)
     axes = tuple(a for a in axes if a in allowed)
     if not axes:
         return None
@@ -180,14 +185,12 @@ def mesh_axes_of(logical: tuple[str | None, ...], rules: Rules) -> jax.sharding.
 
 def batch_axes(rules: Rules) -> tuple[str, ...]:
     """Mesh axes the batch dimension is split over under `rules` (() = replicated)."""
-    axes = mesh_axes_of(("act_batch",), rules)[0]
-    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return axis_names(mesh_axes_of(("act_batch",), rules)[0])
 
 
 def expert_axes(rules: Rules) -> tuple[str, ...]:
     """Mesh axes the routed-expert dimension E is split over (the all-to-all path's axis)."""
-    axes = mesh_axes_of(("expert",), rules)[0]
-    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return axis_names(mesh_axes_of(("expert",), rules)[0])
 
 
 @contextlib.contextmanager

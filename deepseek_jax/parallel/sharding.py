@@ -1,89 +1,19 @@
-"""Shardings derived from the model's logical names, and the checks made before compiling.
+"""Sharding of the batch, and the batch check made before compiling: mesh and rules only.
 
-  jax.eval_shape(init)  →  logical PartitionSpecs (names from `nn.with_logical_partitioning`)
-                        →  mesh PartitionSpecs under the rules  →  NamedSharding
-
-`state_shardings` gives a whole `TrainState`: parameters from their names; optimizer-state
-leaves that mirror a parameter (AdamW's mu and nu) get that parameter's sharding, other leaves
-(step counts) are replicated; the routing bias [L, E] (no logical names in the model) is read as
-("layers", "expert"), so E follows the expert axis when expert parallelism is on; the step is
-replicated. `batch_sharding` splits B of every [B, T] batch array over the batch axes.
-
-`validate` checks, without compiling, that every sharded dimension divides evenly and that the
-global batch splits over the batch axes, and names the change that fixes each problem.
-
-Left out: uneven (padded) sharding. JAX can pad a dimension that does not divide, but that
-silently wastes memory and compute on every step, so here it is an error instead.
+`batch_sharding` splits B of every [B, T] batch array over the batch axes; `check_global_batch`
+says, before anything compiles, when a global batch does not split over them. The model's own
+shardings (parameters, optimizer state) are derived in `train/sharded.py`, which joins the model
+to the mesh; this package knows nothing of the model.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
-import flax
-import flax.linen as nn
-import jax
-import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
-from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.transformer import init_variables
-from deepseek_jax.parallel.mesh import MESH_AXES, MeshError
+from deepseek_jax.config import MeshError
 from deepseek_jax.parallel.rules import Rules, batch_axes, mesh_axes_of
-from deepseek_jax.train.step import TrainState
-
-
-@functools.lru_cache(maxsize=8)
-def abstract_variables(config: ModelConfig) -> dict:
-    """Shapes of `init_variables(config)`, parameters still boxed with their logical names.
-
-    Cached per config (an eval_shape of the full model takes seconds at 671B); do not mutate.
-    """
-    return jax.eval_shape(lambda rng: init_variables(rng, config), jax.random.key(0))
-
-
-def _routing_names(leaf) -> tuple[str, ...]:
-    return ("layers", "expert") if leaf.ndim == 2 else ("expert",)
-
-
-def logical_specs(config: ModelConfig) -> dict:
-    """{"params": ..., "routing": ...} trees of logical PartitionSpecs (names, not mesh axes)."""
-    variables = abstract_variables(config)
-    specs = {"params": nn.get_partition_spec(variables["params"])}
-    specs["routing"] = jax.tree.map(lambda x: P(*_routing_names(x)),
-                                    variables.get("routing", {}))
-    return specs
-
-
-def _to_sharding(mesh: Mesh, rules: Rules):
-    return lambda spec: NamedSharding(mesh, mesh_axes_of(tuple(spec), rules))
-
-
-def _is_spec(x) -> bool:
-    return isinstance(x, P)
-
-
-def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules) -> dict:
-    """{"params": ..., "routing": ...} trees of NamedSharding."""
-    return jax.tree.map(_to_sharding(mesh, rules), logical_specs(config), is_leaf=_is_spec)
-
-
-def state_shardings(config: ModelConfig, mesh: Mesh, rules: Rules,
-                    tx: optax.GradientTransformation) -> TrainState:
-    """A `TrainState` whose leaves are the NamedShardings of `init_train_state`'s arrays."""
-    shardings = param_shardings(config, mesh, rules)
-    params = shardings["params"]
-    replicated = NamedSharding(mesh, P())
-    abstract_params = flax.core.meta.unbox(abstract_variables(config)["params"])
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
-                                transform_non_params=lambda _: replicated)
-    # A state leaf shaped unlike its parameter (e.g. factored second moments) is replicated.
-    opt = jax.tree.map(lambda a, s: s if len(s.spec) == a.ndim else replicated,
-                       abstract_opt, opt)
-    return TrainState(step=replicated, params=params, opt_state=opt,
-                      routing=shardings["routing"])
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
@@ -91,44 +21,7 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, mesh_axes_of(("act_batch", "act_length"), rules))
 
 
-# --- checks before compiling ----------------------------------------------------------------
-
-def _axes_tuple(entry) -> tuple[str, ...]:
-    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-
-
-def _fix(what: str, size: int, axes: tuple[str, ...], mesh: Mesh) -> str:
-    """Suggests axis sizes that divide both `size` and the device count."""
-    n = mesh.devices.size
-    ok = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and size % d == 0)
-    return f"use {'×'.join(axes)} in {{{ok}}}, or change {what}"
-
-
-def _dim_problem(path: str, name: str, size: int, axes: tuple[str, ...], mesh: Mesh,
-                 config: ModelConfig) -> str:
-    """The message for one dimension that does not divide its mesh axes."""
-    k = math.prod(mesh.shape[a] for a in axes)
-    where = f"{'×'.join(axes)}={k}"
-    if name == "heads":
-        return (f"n_heads={config.n_heads} is not divisible by {where}; "
-                + _fix("n_heads", size, axes, mesh))
-    if name == "expert":
-        return (f"n_routed_experts={config.n_routed_experts} is not divisible by {where}; "
-                + _fix("n_routed_experts", size, axes, mesh))
-    if name == "vocab":
-        padded = -(-size // k) * k
-        return (f"vocab_size={size} is not divisible by {where} and is not padded "
-                f"automatically; " + _fix(f"vocab_size (e.g. pad it to {padded})", size, axes,
-                                          mesh))
-    if name == "mlp":
-        field = ("moe_d_ff" if "moe" in path and "shared" not in path
-                 else "n_shared_experts·moe_d_ff" if "shared" in path else "d_ff")
-        return f"{field}={size} is not divisible by {where}; " + _fix(field, size, axes, mesh)
-    return (f"{path}: dimension {name!r} of size {size} is not divisible by {where}; "
-            + _fix(f"the rule for {name!r}", size, axes, mesh))
-
-
-def _batch_problems(mesh: Mesh, rules: Rules, global_batch: int) -> list[str]:
+def batch_problems(mesh: Mesh, rules: Rules, global_batch: int) -> list[str]:
     axes = batch_axes(rules)
     k = math.prod(mesh.shape[a] for a in axes)
     if global_batch % k == 0:
@@ -140,54 +33,6 @@ def _batch_problems(mesh: Mesh, rules: Rules, global_batch: int) -> list[str]:
 
 def check_global_batch(mesh: Mesh, rules: Rules, global_batch: int) -> None:
     """Raises MeshError unless `global_batch` splits evenly over the batch axes."""
-    problems = _batch_problems(mesh, rules, global_batch)
+    problems = batch_problems(mesh, rules, global_batch)
     if problems:
         raise MeshError(problems[0])
-
-
-def validate(config: ModelConfig, mesh: Mesh, rules: Rules,
-             global_batch: int | None = None) -> None:
-    """Checks shardings before anything compiles.
-
-    Args:
-      config: the model.
-      mesh: from `make_mesh`.
-      rules: from `logical_axis_rules`.
-      global_batch: sequences per step over all devices; None skips the batch check.
-
-    Raises:
-      MeshError: listing every problem found, each with the change that fixes it.
-    """
-    problems = []
-    for name, axes in rules:
-        for a in _axes_tuple(axes):
-            if a not in mesh.shape:
-                problems.append(f"rule ({name!r}, {axes!r}) names mesh axis {a!r}, which the "
-                                f"mesh does not have; mesh axes are {', '.join(MESH_AXES)}")
-    if problems:
-        raise MeshError("\n".join(problems))
-
-    if global_batch is not None:
-        problems += _batch_problems(mesh, rules, global_batch)
-
-    variables = abstract_variables(config)
-    named = {"params": variables["params"],
-             "routing": jax.tree.map(lambda x: nn.LogicallyPartitioned(x, _routing_names(x)),
-                                     variables.get("routing", {}))}
-    seen = set()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(
-            named, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
-        names = tuple(leaf.names)
-        spec = mesh_axes_of(names, rules)
-        for name, size, entry in zip(names, leaf.value.shape, spec):
-            axes = _axes_tuple(entry)
-            if axes and size % math.prod(mesh.shape[a] for a in axes):
-                msg = _dim_problem(jax.tree_util.keystr(path), name, size, axes, mesh, config)
-                if msg not in seen:
-                    seen.add(msg)
-                    problems.append(msg)
-    if problems:
-        shape = ", ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "one device"
-        raise MeshError(f"cannot shard the model on mesh ({shape}):\n  - "
-                        + "\n  - ".join(problems))
-

@@ -26,18 +26,14 @@ from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer
 from deepseek_jax.rl import loss as loss_lib
 from deepseek_jax.sampling.sample import tempered_log_softmax, token_logprobs
-from deepseek_jax.train.step import TrainState, routing_loads
-
-
-def _variables(params, routing):
-    return {"params": params, **({"routing": routing} if routing else {})}
+from deepseek_jax.train.step import TrainState, model_variables, routing_loads
 
 
 def target_logprobs(params, routing, tokens, config: ModelConfig, temperature: float,
                     token_mask=None):
     """(logp [B, T] of tokens[i+1] at position i (0 at the last), entropy [B, T], moe_stats);
     `token_mask` [B, T] (None = all real) only shapes the MoE statistics."""
-    (logits, _), aux = Transformer(config).apply(_variables(params, routing), tokens,
+    (logits, _), aux = Transformer(config).apply(model_variables(params, routing), tokens,
                                                  token_mask=token_mask, mutable=["moe_stats"])
     targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)           # [B, T]
     logp = token_logprobs(logits, targets, temperature)                         # [B, T]

@@ -62,6 +62,7 @@ from deepseek_jax.sampling.cache import KINDS, init_cache
 from deepseek_jax.sampling.loop import (Generation, Knobs, Settings, constrain_cache, fold_keys,
                                         pick, step_models)
 from deepseek_jax.sampling.speculative import speculative_loop
+from deepseek_jax.train import sharded
 
 PROMPT_BUCKET = 8  # prompt widths are rounded up to a multiple of this (fewer recompiles)
 
@@ -282,8 +283,8 @@ def _run_sharded(run, args, config: ModelConfig, mesh, rules) -> Generation:
     from deepseek_jax import parallel
 
     variables, ids, lengths, keys, *rest = args
-    parallel.validate(config, mesh, rules, global_batch=ids.shape[0])
-    shardings = parallel.param_shardings(config, mesh, rules)
+    sharded.validate(config, mesh, rules, global_batch=ids.shape[0])
+    shardings = sharded.param_shardings(config, mesh, rules)
     variables = {k: jax.device_put(v, shardings[k]) if k in shardings else v
                  for k, v in variables.items()}
     rows = NamedSharding(mesh, P(parallel.batch_axes(rules) or None))

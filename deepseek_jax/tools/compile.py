@@ -2,7 +2,7 @@
 
   result = compile_strategy(config, strategy, devices, batch=512, seq=4096)
 
-The step is `parallel.make_sharded_train_step` (the one `experiments/pretrain.py` runs), lowered
+The step is `sharded.make_sharded_train_step` (the one `experiments/pretrain.py` runs), lowered
 with `jax.ShapeDtypeStruct` arguments that carry their shardings, so nothing is allocated: the
 671B model's state exists only as shapes. `devices` are compile-only TPU devices from
 `jax.experimental.topologies` (ahead of time, from a CPU host) or fake CPU devices.
@@ -40,6 +40,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.tools import hlo
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.step import init_train_state
+from deepseek_jax.train import sharded
 
 _UNITS = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 _OOM_TEMP = re.compile(r"HLO temporaries \(([\d.]+)\s*([KMGT]?)i?B?\)")
@@ -70,7 +71,7 @@ class Strategy:
 def abstract_train_inputs(config: ModelConfig, mesh, rules, batch: int, seq: int):
     """(state, batch, step) with ShapeDtypeStruct leaves that carry their shardings."""
     tx = make_optimizer(1e-4)
-    step = parallel.make_sharded_train_step(config, tx, mesh, rules)
+    step = sharded.make_sharded_train_step(config, tx, mesh, rules)
     shapes = jax.eval_shape(lambda k: init_train_state(k, config, tx), jax.random.key(0))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          shapes, step.shardings)
@@ -119,7 +120,7 @@ def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: in
     t0 = time.perf_counter()
     mesh = parallel.make_mesh(strategy.mesh, devices)
     rules = parallel.logical_axis_rules(strategy.preset, mesh)
-    parallel.validate(config, mesh, rules, batch)
+    sharded.validate(config, mesh, rules, batch)
     state, data, step = abstract_train_inputs(config, mesh, rules, batch, seq)
     out = {"params": shard_bytes(state.params), "optimizer": shard_bytes(state.opt_state),
            "routing": shard_bytes(state.routing), "fits": True, "error": ""}

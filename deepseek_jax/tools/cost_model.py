@@ -59,8 +59,9 @@ from jax.sharding import AbstractMesh
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.parallel.mesh import MESH_AXES
-from deepseek_jax.parallel.rules import Rules, batch_axes, logical_axis_rules, mesh_axes_of
-from deepseek_jax.parallel.sharding import abstract_variables
+from deepseek_jax.parallel.rules import (Rules, axis_names, batch_axes, logical_axis_rules,
+                                         mesh_axes_of)
+from deepseek_jax.train.sharded import abstract_variables
 from deepseek_jax.tools.targets import Target
 from deepseek_jax.train.flops import flops_per_token
 
@@ -71,8 +72,6 @@ def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
     return AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
 
 
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
 def _bytes(dtype) -> int:
@@ -191,7 +190,7 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
         names = tuple(leaf.names)
         value = leaf.value
         spec = mesh_axes_of(names, rules)
-        used = [a for entry in spec for a in _axes(entry)]
+        used = [a for entry in spec for a in axis_names(entry)]
         shard = math.prod(sizes.get(a, 1) for a in used)
         n = math.prod(value.shape)
         pb = _bytes(value.dtype)

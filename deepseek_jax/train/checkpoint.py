@@ -108,7 +108,7 @@ def load_trained(workdir: str, step: int | None = None, shardings=None):
 
     Only the parameters and routing bias are read; the optimizer state is left on disk. Arrays
     land with `shardings` ({"params", "routing"} trees of shardings, e.g. from
-    `deepseek_jax.parallel.param_shardings`), or on the first device when None.
+    `deepseek_jax.sharded.param_shardings`), or on the first device when None.
     """
     workdir = os.path.abspath(workdir)          # Orbax reads absolute paths only
     config = load_model_config(workdir)

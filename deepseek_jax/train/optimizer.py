@@ -10,9 +10,9 @@ parameters), and the ZeRO-style sharding of optimizer state, which comes from th
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import flax
-import jax
 import jax.numpy as jnp
 import optax
 

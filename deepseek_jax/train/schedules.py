@@ -28,7 +28,6 @@ the micro-batch size).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Sequence
 
 import jax.numpy as jnp

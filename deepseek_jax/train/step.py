@@ -88,12 +88,18 @@ def token_mask(batch: dict) -> jax.Array | None:
     return None
 
 
+def model_variables(params, routing) -> dict:
+    """What `Transformer.apply` takes: {"params": ..., "routing": ...} (no routing entry when the
+    model has no routing bias)."""
+    return {"params": params, **({"routing": routing} if routing else {})}
+
+
 def _forward(params, routing, batch: dict, config: ModelConfig, mtp_weight=None):
     """Loss and statistics of one (micro-)batch: (total, (parts, moe_stats))."""
     tokens = batch["tokens"]
     valid = batch.get("valid")
     valid = jnp.ones(tokens.shape, jnp.float32) if valid is None else valid
-    variables = {"params": params, **({"routing": routing} if routing else {})}
+    variables = model_variables(params, routing)
     (logits, mtp_logits), aux = Transformer(config).apply(
         variables, tokens, positions=batch.get("positions"),
         segment_ids=batch.get("segment_ids"), token_mask=token_mask(batch),

@@ -54,8 +54,9 @@ from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.train.metrics import MetricsWriter
 from deepseek_jax.train.optimizer import make_optimizer, learning_rate_schedule
-from deepseek_jax.train.step import NonFiniteLoss, TrainState
+from deepseek_jax.train.step import NonFiniteLoss, TrainState, model_variables
 from deepseek_jax.configs.pretrain import to_model_config
+from deepseek_jax.train import sharded
 
 
 def _problems(source, indices):
@@ -107,7 +108,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     else to_model_config(config.model))
     if rl.bias_update_rate >= 0:      # the routing bias's γ during RL (0 freezes the bias)
         model_config = dataclasses.replace(model_config, bias_update_rate=rl.bias_update_rate)
-    parallel.validate(model_config, mesh, rules, batch_rows)
+    sharded.validate(model_config, mesh, rules, batch_rows)
     if model_config.vocab_size < encoder.vocab_size:
         raise ValueError(f"the model's vocab_size {model_config.vocab_size} is smaller than the "
                          f"tokenizer's {encoder.vocab_size}: set data.tokenizer to the model's "
@@ -116,7 +117,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if pretrained:
         # Read straight into the run's shardings: a large model never lands whole on a device.
         _, variables = ckpt.load_trained(
-            pretrained, shardings=parallel.param_shardings(model_config, mesh, rules))
+            pretrained, shardings=sharded.param_shardings(model_config, mesh, rules))
     else:
         from deepseek_jax.model import init_variables
         import flax
@@ -128,7 +129,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       config.train.steps, kind="constant")
     tx = make_optimizer(schedule, b1=config.optim.b1, b2=config.optim.b2,
                         weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
-    shardings = parallel.state_shardings(model_config, mesh, rules, tx)
+    shardings = sharded.state_shardings(model_config, mesh, rules, tx)
     place = lambda tree, s: jax.tree.map(jax.device_put, tree, s)
     params = place(variables["params"], shardings.params)
     routing = place(variables.get("routing", {}), shardings.routing)
@@ -151,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                               rl.temperature)[0])
 
     def variables_of(state):
-        return {"params": state.params, **({"routing": state.routing} if state.routing else {})}
+        return model_variables(state.params, state.routing)
 
     def sample(state, prompts, rng, temperature):
         return generate(variables_of(state), model_config, prompts,

@@ -38,6 +38,7 @@ from deepseek_jax.train.metrics import MetricsWriter, Throughput, truncate_after
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.step import NonFiniteLoss, TrainState, eval_step, init_train_state
 from deepseek_jax.configs.pretrain import to_model_config
+from deepseek_jax.train import sharded
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -47,7 +48,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model_config = to_model_config(config.model)
     mesh = parallel.make_mesh(parallel.run_mesh_config(config.mesh, jax.device_count()))
     rules = parallel.logical_axis_rules(config.mesh.preset, mesh)
-    parallel.validate(model_config, mesh, rules, config.data.global_batch)
+    sharded.validate(model_config, mesh, rules, config.data.global_batch)
     if model_config.vocab_size < run_config.vocab_size(config.data.tokenizer):
         raise ValueError(f"model.vocab_size={model_config.vocab_size} is smaller than the "
                          f"tokenizer's {run_config.vocab_size(config.data.tokenizer)}; raise it")
@@ -77,7 +78,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
 
     # --- shardings and step -------------------------------------------------------------------
-    step_fn = parallel.make_sharded_train_step(model_config, tx, mesh, rules,
+    step_fn = sharded.make_sharded_train_step(model_config, tx, mesh, rules,
                                                microbatches=config.train.microbatches,
                                                schedule=plan.train)
     batch_sharding = parallel.batch_sharding(mesh, rules)
@@ -116,7 +117,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             raise ValueError(f"run config {config.name!r} continues another run: set "
                              "--config.init.pretrain_dir to that run's directory")
         else:
-            state = parallel.init_sharded_state(init_rng, model_config, tx, mesh, rules)
+            state = sharded.init_sharded_state(init_rng, model_config, tx, mesh, rules)
         start = 0
 
     # --- loop ---------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def trained_small(steps: int, smoke: bool):
     """The `small` config (MTP depth 1) trained on arithmetic lines: (config, variables)."""
     from deepseek_jax.data.synthetic import arithmetic_batch
     from deepseek_jax.train.optimizer import make_optimizer
-    from deepseek_jax.train.step import init_train_state, train_step
+    from deepseek_jax.train.step import init_train_state, model_variables, train_step
 
     config = get_config("small", n_layers=2, max_seq_len=512) if smoke else get_config("small")
     tx = make_optimizer(3e-3)
@@ -177,8 +177,7 @@ def trained_small(steps: int, smoke: bool):
     for i in range(steps):
         state, metrics = step(state, {"tokens": jnp.asarray(arithmetic_batch(i, batch, length))})
     loss = float(metrics["loss"]) if steps else float("nan")
-    variables = {"params": state.params, **({"routing": state.routing} if state.routing else {})}
-    return config, variables, loss
+    return config, model_variables(state.params, state.routing), loss
 
 
 def speculative_end_to_end(steps: int, smoke: bool, batch: int, new_tokens: int) -> dict:

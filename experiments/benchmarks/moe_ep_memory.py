@@ -2,7 +2,7 @@
 
     python experiments/benchmarks/moe_ep_memory.py [--layers 4,5] [--json out.json]
 
-Compiles the real sharded train step (`parallel.make_sharded_train_step`, AdamW, the fsdp_ep preset
+Compiles the real sharded train step (`sharded.make_sharded_train_step`, AdamW, the fsdp_ep preset
 with fsdp=8 × expert=64 on the 512 chips of v5p-1024, global batch 512 = 1 sequence of 4096
 tokens per chip) for compile-only TPU devices from `jax.experimental.topologies` (needs libtpu,
 no TPU), and reads the compiler's per-chip memory (or its out-of-memory report).

@@ -15,6 +15,7 @@ from deepseek_jax.checkpoint import (MTPWeightsMissing, convert_to_orbax, load_h
 from deepseek_jax.checkpoint import convert as convert_module
 from deepseek_jax.checkpoint.convert import main, train_state_from_converted
 from deepseek_jax.train import checkpoint as train_ckpt
+from deepseek_jax.train import sharded
 from hf_helpers import ATOL, FP32, RTOL, fixture, flat, forward, reference
 
 
@@ -47,7 +48,7 @@ def test_restores_onto_meshes_with_the_values_of_a_direct_load(converted):
     for preset, sizes in (("fsdp", {"fsdp": 8}), ("fsdp_tp", {"fsdp": 2, "tensor": 4})):
         mesh, rules = parallel.mesh_and_rules(preset, sizes)
         config, variables = restore_converted(out, mesh, rules)
-        want = parallel.param_shardings(config, mesh, rules)
+        want = sharded.param_shardings(config, mesh, rules)
         w_up = variables["params"]["moe_layers"]["layers"]["moe"]["w_up"]     # [L, E, D, F]
         assert w_up.sharding.is_equivalent_to(
             want["params"]["moe_layers"]["layers"]["moe"]["w_up"], w_up.ndim)

@@ -16,6 +16,7 @@ from deepseek_jax.checkpoint.fp8_blocks import dequantize_blocks, read_box
 from deepseek_jax.checkpoint.safetensors_io import (SafetensorsFolder, save_file,
                                                     write_sharded)
 from deepseek_jax.kernels.fp8 import quantize_weight
+from deepseek_jax.train import sharded
 from hf_helpers import fixture, flat, make_folder, tensors
 
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -170,7 +171,7 @@ def test_loading_onto_a_mesh_builds_sharded_arrays_chunk_by_chunk(v3_flat, monke
     config, variables = load_hf_checkpoint(fixture("v3"), mesh=mesh, rules=rules,
                                            chunk_bytes=2048)
     assert updates                                     # big shards went in as pieces
-    want = parallel.param_shardings(config, mesh, rules)
+    want = sharded.param_shardings(config, mesh, rules)
     w_gate = variables["params"]["moe_layers"]["layers"]["moe"]["w_gate"]   # [2, 8, 32, 16]
     assert w_gate.sharding.is_equivalent_to(
         want["params"]["moe_layers"]["layers"]["moe"]["w_gate"], w_gate.ndim)

@@ -16,7 +16,7 @@ from deepseek_jax.checkpoint.safetensors_io import SafetensorsFolder
 from deepseek_jax.config import get_config
 from deepseek_jax.model import Transformer
 from deepseek_jax.model.blocks import attention_mask
-from deepseek_jax.parallel.sharding import abstract_variables
+from deepseek_jax.train.sharded import abstract_variables
 from hf_helpers import ATOL, FP32, RTOL, fixture, forward, reference
 
 

@@ -22,7 +22,7 @@ def test_tiny_grpo_run(tmp_path):
     c.train.checkpoint_every = 3
     c.rl.format_weight = 1.0
     workdir = str(tmp_path)
-    result = grpo.train_and_evaluate(c, workdir)
+    grpo.train_and_evaluate(c, workdir)
     rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward_mean", "accuracy_reward_mean", "format_reward_mean", "kl", "entropy",

@@ -5,7 +5,6 @@ exact in the comments; an independent per-token NumPy gate (`_np_gate`, a plain 
 written from spec §3) checks the vectorised gate on random inputs.
 """
 
-import math
 
 import flax.linen as nn
 import jax

@@ -25,6 +25,7 @@ from deepseek_jax import parallel as par
 from deepseek_jax.config import get_config
 from deepseek_jax.model import dispatch, moe, routing
 from deepseek_jax.parallel.mesh import MeshError
+from deepseek_jax.train import sharded
 
 TOL = 1e-5
 B, T = 8, 6
@@ -301,7 +302,7 @@ def test_pretraining_preset_step_uses_the_ep_exchange(tiny):
     from deepseek_jax.train.step import init_train_state
     tx = make_optimizer(1e-3)
     mesh, rules = par.mesh_and_rules("fsdp_ep")
-    step = par.make_sharded_train_step(tiny, tx, mesh, rules)
+    step = sharded.make_sharded_train_step(tiny, tx, mesh, rules)
     state = jax.eval_shape(lambda: init_train_state(jax.random.key(0), tiny, tx))
     batch = {"tokens": jax.ShapeDtypeStruct((8, 16), jnp.int32)}
     assert "all-to-all" in step.lower(state, batch).as_text().replace("all_to_all", "all-to-all")

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import parallel as par
 from deepseek_jax.train.step import init_train_state
+from deepseek_jax.train import sharded
 from numerics import assert_leaves_close_in_norm, gradient_rtol, record_gradient
 
 STEPS, LR, MOMENTUM, TOKENS = 3, 0.5, 0.9, 8 * 16
@@ -53,7 +54,7 @@ def setup(tiny):
 def _run(config, tx, state, batch, preset, devices):
     mesh = par.make_mesh(par.default_mesh_config(preset, len(devices)), devices)
     rules = par.logical_axis_rules(preset, mesh)
-    step = par.make_sharded_train_step(config, tx, mesh, rules)
+    step = sharded.make_sharded_train_step(config, tx, mesh, rules)
     if isinstance(state.step, np.ndarray):                 # host copy: place it
         state = jax.device_put(state, step.shardings)
     losses, grads, routing = [], [], []
@@ -80,7 +81,7 @@ def test_same_run_under_every_preset(tiny, setup, reference, preset):
     if preset == "fsdp_ep":
         # Born sharded: init_sharded_state gives the same values as the unsharded init.
         mesh = par.make_mesh(par.default_mesh_config(preset, 8))
-        state = par.init_sharded_state(jax.random.key(0), tiny, tx, mesh,
+        state = sharded.init_sharded_state(jax.random.key(0), tiny, tx, mesh,
                                        par.logical_axis_rules(preset, mesh))
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
                      state, host_state)

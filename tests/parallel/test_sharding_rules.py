@@ -11,9 +11,10 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax import parallel as par
 from deepseek_jax.config import get_config
 from deepseek_jax.model import Transformer
-from deepseek_jax.parallel.sharding import abstract_variables
+from deepseek_jax.train.sharded import abstract_variables
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.step import init_train_state
+from deepseek_jax.train import sharded
 
 MOE = ("moe_layers", "layers", "moe")
 ATTN = ("moe_layers", "layers", "attn")
@@ -60,7 +61,7 @@ def test_default_meshes():
 @pytest.mark.parametrize("preset", list(EXPECTED))
 def test_param_specs_per_preset(tiny, preset):
     mesh, rules = _setup(preset)
-    shardings = par.param_shardings(tiny, mesh, rules)
+    shardings = sharded.param_shardings(tiny, mesh, rules)
     for path, spec in EXPECTED[preset].items():
         assert _get(shardings["params"], path).spec == spec, (preset, path)
     bias = _get(shardings["routing"], MOE + ("bias",)).spec
@@ -71,7 +72,7 @@ def test_param_specs_per_preset(tiny, preset):
 def test_state_shardings_mirror_params(tiny):
     mesh, rules = _setup("fsdp_ep")
     tx = make_optimizer(1e-3)
-    s = par.state_shardings(tiny, mesh, rules, tx)
+    s = sharded.state_shardings(tiny, mesh, rules, tx)
     assert s.step.spec == P()
     adam = s.opt_state[1][0]                  # clip → (adamw: scale_by_adam, mask, lr)
     assert adam.count.spec == P()
@@ -96,7 +97,7 @@ def test_validate_heads_vocab_ffn_not_divisible():
     c = get_config("tiny", n_heads=6, vocab_size=66, d_ff=66, moe_d_ff=18, kv_lora_rank=17)
     mesh, rules = _setup("fsdp_tp")                     # fsdp=2, tensor=4
     with pytest.raises(par.MeshError) as err:
-        par.validate(c, mesh, rules, global_batch=8)
+        sharded.validate(c, mesh, rules, global_batch=8)
     msg = str(err.value)
     assert "n_heads=6 is not divisible by tensor=4; use tensor in {1, 2}, or change n_heads" in msg
     assert ("vocab_size=66 is not divisible by tensor=4 and is not padded automatically; use "
@@ -110,7 +111,7 @@ def test_validate_experts_and_batch_not_divisible():
     c = get_config("tiny", n_routed_experts=12, n_expert_groups=4)
     mesh, rules = _setup("fsdp_ep", {"fsdp": 1, "expert": 8})
     with pytest.raises(par.MeshError) as err:
-        par.validate(c, mesh, rules, global_batch=12)
+        sharded.validate(c, mesh, rules, global_batch=12)
     msg = str(err.value)
     assert ("n_routed_experts=12 is not divisible by expert=8; use expert in {1, 2, 4}, or "
             "change n_routed_experts") in msg
@@ -126,7 +127,7 @@ def test_activation_constraints_reach_the_program(tiny):
     tx = make_optimizer(1e-3)
     state = jax.eval_shape(lambda r: init_train_state(r, tiny, tx), jax.random.key(0))
     tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32)
-    step = par.make_sharded_train_step(tiny, tx, mesh, rules)
+    step = sharded.make_sharded_train_step(tiny, tx, mesh, rules)
     text = step.lower(state, {"tokens": tokens}).as_text()
     constraints = [l for l in text.splitlines() if "sharding_constraint" in l]
     assert any('[{"fsdp", "expert"}, {}, {}]' in l for l in constraints), constraints

@@ -20,6 +20,7 @@ from deepseek_jax import parallel
 from deepseek_jax.model import init_variables
 from deepseek_jax.rl.step import grpo_step, target_logprobs
 from deepseek_jax.train.step import TrainState
+from deepseek_jax.train import sharded
 from numerics import assert_leaves_close_in_norm, gradient_rtol, record_gradient
 
 ROWS, LENGTH, PROMPT = 16, 24, 6
@@ -58,7 +59,7 @@ def _step(config, params, batch, preset, devices):
     mesh = parallel.make_mesh(parallel.default_mesh_config(preset, len(devices)), devices)
     rules = parallel.logical_axis_rules(preset, mesh)
     tx = optax.chain(record_gradient(), optax.adamw(1e-3))
-    shardings = parallel.state_shardings(config, mesh, rules, tx)
+    shardings = sharded.state_shardings(config, mesh, rules, tx)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params["params"],
                        opt_state=tx.init(params["params"]), routing=params["routing"])
     state = jax.device_put(state, shardings)

@@ -14,6 +14,7 @@ from deepseek_jax.tools import cost_model, plan, report
 from deepseek_jax.tools.compile import Strategy, compile_strategy
 from deepseek_jax.tools.targets import parse_target
 from deepseek_jax.train.flops import flops_per_token
+from deepseek_jax.train import sharded
 
 # Another process on the host may hold libtpu's TPU lock; compile-only use does not need it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -113,7 +114,7 @@ def test_all_enumerates_prunes_and_explains_on_small():
     config = plan.load_model("small")
     for r in rows:
         mesh = parallel.make_mesh(r["mesh"], jax.devices())
-        parallel.validate(config, mesh, parallel.logical_axis_rules(r["preset"], mesh), 16)
+        sharded.validate(config, mesh, parallel.logical_axis_rules(r["preset"], mesh), 16)
     # A strategy that cannot shard the model is dropped with its reason.
     assert "heads size 4 does not split" in plan.shard_problem(
         config, Strategy.make("fsdp_tp", {"fsdp": 1, "tensor": 8}), 16)

@@ -3,7 +3,6 @@ before any planning (a full plan compiles for an hour)."""
 
 import os
 
-import pytest
 
 from deepseek_jax.tools import plan as plan_module
 

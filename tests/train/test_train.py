@@ -1,11 +1,9 @@
 """Train step on the tiny model: loss falls on a repeated batch, the routing bias stays out of
 the optimizer and moves against the load, and the loss parts are the ones documented."""
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from deepseek_jax.config import get_config
