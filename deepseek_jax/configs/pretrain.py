@@ -106,11 +106,6 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
         # On a CPU the dense dispatch (every expert on every token) is ~1.3× faster than the
         # grouped GEMM at these sizes; the math is the same.
         overrides["moe_impl"] = "dense"
-    if arg == "small":
-        # Four layers unrolled rather than scanned: on two CPU cores the step compiled in about
-        # half the time and took ~15 % less CPU time (the scan's stacking of per-layer
-        # activations for the backward pass is a copy per layer; BENCHMARKS.md).
-        overrides["scan_layers"] = False
     else:
         overrides["dtype"] = jnp.bfloat16
     c.model = model_fields(get_model_config(model, remat_policy=remat, **overrides))
