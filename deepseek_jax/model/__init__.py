@@ -9,10 +9,12 @@ Dimension alphabet, used in einsum strings, shape comments and names everywhere 
   Q  q-latent rank (q_lora_rank)   C  kv-latent rank          F  FFN / expert width
   E  routed experts                X  experts per token       G  expert groups
   L  stacked layers (nn.scan)      K  MTP depth               M  tokens routed to experts (B·T·X)
+  W  rows one device sends another per expert-parallel round (dispatch.py)
 
 Files: `rope.py` (RoPE + YaRN), `layers.py` (RMSNorm, SwiGLU, parameter helper), `mla.py`,
-`moe.py` (gate, dispatch, balancing), `mtp.py`, `transformer.py` (blocks, embedding, head),
-`params.py` (counting).
+`routing.py` (gate, loads, balancing, capacity, mesh layout), `dispatch.py` (dense, ragged,
+local and expert-parallel dispatch), `moe.py` (the MoE layer), `blocks.py`, `mtp.py`,
+`transformer.py` (embedding, stacks, head), `params.py` (counting).
 """
 
 from deepseek_jax.model.params import count_params

@@ -20,13 +20,13 @@ experts placed contiguously: device p owns experts [p·E/P, (p+1)·E/P)). Per de
 
   1. sort    its M = b·T·X (token, slot) pairs by expert id; since experts are contiguous per
              device this also groups them by destination device d. c[d] = pairs for device d.
-  2. plan    dropless with a BOUNDED buffer: each round moves at most C rows from every source to
-             every destination, C = ceil(moe_ep_buffer_factor · M / P) (rounded up to 8), so the
-             receive buffer is P·C = buffer_factor·M rows whatever the routing. Rounds needed:
-             R = ceil(max over the expert group of c[d] / C) (a `pmax`, so every device of the
+  2. plan    dropless with a BOUNDED buffer: each round moves at most W rows from every source to
+             every destination, W = ceil(moe_ep_buffer_factor · M / P) (rounded up to 8), so the
+             receive buffer is P·W = buffer_factor·M rows whatever the routing. Rounds needed:
+             R = ceil(max over the expert group of c[d] / W) (a `pmax`, so every device of the
              group runs the same number of exchanges). Pair i of destination d, at position j
-             in d's run, travels in round j // C to slot (source·C + j mod C) of d's buffer.
-  3. round   exchange rows and their local expert ids → on the destination, sort the P·C rows by
+             in d's run, travels in round j // W to slot (source·W + j mod W) of d's buffer.
+  3. round   exchange rows and their local expert ids → on the destination, sort the P·W rows by
              local expert (padding rows last, in no group) → three grouped GEMMs
              (`kernels.grouped_gemm.gmm`, SwiGLU) → `psum` over the tensor axes when the expert
              width F is split there → unsort → exchange back into the source's pair order.
@@ -36,10 +36,10 @@ Round 0 is an ordinary differentiable function (its residuals kept as for any la
 the overflow, run in a `while_loop` inside a `custom_vjp` whose backward replays each round under
 `jax.vjp` (rematerialized): the loop only runs when routing is skewed past the buffer, and memory
 stays at one round's buffers whatever R is. The worst case handled is every pair of every source
-going to one device: R = ceil(M / C) = ceil(P / buffer_factor) rounds, no token dropped, the same
+going to one device: R = ceil(M / W) = ceil(P / buffer_factor) rounds, no token dropped, the same
 memory as a balanced step, and R times the exchange latency.
 
-Transports (`moe_ep_transport`): "all_to_all" sends a dense [P, C, D] block per round (padding
+Transports (`moe_ep_transport`): "all_to_all" sends a dense [P, W, D] block per round (padding
 included; runs everywhere, including CPU). "ragged_all_to_all" sends only the real rows
 (`jax.lax.ragged_all_to_all`, GPU and TPU; XLA:CPU has no lowering). `ragged_all_to_all_emulated`
 has the same signature and semantics built from `all_to_all` and gathers, so the ragged offset
@@ -191,7 +191,7 @@ def node_limit(config: ModelConfig, n_shards: int) -> int | None:
 
 
 def chunk_rows(n_pairs: int, n_shards: int, buffer_factor: float) -> int:
-    """C: rows one source may send one destination per round (a multiple of 8, at least 8)."""
+    """W: rows one source may send one destination per round (a multiple of 8, at least 8)."""
     c = math.ceil(buffer_factor * n_pairs / n_shards)
     return max(8, -(-c // 8) * 8)
 
@@ -203,13 +203,13 @@ def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outpu
     Same arguments and result; `max_chunk` (static) bounds every send size. Moves P·max_chunk rows
     per device (the padding the real collective avoids).
     """
-    j = jnp.arange(max_chunk)                                               # [C]
-    src = input_offsets[:, None] + j                                        # [P, C]
+    j = jnp.arange(max_chunk)                                               # [W]
+    src = input_offsets[:, None] + j                                        # [P, W]
     src = jnp.where(j < send_sizes[:, None], src, operand.shape[0])         # out of range → 0
-    chunks = operand.at[src].get(mode="fill", fill_value=0)                 # [P, C, ...]
-    chunks = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)       # [P, C, ...] by source
+    chunks = operand.at[src].get(mode="fill", fill_value=0)                 # [P, W, ...]
+    chunks = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)       # [P, W, ...] by source
     offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # [P] by source
-    dst = offsets[:, None] + j                                              # [P, C]
+    dst = offsets[:, None] + j                                              # [P, W]
     dst = jnp.where(j < recv_sizes[:, None], dst, output.shape[0])          # out of range → drop
     return output.at[dst].set(chunks, mode="drop")
 
@@ -218,7 +218,7 @@ def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outpu
 class _Plan:
     """Static sizes and the per-device integer arrays every round reads."""
     n_shards: int            # P
-    chunk: int               # C
+    chunk: int               # W
     n_local: int             # E/P
     axis: tuple[str, ...]    # expert mesh axes
     mlp_axes: tuple[str, ...]
@@ -230,54 +230,54 @@ class _Plan:
 
 def _round(plan: _Plan, ints: dict, rows, w_gate, w_up, w_down, r):
     """Round r: rows [M, D] sorted by expert → their expert outputs [M, D] (zeros outside round r)."""
-    Pn, C, El = plan.n_shards, plan.chunk, plan.n_local
+    Pn, W, El = plan.n_shards, plan.chunk, plan.n_local
     M, D = rows.shape
     me = jax.lax.axis_index(plan.axis)
     send, recv = ints["send"], ints["recv"]                                 # [P] pair counts
     start = ints["start"]                                                   # [P] run start per dest
     local_e = ints["local_e"]                                               # [M] (El = none)
-    lo = r * C
-    send_r = jnp.clip(send - lo, 0, C)                                      # [P] rows sent now
-    recv_r = jnp.clip(recv - lo, 0, C)                                      # [P] rows received
+    lo = r * W
+    send_r = jnp.clip(send - lo, 0, W)                                      # [P] rows sent now
+    recv_r = jnp.clip(recv - lo, 0, W)                                      # [P] rows received
 
     if plan.transport == "all_to_all":
-        j = jnp.arange(C)
-        src = jnp.where(j < send_r[:, None], start[:, None] + lo + j, M)   # [P, C]
-        buf = rows.at[src].get(mode="fill", fill_value=0)                   # [P, C, D]
-        ids = local_e.at[src].get(mode="fill", fill_value=El)               # [P, C]
-        buf = jax.lax.all_to_all(buf, plan.axis, 0, 0, tiled=True).reshape(Pn * C, D)
-        ids = jax.lax.all_to_all(ids, plan.axis, 0, 0, tiled=True).reshape(Pn * C)
+        j = jnp.arange(W)
+        src = jnp.where(j < send_r[:, None], start[:, None] + lo + j, M)   # [P, W]
+        buf = rows.at[src].get(mode="fill", fill_value=0)                   # [P, W, D]
+        ids = local_e.at[src].get(mode="fill", fill_value=El)               # [P, W]
+        buf = jax.lax.all_to_all(buf, plan.axis, 0, 0, tiled=True).reshape(Pn * W, D)
+        ids = jax.lax.all_to_all(ids, plan.axis, 0, 0, tiled=True).reshape(Pn * W)
     else:
-        a2a = (functools.partial(ragged_all_to_all_emulated, max_chunk=C)
+        a2a = (functools.partial(ragged_all_to_all_emulated, max_chunk=W)
                if plan.transport.endswith("emulated") else jax.lax.ragged_all_to_all)
         offsets = (start + lo).astype(jnp.int32)
-        mine = jnp.full((Pn,), me * C, jnp.int32)                           # my slot at every dest
-        buf = a2a(rows, jnp.zeros((Pn * C, D), rows.dtype), offsets, send_r, mine, recv_r,
-                  axis_name=plan.axis)                                      # [P·C, D]
-        ids = a2a(local_e, jnp.full((Pn * C,), El, local_e.dtype), offsets, send_r, mine,
-                  recv_r, axis_name=plan.axis)                              # [P·C]
+        mine = jnp.full((Pn,), me * W, jnp.int32)                           # my slot at every dest
+        buf = a2a(rows, jnp.zeros((Pn * W, D), rows.dtype), offsets, send_r, mine, recv_r,
+                  axis_name=plan.axis)                                      # [P·W, D]
+        ids = a2a(local_e, jnp.full((Pn * W,), El, local_e.dtype), offsets, send_r, mine,
+                  recv_r, axis_name=plan.axis)                              # [P·W]
 
     # Destination: group received rows by local expert; padding (id El) sorts last, in no group.
-    order = jnp.argsort(ids, stable=True)                                   # [P·C]
+    order = jnp.argsort(ids, stable=True)                                   # [P·W]
     sizes = jax.ops.segment_sum(jnp.ones_like(ids), ids, num_segments=El)   # [El]
-    h = buf[order]                                                          # [P·C, D]
+    h = buf[order]                                                          # [P·W, D]
     mm = lambda a, w: gmm(a, w, sizes, backend=plan.backend, out_dtype=plan.dtype, fp8=plan.fp8)
-    gate_ = mm(h, w_gate)                                                   # [P·C, F]
-    up = mm(h, w_up)                                                        # [P·C, F]
-    out = mm(nn.silu(gate_) * up, w_down)                                   # [P·C, D]
+    gate_ = mm(h, w_gate)                                                   # [P·W, F]
+    up = mm(h, w_up)                                                        # [P·W, F]
+    out = mm(nn.silu(gate_) * up, w_down)                                   # [P·W, D]
     if plan.mlp_axes:                                                       # F split: partial sums
         out = jax.lax.psum(out, plan.mlp_axes)
-    out = jnp.zeros_like(out).at[order].set(out, unique_indices=True)       # [P·C, D] slot order
+    out = jnp.zeros_like(out).at[order].set(out, unique_indices=True)       # [P·W, D] slot order
 
     if plan.transport == "all_to_all":
-        back = jax.lax.all_to_all(out.reshape(Pn, C, D), plan.axis, 0, 0, tiled=True)  # [P, C, D]
+        back = jax.lax.all_to_all(out.reshape(Pn, W, D), plan.axis, 0, 0, tiled=True)  # [P, W, D]
         dest, pos = ints["dest"], ints["pos"]                               # [M]
-        here = (pos >= lo) & (pos < lo + C)
-        flat = jnp.where(here, dest * C + pos - lo, Pn * C)                 # [M]
-        return back.reshape(Pn * C, D).at[flat].get(mode="fill", fill_value=0)  # [M, D]
+        here = (pos >= lo) & (pos < lo + W)
+        flat = jnp.where(here, dest * W + pos - lo, Pn * W)                 # [M]
+        return back.reshape(Pn * W, D).at[flat].get(mode="fill", fill_value=0)  # [M, D]
     # Back to each source's sorted order: at its run start for me, shifted by the round.
     src_start = jax.lax.all_to_all(start, plan.axis, 0, 0, tiled=True)     # [P] by source
-    slots = (jnp.arange(Pn) * C).astype(jnp.int32)
+    slots = (jnp.arange(Pn) * W).astype(jnp.int32)
     return a2a(out, jnp.zeros((M, D), out.dtype), slots, recv_r,
                (src_start + lo).astype(jnp.int32), send_r, axis_name=plan.axis)
 
@@ -372,7 +372,7 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         `layout.mlp_axes`; D is gathered (FSDP weights are all-gathered on the way in).
       layout: from `layout_from_context`.
       dtype: compute dtype. backend: grouped GEMM backend. transport: one of TRANSPORTS.
-      buffer_factor: per-round receive buffer in units of the balanced load (P·C ≈ factor·M).
+      buffer_factor: per-round receive buffer in units of the balanced load (P·W ≈ factor·M).
       fp8: emulated fp8 grouped GEMMs.
       keep: optional bool [B, T, X] from `capacity_keep`; pairs with False are not sent.
 
@@ -409,7 +409,7 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
     def body(x, weights, idx, w_gate, w_up, w_down, *keep):
         b, T, D = x.shape
         X = idx.shape[-1]
-        El, C = plan.n_local, plan.chunk
+        El, W = plan.n_local, plan.chunk
         routed = jax.ops.segment_sum(jnp.ones((idx.size,), jnp.int32), idx.reshape(-1),
                                      num_segments=E)                       # [E] choices
         if keep:                                                            # dropped: id E, unsent
@@ -422,11 +422,11 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         start = (jnp.cumsum(send) - send).astype(jnp.int32)                 # [P]
         dest = jnp.minimum(sorted_e // El, Pn - 1)                          # [M]
         valid = sorted_e < E
-        pos = jnp.where(valid, jnp.arange(flat.shape[0]) - start[dest], -C - 1)  # [M]
+        pos = jnp.where(valid, jnp.arange(flat.shape[0]) - start[dest], -W - 1)  # [M]
         ints = dict(send=send, start=start, dest=dest, pos=pos,
                     recv=jax.lax.all_to_all(send, plan.axis, 0, 0, tiled=True),
                     local_e=jnp.where(valid, sorted_e % El, El).astype(jnp.int32))
-        n_rounds = -(-jax.lax.pmax(jnp.max(send), plan.axis) // C)          # same on the group
+        n_rounds = -(-jax.lax.pmax(jnp.max(send), plan.axis) // W)          # same on the group
         n_rounds = jnp.maximum(n_rounds, 1).astype(jnp.int32)
 
         rows = x.reshape(-1, D).astype(dtype)[order // X]                   # [M, D] sorted pairs

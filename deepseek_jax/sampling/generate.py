@@ -174,7 +174,7 @@ def _check(config, lengths, width, max_new_tokens, temperature, top_k, top_p, eo
 
 # --- the compiled loops -------------------------------------------------------------------------
 
-def _plain(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id, *,
+def _plain_loop(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id, *,
            config: ModelConfig, s: Settings) -> Generation:
     """Prefill, then one token per row per step."""
     B, P = ids.shape
@@ -215,7 +215,7 @@ def _plain(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id, *,
 @functools.lru_cache(maxsize=32)
 def compiled(config: ModelConfig, s: Settings):
     """The jitted run for these static settings (cached, so repeated calls do not retrace)."""
-    fn = speculative_loop if s.speculative else _plain
+    fn = speculative_loop if s.speculative else _plain_loop
     return jax.jit(functools.partial(fn, config=config, s=s))
 
 

@@ -70,7 +70,7 @@ def _verify(logits, draft, q, keys, knobs: Knobs):
 
 def speculative_loop(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id, *,
                      config: ModelConfig, s: Settings) -> Generation:
-    """Same arguments and result as `generate._plain`, with MTP drafts (see the docstring)."""
+    """Same arguments and result as `generate._plain_loop`, with MTP drafts (see the docstring)."""
     B, P = ids.shape
     N = s.max_new_tokens
     rows = jnp.arange(B)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 
-def _plain(x):
+def _to_python(x):
     x = np.asarray(x)
     return x.item() if x.size == 1 else x.tolist()
 
@@ -64,7 +64,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{prefix + k: _plain(v) for k, v in metrics.items()}}
+        row = {"step": int(step), **{prefix + k: _to_python(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
