@@ -65,17 +65,17 @@ def hopper_sm_count(monkeypatch):
 # collected first, so that under `--dist loadfile --no-loadscope-reorder` they start at once on
 # separate workers instead of last; files not listed keep their order after them.
 FILE_SECONDS = {
-    "experiments/test_pretrain.py": 270,
-    "notebooks/test_notebooks.py": 210,
-    "experiments/test_grpo.py": 240,
-    "parallel/test_sharded_parity.py": 180,
-    "experiments/test_first_run.py": 120,
-    "rl/test_grpo_data_parallel.py": 90,
-    "tools/test_plan.py": 90,
-    "parallel/test_expert.py": 60,
-    "checkpoint/test_hf_loading.py": 50,
-    "model/test_transformer.py": 50,
-    "kernels/test_fp8_linear.py": 45,
+    "experiments/test_pretrain.py": 285,
+    "notebooks/test_notebooks.py": 245,
+    "experiments/test_grpo.py": 115,
+    "parallel/test_sharded_parity.py": 90,
+    "experiments/test_first_run.py": 75,
+    "kernels/test_fp8_linear.py": 70,
+    "train/test_schedules.py": 60,
+    "train/test_train.py": 60,
+    "rl/test_grpo_data_parallel.py": 50,
+    "tools/test_plan.py": 50,
+    "experiments/test_context_extension.py": 40,
 }
 
 
