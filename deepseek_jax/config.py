@@ -42,8 +42,8 @@ import jax.numpy as jnp
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 MOE_IMPLS = ("dense", "ragged")
-# Grouped GEMM backends (kernels/grouped_gemm.py) and expert-parallel transports
-# (model/dispatch.py); tests check that these lists match those modules.
+# The names a config may give the kernels and the expert-parallel exchange, defined here once:
+# kernels/fp8.py, kernels/grouped_gemm.py and model/dispatch.py take their lists from these.
 FP8_BACKENDS = ("auto", "reference", "mosaic_gpu", "mosaic_tpu", "pallas_interpret",
                 "mosaic_gpu_interpret", "mosaic_tpu_interpret")   # kernels/fp8.py
 MOE_BACKENDS = ("auto", "ragged_dot", "mosaic_gpu", "megablox", "reference",

@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deepseek_jax.config import FP8_BACKENDS
 from deepseek_jax.kernels import fp8_gpu, fp8_tpu
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -72,8 +73,7 @@ AMAX_FLOOR = 1e-4  # DeepSeek's clamp: an all-zero tile gets scale 1e-4 / 448, n
 BLOCK = 128  # the only block size the GEMMs take (quantizers accept others)
 FP8_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
 SCALE_FMTS = (None, "ue8m0")
-BACKENDS = ("auto", "reference", "mosaic_gpu", "mosaic_tpu", "pallas_interpret",
-            "mosaic_gpu_interpret", "mosaic_tpu_interpret")
+BACKENDS = FP8_BACKENDS  # "auto" and the backends in the module docstring
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,13 +65,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.config import MOE_BACKENDS
 from deepseek_jax.kernels import fp8, fp8_gpu
 from deepseek_jax.kernels.fp8_linear import (fp8_ragged_dot, group_tiles, normalize_grad,
                                              quantize_token_tiles)
 
-BACKENDS = ("ragged_dot", "mosaic_gpu", "megablox", "reference", "mosaic_gpu_interpret",
-            "megablox_interpret")
-CONFIG_BACKENDS = ("auto",) + BACKENDS
+CONFIG_BACKENDS = MOE_BACKENDS                      # "auto" and every backend below
+BACKENDS = tuple(b for b in CONFIG_BACKENDS if b != "auto")
 
 
 @dataclasses.dataclass(frozen=True)

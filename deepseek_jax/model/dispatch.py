@@ -90,13 +90,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.config import MeshError, ModelConfig
+from deepseek_jax.config import MOE_EP_TRANSPORTS, MeshError, ModelConfig
 from deepseek_jax.kernels.fp8_linear import fp8_dot
 from deepseek_jax.kernels.grouped_gemm import gmm, resolve_backend
 from deepseek_jax.model.layers import einsum
 from deepseek_jax.model.routing import EPLayout
 
-TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "ragged_all_to_all_emulated")
+TRANSPORTS = MOE_EP_TRANSPORTS                      # see the module docstring
 
 
 # --- single device (or left to the compiler) ------------------------------------------------------
