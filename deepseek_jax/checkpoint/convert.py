@@ -41,7 +41,6 @@ conversion back to safetensors.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -55,14 +54,10 @@ from deepseek_jax.checkpoint.loader import leaf_dtype, prepare, set_path
 from deepseek_jax.checkpoint.reader import DEFAULT_CHUNK_BYTES, device_leaf
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import sharded
+from deepseek_jax.train.checkpoint import load_model_config, save_model_config
+from deepseek_jax.train.workdir import MODEL_CONFIG
 
-MODEL_CONFIG = "model_config.json"
 DEFAULT_GROUP_BYTES = 4 * 2**30
-
-
-def read_model_config(out_dir: str) -> ModelConfig:
-    with open(os.path.join(out_dir, MODEL_CONFIG)) as f:
-        return ModelConfig.from_dict(json.load(f))
 
 
 def _save_group(step_dir: str, group: dict, metadata: dict) -> None:
@@ -128,8 +123,7 @@ def convert_to_orbax(hf_dir: str, out_dir: str, *, preset: str = "fsdp",
     from orbax.checkpoint.experimental.v1 import partial
     partial.finalize(step_dir)
     if lead:
-        with open(os.path.join(out_dir, MODEL_CONFIG), "w") as f:
-            json.dump(p.config.to_dict(), f, indent=1)
+        save_model_config(out_dir, p.config)
         shutil.copyfile(os.path.join(hf_dir, "config.json"),
                         os.path.join(out_dir, "hf_config.json"))
     return p.config
@@ -145,7 +139,7 @@ def restore_converted(out_dir: str, mesh=None, rules=None, step: int = 0
     import orbax.checkpoint as ocp
     from deepseek_jax.train.workdir import resolve
     out_dir = resolve(out_dir)                  # Orbax reads absolute paths only
-    config = read_model_config(out_dir)
+    config = load_model_config(out_dir)
     shapes = flax.core.meta.unbox(sharded.abstract_variables(config))
     shapes = {k: v for k, v in shapes.items() if k in ("params", "routing")}
     if mesh is None:

@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.train.workdir import MODEL_CONFIG
 
 
 def make_manager(directory: str, *, save_every: int, keep: int,
@@ -87,16 +88,18 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
 
 
 def save_model_config(workdir: str, config: ModelConfig) -> None:
-    """Writes WORKDIR/model_config.json (what `load_trained` reads to rebuild the model)."""
+    """Writes WORKDIR/model_config.json (what `load_trained` reads to rebuild the model), by
+    an atomic rename. Training runs and converted checkpoints write it the same way."""
     os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, "model_config.json.tmp")
+    tmp = os.path.join(workdir, MODEL_CONFIG + ".tmp")
     with open(tmp, "w") as f:
         json.dump(config.to_dict(), f, indent=1)
-    os.replace(tmp, os.path.join(workdir, "model_config.json"))
+    os.replace(tmp, os.path.join(workdir, MODEL_CONFIG))
 
 
 def load_model_config(workdir: str) -> ModelConfig:
-    path = os.path.join(workdir, "model_config.json")
+    """The ModelConfig in WORKDIR/model_config.json (a training run's or a converted checkpoint's)."""
+    path = os.path.join(workdir, MODEL_CONFIG)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a training run's directory?")
     with open(path) as f:
