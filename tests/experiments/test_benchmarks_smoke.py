@@ -138,8 +138,9 @@ def test_fp8_gemm_row_on_cpu(tmp_path):
     assert (row["m"], row["n"], row["k"]) == (64, 256, 384)
     assert row["bf16"] > 0 and row["xla_ref"] > 0
     assert row["cublas"] is None                       # no torch / GPU here
-    if row["ours"] is not None:                        # the kernel's own tests judge it
-        assert row["diff_ours"] < 1e-6
+    # Our kernel runs in GPU interpret mode here; it sums the same fp8 products as the XLA
+    # reference, one 128-K block at a time, so only fp32 summation order separates them.
+    assert row["ours"] is not None and row["diff_ours"] < 1e-6
 
 
 def test_decode_rows_that_cannot_fit_are_reported_not_tried():
