@@ -1,1 +1,3 @@
-"""Training: losses (LM, MTP, balance), the optimizer, and the pure train step."""
+"""Training: losses (LM, MTP, balance), the optimizer and V3's schedules, the pure train step, the
+model's shardings and the sharded step (`sharded.py`), Orbax checkpoints, run directories,
+metrics and FLOP counts."""
