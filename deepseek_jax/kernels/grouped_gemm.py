@@ -126,8 +126,6 @@ def resolve_backend(backend: str, dtype=jnp.bfloat16, fp8: bool = False) -> str:
             f"moe_backend={backend!r} multiplies 16-bit operands only (Hopper's wgmma transposes "
             f"no fp32), got {jnp.dtype(dtype).name} rows: set the model's dtype to bfloat16, or "
             "moe_backend='ragged_dot' (or 'auto') for an fp32 model")
-    if backend.startswith("megablox") and fp8:
-        return backend  # fp8 on TPU runs the emulation, below
     return backend
 
 
