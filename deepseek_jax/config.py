@@ -14,8 +14,10 @@ Named variants (`get_config(name)`):
     v3-671b   DeepSeek-V3 (671B / 37B active) with one MTP module
 
 Numbers are from DeepSeek's released configs and reports (V3 tech report §4.2, V2 report §3.1.2
-and App. B, HF `config.json` files). Two choices depart from the HF files on purpose, in the
-named variants and in `from_hf` alike:
+and App. B, HF `config.json` files). The model config holds only what the layers compute
+with: the loss weights λ and α and the bias update speed γ are run settings
+(`train.schedules.StepSettings`), so `from_hf` does not read `aux_loss_alpha`. One choice
+departs from the HF files on purpose, in the named variants and in `from_hf` alike:
 
   - `init_std` is the V3 paper's 0.006 (§4.2: weights initialized with standard deviation
     0.006). The `initializer_range` of DeepSeek's `config.json` files (0.02) is the default of
@@ -24,8 +26,6 @@ named variants and in `from_hf` alike:
     `from_hf` ignores `initializer_range`: it only matters for a fresh init from an HF config
     (loaded weights replace the init), and a fresh DeepSeek model should start the way the
     paper says. Pass `from_hf(hf, init_std=...)` to choose another value.
-  - `balance_alpha` is the V3 training value 1e-4 (the HF field `aux_loss_alpha` = 0.001 is a
-    leftover from V2 and is not read by `from_hf`).
 
 Left out: `moe_layer_freq` other than 1, biases on attention projections, activations other
 than SiLU, and key/value head counts different from the query head count; DeepSeek's released
@@ -83,11 +83,8 @@ class ModelConfig:
     norm_topk_prob: bool = True         # renormalize the selected weights to sum to one
     routing_bias: bool = True           # aux-loss-free selection bias (V3 `noaux_tc`)
     group_score: str = "top2_sum"       # "top2_sum" (V3) or "max" (V2 group_limited_greedy)
-    # --- balancing and MTP loss weights (used by the train step, not by the layers) ------------
-    bias_update_rate: float = 0.001     # γ: b += γ·sign(mean_load − load) after each step
-    balance_alpha: float = 1e-4         # α of the sequence-wise balance loss
+    # --- multi-token prediction (its loss weight λ is a run setting: train.schedules) ----------
     mtp_depth: int = 1                  # D_mtp  (num_nextn_predict_layers)
-    mtp_loss_weight: float = 0.3        # λ
     # --- norms, positions ----------------------------------------------------------------------
     rms_norm_eps: float = 1e-6
     max_seq_len: int = 163840           # max_position_embeddings
@@ -160,8 +157,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "ModelConfig":
-        """The inverse of `to_dict`."""
-        fields = dict(fields)
+        """The inverse of `to_dict`. Loss weights and γ in the dict (model_config.json files
+        written when they were model fields) are dropped: they are run settings now."""
+        fields = {k: v for k, v in fields.items() if k not in _RUN_SETTINGS}
         for key in ("dtype", "param_dtype"):
             fields[key] = jnp.dtype(fields[key]).type
         return cls(**fields)
@@ -175,6 +173,10 @@ class ModelConfig:
 def yarn_mscale(factor: float, mscale: float) -> float:
     """YaRN attention temperature √t = 0.1·mscale·ln(s) + 1 (1 when s ≤ 1)."""
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+# Train-step settings (train.schedules.StepSettings) that older model_config.json files hold.
+_RUN_SETTINGS = ("mtp_loss_weight", "balance_alpha", "bias_update_rate")
 
 
 class ConfigError(ValueError):
@@ -266,7 +268,7 @@ _VARIANTS: dict[str, dict[str, Any]] = {
         qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
         n_experts_per_token=6, moe_d_ff=1408, n_expert_groups=1, n_limited_groups=1,
         routed_scaling_factor=1.0, score_func="softmax", norm_topk_prob=False,
-        routing_bias=False, group_score="max", balance_alpha=0.001, mtp_depth=0,
+        routing_bias=False, group_score="max", mtp_depth=0,
         max_seq_len=163840, rope_factor=40.0, rope_mscale=0.707, rope_mscale_all_dim=0.707,
         bos_id=100000, eos_id=100001),
     "moonlight": dict(

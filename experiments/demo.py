@@ -69,7 +69,7 @@ def main(argv):
     rl.data.data_dir = data_dir
     for field in ("dataset", "num_train", "num_eval", "max_digits", "min_digits", "ops"):
         rl.data[field] = pre.data[field]
-    rl.data.template = pre.data.format
+    rl.data.template = pre.data.template
     print("== 2/2 GRPO with verifiable rewards", flush=True)
     result = grpo.train_and_evaluate(rl, os.path.join(workdir, "grpo"))
     before, after = result["before"], result["after"]

@@ -39,9 +39,8 @@ HF_V2_LITE = {
 
 
 def _arch(c: ModelConfig) -> dict:
-    """Architecture fields only (init std, dtypes and loss weights may differ)."""
-    skip = {"init_std", "dtype", "param_dtype", "balance_alpha", "bias_update_rate",
-            "mtp_loss_weight"}
+    """Architecture fields only (init std and dtypes may differ)."""
+    skip = {"init_std", "dtype", "param_dtype"}
     return {k: v for k, v in dataclasses.asdict(c).items() if k not in skip}
 
 

@@ -74,9 +74,9 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     # total reward = accuracy + format_weight·format: R1 adds the two (1.0); the small runs keep
     # TinyZero's 0.1, with which the demo was measured (rl.rewards.FORMAT_WEIGHTS names both)
     c.rl.format_weight = FORMAT_WEIGHTS["r1" if arg == "v3-671b" else "tinyzero"]
-    # γ of the routing-bias update during RL: -1 keeps the model's; 0 freezes the bias (a few
+    # γ of the routing-bias update during RL: V3's 0.001, or 0 to freeze the bias (small: a few
     # hundred short completions per step are a noisy load signal, and each sign step moves routing)
-    c.rl.bias_update_rate = 0.0 if arg == "small" else -1.0
+    c.rl.bias_update_rate = 0.0 if arg == "small" else 0.001
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = lr

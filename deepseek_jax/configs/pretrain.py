@@ -85,110 +85,130 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     if arg not in _RUNS:
         raise ValueError(f"unknown run config {arg!r}; use one of {sorted(_RUNS)}")
     model, batch, seq, steps, lr, warmup, preset, remat = _RUNS[arg]
-    small = model in ("tiny", "small")
-    extension = arg in _EXTENSIONS
     c = ml_collections.ConfigDict()
     c.name = arg
     c.seed = 0
-    # The tiny model's 64-id vocabulary is too small for the byte tokenizer's 259 ids.
-    overrides = {"vocab_size": 320} if model == "tiny" else {}
-    if not extension:
-        overrides["rope_factor"] = 1.0      # pretraining: plain RoPE (YaRN is for extension)
-    elif model == "tiny":
-        overrides.update(rope_factor=2.0, rope_original_max_len=32)   # tiny pretrains at 32
-    else:
-        # V3 does not state λ and γ for the extension phases: the values pretraining ended with.
-        overrides.update(mtp_loss_weight=0.1, bias_update_rate=0.0)
-    if small:
-        # Runs of tens of steps: a faster bias update than V3's γ = 0.001 (tuned for 1e5 steps)
-        # lets the aux-loss-free balancing visibly act.
-        overrides["bias_update_rate"] = 0.01
-        # On a CPU the dense dispatch (every expert on every token) is ~1.3× faster than the
-        # grouped GEMM at these sizes; the math is the same.
-        overrides["moe_impl"] = "dense"
-    else:
-        overrides["dtype"] = jnp.bfloat16
-    c.model = model_fields(get_model_config(model, remat_policy=remat, **overrides))
-
+    c.model = _model(arg, model, remat)
     c.init = ml_collections.ConfigDict()
     # A run directory to start from (its latest checkpoint's parameters and routing bias, with
     # a fresh optimizer at step 0) when WORKDIR holds no checkpoint yet; "" = random init.
     c.init.pretrain_dir = ""
     # Extension phases must start from a run: an empty pretrain_dir is then an error.
-    c.init.required = extension
+    c.init.required = arg in _EXTENSIONS
+    c.data = _data(arg, model, batch, seq)
+    c.mesh = _mesh(preset)
+    c.optim = _optim(arg, lr, warmup)
+    c.train = _train(arg, model, steps)
+    return c
 
-    c.data = ml_collections.ConfigDict()
-    c.data.dataset = "arithmetic" if small else "text_files"   # arithmetic, countdown, text_files
-    c.data.data_dir = ""            # where the array_record files live; "" = WORKDIR/data
-    c.data.num_train = 2000 if model == "tiny" else 8000         # procedural tasks only
-    c.data.num_eval = 200
+
+def _model(arg: str, model: str, remat: str) -> ml_collections.ConfigDict:
+    # The tiny model's 64-id vocabulary is too small for the byte tokenizer's 259 ids.
+    overrides = {"vocab_size": 320} if model == "tiny" else {}
+    if arg not in _EXTENSIONS:
+        overrides["rope_factor"] = 1.0      # pretraining: plain RoPE (YaRN is for extension)
+    elif model == "tiny":
+        overrides.update(rope_factor=2.0, rope_original_max_len=32)   # tiny pretrains at 32
+    if model in ("tiny", "small"):
+        # On a CPU the dense dispatch (every expert on every token) is ~1.3× faster than the
+        # grouped GEMM at these sizes; the math is the same.
+        overrides["moe_impl"] = "dense"
+    else:
+        overrides["dtype"] = jnp.bfloat16
+    return model_fields(get_model_config(model, remat_policy=remat, **overrides))
+
+
+def _data(arg: str, model: str, batch: int, seq: int) -> ml_collections.ConfigDict:
+    small = model in ("tiny", "small")
+    d = ml_collections.ConfigDict()
+    d.dataset = "arithmetic" if small else "text_files"   # arithmetic, countdown, text_files
+    d.data_dir = ""            # where the array_record files live; "" = WORKDIR/data
+    d.num_train = 2000 if model == "tiny" else 8000         # procedural tasks only
+    d.num_eval = 200
     # "text", or an R1 template ("compact", "r1_zero"): prompt + <think>…</think><answer>…</answer>
-    c.data.format = "compact" if arg == "small" else "text"
-    # R1 formats only: shares of the problems written as bare lines ("43+27=70"), and worked out
-    # column by column in the think block (see deepseek_jax/data/run_config.py).
+    d.template = "compact" if arg == "small" else "text"
+    # R1 templates only: shares of the problems written as bare lines ("43+27=70"), and worked
+    # out column by column in the think block (see deepseek_jax/data/run_config.py).
     # small: ¾ bare lines (~6× more problems per token) is what made 700–1,200 steps learn some
-    # arithmetic (10–20 % held-out; BENCHMARKS.md).
-    c.data.plain_fraction = 0.75 if arg == "small" else 0.0
-    c.data.worked_fraction = 0.0
-    # R1 formats only: share of the R1-format problems written as a rough estimate (operands
-    # rounded to tens; usually a wrong answer) instead of exact work: a careless habit next to
-    # the exact one, for GRPO to select against (small: the demo, experiments/demo.py).
-    c.data.estimate_fraction = 0.6 if arg == "small" else 0.0
-    c.data.max_digits = 2 if arg == "small" else 3   # arithmetic: operand digits, at most ...
-    c.data.min_digits = 2 if arg == "small" else 1   # ... and at least
-    c.data.ops = "+-" if arg == "small" else "+-*"   # arithmetic: operators
-    c.data.text_glob = ""           # text_files: files or a glob (.txt, .jsonl)
-    c.data.text_field = "text"      # text_files: the JSONL field holding the text
-    c.data.validation_fraction = 0.01  # text_files: share of documents held out for evaluation
-    c.data.tokenizer = ""           # "" = the byte tokenizer; or a tokenizer.json path
-    c.data.seq_len = seq
-    c.data.global_batch = batch
-    c.data.shuffle_seed = 0
+    # arithmetic (BENCHMARKS.md).
+    d.plain_fraction = 0.75 if arg == "small" else 0.0
+    d.worked_fraction = 0.0
+    # R1 templates only: share of the R1-template problems written as a rough estimate
+    # (operands rounded to tens; usually a wrong answer) instead of exact work: a careless habit
+    # next to the exact one, for GRPO to select against (small: the demo, experiments/demo.py).
+    d.estimate_fraction = 0.6 if arg == "small" else 0.0
+    d.max_digits = 2 if arg == "small" else 3   # arithmetic: operand digits, at most ...
+    d.min_digits = 2 if arg == "small" else 1   # ... and at least
+    d.ops = "+-" if arg == "small" else "+-*"   # arithmetic: operators
+    d.text_glob = ""           # text_files: files or a glob (.txt, .jsonl)
+    d.text_field = "text"      # text_files: the JSONL field holding the text
+    d.validation_fraction = 0.01  # text_files: share of documents held out for evaluation
+    d.tokenizer = ""           # "" = the byte tokenizer; or a tokenizer.json path
+    d.seq_len = seq
+    d.global_batch = batch
+    d.shuffle_seed = 0
+    return d
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.preset = preset          # dp, fsdp, fsdp_tp, fsdp_ep, dp_ep_tp
+
+def _mesh(preset: str) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.preset = preset          # dp, fsdp, fsdp_tp, fsdp_ep, dp_ep_tp
     # Axis sizes; all 0 = the preset's default shape for the devices found. -1 = the rest.
-    c.mesh.dcn_data = 0
-    c.mesh.data = 0
-    c.mesh.fsdp = 0
-    c.mesh.expert = 0
-    c.mesh.tensor = 0
-    c.mesh.distributed = ml_collections.FieldReference(None, field_type=bool)  # None = detect
+    m.dcn_data = 0
+    m.data = 0
+    m.fsdp = 0
+    m.expert = 0
+    m.tensor = 0
+    m.distributed = ml_collections.FieldReference(None, field_type=bool)  # None = detect
+    return m
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = lr
-    c.optim.warmup_steps = warmup
+
+def _optim(arg: str, lr: float, warmup: int) -> ml_collections.ConfigDict:
+    v3 = arg == "v3-671b"
+    o = ml_collections.ConfigDict()
+    o.lr = lr
+    o.warmup_steps = warmup
     # cosine, step (DeepSeek: ×0.316 at 80% and 90%), constant, or deepseek_v3: constant until
     # the fraction constant_until of the run's tokens, cosine to final_fraction·lr by
     # cosine_until, then the (fraction, lr) points of `tail` (deepseek_jax/train/optimizer.py)
-    c.optim.schedule = ("deepseek_v3" if arg == "v3-671b" else
-                        "constant" if extension else "cosine")
-    c.optim.final_fraction = 0.1
-    c.optim.constant_until = _T(10e12) if arg == "v3-671b" else 0.0
-    c.optim.cosine_until = _T(14.3e12) if arg == "v3-671b" else 1.0
-    c.optim.tail = (((_T(14.3e12), 2.2e-5), (_T(14.3e12 + 333e9), 7.3e-6)) if arg == "v3-671b"
-                    else ())
-    c.optim.weight_decay = 0.1
-    c.optim.clip_norm = 1.0
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
+    o.schedule = "deepseek_v3" if v3 else "constant" if arg in _EXTENSIONS else "cosine"
+    o.final_fraction = 0.1
+    o.constant_until = _T(10e12) if v3 else 0.0
+    o.cosine_until = _T(14.3e12) if v3 else 1.0
+    o.tail = ((_T(14.3e12), 2.2e-5), (_T(14.3e12 + 333e9), 7.3e-6)) if v3 else ()
+    o.weight_decay = 0.1
+    o.clip_norm = 1.0
+    o.b1 = 0.9
+    o.b2 = 0.95
+    return o
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = steps
-    c.train.microbatches = _V3_MICROBATCHES if arg == "v3-671b" else 1  # gradient accumulation
+
+def _train(arg: str, model: str, steps: int) -> ml_collections.ConfigDict:
+    v3, extension = arg == "v3-671b", arg in _EXTENSIONS
+    t = ml_collections.ConfigDict()
+    t.steps = steps
+    t.microbatches = _V3_MICROBATCHES if v3 else 1  # gradient accumulation
     # Batch-size ramp: sequences per step at the start (0 = none), growing linearly in tokens to
     # data.global_batch over the fraction batch_ramp_fraction of the run, in whole micro-batches
     # of global_batch / microbatches sequences (deepseek_jax/train/schedules.py).
-    c.train.batch_ramp_start = _V3_RAMP[0] if arg == "v3-671b" else 0
-    c.train.batch_ramp_fraction = _V3_RAMP[1] if arg == "v3-671b" else 0.0
-    # (fraction of the run's tokens, value) points; () = the model's constant
-    # (model.mtp_loss_weight, model.bias_update_rate)
-    c.train.mtp_weight_schedule = ((0.0, 0.3), (_T(10e12), 0.1)) if arg == "v3-671b" else ()
-    c.train.bias_rate_schedule = ((0.0, 0.001), (_T(14.3e12), 0.0)) if arg == "v3-671b" else ()
-    c.train.log_every = 1 if arg == "tiny" else 10
-    c.train.eval_every = 10 if arg == "tiny" else 100
-    c.train.eval_batches = 2 if small else 20
-    c.train.checkpoint_every = 5 if arg == "tiny" else 100
-    c.train.keep_checkpoints = 3
-    c.train.async_checkpoint = True
-    return c
+    t.batch_ramp_start = _V3_RAMP[0] if v3 else 0
+    t.batch_ramp_fraction = _V3_RAMP[1] if v3 else 0.0
+    # Loss weights and the routing-bias update speed (V3 §4.2: λ 0.3, α 1e-4, γ 0.001).
+    # V3 does not state λ and γ for the extension phases: the values pretraining ended with.
+    # V2's models (no routing bias) balance with the auxiliary loss alone, α = 0.001 (V2 §4.2).
+    # Small runs of tens of steps: a faster γ than V3's (tuned for 1e5 steps) lets the
+    # aux-loss-free balancing visibly act.
+    t.mtp_weight = 0.1 if extension and model != "tiny" else 0.3
+    t.balance_alpha = 1e-3 if model == "v2-lite" else 1e-4
+    t.bias_update_rate = (0.01 if model in ("tiny", "small") else
+                          0.0 if extension else 0.001)
+    # (fraction of the run's tokens, value) points overriding the constants above; () = none
+    t.mtp_weight_schedule = ((0.0, 0.3), (_T(10e12), 0.1)) if v3 else ()
+    t.bias_rate_schedule = ((0.0, 0.001), (_T(14.3e12), 0.0)) if v3 else ()
+    t.log_every = 1 if arg == "tiny" else 10
+    t.eval_every = 10 if arg == "tiny" else 100
+    t.eval_batches = 2 if model in ("tiny", "small") else 20
+    t.checkpoint_every = 5 if arg == "tiny" else 100
+    t.keep_checkpoints = 3
+    t.async_checkpoint = True
+    return t

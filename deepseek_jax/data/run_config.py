@@ -1,6 +1,6 @@
 """The run config's `data` section to prepared datasets and iterators (what trainers call).
 
-`experiments/configs/*.py` describe data with these fields (ml_collections `config.data`):
+The run configs (`deepseek_jax.configs`) describe data with these fields (ml_collections `config.data`):
 
     dataset        "arithmetic", "countdown" or "text_files"
     num_train      procedural tasks: training examples
@@ -9,9 +9,10 @@
     text_field     text_files: the JSONL field that holds the text
     validation_fraction  text_files, optional (default 0.01): share of documents held out
     tokenizer      "" for the byte tokenizer, else an HF tokenizer.json path
-    format         "text" (the stored pretraining line), or an R1 template name ("r1_zero",
+    template       "text" (the stored pretraining line), or an R1 template name ("r1_zero",
                    "compact"): prompt + a well-formed <think>…</think> <answer>…</answer>
-                   completion, to pretrain a model that GRPO then improves
+                   completion, to pretrain a model that GRPO then improves (GRPO's run
+                   config names its prompt template the same way)
     worked_fraction  R1 templates, optional (default 0): share of + and − problems whose think
                    block works the sum out column by column (`tasks.worked_solution`) instead
                    of restating it; a fixed hash of each prompt picks them
@@ -95,11 +96,11 @@ def task_source(cfg, data_dir, split: str):
 
 def _source(cfg, data_dir, split: str):
     source = task_source(cfg, data_dir, split)
-    fmt = _get(cfg, "format", "text")
+    fmt = _get(cfg, "template", "text")
     if fmt == "text":
         return source
     if fmt not in r1.TEMPLATES or cfg.dataset == "text_files":
-        raise ValueError(f"data.format={fmt!r}: use 'text', or one of {sorted(r1.TEMPLATES)} "
+        raise ValueError(f"data.template={fmt!r}: use 'text', or one of {sorted(r1.TEMPLATES)} "
                          "with the arithmetic or countdown dataset")
     worked = float(_get(cfg, "worked_fraction", 0.0))
     plain = float(_get(cfg, "plain_fraction", 0.0))

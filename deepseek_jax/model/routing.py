@@ -165,7 +165,7 @@ def update_routing_bias(bias, load, rate: float):
     Args:
       bias: array [..., E] (e.g. [L, E] for scanned layers) or a pytree of such arrays.
       load: same structure and shapes as `bias` (e.g. from `expert_load`).
-      rate: γ, `ModelConfig.bias_update_rate`.
+      rate: γ, the run's bias update speed (`train.schedules.StepSettings.bias_update_rate`).
 
     Returns:
       the new bias, same structure, shapes and dtypes as `bias`.

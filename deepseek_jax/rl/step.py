@@ -11,8 +11,8 @@ scores token i+1, so every array indexed by position is aligned to the *target* 
                     (keeps padding out of the expert loads and balance loss; `rollout` writes it)
 
 The loss is `rl.loss.grpo_loss` over log-probs under softmax(logits / temperature). After the
-optimizer update the routing bias moves by the expert loads of this batch, as in pretraining
-(the balancing keeps working during RL). The state is `train.step.TrainState`.
+optimizer update the routing bias moves by γ = `bias_update_rate` from the expert loads of this
+batch, as in pretraining (the balancing keeps working during RL; 0 freezes it). The state is `train.step.TrainState`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer
 from deepseek_jax.rl import loss as loss_lib
 from deepseek_jax.sampling.sample import tempered_log_softmax, token_logprobs
+from deepseek_jax.train.schedules import StepSettings
 from deepseek_jax.train.step import TrainState, model_variables, routing_loads
 
 
@@ -45,7 +46,8 @@ def target_logprobs(params, routing, tokens, config: ModelConfig, temperature: f
 
 def grpo_step(state: TrainState, batch: dict, *, config: ModelConfig,
               tx: optax.GradientTransformation, temperature: float, eps_low: float,
-              eps_high: float, beta: float, aggregation: str, max_len: int):
+              eps_high: float, beta: float, aggregation: str, max_len: int,
+              bias_update_rate: float = StepSettings.bias_update_rate):
     def loss_fn(params):
         logp, entropy, stats = target_logprobs(params, state.routing, batch["tokens"], config,
                                                temperature, batch.get("token_mask"))
@@ -63,7 +65,7 @@ def grpo_step(state: TrainState, batch: dict, *, config: ModelConfig,
     routing = state.routing
     if routing:
         routing = update_routing_bias(routing, routing_loads(stats, routing),
-                                          config.bias_update_rate)
+                                      bias_update_rate)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
     metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,

@@ -18,7 +18,7 @@ batch never recompiles.
 
 `piecewise_constant` (here) and `optimizer.deepseek_v3_learning_rate` build step → value
 functions that jit traces (the step is a traced int); `assemble_microbatches` lays out one step's micro-batches
-for the train step; `TrainSchedules` carries λ and γ into it; `from_run_config` builds all of
+for the train step; `StepSettings` carries λ, α and γ into it; `from_run_config` builds all of
 it from a pretraining run config (fields documented in `deepseek_jax.configs.pretrain`).
 
 Left out: ramps in units other than whole micro-batches (the batch size is always a multiple of
@@ -73,10 +73,24 @@ class Progress:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSchedules:
-    """step → value functions (traceable) for the train step; None keeps the config's value."""
-    mtp_weight: Callable | None = None          # λ (ModelConfig.mtp_loss_weight)
-    bias_update_rate: Callable | None = None    # γ (ModelConfig.bias_update_rate)
+class StepSettings:
+    """The train step's settings that belong to the run, not to the model: the MTP loss weight λ,
+    the balance-loss weight α and the routing-bias update speed γ. λ and γ are constants or
+    traceable step → value functions (`piecewise_constant`). Defaults are V3's (§4.2)."""
+    mtp_weight: float | Callable = 0.3          # λ: total = LM + λ·MTP + α·balance
+    balance_alpha: float = 1e-4                 # α of the sequence-wise balance loss
+    bias_update_rate: float | Callable = 0.001  # γ: b += γ·sign(mean_load − load) per step
+
+    def at(self, step):
+        """(λ, γ) at `step` (a traced int inside the train step)."""
+        value = lambda x: x(step) if callable(x) else x
+        return value(self.mtp_weight), value(self.bias_update_rate)
+
+    @property
+    def scheduled(self) -> tuple[str, ...]:
+        """Names of the settings that change along the run (the train step logs them)."""
+        return tuple(name for name in ("mtp_weight", "bias_update_rate")
+                     if callable(getattr(self, name)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +98,7 @@ class RunPlan:
     """What a pretraining loop needs from the run config's schedule fields."""
     progress: Progress
     learning_rate: Callable            # step → lr, for the optimizer
-    train: TrainSchedules              # λ and γ, for the train step
+    train: StepSettings                # λ, α and γ, for the train step
     slots: int                         # micro-batch slots of the compiled step
     microbatch_rows: int               # sequences per micro-batch
     ramp: bool                         # whether steps take fewer than `slots` micro-batches
@@ -93,7 +107,8 @@ class RunPlan:
 def from_run_config(config) -> RunPlan:
     """The schedules of a pretraining run config: `train.batch_ramp_start` (sequences; 0 = no
     ramp) and `train.batch_ramp_fraction`, `train.mtp_weight_schedule` and
-    `train.bias_rate_schedule` ((fraction, value) points; empty = the model's constant), and
+    `train.bias_rate_schedule` ((fraction, value) points; empty = the constants `train.mtp_weight`
+    and `train.bias_update_rate`), `train.balance_alpha`, and
     the optimizer's schedule fields (`optim.schedule` etc., see `train.optimizer`)."""
     train, optim = config.train, config.optim
     slots = int(train.microbatches)
@@ -114,11 +129,13 @@ def from_run_config(config) -> RunPlan:
         constant_until=float(optim.get("constant_until", 0.0)),
         cosine_until=float(optim.get("cosine_until", 1.0)), tail=tuple(optim.get("tail", ())))
     points = lambda name: tuple(train.get(name, ()) or ())
-    scheduled = lambda name: (piecewise_constant(points(name), progress.fraction)
-                              if points(name) else None)
-    return RunPlan(progress, lr,
-                   TrainSchedules(mtp_weight=scheduled("mtp_weight_schedule"),
-                                  bias_update_rate=scheduled("bias_rate_schedule")),
+    scheduled = lambda name, constant: (piecewise_constant(points(name), progress.fraction)
+                                        if points(name) else float(constant))
+    settings = StepSettings(
+        mtp_weight=scheduled("mtp_weight_schedule", train.mtp_weight),
+        balance_alpha=float(train.balance_alpha),
+        bias_update_rate=scheduled("bias_rate_schedule", train.bias_update_rate))
+    return RunPlan(progress, lr, settings,
                    slots, rows, len(progress.stage_starts) > 1)
 
 

@@ -47,7 +47,8 @@ from deepseek_jax.model.transformer import init_variables
 from deepseek_jax.parallel.mesh import MESH_AXES
 from deepseek_jax.parallel.rules import Rules, axis_names, mesh_axes_of, sharding_context
 from deepseek_jax.parallel.sharding import batch_problems, batch_sharding, check_global_batch
-from deepseek_jax.train.step import TrainSchedules, TrainState, init_train_state, train_step
+from deepseek_jax.train.schedules import StepSettings
+from deepseek_jax.train.step import TrainState, init_train_state, train_step
 
 
 @functools.lru_cache(maxsize=8)
@@ -201,11 +202,11 @@ def init_sharded_state(rng: jax.Array, config: ModelConfig, tx: optax.GradientTr
 
 def make_sharded_train_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                             rules: Rules, microbatches: int = 1,
-                            schedule: TrainSchedules | None = None
+                            settings: StepSettings = StepSettings()
                             ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step` jitted with the state and batch shardings; the input state is donated.
-    `microbatches` > 1 accumulates gradients over that many strided micro-batches; `schedule`
-    (λ and γ per step) is passed through.
+    `microbatches` > 1 accumulates gradients over that many strided micro-batches; `settings`
+    (λ, α and γ) are passed through.
 
     Returns:
       step(state, batch) -> (state, metrics), metrics replicated scalars. `step.lower(state,
@@ -216,7 +217,7 @@ def make_sharded_train_step(config: ModelConfig, tx: optax.GradientTransformatio
     shardings = state_shardings(config, mesh, rules, tx)
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(functools.partial(train_step, config=config, tx=tx,
-                                       microbatches=microbatches, schedule=schedule),
+                                       microbatches=microbatches, settings=settings),
                      in_shardings=(shardings, batch_sharding(mesh, rules)),
                      out_shardings=(shardings, replicated), donate_argnums=0)
 

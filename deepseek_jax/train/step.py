@@ -17,8 +17,9 @@ over them summing fp32 gradients and expert loads, and applies one update. A bat
 empty: those are skipped (`lax.cond`) and the means run over the filled ones, so a batch-size
 ramp reuses one compiled step.
 
-Schedules (`schedule=TrainSchedules(...)`): the MTP weight λ and the bias update speed γ as
-functions of the step (`train.schedules`); without them the ModelConfig's constants hold.
+Settings (`settings=StepSettings(...)`, train.schedules): the MTP weight λ, the balance weight α
+and the bias update speed γ belong to the run, not the model; λ and γ may be functions of the
+step. The default is V3's constants.
 
 Left out here: sharding (deepseek_jax.parallel wraps this function with in/out shardings) and
 fp8 (a model config switch).
@@ -38,7 +39,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer, init_variables
 from deepseek_jax.train import losses
-from deepseek_jax.train.schedules import TrainSchedules
+from deepseek_jax.train.schedules import StepSettings
 
 
 class NonFiniteLoss(RuntimeError):
@@ -94,7 +95,7 @@ def model_variables(params, routing) -> dict:
     return {"params": params, **({"routing": routing} if routing else {})}
 
 
-def _forward(params, routing, batch: dict, config: ModelConfig, mtp_weight=None):
+def _forward(params, routing, batch: dict, config: ModelConfig, mtp_weight, balance_alpha):
     """Loss and statistics of one (micro-)batch: (total, (parts, moe_stats))."""
     tokens = batch["tokens"]
     valid = batch.get("valid")
@@ -107,8 +108,7 @@ def _forward(params, routing, batch: dict, config: ModelConfig, mtp_weight=None)
     stats = aux.get("moe_stats", {})
     total, parts = losses.total_loss(
         logits, mtp_logits, stats, tokens, valid,
-        mtp_weight=config.mtp_loss_weight if mtp_weight is None else mtp_weight,
-        balance_alpha=config.balance_alpha)
+        mtp_weight=mtp_weight, balance_alpha=balance_alpha)
     return total, (parts, stats)
 
 
@@ -124,8 +124,9 @@ def _split_microbatches(batch: dict, k: int) -> dict:
 
 
 def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatches: int = 1,
-                   mtp_weight=None):
-    """(loss, parts, moe_stats, grads), accumulated over `microbatches` equal micro-batches.
+                   mtp_weight=StepSettings.mtp_weight, balance_alpha=StepSettings.balance_alpha):
+    """(loss, parts, moe_stats, grads), accumulated over `microbatches` equal micro-batches;
+    total = LM + mtp_weight·MTP + balance_alpha·balance.
 
     Loss, parts and gradients are means over micro-batches; expert loads are summed (they are
     counts over the whole batch either way), balance losses averaged. The routing bias is the
@@ -134,19 +135,21 @@ def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatch
     """
     grad_fn = jax.value_and_grad(_forward, has_aux=True)
     if microbatches == 1:
-        (loss, (parts, stats)), grads = grad_fn(params, routing, batch, config, mtp_weight)
+        (loss, (parts, stats)), grads = grad_fn(params, routing, batch, config, mtp_weight,
+                                               balance_alpha)
         return loss, parts, stats, grads
 
     mbs = _split_microbatches(batch, microbatches)
     first = jax.tree.map(lambda x: x[0], mbs)
-    shapes = jax.eval_shape(lambda p, b: grad_fn(p, routing, b, config, mtp_weight),
-                            params, first)
+    shapes = jax.eval_shape(
+        lambda p, b: grad_fn(p, routing, b, config, mtp_weight, balance_alpha), params, first)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
 
     def body(carry, mb):
         acc, count = carry
         run = lambda: jax.tree.map(lambda x: x.astype(jnp.float32),
-                                   grad_fn(params, routing, mb, config, mtp_weight))
+                                   grad_fn(params, routing, mb, config, mtp_weight,
+                                           balance_alpha))
         if "active" in mb:                          # an empty slot of a batch-size ramp
             on = jnp.max(mb["active"]) > 0
             out, n = jax.lax.cond(on, run, lambda: zeros), on.astype(jnp.float32)
@@ -167,18 +170,15 @@ def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatch
 
 def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
                tx: optax.GradientTransformation, microbatches: int = 1,
-               schedule: TrainSchedules | None = None):
+               settings: StepSettings = StepSettings()):
     """One optimizer step on `batch` = {"tokens": int [B, T], and optionally "valid" [B, T]
     (loss weight of each target position, see losses.py), "positions" and "segment_ids" [B, T]
     for packed sequences, "token_mask" [B, T] (padding = false; see `token_mask`)}. Returns
-    (new state, metrics). Expert loads and balance losses count real tokens only. `schedule`
-    gives λ and γ per step (their values are logged as `mtp_weight`, `bias_update_rate`)."""
-    schedule = schedule or TrainSchedules()
-    mtp_weight = schedule.mtp_weight(state.step) if schedule.mtp_weight else None
-    rate = (schedule.bias_update_rate(state.step) if schedule.bias_update_rate
-            else config.bias_update_rate)
+    (new state, metrics). Expert loads and balance losses count real tokens only. `settings`
+    gives λ, α and γ (scheduled ones are logged as `mtp_weight`, `bias_update_rate`)."""
+    mtp_weight, rate = settings.at(state.step)
     loss, parts, stats, grads = loss_and_grads(state.params, state.routing, batch, config,
-                                               microbatches, mtp_weight)
+                                               microbatches, mtp_weight, settings.balance_alpha)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -186,10 +186,9 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
     grad_norm = optax.tree.norm(grads)
     metrics = {"loss": loss, **parts, "grad_norm": grad_norm,
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
-    if schedule.mtp_weight:
-        metrics["mtp_weight"] = mtp_weight
-    if schedule.bias_update_rate:
-        metrics["bias_update_rate"] = rate
+    for name, value in (("mtp_weight", mtp_weight), ("bias_update_rate", rate)):
+        if name in settings.scheduled:
+            metrics[name] = value
     if routing:
         loads = routing_loads(stats, routing)
         routing = update_routing_bias(routing, loads, rate)
@@ -209,7 +208,10 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, config: ModelConfig) -> dict:
-    """Held-out metrics of one batch: the loss parts, no update."""
-    loss, (parts, _) = _forward(state.params, state.routing, batch, config)
+def eval_step(state: TrainState, batch: dict, *, config: ModelConfig,
+              settings: StepSettings = StepSettings()) -> dict:
+    """Held-out metrics of one batch: the loss parts (total with the step's λ and α), no update."""
+    mtp_weight, _ = settings.at(state.step)
+    loss, (parts, _) = _forward(state.params, state.routing, batch, config, mtp_weight,
+                                settings.balance_alpha)
     return {"loss": loss, **parts}

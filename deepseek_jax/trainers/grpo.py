@@ -33,7 +33,6 @@ checkpoints/ (rerunning resumes). `config` is a run config from `deepseek_jax.co
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import signal
@@ -106,8 +105,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # The model first, checked against the mesh and tokenizer before anything is read.
     model_config = (ckpt.load_model_config(pretrained) if pretrained
                     else to_model_config(config.model))
-    if rl.bias_update_rate >= 0:      # the routing bias's γ during RL (0 freezes the bias)
-        model_config = dataclasses.replace(model_config, bias_update_rate=rl.bias_update_rate)
     sharded.validate(model_config, mesh, rules, batch_rows)
     if model_config.vocab_size < encoder.vocab_size:
         raise ValueError(f"the model's vocab_size {model_config.vocab_size} is smaller than the "
@@ -146,7 +143,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         update = jax.jit(functools.partial(
             grpo_step, config=model_config, tx=tx, temperature=rl.temperature,
             eps_low=rl.eps_low, eps_high=rl.eps_high, beta=rl.beta,
-            aggregation=rl.aggregation, max_len=rl.max_new_tokens),
+            aggregation=rl.aggregation, max_len=rl.max_new_tokens,
+            bias_update_rate=rl.bias_update_rate),
             in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
         logprobs_fn = jax.jit(lambda p, r, t: target_logprobs(p, r, t, model_config,
                                                               rl.temperature)[0])

@@ -80,10 +80,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # --- shardings and step -------------------------------------------------------------------
     step_fn = sharded.make_sharded_train_step(model_config, tx, mesh, rules,
                                                microbatches=config.train.microbatches,
-                                               schedule=plan.train)
+                                               settings=plan.train)
     batch_sharding = parallel.batch_sharding(mesh, rules)
     with parallel.sharding_context(mesh, rules):
-        eval_fn = jax.jit(lambda s, b: eval_step(s, b, config=model_config),
+        eval_fn = jax.jit(lambda s, b: eval_step(s, b, config=model_config, settings=plan.train),
                           in_shardings=(step_fn.shardings, batch_sharding))
 
     def to_device(batch: dict) -> dict:
@@ -192,10 +192,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _from_run(path: str, model_config, tx, step_fn) -> TrainState:
     """A fresh TrainState (step 0, new optimizer state) holding the parameters and routing bias
     of the run at `path`, read into this run's shardings. The architectures must agree; the
-    positions (RoPE/YaRN, max length), loss weights and numerics may differ."""
+    positions (RoPE/YaRN, max length) and numerics may differ."""
     previous = ckpt.load_model_config(path)
-    free = {"max_seq_len", "mtp_loss_weight", "bias_update_rate", "balance_alpha", "dtype",
-            "remat_policy", "moe_impl", "moe_backend", "fp8",
+    free = {"max_seq_len", "dtype", "remat_policy", "moe_impl", "moe_backend", "fp8",
             "attention_impl", "moe_capacity_factor", "moe_ep_buffer_factor", "moe_ep_transport"}
     free |= {f.name for f in dataclasses.fields(model_config) if f.name.startswith("rope_")
              and f.name != "rope_interleaved"} | {"fp8_backend"}

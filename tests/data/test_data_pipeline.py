@@ -258,7 +258,7 @@ def _r1_arithmetic(**shares):
     ml_collections = pytest.importorskip("ml_collections")
     return ml_collections.ConfigDict(dict(
         dataset="arithmetic", num_train=400, num_eval=10, max_digits=2, min_digits=2, ops="+-",
-        format="compact", **shares))
+        template="compact", **shares))
 
 
 def test_r1_documents_mix_plain_lines_and_worked_solutions(tmp_path):

@@ -481,9 +481,9 @@ def test_module_under_scan():
     assert load.shape == (2, E) and bal.shape == (2,)
     np.testing.assert_array_equal(np.asarray(load.sum(-1)), [_B * _T * 2] * 2)
     # The stacked bias and stacked load feed the update directly.
-    new_bias = routing.update_routing_bias(variables["routing"]["moe"]["bias"], load,
-                                       c.bias_update_rate)
+    gamma = 0.001
+    new_bias = routing.update_routing_bias(variables["routing"]["moe"]["bias"], load, gamma)
     assert new_bias.shape == (2, E)
     np.testing.assert_allclose(np.abs(np.asarray(new_bias)),
                                np.where(np.asarray(load) == np.asarray(load).mean(-1,
-                                        keepdims=True), 0.0, c.bias_update_rate), atol=1e-9)
+                                        keepdims=True), 0.0, gamma), atol=1e-9)

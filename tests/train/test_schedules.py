@@ -104,7 +104,10 @@ def test_v3_learning_rate_schedule(v3):
 
 def test_other_runs_keep_constant_weights():
     plan = schedules.from_run_config(get_config("small"))
-    assert not plan.ramp and plan.train == schedules.TrainSchedules()
+    # small: V3's λ and α, and the small runs' faster γ, as constants
+    assert not plan.ramp and plan.train.scheduled == ()
+    assert plan.train == schedules.StepSettings(mtp_weight=0.3, balance_alpha=1e-4,
+                                                bias_update_rate=0.01)
     assert plan.progress.microbatches(0) == 1
 
 
@@ -152,16 +155,16 @@ def test_scheduled_mtp_weight_and_bias_speed_reach_the_step():
     tx = make_optimizer(1e-3)
     state = init_train_state(jax.random.key(0), config, tx)
     fraction = lambda s: jnp.asarray(s, jnp.float32) / 10
-    sched = schedules.TrainSchedules(
+    sched = schedules.StepSettings(
         mtp_weight=schedules.piecewise_constant(((0, 0.3), (0.5, 0.1)), fraction),
         bias_update_rate=schedules.piecewise_constant(((0, 0.001), (0.5, 0.0)), fraction))
     batch = {"tokens": jnp.asarray(_tiny_batch(0)["tokens"])}
     for step_no, lam, gamma in ((4, 0.3, 0.001), (5, 0.1, 0.0)):
         s = state.replace(step=jnp.int32(step_no))
-        new, m = train_step(s, batch, config=config, tx=tx, schedule=sched)
+        new, m = train_step(s, batch, config=config, tx=tx, settings=sched)
         assert float(m["mtp_weight"]) == pytest.approx(lam)
         assert float(m["bias_update_rate"]) == pytest.approx(gamma)
-        total = m["lm_loss"] + lam * m["mtp_loss"] + config.balance_alpha * m["balance_loss"]
+        total = m["lm_loss"] + lam * m["mtp_loss"] + sched.balance_alpha * m["balance_loss"]
         np.testing.assert_allclose(m["loss"], total, rtol=1e-6)
         moved = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)),
                                              new.routing, s.routing))

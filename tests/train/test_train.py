@@ -10,8 +10,12 @@ from deepseek_jax.config import get_config
 from deepseek_jax.model import Transformer
 from deepseek_jax.train import losses
 from deepseek_jax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
+from deepseek_jax.train.schedules import StepSettings
 from deepseek_jax.train.step import init_train_state, loss_and_grads, routing_loads, train_step
 from numerics import assert_leaves_close_in_norm, gradient_rtol
+
+
+SETTINGS = StepSettings(bias_update_rate=0.001)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +24,7 @@ def run():
     tx = make_optimizer(3e-3)
     state0 = init_train_state(jax.random.key(0), c, tx)
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, c.vocab_size)
-    step = jax.jit(lambda s, b: train_step(s, b, config=c, tx=tx))
+    step = jax.jit(lambda s, b: train_step(s, b, config=c, tx=tx, settings=SETTINGS))
     history, states, state = [], [], state0
     for _ in range(8):
         state, m = step(state, {"tokens": tokens})
@@ -49,7 +53,7 @@ def test_bias_moves_by_gamma_per_step(run):
     is a multiple of γ with |b| ≤ 8γ, and the biases are not all zero."""
     c, state0, state, *_ = run
     b = state.routing["moe_layers"]["layers"]["moe"]["bias"]
-    k = np.asarray(b) / c.bias_update_rate
+    k = np.asarray(b) / SETTINGS.bias_update_rate
     np.testing.assert_allclose(k, np.round(k), atol=1e-3)
     assert np.max(np.abs(k)) <= 8 + 1e-3 and np.any(k != 0)
 
@@ -63,7 +67,7 @@ def test_bias_update_direction_from_loads(run):
     loads = routing_loads(aux["moe_stats"], state0.routing)
     for load, b in zip(jax.tree.leaves(loads), jax.tree.leaves(new.routing)):
         mean = load.mean(-1, keepdims=True)
-        expect = c.bias_update_rate * np.sign(mean - load)
+        expect = SETTINGS.bias_update_rate * np.sign(mean - load)
         np.testing.assert_allclose(np.asarray(b), np.asarray(expect), atol=1e-7)
 
 
