@@ -17,7 +17,7 @@ import numpy as np
 from deepseek_jax.data import tokenizer
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.data import r1
-from deepseek_jax.rl import rewards
+from deepseek_jax.rl import advantages, rewards
 
 BYTES = Encoder(None, add_bos=True)     # the default: byte tokenizer, prompts start with BOS
 
@@ -70,4 +70,28 @@ def training_rows(prompts: Sequence[list[int]], completions: Sequence[list[int]]
     out = {"tokens": tokens, "mask": mask, "token_mask": real}
     if sampler_logprobs is not None:
         out["sampler_logp"] = sampler
+    return out
+
+
+def rollout_metrics(scores: dict[str, Any], completions: Sequence[list[int]],
+                    lengths: np.ndarray, rows: dict[str, np.ndarray], old_logp: np.ndarray, *,
+                    group_size: int, max_new_tokens: int, eos_id: int) -> dict[str, float]:
+    """What a GRPO step logs about its rollouts: reward means and spreads (total, accuracy,
+    format), the share of groups whose rewards are all equal (advantage 0: no signal), mean
+    completion length, the share of completions cut at `max_new_tokens` without an EOS, and the
+    largest gap between the sampler's and the trainer's log-prob of a sampled token (numerics:
+    the two should agree to bf16/fp32 rounding)."""
+    truncated = [lengths[i] == max_new_tokens and (not c or c[-1] != eos_id)
+                 for i, c in enumerate(completions)]
+    gap = np.abs(rows["sampler_logp"] - old_logp)[rows["mask"] > 0]
+    out = {}
+    for k, name in (("total", "reward"), ("accuracy", "accuracy_reward"),
+                    ("format", "format_reward")):
+        out[f"{name}_mean"] = float(scores[k].mean())
+        out[f"{name}_std"] = float(scores[k].std())
+    out["zero_variance_groups"] = float(advantages.zero_variance_fraction(scores["total"],
+                                                                          group_size))
+    out["completion_length"] = float(np.mean(lengths))
+    out["truncation_rate"] = float(np.mean(truncated))
+    out["sampler_trainer_logp_gap"] = float(gap.max()) if gap.size else 0.0
     return out

@@ -1,7 +1,8 @@
 """The pretraining loop, `train_and_evaluate(config, workdir)`; the command line is
 `python -m experiments.pretrain --config=experiments/configs/pretrain.py:NAME --workdir=DIR`.
 
-Reads top to bottom: mesh → data → model/optimizer → shardings → step → checkpoint → loop.
+Reads top to bottom: mesh → data → model/optimizer → shardings → step → checkpoint → loop; the
+mesh, checkpoint manager, metrics writer and SIGTERM handling are `train.run`'s, shared with GRPO.
 Rerunning the same command resumes from the latest checkpoint in DIR/checkpoints, with the same
 data order (the iterator state is checkpointed) and the same numbers. Outputs under DIR:
 metrics.jsonl (one JSON object per logged step), tensorboard/, checkpoints/, data/ (the
@@ -23,41 +24,36 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 
 import jax
 import numpy as np
 
-from deepseek_jax.data import run_config
 from deepseek_jax import parallel
+from deepseek_jax.configs.pretrain import to_model_config
+from deepseek_jax.data import run_config
 from deepseek_jax.train import checkpoint as ckpt
-from deepseek_jax.train import schedules
+from deepseek_jax.train import schedules, sharded
 from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.train.flops import flops_per_token, peak_flops_per_device
-from deepseek_jax.train.metrics import MetricsWriter, Throughput, truncate_after
+from deepseek_jax.train.metrics import Throughput
 from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.run import Run, run_mesh
 from deepseek_jax.train.step import NonFiniteLoss, TrainState, eval_step, init_train_state
-from deepseek_jax.configs.pretrain import to_model_config
-from deepseek_jax.train import sharded
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) the training described by `config`; returns the last logged metrics."""
     # --- mesh ---------------------------------------------------------------------------------
-    parallel.maybe_initialize_distributed(config.mesh.distributed)
     model_config = to_model_config(config.model)
-    mesh = parallel.make_mesh(parallel.run_mesh_config(config.mesh, jax.device_count()))
-    rules = parallel.logical_axis_rules(config.mesh.preset, mesh)
+    mesh, rules = run_mesh(config.mesh)
     sharded.validate(model_config, mesh, rules, config.data.global_batch)
     if model_config.vocab_size < run_config.vocab_size(config.data.tokenizer):
         raise ValueError(f"model.vocab_size={model_config.vocab_size} is smaller than the "
                          f"tokenizer's {run_config.vocab_size(config.data.tokenizer)}; raise it")
     # Absolute from here on (Orbax needs it), checked before the data or any compile.
     workdir = run_dir.prepare(workdir, model_config)
-    is_lead = jax.process_index() == 0
-    if is_lead:
+    if jax.process_index() == 0:
         ckpt.save_model_config(workdir, model_config)
-    if is_lead:
         print(f"mesh {dict(mesh.shape)} preset {config.mesh.preset} on {jax.device_count()} "
               f"{jax.devices()[0].platform} devices", flush=True)
 
@@ -72,12 +68,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_batches = lambda: run_config.eval_iterator(config.data, data_dir,
                                                     num_batches=config.train.eval_batches)
 
-    # --- model and optimizer ------------------------------------------------------------------
-    schedule = plan.learning_rate
-    tx = make_optimizer(schedule, b1=config.optim.b1, b2=config.optim.b2,
+    # --- model, optimizer and the sharded steps -----------------------------------------------
+    lr = plan.learning_rate
+    tx = make_optimizer(lr, b1=config.optim.b1, b2=config.optim.b2,
                         weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
-
-    # --- shardings and step -------------------------------------------------------------------
     step_fn = sharded.make_sharded_train_step(model_config, tx, mesh, rules,
                                                microbatches=config.train.microbatches,
                                                settings=plan.train)
@@ -90,70 +84,47 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
                 for k, v in batch.items()}
 
-    # --- checkpoint: restore or initialize ----------------------------------------------------
-    manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
-                                save_every=config.train.checkpoint_every,
-                                keep=config.train.keep_checkpoints,
-                                async_save=config.train.async_checkpoint)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if manager.latest_step() is not None:
-        shapes = jax.eval_shape(lambda: init_train_state(jax.random.key(0), model_config, tx))
-        abstract = ckpt.abstract_like(shapes, step_fn.shardings)
-        state, rng, data_state = ckpt.restore(manager, abstract)
-        train_iter.set_state(data_state)
-        start = int(state.step)
-        if is_lead:
-            truncate_after(metrics_path, start)
-            print(f"resumed from step {start}", flush=True)
-    else:
-        rng = jax.random.key(config.seed)
-        rng, init_rng = jax.random.split(rng)
-        init = config.get("init") or {}
-        if init.get("pretrain_dir"):
-            state = _from_run(run_dir.resolve(init.pretrain_dir), model_config, tx, step_fn)
-            if is_lead:
-                print(f"starting from the parameters of {init.pretrain_dir}", flush=True)
-        elif init.get("required"):
-            raise ValueError(f"run config {config.name!r} continues another run: set "
-                             "--config.init.pretrain_dir to that run's directory")
+    with Run(workdir, config.train, async_save=config.train.async_checkpoint) as run:
+        # --- checkpoint: restore or initialize ------------------------------------------------
+        if run.manager.latest_step() is not None:
+            shapes = jax.eval_shape(lambda: init_train_state(jax.random.key(0), model_config,
+                                                             tx))
+            state, rng, data_state = ckpt.restore(
+                run.manager, ckpt.abstract_like(shapes, step_fn.shardings))
+            train_iter.set_state(data_state)
+            start = int(state.step)
+            run.resumed(start)
         else:
-            state = sharded.init_sharded_state(init_rng, model_config, tx, mesh, rules)
-        start = 0
+            rng, init_rng = jax.random.split(jax.random.key(config.seed))
+            state = _initial_state(config, model_config, tx, step_fn, init_rng, mesh, rules)
+            start = 0
 
-    # --- loop ---------------------------------------------------------------------------------
-    stop = {"signal": None}
+        # --- loop -----------------------------------------------------------------------------
+        meter = Throughput(config.data.global_batch * config.data.seq_len,
+                           flops_per_token(model_config, config.data.seq_len),
+                           (peak_flops_per_device() or 0) * jax.device_count() or None,
+                           start_step=start)
+        pending = None          # (step, metrics) of the last step, checked one step late
+        last = {}
 
-    def on_sigterm(signum, _frame):
-        stop["signal"] = signum
+        def flush() -> None:
+            """Checks the pending step's metrics (stops on non-finite) and logs them if due."""
+            nonlocal pending, last
+            if pending is None:
+                return
+            step, m = pending[0], jax.device_get(pending[1])
+            pending = None
+            if not bool(m["finite"]):
+                raise NonFiniteLoss(
+                    f"step {step}: loss {float(m['loss'])}, grad norm {float(m['grad_norm'])}; "
+                    "stopping before anything non-finite is saved. Lower optim.lr, raise "
+                    "optim.warmup_steps or check the data, then rerun to resume from the last "
+                    "good checkpoint")
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                last = {**{k: v for k, v in m.items() if k != "finite"},
+                        "lr": float(lr(step - 1)), **meter.read(step)}
+                run.writer.write(step, last)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    writer = MetricsWriter(workdir, config.train.steps)
-    meter = Throughput(config.data.global_batch * config.data.seq_len,
-                       flops_per_token(model_config, config.data.seq_len),
-                       (peak_flops_per_device() or 0) * jax.device_count() or None,
-                       start_step=start)
-    pending = None          # (step, metrics) of the last step, checked one step late
-    last = {}
-
-    def flush() -> None:
-        """Checks the pending step's metrics (stops on non-finite) and logs them if due."""
-        nonlocal pending, last
-        if pending is None:
-            return
-        step, m = pending[0], jax.device_get(pending[1])
-        pending = None
-        if not bool(m["finite"]):
-            raise NonFiniteLoss(
-                f"step {step}: loss {float(m['loss'])}, grad norm {float(m['grad_norm'])}; "
-                "stopping before anything non-finite is saved. Lower optim.lr, raise "
-                "optim.warmup_steps or check the data, then rerun to resume from the last "
-                "good checkpoint")
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            last = {**{k: v for k, v in m.items() if k != "finite"},
-                    "lr": float(schedule(step - 1)), **meter.read(step)}
-            writer.write(step, last)
-
-    try:
         for step in range(start, config.train.steps):
             if plan.ramp:
                 parts = [next(train_iter) for _ in range(plan.progress.microbatches(step))]
@@ -167,26 +138,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
             if config.train.eval_every and done % config.train.eval_every == 0:
                 parts = [jax.device_get(eval_fn(state, to_device(b))) for b in eval_batches()]
-                writer.write(done, {k: float(np.mean([p[k] for p in parts])) for k in parts[0]},
-                             prefix="eval_")
+                run.writer.write(done, {k: float(np.mean([p[k] for p in parts]))
+                                        for k in parts[0]}, prefix="eval_")
 
-            stopping = stop["signal"] is not None or manager.reached_preemption(done)
-            if done % config.train.checkpoint_every == 0 or stopping or done == config.train.steps:
+            stopping = run.stopping(done)
+            if run.checkpoint_due(done, stopping):
                 flush()              # never save a state that came from a non-finite step
-                ckpt.save(manager, done, state, rng, train_iter.get_state(), force=True)
+                ckpt.save(run.manager, done, state, rng, train_iter.get_state(), force=True)
             if stopping:
-                manager.wait_until_finished()
-                if is_lead:
-                    print(f"stopped by signal at step {done}; checkpoint saved", flush=True)
-                return last
+                return run.stop(done, last)
         flush()
-        manager.wait_until_finished()
         return last
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        writer.close()
-        manager.close()
 
+
+def _initial_state(config, model_config, tx, step_fn, rng, mesh, rules) -> TrainState:
+    """A new run's state: another run's parameters (`init.pretrain_dir`), or a random init."""
+    init = config.get("init") or {}
+    if init.get("pretrain_dir"):
+        state = _from_run(run_dir.resolve(init.pretrain_dir), model_config, tx, step_fn)
+        if jax.process_index() == 0:
+            print(f"starting from the parameters of {init.pretrain_dir}", flush=True)
+        return state
+    if init.get("required"):
+        raise ValueError(f"run config {config.name!r} continues another run: set "
+                         "--config.init.pretrain_dir to that run's directory")
+    return sharded.init_sharded_state(rng, model_config, tx, mesh, rules)
 
 
 def _from_run(path: str, model_config, tx, step_fn) -> TrainState:

@@ -210,3 +210,49 @@ def test_sft_text_is_the_same_text_under_both_r1_templates():
                  for t in ("r1_zero", "r1_zero_think")}
         assert texts["r1_zero"] == texts["r1_zero_think"]
         assert "Assistant: <think> " in texts["r1_zero"]
+
+
+# --- the run's problems and rollout metrics ---------------------------------------------------
+
+def test_problems_are_seeded_grouped_and_fit_their_rows(tmp_path):
+    from deepseek_jax.configs.grpo import get_config
+    from deepseek_jax.rl import rollout
+    from deepseek_jax.rl.problems import load_problems
+    data = get_config("tiny").data
+    data.update(num_train=64, num_eval=8)
+    load = lambda seed: load_problems(data, str(tmp_path), seed=seed, num_eval=5,
+                                      max_new_tokens=12, encoder=rollout.BYTES)
+    a, b, c = load(0), load(0), load(1)
+    assert len(a.held_out) == 5 and sorted(a.order) == list(range(64))
+    group = a.for_step(3, per_step=2, group_size=4)
+    assert [p["text"] for p in group] == [p["text"] for p in b.for_step(3, 2, 4)]
+    assert len(group) == 8 and all(group[i] == group[i - i % 4] for i in range(8))
+    assert [p["text"] for p in c.for_step(3, 2, 4)] != [p["text"] for p in group]
+    # Steps past the end wrap around the same order.
+    assert a.for_step(32, 2, 1) == a.for_step(0, 2, 1)
+    # Every prompt (train and held out) plus a full completion fits a row.
+    prompts = rollout.encode_prompts([*a.for_step(0, 64, 1), *a.held_out], data.template)
+    assert max(map(len, prompts)) + 12 <= a.row_len
+
+
+def test_rollout_metrics_hand_computed():
+    from deepseek_jax.rl import rollout
+    scores = {"total": np.array([1.1, 0.1, 0.1, 0.1], np.float32),
+              "accuracy": np.array([1.0, 0.0, 0.0, 0.0], np.float32),
+              "format": np.array([1.0, 1.0, 1.0, 1.0], np.float32)}
+    eos = 2
+    completions = [[5, eos], [5, 6, 7], [5, 6, eos], [5]]
+    lengths = np.array([2, 3, 3, 1])
+    rows = {"mask": np.array([[1, 1, 0], [0, 1, 1], [0, 0, 0], [0, 0, 0]], np.float32),
+            "sampler_logp": np.full((4, 3), -1.0, np.float32)}
+    old = np.full((4, 3), -1.0, np.float32)
+    old[1, 2] = -1.25                 # the largest gap at a masked position
+    old[2, 0] = -9.0                  # outside the mask: not counted
+    m = rollout.rollout_metrics(scores, completions, lengths, rows, old, group_size=2,
+                                max_new_tokens=3, eos_id=eos)
+    assert m["reward_mean"] == pytest.approx(0.35) and m["accuracy_reward_mean"] == 0.25
+    assert m["format_reward_std"] == 0.0
+    assert m["zero_variance_groups"] == 0.5          # the second group's rewards are equal
+    assert m["completion_length"] == 2.25
+    assert m["truncation_rate"] == 0.25              # only [5, 6, 7] hit 3 tokens without EOS
+    assert m["sampler_trainer_logp_gap"] == pytest.approx(0.25)

@@ -1,0 +1,87 @@
+"""The GRPO policy: its checks, its starting state and its compiled steps, under the run's mesh.
+
+  check_policy   the model against the mesh, the tokenizer and the workdir, before any read
+  initial_state  TrainState from a pretraining run's weights (read straight into the run's
+                 shardings) or a random init, plus a frozen copy as the reference model when
+                 β > 0
+  compile_steps  the jitted update (`rl.step.grpo_step`, state donated) and the jitted
+                 trainer log-probs (for π_old and π_ref), both under the run's shardings
+  to_device      one rollout batch placed on the mesh
+
+Left out: resetting the reference model during the run (R1-Zero resets it every 400 steps).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from deepseek_jax import parallel
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.data.encoding import Encoder
+from deepseek_jax.model import init_variables
+from deepseek_jax.rl.step import grpo_step, target_logprobs
+from deepseek_jax.train import checkpoint as ckpt
+from deepseek_jax.train import sharded
+from deepseek_jax.train import workdir as run_dir
+from deepseek_jax.train.step import TrainState
+
+
+def check_policy(model_config: ModelConfig, mesh, rules, batch_rows: int, encoder: Encoder,
+                 workdir: str) -> None:
+    """Errors that name the fix: a model the mesh can't shard at `batch_rows` rows, a vocabulary
+    smaller than the tokenizer's, a workdir holding a run of another model."""
+    sharded.validate(model_config, mesh, rules, batch_rows)
+    if model_config.vocab_size < encoder.vocab_size:
+        raise ValueError(f"the model's vocab_size {model_config.vocab_size} is smaller than the "
+                         f"tokenizer's {encoder.vocab_size}: set data.tokenizer to the model's "
+                         "tokenizer.json (an HF-imported model needs its own)")
+    run_dir.check_same_model(workdir, model_config)
+
+
+def initial_state(model_config: ModelConfig, tx, shardings: TrainState, pretrained: str, *,
+                  seed: int, keep_reference: bool):
+    """(state at step 0, reference params or None). `pretrained` is a run directory ("" = a
+    random init from `seed`); the reference is a copy, since the update donates the policy."""
+    if pretrained:
+        _, variables = ckpt.load_trained(
+            pretrained, shardings={"params": shardings.params, "routing": shardings.routing})
+    else:
+        variables = flax.core.meta.unbox(init_variables(jax.random.key(seed), model_config))
+    place = lambda tree, s: jax.tree.map(jax.device_put, tree, s)
+    params = place(variables["params"], shardings.params)
+    routing = place(variables.get("routing", {}), shardings.routing)
+    reference = jax.tree.map(jnp.copy, params) if keep_reference else None
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
+                       routing=routing)
+    return state, reference
+
+
+def compile_steps(model_config: ModelConfig, tx, shardings: TrainState, mesh, rules, rl):
+    """(update(state, batch) -> (state, metrics), logprobs(params, routing, tokens) -> [B, T])
+    for the run config's `rl` section."""
+    with parallel.sharding_context(mesh, rules):
+        update = jax.jit(functools.partial(
+            grpo_step, config=model_config, tx=tx, temperature=rl.temperature,
+            eps_low=rl.eps_low, eps_high=rl.eps_high, beta=rl.beta,
+            aggregation=rl.aggregation, max_len=rl.max_new_tokens,
+            bias_update_rate=rl.bias_update_rate),
+            in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+        logprobs = jax.jit(lambda p, r, t: target_logprobs(p, r, t, model_config,
+                                                           rl.temperature)[0])
+    return update, logprobs
+
+
+def to_device(rows: dict, advantages, mesh, rules) -> dict:
+    """The update's batch from `rollout.training_rows` and the advantages [B], sharded like a
+    training batch over its rows."""
+    rows_sharding = parallel.batch_sharding(mesh, rules)
+    by_row = NamedSharding(mesh, P(*rows_sharding.spec[:1]))
+    batch = {k: jax.device_put(rows[k], rows_sharding) for k in ("tokens", "mask", "token_mask")}
+    batch["advantages"] = jax.device_put(advantages, by_row)
+    return batch

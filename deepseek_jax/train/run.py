@@ -1,0 +1,107 @@
+"""What every training entrypoint sets up around its loop: the mesh from the run config, and a
+`Run` holding the workdir's checkpoint manager, metrics writer and SIGTERM flag.
+
+  mesh, rules = run_mesh(config.mesh)
+  with Run(workdir, config.train) as run:
+      state = ... run.manager.latest_step() ... (restore or initialize)
+      for step in ...:
+          ...
+          stopping = run.stopping(done)
+          if run.checkpoint_due(done, stopping):
+              ckpt.save(run.manager, ...)
+          if stopping:
+              return run.stop(done)
+
+Pretraining (`trainers.pretrain`) and GRPO (`trainers.grpo`) share it. Leaving the `with` block
+(normally, by an error or after a signal) waits for pending checkpoint writes, closes the
+writer and the manager, and restores the SIGTERM handler that was there before.
+
+Left out: signals other than SIGTERM (SIGINT stops a run like any exception: the last saved
+checkpoint stays valid, the step in flight is lost).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import jax
+
+from deepseek_jax import parallel
+from deepseek_jax.train import checkpoint as ckpt
+from deepseek_jax.train.metrics import MetricsWriter, truncate_after
+
+
+def run_mesh(mesh_config, num_devices: int = 0):
+    """(mesh, rules) of a run config's `mesh` section over every device, or over the first
+    `num_devices` (single-process runs only). Starts multi-process JAX first when the config
+    asks for it or a pod is detected (`mesh.distributed`)."""
+    parallel.maybe_initialize_distributed(mesh_config.distributed)
+    if num_devices and (jax.process_count() > 1 or num_devices > jax.device_count()):
+        raise ValueError(f"mesh.num_devices={num_devices}: use 0 (all devices) in multi-process "
+                         f"runs, or at most the {jax.device_count()} devices here")
+    devices = jax.devices()[: num_devices or None]
+    mesh = parallel.make_mesh(parallel.run_mesh_config(mesh_config, len(devices)), devices)
+    return mesh, parallel.logical_axis_rules(mesh_config.preset, mesh)
+
+
+class Run:
+    """Checkpoints under WORKDIR/checkpoints (every `train.checkpoint_every` steps, the last
+    `train.keep_checkpoints` kept), metrics.jsonl and tensorboard/ under WORKDIR, and whether
+    SIGTERM arrived. `train` is the run config's `train` section; `async_save` writes
+    checkpoints in the background while the next steps run; `unit` names a step in messages."""
+
+    def __init__(self, workdir: str, train, *, async_save: bool = True, unit: str = "step"):
+        self.workdir = workdir
+        self.unit = unit
+        self.steps = int(train.steps)
+        self.every = int(train.checkpoint_every)
+        self.is_lead = jax.process_index() == 0
+        self.manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
+                                         save_every=self.every, keep=train.keep_checkpoints,
+                                         async_save=async_save)
+        self.writer = None
+        self._signal = None
+        self._previous = None
+
+    def __enter__(self) -> "Run":
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.writer = MetricsWriter(self.workdir, self.steps)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+        try:
+            if exc[0] is None:
+                self.manager.wait_until_finished()
+        finally:
+            self.writer.close()
+            self.manager.close()
+
+    def _on_sigterm(self, signum, _frame) -> None:
+        self._signal = signum
+
+    def say(self, text: str) -> None:
+        """Prints on the lead process only."""
+        if self.is_lead:
+            print(text, flush=True)
+
+    def resumed(self, step: int) -> None:
+        """After a restore at `step`: drops metrics.jsonl lines logged past it (a crashed run
+        may have logged steps it never saved) and says so."""
+        if self.is_lead:
+            truncate_after(os.path.join(self.workdir, "metrics.jsonl"), step)
+        self.say(f"resumed from {self.unit} {step}")
+
+    def stopping(self, done: int) -> bool:
+        """SIGTERM arrived, or the cluster announced a preemption at step `done`."""
+        return self._signal is not None or self.manager.reached_preemption(done)
+
+    def checkpoint_due(self, done: int, stopping: bool = False) -> bool:
+        return done % self.every == 0 or stopping or done == self.steps
+
+    def stop(self, done: int, result):
+        """Ends a run stopped by a signal after its checkpoint at step `done`; returns `result`."""
+        self.manager.wait_until_finished()
+        self.say(f"stopped by signal at {self.unit} {done}; checkpoint saved")
+        return result
