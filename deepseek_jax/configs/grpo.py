@@ -6,7 +6,7 @@
           python -m experiments.grpo --config=experiments/configs/grpo.py:small --workdir=/tmp/grpo \\
               --config.init.pretrain_dir=/tmp/pretrain
   v3-671b R1-Zero on DeepSeek-V3 from an imported HF checkpoint (converted with
-          `python -m deepseek_jax.checkpoint.convert`), R1-Zero's published settings:
+          `python -m deepseek_jax.hf.convert`), R1-Zero's published settings:
           python -m experiments.grpo --config=experiments/configs/grpo.py:v3-671b \\
               --workdir=/mnt/shared/runs/r1zero --config.init.pretrain_dir=/mnt/shared/v3-orbax
 

@@ -77,7 +77,7 @@ def test_extension_starts_from_the_pretraining_run_with_yarn_on(tmp_path):
 
 
 def test_model_config_defaults_keep_yarn_for_released_weights():
-    # Imported checkpoints keep their config.json's YaRN (tests/checkpoint compares them with
+    # Imported checkpoints keep their config.json's YaRN (tests/hf compares them with
     # transformers); only the pretraining run configs switch it off.
     model = get_model_config("v3-671b")
     assert model.uses_yarn and model.softmax_scale == pytest.approx(0.1352338, abs=5e-8)

@@ -10,10 +10,10 @@ import optax
 import pytest
 
 from deepseek_jax import parallel
-from deepseek_jax.checkpoint import (MTPWeightsMissing, convert_to_orbax, load_hf_checkpoint,
+from deepseek_jax.hf import (MTPWeightsMissing, convert_to_orbax, load_hf_checkpoint,
                                      restore_converted)
-from deepseek_jax.checkpoint import convert as convert_module
-from deepseek_jax.checkpoint.convert import main, train_state_from_converted
+from deepseek_jax.hf import convert as convert_module
+from deepseek_jax.hf.convert import main, train_state_from_converted
 from deepseek_jax.train import checkpoint as train_ckpt
 from deepseek_jax.train import sharded
 from hf_helpers import ATOL, FP32, RTOL, fixture, flat, forward, reference

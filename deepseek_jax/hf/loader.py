@@ -37,7 +37,7 @@ them: its fp8 path quantizes the masters on the fly, on the checkpoint's own blo
 (q_b_proj as the one [N(H+R), Q] matrix it is stored as, see `model.mla.query_up_weight`;
 kv_a_proj_with_mqa split at 512, a multiple of 128). With fp32 masters, re-quantizing a
 dequantized block gives the stored e4m3 codes back and its scale to within fp32 rounding
-(tests/checkpoint/test_fp8_requantize.py); bf16 masters round the dequantized values first, so
+(tests/hf/test_fp8_requantize.py); bf16 masters round the dequantized values first, so
 codes may differ there. kv_b_proj is the exception: the model keeps W_UK / W_UV in the compute
 dtype (model/mla.py). The kept values are for fp8 serving kernels; Transformer.apply ignores
 the extra collection. keep_fp8 reads every fp8 tensor whole (no `mesh`).
@@ -61,13 +61,13 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.checkpoint import mapping
-from deepseek_jax.checkpoint.fp8_blocks import is_fp8, scale_name
-from deepseek_jax.checkpoint.hf_config import (HFCheckpointError, config_from_hf, read_hf_json,
+from deepseek_jax.hf import mapping
+from deepseek_jax.hf.fp8_blocks import is_fp8, scale_name
+from deepseek_jax.hf.hf_config import (HFCheckpointError, config_from_hf, read_hf_json,
                                                weight_block_size)
-from deepseek_jax.checkpoint.reader import (DEFAULT_CHUNK_BYTES, check_folder, device_leaf,
+from deepseek_jax.hf.reader import (DEFAULT_CHUNK_BYTES, check_folder, device_leaf,
                                             read_leaf)
-from deepseek_jax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFolder
+from deepseek_jax.hf.safetensors_io import SafetensorsError, SafetensorsFolder
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import sharded
 

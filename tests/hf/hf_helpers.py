@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.checkpoint.safetensors_io import SafetensorsFolder, save_file
+from deepseek_jax.hf.safetensors_io import SafetensorsFolder, save_file
 from deepseek_jax.model import Transformer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepseek_jax.checkpoint.safetensors_io import FP8_NAMES, SafetensorsFolder
+from deepseek_jax.hf.safetensors_io import FP8_NAMES, SafetensorsFolder
 
 SCALE_SUFFIX = "_scale_inv"
 

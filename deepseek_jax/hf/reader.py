@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from deepseek_jax.checkpoint.fp8_blocks import (expected_scale_shape, is_fp8, read_box,
+from deepseek_jax.hf.fp8_blocks import (expected_scale_shape, is_fp8, read_box,
                                                 scale_name)
-from deepseek_jax.checkpoint.hf_config import HFCheckpointError
-from deepseek_jax.checkpoint.mapping import Layout, Leaf
-from deepseek_jax.checkpoint.safetensors_io import SafetensorsFolder
+from deepseek_jax.hf.hf_config import HFCheckpointError
+from deepseek_jax.hf.mapping import Layout, Leaf
+from deepseek_jax.hf.safetensors_io import SafetensorsFolder
 
 DEFAULT_CHUNK_BYTES = 512 * 2**20
 

@@ -1,6 +1,6 @@
 """Convert a Hugging Face DeepSeek checkpoint into a sharded Orbax checkpoint, streaming.
 
-  python -m deepseek_jax.checkpoint.convert --hf=DeepSeek-V3 --out=/ckpt/v3 \
+  python -m deepseek_jax.hf.convert --hf=DeepSeek-V3 --out=/ckpt/v3 \
       --preset=fsdp --mesh=fsdp=-1 --dtype=bfloat16
 
 What it writes (the layout of a training run's directory, minus the optimizer):
@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.checkpoint.loader import leaf_dtype, prepare, set_path
-from deepseek_jax.checkpoint.reader import DEFAULT_CHUNK_BYTES, device_leaf
+from deepseek_jax.hf.loader import leaf_dtype, prepare, set_path
+from deepseek_jax.hf.reader import DEFAULT_CHUNK_BYTES, device_leaf
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import sharded
 from deepseek_jax.train.checkpoint import load_model_config, save_model_config
@@ -199,7 +199,7 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m deepseek_jax.checkpoint.convert",
+    ap = argparse.ArgumentParser(prog="python -m deepseek_jax.hf.convert",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf", required=True, help="Hugging Face checkpoint folder")
     ap.add_argument("--out", required=True, help="output folder (new)")

@@ -1,11 +1,11 @@
-"""Regenerates tests/checkpoint/fixtures/ with Hugging Face transformers (torch, CPU, a minute).
+"""Regenerates tests/hf/fixtures/ with Hugging Face transformers (torch, CPU, a minute).
 
 Not part of the test suite, which needs neither torch nor transformers. Run it in a separate
 environment:
 
   python3.11 -m venv /tmp/hfvenv
   /tmp/hfvenv/bin/pip install torch==2.13.0 transformers safetensors numpy   # tested: 5.24.0
-  /tmp/hfvenv/bin/python tests/checkpoint/make_fixtures.py
+  /tmp/hfvenv/bin/python tests/hf/make_fixtures.py
 
 Three tiny random models, each a checkpoint folder (config.json + model.safetensors) plus
 `reference.npz` = {tokens [B, T] int32, logits [B, T, V] float32, mtp_logits [K, B, T, V]}:

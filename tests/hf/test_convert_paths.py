@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from deepseek_jax.checkpoint import MTPWeightsMissing, restore_converted
-from deepseek_jax.checkpoint import convert as convert_module
+from deepseek_jax.hf import MTPWeightsMissing, restore_converted
+from deepseek_jax.hf import convert as convert_module
 from deepseek_jax.train.workdir import WorkdirError
 from deepseek_jax import parallel
 from hf_helpers import fixture

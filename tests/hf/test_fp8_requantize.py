@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.checkpoint import load_hf_checkpoint
+from deepseek_jax.hf import load_hf_checkpoint
 from deepseek_jax.kernels import fp8
 from deepseek_jax.model.layers import einsum
 from deepseek_jax.model.mla import MLA, query_up_weight

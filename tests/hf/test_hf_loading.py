@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from deepseek_jax import parallel
-from deepseek_jax.checkpoint import (HFCheckpointError, MTPWeightsMissing, load_hf_checkpoint,
+from deepseek_jax.hf import (HFCheckpointError, MTPWeightsMissing, load_hf_checkpoint,
                                      reader)
-from deepseek_jax.checkpoint.fp8_blocks import dequantize_blocks, read_box
-from deepseek_jax.checkpoint.safetensors_io import (SafetensorsFolder, save_file,
+from deepseek_jax.hf.fp8_blocks import dequantize_blocks, read_box
+from deepseek_jax.hf.safetensors_io import (SafetensorsFolder, save_file,
                                                     write_sharded)
 from deepseek_jax.kernels.fp8 import quantize_weight
 from deepseek_jax.train import sharded

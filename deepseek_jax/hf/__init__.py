@@ -3,7 +3,7 @@
   config, variables = load_hf_checkpoint(path)            # folder: config.json + safetensors
   logits, mtp_logits = Transformer(config).apply(variables, tokens)
 
-  python -m deepseek_jax.checkpoint.convert --hf=DIR --out=DIR --preset=fsdp --mesh=fsdp=8 \
+  python -m deepseek_jax.hf.convert --hf=DIR --out=DIR --preset=fsdp --mesh=fsdp=8 \
       --dtype=bfloat16                                     # sharded Orbax checkpoint, streamed
   config, variables = restore_converted(DIR, mesh, rules)  # back onto any mesh
   state = train_state_from_converted(DIR, config, tx, mesh, rules)   # a run's step 0
@@ -18,17 +18,17 @@ CLI and `restore_converted`).
 Supported: model_type deepseek_v3 (DeepSeek-V3/R1, Moonlight, with or without q compression,
 fp8 or bf16/fp32 weights, MTP at model.layers.{num_hidden_layers}) and deepseek_v2 (V2,
 V2-Lite: softmax routing, greedy or group-limited). Parity with transformers' DeepseekV3 /
-DeepseekV2 models is tested on tiny fixtures (tests/checkpoint).
+DeepseekV2 models is tested on tiny fixtures (tests/hf).
 """
 
-from deepseek_jax.checkpoint.hf_config import HFCheckpointError, read_hf_config
-from deepseek_jax.checkpoint.loader import MTPWeightsMissing, load_hf_checkpoint
+from deepseek_jax.hf.hf_config import HFCheckpointError, read_hf_config
+from deepseek_jax.hf.loader import MTPWeightsMissing, load_hf_checkpoint
 
 
 def __getattr__(name):
     # convert.py is also run as `python -m`; importing it here eagerly would make runpy warn.
     if name in ("convert_to_orbax", "restore_converted", "train_state_from_converted"):
-        from deepseek_jax.checkpoint import convert
+        from deepseek_jax.hf import convert
         return getattr(convert, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
