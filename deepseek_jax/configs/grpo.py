@@ -62,8 +62,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.rl.prompts_per_step = prompts
     c.rl.group_size = group          # G completions per prompt
     c.rl.max_new_tokens = new
-    # small: 0.7, measured: at 1.0 the sampled exact answers of the demo's model are wrong so
-    # often that working it out earns no more reward than estimating (BENCHMARKS.md)
+    # small: 0.7; at 1.0 the demo model's sampled exact answers are wrong so often that working
+    # a problem out earns no more reward than estimating it (BENCHMARKS.md)
     c.rl.temperature = 0.7 if arg == "small" else 1.0
     c.rl.num_iterations = mu         # μ policy updates per batch (old log-probs computed once)
     c.rl.eps_low = 0.2
@@ -72,7 +72,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.rl.advantage_scale = "group"   # group, batch or none (Dr. GRPO)
     c.rl.aggregation = "seq_mean_token_mean"  # or token_mean (DAPO), seq_mean_token_sum_norm
     # total reward = accuracy + format_weight·format: R1 adds the two (1.0); the small runs keep
-    # TinyZero's 0.1, with which the demo was measured (rl.rewards.FORMAT_WEIGHTS names both)
+    # TinyZero's 0.1 (rl.rewards.FORMAT_WEIGHTS names both)
     c.rl.format_weight = FORMAT_WEIGHTS["r1" if arg == "v3-671b" else "tinyzero"]
     # γ of the routing-bias update during RL: V3's 0.001, or 0 to freeze the bias (small: a few
     # hundred short completions per step are a noisy load signal, and each sign step moves routing)
@@ -80,9 +80,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = lr
-    # small: 5 warm-up steps; measured (BENCHMARKS.md), lr 1e-3 broke the format in the first
-    # steps and 1e-4..2e-4 lowered the accuracy the model had, while 2e-5..3e-5 raised it: a
-    # fresh Adam moves every weight by ~lr per step, whatever the (noisy, 128-sample) gradient.
+    # small: a low lr and 5 warm-up steps, since a fresh Adam moves every weight by ~lr per
+    # step whatever the (noisy, 128-sample) gradient; the lr sweep is in BENCHMARKS.md.
     c.optim.warmup_steps = {"tiny": 0, "small": 5}.get(arg, 10)
     c.optim.weight_decay = 0.0
     c.optim.clip_norm = 1.0
