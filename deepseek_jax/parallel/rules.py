@@ -4,7 +4,14 @@ Parameters and activations carry logical axis names (`deepseek_jax.model.layers`
 below maps each name to mesh axes. Read it top to bottom: for each dimension of an array, the
 first rule naming it whose mesh axes are still free in that array wins (Flax's resolution); a
 name with no winning rule stays unsharded. So `w_gate [L, E, D, F]` takes E→expert first, then
-F→tensor, then D→fsdp.
+F→tensor, then D→fsdp (expert is taken, so the embed row naming it is passed over), while
+`w_dq [L, D, Q]` takes D→(fsdp, expert).
+
+ZeRO across expert ranks: the weights outside the routed experts (attention, dense and shared
+FFNs, embeddings, norms), their gradients and their AdamW moments are split over the expert
+axis as well as fsdp, as DeepSeek's ZeRO-1 data parallelism splits them over its data-parallel
+ranks (which are also its expert ranks); without it, every expert rank would hold a full fsdp
+shard of them.
 
   logical     mesh axes                              arrays
   act_batch   dcn_data, data, fsdp, expert           B of every activation and batch array
@@ -14,9 +21,11 @@ F→tensor, then D→fsdp.
   heads       tensor                                 N of MLA projections
   mlp         tensor                                 F of dense, shared and routed FFNs
   vocab       tensor                                 V of embedding and output head
-  embed       fsdp                                   D of nearly every weight (ZeRO-3)
-  q_lora      fsdp                                   Q where D is absent (w_uq, w_qr, q_norm)
-  kv_lora     fsdp                                   C where D is absent (w_uk, w_uv, kv_norm)
+  embed       fsdp, expert                           D of every weight without an E dimension
+  q_lora      fsdp, expert                           Q where D is absent (w_uq, w_qr, q_norm)
+  kv_lora     fsdp, expert                           C where D is absent (w_uk, w_uv, kv_norm)
+  embed       fsdp                                   D of routed-expert weights (E has expert)
+  q_lora, kv_lora  fsdp                              (the same fallback)
   (never)     act_length, act_embed, layers, head_dim, mtp_in
 
 A preset picks which mesh axes the table may use and a default mesh shape; the rules a run
@@ -29,8 +38,7 @@ dispatch explicitly (`model/dispatch.py`: `shard_map` with all-to-all over the e
 read from these rules through `expert.layout_from_context`); the table does not change. With the
 batch split and E not split, the same module dispatches each device's own tokens locally.
 
-Left out: sequence/context parallelism (act_length stays whole), pipeline stages ("layers"),
-ZeRO across expert ranks (add ("embed", ("fsdp", "expert")) before the embed row to try it).
+Left out: sequence/context parallelism (act_length stays whole), pipeline stages ("layers").
 """
 
 from __future__ import annotations
@@ -60,6 +68,11 @@ LOGICAL_AXIS_RULES: Rules = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
+    # ZeRO over expert ranks too: a weight without an E dimension is split over fsdp × expert;
+    # an expert weight, whose E already takes `expert`, falls through to the fsdp-only rows.
+    ("embed", ("fsdp", "expert")),
+    ("q_lora", ("fsdp", "expert")),
+    ("kv_lora", ("fsdp", "expert")),
     ("embed", "fsdp"),
     ("q_lora", "fsdp"),
     ("kv_lora", "fsdp"),
@@ -97,7 +110,8 @@ PRESETS = {p.name: p for p in (
     Preset("fsdp_tp", axes=("data", "fsdp", "tensor"), fill="fsdp", sizes={"tensor": 4}),
     # FSDP plus expert parallelism; expert ranks also split the batch.
     Preset("fsdp_ep", axes=("data", "fsdp", "expert"), fill="fsdp", sizes={"expert": 4}),
-    # Replicated dense weights, experts split over expert, heads/FFN/vocab over tensor.
+    # Experts split over expert, heads/FFN/vocab over tensor; the other weights over expert
+    # ranks (ZeRO across them), not replicated.
     Preset("dp_ep_tp", axes=("data", "expert", "tensor"), fill="data",
            sizes={"expert": 2, "tensor": 2}),
 )}

@@ -28,11 +28,16 @@ EXPECTED = {
                 MOE + ("w_down",): P(None, None, "tensor", "fsdp"),
                 ("embed",): P("tensor", "fsdp"), ("lm_head",): P("fsdp", "tensor"),
                 ATTN + ("w_o",): P(None, "tensor", None, "fsdp")},
+    # Under expert parallelism the weights without an E dimension are split over the expert
+    # ranks too (ZeRO across them); the routed experts' D stays on fsdp alone.
     "fsdp_ep": {MOE + ("w_gate",): P(None, "expert", "fsdp", None),
-                MOE + ("router",): P(None, "fsdp", "expert"), ("embed",): P(None, "fsdp")},
+                MOE + ("router",): P(None, "fsdp", "expert"),
+                ("embed",): P(None, ("fsdp", "expert")),
+                ATTN + ("w_dq",): P(None, ("fsdp", "expert"), None),
+                ATTN + ("w_uk",): P(None, ("fsdp", "expert"), None, None)},
     "dp_ep_tp": {MOE + ("w_gate",): P(None, "expert", None, "tensor"),
-                 MOE + ("shared", "w_up"): P(None, None, "tensor"),
-                 ("embed",): P("tensor", None), ATTN + ("w_dq",): P(None, None, None)},
+                 MOE + ("shared", "w_up"): P(None, "expert", "tensor"),
+                 ("embed",): P("tensor", "expert"), ATTN + ("w_dq",): P(None, "expert", None)},
 }
 BATCH = {"dp": "data", "fsdp": "fsdp", "fsdp_tp": "fsdp", "fsdp_ep": ("fsdp", "expert"),
          "dp_ep_tp": ("data", "expert")}
