@@ -345,7 +345,7 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
         return row
     row["xla_tflops"] = compiled.get("xla_flops", float("nan")) / 1e12
     stats = _stats_from_json(compiled["collectives"])
-    row["comm"] = {k: float(v) for k, v in stats.bytes_by_kind().items()}
+    row["comm"] = {k: float(v) for k, v in stats.bytes_by_role().items()}
     overlap, exposed, _ = cost_model.hlo_comm_time(stats.collectives, strategy.mesh, target)
     row["comm_s"] = overlap + exposed
     row["step_s"] = max(est.compute_time, overlap) + exposed

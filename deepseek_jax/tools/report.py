@@ -8,7 +8,9 @@ Rows are the dicts `plan.build_row` makes (bytes per chip, seconds per step). Co
   total / HBM, fits           GiB per chip against the chip's usable HBM
   model              the analytic model's total, for comparison with the compiler's
   TFLOP              model FLOPs per chip per step, from the config
-  AG, RS, AR, A2A    collective GiB per chip per step (HLO when compiled, else analytic)
+  AG, RS, AR, A2A, CP  collective GiB per chip per step (HLO when compiled, else analytic), by
+                     role (`hlo.Collective.role`): a TPU windowed einsum's permutes count as the
+                     gathers or reduce-scatters they carry; CP is every other permute
   compute, comm, step, MFU    analytic times from the hardware table
   compile, host RSS  seconds to lower + compile one strategy, and the compile's peak host memory
 """
@@ -21,7 +23,7 @@ import os
 
 GiB = 2 ** 30
 _KINDS = (("AG", "all-gather"), ("RS", "reduce-scatter"), ("AR", "all-reduce"),
-          ("A2A", "all-to-all"))
+          ("A2A", "all-to-all"), ("CP", "collective-permute"))
 
 
 def _g(x: float) -> str:
@@ -96,8 +98,9 @@ CSV_FIELDS = ["rank", "strategy", "preset", "source", "dcn_data", "data", "fsdp"
               "tensor", "params_gib", "optimizer_gib", "act_temp_gib", "total_gib",
               "analytic_total_gib", "hbm_gib", "fits", "model_tflops", "xla_tflops",
               "all_gather_gib", "reduce_scatter_gib", "all_reduce_gib", "all_to_all_gib",
-              "analytic_all_gather_gib", "analytic_reduce_scatter_gib",
-              "analytic_all_reduce_gib", "analytic_all_to_all_gib", "compute_s", "comm_s",
+              "collective_permute_gib", "analytic_all_gather_gib",
+              "analytic_reduce_scatter_gib", "analytic_all_reduce_gib",
+              "analytic_all_to_all_gib", "analytic_collective_permute_gib", "compute_s", "comm_s",
               "step_s", "mfu", "compile_s", "host_rss_gib", "note"]
 
 
