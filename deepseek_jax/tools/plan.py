@@ -343,6 +343,7 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
         row["note"] = ("compiler: out of HBM (" + compiled.get("error", "")[-120:]
                        + "); collectives and times are analytic")
         return row
+    row["buffers"] = compiled.get("buffers", [])
     row["xla_tflops"] = compiled.get("xla_flops", float("nan")) / 1e12
     stats = _stats_from_json(compiled["collectives"])
     row["comm"] = {k: float(v) for k, v in stats.bytes_by_role().items()}

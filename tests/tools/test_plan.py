@@ -231,3 +231,25 @@ def test_failed_compile_is_shown_failed_and_ranked_last():
                               "param_dtype": "float32", "hbm_gib": 1, "peak_tflops": 1},
                              plan.rank([failed, ok]))
     assert "2. fsdp(fsdp=8): compile failed" in text
+
+
+def test_compiled_rows_list_their_largest_buffers(tiny_plan):
+    """Each compiled row names the buffers that dominate its memory, from the compiler's buffer
+    assignment: under dp every chip holds every weight, so the largest buffer is at least the
+    largest parameter (the fp32 embedding or output head, V × D × 4 bytes); here it is the
+    attention scores of the scanned layers."""
+    _, rows = tiny_plan
+    by = {r["preset"]: r for r in rows}
+    for r in rows:
+        bufs = r["buffers"]
+        assert 3 <= len(bufs) <= 8, r["strategy"]
+        sizes = [b["bytes"] for b in bufs]
+        assert sizes == sorted(sizes, reverse=True) and sizes[-1] > 0
+        assert {b["kind"] for b in bufs} <= {"parameter", "output", "temp", "constant"}
+        assert all(b["shape"] and "[" in b["shape"] for b in bufs)
+    vd = TINY_DENSE.vocab_size * TINY_DENSE.d_model * 4
+    assert by["dp"]["buffers"][0]["bytes"] >= vd
+    text = report.markdown({"model": "tiny", "params_b": 0, "mtp_b": 0, "target": "cpu-8",
+                            "batch": 8, "seq": 32, "remat": "none", "dtype": "float32",
+                            "param_dtype": "float32", "hbm_gib": 1, "peak_tflops": 1}, rows)
+    assert "Largest buffers per chip" in text and " GiB f32[" in text
