@@ -64,7 +64,7 @@ from deepseek_jax.config import ModelConfig, get_config  # noqa: E402
 from deepseek_jax.parallel.mesh import (ICI_AXES, MESH_AXES, split_dimensions,  # noqa: E402
                                         torus_layout)
 from deepseek_jax.parallel.rules import PRESETS  # noqa: E402
-from deepseek_jax.tools import cost_model, report  # noqa: E402
+from deepseek_jax.tools import cost_model, hlo, report  # noqa: E402
 from deepseek_jax.tools.compile import Strategy  # noqa: E402
 from deepseek_jax.tools.hlo import Collective, CollectiveStats  # noqa: E402
 from deepseek_jax.tools.targets import Target, TargetError, parse_target  # noqa: E402
@@ -351,9 +351,37 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
     row["comm_s"] = overlap + exposed
     row["step_s"] = max(est.compute_time, overlap) + exposed
     row["mfu"] = est.model_flops / (row["step_s"] * est.peak_flops) if row["step_s"] else 0.0
+    notes = [comm_mismatch(row["comm"], row["analytic_comm"])]
     if stats.unknown_loops:
-        row["note"] = f"{len(stats.unknown_loops)} loop(s) with unknown trip count counted once"
+        notes.append(f"{len(stats.unknown_loops)} loop(s) with unknown trip count counted once")
+    row["note"] = "; ".join(n for n in notes if n)
     return row
+
+
+_COMM_GROUPS = (("all-gather", ("all-gather",)),
+                ("gradient reductions (RS + AR)", ("reduce-scatter", "all-reduce")),
+                ("all-to-all", ("all-to-all", "ragged-all-to-all")),
+                ("other permutes", ("collective-permute",)))
+
+
+def comm_mismatch(hlo_comm: dict[str, float], analytic: dict[str, float],
+                  band: float = 1.2) -> str:
+    """'' when the compiled collective bytes are within `band`× of the analytic model, else a
+    note naming each group outside it with both numbers. Reduce-scatters and all-reduces are
+    compared together: which of the two reduces a gradient is the compiler's choice (XLA:CPU
+    all-reduces FSDP gradients); the model counts both as gradient traffic."""
+    out = []
+    for label, kinds in _COMM_GROUPS:
+        h = sum(hlo_comm.get(k, 0.0) for k in kinds)
+        a = sum(analytic.get(k, 0.0) for k in kinds)
+        if h < 1024 and a < 1024:           # scalars (loss, metrics): not a strategy's traffic
+            continue
+        if not a or not 1 / band <= h / a <= band:
+            ratio = f"{h / a:.2f}×" if a else "not in the model"
+            out.append(f"{label} {hlo.format_bytes(h)} vs {hlo.format_bytes(a)} ({ratio})")
+    if not out:
+        return ""
+    return f"collectives off the analytic model by more than {band}×: " + ", ".join(out)
 
 
 def rank(rows: list[dict]) -> list[dict]:

@@ -20,6 +20,7 @@ from deepseek_jax.train import sharded
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 CPU8 = parse_target("cpu-8")
+GiB = 2 ** 30
 STRATEGIES = "dp,fsdp,fsdp_tp:tensor=2"
 
 
@@ -253,3 +254,20 @@ def test_compiled_rows_list_their_largest_buffers(tiny_plan):
                             "batch": 8, "seq": 32, "remat": "none", "dtype": "float32",
                             "param_dtype": "float32", "hbm_gib": 1, "peak_tflops": 1}, rows)
     assert "Largest buffers per chip" in text and " GiB f32[" in text
+
+
+def test_rows_say_where_collectives_leave_the_analytic_model(tiny_plan):
+    _, rows = tiny_plan
+    for r in rows:
+        mismatch = plan.comm_mismatch(r["comm"], r["analytic_comm"])
+        assert (mismatch in r["note"]) if mismatch else "off the analytic" not in r["note"]
+    # dp is within the band (all-reduce +8 %: the embedding's gradient reduced once per use).
+    assert plan.comm_mismatch({k: v for k, v in rows[0]["comm"].items()}, rows[0]["comm"]) == ""
+    by = {r["preset"]: r for r in rows}
+    assert "off the analytic" not in by["dp"]["note"]
+    assert plan.comm_mismatch({"all-gather": 2.0 * GiB}, {"all-gather": 1.0 * GiB}) == (
+        "collectives off the analytic model by more than 1.2×: all-gather 2.0 GiB vs 1.0 GiB "
+        "(2.00×)")
+    # Which op reduces a gradient is the compiler's choice: RS and AR are compared together.
+    assert plan.comm_mismatch({"all-reduce": 1.0 * GiB}, {"reduce-scatter": 1.1 * GiB}) == ""
+    assert "not in the model" in plan.comm_mismatch({"collective-permute": 1.0 * GiB}, {})
