@@ -9,7 +9,7 @@ The ground floor: nothing here imports the model or the trainers. The model's sh
 checks before compiling and the sharded train step are in `train/sharded.py`
 (`validate`, `state_shardings`, `init_sharded_state`, `make_sharded_train_step`).
 
-Files: `mesh.py` (axes, sizes, multi-slice, jax.distributed), `rules.py` (the rule table,
+Files: `mesh.py` (axes, sizes, layout on a TPU torus, multi-slice, jax.distributed), `rules.py` (the rule table,
 presets, `sharding_context`), `sharding.py` (the batch's sharding and its check).
 
 Expert parallelism lives with the model (`model/dispatch.py`): when the rules split E over a
@@ -22,7 +22,7 @@ expert loads are still summed over the batch axes.
 
 from deepseek_jax.parallel.mesh import (MESH_AXES, MeshError, make_mesh,
                                         maybe_initialize_distributed, multi_process_launch,
-                                        resolve_mesh_shape)
+                                        resolve_mesh_shape, split_dimensions, torus_layout)
 from deepseek_jax.parallel.rules import (LOGICAL_AXIS_RULES, PRESETS, Preset, axis_names,
                                          batch_axes, default_mesh_config, expert_axes,
                                          get_preset, logical_axis_rules, mesh_and_rules,
@@ -34,5 +34,5 @@ __all__ = [
     "batch_axes", "batch_sharding", "check_global_batch", "default_mesh_config", "expert_axes",
     "get_preset", "logical_axis_rules", "make_mesh", "maybe_initialize_distributed",
     "mesh_and_rules", "multi_process_launch", "resolve_mesh_shape", "run_mesh_config",
-    "sharding_context",
+    "sharding_context", "split_dimensions", "torus_layout",
 ]

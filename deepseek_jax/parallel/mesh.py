@@ -18,6 +18,14 @@ missing field is 1 and one of data/fsdp/expert/tensor may be -1 to take the rema
 `dcn_data` = -1 means "one per slice found". Axis types are `AxisType.Auto`: the compiler
 (Shardy) propagates shardings from the rules in `rules.py`; no explicit-mode annotations.
 
+Layout on a TPU torus: `mesh_utils` maps each mesh axis, innermost (tensor) first, onto whole
+torus dimensions where the sizes allow it. Where they do not (fsdp=128 × expert=4 on an 8x8x8
+v5p slice: no product of whole dimensions is 4 once 128 is placed), it splits a torus dimension
+between two mesh axes (`allow_split_physical_axes`); every axis then still has its devices, but a
+split dimension gives each of its axes a line without the torus's wrap-around link, not a ring.
+`torus_layout(mesh)` says which torus dimensions each axis spans and which are split, read from
+the devices' coordinates; the planner reports it per strategy.
+
 Multi-slice: with dcn_data > 1 the mesh comes from `mesh_utils.create_hybrid_device_mesh`,
 slices told apart by `device.slice_index` (TPU) or by process (GPU hosts, one process per host).
 When every device sits in one slice and one process (CPU tests, one GPU host), dcn_data > 1 is
@@ -109,12 +117,17 @@ def resolve_mesh_shape(mesh_config: Mapping[str, Any], n_devices: int,
     return sizes
 
 
-def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[Any] | None = None, *,
+              allow_split_physical_axes: bool = True) -> Mesh:
     """The device mesh with axes MESH_AXES (all `AxisType.Auto`), sizes from `mesh_config`.
 
     Args:
       mesh_config: {axis: size}; see `resolve_mesh_shape`.
       devices: devices to use (default: all of `jax.devices()`).
+      allow_split_physical_axes: on a TPU torus, let one torus dimension be shared by two mesh
+        axes when the sizes cannot be laid on whole dimensions (see the module docstring).
+        Meshes that fit whole dimensions are laid out the same either way. False raises
+        `MeshError` for the others instead.
 
     Returns:
       a `jax.sharding.Mesh` of shape (dcn_data, data, fsdp, expert, tensor).
@@ -124,21 +137,62 @@ def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[Any] | None = No
     sizes = resolve_mesh_shape(mesh_config, len(devices), n_slices)
     ici = tuple(sizes[a] for a in ICI_AXES)
     dcn = sizes["dcn_data"]
-    if dcn == 1 and (n_slices == 1 or not by_slice_index):
-        # One slice (several GPU hosts without DCN axes count as one: NCCL spans them).
-        # jax.make_mesh picks a topology-aware device order on TPU.
-        grid = jax.make_mesh(ici, ICI_AXES, devices=devices).devices[None]
-    elif dcn == n_slices:
-        grid = mesh_utils.create_hybrid_device_mesh(
-            (1, *ici), (dcn, 1, 1, 1, 1), devices, process_is_granule=not by_slice_index)
-    elif n_slices == 1:
-        # One slice, one process: stand in for slices with contiguous groups of devices.
-        grid = np.asarray(devices, dtype=object).reshape(dcn, *ici)
-    else:
-        kind = "slices" if by_slice_index else "processes"
-        raise MeshError(f"mesh dcn_data={dcn} but the devices span {n_slices} {kind}; "
-                        f"set dcn_data={n_slices} (or -1)")
+    split = allow_split_physical_axes
+    try:
+        if dcn == 1 and (n_slices == 1 or not by_slice_index):
+            # One slice (several GPU hosts without DCN axes count as one: NCCL spans them).
+            # mesh_utils picks a topology-aware device order on TPU.
+            grid = mesh_utils.create_device_mesh(ici, devices,
+                                                 allow_split_physical_axes=split)[None]
+        elif dcn == n_slices:
+            grid = mesh_utils.create_hybrid_device_mesh(
+                (1, *ici), (dcn, 1, 1, 1, 1), devices, process_is_granule=not by_slice_index,
+                allow_split_physical_axes=split)
+        elif n_slices == 1:
+            # One slice, one process: stand in for slices with contiguous groups of devices.
+            grid = np.asarray(devices, dtype=object).reshape(dcn, *ici)
+        else:
+            kind = "slices" if by_slice_index else "processes"
+            raise MeshError(f"mesh dcn_data={dcn} but the devices span {n_slices} {kind}; "
+                            f"set dcn_data={n_slices} (or -1)")
+    except NotImplementedError as e:        # mesh_utils: no layout on whole torus dimensions
+        written = ", ".join(f"{a}={n}" for a, n in zip(ICI_AXES, ici) if n > 1)
+        raise MeshError(f"mesh {written} cannot be laid on whole dimensions of this TPU torus; "
+                        "pass allow_split_physical_axes=True, or choose sizes that are "
+                        f"products of its dimensions ({e})") from None
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def torus_layout(mesh: Mesh) -> dict[str, dict[int, int]] | None:
+    """{mesh axis: {torus dimension: extent along it}} read from the devices' coordinates, or
+    None when the devices have none (CPU, GPU). The extent counts distinct coordinates, so a TPU
+    with several devices per chip (TensorCores sharing `coords`) shows a size-2 axis over one
+    chip as spanning no dimension; size-1 axes are left out."""
+    grid = mesh.devices
+    first = grid.flat[0]
+    if getattr(first, "coords", None) is None:
+        return None
+    out = {}
+    for i, axis in enumerate(mesh.axis_names):
+        if grid.shape[i] == 1:
+            continue
+        line = grid[tuple(slice(None) if j == i else 0 for j in range(grid.ndim))]
+        coords = np.array([d.coords for d in line])           # [n, torus dims]
+        out[axis] = {d: len(set(coords[:, d])) for d in range(coords.shape[1])
+                     if len(set(coords[:, d])) > 1}
+    return out
+
+
+def split_dimensions(layout: Mapping[str, Mapping[int, int]],
+                     torus_shape: Sequence[int]) -> dict[int, tuple[str, ...]]:
+    """{torus dimension: the mesh axes sharing it} for each dimension that no single axis spans
+    whole, from `torus_layout`; empty when every axis lies on whole dimensions."""
+    out = {}
+    for d, size in enumerate(torus_shape):
+        users = tuple(a for a, dims in layout.items() if d in dims)
+        if size > 1 and any(layout[a][d] < size for a in users):
+            out[d] = users
+    return out
 
 
 # --- multi-process start-up ------------------------------------------------------------------

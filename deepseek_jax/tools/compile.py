@@ -16,6 +16,9 @@ Measured per chip:
                                scanned layer loop once, so it undercounts a scanned model;
                                the planner reports FLOPs from the config instead
   collectives                  `hlo.collective_stats(Compiled.as_text())`
+  buffers                      the largest buffers of the compiler's buffer assignment, with
+                               the ops that make them (`buffers.py`; the compile runs with
+                               XLA's dump switched on to get it)
 
 When the program does not fit, the TPU compiler stops with RESOURCE_EXHAUSTED; the result then
 holds the temporaries (or total) the message reports and `fits=False`, and no HLO.
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.tools import hlo
+from deepseek_jax.tools import buffers, hlo
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.step import init_train_state
 from deepseek_jax.train import sharded
@@ -130,7 +133,7 @@ def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: in
     out["lower_s"] = t2 - t1
     out["setup_s"] = t1 - t0
     try:
-        compiled = lowered.compile()
+        compiled, assignment = buffers.compile_with_assignment(lowered)
     except Exception as e:          # noqa: BLE001 — the compiler's OOM is a result, not a failure
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
@@ -158,6 +161,7 @@ def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: in
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out["xla_flops"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
     text = compiled.as_text()
+    out["buffers"] = [dataclasses.asdict(b) for b in buffers.largest_buffers(assignment, text)]
     stats = hlo.collective_stats(text)
     out["collectives"] = stats
     out["unknown_loops"] = stats.unknown_loops

@@ -312,21 +312,24 @@ def mesh_group_axes(group: int, sizes: dict[str, int]) -> tuple[str, ...]:
 
 def hlo_comm_time(collectives, sizes: dict[str, int], target: Target) -> tuple[float, float, dict]:
     """(overlapped, exposed, seconds by kind) for collectives parsed from compiled HLO, with the
-    same bandwidth model: all-gathers, reduce-scatters and all-reduces not over `tensor` overlap
-    with compute; all-reduces over `tensor`, all-to-alls and permutes are on the critical path."""
+    same bandwidth model, by each collective's role (`hlo.Collective.role`: a windowed-einsum
+    permute is timed as the share of the all-gather or reduce-scatter it carries): all-gathers,
+    reduce-scatters and all-reduces not over `tensor` overlap with compute; all-reduces over
+    `tensor`, all-to-alls and other permutes are on the critical path."""
     overlap = exposed = 0.0
     by_kind: dict[str, float] = {}
     for c in collectives:
+        role = getattr(c, "role", "") or c.kind
         axes = mesh_group_axes(c.group_size, sizes)
         if axes:
             bw = axis_bandwidth(axes, sizes, target)
         else:       # unknown axes: a sub-torus of `group` chips inside a slice
             bw = axis_bandwidth(("tensor",), {**{a: 1 for a in MESH_AXES},
                                               "tensor": c.group_size}, target)
-        t = collective_time(c.kind, c.bytes, c.group_size, bw, target.chip.kind) * c.executions
-        by_kind[c.kind] = by_kind.get(c.kind, 0.0) + t
-        critical = (c.kind in ("all-to-all", "ragged-all-to-all", "collective-permute")
-                    or (c.kind == "all-reduce" and "tensor" in axes))
+        t = collective_time(role, c.bytes, c.group_size, bw, target.chip.kind) * c.executions
+        by_kind[role] = by_kind.get(role, 0.0) + t
+        critical = (role in ("all-to-all", "ragged-all-to-all", "collective-permute")
+                    or (role == "all-reduce" and "tensor" in axes))
         if critical:
             exposed += t
         else:

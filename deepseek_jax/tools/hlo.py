@@ -18,22 +18,36 @@ Counting rules:
   collective-permute, collective-broadcast. `X-start`/`X-done` pairs (async collectives) are
   counted once, at the `-done` (its result is the collective's output; the start's result
   tuple also holds the inputs). Collectives wrapped in `async-start(..., calls=%c)` are counted
-  where they are defined, inside `%c`.
+  where they are defined, inside `%c`, once per run of the start.
 * TPU programs clone one collective into the fusions of its asynchronous start, continuation
   and done (same `channel_id` and shape in each); those count once.
 * TPU reduce-scatters are fusions named `all-reduce-scatter.N` around an all-reduce of the whole
   array; they count as reduce-scatters.
-* Executions per step: a collective inside a `while` body runs once per iteration. Trip
-  counts come from `known_trip_count` in the while's backend config (CPU) or, failing that, the
-  integer constant its condition compares against (TPU); multipliers are propagated through
-  every calling computation (`body=`, `calls=`, `branch_computations=`, ...). Reductions'
-  `to_apply=` bodies hold no collectives and are skipped. A loop whose trip count cannot be read
-  (a data-dependent loop) counts once; when its body runs collectives it is listed in
-  `unknown_loops`.
+* Executions per step: a collective inside a `while` body runs once per iteration, and nested
+  loops multiply. Trip counts come from `known_trip_count` in the while's backend config (XLA:CPU)
+  or, failing that (TPU), from the loop itself: the condition's ROOT `compare` of a counter
+  (a tuple element) with a constant, the counter's start in the while's init tuple (a constant,
+  through copies; 0 otherwise) and its step in the body (`add(counter, constant)`; 1 otherwise),
+  so a loop the compiler unrolled into steps of 2 counts half as many iterations. Multipliers
+  are propagated through every calling computation (`body=`, `calls=`, `branch_computations=`,
+  ...; an async `-done` repeats its start's `calls=` and is not followed). A loop whose trip
+  count cannot be read (a data-dependent loop) counts once; when its body runs collectives it is
+  listed in `unknown_loops`.
+* Roles: on TPU the SPMD partitioner writes a large all-gather or reduce-scatter feeding a
+  matmul as a windowed einsum, a loop (`windowed_dot_general_body_ag` / `_rs`) of
+  collective-permutes that move one shard per step around a ring, with the first (or last)
+  permute peeled off before (after) the loop. Those permutes keep their kind but take the
+  `role` of the collective they stand for; a bidirectional windowed gather over n devices moves
+  about n + 1 shards, the gathered array plus one shard. An all-reduce whose users only keep
+  one shard of it (a dynamic-slice) has the role reduce-scatter. `bytes_by_role()` sums by role;
+  the planner's AG/RS/AR/A2A columns are roles.
+* Group size: the replica-group size; for a permute, the devices of the ring (or chain) its
+  source-target pairs form.
 * Bytes: `result_bytes` is the output of one execution on one device. `bytes` is the size of the
   whole array the collective moves, the convention of the cost model (`cost_model.py`): the
   gathered output for all-gather, the unreduced input (result × group size) for
-  reduce-scatter, the array for all-reduce, all-to-all and permutes.
+  reduce-scatter, the array for all-reduce, all-to-all and permutes (one shard for each step of
+  a windowed einsum).
 
 Left out: send/recv and host transfers (not collectives between devices), and the layout
 padding of TPU tiles (sizes are logical element counts × dtype width).
@@ -70,7 +84,6 @@ _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=\[")
 _LIST_GROUPS = re.compile(r"replica_groups=\{\{([0-9,\s]*)\}")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _SOURCE_TARGET = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
-_CONSTANT = re.compile(r"=\s*[su](?:32|64)\[\]\S*\s+constant\((\d+)\)")
 
 
 def shape_bytes(shape: str) -> int:
@@ -94,6 +107,13 @@ class Collective:
     group_size: int      # devices taking part together (replica group size; 2 for permutes)
     channel: int | None
     executions: int = 1  # per step, after while-loop trip counts
+    # What the collective does for the program: its kind, except for the collective-permutes
+    # of a TPU windowed einsum loop, which gather ("all-gather") or scatter ("reduce-scatter")
+    # an operand of a matmul one shard at a time.
+    role: str = ""
+
+    def __post_init__(self):
+        self.role = self.role or self.kind
 
     @property
     def bytes(self) -> int:
@@ -121,14 +141,41 @@ class CollectiveStats:
     def bytes_by_kind(self) -> dict[str, int]:
         return {k: int(v["bytes"]) for k, v in self.by_kind().items()}
 
+    def bytes_by_role(self) -> dict[str, int]:
+        """Bytes per step by what the collectives do: windowed-einsum permutes count with the
+        all-gathers or reduce-scatters they stand for (see `Collective.role`)."""
+        out: dict[str, int] = {}
+        for c in self.collectives:
+            out[c.role] = out.get(c.role, 0) + c.bytes * c.executions
+        return out
+
     @property
     def total_bytes(self) -> int:
         return sum(c.bytes * c.executions for c in self.collectives)
 
 
+def _permute_group(attrs: str) -> int:
+    """Devices in the ring or chain of the first source-target pair (a ring over n devices: n)."""
+    pairs = [tuple(map(int, p)) for p in re.findall(r"\{(\d+),(\d+)\}", attrs)]
+    if not pairs:
+        return 2
+    linked = collections.defaultdict(set)
+    for a, b in pairs:
+        linked[a].add(b)
+        linked[b].add(a)
+    seen, todo = set(), [pairs[0][0]]
+    while todo:
+        d = todo.pop()
+        if d not in seen:
+            seen.add(d)
+            todo.extend(linked[d] - seen)
+    return max(len(seen), 2)
+
+
 def _group_size(attrs: str, kind: str) -> int:
     if kind == "collective-permute":
-        return 2
+        m = _SOURCE_TARGET.search(attrs)
+        return _permute_group(m.group(1)) if m else 2
     m = _IOTA_GROUPS.search(attrs)
     if m:
         return int(m.group(2))
@@ -171,63 +218,165 @@ def _collective_kind(opcode: str) -> str | None:
     return base if base in KINDS else None
 
 
-def _trip_count(attrs: str, condition: str | None, constants: dict[str, list[int]]) -> int | None:
-    m = _TRIP.search(attrs)
-    if m:
-        return int(m.group(1))
-    values = constants.get(condition or "", [])
-    return max(values) if values else None
+# --- the program: computations and their instructions -----------------------------------------
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    shape: str
+    opcode: str
+    tail: str            # from the opcode on: operands and attributes
+    root: bool = False
+
+    @property
+    def operands(self) -> list[str]:
+        """Names of the operands, in order (the first parenthesised group after the opcode)."""
+        depth, end = 0, len(self.tail)
+        for i, ch in enumerate(self.tail):
+            depth += ch == "("
+            depth -= ch == ")"
+            if ch == ")" and depth == 0:
+                end = i
+                break
+        return re.findall(r"%([\w.\-]+)", self.tail[:end])
 
 
-def collective_stats(hlo_text: str) -> CollectiveStats:
-    """Parses compiled HLO text; see the module docstring for the counting rules."""
-    comps: dict[str, list[tuple[str, str, str, str]]] = collections.OrderedDict()
-    entry = None
-    current = None
-    constants: dict[str, list[int]] = collections.defaultdict(list)
+def _parse(hlo_text: str) -> tuple[dict[str, dict[str, _Instr]], str | None]:
+    """({computation: {instruction name: _Instr}} in text order, entry computation name)."""
+    comps: dict[str, dict[str, _Instr]] = {}
+    entry = current = None
     for line in hlo_text.splitlines():
         m = _COMPUTATION.match(line)
         if m:
             current = m.group(2)
-            comps[current] = []
-            if m.group(1):
-                entry = current
+            comps[current] = {}
+            entry = current if m.group(1) else entry
             continue
-        if current is None:
-            continue
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
-        name, rest = m.group(1), m.group(2)
-        shape, opcode, tail = _split_result(rest)
-        comps[current].append((name, shape, opcode, tail))
-        c = _CONSTANT.search(line)
-        if c:
-            constants[current].append(int(c.group(1)))
+        m = _INSTRUCTION.match(line) if current is not None else None
+        if m:
+            shape, opcode, tail = _split_result(m.group(2))
+            comps[current][m.group(1)] = _Instr(m.group(1), shape, opcode, tail,
+                                                line.lstrip().startswith("ROOT"))
+    return comps, entry
 
-    # Call graph with multipliers: caller → [(callee, factor)].
+
+def _callees(instr: _Instr) -> dict[str, str]:
+    """{called computation: how it is called (body, condition, calls, ...)}."""
+    out = {}
+    for key, value in _CALLEES.findall(instr.tail):
+        for callee in re.findall(r"%([\w.\-]+)", value):
+            out[callee] = key
+    return out
+
+
+# --- loop trip counts -------------------------------------------------------------------------
+
+def _constant(comp: dict[str, _Instr], name: str) -> int | None:
+    """The integer value of `name` in `comp`, through copies, converts and bitcasts."""
+    for _ in range(8):
+        instr = comp.get(name)
+        if instr is None:
+            return None
+        if instr.opcode == "constant":
+            m = re.match(r"constant\((-?\d+)\)", instr.tail)
+            return int(m.group(1)) if m else None
+        if instr.opcode not in ("copy", "convert", "bitcast") or not instr.operands:
+            return None
+        name = instr.operands[0]
+    return None
+
+
+def _tuple_index(comp: dict[str, _Instr], name: str) -> int | None:
+    instr = comp.get(name)
+    if instr is None or instr.opcode != "get-tuple-element":
+        return None
+    m = re.search(r"index=(\d+)", instr.tail)
+    return int(m.group(1)) if m else None
+
+
+def _loop_bound(cond: dict[str, _Instr]) -> tuple[int, int, str] | None:
+    """(tuple index of the counter, bound, direction) from the condition's ROOT compare."""
+    root = next((i for i in cond.values() if i.root), None)
+    if root is None or root.opcode != "compare" or len(root.operands) != 2:
+        return None
+    direction = (re.search(r"direction=(\w+)", root.tail) or [None, "LT"])[1]
+    a, b = root.operands
+    flip = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "NE": "NE"}
+    for counter, bound, d in ((a, b, direction), (b, a, flip.get(direction, direction))):
+        index, value = _tuple_index(cond, counter), _constant(cond, bound)
+        if index is not None and value is not None:
+            return index, value, d
+    return None
+
+
+def _loop_start_and_step(index: int, init: int | None, body: dict[str, _Instr]) -> tuple[int, int]:
+    """(start, step) of the counter at tuple `index`: start from the while's init (0 if not a
+    constant), step from the body's `add(counter, constant)` (1 if not found)."""
+    root = next((i for i in body.values() if i.root), None)
+    step = 1
+    if root is not None and root.opcode == "tuple" and index < len(root.operands):
+        update = body.get(root.operands[index])
+        if update is not None and update.opcode in ("add", "subtract"):
+            for x, y in (update.operands, update.operands[::-1]):
+                if _tuple_index(body, x) == index and _constant(body, y) is not None:
+                    step = _constant(body, y) * (1 if update.opcode == "add" else -1)
+                    break
+    return (init or 0), step
+
+
+def _trip_count(loop: _Instr, caller: dict[str, _Instr],
+                comps: dict[str, dict[str, _Instr]]) -> int | None:
+    """Iterations of a `while`: `known_trip_count` from its backend config (XLA:CPU), else
+    counted from the condition's compare, the counter's start in the init tuple and its step in
+    the body (TPU, whose loops may be unrolled into steps of 2 or more). None if unreadable."""
+    m = _TRIP.search(loop.tail)
+    if m:
+        return int(m.group(1))
+    called = {k: c for c, k in _callees(loop).items()}
+    bound = _loop_bound(comps.get(called.get("condition"), {}))
+    if bound is None:
+        return None
+    index, limit, direction = bound
+    init_tuple = caller.get(loop.operands[0]) if loop.operands else None
+    init = None
+    if init_tuple is not None and init_tuple.opcode == "tuple" and index < len(init_tuple.operands):
+        init = _constant(caller, init_tuple.operands[index])
+    start, step = _loop_start_and_step(index, init, comps.get(called.get("body"), {}))
+    span = {"LT": limit - start, "LE": limit - start + 1, "NE": limit - start,
+            "GT": start - limit, "GE": start - limit + 1}.get(direction)
+    stride = step if direction in ("LT", "LE", "NE") else -step
+    if span is None or stride <= 0:
+        return None
+    return max(0, -(-span // stride))
+
+
+# --- executions per step ------------------------------------------------------------------------
+
+def _call_graph(comps: dict[str, dict[str, _Instr]]) -> tuple[dict, list[tuple[str, str]]]:
+    """(caller → [(callee, runs per caller run)], [(loop, body)] of unreadable trip counts).
+    Async `-done`/`-update` ops repeat their start's `calls=`; only the start counts."""
     edges: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
-    unknown_loops = []
+    unknown = []
     for comp, instrs in comps.items():
-        for name, _, opcode, tail in instrs:
-            callees = {}
-            for key, value in _CALLEES.findall(tail):
-                for callee in re.findall(r"%([\w.\-]+)", value):
-                    callees[callee] = key
-            if not callees:
+        for instr in instrs.values():
+            callees = _callees(instr)
+            if not callees or instr.opcode.endswith(("-done", "-update")):
                 continue
             factor = 1
-            if opcode == "while":
-                cond = next((c for c, k in callees.items() if k == "condition"), None)
-                trip = _trip_count(tail, cond, constants)
+            if instr.opcode == "while":
+                trip = _trip_count(instr, instrs, comps)
                 if trip is None:
-                    body = next((c for c, k in callees.items() if k == "body"), None)
-                    unknown_loops.append((name, body))
-                factor = trip or 1
+                    unknown.append((instr.name, next((c for c, k in callees.items()
+                                                      if k == "body"), None)))
+                factor = 1 if trip is None else trip
             for callee, key in callees.items():
                 edges[comp].append((callee, factor if key == "body" else 1))
+    return edges, unknown
 
-    # Executions per computation: sum over call paths from the entry (HLO call graphs are DAGs).
+
+def _executions(comps, edges, entry: str | None) -> dict[str, int]:
+    """Runs per step of every computation: the sum over call paths from the entry (HLO call
+    graphs are DAGs); without an entry, every computation is a root."""
     order, seen = [], set()
 
     def visit(c):
@@ -247,32 +396,119 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
     for c in reversed(order):           # callers before callees
         for callee, factor in edges.get(c, ()):
             runs[callee] += runs[c] * factor
+    return runs
 
-    starts = {name: tail for instrs in comps.values() for name, _, opcode, tail in instrs
-              if opcode.endswith("-start")}
+
+def _windowed_roles(comps, edges) -> dict[str, str]:
+    """{computation: "all-gather" | "reduce-scatter"} for the bodies of TPU windowed einsum
+    loops (`windowed_dot_general_body_ag` / `_rs`) and everything they call."""
+    roles = {}
+    for comp in comps:
+        m = re.search(r"windowed_dot_general_body_(ag|rs)", comp)
+        if not m:
+            continue
+        role, todo = ("all-gather" if m.group(1) == "ag" else "reduce-scatter"), [comp]
+        while todo:
+            c = todo.pop()
+            if c not in roles:
+                roles[c] = role
+                todo.extend(callee for callee, _ in edges.get(c, ()))
+    return roles
+
+
+def _windowed_edges(comps, roles: dict[str, str]) -> dict[tuple[str, str], str]:
+    """{(computation, permute-done name): role} for the permutes XLA peels off a windowed
+    einsum loop: the one whose result enters the loop's init tuple (the first shard shift) and
+    the one that shifts the loop's result (the last reduce-scatter step)."""
+    out = {}
+    for comp, instrs in comps.items():
+        starts_of = {i.operands[0]: i.name for i in instrs.values()
+                     if i.opcode == "collective-permute-start" and i.operands}
+        dones_of = {i.operands[0]: i.name for i in instrs.values()
+                    if i.opcode == "collective-permute-done" and i.operands}
+        for loop in (i for i in instrs.values() if i.opcode == "while"):
+            body = next((c for c, k in _callees(loop).items() if k == "body"), None)
+            if body not in roles:
+                continue
+            init = instrs.get(loop.operands[0]) if loop.operands else None
+            for name in (init.operands if init is not None and init.opcode == "tuple" else []):
+                if instrs.get(name) is not None and instrs[name].opcode.startswith("collective-"):
+                    out[(comp, name)] = roles[body]
+            for gte in instrs.values():
+                if gte.opcode == "get-tuple-element" and gte.operands[:1] == [loop.name]:
+                    done = dones_of.get(starts_of.get(gte.name, ""))
+                    if done:
+                        out[(comp, done)] = roles[body]
+    return out
+
+
+def _sliced_all_reduces(comps) -> set[tuple[str, str]]:
+    """(computation, name) of all-reduces whose every user keeps one shard of the result (a
+    dynamic-slice, or a fusion XLA named after one, of 1/group of its size): the TPU compiler's
+    way of writing a reduce-scatter it did not make an `all-reduce-scatter` fusion."""
+    out = set()
+    for comp, instrs in comps.items():
+        for ar in instrs.values():
+            if _collective_kind(ar.opcode) != "all-reduce":
+                continue
+            group = _group_size(ar.tail, "all-reduce")
+            users = [i for i in instrs.values() if ar.name in i.operands]
+            shard = shape_bytes(ar.shape) // max(group, 1)
+            if group > 1 and users and all(
+                    (u.opcode == "dynamic-slice" or u.name.startswith("dynamic-slice"))
+                    and shape_bytes(u.shape) <= shard for u in users):
+                out.add((comp, ar.name))
+    return out
+
+
+# --- the collectives ----------------------------------------------------------------------------
+
+def _collective(instr: _Instr, comp: str, starts: dict[str, _Instr]) -> Collective | None:
+    kind = _collective_kind(instr.opcode)
+    if kind is None:
+        return None
+    tail = instr.tail
+    if instr.opcode.endswith("-done") and instr.operands:   # groups and channel live on the start
+        start = starts.get(instr.operands[0])
+        tail = start.tail if start is not None else tail
+    m = _CHANNEL.search(tail)
+    group = _group_size(tail, kind)
+    result_bytes = shape_bytes(instr.shape)
+    if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
+        # TPU writes a reduce-scatter as a fusion `all-reduce-scatter.N` holding an all-reduce of
+        # the whole array and a slice.
+        kind, result_bytes = "reduce-scatter", result_bytes // max(group, 1)
+    return Collective(kind=kind, name=instr.name, computation=comp, result_bytes=result_bytes,
+                      group_size=group, channel=int(m.group(1)) if m else None)
+
+
+def collective_stats(hlo_text: str) -> CollectiveStats:
+    """Parses compiled HLO text; see the module docstring for the counting rules."""
+    comps, entry = _parse(hlo_text)
+    edges, unknown_loops = _call_graph(comps)
+    runs = _executions(comps, edges, entry)
+    roles = _windowed_roles(comps, edges)
+    peeled = _windowed_edges(comps, roles)
+    sliced = _sliced_all_reduces(comps)
+    starts = {i.name: i for instrs in comps.values() for i in instrs.values()
+              if i.opcode.endswith("-start")}
     found: dict[tuple, Collective] = {}
     for comp, instrs in comps.items():
-        for name, shape, opcode, tail in instrs:
-            kind = _collective_kind(opcode)
-            if kind is None:
+        for instr in instrs.values():
+            coll = _collective(instr, comp, starts)
+            if coll is None:
                 continue
-            if opcode.endswith("-done"):      # group size and channel live on the start
-                operand = re.search(r"%([\w.\-]+)", tail)
-                tail = starts.get(operand.group(1), tail) if operand else tail
-            m = _CHANNEL.search(tail)
-            channel = int(m.group(1)) if m else None
-            result_bytes = shape_bytes(shape)
-            group = _group_size(tail, kind)
-            key = (kind, channel, result_bytes) if channel is not None else (kind, comp, name)
-            if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
-                # TPU writes a reduce-scatter as a fusion `all-reduce-scatter.N` holding an
-                # all-reduce of the whole array and a slice; it is called once per use, so it is
-                # not one of the async clones either.
-                kind, result_bytes = "reduce-scatter", result_bytes // max(group, 1)
-                key = (kind, comp, name)
-            coll = Collective(kind=kind, name=name, computation=comp, result_bytes=result_bytes,
-                              group_size=group, channel=channel,
-                              executions=max(runs.get(comp, 0), 1))
+            coll.executions = max(runs.get(comp, 0), 1)
+            if coll.kind == "collective-permute":
+                coll.role = roles.get(comp) or peeled.get((comp, instr.name), coll.kind)
+            elif (comp, instr.name) in sliced:
+                coll.role = "reduce-scatter"
+            # TPU clones one collective into its async start, continuation and done fusions
+            # (same channel and shape): those count once. The fused reduce-scatter is called
+            # once per use, so it keeps its own key.
+            fused_rs = coll.kind == "reduce-scatter" and comp.startswith("all-reduce-scatter")
+            key = ((coll.kind, coll.channel, coll.result_bytes)
+                   if coll.channel is not None and not fused_rs else (coll.kind, comp, instr.name))
             prev = found.get(key)
             if prev is None or coll.executions > prev.executions:
                 found[key] = coll

@@ -61,9 +61,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from deepseek_jax import parallel  # noqa: E402
 from deepseek_jax.config import ModelConfig, get_config  # noqa: E402
-from deepseek_jax.parallel.mesh import ICI_AXES, MESH_AXES  # noqa: E402
+from deepseek_jax.parallel.mesh import (ICI_AXES, MESH_AXES, split_dimensions,  # noqa: E402
+                                        torus_layout)
 from deepseek_jax.parallel.rules import PRESETS  # noqa: E402
-from deepseek_jax.tools import cost_model, report  # noqa: E402
+from deepseek_jax.tools import cost_model, hlo, report  # noqa: E402
 from deepseek_jax.tools.compile import Strategy  # noqa: E402
 from deepseek_jax.tools.hlo import Collective, CollectiveStats  # noqa: E402
 from deepseek_jax.tools.targets import Target, TargetError, parse_target  # noqa: E402
@@ -212,6 +213,36 @@ def enumerate_strategies(config: ModelConfig, target: Target, batch: int) -> lis
     return out
 
 
+def layout_note(strategy: Strategy, devices, target: Target) -> str:
+    """What the strategy's mesh looks like on the target's torus, when a mesh axis shares a
+    torus dimension with another ('' when every axis lies on whole dimensions, or the devices
+    have no coordinates). Builds the mesh the compile will use; raises `MeshError` if it
+    cannot be built."""
+    mesh = parallel.make_mesh(strategy.mesh, devices)
+    layout = torus_layout(mesh)
+    if not layout:
+        return ""
+    parts = []
+    for d, axes in split_dimensions(layout, target.slice_shape).items():
+        shares = " × ".join(f"{a} {layout[a][d]}" for a in axes)
+        parts.append(f"torus dim {'xyz'[d] if d < 3 else d} ({target.slice_shape[d]}) split "
+                     f"as {shares}")
+    if not parts:
+        return ""
+    return ("; ".join(parts) + ": those axes run on lines without the wrap-around link "
+            "(mesh_utils allow_split_physical_axes)")
+
+
+def _tpu_devices(target: Target) -> list | None:
+    """The target's compile-only TPU devices, or None (not a TPU target, or no libtpu)."""
+    if target.compile_on != "tpu":
+        return None
+    try:
+        return target.devices()
+    except TargetError:
+        return None
+
+
 # --- one row of the table ---------------------------------------------------------------------
 
 def _stats_to_json(stats: CollectiveStats) -> dict:
@@ -225,8 +256,15 @@ def _stats_from_json(d: dict) -> CollectiveStats:
 
 def compile_in_process(config: ModelConfig, strategy: Strategy, target: Target, batch: int,
                        seq: int) -> dict:
+    """One compile in this process; a compiler error becomes {"fits": None, "error": ...}."""
     from deepseek_jax.tools.compile import compile_strategy
-    result = compile_strategy(config, strategy, target.devices(), batch, seq)
+    try:
+        result = compile_strategy(config, strategy, target.devices(), batch, seq)
+    except (parallel.MeshError, TargetError):
+        raise
+    except Exception as e:          # noqa: BLE001 — a failed compile is a row, not a crash
+        first = (str(e).strip().splitlines() or [""])[0]
+        return {"fits": None, "error": f"{type(e).__name__}: {first[:300]}"}
     if "collectives" in result:
         result["collectives"] = _stats_to_json(result["collectives"])
     return result
@@ -290,7 +328,11 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
     row["compile_s"] = compiled.get("compile_s", float("nan")) + compiled.get("lower_s", 0.0)
     row["host_rss"] = compiled.get("host_rss", float("nan"))
     if compiled.get("fits") is None:
-        row["note"] = compiled.get("error", "compile failed")
+        # Nothing was measured: the row keeps the analytic numbers for reference, says that the
+        # compile failed, and ranks after every row that compiled or was only estimated.
+        row.update(source="compile failed", fits=None, mfu=float("nan"),
+                   note="compile failed, analytic numbers shown: "
+                        + compiled.get("error", "no error message"))
         return row
     row["source"] = f"compiled ({target.compile_on})"
     fixed = compiled["params"] + compiled["optimizer"] + compiled.get("routing", 0.0)
@@ -301,22 +343,53 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
         row["note"] = ("compiler: out of HBM (" + compiled.get("error", "")[-120:]
                        + "); collectives and times are analytic")
         return row
+    row["buffers"] = compiled.get("buffers", [])
     row["xla_tflops"] = compiled.get("xla_flops", float("nan")) / 1e12
     stats = _stats_from_json(compiled["collectives"])
-    row["comm"] = {k: float(v) for k, v in stats.bytes_by_kind().items()}
+    row["comm"] = {k: float(v) for k, v in stats.bytes_by_role().items()}
     overlap, exposed, _ = cost_model.hlo_comm_time(stats.collectives, strategy.mesh, target)
     row["comm_s"] = overlap + exposed
     row["step_s"] = max(est.compute_time, overlap) + exposed
     row["mfu"] = est.model_flops / (row["step_s"] * est.peak_flops) if row["step_s"] else 0.0
+    notes = [comm_mismatch(row["comm"], row["analytic_comm"])]
     if stats.unknown_loops:
-        row["note"] = f"{len(stats.unknown_loops)} loop(s) with unknown trip count counted once"
+        notes.append(f"{len(stats.unknown_loops)} loop(s) with unknown trip count counted once")
+    row["note"] = "; ".join(n for n in notes if n)
     return row
+
+
+_COMM_GROUPS = (("all-gather", ("all-gather",)),
+                ("gradient reductions (RS + AR)", ("reduce-scatter", "all-reduce")),
+                ("all-to-all", ("all-to-all", "ragged-all-to-all")),
+                ("other permutes", ("collective-permute",)))
+
+
+def comm_mismatch(hlo_comm: dict[str, float], analytic: dict[str, float],
+                  band: float = 1.2) -> str:
+    """'' when the compiled collective bytes are within `band`× of the analytic model, else a
+    note naming each group outside it with both numbers. Reduce-scatters and all-reduces are
+    compared together: which of the two reduces a gradient is the compiler's choice (XLA:CPU
+    all-reduces FSDP gradients); the model counts both as gradient traffic."""
+    out = []
+    for label, kinds in _COMM_GROUPS:
+        h = sum(hlo_comm.get(k, 0.0) for k in kinds)
+        a = sum(analytic.get(k, 0.0) for k in kinds)
+        if h < 1024 and a < 1024:           # scalars (loss, metrics): not a strategy's traffic
+            continue
+        if not a or not 1 / band <= h / a <= band:
+            ratio = f"{h / a:.2f}×" if a else "not in the model"
+            out.append(f"{label} {hlo.format_bytes(h)} vs {hlo.format_bytes(a)} ({ratio})")
+    if not out:
+        return ""
+    return f"collectives off the analytic model by more than {band}×: " + ", ".join(out)
 
 
 def rank(rows: list[dict]) -> list[dict]:
     """Fitting strategies first (compiled before analytic-only), then by estimated step time;
-    strategies that do not fit follow, smallest memory first."""
+    strategies that do not fit follow, smallest memory first; failed compiles come last."""
     def key(r):
+        if r["fits"] is None:
+            return (2, 0, r["total"])
         compiled = r["source"].startswith("compiled")
         return (0 if r["fits"] else 1, 0 if compiled or not r["fits"] else 1,
                 r["step_s"] if r["fits"] else r["total"])
@@ -356,8 +429,10 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
     compile_it = not analytic_only and target.compile_on is not None
     if isolate is None:
         isolate = target.compile_on == "tpu"
+    devices = _tpu_devices(target)
     rows = []
     for s in candidates:
+        layout = layout_note(s, devices, target) if devices else ""
         compiled = None
         if compile_it and s in chosen:
             log(f"compiling {s.label} for {target.name} ...")
@@ -370,7 +445,9 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
                 t0 = time.perf_counter()
                 compiled = compile_in_process(config, s, target, batch, seq)
                 compiled["process_s"] = time.perf_counter() - t0
-        rows.append(build_row(config, s, target, batch, seq, compiled))
+        row = build_row(config, s, target, batch, seq, compiled)
+        row["note"] = "; ".join(n for n in (layout, row["note"]) if n)
+        rows.append(row)
     from deepseek_jax.model.params import count_params
     n = count_params(config)
     header = {"model": _model_label(model), "target": target.describe(), "batch": batch, "seq": seq,

@@ -8,9 +8,14 @@ Rows are the dicts `plan.build_row` makes (bytes per chip, seconds per step). Co
   total / HBM, fits           GiB per chip against the chip's usable HBM
   model              the analytic model's total, for comparison with the compiler's
   TFLOP              model FLOPs per chip per step, from the config
-  AG, RS, AR, A2A    collective GiB per chip per step (HLO when compiled, else analytic)
+  AG, RS, AR, A2A, CP  collective GiB per chip per step (HLO when compiled, else analytic), by
+                     role (`hlo.Collective.role`): a TPU windowed einsum's permutes count as the
+                     gathers or reduce-scatters they carry; CP is every other permute
   compute, comm, step, MFU    analytic times from the hardware table
   compile, host RSS  seconds to lower + compile one strategy, and the compile's peak host memory
+
+Below the table: notes per row (mesh layout on the torus, failed compiles, ...) and, for each
+compiled row, its largest buffers (`buffers.py`): size, shape, parameter/output/temp and the op.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 
 GiB = 2 ** 30
 _KINDS = (("AG", "all-gather"), ("RS", "reduce-scatter"), ("AR", "all-reduce"),
-          ("A2A", "all-to-all"))
+          ("A2A", "all-to-all"), ("CP", "collective-permute"))
 
 
 def _g(x: float) -> str:
@@ -67,6 +72,24 @@ def _notes(rows: list[dict]) -> list[str]:
     return [f"{r['rank']}. {r['strategy']}: {r['note']}" for r in rows if r.get("note")]
 
 
+def buffer_label(b: dict) -> str:
+    """'21.0 GiB bf16[3,256,7168,2048] temp (…/moe/dot_general)' for one `buffers.Buffer`."""
+    op = b["op"] or b["name"]
+    parts = op.split("/")
+    short = "/".join(parts[-3:]) if len(parts) > 3 else op
+    return f"{b['bytes'] / GiB:.2f} GiB {b['shape']} {b['kind']} ({short})"
+
+
+def _buffers(rows: list[dict], n: int) -> list[str]:
+    """For each compiled row: its `n` largest buffers (the compiler's buffer assignment)."""
+    out = []
+    for r in rows:
+        if r.get("buffers"):
+            out.append(f"{r['rank']}. {r['strategy']}, largest buffers per chip:")
+            out += [f"   {buffer_label(b)}" for b in r["buffers"][:n]]
+    return out
+
+
 def text_table(header: dict, rows: list[dict]) -> str:
     body = [HEADERS] + [columns(r) for r in rows]
     widths = [max(len(line[i]) for line in body) for i in range(len(HEADERS))]
@@ -76,7 +99,7 @@ def text_table(header: dict, rows: list[dict]) -> str:
              fmt(body[0]), fmt(["-" * w for w in widths])] + [fmt(b) for b in body[1:]]
     if header.get("analytic_only"):
         lines.append("analytic only: nothing was compiled for this target")
-    return "\n".join(lines + _notes(rows))
+    return "\n".join(lines + _notes(rows) + _buffers(rows, 3))
 
 
 def markdown(header: dict, rows: list[dict]) -> str:
@@ -89,6 +112,13 @@ def markdown(header: dict, rows: list[dict]) -> str:
     notes = _notes(rows)
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    listed = [r for r in rows if r.get("buffers")]
+    if listed:
+        lines += ["", "Largest buffers per chip (compiler's buffer assignment; two may never be "
+                  "live at once):", ""]
+        for r in listed:
+            lines.append(f"- {r['rank']}. {r['strategy']}: "
+                         + "; ".join(buffer_label(b) for b in r["buffers"]))
     return "\n".join(lines) + "\n"
 
 
@@ -96,16 +126,18 @@ CSV_FIELDS = ["rank", "strategy", "preset", "source", "dcn_data", "data", "fsdp"
               "tensor", "params_gib", "optimizer_gib", "act_temp_gib", "total_gib",
               "analytic_total_gib", "hbm_gib", "fits", "model_tflops", "xla_tflops",
               "all_gather_gib", "reduce_scatter_gib", "all_reduce_gib", "all_to_all_gib",
-              "analytic_all_gather_gib", "analytic_reduce_scatter_gib",
-              "analytic_all_reduce_gib", "analytic_all_to_all_gib", "compute_s", "comm_s",
-              "step_s", "mfu", "compile_s", "host_rss_gib", "note"]
+              "collective_permute_gib", "analytic_all_gather_gib",
+              "analytic_reduce_scatter_gib", "analytic_all_reduce_gib",
+              "analytic_all_to_all_gib", "analytic_collective_permute_gib", "compute_s", "comm_s",
+              "step_s", "mfu", "compile_s", "host_rss_gib", "note", "largest_buffers"]
 
 
 def csv_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         d = {"rank": r["rank"], "strategy": r["strategy"], "preset": r["preset"],
-             "source": r["source"], **r["mesh"], "fits": r["fits"], "note": r.get("note", "")}
+             "source": r["source"], **r["mesh"], "fits": r["fits"], "note": r.get("note", ""),
+             "largest_buffers": "; ".join(buffer_label(b) for b in r.get("buffers", []))}
         for key in ("params", "optimizer", "act_temp", "total", "analytic_total", "hbm",
                     "host_rss"):
             d[f"{key}_gib"] = r[key] / GiB

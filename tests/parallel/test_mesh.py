@@ -79,3 +79,44 @@ def test_initialize_distributed_is_a_no_op_on_one_process(monkeypatch):
     assert mesh_lib.maybe_initialize_distributed() is True
     assert calls == [{"num_processes": 2, "process_id": 1}]
     assert mesh_lib.maybe_initialize_distributed(enabled=False) is False and len(calls) == 1
+
+
+def _tpu_devices(topology: str, **kwargs):
+    pytest.importorskip("libtpu")
+    import os
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
+
+
+def test_tpu_torus_layout_and_split_dimensions():
+    """On a v5p 4x4x4 torus (compile-only devices, no TPU): fsdp=16 × tensor=4 lies on whole
+    dimensions; fsdp=32 × expert=2 cannot, so one dimension is split between the two axes, and
+    that is refused when splitting is not allowed."""
+    devices = _tpu_devices("v5p:4x4x4")
+    whole = make_mesh({"fsdp": 16, "tensor": 4}, devices)
+    layout = mesh_lib.torus_layout(whole)
+    assert sorted(layout["tensor"].values()) == [4]
+    assert sorted(layout["fsdp"].values()) == [4, 4]
+    assert mesh_lib.split_dimensions(layout, (4, 4, 4)) == {}
+
+    split = make_mesh({"fsdp": 32, "expert": 2}, devices)
+    layout = mesh_lib.torus_layout(split)
+    assert {a: int(np.prod(list(d.values()))) for a, d in layout.items()} == {"fsdp": 32,
+                                                                             "expert": 2}
+    (dim, axes), = mesh_lib.split_dimensions(layout, (4, 4, 4)).items()
+    assert set(axes) == {"fsdp", "expert"}
+    assert layout["fsdp"][dim] * layout["expert"][dim] == 4
+    with pytest.raises(MeshError, match="cannot be laid on whole dimensions"):
+        make_mesh({"fsdp": 32, "expert": 2}, devices, allow_split_physical_axes=False)
+    # CPU devices have no coordinates.
+    assert mesh_lib.torus_layout(make_mesh({"fsdp": -1})) is None
+
+
+def test_multi_slice_tpu_mesh_is_slice_major():
+    """Two v5p 2x2x2 slices (slice_index set): the create_hybrid_device_mesh branch puts one
+    slice at each dcn_data index."""
+    devices = _tpu_devices("v5p:2x2x2", num_slices=2)
+    mesh = make_mesh({"dcn_data": 2, "fsdp": 4, "expert": 2}, devices)
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slices[0] == 0).all() and (slices[1] == 1).all()

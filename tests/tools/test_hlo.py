@@ -1,4 +1,7 @@
-"""HLO collective parsing: hand-written programs with known answers, and a compiled one."""
+"""HLO collective parsing: hand-written HLO with known answers, and compiled programs (8 fake CPU
+devices, and a TPU topology through libtpu) whose collective bytes are known by construction."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +10,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepseek_jax.tools import hlo
+
+# Another process on the host may hold libtpu's TPU lock; compile-only use does not need it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 # A program in the shape XLA prints after SPMD partitioning: a combined (tuple) all-reduce, an
 # async all-gather pair, a reduce-scatter, an all-to-all, a permute, and a while loop (trip count
@@ -45,7 +51,8 @@ ENTRY %main (a: f32[1024], b: bf16[16,4], c: f32[2,8]) -> f32[] {
   %rs = f32[256]{0} reduce-scatter(f32[1024]{0} %a), channel_id=3, replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add
   %a2a = bf16[16,4]{1,0} all-to-all(bf16[16,4]{1,0} %b), channel_id=4, replica_groups=[4,2]<=[8], dimensions={0}
   %cp = f32[1024]{0} collective-permute(f32[1024]{0} %a), channel_id=5, source_target_pairs={{0,1},{1,0}}
-  %init = (s32[], f32[2,8]{1,0}) tuple(s32[] constant(0), %c)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[2,8]{1,0}) tuple(%zero, %c)
   %loop = (s32[], f32[2,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
   ROOT %r = f32[] constant(0)
 }
@@ -130,3 +137,116 @@ def test_compiled_program_on_eight_devices():
 @pytest.mark.parametrize("n,expected", [(0, "0 B"), (1536, "1.5 KiB"), (3 * 2 ** 30, "3.0 GiB")])
 def test_format_bytes(n, expected):
     assert hlo.format_bytes(n) == expected
+
+
+def test_counter_start_and_step_set_the_trip_count():
+    """TPU style: the loop counts from 1 in steps of 2 below 8 → 4 iterations."""
+    text = PROGRAM.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
+    text = text.replace("%n = s32[] constant(4)", "%n = s32[] constant(8)")
+    text = text.replace("%zero = s32[] constant(0)", "%zero = s32[] constant(1)")
+    text = text.replace("  ROOT %t = (s32[], f32[2,8]{1,0}) tuple(%i, %s)",
+                        "  %two = s32[] constant(2)\n  %next = s32[] add(%i, %two)\n"
+                        "  ROOT %t = (s32[], f32[2,8]{1,0}) tuple(%next, %s)")
+    by = hlo.collective_stats(text).by_kind()
+    assert by["all-gather"]["executions"] == 1 + 4
+
+
+def test_permute_group_is_its_ring():
+    stats = hlo.collective_stats(PROGRAM.replace("source_target_pairs={{0,1},{1,0}}",
+                                                 "source_target_pairs={{0,1},{1,2},{2,3},{3,0}}"))
+    assert {c.name: c.group_size for c in stats.collectives}["cp"] == 4
+
+
+# Collectives written by hand inside loops: per device x is f32[R, 1024] (R rows of the global
+# [8R, 1024] array). Each of 5 scan steps runs a fori_loop of 3 steps (psum + ring ppermute of
+# x), then all-gathers x and reduce-scatters the gathered array.
+R, COLS, OUTER, INNER = 1024, 1024, 5, 3
+X_BYTES = R * COLS * 4
+
+
+def _known_program(devices):
+    mesh = Mesh(np.array(devices), ("i",))
+    ring = [(k, (k + 1) % 8) for k in range(8)]
+
+    def per_device(x):
+        def inner(_, c):
+            c = c + jax.lax.psum(c, "i")
+            return jax.lax.ppermute(c, "i", perm=ring)
+
+        def outer(c, _):
+            c = jax.lax.fori_loop(0, INNER, inner, c)
+            g = jax.lax.all_gather(c, "i", tiled=True)                       # [8R, COLS]
+            return c + jax.lax.psum_scatter(2 * g, "i", scatter_dimension=0, tiled=True), None
+
+        return jax.lax.scan(outer, x, None, length=OUTER)[0]
+
+    f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("i"), out_specs=P("i")))
+    x = jax.ShapeDtypeStruct((8 * R, COLS), jnp.float32, sharding=NamedSharding(mesh, P("i")))
+    return hlo.collective_stats(f.lower(x).compile().as_text())
+
+
+EXPECTED = {"all-reduce": OUTER * INNER * X_BYTES,          # psum of x, 15 times
+            "collective-permute": OUTER * INNER * X_BYTES,  # ring shift of x, 15 times
+            "all-gather": OUTER * 8 * X_BYTES,              # the gathered [8R, COLS], 5 times
+            "reduce-scatter": OUTER * 8 * X_BYTES}          # its unreduced input, 5 times
+
+
+def test_hand_written_collectives_in_nested_loops_on_cpu():
+    stats = _known_program(jax.devices()[:8])
+    assert stats.unknown_loops == []
+    assert stats.bytes_by_kind() == EXPECTED
+    assert stats.bytes_by_role() == EXPECTED
+    by = stats.by_kind()
+    assert by["all-reduce"]["executions"] == OUTER * INNER
+    assert by["all-gather"]["executions"] == OUTER
+    assert all(c.group_size == 8 for c in stats.collectives)
+
+
+def _tpu_devices(topology):
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+
+
+def test_hand_written_collectives_in_nested_loops_on_tpu():
+    """The same program compiled for a v5p 2x2x2 slice: loop trip counts come from the loop
+    itself (no known_trip_count on TPU), and the compiler writes the reduce-scatter as an
+    all-reduce of the whole array whose users keep one shard (role reduce-scatter)."""
+    stats = _known_program(_tpu_devices("v5p:2x2x2"))
+    assert stats.unknown_loops == []
+    assert stats.bytes_by_role() == EXPECTED
+    kinds = stats.bytes_by_kind()
+    assert kinds["all-gather"] == EXPECTED["all-gather"]
+    assert kinds["collective-permute"] == EXPECTED["collective-permute"]
+    assert (kinds.get("reduce-scatter", 0) + kinds["all-reduce"]
+            == EXPECTED["reduce-scatter"] + EXPECTED["all-reduce"])
+
+
+def test_windowed_einsum_permutes_count_as_the_gathers_they_replace():
+    """An FSDP matmul large enough for the TPU compiler's windowed einsum (v5p 2x2x2, bf16
+    weights [L, D, D] split over 8 devices): no all-gather or reduce-scatter op is left, only
+    collective-permutes in `windowed_dot_general_body_ag/_rs` loops, one shard per step. By
+    role they are the L forward and L backward weight gathers and the L gradient
+    reduce-scatters; a bidirectional window moves 9 shards of the 8 (one extra)."""
+    devices = _tpu_devices("v5p:2x2x2")
+    mesh = Mesh(np.array(devices), ("x",))
+    L, D, B = 3, 8192, 8192
+
+    def f(w, x):
+        def body(h, wl):
+            return jnp.tanh(h @ wl), None
+        return jax.lax.scan(body, x, w)[0].sum()
+
+    step = jax.jit(jax.grad(f), in_shardings=(NamedSharding(mesh, P(None, "x", None)),
+                                              NamedSharding(mesh, P("x", None))),
+                   out_shardings=NamedSharding(mesh, P(None, "x", None)))
+    compiled = step.lower(jax.ShapeDtypeStruct((L, D, D), jnp.bfloat16),
+                          jax.ShapeDtypeStruct((B, D), jnp.bfloat16)).compile()
+    stats = hlo.collective_stats(compiled.as_text())
+    assert stats.unknown_loops == []
+    assert set(stats.bytes_by_kind()) == {"collective-permute"}
+    weight = D * D * 2
+    roles = stats.bytes_by_role()
+    assert roles == {"all-gather": 2 * L * weight * 9 // 8,
+                     "reduce-scatter": L * weight * 9 // 8}
+    assert all(c.group_size == 8 for c in stats.collectives)

@@ -20,6 +20,7 @@ from deepseek_jax.train import sharded
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 CPU8 = parse_target("cpu-8")
+GiB = 2 ** 30
 STRATEGIES = "dp,fsdp,fsdp_tp:tensor=2"
 
 
@@ -180,3 +181,93 @@ def test_tpu_topology_compile_ahead_of_time():
     reduced = r["comm"].get("reduce-scatter", 0) + r["comm"].get("all-reduce", 0)
     assert r["comm"].get("all-gather", 0) > 0 and reduced > 0
     assert math.isfinite(r["step_s"]) and 0 < r["mfu"] <= 1
+
+
+@pytest.mark.parametrize("model, target, batch, count", [
+    ("v3-671b", "tpu-v5p-1024", 512, 40),
+    ("v2-lite", "tpu-v5p-128", 64, 26),
+])
+def test_every_listed_strategy_builds_its_mesh_on_the_topology(model, target, batch, count):
+    """Each strategy `all` lists is built as a mesh on the target's compile-only TPU devices
+    (the devices the planner compiles for), and each axis covers its devices on the torus.
+    On a v5p 8x8x8 slice most EP and TP meshes need a torus dimension split between two axes
+    (fsdp=128 × expert=4: 128 cannot be whole dimensions once 4 takes part of one); the row
+    says so."""
+    pytest.importorskip("libtpu")
+    t = parse_target(target)
+    config = plan.load_model(model)
+    devices = t.devices()
+    strategies = plan.enumerate_strategies(config, t, batch)
+    assert len(strategies) == count
+    n_split = 0
+    for s in strategies:
+        mesh = parallel.make_mesh(s.mesh, devices)
+        assert {a: n for a, n in mesh.shape.items()} == s.mesh, s.label
+        layout = parallel.torus_layout(mesh)
+        for axis, dims in layout.items():
+            assert math.prod(dims.values()) == s.mesh[axis], (s.label, layout)
+        note = plan.layout_note(s, devices, t)
+        split = parallel.split_dimensions(layout, t.slice_shape)
+        assert bool(note) == bool(split), s.label
+        n_split += bool(split)
+    assert n_split > 0
+    if model == "v3-671b":
+        first = Strategy.make("fsdp_ep", {"fsdp": 128, "expert": 4})
+        assert first in strategies
+        assert "split as fsdp 2 × expert 4" in plan.layout_note(first, devices, t)
+
+
+def test_failed_compile_is_shown_failed_and_ranked_last():
+    config = plan.load_model(TINY_DENSE)
+    ok = plan.build_row(config, Strategy.make("dp", {"data": 8}), CPU8, 8, 32, None)
+    failed = plan.build_row(config, Strategy.make("fsdp", {"fsdp": 8}), CPU8, 8, 32,
+                            {"fits": None, "error": "XlaRuntimeError: INTERNAL: boom"})
+    assert failed["source"] == "compile failed" and failed["fits"] is None
+    assert "compile failed" in failed["note"] and "boom" in failed["note"]
+    # Even with a smaller analytic step time, the failed row ranks after the one that worked.
+    failed["step_s"], failed["total"] = 0.0, 0.0
+    assert [r["strategy"] for r in plan.rank([failed, ok])] == ["dp(data=8)", "fsdp(fsdp=8)"]
+    text = report.text_table({"model": "tiny", "params_b": 0, "mtp_b": 0, "target": "cpu-8",
+                              "batch": 8, "seq": 32, "remat": "none", "dtype": "float32",
+                              "param_dtype": "float32", "hbm_gib": 1, "peak_tflops": 1},
+                             plan.rank([failed, ok]))
+    assert "2. fsdp(fsdp=8): compile failed" in text
+
+
+def test_compiled_rows_list_their_largest_buffers(tiny_plan):
+    """Each compiled row names the buffers that dominate its memory, from the compiler's buffer
+    assignment: under dp every chip holds every weight, so the largest buffer is at least the
+    largest parameter (the fp32 embedding or output head, V × D × 4 bytes); here it is the
+    attention scores of the scanned layers."""
+    _, rows = tiny_plan
+    by = {r["preset"]: r for r in rows}
+    for r in rows:
+        bufs = r["buffers"]
+        assert 3 <= len(bufs) <= 8, r["strategy"]
+        sizes = [b["bytes"] for b in bufs]
+        assert sizes == sorted(sizes, reverse=True) and sizes[-1] > 0
+        assert {b["kind"] for b in bufs} <= {"parameter", "output", "temp", "constant"}
+        assert all(b["shape"] and "[" in b["shape"] for b in bufs)
+    vd = TINY_DENSE.vocab_size * TINY_DENSE.d_model * 4
+    assert by["dp"]["buffers"][0]["bytes"] >= vd
+    text = report.markdown({"model": "tiny", "params_b": 0, "mtp_b": 0, "target": "cpu-8",
+                            "batch": 8, "seq": 32, "remat": "none", "dtype": "float32",
+                            "param_dtype": "float32", "hbm_gib": 1, "peak_tflops": 1}, rows)
+    assert "Largest buffers per chip" in text and " GiB f32[" in text
+
+
+def test_rows_say_where_collectives_leave_the_analytic_model(tiny_plan):
+    _, rows = tiny_plan
+    for r in rows:
+        mismatch = plan.comm_mismatch(r["comm"], r["analytic_comm"])
+        assert (mismatch in r["note"]) if mismatch else "off the analytic" not in r["note"]
+    # dp is within the band (all-reduce +8 %: the embedding's gradient reduced once per use).
+    assert plan.comm_mismatch({k: v for k, v in rows[0]["comm"].items()}, rows[0]["comm"]) == ""
+    by = {r["preset"]: r for r in rows}
+    assert "off the analytic" not in by["dp"]["note"]
+    assert plan.comm_mismatch({"all-gather": 2.0 * GiB}, {"all-gather": 1.0 * GiB}) == (
+        "collectives off the analytic model by more than 1.2×: all-gather 2.0 GiB vs 1.0 GiB "
+        "(2.00×)")
+    # Which op reduces a gradient is the compiler's choice: RS and AR are compared together.
+    assert plan.comm_mismatch({"all-reduce": 1.0 * GiB}, {"reduce-scatter": 1.1 * GiB}) == ""
+    assert "not in the model" in plan.comm_mismatch({"collective-permute": 1.0 * GiB}, {})
