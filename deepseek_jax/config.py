@@ -46,7 +46,7 @@ MOE_IMPLS = ("dense", "ragged")
 # kernels/fp8.py, kernels/grouped_gemm.py and model/dispatch.py take their lists from these.
 FP8_BACKENDS = ("auto", "reference", "mosaic_gpu", "mosaic_tpu", "pallas_interpret",
                 "mosaic_gpu_interpret", "mosaic_tpu_interpret")   # kernels/fp8.py
-MOE_BACKENDS = ("auto", "ragged_dot", "mosaic_gpu", "megablox", "reference",
+MOE_BACKENDS = ("auto", "ragged_dot", "tiled", "mosaic_gpu", "megablox", "reference",
                 "mosaic_gpu_interpret", "megablox_interpret")
 MOE_EP_TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "ragged_all_to_all_emulated")
 ATTENTION_IMPLS = ("expanded", "absorbed")

@@ -9,11 +9,18 @@ empty and arbitrarily uneven. Gradients flow to `lhs` and `rhs` (none to the int
 
 Backends (`BACKENDS`; "auto" picks by platform and operand dtype with `default_backend`):
 
-  ragged_dot      `jax.lax.ragged_dot`. Native on TPU; the portable path for CPU. On GPU XLA
-                  rewrites it into a dense masked dot (11 TFLOP/s on an H200 where a dense GEMM
-                  runs 548), so "auto" avoids it there on Hopper for 16-bit and fp8 operands;
-                  an fp32 model on a GPU still gets it (wgmma takes no fp32 operands), which
-                  suits the small fp32 models and nothing large.
+  ragged_dot      `jax.lax.ragged_dot`. Native on TPU. On GPU XLA rewrites it into a dense
+                  masked dot (11 TFLOP/s on an H200 where a dense GEMM runs 548), so "auto"
+                  avoids it there on Hopper for 16-bit and fp8 operands; an fp32 model on a GPU
+                  still gets it (wgmma takes no fp32 operands), which suits the small fp32
+                  models and nothing large. XLA's CPU backend also runs it densely.
+  tiled           plain JAX, "auto" on CPU: the rows in `aligned_layout` with `TILED_ROWS`-row
+                  tiles (each group's rows on tiles of their own), each tile multiplied by its
+                  group's matrix in one batched einsum over tiles. (M + G·TILED_ROWS)·K·N
+                  multiply-adds where a densified ragged_dot does G·M·K·N, at the price of a
+                  gathered weight per tile ([M/TILED_ROWS + G, K, N]: a CPU-sized path, not for
+                  large models). Autodiff gives the backward (the weight gather becomes a
+                  scatter-add over tiles).
   mosaic_gpu      Hopper (sm90) Pallas Mosaic GPU kernels that ship with JAX
                   (`jax.experimental.pallas.ops.gpu`): `ragged_dot_mgpu.ragged_dot` for the forward
                   pass and dgrad (the same kernel reading rhs K-major, `transpose_rhs=True`), and
@@ -86,6 +93,7 @@ class MosaicGpuTiling:
 
 MOSAIC_GPU_TILING = MosaicGpuTiling()
 MEGABLOX_TILING = (128, 128, 128)
+TILED_ROWS = 64          # rows per tile of the "tiled" backend
 
 
 def _is_hopper(compute_capability: str | None = None) -> bool:
@@ -101,7 +109,7 @@ def default_backend(platform: str | None = None, dtype=jnp.bfloat16, fp8: bool =
                     compute_capability: str | None = None) -> str:
     """The backend "auto" means on `platform` (default: JAX's default backend) for `dtype` rows.
 
-    cpu → ragged_dot; tpu → megablox; gpu → mosaic_gpu on Hopper (compute capability 9.x) when
+    cpu → tiled; tpu → megablox; gpu → mosaic_gpu on Hopper (compute capability 9.x) when
     the operands are 16-bit or fp8=True (the fp8 kernel quantizes whatever it gets), else
     ragged_dot (the Hopper kernels use wgmma, which other GPUs lack and which takes no fp32).
     compute_capability: the GPU's (e.g. "9.0"); None asks the first device.
@@ -112,7 +120,7 @@ def default_backend(platform: str | None = None, dtype=jnp.bfloat16, fp8: bool =
     if platform in ("gpu", "cuda"):
         hopper = _is_hopper(compute_capability)
         return "mosaic_gpu" if hopper and (fp8 or _is_16_bit(dtype)) else "ragged_dot"
-    return "ragged_dot"
+    return "tiled"
 
 
 def resolve_backend(backend: str, dtype=jnp.bfloat16, fp8: bool = False) -> str:
@@ -253,26 +261,39 @@ def _gmm_mosaic_gpu(lhs, rhs, group_sizes, out_dtype, interpret, tiling):
 
 # --- fp8 on Hopper: block-scaled grouped GEMM ---------------------------------------------------
 
-def aligned_layout(group_sizes, m: int):
-    """DeepGEMM's contiguous layout: every group's rows start on a 128-row tile of their own.
+def aligned_layout(group_sizes, m: int, tile: int = fp8_gpu.BLOCK):
+    """DeepGEMM's contiguous layout: every group's rows start on a `tile`-row tile of their own.
 
     Returns (pos int32 `[M]`: the aligned row of each sorted row, `ma` for rows in no group;
-    tile_group int32 `[Ma/128]`: the group of each tile; ma: the static row count,
-    round_up(M, 128) + 128·G, which bounds Σ round_up(size_g, 128)).
+    tile_group int32 `[Ma/tile]`: the group of each tile; ma: the static row count,
+    round_up(M, tile) + tile·G, which bounds Σ round_up(size_g, tile)).
     """
     g = group_sizes.shape[0]
-    ma = _round_up(m, fp8_gpu.BLOCK) + fp8_gpu.BLOCK * g
+    ma = _round_up(m, tile) + tile * g
     sizes = group_sizes.astype(jnp.int32)                                   # [G]
     ends = jnp.cumsum(sizes)                                                # [G]
-    padded = -(-sizes // fp8_gpu.BLOCK) * fp8_gpu.BLOCK                     # [G]
+    padded = -(-sizes // tile) * tile                                       # [G]
     a_ends = jnp.cumsum(padded)                                             # [G]
     rows = jnp.arange(m, dtype=jnp.int32)                                   # [M]
     grp = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), g - 1)   # [M]
     pos = a_ends[grp] - padded[grp] + rows - (ends[grp] - sizes[grp])       # [M]
     pos = jnp.where(rows < ends[-1], pos, ma)
-    tile_rows = jnp.arange(ma // fp8_gpu.BLOCK, dtype=jnp.int32) * fp8_gpu.BLOCK
+    tile_rows = jnp.arange(ma // tile, dtype=jnp.int32) * tile
     tile_group = jnp.minimum(jnp.searchsorted(a_ends, tile_rows, side="right"), g - 1)
     return pos, tile_group.astype(jnp.int32), ma
+
+
+def _gmm_tiled(lhs, rhs, group_sizes, out_dtype, tile: int = TILED_ROWS):
+    """The "tiled" backend: lhs [M, K] in the aligned layout, [Ma/tile] tiles × their group's
+    rhs [K, N], then back to the sorted rows ([M, N]; rows in no group are zeros)."""
+    m, k = lhs.shape
+    pos, tile_group, ma = aligned_layout(group_sizes, m, tile)
+    aligned = jnp.zeros((ma, k), lhs.dtype).at[pos].set(lhs, mode="drop")  # [Ma, K]
+    tiles = aligned.reshape(ma // tile, tile, k)                            # [Ma/tile, tile, K]
+    w = rhs.astype(lhs.dtype)[tile_group]                                   # [Ma/tile, K, N]
+    out = jnp.einsum("nmk,nkf->nmf", tiles, w,
+                     preferred_element_type=jnp.float32).reshape(ma, -1)    # [Ma, N]
+    return out.at[pos].get(mode="fill", fill_value=0).astype(out_dtype)    # [M, N]
 
 
 def _fp8_grouped_nt(rows, b_q, b_s, group_sizes, out_dtype, interpret):
@@ -373,7 +394,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
         if backend.startswith("mosaic_gpu"):
             return _fp8_hopper_gmm(lhs, rhs, group_sizes, out_dtype, jnp.dtype(lhs.dtype),
                                    jnp.dtype(rhs.dtype), backend.endswith("interpret"))
-        if backend == "ragged_dot" and jax.default_backend() == "gpu":
+        if backend in ("ragged_dot", "tiled") and jax.default_backend() == "gpu":
             raise ValueError(
                 "fp8 routed experts on a GPU need the Hopper fp8 grouped GEMM "
                 "(moe_backend='mosaic_gpu' or 'auto' on an sm90 GPU): the portable emulation runs "
@@ -383,6 +404,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
         return jnp.where(_row_mask(group_sizes, lhs.shape[0]), out, 0)
     if backend == "ragged_dot":
         return jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes).astype(out_dtype)
+    if backend == "tiled":
+        return _gmm_tiled(lhs, rhs, group_sizes, out_dtype)
     if backend == "reference":
         return gmm_reference(lhs, rhs, group_sizes, out_dtype)
     if backend.startswith("mosaic_gpu"):

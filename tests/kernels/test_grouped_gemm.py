@@ -74,9 +74,16 @@ def _check(backend, dtype, rel):
     np.testing.assert_array_equal(np.asarray(dw)[1], 0.0)
 
 
-@pytest.mark.parametrize("backend", ["ragged_dot", "reference", "megablox_interpret"])
+@pytest.mark.parametrize("backend", ["ragged_dot", "tiled", "reference", "megablox_interpret"])
 def test_fp32_backends_match_loop(backend):
     _check(backend, jnp.float32, 1e-4)
+
+
+def test_tiled_bf16_matches_loop():
+    # bf16 rows (the reference sees them rounded too) and weights cast to bf16 inside (2⁻⁹
+    # relative each, not seen by the reference), fp32 accumulation: errors of order 2⁻⁹ of the
+    # largest value; 2e-2 is the bound the Mosaic bf16 kernels below are held to.
+    _check("tiled", jnp.bfloat16, 2e-2)
 
 
 def test_mosaic_gpu_interpret_matches_loop(hopper_sm_count):
@@ -92,16 +99,16 @@ def test_all_rows_in_one_group_and_padding_of_odd_shapes():
     w = jnp.asarray(rng.standard_normal((3, 24, 40)), jnp.float32)
     sizes = jnp.asarray([0, 0, 20], jnp.int32)
     ref = np.asarray(x, np.float64) @ np.asarray(w[2], np.float64)
-    for backend in ("ragged_dot", "reference", "megablox_interpret"):
+    for backend in ("ragged_dot", "tiled", "reference", "megablox_interpret"):
         got = jax.jit(lambda x, w, s: gg.gmm(x, w, s, backend=backend))(x, w, sizes)
         np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4 * np.abs(ref).max(),
                                    err_msg=backend)
 
 
 def test_auto_backend_by_platform():
-    assert gg.default_backend("cpu") == "ragged_dot"
+    assert gg.default_backend("cpu") == "tiled"
     assert gg.default_backend("tpu") == "megablox"
-    assert gg.resolve_backend("auto") == "ragged_dot"       # tests run on CPU
+    assert gg.resolve_backend("auto") == "tiled"            # tests run on CPU
     with pytest.raises(ValueError, match="use one of"):
         gg.resolve_backend("cutlass")
 
