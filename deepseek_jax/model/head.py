@@ -58,10 +58,12 @@ def map_head_chunks(fn: Callable[..., Any], hidden: jax.Array, head: jax.Array,
     if chunk == 0:
         return fn(head_logits(hidden, head, dtype), *per_token)
 
-    def one_chunk(h, w, *xs):
+    def chunk_fn(h, w, *xs):
         return fn(head_logits(h, w, dtype), *xs)
 
-    one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)   # inside a scan CSE cannot cross
+    # Outside a scan the recomputation needs prevent_cse, or XLA may merge it with the forward
+    # and keep the logits; inside one it cannot, and the barrier would only cost.
+    scanned, alone = jax.checkpoint(chunk_fn, prevent_cse=False), jax.checkpoint(chunk_fn)
     B, T, _ = hidden.shape
     n, rest = divmod(T, chunk)
     full = n * chunk
@@ -71,13 +73,13 @@ def map_head_chunks(fn: Callable[..., Any], hidden: jax.Array, head: jax.Array,
             return jnp.swapaxes(x[:, :full].reshape(B, n, chunk, *x.shape[2:]), 0, 1)
 
         def body(_, xs):
-            return None, one_chunk(xs[0], head, *xs[1:])
+            return None, scanned(xs[0], head, *xs[1:])
 
         _, out = jax.lax.scan(body, None, (split(hidden), *map(split, per_token)))
         parts.append(jax.tree.map(                      # [n, B, chunk, ...] → [B, n·chunk, ...]
             lambda y: jnp.swapaxes(y, 0, 1).reshape(B, full, *y.shape[3:]), out))
     if rest:
-        parts.append(one_chunk(hidden[:, full:], head, *(x[:, full:] for x in per_token)))
+        parts.append(alone(hidden[:, full:], head, *(x[:, full:] for x in per_token)))
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *parts)      # [B, T, ...]

@@ -134,9 +134,12 @@ def test_total_loss_with_mtp_depths_equals_the_logits_form():
     _assert_within(l1, l0, lm_b[0] + lam * mtp_b + _gamma2(3) * abs(float(l0)), "total")
 
 
-def test_train_step_gradients_equal_the_logits_form(tiny):
+@pytest.mark.parametrize("tied", [False, True])
+def test_train_step_gradients_equal_the_logits_form(tiny, tied):
     """loss_and_grads of the tiny model (MoE, MTP): loss_chunk = 5 over T = 16 (three chunks and
-    one of 1) against loss_chunk = 0 (whole logits), with padding and a packed boundary."""
+    one of 1) against loss_chunk = 0 (whole logits), with padding and a packed boundary; with
+    tied embeddings the head is embed.T and its gradient joins the embedding's."""
+    tiny = tiny.replace(tie_embeddings=tied)
     Bm, Tm = 4, 16
     tokens = jax.random.randint(jax.random.key(1), (Bm, Tm), 0, tiny.vocab_size)
     valid = np.ones((Bm, Tm), np.float32)
@@ -151,6 +154,7 @@ def test_train_step_gradients_equal_the_logits_form(tiny):
 
     l0, parts0, stats0, g0 = run(tiny.replace(loss_chunk=0))
     l1, parts1, stats1, g1 = run(tiny.replace(loss_chunk=5))
+    assert ("lm_head" in g1) != tied
     n = Bm * Tm + tiny.vocab_size + tiny.d_model
     for name in ("lm_loss", "mtp_loss", "balance_loss"):
         np.testing.assert_allclose(parts1[name], parts0[name], rtol=gradient_rtol(n, 1.0))
