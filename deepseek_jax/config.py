@@ -85,6 +85,8 @@ class ModelConfig:
     group_score: str = "top2_sum"       # "top2_sum" (V3) or "max" (V2 group_limited_greedy)
     # --- multi-token prediction (its loss weight λ is a run setting: train.schedules) ----------
     mtp_depth: int = 1                  # D_mtp  (num_nextn_predict_layers)
+    loss_chunk: int = 512               # positions per row whose head logits the loss holds at
+                                        # once (model/head.py); 0 = all (full [B, T, V] logits)
     # --- norms, positions ----------------------------------------------------------------------
     rms_norm_eps: float = 1e-6
     max_seq_len: int = 163840           # max_position_embeddings
@@ -204,6 +206,8 @@ def validate(c: ModelConfig) -> None:
     need(0 <= c.n_dense_layers <= c.n_layers,
          f"n_dense_layers={c.n_dense_layers} must lie in [0, n_layers={c.n_layers}]")
     need(c.mtp_depth >= 0, f"mtp_depth={c.mtp_depth} must be >= 0")
+    need(c.loss_chunk >= 0, f"loss_chunk={c.loss_chunk} must be >= 0 (positions per chunk of "
+                            "the output-head loss; 0 = the whole length at once)")
     need(c.score_func in SCORE_FUNCS, f"score_func={c.score_func!r}: use one of {SCORE_FUNCS}")
     need(c.group_score in ("top2_sum", "max"),
          f"group_score={c.group_score!r}: use 'top2_sum' (V3) or 'max' (V2)")

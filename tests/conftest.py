@@ -73,6 +73,7 @@ FILE_SECONDS = {
     "kernels/test_fp8_linear.py": 70,
     "train/test_schedules.py": 60,
     "train/test_train.py": 60,
+    "train/test_chunked_loss.py": 80,
     "rl/test_grpo_data_parallel.py": 50,
     "tools/test_plan.py": 50,
     "experiments/test_context_extension.py": 40,

@@ -14,7 +14,8 @@ Dimension alphabet, used in einsum strings, shape comments and names everywhere 
 Files: `rope.py` (RoPE + YaRN), `layers.py` (RMSNorm, SwiGLU, parameter helper), `mla.py`,
 `routing.py` (gate, loads, balancing, capacity, mesh layout), `dispatch.py` (dense, ragged,
 local and expert-parallel dispatch), `moe.py` (the MoE layer), `blocks.py`, `mtp.py`,
-`transformer.py` (embedding, stacks, head), `params.py` (counting).
+`head.py` (output-head logits, whole or in chunks of positions), `transformer.py` (embedding,
+stacks, head), `params.py` (counting).
 """
 
 from deepseek_jax.model.params import count_params

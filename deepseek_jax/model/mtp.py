@@ -46,6 +46,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.blocks import Block, take_positions, write_cache
+from deepseek_jax.model.head import head_logits
 from deepseek_jax.model.layers import RMSNorm, param
 
 
@@ -88,6 +89,13 @@ class MTP(nn.Module):
         """h [B, T, D] main hidden state, tokens [B, T], embed [V, D], head [D, V]; token_mask
         [B, T] or None: depth k's MoE statistics count position i when tokens i and i+k are
         both real (its two inputs)."""
+        normed = self.hidden_states(h, tokens, embed, positions, mask, token_mask)
+        return jnp.stack([_logits(x, head, self.config) for x in normed])        # [K, B, T, V]
+
+    def hidden_states(self, h, tokens, embed, positions, mask, token_mask=None):
+        """norm_k(h^k) [K, B, T, D] for k = 1 … K: what the shared head turns into depth k's
+        logits (the train step applies the head itself, chunk by chunk). Arguments as in
+        `__call__`."""
         c = self.config
         out = []
         for k in range(1, c.mtp_depth + 1):
@@ -95,8 +103,8 @@ class MTP(nn.Module):
             mask_k = (None if token_mask is None
                       else token_mask & shift_left(token_mask, k))               # [B, T]
             h, normed = self.layers[k - 1](h, emb, positions, mask, None, mask_k)
-            out.append(_logits(normed, head, c))                                   # [B, T, V]
-        return jnp.stack(out)                                                     # [K, B, T, V]
+            out.append(normed)                                                    # [B, T, D]
+        return jnp.stack(out)                                                     # [K, B, T, D]
 
     def draft(self, h, next_tokens, embed, head, positions, mask, cache: dict,
               logits_index: jax.Array | None = None):
@@ -124,5 +132,4 @@ class MTP(nn.Module):
 
 
 def _logits(normed: jax.Array, head: jax.Array, c: ModelConfig) -> jax.Array:
-    return jnp.einsum("BTD,DV->BTV", normed, head.astype(c.dtype),
-                      preferred_element_type=jnp.float32)                         # [B, T, V]
+    return head_logits(normed, head, c.dtype)                                     # [B, T, V]

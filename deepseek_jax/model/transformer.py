@@ -8,7 +8,9 @@ where logits[:, i] predicts token t_{i+1} and mtp_logits[k−1, :, i] predicts t
 `variables` holds "params" and, for V3-style routing, "routing" (the per-layer selection bias,
 stacked [L, E] under scan; state updated by `routing.update_routing_bias`, never by the optimizer).
 Apply with `mutable=["moe_stats"]` to also get the per-layer expert loads and sequence-balance
-losses that the train step needs.
+losses that the train step needs. `method="head_inputs"` returns what the output head takes
+instead of logits — (hidden [B, T, D], mtp_hidden [K, B, T, D] or None, head [D, V]) — for a
+loss that applies the head a chunk of positions at a time (`model/head.py`, train/losses.py).
 
 Optional inputs: `positions` [B, T] (default 0 … T−1), `segment_ids` [B, T] for packed
 sequences (tokens attend only within their segment), and `token_mask` [B, T] bool (true = a
@@ -39,6 +41,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import layers
 from deepseek_jax.model.blocks import (BlockStack, attention_mask, cache_length, cache_mask,
                                        take_positions)
+from deepseek_jax.model.head import head_logits
 from deepseek_jax.model.layers import RMSNorm, param
 from deepseek_jax.model.mtp import MTP
 
@@ -64,6 +67,24 @@ class Transformer(nn.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None):
+        hidden, mtp_hidden, _ = self.head_inputs(tokens, positions, segment_ids, token_mask)
+        logits = self._logits(hidden)                                            # [B, T, V]
+        if mtp_hidden is None:
+            return logits, None
+        return logits, jnp.stack([self._logits(h) for h in mtp_hidden])         # [K, B, T, V]
+
+    def head_inputs(self, tokens: jax.Array, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None):
+        """What the output head takes, for a loss that applies it itself (chunk by chunk,
+        `model.head.map_head_chunks`) instead of holding whole logits. Same inputs as `__call__`.
+
+        Returns:
+          (hidden [B, T, D]: the final-normed states, `__call__`'s logits are
+           head_logits(hidden, head, config.dtype);
+           mtp_hidden [K, B, T, D]: depth k's normed states (k − 1 along K), None without MTP;
+           head [D, V]: the output head as stored, param dtype; embed.T when tied).
+        The MoE statistics are sown exactly as by `__call__`.
+        """
         c = self.config
         B, T = tokens.shape
         if positions is None:
@@ -75,14 +96,13 @@ class Transformer(nn.Module):
         for stack in self._stacks():
             x = stack(x, positions, mask, None, token_mask)                      # [B, T, D]
         normed = self.final_norm(x)                                              # [B, T, D]
-        logits = self._logits(normed)                                            # [B, T, V]
         if not c.mtp_depth:
-            return logits, None
+            return normed, None, self._head()
         # MTP reads the final-normed state, as the engines that serve the released MTP
         # weights do (mtp.py's docstring).
-        mtp_logits = self.mtp(normed, tokens, self.embed, self._head(), positions, mask,
-                              token_mask)                                        # [K, B, T, V]
-        return logits, mtp_logits
+        mtp_hidden = self.mtp.hidden_states(normed, tokens, self.embed, positions, mask,
+                                            token_mask)                          # [K, B, T, D]
+        return normed, mtp_hidden, self._head()
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: dict,
                logits_index: jax.Array | None = None):
@@ -139,11 +159,8 @@ class Transformer(nn.Module):
         return self.embed.T if self.config.tie_embeddings else self.lm_head      # [D, V]
 
     def _logits(self, normed: jax.Array) -> jax.Array:
-        """Head logits of final-normed states [B, T, D]."""
-        c = self.config
-        logits = jnp.einsum("BTD,DV->BTV", normed, self._head().astype(c.dtype),
-                            preferred_element_type=jnp.float32)                  # [B, T, V]
-        return layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.VOCAB))
+        """Head logits [B, T, V] fp32 of final-normed states [B, T, D]."""
+        return head_logits(normed, self._head(), self.config.dtype)
 
 
 def init_variables(rng: jax.Array, config: ModelConfig, batch: int = 1, length: int = 8) -> dict:

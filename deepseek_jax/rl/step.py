@@ -10,9 +10,11 @@ scores token i+1, so every array indexed by position is aligned to the *target* 
   token_mask [B, T] optional: 1 for prompt and completion tokens, 0 for the padding after them
                     (keeps padding out of the expert loads and balance loss; `rollout` writes it)
 
-The loss is `rl.loss.grpo_loss` over log-probs under softmax(logits / temperature). After the
-optimizer update the routing bias moves by γ = `bias_update_rate` from the expert loads of this
-batch, as in pretraining (the balancing keeps working during RL; 0 freezes it). The state is `train.step.TrainState`.
+The loss is `rl.loss.grpo_loss` over log-probs under softmax(logits / temperature), the logits
+computed `config.loss_chunk` positions at a time and recomputed in the backward pass, as in
+pretraining (`model.head.map_head_chunks`). After the optimizer update the routing bias moves by
+γ = `bias_update_rate` from the expert loads of this batch, as in pretraining (the balancing
+keeps working during RL; 0 freezes it). The state is `train.step.TrainState`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.head import map_head_chunks
 from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer
 from deepseek_jax.rl import loss as loss_lib
@@ -33,13 +36,20 @@ from deepseek_jax.train.step import TrainState, model_variables, routing_loads
 def target_logprobs(params, routing, tokens, config: ModelConfig, temperature: float,
                     token_mask=None):
     """(logp [B, T] of tokens[i+1] at position i (0 at the last), entropy [B, T], moe_stats);
-    `token_mask` [B, T] (None = all real) only shapes the MoE statistics."""
-    (logits, _), aux = Transformer(config).apply(model_variables(params, routing), tokens,
-                                                 token_mask=token_mask, mutable=["moe_stats"])
+    `token_mask` [B, T] (None = all real) only shapes the MoE statistics. The head is applied
+    `config.loss_chunk` positions at a time (model/head.py), so no [B, T, V] logits are held."""
+    (hidden, _, head), aux = Transformer(config).apply(
+        model_variables(params, routing), tokens, token_mask=token_mask,
+        mutable=["moe_stats"], method="head_inputs")
     targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)           # [B, T]
-    logp = token_logprobs(logits, targets, temperature)                         # [B, T]
-    logp_all = tempered_log_softmax(logits, temperature)                        # [B, T, V]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)                   # [B, T]
+
+    def per_position(logits, targets):                  # logits [B, t, V] → ([B, t], [B, t])
+        logp_all = tempered_log_softmax(logits, temperature)                    # [B, t, V]
+        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)               # [B, t]
+        return token_logprobs(logits, targets, temperature), entropy
+
+    logp, entropy = map_head_chunks(per_position, hidden, head, targets, dtype=config.dtype,
+                                    chunk=config.loss_chunk)                    # [B, T] each
     last = jnp.arange(tokens.shape[1]) == tokens.shape[1] - 1
     return jnp.where(last, 0.0, logp), entropy, aux.get("moe_stats", {})
 

@@ -6,6 +6,14 @@ LM and each MTP depth are token means over valid targets; MTP averages its K dep
 λ/K·Σ_k). The sequence-wise balance loss (routing.sequence_balance_loss) is summed over MoE layers,
 each layer carrying its own L_Bal as in V3 eq. 17. Every function returns fp32 scalars.
 
+Two forms of the same losses. On logits (`lm_loss`, `mtp_loss`, `total_loss`): the model's
+[B, T, V] and [K, B, T, V] fp32 outputs. On what the head takes (`head_cross_entropy`,
+`head_total_loss`, used by the train step): final-normed hidden states [B, T, D] (and
+[K, B, T, D] for MTP) and the head [D, V]; the logits are then computed `chunk` positions at a
+time and recomputed in the backward pass (`model.head.map_head_chunks`), so for chunk > 0 no
+[B, T, V] array exists, let alone lives across the step. Both give the same values up to fp32
+summation order; chunk = 0 is the logits form exactly.
+
 Targets: for int tokens [B, T] and a mask `valid` [B, T] (1 = a real token that continues the
 document of the token before it; all ones for unpacked, unpadded rows), position i of the main
 logits is scored against t_{i+1}, and position i of MTP depth k against t_{i+k+1}; a position
@@ -18,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from deepseek_jax.model.head import map_head_chunks
 from deepseek_jax.model.mtp import shift_left
 
 
@@ -35,9 +44,22 @@ def shifted_targets(tokens: jax.Array, valid: jax.Array, k: int):
     return shift_left(tokens, k), weights
 
 
+def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """−log softmax(logits)[target], fp32: logits [..., V], targets [...] → [...]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     """(weighted sum of −log p(target), sum of weights) over logits [..., V] and targets [...]."""
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(_nll(logits, targets) * weights), jnp.sum(weights)
+
+
+def head_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
+                       weights: jax.Array, *, dtype, chunk: int):
+    """`cross_entropy` of the logits head_logits(hidden [B, T, D], head [D, V], dtype) against
+    targets [B, T] with weights [B, T], computing the logits `chunk` positions at a time
+    (0 = all at once; see model/head.py)."""
+    nll = map_head_chunks(_nll, hidden, head, targets, dtype=dtype, chunk=chunk)  # [B, T]
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
@@ -77,6 +99,26 @@ def total_loss(logits, mtp_logits, moe_stats, tokens, valid, *, mtp_weight: floa
     lm = lm_loss(logits, tokens, valid)
     mtp = (mtp_loss(mtp_logits, tokens, valid) if mtp_logits is not None
            else jnp.zeros((), jnp.float32))
+    return _combine(lm, mtp, moe_stats, mtp_weight, balance_alpha)
+
+
+def head_total_loss(hidden, mtp_hidden, head, moe_stats, tokens, valid, *, mtp_weight: float,
+                    balance_alpha: float, dtype, chunk: int):
+    """`total_loss` from hidden [B, T, D], mtp_hidden [K, B, T, D] or None and the head [D, V]
+    (`Transformer.head_inputs`), the logits computed `chunk` positions at a time."""
+    def mean_ce(h, k):                      # depth's mean cross entropy against t_{i+k}
+        targets, weights = shifted_targets(tokens, valid, k)
+        total, count = head_cross_entropy(h, head, targets, weights, dtype=dtype, chunk=chunk)
+        return total / jnp.maximum(count, 1.0)
+
+    lm = mean_ce(hidden, 1)
+    mtp = (jnp.mean(jnp.stack([mean_ce(mtp_hidden[k], k + 2)
+                               for k in range(mtp_hidden.shape[0])]))
+           if mtp_hidden is not None else jnp.zeros((), jnp.float32))
+    return _combine(lm, mtp, moe_stats, mtp_weight, balance_alpha)
+
+
+def _combine(lm, mtp, moe_stats, mtp_weight, balance_alpha):
     bal = balance_loss(moe_stats)
     total = lm + mtp_weight * mtp + balance_alpha * bal
     return total, {"lm_loss": lm, "mtp_loss": mtp, "balance_loss": bal}

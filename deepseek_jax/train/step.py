@@ -1,8 +1,9 @@
 """The train step as one pure function: `train_step(state, batch) -> (state, metrics)`.
 
-  1. forward with `mutable=["moe_stats"]` → logits, MTP logits, per-layer expert loads and
-     sequence-balance losses
-  2. loss = LM + λ·MTP + α·balance (train/losses.py); gradients w.r.t. params only
+  1. forward with `mutable=["moe_stats"]` → final hidden states (main and MTP), the output
+     head, per-layer expert loads and sequence-balance losses
+  2. loss = LM + λ·MTP + α·balance (train/losses.py), the head applied `config.loss_chunk`
+     positions at a time (no [B, T, V] logits); gradients w.r.t. params only
   3. optimizer update (optax)
   4. routing bias update b += γ·sign(mean_load − load) from the expert loads of this step. The
      loads are sums over the whole batch array, so under a sharded jit they are global counts
@@ -101,14 +102,14 @@ def _forward(params, routing, batch: dict, config: ModelConfig, mtp_weight, bala
     valid = batch.get("valid")
     valid = jnp.ones(tokens.shape, jnp.float32) if valid is None else valid
     variables = model_variables(params, routing)
-    (logits, mtp_logits), aux = Transformer(config).apply(
+    (hidden, mtp_hidden, head), aux = Transformer(config).apply(
         variables, tokens, positions=batch.get("positions"),
         segment_ids=batch.get("segment_ids"), token_mask=token_mask(batch),
-        mutable=["moe_stats"])
+        mutable=["moe_stats"], method="head_inputs")
     stats = aux.get("moe_stats", {})
-    total, parts = losses.total_loss(
-        logits, mtp_logits, stats, tokens, valid,
-        mtp_weight=mtp_weight, balance_alpha=balance_alpha)
+    total, parts = losses.head_total_loss(
+        hidden, mtp_hidden, head, stats, tokens, valid, mtp_weight=mtp_weight,
+        balance_alpha=balance_alpha, dtype=config.dtype, chunk=config.loss_chunk)
     return total, (parts, stats)
 
 

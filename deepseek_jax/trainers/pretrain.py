@@ -170,7 +170,7 @@ def _from_run(path: str, model_config, tx, step_fn) -> TrainState:
     of the run at `path`, read into this run's shardings. The architectures must agree; the
     positions (RoPE/YaRN, max length) and numerics may differ."""
     previous = ckpt.load_model_config(path)
-    free = {"max_seq_len", "dtype", "remat_policy", "moe_impl", "moe_backend", "fp8",
+    free = {"max_seq_len", "dtype", "remat_policy", "moe_impl", "moe_backend", "fp8", "loss_chunk",
             "attention_impl", "moe_capacity_factor", "moe_ep_buffer_factor", "moe_ep_transport"}
     free |= {f.name for f in dataclasses.fields(model_config) if f.name.startswith("rope_")
              and f.name != "rope_interleaved"} | {"fp8_backend"}
