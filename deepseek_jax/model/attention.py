@@ -22,7 +22,8 @@ Backends (`config.ATTENTION_BACKENDS`, chosen by `ModelConfig.attention_backend`
                     GPU → cudnn for 16-bit operands (blockwise for fp32), CPU → einsum
 
 The platform is that of the active mesh's devices (`jax.set_mesh`, as the sharded train step
-and the planner's compile for a TPU topology set it), else `jax.default_backend()`. CPU keeps
+and the planner's compile for a TPU topology set it, or `jax.sharding.use_abstract_mesh` with
+an `AbstractDevice`, JAX's way to trace for another platform), else `jax.default_backend()`. CPU keeps
 the einsum so that default numbers do not change; `blockwise` is faster there on long
 sequences (BENCHMARKS.md, "Attention on CPU").
 
@@ -101,8 +102,12 @@ def resolve_backend(backend: str, length: int, dtype, on: str | None = None) -> 
         return "einsum"
     if on not in PLATFORMS[backend]:
         ok = [b for b, p in PLATFORMS.items() if on in p]
-        raise ValueError(f"attention_backend={backend!r} runs on {'/'.join(PLATFORMS[backend])}, "
-                         f"not on {on}; use one of {ok} (or 'auto')")
+        raise ValueError(
+            f"attention_backend={backend!r} runs on {'/'.join(PLATFORMS[backend])}, not on {on} "
+            f"(the platform of the active mesh's devices, else JAX's default backend); use one "
+            f"of {ok} (or 'auto'); to lower for another platform from this host, trace under a "
+            "mesh of its devices (jax.set_mesh, or jax.sharding.use_abstract_mesh with an "
+            "AbstractDevice)")
     if backend.startswith("splash"):
         attention_tpu.check_length(length)
     if backend == "cudnn":
