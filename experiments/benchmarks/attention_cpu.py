@@ -13,6 +13,10 @@ rounding). One JSON file with the rows when `--json` is given.
 
   python experiments/benchmarks/attention_cpu.py                       # 61 layers: ~1 h on 2 cores
   python experiments/benchmarks/attention_cpu.py --layers 8 --steps 2  # a few minutes
+  python experiments/benchmarks/attention_cpu.py --core                # the attention alone
+
+`--core` times only the attention core at the same shapes (q, k [2, 1024, 4, 192], v
+[2, 1024, 4, 128], bf16), forward + backward under `jax.jit`, best of 3 after a warm-up.
 
 Left out: other backends (splash and cuDNN need their devices), memory (on CPU XLA reports no
 peak of temporaries; the planner's TPU compile measures that).
@@ -60,6 +64,24 @@ def measure(backend: str, layers: int, steps: int, batch: int, seq: int) -> dict
             "tokens_per_s": batch * seq / seconds, "loss": float(metrics["loss"])}
 
 
+def measure_core(backend: str, batch: int, seq: int) -> dict:
+    from deepseek_jax.model.attention import attention
+    c = model(1, backend)
+    keys = jax.random.split(jax.random.key(0), 3)
+    shapes = [(batch, seq, c.n_heads, c.qk_head_dim)] * 2 + [(batch, seq, c.n_heads, c.v_head_dim)]
+    q, k, v = (jax.random.normal(key, s, c.dtype) for key, s in zip(keys, shapes))
+    loss = lambda q, k, v: attention(q, k, v, scale=c.softmax_scale,  # noqa: E731
+                                     backend=backend).astype(jnp.float32).sum()
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    jax.block_until_ready(grad(q, k, v))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(grad(q, k, v))
+        times.append(time.perf_counter() - t0)
+    return {"backend": backend, "core_s": min(times)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=61)
@@ -68,7 +90,14 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--backends", default="einsum,blockwise")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--core", action="store_true", help="time the attention core alone")
     args = ap.parse_args(argv)
+    if args.core:
+        rows = [measure_core(b, args.batch, args.seq) for b in args.backends.split(",")]
+        print("| backend | attention fwd+bwd s | vs einsum |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r['backend']} | {r['core_s']:.3f} | {rows[0]['core_s'] / r['core_s']:.2f}× |")
+        return
     results = Results(args.json, {"host": "cpu", "layers": args.layers, "seq": args.seq,
                                   "batch": args.batch})
     rows = []
