@@ -50,6 +50,8 @@ MOE_BACKENDS = ("auto", "ragged_dot", "tiled", "mosaic_gpu", "megablox", "refere
                 "mosaic_gpu_interpret", "megablox_interpret")
 MOE_EP_TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "ragged_all_to_all_emulated")
 ATTENTION_IMPLS = ("expanded", "absorbed")
+# The attention core of training and prefill (model/attention.py): "auto" resolves by platform.
+ATTENTION_BACKENDS = ("auto", "einsum", "blockwise", "splash", "cudnn", "splash_interpret")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                               "nothing_saveable", "everything_saveable")
 
@@ -112,6 +114,7 @@ class ModelConfig:
     moe_ep_buffer_factor: float = 2.0   # EP receive buffer per round, in balanced loads
     moe_ep_transport: str = "auto"      # EP exchange: auto = ragged_all_to_all on GPU/TPU
     attention_impl: str = "expanded"    # "expanded" (train, prefill) or "absorbed" (latent space)
+    attention_backend: str = "auto"     # expanded training/prefill core: auto = by platform
     scan_layers: bool = True            # nn.scan over identical blocks (compile time flat in depth)
     remat_policy: str = "none"          # a name from REMAT_POLICIES
     fp8: bool = False                   # fp8 projections (block-scaled e4m3 GEMMs)
@@ -225,6 +228,8 @@ def validate(c: ModelConfig) -> None:
          "balanced load per exchange round)")
     need(c.attention_impl in ATTENTION_IMPLS,
          f"attention_impl={c.attention_impl!r}: use one of {ATTENTION_IMPLS}")
+    need(c.attention_backend in ATTENTION_BACKENDS,
+         f"attention_backend={c.attention_backend!r}: use one of {ATTENTION_BACKENDS}")
     need(c.remat_policy in REMAT_POLICIES,
          f"remat_policy={c.remat_policy!r}: use one of {REMAT_POLICIES}")
     need(c.rope_factor >= 1.0, f"rope_factor={c.rope_factor} must be >= 1 (1 = plain RoPE)")

@@ -3,6 +3,10 @@
 `fp8` — DeepSeek-V3's fp8 recipe: 1×128 / 128×128 e4m3 quantizers and block-scaled GEMMs
 (forward, dgrad, wgrad) with backends "reference", "mosaic_gpu" (Hopper, `fp8_gpu.py`),
 "mosaic_tpu" (`fp8_tpu.py`) and interpret modes for CPU tests.
+
+Attention (import the modules; `deepseek_jax.model.attention` is the entry point): `attention`
+(einsum reference, blockwise online softmax in plain JAX), `attention_tpu` (Pallas splash),
+`attention_gpu` (cuDNN flash attention).
 """
 
 from deepseek_jax.kernels.fp8 import (

@@ -29,6 +29,11 @@ attends over it (latent: `MLA.attend` with `config.attention_impl`, which the sa
 [L, B, S, ...] once, after the scan (in place when the caller donates the cache). The transient
 copy is one layer's cache, not a second copy of the whole stack.
 
+Masks: without a cache the blocks carry an `attention.SelfMask` (segment ids, token mask; causal
+implied) down to MLA, which hands it to the attention backends (`model/attention.py`); with a
+cache they carry the dense cache mask [B, T, S]. `attention_mask` below is the dense form of the
+former, the einsum reference's mask.
+
 Parameter names (frozen): attn_norm (HF input_layernorm), attn (self_attn), ffn_norm
 (post_attention_layernorm), mlp (dense FFN) or moe (MoE FFN).
 
@@ -52,7 +57,8 @@ _MASKED = -1e30  # as in mla.py: finite, so a fully masked row stays NaN-free
 
 
 def attention_mask(batch: int, length: int, segment_ids: jax.Array | None = None) -> jax.Array:
-    """Causal mask [B, T, S=T], True where query t may attend key s; packed segments stay apart."""
+    """Causal mask [B, T, S=T], True where query t may attend key s; packed segments stay apart.
+    (`attention.SelfMask(segment_ids).dense(B, T)` is the same mask.)"""
     idx = jnp.arange(length)
     mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (batch, length, length))
     if segment_ids is not None:                                   # [B, T]
@@ -140,13 +146,14 @@ def _cached_attention(attn: MLA, h: jax.Array, positions: jax.Array, mask: jax.A
 
 class Block(nn.Module):
     """One pre-norm transformer block, scannable: returns (x, None), or (x, new cache entries)
-    when `cache` (this layer's cache, see the module docstring) is given. `token_mask` [B, T]
-    (true = a real token) keeps padding out of the MoE statistics (`MoE`)."""
+    when `cache` (this layer's cache, see the module docstring) is given. `mask` is an
+    `attention.SelfMask` without a cache, the dense cache mask [B, T, S] with one. `token_mask`
+    [B, T] (true = a real token) keeps padding out of the MoE statistics (`MoE`)."""
     config: ModelConfig
     moe: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask,
                  cache: dict | None = None, token_mask: jax.Array | None = None):
         c = self.config
         x = layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))        # [B, T, D]
@@ -186,7 +193,7 @@ class BlockStack(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask,
                  cache: dict | None = None, token_mask: jax.Array | None = None):
         c = self.config
         if cache is None:

@@ -41,8 +41,17 @@ through fp8 would be a small change in `expanded_attention`.) Scores, softmax, R
 stay in fp32 / `config.dtype` as without fp8. DeepSeek's E5M6 format for the input of w_o is not
 used: that input is quantized in e4m3 1×128 tiles like the others.
 
-Left out: attention dropout (DeepSeek uses none), sliding windows, fused attention kernels
-(a later piece; the einsum core here is the reference they are tested against).
+Masks: `MLA` takes either a dense mask [B, T, S] (a KV cache's, `blocks.cache_mask`: both
+paths as described above) or an `attention.SelfMask` (training and prefill without a cache:
+segment ids and token mask, causal implied). With a SelfMask the expanded path concatenates
+q = [q_nope, q_rope] and k = [k_nope, k_rope per head] into full heads of A = H + R and runs
+`attention.attention` with `config.attention_backend` (blockwise, splash on TPU, cuDNN on GPU),
+so no [B, N, T, S] score matrix need exist. The einsum backend (the CPU default) and the
+absorbed path turn the SelfMask into its dense mask and run the cores above as they are, so
+their numbers are those of a dense `blocks.attention_mask`.
+
+Left out: attention dropout (DeepSeek uses none), sliding windows, fused kernels for the
+absorbed path and for attention over a cache.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import layers
+from deepseek_jax.model import attention, layers
 from deepseek_jax.model.layers import RMSNorm, einsum, param
 from deepseek_jax.model.rope import apply_rope, rope_angles
 
@@ -100,7 +109,8 @@ def absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale, dt
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention over x [B, T, D] at int positions [B, T] with mask [B, T, S]."""
+    """Multi-head Latent Attention over x [B, T, D] at int positions [B, T] with a dense mask
+    [B, T, S] or an `attention.SelfMask`."""
     config: ModelConfig
 
     def setup(self):
@@ -141,16 +151,40 @@ class MLA(nn.Module):
         return c_kv, apply_rope(k_rope, cos, sin, c.rope_interleaved)
 
     def attend(self, q_nope, q_rope, c_kv, k_rope, mask, impl: str | None = None) -> jax.Array:
-        """Attention core plus output projection: returns [B, T, D]."""
+        """Attention core plus output projection: returns [B, T, D]. `mask` is a dense
+        [B, T, S] bool mask or an `attention.SelfMask` (see the module docstring)."""
         c = self.config
-        core = {"expanded": expanded_attention,
-                "absorbed": absorbed_attention}[impl or c.attention_impl]
-        o = core(q_nope, q_rope, c_kv, k_rope, self.w_uk, self.w_uv, mask,
-                 c.softmax_scale, c.dtype)                                   # [B, T, N, U]
+        impl = impl or c.attention_impl
+        B, T = q_nope.shape[:2]
+        if (isinstance(mask, attention.SelfMask) and impl == "expanded"
+                and attention.resolve_backend(c.attention_backend, T, c.dtype) != "einsum"):
+            o = self.fused_expanded(q_nope, q_rope, c_kv, k_rope, mask)      # [B, T, N, U]
+        else:
+            real = mask.token_mask if isinstance(mask, attention.SelfMask) else None
+            if isinstance(mask, attention.SelfMask):
+                mask = mask.dense(B, T)                                      # [B, T, S]
+            core = {"expanded": expanded_attention, "absorbed": absorbed_attention}[impl]
+            o = core(q_nope, q_rope, c_kv, k_rope, self.w_uk, self.w_uv, mask,
+                     c.softmax_scale, c.dtype)                               # [B, T, N, U]
+            if real is not None:                 # padding queries: zero, as attention.attention
+                o = jnp.where(real[:, :, None, None], o, jnp.zeros((), o.dtype))
         o = layers.constrain(o, (layers.BATCH, layers.LENGTH, layers.HEADS, None))
         return einsum("BTNU,NUD->BTD", o, self.w_o, c.dtype, c.fp8, c.fp8_backend)          # [B, T, D]
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def fused_expanded(self, q_nope, q_rope, c_kv, k_rope, mask) -> jax.Array:
+        """The expanded core through `attention.attention`: [B, T, N, U]."""
+        c = self.config
+        k_nope = einsum("BSC,CNH->BSNH", c_kv, self.w_uk, c.dtype)               # [B, S, N, H]
+        v = einsum("BSC,CNU->BSNU", c_kv, self.w_uv, c.dtype)                    # [B, S, N, U]
+        k_rope = jnp.broadcast_to(k_rope[:, :, None, :].astype(c.dtype),
+                                  (*k_rope.shape[:2], c.n_heads, k_rope.shape[-1]))  # [B, S, N, R]
+        q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)      # [B, T, N, A]
+        k = jnp.concatenate([k_nope, k_rope], axis=-1)                           # [B, S, N, A]
+        return attention.attention(q.astype(c.dtype), k, v, scale=c.softmax_scale,
+                                   segment_ids=mask.segment_ids, token_mask=mask.token_mask,
+                                   backend=c.attention_backend)                  # [B, T, N, U]
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask,
                  impl: str | None = None) -> jax.Array:
         cos, sin = rope_angles(positions, self.config)                       # [B, T, R/2]
         q_nope, q_rope = self.queries(x, cos, sin)

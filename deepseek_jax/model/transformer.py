@@ -39,8 +39,8 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import layers
-from deepseek_jax.model.blocks import (BlockStack, attention_mask, cache_length, cache_mask,
-                                       take_positions)
+from deepseek_jax.model.attention import SelfMask
+from deepseek_jax.model.blocks import BlockStack, cache_length, cache_mask, take_positions
 from deepseek_jax.model.head import head_logits
 from deepseek_jax.model.layers import RMSNorm, param
 from deepseek_jax.model.mtp import MTP
@@ -89,7 +89,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        mask = attention_mask(B, T, segment_ids)                                # [B, T, S]
+        mask = SelfMask(segment_ids)        # causal within segments; no [B, T, S] array here
         x = self._embed(tokens)                                                  # [B, T, D]
         if token_mask is not None:
             token_mask = token_mask.astype(jnp.bool_)                            # [B, T]

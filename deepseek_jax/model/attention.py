@@ -1,0 +1,177 @@
+"""The attention core of training and prefill: one entry point, a backend per platform.
+
+  out = attention(q, k, v, scale=..., segment_ids=None, token_mask=None, backend="auto")
+
+q [B, T, N, A], k [B, S=T, N, A], v [B, S, N, U] (A = H + R, one full q/k head; U may differ)
+→ [B, T, N, U]. Causal self-attention (`causal=False` attends both ways) where query t sees
+key s only inside its segment (`segment_ids` [B, T], packed sequences) and only if key s is a
+real token (`token_mask` [B, T], false = padding). A padding query's output is zero, on every
+backend. The token mask is folded into the segment ids (padding gets a segment no real token
+has), so each backend only sees (causal, segment ids).
+
+Backends (`config.ATTENTION_BACKENDS`, chosen by `ModelConfig.attention_backend`):
+
+  einsum            the reference: scores [B, N, T, S] in fp32 and a dense mask
+                    (`kernels.attention.attention_reference`)
+  blockwise         online softmax over key blocks in plain JAX, masked blocks skipped, backward
+                    recomputes (`kernels.attention.blockwise_attention`): memory linear in T
+  splash            Pallas splash attention on TPU (`kernels.attention_tpu`)
+  splash_interpret  the same kernels in Pallas' interpreter (CPU tests)
+  cudnn             cuDNN flash attention on GPU (`kernels.attention_gpu`)
+  auto              by platform: TPU → splash (blockwise when T is not a multiple of 128),
+                    GPU → cudnn for 16-bit operands (blockwise for fp32), CPU → einsum
+
+The platform is that of the active mesh's devices (`jax.set_mesh`, as the sharded train step
+and the planner's compile for a TPU topology set it, or `jax.sharding.use_abstract_mesh` with
+an `AbstractDevice`, JAX's way to trace for another platform), else `jax.default_backend()`. CPU keeps
+the einsum so that default numbers do not change; `blockwise` is faster there on long
+sequences (BENCHMARKS.md, "Attention on CPU").
+
+A backend the platform lacks, or a length or dtype its kernel cannot take, is a ValueError raised
+while tracing, before compiling, naming what to change. Under a mesh with logical rules
+(`parallel.sharding_context`), the Pallas and cuDNN kernels run inside a `shard_map` over the
+batch ("act_batch") and head ("act_heads") axes: a Mosaic kernel cannot be partitioned by the
+compiler. The plain-JAX backends are left to the compiler.
+
+`SelfMask` is what the model carries through its block stacks for training and prefill instead
+of a dense [B, T, S] mask: segment ids and token mask (either may be None), causal implied.
+Decoding over a KV cache keeps a dense cache mask (`blocks.cache_mask`).
+
+Left out: cross-attention (S ≠ T), sequence sharding (ring / context parallel attention), the
+absorbed (latent-space) path, which stays an einsum (`mla.absorbed_attention`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax.config import ATTENTION_BACKENDS
+from deepseek_jax.kernels import attention_gpu, attention_tpu
+from deepseek_jax.kernels.attention import (attention_reference, blockwise_attention,
+                                            dense_mask)
+from deepseek_jax.parallel.rules import axis_names
+
+# backend → the platforms it lowers for
+PLATFORMS = {"einsum": ("cpu", "gpu", "tpu"), "blockwise": ("cpu", "gpu", "tpu"),
+             "splash": ("tpu",), "splash_interpret": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",)}
+
+
+@flax.struct.dataclass
+class SelfMask:
+    """Causal self-attention over packed segments: segment_ids [B, T] and token_mask [B, T]
+    (true = a real token), each optional."""
+    segment_ids: jax.Array | None = None
+    token_mask: jax.Array | None = None
+
+    def dense(self, batch: int, length: int) -> jax.Array:
+        """[B, T, S] bool, the same mask for the einsum paths (`blocks.attention_mask` semantics
+        and, with a token mask, no padding key)."""
+        mask = dense_mask(length, self.segment_ids, True, batch)                 # [B, T, S]
+        if self.token_mask is not None:
+            mask = mask & self.token_mask[:, None, :]
+        return mask
+
+
+def platform() -> str:
+    """"cpu", "gpu" or "tpu": the active mesh's devices, else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    name = device.platform if device is not None else jax.default_backend()
+    return "gpu" if name in ("cuda", "rocm") else name
+
+
+def resolve_backend(backend: str, length: int, dtype, on: str | None = None) -> str:
+    """The backend `backend` names for a length-`length` sequence of `dtype` operands on
+    platform `on` (default: `platform()`); "auto" picks one. Raises ValueError for a backend the
+    platform lacks or inputs its kernel cannot take."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={backend!r}: use one of {ATTENTION_BACKENDS}")
+    on = on or platform()
+    if backend == "auto":
+        if on == "tpu":
+            return "splash" if length % attention_tpu.LANES == 0 else "blockwise"
+        if on == "gpu":
+            is_16 = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            return "cudnn" if is_16 else "blockwise"
+        return "einsum"
+    if on not in PLATFORMS[backend]:
+        ok = [b for b, p in PLATFORMS.items() if on in p]
+        raise ValueError(
+            f"attention_backend={backend!r} runs on {'/'.join(PLATFORMS[backend])}, not on {on} "
+            f"(the platform of the active mesh's devices, else JAX's default backend); use one "
+            f"of {ok} (or 'auto'); to lower for another platform from this host, trace under a "
+            "mesh of its devices (jax.set_mesh, or jax.sharding.use_abstract_mesh with an "
+            "AbstractDevice)")
+    if backend.startswith("splash"):
+        attention_tpu.check_length(length)
+    if backend == "cudnn":
+        attention_gpu.check_dtype(dtype)
+    return backend
+
+
+def attention(q, k, v, *, scale: float, causal: bool = True,
+              segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None,
+              backend: str = "auto") -> jax.Array:
+    """q [B, T, N, A], k [B, T, N, A], v [B, T, N, U] → [B, T, N, U]; see the module docstring."""
+    B, T = q.shape[:2]
+    if k.shape[:3] != (B, T, q.shape[2]) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} must share B, T "
+                         "(self-attention) and N")
+    backend = resolve_backend(backend, T, q.dtype)
+    seg = _fold_padding(segment_ids, token_mask)                                  # [B, T] | None
+    out = _run(backend, q, k, v, seg, scale, causal)                              # [B, T, N, U]
+    if token_mask is not None:
+        out = jnp.where(token_mask[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return out
+
+
+def _fold_padding(segment_ids, token_mask):
+    """Segment ids [B, T] in which padding tokens have a segment of their own (or None)."""
+    if token_mask is None:
+        return segment_ids
+    seg = jnp.zeros(token_mask.shape, jnp.int32) if segment_ids is None else segment_ids
+    seg = seg.astype(jnp.int32)
+    return jnp.where(token_mask, seg, jnp.min(seg) - 1)                            # [B, T]
+
+
+def _run(backend, q, k, v, seg, scale, causal):
+    if backend == "einsum":
+        return attention_reference(q, k, v, scale=scale, causal=causal, segment_ids=seg)
+    if backend == "blockwise":
+        return blockwise_attention(q, k, v, scale=scale, causal=causal, segment_ids=seg)
+    if backend == "cudnn":
+        kernel = lambda q, k, v, s: attention_gpu.cudnn_attention(  # noqa: E731
+            q, k, v, scale=scale, causal=causal, segment_ids=s)
+    else:
+        kernel = lambda q, k, v, s: attention_tpu.splash_attention(  # noqa: E731
+            q, k, v, scale=scale, causal=causal, segment_ids=s,
+            interpret=backend == "splash_interpret")
+    return _per_shard(kernel, q, k, v, seg)
+
+
+def _mesh_axes(logical: str, size: int, mesh, rules) -> tuple[str, ...]:
+    """Mesh axes (of size > 1) that the rules give `logical`, if they divide `size`."""
+    axes = tuple(a for a in axis_names(nn.logical_to_mesh_axes((logical,), rules)[0])
+                 if mesh.shape.get(a, 1) > 1)
+    return axes if size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def _per_shard(kernel, q, k, v, seg):
+    """kernel(q, k, v, seg) directly, or inside a shard_map over batch and heads under a mesh."""
+    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return kernel(q, k, v, seg)
+    batch = _mesh_axes("act_batch", q.shape[0], mesh, rules) or None
+    heads = _mesh_axes("act_heads", q.shape[2], mesh, rules) or None
+    qkv = P(batch, None, heads, None)
+    if seg is None:
+        return jax.shard_map(lambda q, k, v: kernel(q, k, v, None), in_specs=(qkv,) * 3,
+                             out_specs=qkv, check_vma=False)(q, k, v)
+    return jax.shard_map(kernel, in_specs=(qkv,) * 3 + (P(batch, None),), out_specs=qkv,
+                         check_vma=False)(q, k, v, seg)
