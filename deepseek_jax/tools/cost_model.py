@@ -15,10 +15,14 @@ Memory per chip
   activations            with remat ("full"): one [B, T, D] layer input per layer saved for the
                          backward pass plus one layer's working set recomputed; without remat,
                          every layer's working set. A layer's working set is the attention
-                         scores (fp32 scores, probabilities and their gradient, [B, N, T, T]),
-                         the MoE's routed copies of the tokens (X per token, in and out, with the
-                         expert hidden widths) and the projections' outputs; the loss adds the
-                         fp32 logits and their gradient, per output head (main + MTP).
+                         scores (with the einsum backend fp32 scores, probabilities and their
+                         gradient, [B, N, T, T]; with a fused backend — what "auto" picks on
+                         TPU and GPU — one [B, N, T, 256] block of them and the fp32 softmax
+                         statistics), the MoE's routed copies of the tokens (X per token, in
+                         and out, with the expert hidden widths) and the projections' outputs;
+                         the loss adds the fp32 logits and their gradient of one chunk of
+                         `loss_chunk` positions (the heads run one after another), or of every
+                         position and head when loss_chunk = 0.
   Rough by nature (±30% against the compiler on the configs checked in tests); the compiled
   numbers are authoritative wherever a compile is possible.
 
@@ -58,6 +62,8 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.attention import BLOCK as ATTENTION_BLOCK
+from deepseek_jax.model.attention import resolve_backend as resolve_attention
 from deepseek_jax.parallel.mesh import MESH_AXES
 from deepseek_jax.parallel.rules import (Rules, axis_names, batch_axes, logical_axis_rules,
                                          mesh_axes_of)
@@ -212,15 +218,21 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
 
 
 def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, batch: int,
-                     seq: int) -> float:
-    """Per-chip activation memory of one step (see the module docstring for what is counted)."""
+                     seq: int, platform: str = "tpu") -> float:
+    """Per-chip activation memory of one step on `platform` (see the module docstring for what
+    is counted)."""
     b_split = math.prod(sizes.get(a, 1) for a in batch_axes(rules))
     tp = sizes.get("tensor", 1) if ("heads", "tensor") in rules else 1
     Bl, T, D = batch / b_split, seq, config.d_model
     ab = _bytes(config.dtype)
     N = config.n_heads / tp
     H, R, U = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
-    scores = Bl * N * T * T * (4 + 4 + 4)                       # scores, probs, grad (fp32)
+    try:
+        fused = resolve_attention(config.attention_backend, T, config.dtype, platform) != "einsum"
+    except ValueError:          # a backend the platform lacks: the compile reports it
+        fused = False
+    keys = min(T, ATTENTION_BLOCK) if fused else T
+    scores = Bl * N * T * keys * (4 + 4 + 4)                    # scores, probs, grad (fp32)
     proj = Bl * T * (N * (2 * (H + R) + 2 * U) + 2 * D + config.kv_lora_rank
                      + config.q_lora_rank) * ab * 2
     if config.n_routed_experts:
@@ -231,7 +243,10 @@ def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, b
     layer = scores + proj + moe
     layers = config.n_layers + config.mtp_depth
     vocab = config.vocab_size / tp
-    logits = Bl * T * vocab * 4 * 3 * (1 + (config.mtp_depth > 0))
+    if config.loss_chunk:
+        logits = Bl * min(T, config.loss_chunk) * vocab * 4 * 3
+    else:
+        logits = Bl * T * vocab * 4 * 3 * (1 + config.mtp_depth)
     if config.remat_policy == "none":
         return layers * layer + logits
     return layers * Bl * T * D * ab + layer + logits
@@ -244,7 +259,7 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
     rules = rules_for(preset, sizes)
     n = math.prod(sizes.values())
     state = state_bytes(config, sizes, rules)
-    acts = activation_bytes(config, sizes, rules, batch, seq)
+    acts = activation_bytes(config, sizes, rules, batch, seq, target.chip.kind)
 
     model_flops = _flops_per_token(config, seq) * batch * seq / n
     recompute = 4 / 3 if config.remat_policy == "full" else 1.0
