@@ -109,11 +109,7 @@ def _model(arg: str, model: str, remat: str) -> ml_collections.ConfigDict:
         overrides["rope_factor"] = 1.0      # pretraining: plain RoPE (YaRN is for extension)
     elif model == "tiny":
         overrides.update(rope_factor=2.0, rope_original_max_len=32)   # tiny pretrains at 32
-    if model in ("tiny", "small"):
-        # On a CPU the dense dispatch (every expert on every token) beats the grouped GEMM at
-        # these sizes (BENCHMARKS.md); the math is the same.
-        overrides["moe_impl"] = "dense"
-    else:
+    if model not in ("tiny", "small"):
         overrides["dtype"] = jnp.bfloat16
     return model_fields(get_model_config(model, remat_policy=remat, **overrides))
 

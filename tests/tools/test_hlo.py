@@ -107,21 +107,8 @@ def test_unknown_trip_count_is_reported():
 
 def test_compiled_program_on_eight_devices():
     """A scanned, FSDP-sharded matmul: the compiler's own HLO, counted per step."""
-    devices = jax.devices()[:8]
-    mesh = Mesh(np.array(devices), ("x",))
     L, D = 3, 64
-
-    def f(w, x):
-        def body(h, wl):
-            return jnp.tanh(h @ wl), None
-        return jax.lax.scan(body, x, w)[0].sum()
-
-    step = jax.jit(jax.grad(f), in_shardings=(NamedSharding(mesh, P(None, "x", None)),
-                                              NamedSharding(mesh, P("x", None))),
-                   out_shardings=NamedSharding(mesh, P(None, "x", None)))
-    compiled = step.lower(jax.ShapeDtypeStruct((L, D, D), jnp.float32),
-                          jax.ShapeDtypeStruct((16, D), jnp.float32)).compile()
-    stats = hlo.collective_stats(compiled.as_text())
+    stats = hlo.collective_stats(_fsdp_scan_grad(jax.devices()[:8], L, D, 16, jnp.float32))
     by = stats.by_kind()
     assert stats.unknown_loops == []
     # Every layer's weight is gathered whole (D·D fp32) in the forward loop and again in the
@@ -228,9 +215,22 @@ def test_windowed_einsum_permutes_count_as_the_gathers_they_replace():
     collective-permutes in `windowed_dot_general_body_ag/_rs` loops, one shard per step. By
     role they are the L forward and L backward weight gathers and the L gradient
     reduce-scatters; a bidirectional window moves 9 shards of the 8 (one extra)."""
-    devices = _tpu_devices("v5p:2x2x2")
-    mesh = Mesh(np.array(devices), ("x",))
     L, D, B = 3, 8192, 8192
+    stats = hlo.collective_stats(_fsdp_scan_grad(_tpu_devices("v5p:2x2x2"), L, D, B,
+                                                 jnp.bfloat16))
+    assert stats.unknown_loops == []
+    assert set(stats.bytes_by_kind()) == {"collective-permute"}
+    weight = D * D * 2
+    roles = stats.bytes_by_role()
+    assert roles == {"all-gather": 2 * L * weight * 9 // 8,
+                     "reduce-scatter": L * weight * 9 // 8}
+    assert all(c.group_size == 8 for c in stats.collectives)
+
+
+def _fsdp_scan_grad(devices, L, D, B, dtype) -> str:
+    """Compiled HLO text of the gradient of a scan over L layers h ← tanh(h·w_l), the weights
+    [L, D, D] split over one mesh axis along their input dim (FSDP) and the batch [B, D] too."""
+    mesh = Mesh(np.array(devices), ("x",))
 
     def f(w, x):
         def body(h, wl):
@@ -240,13 +240,5 @@ def test_windowed_einsum_permutes_count_as_the_gathers_they_replace():
     step = jax.jit(jax.grad(f), in_shardings=(NamedSharding(mesh, P(None, "x", None)),
                                               NamedSharding(mesh, P("x", None))),
                    out_shardings=NamedSharding(mesh, P(None, "x", None)))
-    compiled = step.lower(jax.ShapeDtypeStruct((L, D, D), jnp.bfloat16),
-                          jax.ShapeDtypeStruct((B, D), jnp.bfloat16)).compile()
-    stats = hlo.collective_stats(compiled.as_text())
-    assert stats.unknown_loops == []
-    assert set(stats.bytes_by_kind()) == {"collective-permute"}
-    weight = D * D * 2
-    roles = stats.bytes_by_role()
-    assert roles == {"all-gather": 2 * L * weight * 9 // 8,
-                     "reduce-scatter": L * weight * 9 // 8}
-    assert all(c.group_size == 8 for c in stats.collectives)
+    return step.lower(jax.ShapeDtypeStruct((L, D, D), dtype),
+                      jax.ShapeDtypeStruct((B, D), dtype)).compile().as_text()
