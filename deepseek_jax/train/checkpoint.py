@@ -64,6 +64,21 @@ def save(manager: ocp.CheckpointManager, step: int, state, rng: jax.Array, data_
     return manager.save(step, args=args, force=force)
 
 
+def gather_json(obj: Any) -> list:
+    """Every process's `obj` (JSON-serialisable), in process order. A collective: every process
+    calls it at the same point. Orbax writes JSON items from process 0 only, so per-process
+    state (the data iterators') goes through this before a save."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int32(data.size))          # [processes]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    rows = multihost_utils.process_allgather(padded)                         # [processes, max]
+    return [json.loads(bytes(row[:n])) for row, n in zip(np.asarray(rows), np.asarray(sizes))]
+
+
 def abstract_like(tree, shardings=None):
     """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs), with `shardings` if given."""
     if shardings is None:

@@ -153,7 +153,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 ckpt.save(run.manager, done * rl.num_iterations, state, rng,
                           {"step": done, "before": before}, force=True)
             if stopping:
-                return run.stop(done, {"before": before, "after": after, "last": last})
+                run.stop(done, {"before": before, "after": after, "last": last})
     if config.train.eval_every and not after:
         after = run_eval(state)
     if before and after:

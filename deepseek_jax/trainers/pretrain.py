@@ -8,7 +8,9 @@ data order (the iterator state is checkpointed) and the same numbers. Outputs un
 metrics.jsonl (one JSON object per logged step), tensorboard/, checkpoints/, data/ (the
 prepared array_record files when data.data_dir is empty).
 
-Stops cleanly: SIGTERM (preemption) saves a checkpoint at the next step boundary and exits 0;
+Stops cleanly: SIGTERM (preemption; on any one process of a multi-process run) saves a
+checkpoint at the next step boundary on every process and raises `train.run.Preempted`, which
+the entrypoint turns into exit code 42 (`train.run.EXIT_PREEMPTED`: launchers restart on it);
 a non-finite loss or gradient stops the run with an error before anything non-finite is saved.
 
 `config` is a run config from `deepseek_jax.configs.pretrain`; tests, notebooks and the command
@@ -144,9 +146,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             stopping = run.stopping(done)
             if run.checkpoint_due(done, stopping):
                 flush()              # never save a state that came from a non-finite step
-                ckpt.save(run.manager, done, state, rng, train_iter.get_state(), force=True)
+                data_state = train_iter.merge_states(ckpt.gather_json(train_iter.get_state()))
+                ckpt.save(run.manager, done, state, rng, data_state, force=True)
             if stopping:
-                return run.stop(done, last)
+                run.stop(done, last)
         flush()
         return last
 
