@@ -7,6 +7,7 @@
 #   launch/tpu_pod.sh run      --name=v3 --zone=us-east5-a --config=v3-671b --run=v3-001 \
 #                              [--env=LIBTPU_INIT_ARGS=...] [--compile-cache=gs://BUCKET/xla] \
 #                              [-- --config.train.steps=1000 ...]
+#   launch/tpu_pod.sh doctor   --name=v3 --zone=us-east5-a
 #   launch/tpu_pod.sh logs     --name=v3 --zone=us-east5-a --run=v3-001 [--worker=0]
 #   launch/tpu_pod.sh delete   --name=v3 --zone=us-east5-a
 #
@@ -31,6 +32,9 @@
 #     (mesh.dcn_data = -1 = one per slice). `--env=NAME=VALUE` (repeatable) sets variables for
 #     the trainer (LIBTPU_INIT_ARGS, XLA_FLAGS, ...); `--compile-cache=DIR` sets
 #     JAX_COMPILATION_CACHE_DIR (a gs:// path is shared by every worker and later runs).
+#   * doctor: the preflight (experiments/doctor.py) on every worker, in the foreground: versions,
+#     jax.distributed across all workers, device count, one collective, and a directory rename
+#     under /mnt/run. Run it after `setup`; every worker prints its table.
 #   * logs: follows worker 0's log (or --worker=K) of one slice.
 #   * delete: deletes the queued resource and its nodes.
 set -euo pipefail
@@ -147,6 +151,10 @@ mountpoint -q /mnt/run || gcsfuse --implicit-dirs --rename-dir-limit=$RENAME_DIR
     INNER="$(printf '%q ' "${TRAIN[@]}"); echo \$? > $LOGS/\$(hostname).exit"
     ssh_all "cd deepseek_jax && mkdir -p $LOGS && nohup bash -c $(printf '%q' "$INNER") > $LOGS/\$(hostname).log 2>&1 &"
     ;;
+  doctor)
+    need NAME ZONE
+    ssh_all "cd deepseek_jax && .venv/bin/python -m experiments.doctor --workdir=/mnt/run/.doctor --distributed=true"
+    ;;
   logs)
     need NAME ZONE RUN
     NODE="$(nodes | head -n1)"
@@ -159,6 +167,6 @@ mountpoint -q /mnt/run || gcsfuse --implicit-dirs --rename-dir-limit=$RENAME_DIR
       --force --quiet
     ;;
   *)
-    echo "usage: $0 create|setup|run|logs|delete --name=NAME --zone=ZONE [...] [--dry-run]" >&2
+    echo "usage: $0 create|setup|doctor|run|logs|delete --name=NAME --zone=ZONE [...] [--dry-run]" >&2
     exit 2 ;;
 esac

@@ -12,14 +12,12 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from multihost_helpers import finish, start
 
 from deepseek_jax.configs.pretrain import get_config
 from deepseek_jax.train.run import EXIT_PREEMPTED
@@ -31,44 +29,12 @@ STEPS = 8
 TIMEOUT = 420           # seconds for one multi-process run on two shared cores (~2 min seen)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _start(argv, logdir, n=2, devices=4):
-    """`n` processes of `python argv...`, each with `devices` CPU devices, joined by a
-    coordinator on a free port; output to logdir/process_i.log."""
-    os.makedirs(logdir, exist_ok=True)
-    port = _free_port()
-    procs = []
-    for i in range(n):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-               "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-               "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(i)}
-        log = open(os.path.join(logdir, f"process_{i}.log"), "w")
-        procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))
-        log.close()
-    return procs
+def _start(argv, logdir):
+    return start(argv, logdir, n=2, devices=4)
 
 
 def _finish(procs, logdir, timeout=TIMEOUT):
-    """Waits for every process (killing all at the timeout); returns (exit codes, logs)."""
-    deadline = time.time() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.time(), 1))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    logs = [open(os.path.join(logdir, f"process_{i}.log")).read() for i in range(len(procs))]
-    return [p.returncode for p in procs], logs
+    return finish(procs, logdir, timeout)
 
 
 def _pretrain(workdir, logdir, *overrides):

@@ -138,6 +138,18 @@ def test_tpu_pod_setup_uses_uv_python_and_mounts_with_rename_dir_limit():
     assert gcsfuse[-2:] == ["bkt", "/mnt/run"]
 
 
+def test_tpu_pod_doctor_runs_the_preflight_on_every_worker():
+    out = sh("launch/tpu_pod.sh", "doctor", "--name=v3", "--zone=z", "--slices=2",
+             "--dry-run").stdout.splitlines()
+    assert len(out) == 2
+    for line in out:
+        argv, remote = _remote(line)
+        assert flags(argv)["--worker"] == "all"
+        doctor = find(commands(remote), ".venv/bin/python")
+        assert doctor[1:3] == ["-m", "experiments.doctor"]
+        assert flags(doctor) == {"--workdir": "/mnt/run/.doctor", "--distributed": "true"}
+
+
 def test_tpu_pod_runtime_per_generation_and_errors():
     out = sh("launch/tpu_pod.sh", "create", "--name=a", "--zone=z", "--type=v6e-64",
              "--dry-run").stdout.splitlines()
