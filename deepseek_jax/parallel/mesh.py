@@ -224,9 +224,10 @@ def multi_process_launch(environ: Mapping[str, str] | None = None,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID then say how many and which); a multi-host TPU slice
     (TPU_WORKER_HOSTNAMES lists more than one host, as GKE sets it) or multi-slice
     (MEGASCALE_NUM_SLICES > 1); SLURM with more than one task (SLURM_NTASKS); Open MPI with more
-    than one rank (OMPI_COMM_WORLD_SIZE); a Cloud TPU VM (`on_cloud_tpu_vm`, or `tpu_vm`: its
-    workers are known only to the metadata server, so a one-host VM initializes too, as a
-    1-process run). Returns None for a single process (a laptop, one CPU, one GPU host).
+    than one rank (OMPI_COMM_WORLD_SIZE); a Cloud TPU VM ("tpu-vm": `on_cloud_tpu_vm`, or
+    `tpu_vm`; its workers are known only to the metadata server, so a one-host VM initializes
+    too, as a 1-process run). Returns None for a single process (a laptop, one CPU, one GPU
+    host).
     """
     env = os.environ if environ is None else environ
     if env.get("JAX_COORDINATOR_ADDRESS"):
@@ -240,7 +241,7 @@ def multi_process_launch(environ: Mapping[str, str] | None = None,
     if _int_env(env, "OMPI_COMM_WORLD_SIZE") > 1:
         return "mpi"
     if on_cloud_tpu_vm() if tpu_vm is None else tpu_vm:
-        return "tpu"
+        return "tpu-vm"
     return None
 
 
@@ -255,7 +256,9 @@ def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
 
     Returns:
       True if this call initialized the distributed runtime; False otherwise (one process, or
-      already initialized).
+      already initialized, or a TPU machine found only by its chips whose metadata names no
+      workers, as on Colab's TPU runtimes: JAX then finds no cluster, and the run is one
+      process).
     """
     if jax.distributed.is_initialized():
         return False
@@ -269,5 +272,10 @@ def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
             kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
         if os.environ.get("JAX_PROCESS_ID"):
             kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError:              # raised before anything starts: no cluster to join
+        if launcher != "tpu-vm":
+            raise
+        return False
     return True
