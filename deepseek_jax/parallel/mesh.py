@@ -274,7 +274,7 @@ def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
             kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
     try:
         jax.distributed.initialize(**kwargs)
-    except ValueError:              # raised before anything starts: no cluster to join
+    except (ValueError, OSError):   # before anything starts: no cluster, or no metadata server
         if launcher != "tpu-vm":
             raise
         return False
