@@ -29,11 +29,11 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     tfds.disable_progress_bar()
     config = flags.FLAGS.config
-    config.init.pretrain_dir = run_dir.resolve(config.init.pretrain_dir)
+    config.init.pretrain_dir = run_dir.resolve(config.init.pretrain_dir, remote=True)
     for field in ("data_dir", "tokenizer"):
         config.data[field] = run_dir.resolve(config.data[field])
     try:
-        train_and_evaluate(config, run_dir.resolve(flags.FLAGS.workdir))
+        train_and_evaluate(config, run_dir.resolve(flags.FLAGS.workdir, remote=True))
     except Preempted as e:           # saved; launchers restart on this code (train/run.py)
         print(e, flush=True)
         sys.exit(EXIT_PREEMPTED)

@@ -32,7 +32,7 @@ def main(argv):
     for field in ("data_dir", "tokenizer"):
         config.data[field] = run_dir.resolve(config.data[field])
     try:
-        train_and_evaluate(config, run_dir.resolve(flags.FLAGS.workdir))
+        train_and_evaluate(config, run_dir.resolve(flags.FLAGS.workdir, remote=True))
     except Preempted as e:           # saved; launchers restart on this code (train/run.py)
         print(e, flush=True)
         sys.exit(EXIT_PREEMPTED)

@@ -35,10 +35,10 @@ checkpoint stays valid, the step in flight is lost).
 
 from __future__ import annotations
 
-import os
 import signal
 
 import jax
+from etils import epath
 
 from deepseek_jax import parallel
 from deepseek_jax.train import checkpoint as ckpt
@@ -82,7 +82,7 @@ class Run:
         self.every = int(train.checkpoint_every)
         self.is_lead = jax.process_index() == 0
         self.multi_process = jax.process_count() > 1
-        self.manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
+        self.manager = ckpt.make_manager(epath.Path(workdir) / "checkpoints",
                                          save_every=self.every, keep=train.keep_checkpoints,
                                          async_save=async_save)
         self.writer = None
@@ -117,7 +117,7 @@ class Run:
         """After a restore at `step`: drops metrics.jsonl lines logged past it (a crashed run
         may have logged steps it never saved) and says so."""
         if self.is_lead:
-            truncate_after(os.path.join(self.workdir, "metrics.jsonl"), step)
+            truncate_after(epath.Path(self.workdir) / "metrics.jsonl", step)
         self.say(f"resumed from {self.unit} {step}")
 
     def stopping(self, done: int) -> bool:

@@ -34,7 +34,6 @@ checkpoints/ (rerunning resumes). `config` is a run config from `deepseek_jax.co
 
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
@@ -64,7 +63,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # --- problems: prompts start with BOS; the byte tokenizer by default, else tokenizer.json
     encoder = Encoder(config.data.tokenizer or None, add_bos=True)
-    data_dir = run_dir.resolve(config.data.data_dir) or os.path.join(workdir, "data")
+    data_dir = run_dir.resolve(config.data.data_dir) or run_dir.default_data_dir(workdir)
     problems = load_problems(config.data, data_dir, seed=config.seed,
                              num_eval=config.train.eval_problems,
                              max_new_tokens=rl.max_new_tokens, encoder=encoder)
@@ -165,7 +164,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _check(config, workdir: str) -> tuple[str, str]:
     """(absolute workdir, created and checked; absolute pretraining run directory or "")."""
     workdir = run_dir.prepare(workdir)
-    pretrained = run_dir.resolve(config.init.pretrain_dir)
+    pretrained = run_dir.resolve(config.init.pretrain_dir, remote=True)
     if pretrained == workdir:
         raise ValueError(f"init.pretrain_dir and the workdir are both {workdir}: GRPO writes "
                          "its own checkpoints, so give it another --workdir")

@@ -25,7 +25,6 @@ extension phase) from another run's parameters and routing bias.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
@@ -60,7 +59,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f"{jax.devices()[0].platform} devices", flush=True)
 
     # --- data ---------------------------------------------------------------------------------
-    data_dir = run_dir.resolve(config.data.data_dir) or os.path.join(workdir, "data")
+    data_dir = run_dir.resolve(config.data.data_dir) or run_dir.default_data_dir(workdir)
     plan = schedules.from_run_config(config)
     train_data = config.data
     if plan.ramp:                   # the iterator yields micro-batches; a step reads k of them
@@ -158,7 +157,7 @@ def _initial_state(config, model_config, tx, step_fn, rng, mesh, rules) -> Train
     """A new run's state: another run's parameters (`init.pretrain_dir`), or a random init."""
     init = config.get("init") or {}
     if init.get("pretrain_dir"):
-        state = _from_run(run_dir.resolve(init.pretrain_dir), model_config, tx, step_fn)
+        state = _from_run(run_dir.resolve(init.pretrain_dir, remote=True), model_config, tx, step_fn)
         if jax.process_index() == 0:
             print(f"starting from the parameters of {init.pretrain_dir}", flush=True)
         return state
