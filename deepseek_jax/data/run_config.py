@@ -139,9 +139,14 @@ def vocab_size(tokenizer: str = "") -> int:
 def train_iterator(cfg, data_dir, *, seed: int | None = None, **kwargs):
     """A `ShardedTrainIterator` of `pipeline.make_train_iterator`s, one per data shard this
     process reads (`cfg.shards`, module docstring), over split "train" of the dataset `cfg`
-    describes."""
+    describes. A caller passing `shard_options` picks the shard itself and gets that one
+    pipeline iterator."""
     seed = _get(cfg, "shuffle_seed", 0) if seed is None else seed
     source = _source(cfg, data_dir, "train")
+    if "shard_options" in kwargs:
+        return pipeline.make_train_iterator(
+            source, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch, seed=seed,
+            tokenizer_path=_get(cfg, "tokenizer", "") or None, **kwargs)
 
     def make(index: int, count: int):
         return pipeline.make_train_iterator(
