@@ -6,7 +6,8 @@ mesh, checkpoint manager, metrics writer and SIGTERM handling are `train.run`'s,
 Rerunning the same command resumes from the latest checkpoint in DIR/checkpoints, with the same
 data order (the iterator state is checkpointed) and the same numbers. Outputs under DIR:
 metrics.jsonl (one JSON object per logged step), tensorboard/, checkpoints/, data/ (the
-prepared array_record files when data.data_dir is empty).
+prepared array_record files when data.data_dir is empty; DIR may be gs://, and then the data
+goes to a local folder: `train.workdir.default_data_dir`).
 
 Stops cleanly: SIGTERM (preemption; on any one process of a multi-process run) saves a
 checkpoint at the next step boundary on every process and raises `train.run.Preempted`, which
