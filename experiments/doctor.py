@@ -25,12 +25,6 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_string("workdir", None, "Run directory to check (created if missing).")
-flags.DEFINE_integer("devices", 0, "Devices expected over all processes (0: do not check).")
-flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
-                  "Start jax.distributed: auto = as the trainers decide (mesh.distributed None).")
-
-
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -94,5 +88,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "Run directory to check (created if missing).")
+    flags.DEFINE_integer("devices", 0, "Devices expected over all processes (0: do not check).")
+    flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
+                      "Start jax.distributed: auto = as the trainers decide.")
     flags.mark_flags_as_required(["workdir"])
     app.run(main)
