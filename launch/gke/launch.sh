@@ -2,8 +2,8 @@
 # GKE launch of a pretraining run on TPU slices: with a JobSet (kubectl) or with xpk.
 #
 #   launch/gke/launch.sh jobset --run=v3-001 --type=v5p-1024 [--slices=2] --image=IMAGE \
-#       --bucket=BUCKET [--config=v3-671b] [--service-account=KSA] [--grace=300] [--dry-run] \
-#       [--env=NAME=VALUE ...] [--compile-cache=gs://BUCKET/xla] [-- EXTRA ARGS]
+#       --bucket=BUCKET [--config=v3-671b] [--service-account=KSA] [--grace=300] [--queue=Q] \
+#       [--env=NAME=VALUE ...] [--compile-cache=gs://BUCKET/xla] [--dry-run] [-- EXTRA ARGS]
 #   launch/gke/launch.sh xpk-storage --cluster=CLUSTER --zone=ZONE --bucket=BUCKET [--project=ID]
 #       (once per cluster: attaches the bucket at /mnt/run for every later workload)
 #   launch/gke/launch.sh xpk --run=v3-001 --type=v5p-1024 [--slices=2] --image=IMAGE \
@@ -26,7 +26,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ACTION="${1:-}"; shift || true
 RUN="" TYPE="v5p-1024" SLICES=1 IMAGE="" BUCKET="" CONFIG="v3-671b" SERVICE_ACCOUNT="default"
 CLUSTER="" ZONE="" PROJECT="" MAX_RESTARTS=3 DRY_RUN=0 EXTRA=() ENVS=() COMPILE_CACHE=""
-GRACE_SECONDS=300 STORAGE_SIZE_GB=1 RENAME_DIR_LIMIT=200000 EXIT_PREEMPTED=42
+GRACE_SECONDS=300 QUEUE="" STORAGE_SIZE_GB=1 RENAME_DIR_LIMIT=200000 EXIT_PREEMPTED=42
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --run=*) RUN="${1#*=}" ;;
@@ -41,6 +41,7 @@ while [[ $# -gt 0 ]]; do
     --project=*) PROJECT="${1#*=}" ;;
     --max-restarts=*) MAX_RESTARTS="${1#*=}" ;;
     --grace=*) GRACE_SECONDS="${1#*=}" ;;
+    --queue=*) QUEUE="${1#*=}" ;;
     --env=*) ENVS+=("${1#*=}") ;;
     --compile-cache=*) COMPILE_CACHE="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
@@ -95,6 +96,7 @@ case "$ACTION" in
       BUCKET="$BUCKET" SERVICE_ACCOUNT="$SERVICE_ACCOUNT" MAX_RESTARTS="$MAX_RESTARTS" \
       CHIPS_PER_HOST="$CHIPS_PER_HOST" GRACE_SECONDS="$GRACE_SECONDS" \
       RENAME_DIR_LIMIT="$RENAME_DIR_LIMIT" EXTRA_ENV="$(printf '%s\n' "${ENVS[@]}")" \
+      QUEUE_LABEL="${QUEUE:+labels: {kueue.x-k8s.io/queue-name: $QUEUE\}}" \
       python3 -c 'import json, os, re, sys
 text = open(sys.argv[1]).read()
 def env_block(m):
@@ -102,6 +104,8 @@ def env_block(m):
     return "".join(f"{m.group(1)}- name: {k}\n{m.group(1)}  value: {json.dumps(v)}\n"
                    for k, v in pairs)
 text = re.sub(r"^( *)\$\{EXTRA_ENV\}\n", env_block, text, flags=re.M)
+if not os.environ["QUEUE_LABEL"]:
+    text = re.sub(r"^ *\$\{QUEUE_LABEL\}\n", "", text, flags=re.M)
 print(re.sub(r"\$\{(\w+)\}", lambda m: os.environ[m.group(1)], text), end="")' "$HERE/jobset.yaml")"
     if [[ "$DRY_RUN" == 1 ]]; then
       echo "$YAML"; echo "---"; echo "kubectl apply -f - # the YAML above"

@@ -226,6 +226,20 @@ def test_gke_restarts_on_preempted_exit_code_only():
                                 "onJobFailureReasons": ["PodFailurePolicy"]}]
 
 
+def test_gke_kueue_label_and_fuse_sidecar_limits():
+    """--queue adds Kueue's queue label (xpk clusters admit workloads through Kueue); the FUSE
+    sidecar that stages checkpoint uploads gets no resource limits ("0")."""
+    js, _ = _jobset("--run=r", "--type=v6e-16", "--image=I", "--bucket=b", "--queue=lq")
+    assert js["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "lq"}
+    js, _ = _jobset("--run=r", "--type=v6e-16", "--image=I", "--bucket=b")
+    assert "labels" not in js["metadata"]
+    annotations = js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["metadata"][
+        "annotations"]
+    assert annotations["gke-gcsfuse/volumes"] == "true"
+    for limit in ("cpu-limit", "memory-limit", "ephemeral-storage-limit"):
+        assert annotations[f"gke-gcsfuse/{limit}"] == "0"
+
+
 @pytest.mark.parametrize("accel,topology,hosts,chips", [
     ("v5p-8", "2x2x1", 1, 4), ("v5litepod-256", "16x16", 64, 4), ("v6e-16", "4x4", 4, 4),
     ("v5litepod-8", "2x4", 1, 8), ("v6e-8", "2x4", 1, 8)])
