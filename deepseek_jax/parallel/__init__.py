@@ -27,12 +27,12 @@ from deepseek_jax.parallel.rules import (LOGICAL_AXIS_RULES, PRESETS, Preset, ax
                                          batch_axes, default_mesh_config, expert_axes,
                                          get_preset, logical_axis_rules, mesh_and_rules,
                                          run_mesh_config, sharding_context)
-from deepseek_jax.parallel.sharding import batch_sharding, check_global_batch
+from deepseek_jax.parallel.sharding import batch_sharding, check_global_batch, to_global, to_host
 
 __all__ = [
     "LOGICAL_AXIS_RULES", "MESH_AXES", "MeshError", "PRESETS", "Preset", "axis_names",
     "batch_axes", "batch_sharding", "check_global_batch", "default_mesh_config", "expert_axes",
     "get_preset", "logical_axis_rules", "make_mesh", "maybe_initialize_distributed",
     "mesh_and_rules", "multi_process_launch", "resolve_mesh_shape", "run_mesh_config",
-    "sharding_context", "split_dimensions", "torus_layout",
+    "sharding_context", "split_dimensions", "to_global", "to_host", "torus_layout",
 ]

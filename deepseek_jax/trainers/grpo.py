@@ -36,8 +36,8 @@ from __future__ import annotations
 
 
 import jax
-import numpy as np
 
+from deepseek_jax import parallel
 from deepseek_jax.configs.pretrain import to_model_config
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import advantages as adv_lib
@@ -113,8 +113,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             group = problems.for_step(step, rl.prompts_per_step, rl.group_size)
             prompts = rollout.encode_prompts(group, config.data.template, encoder)
             out = sample(state, prompts, jax.random.fold_in(rng, step))
-            lengths = np.asarray(out.lengths)
-            completions = rollout.completion_ids(np.asarray(out.tokens), lengths)
+            lengths = parallel.to_host(out.lengths)          # whole, on every process
+            completions = rollout.completion_ids(parallel.to_host(out.tokens), lengths)
             # 2. rewards and advantages
             scores = rollout.score_completions(completions, group, rl.format_weight, encoder,
                                                template=config.data.template)
@@ -122,7 +122,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                   rl.advantage_scale)
             # 3. old (and reference) log-probs once, then μ updates
             rows = rollout.training_rows(prompts, completions, problems.row_len,
-                                         np.asarray(out.logprobs), pad_id=encoder.pad_id)
+                                         parallel.to_host(out.logprobs), pad_id=encoder.pad_id)
             batch = policy.to_device(rows, advantages, mesh, rules)
             batch["old_logp"] = logprobs(state.params, state.routing, batch["tokens"])
             if rl.beta:
@@ -137,7 +137,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if done % config.train.log_every == 0 or done == config.train.steps:
                 last = {**{k: float(v) for k, v in m.items()},
                         **rollout.rollout_metrics(
-                            scores, completions, lengths, rows, np.asarray(batch["old_logp"]),
+                            scores, completions, lengths, rows, parallel.to_host(batch["old_logp"]),
                             group_size=rl.group_size, max_new_tokens=rl.max_new_tokens,
                             eos_id=encoder.eos_id)}
                 run.writer.write(done, last)
