@@ -10,7 +10,8 @@ checks before compiling and the sharded train step are in `train/sharded.py`
 (`validate`, `state_shardings`, `init_sharded_state`, `make_sharded_train_step`).
 
 Files: `mesh.py` (axes, sizes, layout on a TPU torus, multi-slice, jax.distributed), `rules.py` (the rule table,
-presets, `sharding_context`), `sharding.py` (the batch's sharding and its check).
+presets, `sharding_context`), `sharding.py` (the batch's sharding and its check; `to_global` /
+`to_host` for host values in multi-process runs).
 
 Expert parallelism lives with the model (`model/dispatch.py`): when the rules split E over a
 mesh axis larger than 1, the MoE layer exchanges tokens with all-to-all inside `shard_map`
