@@ -5,7 +5,8 @@ coordinator on a free localhost port (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCES
 What is checked: the dataset is prepared once while both processes start together; each process
 reads its own data shards; the 2-process losses are the 1-process ones; SIGTERM to one process
 makes both save the same step and exit 42; the rerun resumes exactly; the checkpoint written by
-both processes resumes in 1 process × 8 devices. What is not: real TPU/GPU hosts, DCN, NCCL.
+both processes resumes in 1 process × 8 devices; GRPO gives the 1-process metrics. What is not:
+real TPU/GPU hosts, DCN, NCCL.
 """
 
 import json
