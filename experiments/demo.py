@@ -33,6 +33,7 @@ skipped). WORKDIR is made absolute at start-up and checked before the first step
 from __future__ import annotations
 
 import os
+import sys
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
@@ -42,6 +43,7 @@ from deepseek_jax.configs import grpo as grpo_configs
 from deepseek_jax.configs import pretrain as pretrain_configs
 from deepseek_jax.data import r1
 from deepseek_jax.train import workdir as run_dir
+from deepseek_jax.train.run import EXIT_PREEMPTED, Preempted
 from deepseek_jax.trainers import grpo, pretrain
 
 flags.DEFINE_string("workdir", "runs/demo", "Directory for both stages.")
@@ -52,6 +54,15 @@ config_flags.DEFINE_config_dict("grpo", grpo_configs.get_config("small"),
 
 
 def main(argv):
+    """Both stages; exit code 42 when either is preempted after saving (rerun to resume)."""
+    try:
+        _stages(argv)
+    except Preempted as e:
+        print(e, flush=True)
+        sys.exit(EXIT_PREEMPTED)
+
+
+def _stages(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
     tfds.disable_progress_bar()

@@ -5,16 +5,20 @@
 
 The loop is `deepseek_jax.trainers.grpo.train_and_evaluate` (its docstring lists each step and
 every departure from the papers); this file reads the flags, makes every path absolute once, at
-start-up, and calls it.
+start-up, and calls it. Exit codes: 0 finished, 42 preempted after saving (rerun to resume),
+anything else failed (`deepseek_jax.train.run`).
 """
 
 from __future__ import annotations
+
+import sys
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepseek_jax.train import workdir as run_dir
+from deepseek_jax.train.run import EXIT_PREEMPTED, Preempted
 from deepseek_jax.trainers.grpo import train_and_evaluate
 
 __all__ = ["train_and_evaluate"]
@@ -25,10 +29,14 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     tfds.disable_progress_bar()
     config = flags.FLAGS.config
-    config.init.pretrain_dir = run_dir.resolve(config.init.pretrain_dir)
+    config.init.pretrain_dir = run_dir.resolve(config.init.pretrain_dir, remote=True)
     for field in ("data_dir", "tokenizer"):
         config.data[field] = run_dir.resolve(config.data[field])
-    train_and_evaluate(config, run_dir.resolve(flags.FLAGS.workdir))
+    try:
+        train_and_evaluate(config, run_dir.resolve(flags.FLAGS.workdir, remote=True))
+    except Preempted as e:           # saved; launchers restart on this code (train/run.py)
+        print(e, flush=True)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,20 @@
 
 The loop is `deepseek_jax.trainers.pretrain.train_and_evaluate` (its docstring says what a run
 writes and how it resumes); this file reads the flags, makes every path absolute once, at
-start-up, and calls it.
+start-up, and calls it. Exit codes: 0 finished, 42 preempted after saving (rerun to resume),
+anything else failed (`deepseek_jax.train.run`).
 """
 
 from __future__ import annotations
+
+import sys
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepseek_jax.train import workdir as run_dir
+from deepseek_jax.train.run import EXIT_PREEMPTED, Preempted
 from deepseek_jax.trainers.pretrain import train_and_evaluate
 
 __all__ = ["train_and_evaluate"]
@@ -27,7 +31,11 @@ def main(argv):
     config = flags.FLAGS.config
     for field in ("data_dir", "tokenizer"):
         config.data[field] = run_dir.resolve(config.data[field])
-    train_and_evaluate(config, run_dir.resolve(flags.FLAGS.workdir))
+    try:
+        train_and_evaluate(config, run_dir.resolve(flags.FLAGS.workdir, remote=True))
+    except Preempted as e:           # saved; launchers restart on this code (train/run.py)
+        print(e, flush=True)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
 #
 #   launch/tpu_pod.sh create   --name=v3 --zone=us-east5-a --type=v5p-1024 [--slices=2] [--spot]
 #   launch/tpu_pod.sh setup    --name=v3 --zone=us-east5-a --bucket=gs://BUCKET/runs [--repo=URL]
-#   launch/tpu_pod.sh run      --name=v3 --zone=us-east5-a --bucket=gs://BUCKET/runs \
-#                              --config=v3-671b --run=v3-001 [-- --config.train.steps=1000 ...]
+#   launch/tpu_pod.sh run      --name=v3 --zone=us-east5-a --config=v3-671b --run=v3-001 \
+#                              [--env=LIBTPU_INIT_ARGS=...] [--compile-cache=gs://BUCKET/xla] \
+#                              [-- --config.train.steps=1000 ...]
+#   launch/tpu_pod.sh doctor   --name=v3 --zone=us-east5-a
 #   launch/tpu_pod.sh logs     --name=v3 --zone=us-east5-a --run=v3-001 [--worker=0]
 #   launch/tpu_pod.sh delete   --name=v3 --zone=us-east5-a
 #
@@ -15,15 +17,24 @@
 # How the pieces fit:
 #   * create: `gcloud compute tpus queued-resources create`, with --node-count for multi-slice
 #     (nodes NAME-0 … NAME-{N-1}; the TPU runtime sets the MEGASCALE_* variables on them).
-#   * setup: on every worker of every slice, clones the repository, installs the README's
-#     environment (python3.12 venv, requirements-dev.txt, `pip install -e .[tpu]`), installs
-#     gcsfuse and mounts the bucket at /mnt/run (checkpoints are plain paths to the trainer,
-#     Orbax writes them to the bucket through the mount).
+#   * setup: on every worker of every slice, clones the repository, installs uv and with it a
+#     Python 3.12 venv (TPU VM images are Ubuntu 22.04 with Python 3.10, older than the
+#     project's 3.11+, and have no python3.12 package), requirements-dev.txt and `-e .[tpu]`;
+#     installs gcsfuse from Google's apt repository and mounts the bucket at /mnt/run with
+#     --rename-dir-limit (Orbax commits a checkpoint by renaming its directory; gcsfuse refuses
+#     directory renames without it).
 #   * run: the same command on all workers (`--worker=all`), in the background under nohup so
-#     that it survives the ssh session; output goes to /mnt/run/RUN/logs/<host>.log.
-#     `jax.distributed.initialize()` (called by the entrypoint through
-#     `parallel.maybe_initialize_distributed`) auto-detects the TPU pod and the slices; with
-#     several slices the mesh puts `dcn_data` across them (mesh.dcn_data = -1 = one per slice).
+#     that it survives the ssh session; output goes to /mnt/run/RUN/logs/<host>.log and the exit
+#     code to <host>.exit (0 finished, 42 preempted after saving: recreate the pod if needed and
+#     `run` again to resume; anything else failed). `--config.mesh.distributed=true` makes the
+#     entrypoint call `jax.distributed.initialize()`, which reads the workers from the TPU
+#     metadata server; with several slices the mesh puts `dcn_data` across them
+#     (mesh.dcn_data = -1 = one per slice). `--env=NAME=VALUE` (repeatable) sets variables for
+#     the trainer (LIBTPU_INIT_ARGS, XLA_FLAGS, ...); `--compile-cache=DIR` sets
+#     JAX_COMPILATION_CACHE_DIR (a gs:// path is shared by every worker and later runs).
+#   * doctor: the preflight (experiments/doctor.py) on every worker, in the foreground: versions,
+#     jax.distributed across all workers, device count, one collective, and a directory rename
+#     under /mnt/run. Run it after `setup`; every worker prints its table.
 #   * logs: follows worker 0's log (or --worker=K) of one slice.
 #   * delete: deletes the queued resource and its nodes.
 set -euo pipefail
@@ -31,7 +42,7 @@ set -euo pipefail
 ACTION="${1:-}"; shift || true
 NAME="" ZONE="" TYPE="v5p-1024" SLICES=1 PROJECT="" RUNTIME="" SPOT=0
 BUCKET="" REPO="https://github.com/OWNER/deepseek_jax.git" BRANCH="main" CONFIG="v3-671b"
-RUN="" WORKER=0 DRY_RUN=0 EXTRA=()
+RUN="" WORKER=0 DRY_RUN=0 EXTRA=() ENVS=() COMPILE_CACHE=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name=*) NAME="${1#*=}" ;;
@@ -47,6 +58,8 @@ while [[ $# -gt 0 ]]; do
     --config=*) CONFIG="${1#*=}" ;;
     --run=*) RUN="${1#*=}" ;;
     --worker=*) WORKER="${1#*=}" ;;
+    --env=*) ENVS+=("${1#*=}") ;;
+    --compile-cache=*) COMPILE_CACHE="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
@@ -55,10 +68,21 @@ while [[ $# -gt 0 ]]; do
 done
 
 die() { echo "error: $*" >&2; exit 2; }
+RENAME_DIR_LIMIT=200000   # gcsfuse: directories with up to this many objects can be renamed
 need() { for v in "$@"; do [[ -n "${!v}" ]] || die "--$(echo "$v" | tr 'A-Z' 'a-z')=... is required for '$ACTION'"; done; }
-# Prints a command (shell-quoted) under --dry-run, runs it otherwise.
+# Prints a command under --dry-run, runs it otherwise. Arguments with shell characters are
+# single-quoted (newlines kept inside the quotes), so the line reads back with any POSIX shell
+# parser (`shlex.split`), unlike bash's $'...' quoting.
 run() {
-  if [[ "$DRY_RUN" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
+  if [[ "$DRY_RUN" == 1 ]]; then
+    local a out=() sq="'\\''"
+    for a in "$@"; do
+      if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/$sq}'"); fi
+    done
+    echo "${out[*]}"
+  else
+    "$@"
+  fi
 }
 PROJECT_FLAG=(); [[ -n "$PROJECT" ]] && PROJECT_FLAG=(--project="$PROJECT")
 
@@ -96,21 +120,40 @@ case "$ACTION" in
     BUCKET_NAME="${BUCKET#gs://}"; BUCKET_NAME="${BUCKET_NAME%%/*}"
     BUCKET_DIR="${BUCKET#gs://$BUCKET_NAME}"; BUCKET_DIR="${BUCKET_DIR#/}"
     ONLY_DIR=""; [[ -n "$BUCKET_DIR" ]] && ONLY_DIR="--only-dir=$BUCKET_DIR"
+    # gcsfuse from Google's apt repository (its current release); uv brings Python 3.12.
     ssh_all "set -e
-sudo apt-get update -qq && sudo apt-get install -y -qq python3.12-venv fuse
-command -v gcsfuse >/dev/null || { curl -fsSL https://github.com/GoogleCloudPlatform/gcsfuse/releases/download/v2.4.0/gcsfuse_2.4.0_amd64.deb -o /tmp/gcsfuse.deb && sudo dpkg -i /tmp/gcsfuse.deb; }
+if ! command -v gcsfuse >/dev/null; then
+  curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
+  echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
+  sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse
+fi
+command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh
+export PATH=\$HOME/.local/bin:\$PATH
 [ -d deepseek_jax ] || git clone --branch $BRANCH $REPO deepseek_jax
 cd deepseek_jax && git fetch -q && git checkout -q $BRANCH && git pull -q
-python3.12 -m venv .venv && .venv/bin/pip install -q -r requirements-dev.txt && .venv/bin/pip install -q -e .[tpu]
+uv venv --python=3.12 --allow-existing .venv
+uv pip install --python=.venv/bin/python -q -r requirements-dev.txt -e .[tpu]
 sudo mkdir -p /mnt/run && sudo chown \$USER /mnt/run
-mountpoint -q /mnt/run || gcsfuse --implicit-dirs $ONLY_DIR $BUCKET_NAME /mnt/run"
+mountpoint -q /mnt/run || gcsfuse --implicit-dirs --rename-dir-limit=$RENAME_DIR_LIMIT $ONLY_DIR $BUCKET_NAME /mnt/run"
     ;;
   run)
     need NAME ZONE RUN
     [[ -n "$BUCKET" ]] || echo "# note: without --bucket the run directory /mnt/run must already be mounted (setup)" >&2
-    QUOTED_EXTRA=""; for a in "${EXTRA[@]}"; do QUOTED_EXTRA+=" $(printf '%q' "$a")"; done
-    DCN=""; [[ "$SLICES" != 1 ]] && DCN=" --config.mesh.dcn_data=-1"
-    ssh_all "cd deepseek_jax && mkdir -p /mnt/run/$RUN/logs && nohup .venv/bin/python -m experiments.pretrain --config=experiments/configs/pretrain.py:$CONFIG --workdir=/mnt/run/$RUN$DCN$QUOTED_EXTRA > /mnt/run/$RUN/logs/\$(hostname).log 2>&1 &"
+    [[ -n "$COMPILE_CACHE" ]] && ENVS+=("JAX_COMPILATION_CACHE_DIR=$COMPILE_CACHE")
+    for e in "${ENVS[@]}"; do [[ "$e" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env=$e: use --env=NAME=VALUE"; done
+    TRAIN=(env "${ENVS[@]}" .venv/bin/python -m experiments.pretrain
+           --config=experiments/configs/pretrain.py:"$CONFIG" --workdir=/mnt/run/"$RUN"
+           --config.mesh.distributed=true)
+    [[ "$SLICES" != 1 ]] && TRAIN+=(--config.mesh.dcn_data=-1)
+    TRAIN+=("${EXTRA[@]}")
+    LOGS="/mnt/run/$RUN/logs"
+    # The trainer, then its exit code into HOST.exit, in one shell that outlives the ssh session.
+    INNER="$(printf '%q ' "${TRAIN[@]}"); echo \$? > $LOGS/\$(hostname).exit"
+    ssh_all "cd deepseek_jax && mkdir -p $LOGS && nohup bash -c $(printf '%q' "$INNER") > $LOGS/\$(hostname).log 2>&1 &"
+    ;;
+  doctor)
+    need NAME ZONE
+    ssh_all "cd deepseek_jax && .venv/bin/python -m experiments.doctor --workdir=/mnt/run/.doctor --distributed=true"
     ;;
   logs)
     need NAME ZONE RUN
@@ -124,6 +167,6 @@ mountpoint -q /mnt/run || gcsfuse --implicit-dirs $ONLY_DIR $BUCKET_NAME /mnt/ru
       --force --quiet
     ;;
   *)
-    echo "usage: $0 create|setup|run|logs|delete --name=NAME --zone=ZONE [...] [--dry-run]" >&2
+    echo "usage: $0 create|setup|doctor|run|logs|delete --name=NAME --zone=ZONE [...] [--dry-run]" >&2
     exit 2 ;;
 esac

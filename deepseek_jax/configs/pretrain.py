@@ -143,6 +143,10 @@ def _data(arg: str, model: str, batch: int, seq: int) -> ml_collections.ConfigDi
     d.seq_len = seq
     d.global_batch = batch
     d.shuffle_seed = 0
+    # Training data shards, each process reading an equal share; 0 = one per process (or, on
+    # resume, the checkpoint's count). A fixed count keeps every step's batch the same on any
+    # process count that divides it (deepseek_jax/data/run_config.py).
+    d.shards = 0
     return d
 
 

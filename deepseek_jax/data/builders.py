@@ -19,18 +19,26 @@ same options finds the records and reuses them; changed options or files give a 
 directory. After `import deepseek_jax.data.builders` the datasets are also registered with TFDS,
 so `tfds.data_source("arithmetic/CONFIG", data_dir=...)` works too.
 
-Multi-host: the records are deterministic, so every host may build into local disk; with shared
-storage, build once (e.g. on process 0) before the others read.
+Multi-process runs (`jax.distributed` initialized): `build_dataset` prepares once. Process 0
+builds while the others wait at a barrier of the coordination service; then each of the others
+opens the records, and builds them itself only if it cannot see them (a data_dir on local disk,
+not shared), holding a file lock in data_dir so that processes sharing one machine's disk build
+one at a time. Without this, TFDS's rename of its `incomplete.*` folder fails for all but one.
 
 Left out: Beam (the corpora here are small enough for one process) and TFRecord output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
+import itertools
 import os
 from typing import Any
+
+import jax
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -265,9 +273,55 @@ def build_dataset(name: str, data_dir: str | os.PathLike, **options) -> tfds.cor
     Returns:
         The prepared builder: `builder.as_data_source(split)` gives a random-access source.
     """
-    builder = make_builder(name, data_dir, **options)
-    builder.download_and_prepare()
+    if not _multi_process():
+        builder = make_builder(name, data_dir, **options)
+        builder.download_and_prepare()
+        return builder
+    if jax.process_index() == 0:
+        with _build_lock(data_dir):
+            make_builder(name, data_dir, **options).download_and_prepare()
+    _barrier(f"deepseek_jax/data/{name}/{make_config(name, **options).name}/{next(_BARRIERS)}")
+    builder = make_builder(name, data_dir, **options)     # reads what process 0 wrote
+    if not builder.is_prepared():                        # not shared with process 0
+        with _build_lock(data_dir):
+            builder = make_builder(name, data_dir, **options)
+            builder.download_and_prepare()
     return builder
+
+
+# Seconds the other processes wait for process 0 to prepare a dataset (a large text corpus
+# takes a while); the coordination service's barrier fails after it, naming the key.
+PREPARE_TIMEOUT_S = 3600
+# A barrier key is used once; every process calls build_dataset in the same order, so the same
+# count on each makes the keys agree.
+_BARRIERS = itertools.count()
+
+
+def _multi_process() -> bool:
+    """Whether `jax.distributed` joins several processes (asked without starting a backend)."""
+    from jax._src import distributed      # the coordination service's client (as Orbax uses it)
+    state = distributed.global_state
+    return state.client is not None and (state.num_processes or 1) > 1
+
+
+def _barrier(key: str) -> None:
+    """Every process waits here until all have arrived (the coordination service's barrier:
+    no device collective, so it waits PREPARE_TIMEOUT_S however long preparation takes)."""
+    from jax._src import distributed
+    distributed.global_state.client.wait_at_barrier(key, PREPARE_TIMEOUT_S * 1000)
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir):
+    """An exclusive `flock` on data_dir/.prepare.lock (processes of one machine take turns)."""
+    directory = _check_data_dir(data_dir)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ".prepare.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def data_source(name: str, data_dir: str | os.PathLike, split: str = "train", *,

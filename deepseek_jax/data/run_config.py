@@ -27,18 +27,31 @@ The run configs (`deepseek_jax.configs`) describe data with these fields (ml_col
     seq_len        tokens per row, T
     global_batch   rows per step over all processes
     shuffle_seed   the shuffle seed, unless the caller passes seed=
+    shards         optional (default 0): training data shards; 0 = one per process, or the
+                   count a resumed checkpoint was read with (`ShardedTrainIterator`)
 
 `train_iterator(config.data, data_dir, seed=...)` and
 `eval_iterator(config.data, data_dir, num_batches=...)` build the dataset under `data_dir`
 (idempotent, so every call after the first only opens the records) and call the pipeline's
 iterators with the config's values: training reads split "train", evaluation "validation".
 
+Training data is read as `shards` shards (contiguous blocks of each epoch's global shuffle),
+each process reading an equal, contiguous share of them and stacking their rows. A step's
+global batch depends on the shard count only, not on the process count, so a checkpoint's
+iterator state ({shard: state}, gathered from every process) resumes exactly on any process
+count that divides the shard count, and a 1-process run with `shards=2` reads the batches a
+2-process run reads.
+
 Left out: remote paths (gs://…) for text_files; copy the corpus to local disk first.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import grain
+import jax
+import numpy as np
 
 from deepseek_jax.data import builders, pipeline, r1
 from deepseek_jax.data.encoding import Encoder
@@ -124,12 +137,84 @@ def vocab_size(tokenizer: str = "") -> int:
 
 
 def train_iterator(cfg, data_dir, *, seed: int | None = None, **kwargs):
-    """`pipeline.make_train_iterator` over split "train" of the dataset `cfg` describes."""
+    """A `ShardedTrainIterator` of `pipeline.make_train_iterator`s, one per data shard this
+    process reads (`cfg.shards`, module docstring), over split "train" of the dataset `cfg`
+    describes. A caller passing `shard_options` picks the shard itself and gets that one
+    pipeline iterator."""
     seed = _get(cfg, "shuffle_seed", 0) if seed is None else seed
-    return pipeline.make_train_iterator(
-        _source(cfg, data_dir, "train"), seq_len=cfg.seq_len,
-        global_batch_size=cfg.global_batch, seed=seed,
-        tokenizer_path=_get(cfg, "tokenizer", "") or None, **kwargs)
+    source = _source(cfg, data_dir, "train")
+    if "shard_options" in kwargs:
+        return pipeline.make_train_iterator(
+            source, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch, seed=seed,
+            tokenizer_path=_get(cfg, "tokenizer", "") or None, **kwargs)
+
+    def make(index: int, count: int):
+        return pipeline.make_train_iterator(
+            source, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch, seed=seed,
+            tokenizer_path=_get(cfg, "tokenizer", "") or None,
+            shard_options=grain.sharding.ShardOptions(index, count, drop_remainder=True),
+            **kwargs)
+    shards = int(_get(cfg, "shards", 0) or 0)
+    return ShardedTrainIterator(make, shards or jax.process_count(), fixed=bool(shards))
+
+
+class ShardedTrainIterator:
+    """This process's share of `shard_count` training data shards: shards
+    [p·k, (p+1)·k) for process p of n (k = shard_count / n), one iterator each from
+    `make(index, count)`; a batch is their batches' rows stacked in shard order.
+
+    `get_state()` gives {"shard_count", "shards": {index: state}} for this process's shards;
+    `merge_states` joins every process's into the checkpoint's, and `set_state` takes its own
+    shards from that. A checkpoint read with another shard count is an error when the count was
+    fixed (`fixed`), else this iterator switches to the checkpoint's count.
+    """
+
+    def __init__(self, make: Callable[[int, int], Any], shard_count: int, *, fixed: bool):
+        self._make, self._fixed = make, fixed
+        self._open(shard_count)
+
+    def _open(self, count: int) -> None:
+        n, p = jax.process_count(), jax.process_index()
+        if count < 1 or count % n:
+            raise ValueError(f"data.shards={count} is not a multiple of the {n} processes; use "
+                             f"a multiple of {n} (or 0: one shard per process)")
+        k = count // n
+        self.shard_count, self.shards = count, list(range(p * k, (p + 1) * k))
+        self._iters = [self._make(i, count) for i in self.shards]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self._iters]
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict:
+        return {"shard_count": self.shard_count,
+                "shards": {str(i): it.get_state() for i, it in zip(self.shards, self._iters)}}
+
+    def set_state(self, state: dict) -> None:
+        if "shards" not in state:       # saved by a single, unsharded iterator
+            if len(self._iters) != 1:
+                raise ValueError("the checkpoint holds one data iterator's state; resume it "
+                                 "with one process and data.shards=0")
+            self._iters[0].set_state(state)
+            return
+        count = int(state["shard_count"])
+        if count != self.shard_count:
+            if self._fixed:
+                raise ValueError(f"the checkpoint's data was read as {count} shards, this run "
+                                 f"reads {self.shard_count}: set data.shards={count} (or 0) "
+                                 "to resume it")
+            self._open(count)
+        for i, it in zip(self.shards, self._iters):
+            it.set_state(state["shards"][str(i)])
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """One state covering every shard, from each process's `get_state()`."""
+        return {"shard_count": states[0]["shard_count"],
+                "shards": {i: s for state in states for i, s in state["shards"].items()}}
 
 
 def eval_iterator(cfg, data_dir, **kwargs):

@@ -10,7 +10,8 @@ checks before compiling and the sharded train step are in `train/sharded.py`
 (`validate`, `state_shardings`, `init_sharded_state`, `make_sharded_train_step`).
 
 Files: `mesh.py` (axes, sizes, layout on a TPU torus, multi-slice, jax.distributed), `rules.py` (the rule table,
-presets, `sharding_context`), `sharding.py` (the batch's sharding and its check).
+presets, `sharding_context`), `sharding.py` (the batch's sharding and its check; `to_global` /
+`to_host` for host values in multi-process runs).
 
 Expert parallelism lives with the model (`model/dispatch.py`): when the rules split E over a
 mesh axis larger than 1, the MoE layer exchanges tokens with all-to-all inside `shard_map`
@@ -27,12 +28,12 @@ from deepseek_jax.parallel.rules import (LOGICAL_AXIS_RULES, PRESETS, Preset, ax
                                          batch_axes, default_mesh_config, expert_axes,
                                          get_preset, logical_axis_rules, mesh_and_rules,
                                          run_mesh_config, sharding_context)
-from deepseek_jax.parallel.sharding import batch_sharding, check_global_batch
+from deepseek_jax.parallel.sharding import batch_sharding, check_global_batch, to_global, to_host
 
 __all__ = [
     "LOGICAL_AXIS_RULES", "MESH_AXES", "MeshError", "PRESETS", "Preset", "axis_names",
     "batch_axes", "batch_sharding", "check_global_batch", "default_mesh_config", "expert_axes",
     "get_preset", "logical_axis_rules", "make_mesh", "maybe_initialize_distributed",
     "mesh_and_rules", "multi_process_launch", "resolve_mesh_shape", "run_mesh_config",
-    "sharding_context", "split_dimensions", "torus_layout",
+    "sharding_context", "split_dimensions", "to_global", "to_host", "torus_layout",
 ]

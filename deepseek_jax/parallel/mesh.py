@@ -206,14 +206,28 @@ def _int_env(environ: Mapping[str, str], *names: str) -> int:
     return 0
 
 
-def multi_process_launch(environ: Mapping[str, str] | None = None) -> str | None:
-    """Names the launcher when the environment says this is one of several processes.
+def on_cloud_tpu_vm() -> bool:
+    """Whether this machine is a Cloud TPU VM: TPU chips on its PCI bus (read from /sys, no
+    backend started) and libtpu installed. There no environment variable names the workers;
+    `jax.distributed.initialize()` reads them from the metadata server (JAX's GceTpuCluster)."""
+    import importlib.util
+    from jax._src import hardware_utils
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    return chips > 0 and importlib.util.find_spec("libtpu") is not None
+
+
+def multi_process_launch(environ: Mapping[str, str] | None = None,
+                         tpu_vm: bool | None = None) -> str | None:
+    """Names the launcher when the environment says this is (or may be) one of several processes.
 
     Signals (any one): JAX_COORDINATOR_ADDRESS (explicit set-up, e.g. plain `ssh`/K8s launches;
     JAX_NUM_PROCESSES and JAX_PROCESS_ID then say how many and which); a multi-host TPU slice
-    (TPU_WORKER_HOSTNAMES lists more than one host) or multi-slice (MEGASCALE_NUM_SLICES > 1);
-    SLURM with more than one task (SLURM_NTASKS); Open MPI with more than one rank
-    (OMPI_COMM_WORLD_SIZE). Returns None for a single process (a laptop, one CPU, one TPU VM).
+    (TPU_WORKER_HOSTNAMES lists more than one host, as GKE sets it) or multi-slice
+    (MEGASCALE_NUM_SLICES > 1); SLURM with more than one task (SLURM_NTASKS); Open MPI with more
+    than one rank (OMPI_COMM_WORLD_SIZE); a Cloud TPU VM ("tpu-vm": `on_cloud_tpu_vm`, or
+    `tpu_vm`; its workers are known only to the metadata server, so a one-host VM initializes
+    too, as a 1-process run). Returns None for a single process (a laptop, one CPU, one GPU
+    host).
     """
     env = os.environ if environ is None else environ
     if env.get("JAX_COORDINATOR_ADDRESS"):
@@ -226,6 +240,8 @@ def multi_process_launch(environ: Mapping[str, str] | None = None) -> str | None
         return "slurm"
     if _int_env(env, "OMPI_COMM_WORLD_SIZE") > 1:
         return "mpi"
+    if on_cloud_tpu_vm() if tpu_vm is None else tpu_vm:
+        return "tpu-vm"
     return None
 
 
@@ -240,7 +256,9 @@ def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
 
     Returns:
       True if this call initialized the distributed runtime; False otherwise (one process, or
-      already initialized).
+      already initialized, or a TPU machine found only by its chips whose metadata names no
+      workers, as on Colab's TPU runtimes: JAX then finds no cluster, and the run is one
+      process).
     """
     if jax.distributed.is_initialized():
         return False
@@ -254,5 +272,10 @@ def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
             kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
         if os.environ.get("JAX_PROCESS_ID"):
             kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, OSError):   # before anything starts: no cluster, or no metadata server
+        if launcher != "tpu-vm":
+            raise
+        return False
     return True

@@ -4,12 +4,20 @@
 says, before anything compiles, when a global batch does not split over them. The model's own
 shardings (parameters, optimizer state) are derived in `train/sharded.py`, which joins the model
 to the mesh; this package knows nothing of the model.
+
+Multi-process runs: `to_global(x, sharding)` places a value every process holds in full (the
+same prompts, the same initial parameters) on a sharding that spans other processes' devices,
+where `jax.device_put` accepts only addressable devices; `to_host(x)` reads a global array back
+whole on every process (an all-gather over processes), where `np.asarray` needs every shard to
+be local. With one process both are the plain calls.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from deepseek_jax.config import MeshError
@@ -36,3 +44,26 @@ def check_global_batch(mesh: Mesh, rules: Rules, global_batch: int) -> None:
     problems = batch_problems(mesh, rules, global_batch)
     if problems:
         raise MeshError(problems[0])
+
+
+def to_global(x, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`x` (host data or a local array, the same on every process; or a global array) placed
+    with `sharding`. PRNG key arrays go through their key data."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(to_global(jax.random.key_data(x), sharding),
+                                        impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x) -> np.ndarray:
+    """The whole of `x` as numpy on every process (all-gathered when other processes hold parts
+    of it)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import rollout
@@ -30,12 +31,13 @@ def evaluate(variables, config: ModelConfig, problems: Sequence[dict[str, Any]],
         out = generate(variables, config, rollout.encode_prompts(chunk, template, encoder),
                        max_new_tokens=max_new_tokens, temperature=0.0, eos_id=encoder.eos_id,
                        mesh=mesh, rules=rules)
-        completions = rollout.completion_ids(np.asarray(out.tokens), np.asarray(out.lengths))
+        tokens, out_lengths = parallel.to_host(out.tokens), parallel.to_host(out.lengths)
+        completions = rollout.completion_ids(tokens, out_lengths)
         scores = rollout.score_completions(completions, chunk, format_weight=0.0,
                                            encoder=encoder, template=template)
         acc += list(scores["accuracy"][:n])
         fmt += list(scores["format"][:n])
-        lengths += list(np.asarray(out.lengths)[:n])
+        lengths += list(out_lengths[:n])
         texts += scores["texts"][:n]
     return {"accuracy": float(np.mean(acc)), "format": float(np.mean(fmt)),
             "length": float(np.mean(lengths)), "samples": texts[:show], "completions": texts}

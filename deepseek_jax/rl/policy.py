@@ -52,7 +52,7 @@ def initial_state(model_config: ModelConfig, tx, shardings: TrainState, pretrain
             pretrained, shardings={"params": shardings.params, "routing": shardings.routing})
     else:
         variables = flax.core.meta.unbox(init_variables(jax.random.key(seed), model_config))
-    place = lambda tree, s: jax.tree.map(jax.device_put, tree, s)
+    place = lambda tree, s: jax.tree.map(parallel.to_global, tree, s)   # multi-process too
     params = place(variables["params"], shardings.params)
     routing = place(variables.get("routing", {}), shardings.routing)
     reference = jax.tree.map(jnp.copy, params) if keep_reference else None
@@ -82,6 +82,7 @@ def to_device(rows: dict, advantages, mesh, rules) -> dict:
     training batch over its rows."""
     rows_sharding = parallel.batch_sharding(mesh, rules)
     by_row = NamedSharding(mesh, P(*rows_sharding.spec[:1]))
-    batch = {k: jax.device_put(rows[k], rows_sharding) for k in ("tokens", "mask", "token_mask")}
-    batch["advantages"] = jax.device_put(advantages, by_row)
+    batch = {k: parallel.to_global(rows[k], rows_sharding)
+             for k in ("tokens", "mask", "token_mask")}
+    batch["advantages"] = parallel.to_global(advantages, by_row)
     return batch

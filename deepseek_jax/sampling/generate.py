@@ -285,10 +285,11 @@ def _run_sharded(run, args, config: ModelConfig, mesh, rules) -> Generation:
     variables, ids, lengths, keys, *rest = args
     sharded.validate(config, mesh, rules, global_batch=ids.shape[0])
     shardings = sharded.param_shardings(config, mesh, rules)
-    variables = {k: jax.device_put(v, shardings[k]) if k in shardings else v
+    place = lambda tree, s: jax.tree.map(parallel.to_global, tree, s)   # multi-process too
+    variables = {k: place(v, shardings[k]) if k in shardings else v
                  for k, v in variables.items()}
     rows = NamedSharding(mesh, P(parallel.batch_axes(rules) or None))
-    ids = jax.device_put(ids, parallel.batch_sharding(mesh, rules))
-    lengths, keys = jax.device_put(lengths, rows), jax.device_put(keys, rows)
+    ids = parallel.to_global(ids, parallel.batch_sharding(mesh, rules))
+    lengths, keys = parallel.to_global(lengths, rows), parallel.to_global(keys, rows)
     with parallel.sharding_context(mesh, rules):
         return run(variables, ids, lengths, keys, *rest)

@@ -26,9 +26,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.train.workdir import MODEL_CONFIG
+from deepseek_jax.train.workdir import MODEL_CONFIG, is_remote
 
 
 def make_manager(directory: str, *, save_every: int, keep: int,
@@ -64,6 +65,21 @@ def save(manager: ocp.CheckpointManager, step: int, state, rng: jax.Array, data_
     return manager.save(step, args=args, force=force)
 
 
+def gather_json(obj: Any) -> list:
+    """Every process's `obj` (JSON-serialisable), in process order. A collective: every process
+    calls it at the same point. Orbax writes JSON items from process 0 only, so per-process
+    state (the data iterators') goes through this before a save."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int32(data.size))          # [processes]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    rows = multihost_utils.process_allgather(padded)                         # [processes, max]
+    return [json.loads(bytes(row[:n])) for row, n in zip(np.asarray(rows), np.asarray(sizes))]
+
+
 def abstract_like(tree, shardings=None):
     """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs), with `shardings` if given."""
     if shardings is None:
@@ -89,21 +105,25 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
 
 def save_model_config(workdir: str, config: ModelConfig) -> None:
     """Writes WORKDIR/model_config.json (what `load_trained` reads to rebuild the model), by
-    an atomic rename. Training runs and converted checkpoints write it the same way."""
+    an atomic rename (on gs://, one object write, atomic by itself). Training runs and converted
+    checkpoints write it the same way."""
+    text = json.dumps(config.to_dict(), indent=1)
+    if is_remote(workdir):
+        (epath.Path(workdir) / MODEL_CONFIG).write_text(text)
+        return
     os.makedirs(workdir, exist_ok=True)
     tmp = os.path.join(workdir, MODEL_CONFIG + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(config.to_dict(), f, indent=1)
+        f.write(text)
     os.replace(tmp, os.path.join(workdir, MODEL_CONFIG))
 
 
 def load_model_config(workdir: str) -> ModelConfig:
     """The ModelConfig in WORKDIR/model_config.json (a training run's or a converted checkpoint's)."""
-    path = os.path.join(workdir, MODEL_CONFIG)
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / MODEL_CONFIG
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a training run's directory?")
-    with open(path) as f:
-        return ModelConfig.from_dict(json.load(f))
+    return ModelConfig.from_dict(json.loads(path.read_text()))
 
 
 def load_trained(workdir: str, step: int | None = None, shardings=None):
@@ -113,14 +133,15 @@ def load_trained(workdir: str, step: int | None = None, shardings=None):
     land with `shardings` ({"params", "routing"} trees of shardings, e.g. from
     `deepseek_jax.sharded.param_shardings`), or on the first device when None.
     """
-    workdir = os.path.abspath(workdir)          # Orbax reads absolute paths only
+    if not is_remote(workdir):
+        workdir = os.path.abspath(workdir)      # Orbax reads absolute paths only
     config = load_model_config(workdir)
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints")
     step = manager.latest_step() if step is None else step
     manager.close()
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
     checkpointer = ocp.PyTreeCheckpointer()
     meta = checkpointer.metadata(path).item_metadata
     wanted = {k: meta[k] for k in ("params", "routing") if k in meta}

@@ -6,6 +6,10 @@ tensorboardX (no TensorFlow needed), and prints one progress line. Only process 
 
 On resume, `truncate_after(step)` drops the lines of steps after the restored checkpoint, so the
 file reads as one run whose steps each appear once.
+
+A remote DIR (gs://) is written through `etils.epath`: objects cannot be appended to, so the
+writer keeps metrics.jsonl's lines and rewrites the object at each logged step, and TensorBoard
+events go to a local staging folder whose files are copied to DIR/tensorboard after each write.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
+from etils import epath
+
+from deepseek_jax.train.workdir import is_remote
 
 
 def _to_python(x):
@@ -25,12 +33,12 @@ def _to_python(x):
     return x.item() if x.size == 1 else x.tolist()
 
 
-def truncate_after(path: str, step: int) -> None:
-    """Keeps the lines of metrics.jsonl whose step is ≤ `step`."""
-    if not os.path.exists(path):
+def truncate_after(path, step: int) -> None:
+    """Keeps the lines of metrics.jsonl whose step is ≤ `step` (a local path or a gs:// URL)."""
+    path = epath.Path(path)
+    if not path.exists():
         return
-    with open(path) as f:
-        lines = [l for l in f if l.strip()]
+    lines = [l for l in path.read_text().splitlines(keepends=True) if l.strip()]
     keep = []
     for l in lines:
         try:
@@ -38,7 +46,10 @@ def truncate_after(path: str, step: int) -> None:
                 keep.append(l)
         except json.JSONDecodeError:      # a line cut by a kill: drop it
             pass
-    tmp = path + ".tmp"
+    if is_remote(path):
+        path.write_text("".join(keep))           # one object write: atomic
+        return
+    tmp = str(path) + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
@@ -54,30 +65,53 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self.console = console
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.remote = is_remote(workdir)
+        self._tb = self._lines = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if self.remote:
+                self._lines = (self.path.read_text().splitlines(keepends=True)
+                               if self.path.exists() else [])
+                self._tb_local = tempfile.mkdtemp(prefix="tensorboard-")
+                self._tb_remote = epath.Path(workdir) / "tensorboard"
+                self._tb = SummaryWriter(self._tb_local)
+            else:
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{prefix + k: _to_python(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.remote:
+            self._lines.append(json.dumps(row) + "\n")
+            self.path.write_text("".join(self._lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
+        if self.remote:
+            self._copy_events()
         shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in row.items() if k != "step" and not isinstance(v, list))
         print(f"{progress_bar(step, self.total_steps)} {shown}", file=self.console, flush=True)
 
+    def _copy_events(self) -> None:
+        """The local TensorBoard event files, copied whole to DIR/tensorboard."""
+        self._tb_remote.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(self._tb_local):
+            with open(os.path.join(self._tb_local, name), "rb") as f:
+                (self._tb_remote / name).write_bytes(f.read())
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            if self.remote:
+                self._copy_events()
 
 
 class Throughput:

@@ -1,5 +1,5 @@
 """What every training entrypoint sets up around its loop: the mesh from the run config, and a
-`Run` holding the workdir's checkpoint manager, metrics writer and SIGTERM flag.
+`Run` holding the workdir's checkpoint manager, metrics writer and preemption handling.
 
   mesh, rules = run_mesh(config.mesh)
   with Run(workdir, config.train) as run:
@@ -10,11 +10,24 @@
           if run.checkpoint_due(done, stopping):
               ckpt.save(run.manager, ...)
           if stopping:
-              return run.stop(done)
+              run.stop(done, result)         # raises Preempted once the checkpoint is written
 
 Pretraining (`trainers.pretrain`) and GRPO (`trainers.grpo`) share it. Leaving the `with` block
 (normally, by an error or after a signal) waits for pending checkpoint writes, closes the
 writer and the manager, and restores the SIGTERM handler that was there before.
+
+Preemption. One process: a Python SIGTERM handler records the signal and the loop stops at the
+next step boundary. Several processes (`jax.distributed` initialized): JAX's preemption sync
+manager (started by `jax.distributed.initialize`) catches SIGTERM on whichever process gets it
+and tells the others through the coordination service; `manager.reached_preemption(step)`,
+asked at every step, turns True on every process at the same step (one past the largest step
+any process had reached), so all of them save that step and stop together. No Python handler
+is installed then: it would replace JAX's and leave the other processes running.
+
+Exit codes (the contract every entrypoint and launcher shares): 0 finished; EXIT_PREEMPTED (42)
+stopped by a preemption after saving its checkpoint, so rerunning the command resumes (the
+launchers restart on it); anything else failed (not restarted: a rerun would fail the same
+way). The trainers raise `Preempted` and the entrypoints turn it into exit code 42.
 
 Left out: signals other than SIGTERM (SIGINT stops a run like any exception: the last saved
 checkpoint stays valid, the step in flight is lost).
@@ -22,14 +35,25 @@ checkpoint stays valid, the step in flight is lost).
 
 from __future__ import annotations
 
-import os
 import signal
 
 import jax
+from etils import epath
 
 from deepseek_jax import parallel
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train.metrics import MetricsWriter, truncate_after
+
+EXIT_PREEMPTED = 42
+
+
+class Preempted(Exception):
+    """The run stopped for a preemption after saving `step`; `result` is what the trainer would
+    have returned. Entrypoints exit with EXIT_PREEMPTED on it."""
+
+    def __init__(self, step: int, result=None):
+        super().__init__(f"preempted: checkpoint saved at step {step}; rerun to resume")
+        self.step, self.result = step, result
 
 
 def run_mesh(mesh_config, num_devices: int = 0):
@@ -48,7 +72,7 @@ def run_mesh(mesh_config, num_devices: int = 0):
 class Run:
     """Checkpoints under WORKDIR/checkpoints (every `train.checkpoint_every` steps, the last
     `train.keep_checkpoints` kept), metrics.jsonl and tensorboard/ under WORKDIR, and whether
-    SIGTERM arrived. `train` is the run config's `train` section; `async_save` writes
+    the run is being preempted (module docstring). `train` is the run config's `train` section; `async_save` writes
     checkpoints in the background while the next steps run; `unit` names a step in messages."""
 
     def __init__(self, workdir: str, train, *, async_save: bool = True, unit: str = "step"):
@@ -57,7 +81,8 @@ class Run:
         self.steps = int(train.steps)
         self.every = int(train.checkpoint_every)
         self.is_lead = jax.process_index() == 0
-        self.manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
+        self.multi_process = jax.process_count() > 1
+        self.manager = ckpt.make_manager(epath.Path(workdir) / "checkpoints",
                                          save_every=self.every, keep=train.keep_checkpoints,
                                          async_save=async_save)
         self.writer = None
@@ -65,12 +90,14 @@ class Run:
         self._previous = None
 
     def __enter__(self) -> "Run":
-        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if not self.multi_process:           # several: JAX's preemption notifier has SIGTERM
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.writer = MetricsWriter(self.workdir, self.steps)
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self.multi_process:
+            signal.signal(signal.SIGTERM, self._previous)
         try:
             if exc[0] is None:
                 self.manager.wait_until_finished()
@@ -90,18 +117,23 @@ class Run:
         """After a restore at `step`: drops metrics.jsonl lines logged past it (a crashed run
         may have logged steps it never saved) and says so."""
         if self.is_lead:
-            truncate_after(os.path.join(self.workdir, "metrics.jsonl"), step)
+            truncate_after(epath.Path(self.workdir) / "metrics.jsonl", step)
         self.say(f"resumed from {self.unit} {step}")
 
     def stopping(self, done: int) -> bool:
-        """SIGTERM arrived, or the cluster announced a preemption at step `done`."""
+        """Whether to save step `done` and stop: SIGTERM arrived (one process), or every process
+        reached the preemption sync point at `done` (several; the same answer on each). Call it
+        at every step, on every process."""
+        if self.multi_process:
+            return self.manager.reached_preemption(done)
         return self._signal is not None or self.manager.reached_preemption(done)
 
     def checkpoint_due(self, done: int, stopping: bool = False) -> bool:
         return done % self.every == 0 or stopping or done == self.steps
 
-    def stop(self, done: int, result):
-        """Ends a run stopped by a signal after its checkpoint at step `done`; returns `result`."""
+    def stop(self, done: int, result=None):
+        """Ends a preempted run: waits for its checkpoint at step `done`, says so, and raises
+        `Preempted(done, result)`."""
         self.manager.wait_until_finished()
         self.say(f"stopped by signal at {self.unit} {done}; checkpoint saved")
-        return result
+        raise Preempted(done, result)

@@ -10,9 +10,19 @@ otherwise fail at the first checkpoint (step 100 of the demo) or, worse, silentl
     directory, then rename that directory into place (how a checkpoint is committed);
   - WORKDIR does not already hold a run of another model (its model_config.json differs).
 
-Each failure is a `WorkdirError` whose message names the fix. Left out: a free-space check (a
-checkpoint's size depends on the optimizer and sharding; a full disk fails at the save, and the
-previous checkpoints stay intact).
+Each failure is a `WorkdirError` whose message names the fix.
+
+Remote run directories: a `gs://bucket/path` WORKDIR (and `init.pretrain_dir`) is kept as given
+(`resolve(path, remote=True)`); the run reaches it through `etils.epath` (metrics.jsonl,
+model_config.json, TensorBoard event files copied from a local staging folder) and Orbax (the
+checkpoints, committed with a marker file rather than a rename on GCS). `prepare` then checks
+that an object can be written, read back and deleted there; the rename check does not apply.
+The dataset's array_record files are read with local file I/O, so with a remote WORKDIR the
+default data_dir is a local folder (`default_data_dir`).
+
+Left out: a free-space check (a checkpoint's size depends on the optimizer and sharding; a full
+disk fails at the save, and the previous checkpoints stay intact); remote schemes other than
+gs://.
 """
 
 from __future__ import annotations
@@ -21,6 +31,9 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
+
+from etils import epath
 
 from deepseek_jax.config import ModelConfig
 
@@ -31,19 +44,50 @@ class WorkdirError(ValueError):
     """WORKDIR cannot hold this run; the message says what to change."""
 
 
-def resolve(path: str) -> str:
+def is_remote(path) -> bool:
+    """Whether `path` is a URL (gs://...) rather than a filesystem path."""
+    return "://" in os.fspath(path)
+
+
+def resolve(path: str, *, remote: bool = False) -> str:
     """`path` as an absolute, normalized path ('~' expanded); '' stays ''.
 
-    Remote URLs (gs://, s3://) are refused: the runs write metrics.jsonl with plain file I/O,
-    so a bucket is used through a mount (gcsfuse), as launch/README.md sets up.
+    With `remote`, a gs:// URL is kept as given (without a trailing slash): run directories
+    (module docstring). Otherwise URLs are refused: data files and tokenizers are read with
+    plain file I/O, so copy them to local disk or mount the bucket (gcsfuse).
     """
     if not path:
         return path
-    if "://" in path:
-        raise WorkdirError(f"{path!r}: give a filesystem path; the run writes its metrics with "
-                           "plain file I/O, so mount the bucket (e.g. gcsfuse) and pass the "
-                           "mounted path")
+    if is_remote(path):
+        if remote and path.startswith("gs://"):
+            return path.rstrip("/")
+        kind = "use a gs:// URL or" if remote else "this file is read with plain file I/O:"
+        raise WorkdirError(f"{path!r}: {kind} give a filesystem path (mount the bucket, e.g. "
+                           "with gcsfuse, and pass the mounted path)")
     return os.path.abspath(os.path.expanduser(path))
+
+
+def default_data_dir(workdir: str) -> str:
+    """WORKDIR/data; for a remote WORKDIR a local folder instead (~/.cache/deepseek_jax/data),
+    which every process of a host shares and builds once (`data.builders`)."""
+    if is_remote(workdir):
+        return os.path.join(os.path.expanduser("~"), ".cache", "deepseek_jax", "data")
+    return os.path.join(workdir, "data")
+
+
+def _check_remote(workdir: str, flag: str) -> None:
+    """Writes, reads back and deletes a small object under a remote WORKDIR."""
+    probe = epath.Path(workdir) / f".write-probe-{uuid.uuid4().hex}"
+    try:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        probe.write_text("probe")
+        if probe.read_text() != "probe":
+            raise OSError(0, "an object read back differs from what was written")
+        probe.unlink()
+    except Exception as e:          # noqa: BLE001 — backends raise their own error types
+        raise WorkdirError(f"cannot write to {workdir} ({e}): check the bucket name and that "
+                           f"this machine's credentials may write there, or pass a local "
+                           f"{flag}") from e
 
 
 def check_writable(workdir: str, flag: str = "--workdir") -> None:
@@ -89,12 +133,11 @@ def _check_checkpoint_commit(workdir: str, flag: str) -> None:
 
 def check_same_model(workdir: str, model_config: ModelConfig) -> None:
     """Raises unless WORKDIR holds no model_config.json or one equal to `model_config`."""
-    path = os.path.join(workdir, MODEL_CONFIG)
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / MODEL_CONFIG
+    if not path.exists():
         return
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise WorkdirError(f"{path} is unreadable ({e}): remove it if the run in {workdir} is "
                            "not wanted, or pass a fresh --workdir") from e
@@ -116,11 +159,14 @@ def prepare(workdir: str, model_config: ModelConfig | None = None,
     `flag` is how the user gave the path (named in the messages); `model_config` None skips the
     same-model check (a caller that knows the model later runs `check_same_model`).
     """
-    workdir = resolve(workdir)
+    workdir = resolve(workdir, remote=True)
     if not workdir:
         raise WorkdirError(f"the directory is empty: pass {flag}=DIR")
-    check_writable(workdir, flag)
-    _check_checkpoint_commit(workdir, flag)
+    if is_remote(workdir):
+        _check_remote(workdir, flag)
+    else:
+        check_writable(workdir, flag)
+        _check_checkpoint_commit(workdir, flag)
     if model_config is not None:
         check_same_model(workdir, model_config)
     return workdir

@@ -34,11 +34,10 @@ checkpoints/ (rerunning resumes). `config` is a run config from `deepseek_jax.co
 
 from __future__ import annotations
 
-import os
 
 import jax
-import numpy as np
 
+from deepseek_jax import parallel
 from deepseek_jax.configs.pretrain import to_model_config
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import advantages as adv_lib
@@ -64,7 +63,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # --- problems: prompts start with BOS; the byte tokenizer by default, else tokenizer.json
     encoder = Encoder(config.data.tokenizer or None, add_bos=True)
-    data_dir = run_dir.resolve(config.data.data_dir) or os.path.join(workdir, "data")
+    data_dir = run_dir.resolve(config.data.data_dir) or run_dir.default_data_dir(workdir)
     problems = load_problems(config.data, data_dir, seed=config.seed,
                              num_eval=config.train.eval_problems,
                              max_new_tokens=rl.max_new_tokens, encoder=encoder)
@@ -114,8 +113,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             group = problems.for_step(step, rl.prompts_per_step, rl.group_size)
             prompts = rollout.encode_prompts(group, config.data.template, encoder)
             out = sample(state, prompts, jax.random.fold_in(rng, step))
-            lengths = np.asarray(out.lengths)
-            completions = rollout.completion_ids(np.asarray(out.tokens), lengths)
+            lengths = parallel.to_host(out.lengths)          # whole, on every process
+            completions = rollout.completion_ids(parallel.to_host(out.tokens), lengths)
             # 2. rewards and advantages
             scores = rollout.score_completions(completions, group, rl.format_weight, encoder,
                                                template=config.data.template)
@@ -123,7 +122,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                   rl.advantage_scale)
             # 3. old (and reference) log-probs once, then μ updates
             rows = rollout.training_rows(prompts, completions, problems.row_len,
-                                         np.asarray(out.logprobs), pad_id=encoder.pad_id)
+                                         parallel.to_host(out.logprobs), pad_id=encoder.pad_id)
             batch = policy.to_device(rows, advantages, mesh, rules)
             batch["old_logp"] = logprobs(state.params, state.routing, batch["tokens"])
             if rl.beta:
@@ -138,7 +137,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if done % config.train.log_every == 0 or done == config.train.steps:
                 last = {**{k: float(v) for k, v in m.items()},
                         **rollout.rollout_metrics(
-                            scores, completions, lengths, rows, np.asarray(batch["old_logp"]),
+                            scores, completions, lengths, rows, parallel.to_host(batch["old_logp"]),
                             group_size=rl.group_size, max_new_tokens=rl.max_new_tokens,
                             eos_id=encoder.eos_id)}
                 run.writer.write(done, last)
@@ -153,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 ckpt.save(run.manager, done * rl.num_iterations, state, rng,
                           {"step": done, "before": before}, force=True)
             if stopping:
-                return run.stop(done, {"before": before, "after": after, "last": last})
+                run.stop(done, {"before": before, "after": after, "last": last})
     if config.train.eval_every and not after:
         after = run_eval(state)
     if before and after:
@@ -165,7 +164,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _check(config, workdir: str) -> tuple[str, str]:
     """(absolute workdir, created and checked; absolute pretraining run directory or "")."""
     workdir = run_dir.prepare(workdir)
-    pretrained = run_dir.resolve(config.init.pretrain_dir)
+    pretrained = run_dir.resolve(config.init.pretrain_dir, remote=True)
     if pretrained == workdir:
         raise ValueError(f"init.pretrain_dir and the workdir are both {workdir}: GRPO writes "
                          "its own checkpoints, so give it another --workdir")

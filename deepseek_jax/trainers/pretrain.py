@@ -6,9 +6,12 @@ mesh, checkpoint manager, metrics writer and SIGTERM handling are `train.run`'s,
 Rerunning the same command resumes from the latest checkpoint in DIR/checkpoints, with the same
 data order (the iterator state is checkpointed) and the same numbers. Outputs under DIR:
 metrics.jsonl (one JSON object per logged step), tensorboard/, checkpoints/, data/ (the
-prepared array_record files when data.data_dir is empty).
+prepared array_record files when data.data_dir is empty; DIR may be gs://, and then the data
+goes to a local folder: `train.workdir.default_data_dir`).
 
-Stops cleanly: SIGTERM (preemption) saves a checkpoint at the next step boundary and exits 0;
+Stops cleanly: SIGTERM (preemption; on any one process of a multi-process run) saves a
+checkpoint at the next step boundary on every process and raises `train.run.Preempted`, which
+the entrypoint turns into exit code 42 (`train.run.EXIT_PREEMPTED`: launchers restart on it);
 a non-finite loss or gradient stops the run with an error before anything non-finite is saved.
 
 `config` is a run config from `deepseek_jax.configs.pretrain`; tests, notebooks and the command
@@ -23,7 +26,6 @@ extension phase) from another run's parameters and routing bias.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
@@ -58,7 +60,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f"{jax.devices()[0].platform} devices", flush=True)
 
     # --- data ---------------------------------------------------------------------------------
-    data_dir = run_dir.resolve(config.data.data_dir) or os.path.join(workdir, "data")
+    data_dir = run_dir.resolve(config.data.data_dir) or run_dir.default_data_dir(workdir)
     plan = schedules.from_run_config(config)
     train_data = config.data
     if plan.ramp:                   # the iterator yields micro-batches; a step reads k of them
@@ -144,9 +146,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             stopping = run.stopping(done)
             if run.checkpoint_due(done, stopping):
                 flush()              # never save a state that came from a non-finite step
-                ckpt.save(run.manager, done, state, rng, train_iter.get_state(), force=True)
+                data_state = train_iter.merge_states(ckpt.gather_json(train_iter.get_state()))
+                ckpt.save(run.manager, done, state, rng, data_state, force=True)
             if stopping:
-                return run.stop(done, last)
+                run.stop(done, last)
         flush()
         return last
 
@@ -155,7 +158,7 @@ def _initial_state(config, model_config, tx, step_fn, rng, mesh, rules) -> Train
     """A new run's state: another run's parameters (`init.pretrain_dir`), or a random init."""
     init = config.get("init") or {}
     if init.get("pretrain_dir"):
-        state = _from_run(run_dir.resolve(init.pretrain_dir), model_config, tx, step_fn)
+        state = _from_run(run_dir.resolve(init.pretrain_dir, remote=True), model_config, tx, step_fn)
         if jax.process_index() == 0:
             print(f"starting from the parameters of {init.pretrain_dir}", flush=True)
         return state

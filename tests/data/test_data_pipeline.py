@@ -299,3 +299,36 @@ def test_r1_documents_with_estimates(tmp_path):
     assert abs(estimated / len(docs) - 0.75) < 0.08            # sd ≈ 0.02 over 400
     with pytest.raises(ValueError, match="estimate_fraction"):
         run_config._source(_r1_arithmetic(estimate_fraction=-1), str(tmp_path), "train")
+
+
+def test_sharded_train_iterator_states_cover_every_shard_and_move_between_counts():
+    """One process reading 2 shards stacks their batches; its state names each shard, so a run
+    reading another shard count either switches to the checkpoint's (data.shards=0) or says
+    which count to set (a fixed data.shards)."""
+    import json as json_lib
+
+    from deepseek_jax.data.run_config import ShardedTrainIterator
+
+    def make(index, count):
+        options = grain.sharding.ShardOptions(index, count, drop_remainder=True)
+        return train(global_batch_size=4, shard_options=options)
+
+    it = ShardedTrainIterator(make, 2, fixed=True)
+    assert it.shards == [0, 1]
+    first = next(it)["tokens"]
+    np.testing.assert_array_equal(first[:2], next(make(0, 2))["tokens"])
+    np.testing.assert_array_equal(first[2:], next(make(1, 2))["tokens"])
+    state = json_lib.loads(json_lib.dumps(it.merge_states([it.get_state()])))
+    assert state["shard_count"] == 2 and sorted(state["shards"]) == ["0", "1"]
+    want = next(it)["tokens"]
+    resumed = ShardedTrainIterator(make, 2, fixed=True)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["tokens"], want)
+
+    other = ShardedTrainIterator(make, 1, fixed=True)
+    with pytest.raises(ValueError, match="set data.shards=2"):
+        other.set_state(state)
+    auto = ShardedTrainIterator(make, 1, fixed=False)
+    auto.set_state(state)
+    assert auto.shard_count == 2
+    np.testing.assert_array_equal(next(auto)["tokens"], want)

@@ -107,7 +107,7 @@ def test_grpo_from_an_hf_imported_checkpoint(tmp_path):
     """HF folder → converted Orbax → GRPO policy, prompts through the model's tokenizer."""
     import jax.numpy as jnp
     from deepseek_jax.hf import convert_to_orbax, load_hf_checkpoint
-    hf = os.path.join(os.path.dirname(__file__), "..", "checkpoint", "fixtures", "v3")
+    hf = os.path.join(os.path.dirname(__file__), "..", "hf", "fixtures", "v3")
     converted = str(tmp_path / "v3_orbax")
     convert_to_orbax(hf, converted, preset="fsdp", mesh_config={"fsdp": 8}, dtype=jnp.float32)
     c = get_config("tiny")

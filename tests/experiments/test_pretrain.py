@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from deepseek_jax.configs.pretrain import get_config
+from deepseek_jax.train.run import EXIT_PREEMPTED
 from deepseek_jax.trainers import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,13 +129,15 @@ def test_kill_9_then_rerun_gives_identical_losses(process_reference, tmp_path):
         assert got[step] == want[step], (step, got[step], want[step])
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
+    """Exit code 42 (not 0): launchers restart a run that was preempted after saving, and only
+    that one."""
     workdir = str(tmp_path)
     proc = _launch(workdir)
     _wait_for(lambda: _logged(workdir, 2), proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, out
+    assert proc.returncode == EXIT_PREEMPTED, out
     assert "stopped by signal at step " in out, out
     stopped_at = int(out.split("stopped by signal at step ")[1].split(";")[0])
     assert 2 <= stopped_at < 12
@@ -160,7 +163,7 @@ def test_restore_onto_another_preset(process_reference, tmp_path):
     _wait_for(lambda: _checkpointed(workdir, 4), first)
     first.send_signal(signal.SIGTERM)
     out = first.communicate(timeout=120)[0]
-    assert first.returncode == 0 and "stopped by signal" in out, out
+    assert first.returncode == EXIT_PREEMPTED and "stopped by signal" in out, out
     stopped_at = int(out.split("stopped by signal at step ")[1].split(";")[0])
     assert 4 <= stopped_at < 12
     c2 = _tiny(steps=12, checkpoint_every=4, eval_every=6)

@@ -81,6 +81,45 @@ def test_initialize_distributed_is_a_no_op_on_one_process(monkeypatch):
     assert mesh_lib.maybe_initialize_distributed(enabled=False) is False and len(calls) == 1
 
 
+def test_cloud_tpu_vm_initializes_with_no_arguments(monkeypatch):
+    """A TPU VM pod worker has no TPU_* or MEGASCALE_* variables (the workers are in the
+    metadata server): finding TPU chips on the PCI bus with libtpu installed is enough to call
+    `jax.distributed.initialize()` with no arguments, whose GceTpuCluster reads the rest."""
+    assert mesh_lib.multi_process_launch({}, tpu_vm=True) == "tpu-vm"
+    assert mesh_lib.multi_process_launch({}, tpu_vm=False) is None
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(mesh_lib, "on_cloud_tpu_vm", lambda: True)
+    for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_NUM_SLICES",
+                 "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert mesh_lib.maybe_initialize_distributed() is True
+    assert calls == [{}]
+
+
+def test_tpu_machine_without_a_cluster_runs_as_one_process(monkeypatch):
+    """TPU chips but no worker list in the metadata (Colab's TPU runtime): JAX raises
+    ValueError before starting anything, and the run goes on as one process. Elsewhere the
+    error stands."""
+    def no_cluster(**kw):
+        raise ValueError("coordinator_address should be defined.")
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(mesh_lib, "on_cloud_tpu_vm", lambda: True)
+    for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_NUM_SLICES",
+                 "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert mesh_lib.maybe_initialize_distributed() is False
+    with pytest.raises(ValueError):
+        mesh_lib.maybe_initialize_distributed(enabled=True)
+
+
+def test_no_tpu_chips_here_means_no_tpu_vm():
+    """This CPU machine has no TPU on its PCI bus: detection reads /sys and says so."""
+    assert mesh_lib.on_cloud_tpu_vm() is False
+
+
 def _tpu_devices(topology: str, **kwargs):
     pytest.importorskip("libtpu")
     import os

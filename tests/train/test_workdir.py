@@ -80,3 +80,63 @@ def test_saved_config_round_trips_through_json(tmp_path):
         run_dir.check_same_model(str(tmp_path / name), get_config(name))
         with open(tmp_path / name / run_dir.MODEL_CONFIG) as f:
             assert json.load(f)["d_model"] == get_config(name).d_model
+
+
+# --- gs:// run directories, through etils.epath (its testing mock stores gs://BUCKET/... under
+# the working directory, so these run without a bucket; Orbax's own GCS writes are not covered)
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    from etils.epath import testing
+    monkeypatch.chdir(tmp_path)
+    with testing.mock_epath():
+        yield tmp_path / "gs:" / "bkt"
+
+
+def test_resolve_keeps_gs_urls_for_run_directories_only():
+    assert run_dir.resolve("gs://bkt/runs/r1/", remote=True) == "gs://bkt/runs/r1"
+    with pytest.raises(run_dir.WorkdirError, match="use a gs:// URL"):
+        run_dir.resolve("s3://bkt/r1", remote=True)
+    with pytest.raises(run_dir.WorkdirError, match="plain file I/O"):
+        run_dir.resolve("gs://bkt/tokenizer.json")
+    assert run_dir.default_data_dir("gs://bkt/r1").startswith(os.path.expanduser("~"))
+    assert run_dir.default_data_dir("/runs/r1") == "/runs/r1/data"
+
+
+def test_prepare_a_gs_workdir_writes_and_removes_a_probe_and_checks_the_model(fake_gcs):
+    tiny = get_config("tiny")
+    assert run_dir.prepare("gs://bkt/runs/r1", tiny) == "gs://bkt/runs/r1"
+    assert os.listdir(fake_gcs / "runs" / "r1") == []
+    ckpt.save_model_config("gs://bkt/runs/r1", tiny)
+    assert ckpt.load_model_config("gs://bkt/runs/r1") == tiny
+    other = get_config("small")
+    with pytest.raises(run_dir.WorkdirError, match="another model"):
+        run_dir.prepare("gs://bkt/runs/r1", other)
+
+
+def test_prepare_a_gs_workdir_that_cannot_be_written(fake_gcs, monkeypatch):
+    from etils import epath
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(403, "Forbidden")
+    monkeypatch.setattr(epath.gpath.PosixGPath, "write_text", refuse)
+    with pytest.raises(run_dir.WorkdirError, match="credentials may write there"):
+        run_dir.prepare("gs://bkt/runs/r2")
+
+
+def test_metrics_on_gs_are_rewritten_whole_and_truncated_on_resume(fake_gcs):
+    from deepseek_jax.train.metrics import MetricsWriter, truncate_after
+    writer = MetricsWriter("gs://bkt/r", total_steps=3, console=open(os.devnull, "w"))
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    path = fake_gcs / "r" / "metrics.jsonl"
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3]
+    events = os.listdir(fake_gcs / "r" / "tensorboard")
+    assert events and all(n.startswith("events") for n in events)
+    truncate_after("gs://bkt/r/metrics.jsonl", 2)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+    again = MetricsWriter("gs://bkt/r", total_steps=3, console=open(os.devnull, "w"))
+    again.write(3, {"loss": 3.5})                     # a resumed run keeps the earlier lines
+    again.close()
+    assert [json.loads(l)["loss"] for l in path.read_text().splitlines()] == [1.0, 2.0, 3.5]
