@@ -347,7 +347,8 @@ def _gmm_megablox(lhs, rhs, group_sizes, out_dtype, interpret, tiling):
 # --- entry point ---------------------------------------------------------------------------------
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str = "auto",
-        out_dtype=None, fp8: bool = False, tiling=None) -> jax.Array:
+        out_dtype=None, fp8: bool = False, tiling=None,
+        gather: tuple[tuple[str, ...], int] | None = None) -> jax.Array:
     """Grouped matmul: rows of group g (contiguous, in order) times rhs[g].
 
     Args:
@@ -358,17 +359,27 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
       out_dtype: result dtype (default lhs.dtype).
       fp8: emulated fp8 grouped GEMM (`fp8_ragged_dot`) instead of the backend.
       tiling: backend tile sizes (`MosaicGpuTiling` or megablox's (tm, tk, tn)); None = defaults.
+      gather: inside a `shard_map`, `(mesh axes, dim)` when rhs is this device's shard along
+        dim 1 or 2 over those axes. The fp8 emulation gathers it quantized (`fp8_ragged_dot`);
+        every other path all-gathers rhs as it is first (its gradient is then reduce-scattered).
 
     Returns:
       [M, N] in out_dtype; differentiable in lhs and rhs.
     """
-    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] \
+    split_k = gather is not None and gather[1] == 1                       # rhs holds part of K
+    if lhs.ndim != 2 or rhs.ndim != 3 or (lhs.shape[1] != rhs.shape[1] and not split_k) \
             or group_sizes.shape != (rhs.shape[0],):
         raise ValueError(f"gmm: need lhs [M, K], rhs [G, K, N], group_sizes [G]; got "
                          f"{lhs.shape}, {rhs.shape}, {group_sizes.shape}")
     out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
     group_sizes = group_sizes.astype(jnp.int32)
     backend = resolve_backend(backend, lhs.dtype, fp8)
+    emulated_fp8 = fp8 and not backend.startswith("mosaic_gpu")
+    if gather is not None and not (emulated_fp8 and rhs.shape[gather[1]] % fp8_gpu.BLOCK == 0):
+        rhs = jax.lax.all_gather(rhs, tuple(gather[0]), axis=gather[1], tiled=True)
+        gather = None
+    if lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"gmm: lhs {lhs.shape} and the gathered rhs {rhs.shape} differ in K")
     if fp8:
         if backend.startswith("mosaic_gpu"):
             return _fp8_hopper_gmm(lhs, rhs, group_sizes, out_dtype, jnp.dtype(lhs.dtype),
@@ -379,7 +390,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
                 "(moe_backend='mosaic_gpu' or 'auto' on an sm90 GPU): the portable emulation runs "
                 "lax.ragged_dot, which XLA's GPU backend turns into a dense masked GEMM with "
                 "G times the FLOPs and memory. Use moe_impl='dense' or fp8=False on this GPU")
-        out = fp8_ragged_dot(lhs, rhs, group_sizes, out_dtype=out_dtype)
+        out = fp8_ragged_dot(lhs, rhs, group_sizes, out_dtype=out_dtype, gather=gather)
         return jnp.where(_row_mask(group_sizes, lhs.shape[0]), out, 0)
     if backend == "ragged_dot":
         return jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes).astype(out_dtype)

@@ -139,7 +139,7 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax
 
 def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
                     w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False,
-                    backend: str = "auto") -> jax.Array:
+                    backend: str = "auto", gathers=(None, None, None)) -> jax.Array:
     """Routed experts, sorted path: each (token, slot) pair runs through its one expert.
 
     The M = B·T·X pairs are sorted by expert id (stable), so each expert's rows are contiguous,
@@ -151,6 +151,7 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     `grouped_gemm.CONFIG_BACKENDS`). With fp8=True the three grouped GEMMs become `fp8_ragged_dot` (emulated fp8 grouped GEMMs, see the module docstring);
     the result then matches `dense_dispatch(..., fp8=True)` in the forward pass up to fp32
     rounding, and its gradients up to the different wgrad tiling (tiles per expert here).
+    `gathers`: inside a shard_map, the `gmm` gather of each weight (`_weights_in`).
     """
     D, E, X = x.shape[-1], w_gate.shape[0], idx.shape[-1]
     flat_idx = idx.reshape(-1)                                             # [M]
@@ -158,10 +159,11 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     sizes = jnp.bincount(flat_idx, length=E).astype(jnp.int32)             # [E]
     tokens = x.reshape(-1, D).astype(dtype)                                # [B·T, D]
     rows = tokens[order // X]                                              # [M, D] sorted pairs
-    grouped = lambda h, w: gmm(h, w, sizes, backend=backend, out_dtype=dtype, fp8=fp8)
-    gate_ = grouped(rows, w_gate)                                          # [M, F]
-    up = grouped(rows, w_up)                                               # [M, F]
-    out = grouped(nn.silu(gate_) * up, w_down)                             # [M, D]
+    grouped = lambda h, w, g: gmm(h, w, sizes, backend=backend, out_dtype=dtype, fp8=fp8,
+                                  gather=g)
+    gate_ = grouped(rows, w_gate, gathers[0])                              # [M, F]
+    up = grouped(rows, w_up, gathers[1])                                   # [M, F]
+    out = grouped(nn.silu(gate_) * up, w_down, gathers[2])                 # [M, D]
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
     unsorted = unsorted.reshape(*idx.shape, D)                             # [..., X, D]
     return einsum("...XD,...X->...D", unsorted, weights, dtype)            # [..., D]
@@ -226,6 +228,7 @@ class _Plan:
     backend: str
     fp8: bool
     dtype: object
+    gathers: tuple = (None, None, None)   # `gmm` gathers of w_gate, w_up, w_down (`_weights_in`)
 
 
 def _round(plan: _Plan, ints: dict, rows, w_gate, w_up, w_down, r):
@@ -261,10 +264,11 @@ def _round(plan: _Plan, ints: dict, rows, w_gate, w_up, w_down, r):
     order = jnp.argsort(ids, stable=True)                                   # [P·W]
     sizes = jax.ops.segment_sum(jnp.ones_like(ids), ids, num_segments=El)   # [El]
     h = buf[order]                                                          # [P·W, D]
-    mm = lambda a, w: gmm(a, w, sizes, backend=plan.backend, out_dtype=plan.dtype, fp8=plan.fp8)
-    gate_ = mm(h, w_gate)                                                   # [P·W, F]
-    up = mm(h, w_up)                                                        # [P·W, F]
-    out = mm(nn.silu(gate_) * up, w_down)                                   # [P·W, D]
+    mm = lambda a, w, g: gmm(a, w, sizes, backend=plan.backend, out_dtype=plan.dtype,
+                             fp8=plan.fp8, gather=g)
+    gate_ = mm(h, w_gate, plan.gathers[0])                                  # [P·W, F]
+    up = mm(h, w_up, plan.gathers[1])                                       # [P·W, F]
+    out = mm(nn.silu(gate_) * up, w_down, plan.gathers[2])                  # [P·W, D]
     if plan.mlp_axes:                                                       # F split: partial sums
         out = jax.lax.psum(out, plan.mlp_axes)
     out = jnp.zeros_like(out).at[order].set(out, unique_indices=True)       # [P·W, D] slot order
@@ -320,14 +324,46 @@ def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
 
 # --- no expert axis: local dispatch ---------------------------------------------------------------
 
+def _embed_axes(layout: EPLayout) -> tuple[str, ...]:
+    """Mesh axes (size > 1) that D of the routed-expert weights is split over by the rules in
+    context (FSDP: `fsdp`); () when D is whole."""
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return ()
+    spec = nn.logical_to_mesh_axes(("expert", "embed", "mlp"), rules)
+    axes = spec[1] if len(spec) > 1 else None
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in layout.expert_axes
+                 and a not in layout.mlp_axes)
+
+
+def _weights_in(w_gate, w_up, w_down, embed_axes, fp8: bool):
+    """Inside the shard_map: the routed weights arrive split along D over `embed_axes`, as they
+    are stored. Returns (w_gate, w_up, w_down, gathers): for the fp8 emulation with whole
+    128-blocks per shard, the shards themselves and the `gmm` gathers that move them quantized
+    (once per GEMM call); otherwise the weights all-gathered here, once (in the dtype they came
+    in: bf16 for a bf16 model). Either way a weight's gradient leaves as a reduce-scatter over
+    `embed_axes` (the transpose of the gather), never a full-size all-reduce."""
+    ws = (w_gate, w_up, w_down)
+    if not embed_axes:
+        return (*ws, (None, None, None))
+    dims = (1, 1, 2)                                                        # D of [E,D,F], [E,F,D]
+    if fp8 and all(w.shape[d] % 128 == 0 for w, d in zip(ws, dims)):
+        return (*ws, tuple((embed_axes, d) for d in dims))
+    ws = tuple(jax.lax.all_gather(w, embed_axes, axis=d, tiled=True) for w, d in zip(ws, dims))
+    return (*ws, (None, None, None))
+
+
 def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype, backend, fp8,
                keep):
     """`expert_parallel_moe` with E whole on every device: no exchange.
 
     Each device sorts only its own b = B/n_batch sequences' pairs and runs them through the full
-    expert weights (`moe.ragged_dispatch`); the weights enter the shard_map whole along E and D
-    (FSDP all-gathers them as it does any weight; their gradients are reduce-scattered back) and
-    split along F over `layout.mlp_axes`, where the partial outputs are summed (`psum`). Without
+    expert weights (`moe.ragged_dispatch`); the weights enter the shard_map as stored (D split
+    over the FSDP axes, F over `layout.mlp_axes`) and are gathered along D inside
+    (`_weights_in`: in fp8 under fp8), so their gradients leave as reduce-scatters; the partial
+    outputs of a split F are summed (`psum`). Without
     this, the compiler partitions the single-device sort of all B·T·X pairs by gathering routing
     scores and ids over the whole batch and all-reducing [B·T·X, D] token copies.
     """
@@ -335,23 +371,26 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
     b_spec = P(layout.batch_axes or None, None, None)
     mlp = (layout.mlp_axes if len(layout.mlp_axes) > 1 else layout.mlp_axes[0]) \
         if layout.mlp_axes else None
+    embed_axes = _embed_axes(layout)
+    emb = embed_axes or None
 
     def body(x, weights, idx, w_gate, w_up, w_down, *keep):
         load = jax.ops.segment_sum(jnp.ones((idx.size,), jnp.float32), idx.reshape(-1),
                                    num_segments=E)                          # [E] local choices
         if keep:                                                            # dropped: weight 0
             weights = jnp.where(keep[0], weights, 0)
-        y = ragged_dispatch(x, weights, idx, w_gate, w_up, w_down, dtype, fp8,
-                            backend=backend)                                # [b, T, D]
+        *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
+        y = ragged_dispatch(x, weights, idx, *ws, dtype, fp8, backend=backend,
+                            gathers=gathers)                                # [b, T, D]
         if layout.mlp_axes:                                                 # F split: partials
             y = jax.lax.psum(y, layout.mlp_axes)
         if layout.batch_axes:
             load = jax.lax.psum(load, layout.batch_axes)                    # global counts
         return y.astype(dtype), load, jnp.int32(0)
 
-    w_spec = P(None, None, mlp)
+    w_spec = P(None, emb, mlp)
     extra = () if keep is None else (keep,)
-    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(None, mlp, None))
+    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(None, mlp, emb))
                        + (b_spec,) * len(extra), out_specs=(b_spec, P(), P()), check_vma=False)
     return fn(x, weights, idx, w_gate, w_up, w_down, *extra)
 
@@ -402,11 +441,16 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
                           backend=backend, fp8=fp8, keep=keep)
     ex = layout.expert_axes if len(layout.expert_axes) > 1 else layout.expert_axes[0]
     M = (x.shape[0] // n_batch) * x.shape[1] * idx.shape[2]
+    embed_axes = _embed_axes(layout)
+    emb = embed_axes or None
     plan = _Plan(n_shards=Pn, chunk=chunk_rows(M, Pn, buffer_factor), n_local=E // Pn,
                  axis=layout.expert_axes, mlp_axes=layout.mlp_axes,
                  transport=resolve_transport(transport), backend=backend, fp8=fp8, dtype=dtype)
 
     def body(x, weights, idx, w_gate, w_up, w_down, *keep):
+        *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
+        w_gate, w_up, w_down = ws
+        plan_ = dataclasses.replace(plan, gathers=gathers)
         b, T, D = x.shape
         X = idx.shape[-1]
         El, W = plan.n_local, plan.chunk
@@ -430,8 +474,8 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         n_rounds = jnp.maximum(n_rounds, 1).astype(jnp.int32)
 
         rows = x.reshape(-1, D).astype(dtype)[order // X]                   # [M, D] sorted pairs
-        out = _round(plan, ints, rows, w_gate, w_up, w_down, 0)             # [M, D]
-        out = out + _overflow(plan, ints, n_rounds, rows, w_gate, w_up, w_down)
+        out = _round(plan_, ints, rows, w_gate, w_up, w_down, 0)            # [M, D]
+        out = out + _overflow(plan_, ints, n_rounds, rows, w_gate, w_up, w_down)
         pairs = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
         pairs = pairs.reshape(b, T, X, D)                                   # [b, T, X, D]
         y = jnp.einsum("BTXD,BTX->BTD", pairs, weights.astype(dtype))       # [b, T, D]
@@ -441,8 +485,8 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
             n_rounds = jax.lax.pmax(n_rounds, layout.batch_axes)            # report the worst
         return y.astype(dtype), load, n_rounds
 
-    w_spec = P(ex, None, mlp)
+    w_spec = P(ex, emb, mlp)
     extra = () if keep is None else (keep,)
-    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(ex, mlp, None))
+    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(ex, mlp, emb))
                        + (b_spec,) * len(extra), out_specs=(b_spec, P(), P()), check_vma=False)
     return fn(x, weights, idx, w_gate, w_up, w_down, *extra)
