@@ -378,7 +378,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
     if gather is not None and not (emulated_fp8 and rhs.shape[gather[1]] % fp8_gpu.BLOCK == 0):
         rhs = jax.lax.all_gather(rhs, tuple(gather[0]), axis=gather[1], tiled=True)
         gather = None
-    if lhs.shape[1] != rhs.shape[1]:
+    if lhs.shape[1] != rhs.shape[1] and not (split_k and gather is not None):
         raise ValueError(f"gmm: lhs {lhs.shape} and the gathered rhs {rhs.shape} differ in K")
     if fp8:
         if backend.startswith("mosaic_gpu"):
