@@ -108,7 +108,9 @@ def _fp8_dot(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes):
 def _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes=()):
     # The weight is quantized where it lives (each shard's own 128×128 blocks), so under FSDP
     # what crosses devices is the fp8 weight and its scales, gathered once at the shard_map's
-    # entry, never inside the GEMMs' loops over 128-blocks.
+    # entry, never inside the GEMMs' loops over 128-blocks. The gathered fp8 weight is the
+    # residual (as autodiff keeps a bf16 projection's gathered weight); under remat the
+    # backward recomputes it, gathering again.
     w_q, w_s = fp8.quantize_flax_weight(w)                                  # [N, K], [NB, J]
 
     def local(x, w_q, w_s):                                                 # this device's rows
@@ -116,21 +118,17 @@ def _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes=()):
         y = fp8.fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=out_dtype, backend=backend)  # [m, N]
         # For wgrad: xᵀ in 1×128 tiles along the tokens, quantized now from the full-precision x.
         x_t_q, x_t_s = fp8.quantize_activation(x, transpose=True)          # [K, m], [K, ⌈m/128⌉]
-        return y, x_t_q, x_t_s
+        return y, x_t_q, x_t_s, w_q, w_s
 
     rows, cols = P(token_axes or None, None), P(None, token_axes or None)
-    y, x_t_q, x_t_s = _over_tokens(local, token_axes, (rows, P(), P()),
-                                   (rows, cols, cols))(x, w_q, w_s)
+    y, x_t_q, x_t_s, w_q, w_s = _over_tokens(local, token_axes, (rows, P(), P()),
+                                             (rows, cols, cols, P(), P()))(x, w_q, w_s)
     return y, (x_t_q, x_t_s, w_q, w_s)
 
 
 def _fp8_dot_bwd(out_dtype, backend, x_dtype, w_dtype, token_axes, res, dy):
     x_t_q, x_t_s, w_q, w_s = res
     dy, unscale = normalize_grad(dy)                                       # exact, see above
-
-    n_shards = _axes_size(token_axes)
-    k_dim = x_t_q.shape[0]
-    scatter = n_shards > 1 and k_dim % n_shards == 0                        # else: psum
 
     def local(dy, x_t_q, x_t_s, w_q, w_s):
         # dgrad: dx = dy @ wᵀ with dy in 1×128 tiles along N and wᵀ's blocks (the same blocks).
@@ -141,15 +139,15 @@ def _fp8_dot_bwd(out_dtype, backend, x_dtype, w_dtype, token_axes, res, dy):
         dy_t_q, dy_t_s = fp8.quantize_activation(dy, transpose=True)       # [N, m], [N, ⌈m/128⌉]
         dw_t = fp8.fp8_wgrad(dy_t_q, dy_t_s, x_t_q, x_t_s, out_dtype=jnp.float32,
                              backend=backend)                               # [N, K] partial
-        if scatter:                       # summed over the tokens' devices, K split over them
-            dw_t = jax.lax.psum_scatter(dw_t, token_axes, scatter_dimension=1, tiled=True)
-        elif token_axes:
-            dw_t = jax.lax.psum(dw_t, token_axes)                           # [N, K]
-        return dx, dw_t
+        return dx, dw_t[None]                                               # [m, K], [1, N, K]
 
     rows, cols = P(token_axes or None, None), P(None, token_axes or None)
-    dx, dw_t = _over_tokens(local, token_axes, (rows, cols, cols, P(), P()),
-                            (rows, cols if scatter else P()))(dy, x_t_q, x_t_s, w_q, w_s)
+    dx, dw_parts = _over_tokens(local, token_axes, (rows, cols, cols, P(), P()),
+                                (rows, P(token_axes or None, None, None)))(
+        dy, x_t_q, x_t_s, w_q, w_s)
+    # Σ over the token shards (a sharded axis): the compiler reduces it straight into w's
+    # sharding, a reduce-scatter under FSDP.
+    dw_t = jnp.sum(dw_parts, axis=0)                                        # [N, K]
     dx = dx * unscale.astype(x_dtype)                                       # [M, K]
     return dx, jnp.einsum("NK->KN", dw_t * unscale).astype(w_dtype)         # [M, K], [K, N]
 
@@ -294,6 +292,26 @@ def _ragged(lhs, rhs, group_sizes):
                               preferred_element_type=jnp.float32)
 
 
+def _major(x, dim: int):
+    """x with axis `dim` moved to the front (and back: `_major(y, -dim)`)."""
+    return jnp.moveaxis(x, dim, 0) if dim >= 0 else jnp.moveaxis(x, 0, -dim)
+
+
+def all_gather_dim(x, axes: tuple[str, ...], dim: int):
+    """`jax.lax.all_gather(x, axes, axis=dim, tiled=True)`, gathered along the leading axis of a
+    transposed copy: its transpose (autodiff) is then a reduce-scatter over the leading axis,
+    which TPU runs as one (a scatter along an inner axis became an all-reduce of the whole
+    array and a slice in libtpu 0.0.48)."""
+    return _major(jax.lax.all_gather(_major(x, dim), axes, axis=0, tiled=True), -dim)
+
+
+def psum_scatter_dim(x, axes: tuple[str, ...], dim: int):
+    """`jax.lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True)` over the leading axis
+    of a transposed copy (see `all_gather_dim`)."""
+    return _major(jax.lax.psum_scatter(_major(x, dim), axes, scatter_dimension=0, tiled=True),
+                  -dim)
+
+
 def _gather_blocks(w_q, w_s, gather):
     """The local shard's (e4m3 `[E, K, N]`, scales `[E, J, NB]`) → the whole weight's, gathered
     along `gather = (axes, dim)` (dim 1 or 2: K or N); unchanged when `gather` is None. Exact:
@@ -301,8 +319,7 @@ def _gather_blocks(w_q, w_s, gather):
     if gather is None:
         return w_q, w_s
     axes, dim = gather
-    return (jax.lax.all_gather(w_q, axes, axis=dim, tiled=True),
-            jax.lax.all_gather(w_s, axes, axis=dim, tiled=True))
+    return all_gather_dim(w_q, axes, dim), all_gather_dim(w_s, axes, dim)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -311,19 +328,21 @@ def _fp8_ragged_dot(rows, w, group_sizes, out_dtype, x_dtype, w_dtype, gather):
 
 
 def _fp8_ragged_dot_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype, gather=None):
-    w_q, w_s = _quantize_expert_weights(w)                                  # [E, K, N], [E, J, NB]
-    w_dq = jax.vmap(fp8.dequantize_weight)(*_gather_blocks(w_q, w_s, gather))  # [E, K, N] fp32
+    # Gathered (when sharded) as e4m3 values and scales; the gathered fp8 weight is the residual,
+    # as autodiff keeps a bf16 GEMM's gathered weight (under remat the backward gathers again).
+    w_q, w_s = _gather_blocks(*_quantize_expert_weights(w), gather)         # [E, K, N], [E, J, NB]
+    w_dq = jax.vmap(fp8.dequantize_weight)(w_q, w_s)                        # [E, K, N] fp32
     y = _ragged(_rows_fp8(rows), w_dq, group_sizes).astype(out_dtype)      # [M, N]
     tiles, n_tiles = group_tiles(group_sizes, rows.shape[0])                # [M]
     x_t_q, x_t_s = quantize_token_tiles(rows, tiles, n_tiles)               # [M, K], [tiles, K]
-    return y, (x_t_q, x_t_s, w_q, w_s, group_sizes)                         # w: the local shard
+    return y, (x_t_q, x_t_s, w_q, w_s, group_sizes)
 
 
 def _fp8_ragged_dot_bwd(out_dtype, x_dtype, w_dtype, gather, res, dy):
     x_t_q, x_t_s, w_q, w_s, group_sizes = res
     m = dy.shape[0]
     dy, unscale = normalize_grad(dy)                                       # exact
-    w_dq = jax.vmap(fp8.dequantize_weight)(*_gather_blocks(w_q, w_s, gather))  # [E, K, N]
+    w_dq = jax.vmap(fp8.dequantize_weight)(w_q, w_s)                        # [E, K, N]
     # dgrad: dy in 1×128 tiles along N, each expert's blocks transposed.
     dx = _ragged(_rows_fp8(dy), jnp.einsum("EKN->ENK", w_dq), group_sizes)  # [M, K]
     # wgrad: dy and x in 128-row tiles per expert along the tokens; dw_e = Σ_{rows of e} xᵀ dy.
@@ -333,7 +352,7 @@ def _fp8_ragged_dot_bwd(out_dtype, x_dtype, w_dtype, gather, res, dy):
     _, pull = jax.vjp(lambda v: _ragged(x_t, v, group_sizes), w_dq)         # linear in v
     (dw,) = pull(dy_t)                                                      # [E, K, N]
     if gather is not None:                 # the transpose of the gather: sum, keep my shard
-        dw = jax.lax.psum_scatter(dw, gather[0], scatter_dimension=gather[1], tiled=True)
+        dw = psum_scatter_dim(dw, gather[0], gather[1])
     return (dx * unscale).astype(x_dtype), (dw * unscale).astype(w_dtype), None
 
 
@@ -351,8 +370,8 @@ def fp8_ragged_dot(rows: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
       out_dtype: dtype of the result (default rows.dtype).
       gather: inside a `shard_map`, `(mesh axes, dim)` when w is only this device's shard of the
         weight along dim 1 (K) or 2 (N), split over those (manual) axes: the shard is quantized
-        in its own 128×128 blocks, and the e4m3 values and scales are all-gathered (forward, and
-        again in the backward); w's gradient is the reduce-scatter (`psum_scatter`) of the whole
+        in its own 128×128 blocks, and the e4m3 values and scales are all-gathered once (the
+        backward reuses them); w's gradient is the reduce-scatter (`psum_scatter`) of the whole
         weight's. The shard's size along dim must be a multiple of 128 (blocks may not straddle
         shards); gather the master weight yourself otherwise.
 

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import MOE_BACKENDS
 from deepseek_jax.kernels import fp8, fp8_gpu
-from deepseek_jax.kernels.fp8_linear import (fp8_ragged_dot, group_tiles, normalize_grad,
+from deepseek_jax.kernels.fp8_linear import (all_gather_dim, fp8_ragged_dot, group_tiles, normalize_grad,
                                              quantize_token_tiles)
 
 CONFIG_BACKENDS = MOE_BACKENDS                      # "auto" and every backend below
@@ -376,7 +376,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
     backend = resolve_backend(backend, lhs.dtype, fp8)
     emulated_fp8 = fp8 and not backend.startswith("mosaic_gpu")
     if gather is not None and not (emulated_fp8 and rhs.shape[gather[1]] % fp8_gpu.BLOCK == 0):
-        rhs = jax.lax.all_gather(rhs, tuple(gather[0]), axis=gather[1], tiled=True)
+        rhs = all_gather_dim(rhs, tuple(gather[0]), gather[1])
         gather = None
     if lhs.shape[1] != rhs.shape[1] and not (split_k and gather is not None):
         raise ValueError(f"gmm: lhs {lhs.shape} and the gathered rhs {rhs.shape} differ in K")

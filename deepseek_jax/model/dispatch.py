@@ -91,7 +91,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import MOE_EP_TRANSPORTS, MeshError, ModelConfig
-from deepseek_jax.kernels.fp8_linear import fp8_dot
+from deepseek_jax.kernels.fp8_linear import all_gather_dim, fp8_dot
 from deepseek_jax.kernels.grouped_gemm import gmm, resolve_backend
 from deepseek_jax.model.layers import einsum
 from deepseek_jax.model.routing import EPLayout
@@ -351,7 +351,7 @@ def _weights_in(w_gate, w_up, w_down, embed_axes, fp8: bool):
     dims = (1, 1, 2)                                                        # D of [E,D,F], [E,F,D]
     if fp8 and all(w.shape[d] % 128 == 0 for w, d in zip(ws, dims)):
         return (*ws, tuple((embed_axes, d) for d in dims))
-    ws = tuple(jax.lax.all_gather(w, embed_axes, axis=d, tiled=True) for w, d in zip(ws, dims))
+    ws = tuple(all_gather_dim(w, embed_axes, d) for w, d in zip(ws, dims))
     return (*ws, (None, None, None))
 
 

@@ -92,9 +92,6 @@ def test_fp8_dot_per_device_equals_one_device():
     _close(dx, rdx, "dx")
     _close(dw, rdw, "dw")
     assert _in_block_loops(text) == []
-    kinds = hlo.collective_stats(text).bytes_by_kind()
-    assert kinds.get("reduce-scatter", 0) > 0                  # dw: partial sums scattered
-    assert kinds.get("all-reduce", 0) < k * n                  # no full-size dw all-reduce
 
 
 @pytest.mark.parametrize("dim", [1, 2])
@@ -153,3 +150,42 @@ def test_fsdp_moe_backward_reduce_scatters_expert_gradients(fp8):
     stats = hlo.collective_stats(text)
     assert any(c.kind == "reduce-scatter" and c.bytes >= E * D * F for c in stats.collectives)
     assert _in_block_loops(text) == []
+
+
+# --- bytes of the compiled train step on a TPU topology (compile only) ----------------------------
+
+# Widths that make every fp8 weight's shards whole 128-blocks on 8 devices (D = 8·128), and
+# make the fp8 projections most of what FSDP gathers (small vocabulary).
+_SMALL = dict(vocab_size=256, d_model=1024, n_layers=3, n_dense_layers=1, d_ff=512, n_heads=4,
+              q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32,
+              v_head_dim=32, n_routed_experts=8, n_shared_experts=1, n_experts_per_token=2,
+              moe_d_ff=256, n_expert_groups=1, n_limited_groups=1, mtp_depth=0,
+              dtype=jnp.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def v5p_devices():
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
+
+
+@pytest.mark.parametrize("preset,sizes", [("fsdp", {"fsdp": 8}),
+                                          ("fsdp_ep", {"fsdp": 2, "expert": 4})])
+def test_fp8_step_gathers_fp8_once_on_tpu(v5p_devices, preset, sizes):
+    from deepseek_jax.tools.compile import Strategy, compile_strategy
+    gathered = {}
+    for fp8 in (False, True):
+        c = get_config("tiny", **_SMALL, fp8=fp8)
+        r = compile_strategy(c, Strategy.make(preset, sizes), v5p_devices, 8, 128, keep_hlo=True)
+        stats = r["collectives"]
+        # The loops of unknown trip count allowed: the expert-parallel overflow rounds (forward
+        # and backward), which run only when routing overflows the buffer.
+        assert len(stats.unknown_loops) <= (2 if preset == "fsdp_ep" else 0)
+        gathered[fp8] = stats.bytes_by_role()["all-gather"]
+        # Nothing the partitioner wrote runs inside a GEMM's loop over 128-blocks: every
+        # collective runs at most once per layer of its scanned stack (2 MoE layers).
+        assert _in_block_loops(r["hlo"]) == []
+        assert max(c.executions for c in stats.collectives) <= 2
+    # Before: 2.6× the bf16 bytes (fsdp), from gathers inside the block loops.
+    assert gathered[True] <= 0.55 * gathered[False], gathered
