@@ -46,9 +46,31 @@ power-of-two re-tiling (e4m3 1×128 here, like every other input); the fp8 all-t
 one GEMM (their blocks would straddle the two halves when F is not a multiple of 128); delayed
 scaling (V3 uses online amax, as here).
 
-Not yet checked: sharded runs (under a mesh the flattening reshapes and the quantizers' padding
-may make XLA gather a sharded weight or activation) and any accelerator: on CPU "auto" resolves
-to the plain-JAX reference GEMMs.
+Sharded (`token_axes` of `fp8_dot` / `fp8_einsum`, `gather` of `fp8_ragged_dot`): the reference
+GEMMs loop over 128-blocks with `fori_loop`, and a loop that indexes a sharded axis makes the SPMD
+partitioner gather the whole operand again in every iteration (tens of times bf16's all-gather
+bytes per step under FSDP; BENCHMARKS.md, 2026-12-04). So every collective is placed outside the
+loops by hand:
+  * dense: the weight is quantized where it is stored (each shard's own 128×128 blocks), and the
+    GEMMs run inside a `shard_map` over the batch axes (`token_axes`; the other mesh axes stay with
+    the compiler), which gathers the fp8 weight and its scales once at its entry. The gathered fp8
+    weight is the residual (autodiff keeps a bf16 projection's gathered weight the same way; under
+    remat the backward recomputes it, gathering again). Wgrad runs over each device's own tokens
+    (its 1×128 token tiles are the device's, as on each of DeepSeek's GPUs); the partial weight
+    gradients leave the shard_map on a leading axis split over the batch axes, and their sum is
+    left to the compiler, which reduces into the weight's own sharding.
+  * routed experts (inside the MoE's shard_map): `gather=(axes, dim)` names the axis of w that is
+    split; the shard is quantized, e4m3 values and scales are all-gathered once, and the gradient
+    leaves as a reduce-scatter (`psum_scatter`).
+  Requirement: a shard holds whole 128-blocks along the split axis (its size a multiple of 128),
+  so the shards' blocks are the whole weight's blocks and the numerics do not depend on the mesh.
+  Otherwise `fp8_ragged_dot` refuses (its callers then gather the master weight first), and for a
+  dense weight the compiler reshards the master weight before quantizing (correct, more bytes).
+  Not yet handled: axes the compiler still partitions inside the shard_map (`tensor`): a weight
+  whose contraction axis is split there (row-parallel projections under fsdp_tp and dp_ep_tp)
+  is left to the compiler, inside the block loop.
+  Not yet run on any accelerator: on CPU "auto" resolves to the plain-JAX reference GEMMs, and
+  TPU programs were only compiled ahead of time.
 """
 
 from __future__ import annotations

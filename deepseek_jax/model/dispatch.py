@@ -61,9 +61,13 @@ Expert loads for the balancing update are `psum`med over the batch axes: global 
 No expert axis (dp, fsdp, fsdp_tp: E whole on every device, batch split): `layout_from_context`
 returns a layout with no expert axes and `expert_parallel_moe` runs `_local_moe` instead — a
 shard_map in which each device sorts its own pairs and runs `ragged_dispatch` with the full
-(FSDP-gathered) expert weights; F split over the tensor axes is summed with a `psum`; no
-all-to-all, no rounds. Both paths cast the expert weights to the compute dtype before the
-shard_map (the grouped GEMMs multiply in that dtype anyway), so FSDP gathers bf16, not fp32.
+expert weights; F split over the tensor axes is summed with a `psum`; no all-to-all, no rounds.
+Both paths cast the expert weights to the compute dtype before the shard_map (the grouped GEMMs
+multiply in that dtype anyway), so FSDP gathers bf16, not fp32. The weights enter both
+shard_maps as stored, D split over the FSDP axes, and are gathered inside (`_weights_in`): with
+fp8 the shards are quantized first and the e4m3 values and scales are gathered; either way the
+transpose of the gather is a reduce-scatter of the expert gradients, where a weight gathered on
+the way in would have had its full-size gradient all-reduced by the shard_map's transpose.
 
 Shared experts: the MoE module computes them outside this function; nothing links them to the
 exchange, so the compiler's scheduler is free to overlap the two (XLA's latency-hiding scheduler
