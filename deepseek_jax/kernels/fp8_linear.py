@@ -53,9 +53,9 @@ bytes per step under FSDP; BENCHMARKS.md, 2026-12-04). So every collective is pl
 loops by hand:
   * dense: the weight is quantized where it is stored (each shard's own 128×128 blocks), and the
     GEMMs run inside a `shard_map` over the batch axes (`token_axes`; the other mesh axes stay with
-    the compiler), which gathers the fp8 weight and its scales once at its entry. The gathered fp8
-    weight is the residual (autodiff keeps a bf16 projection's gathered weight the same way; under
-    remat the backward recomputes it, gathering again). Wgrad runs over each device's own tokens
+    the compiler), which gathers the fp8 weight and its scales once at its entry; the residual is
+    the local shard, gathered again for the backward's dgrad (FSDP's usual trade: bytes for
+    memory). Wgrad runs over each device's own tokens
     (its 1×128 token tiles are the device's, as on each of DeepSeek's GPUs); the partial weight
     gradients leave the shard_map on a leading axis split over the batch axes, and their sum is
     left to the compiler, which reduces into the weight's own sharding.
@@ -130,9 +130,9 @@ def _fp8_dot(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes):
 def _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes=()):
     # The weight is quantized where it lives (each shard's own 128×128 blocks), so under FSDP
     # what crosses devices is the fp8 weight and its scales, gathered once at the shard_map's
-    # entry, never inside the GEMMs' loops over 128-blocks. The gathered fp8 weight is the
-    # residual (as autodiff keeps a bf16 projection's gathered weight); under remat the
-    # backward recomputes it, gathering again.
+    # entry, never inside the GEMMs' loops over 128-blocks. The residual is the local shard:
+    # the backward gathers it again (as FSDP re-gathers a bf16 weight), so no layer holds a
+    # whole weight from its forward to its backward pass.
     w_q, w_s = fp8.quantize_flax_weight(w)                                  # [N, K], [NB, J]
 
     def local(x, w_q, w_s):                                                 # this device's rows
@@ -140,11 +140,11 @@ def _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes=()):
         y = fp8.fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=out_dtype, backend=backend)  # [m, N]
         # For wgrad: xᵀ in 1×128 tiles along the tokens, quantized now from the full-precision x.
         x_t_q, x_t_s = fp8.quantize_activation(x, transpose=True)          # [K, m], [K, ⌈m/128⌉]
-        return y, x_t_q, x_t_s, w_q, w_s
+        return y, x_t_q, x_t_s
 
     rows, cols = P(token_axes or None, None), P(None, token_axes or None)
-    y, x_t_q, x_t_s, w_q, w_s = _over_tokens(local, token_axes, (rows, P(), P()),
-                                             (rows, cols, cols, P(), P()))(x, w_q, w_s)
+    y, x_t_q, x_t_s = _over_tokens(local, token_axes, (rows, P(), P()),
+                                   (rows, cols, cols))(x, w_q, w_s)
     return y, (x_t_q, x_t_s, w_q, w_s)
 
 
@@ -350,10 +350,10 @@ def _fp8_ragged_dot(rows, w, group_sizes, out_dtype, x_dtype, w_dtype, gather):
 
 
 def _fp8_ragged_dot_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype, gather=None):
-    # Gathered (when sharded) as e4m3 values and scales; the gathered fp8 weight is the residual,
-    # as autodiff keeps a bf16 GEMM's gathered weight (under remat the backward gathers again).
-    w_q, w_s = _gather_blocks(*_quantize_expert_weights(w), gather)         # [E, K, N], [E, J, NB]
-    w_dq = jax.vmap(fp8.dequantize_weight)(w_q, w_s)                        # [E, K, N] fp32
+    # Gathered (when sharded) as e4m3 values and scales; the residual is the local shard, which
+    # the backward gathers again.
+    w_q, w_s = _quantize_expert_weights(w)                                  # [E, K, N], [E, J, NB]
+    w_dq = jax.vmap(fp8.dequantize_weight)(*_gather_blocks(w_q, w_s, gather))  # [E, K, N] fp32
     y = _ragged(_rows_fp8(rows), w_dq, group_sizes).astype(out_dtype)      # [M, N]
     tiles, n_tiles = group_tiles(group_sizes, rows.shape[0])                # [M]
     x_t_q, x_t_s = quantize_token_tiles(rows, tiles, n_tiles)               # [M, K], [tiles, K]
@@ -364,7 +364,7 @@ def _fp8_ragged_dot_bwd(out_dtype, x_dtype, w_dtype, gather, res, dy):
     x_t_q, x_t_s, w_q, w_s, group_sizes = res
     m = dy.shape[0]
     dy, unscale = normalize_grad(dy)                                       # exact
-    w_dq = jax.vmap(fp8.dequantize_weight)(w_q, w_s)                        # [E, K, N]
+    w_dq = jax.vmap(fp8.dequantize_weight)(*_gather_blocks(w_q, w_s, gather))  # [E, K, N]
     # dgrad: dy in 1×128 tiles along N, each expert's blocks transposed.
     dx = _ragged(_rows_fp8(dy), jnp.einsum("EKN->ENK", w_dq), group_sizes)  # [M, K]
     # wgrad: dy and x in 128-row tiles per expert along the tokens; dw_e = Σ_{rows of e} xᵀ dy.
@@ -392,8 +392,8 @@ def fp8_ragged_dot(rows: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
       out_dtype: dtype of the result (default rows.dtype).
       gather: inside a `shard_map`, `(mesh axes, dim)` when w is only this device's shard of the
         weight along dim 1 (K) or 2 (N), split over those (manual) axes: the shard is quantized
-        in its own 128×128 blocks, and the e4m3 values and scales are all-gathered once (the
-        backward reuses them); w's gradient is the reduce-scatter (`psum_scatter`) of the whole
+        in its own 128×128 blocks, and the e4m3 values and scales are all-gathered (once in the
+        forward, once in the backward); w's gradient is the reduce-scatter (`psum_scatter`) of the whole
         weight's. The shard's size along dim must be a multiple of 128 (blocks may not straddle
         shards); gather the master weight yourself otherwise.
 

@@ -92,6 +92,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import MOE_EP_TRANSPORTS, MeshError, ModelConfig
@@ -355,8 +356,15 @@ def _weights_in(w_gate, w_up, w_down, embed_axes, fp8: bool):
     dims = (1, 1, 2)                                                        # D of [E,D,F], [E,F,D]
     if fp8 and all(w.shape[d] % 128 == 0 for w, d in zip(ws, dims)):
         return (*ws, tuple((embed_axes, d) for d in dims))
-    ws = tuple(all_gather_dim(w, embed_axes, d) for w, d in zip(ws, dims))
+    ws = tuple(checkpoint_name(all_gather_dim(w, embed_axes, d), GATHERED)
+               for w, d in zip(ws, dims))
     return (*ws, (None, None, None))
+
+
+GATHERED = "moe_gathered_expert_weights"
+# Autodiff would keep the gathered weights from the forward to the backward pass (a whole layer's
+# experts per layer); the bodies below run under this policy, so the backward gathers them again.
+_REGATHER = jax.checkpoint_policies.save_anything_except_these_names(GATHERED)
 
 
 def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype, backend, fp8,
@@ -383,9 +391,11 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
                                    num_segments=E)                          # [E] local choices
         if keep:                                                            # dropped: weight 0
             weights = jnp.where(keep[0], weights, 0)
-        *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
-        y = ragged_dispatch(x, weights, idx, *ws, dtype, fp8, backend=backend,
-                            gathers=gathers)                                # [b, T, D]
+        def run(x, weights, w_gate, w_up, w_down):
+            *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
+            return ragged_dispatch(x, weights, idx, *ws, dtype, fp8, backend=backend,
+                                   gathers=gathers)                         # [b, T, D]
+        y = jax.checkpoint(run, policy=_REGATHER)(x, weights, w_gate, w_up, w_down)
         if layout.mlp_axes:                                                 # F split: partials
             y = jax.lax.psum(y, layout.mlp_axes)
         if layout.batch_axes:
@@ -491,6 +501,6 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
 
     w_spec = P(ex, emb, mlp)
     extra = () if keep is None else (keep,)
-    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(ex, mlp, emb))
+    fn = jax.shard_map(jax.checkpoint(body, policy=_REGATHER), in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(ex, mlp, emb))
                        + (b_spec,) * len(extra), out_specs=(b_spec, P(), P()), check_vma=False)
     return fn(x, weights, idx, w_gate, w_up, w_down, *extra)
