@@ -67,7 +67,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import MOE_BACKENDS
 from deepseek_jax.kernels import fp8, fp8_gpu
-from deepseek_jax.kernels.fp8_linear import (all_gather_dim, fp8_ragged_dot, group_tiles, normalize_grad,
+from deepseek_jax.kernels.fp8_linear import (all_gather_dim, fp8_ragged_dot, psum_scatter_dim, group_tiles, normalize_grad,
                                              quantize_token_tiles)
 
 CONFIG_BACKENDS = MOE_BACKENDS                      # "auto" and every backend below
@@ -344,6 +344,32 @@ def _gmm_megablox(lhs, rhs, group_sizes, out_dtype, interpret, tiling):
     return out.astype(out_dtype)
 
 
+# --- a weight split over devices, gathered for the product ------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gathered_gmm(lhs, rhs, group_sizes, gather, kw):
+    """`gmm(lhs, all_gather(rhs), ...)` that keeps only the local shard of rhs for the backward
+    (which gathers it again, as FSDP does) and reduce-scatters rhs's gradient."""
+    return gmm(lhs, all_gather_dim(rhs, *gather), group_sizes, **dict(kw))
+
+
+def _gathered_gmm_fwd(lhs, rhs, group_sizes, gather, kw):
+    return _gathered_gmm(lhs, rhs, group_sizes, gather, kw), (lhs, rhs, group_sizes)
+
+
+def _gathered_gmm_bwd(gather, kw, res, g):
+    lhs, rhs, group_sizes = res
+    # The product's forward value is unused here, so the compiler drops it: only the two
+    # transposed GEMMs run.
+    _, pull = jax.vjp(lambda a, b: gmm(a, b, group_sizes, **dict(kw)), lhs,
+                      all_gather_dim(rhs, *gather))
+    d_lhs, d_rhs = pull(g)
+    return d_lhs, psum_scatter_dim(d_rhs, *gather), None
+
+
+_gathered_gmm.defvjp(_gathered_gmm_fwd, _gathered_gmm_bwd)
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str = "auto",
@@ -361,7 +387,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
       tiling: backend tile sizes (`MosaicGpuTiling` or megablox's (tm, tk, tn)); None = defaults.
       gather: inside a `shard_map`, `(mesh axes, dim)` when rhs is this device's shard along
         dim 1 or 2 over those axes. The fp8 emulation gathers it quantized (`fp8_ragged_dot`);
-        every other path all-gathers rhs as it is first (its gradient is then reduce-scattered).
+        every other path all-gathers rhs as it is. Either way the forward and the backward
+        gather it once each (only the shard is kept in between) and rhs's gradient leaves as
+        a reduce-scatter.
 
     Returns:
       [M, N] in out_dtype; differentiable in lhs and rhs.
@@ -376,8 +404,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
     backend = resolve_backend(backend, lhs.dtype, fp8)
     emulated_fp8 = fp8 and not backend.startswith("mosaic_gpu")
     if gather is not None and not (emulated_fp8 and rhs.shape[gather[1]] % fp8_gpu.BLOCK == 0):
-        rhs = all_gather_dim(rhs, tuple(gather[0]), gather[1])
-        gather = None
+        return _gathered_gmm(lhs, rhs, group_sizes, (tuple(gather[0]), gather[1]),
+                             dict(backend=backend, out_dtype=out_dtype, fp8=fp8, tiling=tiling))
     if lhs.shape[1] != rhs.shape[1] and not (split_k and gather is not None):
         raise ValueError(f"gmm: lhs {lhs.shape} and the gathered rhs {rhs.shape} differ in K")
     if fp8:

@@ -64,10 +64,11 @@ shard_map in which each device sorts its own pairs and runs `ragged_dispatch` wi
 expert weights; F split over the tensor axes is summed with a `psum`; no all-to-all, no rounds.
 Both paths cast the expert weights to the compute dtype before the shard_map (the grouped GEMMs
 multiply in that dtype anyway), so FSDP gathers bf16, not fp32. The weights enter both
-shard_maps as stored, D split over the FSDP axes, and are gathered inside (`_weights_in`): with
-fp8 the shards are quantized first and the e4m3 values and scales are gathered; either way the
-transpose of the gather is a reduce-scatter of the expert gradients, where a weight gathered on
-the way in would have had its full-size gradient all-reduced by the shard_map's transpose.
+shard_maps as stored, D split over the FSDP axes, and each grouped GEMM gathers its weight
+(`gmm(..., gather=)`; with fp8 the shards are quantized first and the e4m3 values and scales are
+gathered), once in the forward and once in the backward; the expert gradients leave as
+reduce-scatters, where a weight gathered on the way in had its full-size gradient all-reduced by
+the shard_map's transpose. Each overflow round gathers the weights again.
 
 Shared experts: the MoE module computes them outside this function; nothing links them to the
 exchange, so the compiler's scheduler is free to overlap the two (XLA's latency-hiding scheduler
@@ -92,11 +93,10 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import MOE_EP_TRANSPORTS, MeshError, ModelConfig
-from deepseek_jax.kernels.fp8_linear import all_gather_dim, fp8_dot
+from deepseek_jax.kernels.fp8_linear import fp8_dot
 from deepseek_jax.kernels.grouped_gemm import gmm, resolve_backend
 from deepseek_jax.model.layers import einsum
 from deepseek_jax.model.routing import EPLayout
@@ -345,26 +345,15 @@ def _embed_axes(layout: EPLayout) -> tuple[str, ...]:
 
 def _weights_in(w_gate, w_up, w_down, embed_axes, fp8: bool):
     """Inside the shard_map: the routed weights arrive split along D over `embed_axes`, as they
-    are stored. Returns (w_gate, w_up, w_down, gathers): for the fp8 emulation with whole
-    128-blocks per shard, the shards themselves and the `gmm` gathers that move them quantized
-    (once per GEMM call); otherwise the weights all-gathered here, once (in the dtype they came
-    in: bf16 for a bf16 model). Either way a weight's gradient leaves as a reduce-scatter over
-    `embed_axes` (the transpose of the gather), never a full-size all-reduce."""
-    ws = (w_gate, w_up, w_down)
+    are stored. Returns (w_gate, w_up, w_down, gathers): the shards and the `gmm` gathers that
+    bring each whole for its product (in fp8 when quantized with whole 128-blocks per shard),
+    once in the forward and once in the backward (FSDP keeps only the shard in between); a
+    weight's gradient leaves as a reduce-scatter over `embed_axes`, never a full-size
+    all-reduce."""
+    del fp8                                                                 # gmm decides how
     if not embed_axes:
-        return (*ws, (None, None, None))
-    dims = (1, 1, 2)                                                        # D of [E,D,F], [E,F,D]
-    if fp8 and all(w.shape[d] % 128 == 0 for w, d in zip(ws, dims)):
-        return (*ws, tuple((embed_axes, d) for d in dims))
-    ws = tuple(checkpoint_name(all_gather_dim(w, embed_axes, d), GATHERED)
-               for w, d in zip(ws, dims))
-    return (*ws, (None, None, None))
-
-
-GATHERED = "moe_gathered_expert_weights"
-# Autodiff would keep the gathered weights from the forward to the backward pass (a whole layer's
-# experts per layer); the bodies below run under this policy, so the backward gathers them again.
-_REGATHER = jax.checkpoint_policies.save_anything_except_these_names(GATHERED)
+        return w_gate, w_up, w_down, (None, None, None)
+    return w_gate, w_up, w_down, ((embed_axes, 1), (embed_axes, 1), (embed_axes, 2))
 
 
 def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype, backend, fp8,
@@ -391,11 +380,9 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
                                    num_segments=E)                          # [E] local choices
         if keep:                                                            # dropped: weight 0
             weights = jnp.where(keep[0], weights, 0)
-        def run(x, weights, w_gate, w_up, w_down):
-            *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
-            return ragged_dispatch(x, weights, idx, *ws, dtype, fp8, backend=backend,
-                                   gathers=gathers)                         # [b, T, D]
-        y = jax.checkpoint(run, policy=_REGATHER)(x, weights, w_gate, w_up, w_down)
+        *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
+        y = ragged_dispatch(x, weights, idx, *ws, dtype, fp8, backend=backend,
+                            gathers=gathers)                                # [b, T, D]
         if layout.mlp_axes:                                                 # F split: partials
             y = jax.lax.psum(y, layout.mlp_axes)
         if layout.batch_axes:
@@ -501,6 +488,6 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
 
     w_spec = P(ex, emb, mlp)
     extra = () if keep is None else (keep,)
-    fn = jax.shard_map(jax.checkpoint(body, policy=_REGATHER), in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(ex, mlp, emb))
+    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(ex, mlp, emb))
                        + (b_spec,) * len(extra), out_specs=(b_spec, P(), P()), check_vma=False)
     return fn(x, weights, idx, w_gate, w_up, w_down, *extra)
