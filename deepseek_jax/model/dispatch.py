@@ -329,9 +329,13 @@ def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
 
 # --- no expert axis: local dispatch ---------------------------------------------------------------
 
-def _embed_axes(layout: EPLayout) -> tuple[str, ...]:
+def _embed_axes(layout: EPLayout, fp8: bool, d_model: int) -> tuple[str, ...]:
     """Mesh axes (size > 1) that D of the routed-expert weights is split over by the rules in
-    context (FSDP: `fsdp`); () when D is whole."""
+    context (FSDP: `fsdp`), when the fp8 path gathers the quantized shards inside the shard_map
+    (fp8, whole 128-blocks per shard); () otherwise: the weights then enter the shard_map whole
+    along D (gathered on the way in, their full-size gradients all-reduced by its transpose)."""
+    if not fp8:
+        return ()
     rules = nn.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty:
@@ -339,8 +343,10 @@ def _embed_axes(layout: EPLayout) -> tuple[str, ...]:
     spec = nn.logical_to_mesh_axes(("expert", "embed", "mlp"), rules)
     axes = spec[1] if len(spec) > 1 else None
     axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in layout.expert_axes
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in layout.expert_axes
                  and a not in layout.mlp_axes)
+    n = math.prod(mesh.shape[a] for a in axes)
+    return axes if axes and d_model % (n * 128) == 0 else ()
 
 
 def _weights_in(w_gate, w_up, w_down, embed_axes, fp8: bool):
@@ -372,7 +378,7 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
     b_spec = P(layout.batch_axes or None, None, None)
     mlp = (layout.mlp_axes if len(layout.mlp_axes) > 1 else layout.mlp_axes[0]) \
         if layout.mlp_axes else None
-    embed_axes = _embed_axes(layout)
+    embed_axes = _embed_axes(layout, fp8, x.shape[-1])
     emb = embed_axes or None
 
     def body(x, weights, idx, w_gate, w_up, w_down, *keep):
@@ -442,7 +448,7 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
                           backend=backend, fp8=fp8, keep=keep)
     ex = layout.expert_axes if len(layout.expert_axes) > 1 else layout.expert_axes[0]
     M = (x.shape[0] // n_batch) * x.shape[1] * idx.shape[2]
-    embed_axes = _embed_axes(layout)
+    embed_axes = _embed_axes(layout, fp8, x.shape[-1])
     emb = embed_axes or None
     plan = _Plan(n_shards=Pn, chunk=chunk_rows(M, Pn, buffer_factor), n_local=E // Pn,
                  axis=layout.expert_axes, mlp_axes=layout.mlp_axes,
