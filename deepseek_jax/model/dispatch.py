@@ -63,12 +63,12 @@ returns a layout with no expert axes and `expert_parallel_moe` runs `_local_moe`
 shard_map in which each device sorts its own pairs and runs `ragged_dispatch` with the full
 expert weights; F split over the tensor axes is summed with a `psum`; no all-to-all, no rounds.
 Both paths cast the expert weights to the compute dtype before the shard_map (the grouped GEMMs
-multiply in that dtype anyway), so FSDP gathers bf16, not fp32. The weights enter both
-shard_maps as stored, D split over the FSDP axes, and each grouped GEMM gathers its weight
-(`gmm(..., gather=)`; with fp8 the shards are quantized first and the e4m3 values and scales are
-gathered), once in the forward and once in the backward; the expert gradients leave as
-reduce-scatters, where a weight gathered on the way in had its full-size gradient all-reduced by
-the shard_map's transpose. Each overflow round gathers the weights again.
+multiply in that dtype anyway), so FSDP gathers bf16, not fp32, on the way in; the shard_map's
+transpose then all-reduces their full-size gradients. With fp8 and whole 128-blocks per D shard,
+the weights instead enter as stored (D split over the FSDP axes) and each grouped GEMM
+quantizes its shard and gathers the e4m3 values and scales (`gmm(..., gather=)`), once in the
+forward and once in the backward; their gradients leave as reduce-scatters. Each overflow
+round gathers them again. (The same for bf16 aborted at run time on CPU; not yet done.)
 
 Shared experts: the MoE module computes them outside this function; nothing links them to the
 exchange, so the compiler's scheduler is free to overlap the two (XLA's latency-hiding scheduler
@@ -367,10 +367,10 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
     """`expert_parallel_moe` with E whole on every device: no exchange.
 
     Each device sorts only its own b = B/n_batch sequences' pairs and runs them through the full
-    expert weights (`moe.ragged_dispatch`); the weights enter the shard_map as stored (D split
-    over the FSDP axes, F over `layout.mlp_axes`) and are gathered along D inside
-    (`_weights_in`: in fp8 under fp8), so their gradients leave as reduce-scatters; the partial
-    outputs of a split F are summed (`psum`). Without
+    expert weights (`moe.ragged_dispatch`); the weights enter the shard_map split along F over
+    `layout.mlp_axes`, and along D over the FSDP axes when `_embed_axes` says the fp8 path
+    gathers them inside (see the module docstring); the partial outputs of a split F are summed
+    (`psum`). Without
     this, the compiler partitions the single-device sort of all B·T·X pairs by gathering routing
     scores and ids over the whole batch and all-reducing [B·T·X, D] token copies.
     """
