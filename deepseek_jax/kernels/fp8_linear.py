@@ -46,9 +46,31 @@ power-of-two re-tiling (e4m3 1×128 here, like every other input); the fp8 all-t
 one GEMM (their blocks would straddle the two halves when F is not a multiple of 128); delayed
 scaling (V3 uses online amax, as here).
 
-Not yet checked: sharded runs (under a mesh the flattening reshapes and the quantizers' padding
-may make XLA gather a sharded weight or activation) and any accelerator: on CPU "auto" resolves
-to the plain-JAX reference GEMMs.
+Sharded (`token_axes` of `fp8_dot` / `fp8_einsum`, `gather` of `fp8_ragged_dot`): the reference
+GEMMs loop over 128-blocks with `fori_loop`, and a loop that indexes a sharded axis makes the SPMD
+partitioner gather the whole operand again in every iteration (tens of times bf16's all-gather
+bytes per step under FSDP; BENCHMARKS.md, 2026-12-04). So every collective is placed outside the
+loops by hand:
+  * dense: the weight is quantized where it is stored (each shard's own 128×128 blocks), and the
+    GEMMs run inside a `shard_map` over the batch axes (`token_axes`; the other mesh axes stay with
+    the compiler), which gathers the fp8 weight and its scales once at its entry; the residual is
+    the local shard, gathered again for the backward's dgrad (FSDP's usual trade: bytes for
+    memory). Wgrad runs over each device's own tokens
+    (its 1×128 token tiles are the device's, as on each of DeepSeek's GPUs); the partial weight
+    gradients leave the shard_map on a leading axis split over the batch axes, and their sum is
+    left to the compiler, which reduces into the weight's own sharding.
+  * routed experts (inside the MoE's shard_map): `gather=(axes, dim)` names the axis of w that is
+    split; the shard is quantized, e4m3 values and scales are all-gathered once, and the gradient
+    leaves as a reduce-scatter (`psum_scatter`).
+  Requirement: a shard holds whole 128-blocks along the split axis (its size a multiple of 128),
+  so the shards' blocks are the whole weight's blocks and the numerics do not depend on the mesh.
+  Otherwise `fp8_ragged_dot` refuses (its callers then gather the master weight first), and for a
+  dense weight the compiler reshards the master weight before quantizing (correct, more bytes).
+  Not yet handled: axes the compiler still partitions inside the shard_map (`tensor`): a weight
+  whose contraction axis is split there (row-parallel projections under fsdp_tp and dp_ep_tp)
+  is left to the compiler, inside the block loop.
+  Not yet run on any accelerator: on CPU "auto" resolves to the plain-JAX reference GEMMs, and
+  TPU programs were only compiled ahead of time.
 """
 
 from __future__ import annotations
@@ -58,6 +80,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.kernels import fp8
 
@@ -84,32 +107,69 @@ def normalize_grad(dy):
     return dy * jnp.ldexp(one, -e).astype(dy.dtype), jnp.ldexp(one, e)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _fp8_dot(x, w, out_dtype, backend, x_dtype, w_dtype):
+def _over_tokens(fn, token_axes: tuple[str, ...], in_specs, out_specs):
+    """`fn` inside a shard_map over the mesh axes `token_axes` (manual there, every other axis left
+    to the compiler), or `fn` itself when there are none. The mesh is the one in context."""
+    if not token_axes:
+        return fn
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, axis_names=set(token_axes),
+                         check_vma=False)
+
+
+def _axes_size(axes: tuple[str, ...]) -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in axes) if axes else 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _fp8_dot(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes):
     """x `[M, K]`, w `[K, N]` → `[M, N]` (the differentiable core of `fp8_dot`)."""
-    return _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype)[0]
+    return _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes)[0]
 
 
-def _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype):
-    x_q, x_s = fp8.quantize_activation(x)                                   # [M, K], [M, J]
+def _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes=()):
+    # The weight is quantized where it lives (each shard's own 128×128 blocks), so under FSDP
+    # what crosses devices is the fp8 weight and its scales, gathered once at the shard_map's
+    # entry, never inside the GEMMs' loops over 128-blocks. The residual is the local shard:
+    # the backward gathers it again (as FSDP re-gathers a bf16 weight), so no layer holds a
+    # whole weight from its forward to its backward pass.
     w_q, w_s = fp8.quantize_flax_weight(w)                                  # [N, K], [NB, J]
-    y = fp8.fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=out_dtype, backend=backend)  # [M, N]
-    # For wgrad: xᵀ in 1×128 tiles along the tokens, quantized now from the full-precision x.
-    x_t_q, x_t_s = fp8.quantize_activation(x, transpose=True)              # [K, M], [K, ceil(M/128)]
+
+    def local(x, w_q, w_s):                                                 # this device's rows
+        x_q, x_s = fp8.quantize_activation(x)                               # [m, K], [m, J]
+        y = fp8.fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=out_dtype, backend=backend)  # [m, N]
+        # For wgrad: xᵀ in 1×128 tiles along the tokens, quantized now from the full-precision x.
+        x_t_q, x_t_s = fp8.quantize_activation(x, transpose=True)          # [K, m], [K, ⌈m/128⌉]
+        return y, x_t_q, x_t_s
+
+    rows, cols = P(token_axes or None, None), P(None, token_axes or None)
+    y, x_t_q, x_t_s = _over_tokens(local, token_axes, (rows, P(), P()),
+                                   (rows, cols, cols))(x, w_q, w_s)
     return y, (x_t_q, x_t_s, w_q, w_s)
 
 
-def _fp8_dot_bwd(out_dtype, backend, x_dtype, w_dtype, res, dy):
+def _fp8_dot_bwd(out_dtype, backend, x_dtype, w_dtype, token_axes, res, dy):
     x_t_q, x_t_s, w_q, w_s = res
     dy, unscale = normalize_grad(dy)                                       # exact, see above
-    # dgrad: dx = dy @ wᵀ with dy in 1×128 tiles along N and wᵀ's blocks (the same blocks).
-    dy_q, dy_s = fp8.quantize_activation(dy)                                # [M, N], [M, NB]
-    w_t_q, w_t_s = fp8.transpose_quantized_weight(w_q, w_s)                 # [K, N], [J, NB]
-    dx = fp8.fp8_dgrad(dy_q, dy_s, w_t_q, w_t_s, out_dtype=x_dtype, backend=backend)  # [M, K]
-    # wgrad: dwᵀ = dyᵀ @ x, contracting the tokens, 1×128 tiles along the tokens on both sides.
-    dy_t_q, dy_t_s = fp8.quantize_activation(dy, transpose=True)           # [N, M], [N, ceil(M/128)]
-    dw_t = fp8.fp8_wgrad(dy_t_q, dy_t_s, x_t_q, x_t_s, out_dtype=jnp.float32,
-                         backend=backend)                                   # [N, K]
+
+    def local(dy, x_t_q, x_t_s, w_q, w_s):
+        # dgrad: dx = dy @ wᵀ with dy in 1×128 tiles along N and wᵀ's blocks (the same blocks).
+        dy_q, dy_s = fp8.quantize_activation(dy)                            # [m, N], [m, NB]
+        w_t_q, w_t_s = fp8.transpose_quantized_weight(w_q, w_s)             # [K, N], [J, NB]
+        dx = fp8.fp8_dgrad(dy_q, dy_s, w_t_q, w_t_s, out_dtype=x_dtype, backend=backend)  # [m, K]
+        # wgrad: dwᵀ = dyᵀ @ x over this device's tokens, 1×128 tiles along them on both sides.
+        dy_t_q, dy_t_s = fp8.quantize_activation(dy, transpose=True)       # [N, m], [N, ⌈m/128⌉]
+        dw_t = fp8.fp8_wgrad(dy_t_q, dy_t_s, x_t_q, x_t_s, out_dtype=jnp.float32,
+                             backend=backend)                               # [N, K] partial
+        return dx, dw_t[None]                                               # [m, K], [1, N, K]
+
+    rows, cols = P(token_axes or None, None), P(None, token_axes or None)
+    dx, dw_parts = _over_tokens(local, token_axes, (rows, cols, cols, P(), P()),
+                                (rows, P(token_axes or None, None, None)))(
+        dy, x_t_q, x_t_s, w_q, w_s)
+    # Σ over the token shards (a sharded axis): the compiler reduces it straight into w's
+    # sharding, a reduce-scatter under FSDP.
+    dw_t = jnp.sum(dw_parts, axis=0)                                        # [N, K]
     dx = dx * unscale.astype(x_dtype)                                       # [M, K]
     return dx, jnp.einsum("NK->KN", dw_t * unscale).astype(w_dtype)         # [M, K], [K, N]
 
@@ -117,7 +177,8 @@ def _fp8_dot_bwd(out_dtype, backend, x_dtype, w_dtype, res, dy):
 _fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
 
 
-def fp8_dot(x: jax.Array, w: jax.Array, *, out_dtype=None, backend: str = "auto") -> jax.Array:
+def fp8_dot(x: jax.Array, w: jax.Array, *, out_dtype=None, backend: str = "auto",
+            token_axes: tuple[str, ...] = ()) -> jax.Array:
     """`x @ w` with DeepSeek's fp8 recipe in the forward and both backward GEMMs.
 
     Args:
@@ -127,6 +188,11 @@ def fp8_dot(x: jax.Array, w: jax.Array, *, out_dtype=None, backend: str = "auto"
       out_dtype: dtype of the result (default x.dtype); the GEMM accumulates in fp32.
       backend: the GEMM backend of `deepseek_jax.kernels.fp8` ("auto": Hopper → Mosaic GPU,
         TPU → Mosaic TPU, otherwise the plain-JAX reference).
+      token_axes: mesh axes (of the mesh in context, not already manual) that x's rows are split
+        over, leading axis first-major (a batch split over them); () = no mesh. With axes, the
+        GEMMs run per device inside a `shard_map` over them (see "Sharded" in the module
+        docstring): w quantized shard by shard and gathered once in fp8, wgrad over each
+        device's own tokens, its partial sums reduced into w's sharding.
 
     Returns:
       `[..., N]` in `out_dtype`. Gradients: dx in x.dtype, dw in w.dtype, both from fp8 GEMMs.
@@ -140,7 +206,8 @@ def fp8_dot(x: jax.Array, w: jax.Array, *, out_dtype=None, backend: str = "auto"
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     lead, (k, n) = x.shape[:-1], w.shape
     x2 = x.reshape(math.prod(lead), k)                                      # [M, K]
-    y = _fp8_dot(x2, w, out_dtype, backend, jnp.dtype(x.dtype), jnp.dtype(w.dtype))  # [M, N]
+    y = _fp8_dot(x2, w, out_dtype, backend, jnp.dtype(x.dtype), jnp.dtype(w.dtype),
+                 tuple(token_axes))                                         # [M, N]
     return y.reshape(*lead, n)                                              # [..., N]
 
 
@@ -175,13 +242,14 @@ def _parse_projection(eqn: str):
 
 
 def fp8_einsum(eqn: str, x: jax.Array, w: jax.Array, *, out_dtype=None,
-               backend: str = "auto") -> jax.Array:
+               backend: str = "auto", token_axes: tuple[str, ...] = ()) -> jax.Array:
     """A projection `jnp.einsum(eqn, x, w)` through `fp8_dot`.
 
     The weight's axes that also appear in x are contracted (flattened, in the weight's order, into
     K); its other axes are the output features (flattened into N). E.g. `"BTNU,NUD->BTD"`: K = N·U,
     N_out = D; `"BTQ,QNH->BTNH"`: K = Q, N_out = N·H. An optional leading `...` on x and the output
     stands for batch axes. Axes shared by x, w and the output (batched weights) are rejected.
+    `token_axes`: as in `fp8_dot` (x's leading axis must be the one split over them).
     """
     ell, batch, contracted, free, xs, ws, out = _parse_projection(eqn)
     pre = "..." if ell else ""
@@ -191,7 +259,7 @@ def fp8_einsum(eqn: str, x: jax.Array, w: jax.Array, *, out_dtype=None,
     free_shape = wp.shape[len(contracted):]
     k = math.prod(wp.shape[:len(contracted)])
     y = fp8_dot(xp.reshape(*lead, k), wp.reshape(k, math.prod(free_shape)),
-                out_dtype=out_dtype, backend=backend)                       # [..., batch, K→N]
+                out_dtype=out_dtype, backend=backend, token_axes=token_axes)  # [..., batch, K→N]
     y = y.reshape(*lead, *free_shape)                                       # [..., batch, free]
     return jnp.einsum(f"{pre}{batch}{free}->{out}", y)
 
@@ -246,25 +314,57 @@ def _ragged(lhs, rhs, group_sizes):
                               preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fp8_ragged_dot(rows, w, group_sizes, out_dtype, x_dtype, w_dtype):
-    return _fp8_ragged_dot_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype)[0]
+def _major(x, dim: int):
+    """x with axis `dim` moved to the front (and back: `_major(y, -dim)`)."""
+    return jnp.moveaxis(x, dim, 0) if dim >= 0 else jnp.moveaxis(x, 0, -dim)
 
 
-def _fp8_ragged_dot_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype):
+def all_gather_dim(x, axes: tuple[str, ...], dim: int):
+    """`jax.lax.all_gather(x, axes, axis=dim, tiled=True)`, gathered along the leading axis of a
+    transposed copy: its transpose (autodiff) is then a reduce-scatter over the leading axis,
+    which TPU runs as one (a scatter along an inner axis became an all-reduce of the whole
+    array and a slice in libtpu 0.0.48)."""
+    return _major(jax.lax.all_gather(_major(x, dim), axes, axis=0, tiled=True), -dim)
+
+
+def psum_scatter_dim(x, axes: tuple[str, ...], dim: int):
+    """`jax.lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True)` over the leading axis
+    of a transposed copy (see `all_gather_dim`)."""
+    return _major(jax.lax.psum_scatter(_major(x, dim), axes, scatter_dimension=0, tiled=True),
+                  -dim)
+
+
+def _gather_blocks(w_q, w_s, gather):
+    """The local shard's (e4m3 `[E, K, N]`, scales `[E, J, NB]`) → the whole weight's, gathered
+    along `gather = (axes, dim)` (dim 1 or 2: K or N); unchanged when `gather` is None. Exact:
+    with shards of whole 128-blocks the blocks of the shards are the blocks of the whole."""
+    if gather is None:
+        return w_q, w_s
+    axes, dim = gather
+    return all_gather_dim(w_q, axes, dim), all_gather_dim(w_s, axes, dim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fp8_ragged_dot(rows, w, group_sizes, out_dtype, x_dtype, w_dtype, gather):
+    return _fp8_ragged_dot_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype, gather)[0]
+
+
+def _fp8_ragged_dot_fwd(rows, w, group_sizes, out_dtype, x_dtype, w_dtype, gather=None):
+    # Gathered (when sharded) as e4m3 values and scales; the residual is the local shard, which
+    # the backward gathers again.
     w_q, w_s = _quantize_expert_weights(w)                                  # [E, K, N], [E, J, NB]
-    w_dq = jax.vmap(fp8.dequantize_weight)(w_q, w_s)                        # [E, K, N] fp32
+    w_dq = jax.vmap(fp8.dequantize_weight)(*_gather_blocks(w_q, w_s, gather))  # [E, K, N] fp32
     y = _ragged(_rows_fp8(rows), w_dq, group_sizes).astype(out_dtype)      # [M, N]
     tiles, n_tiles = group_tiles(group_sizes, rows.shape[0])                # [M]
     x_t_q, x_t_s = quantize_token_tiles(rows, tiles, n_tiles)               # [M, K], [tiles, K]
     return y, (x_t_q, x_t_s, w_q, w_s, group_sizes)
 
 
-def _fp8_ragged_dot_bwd(out_dtype, x_dtype, w_dtype, res, dy):
+def _fp8_ragged_dot_bwd(out_dtype, x_dtype, w_dtype, gather, res, dy):
     x_t_q, x_t_s, w_q, w_s, group_sizes = res
     m = dy.shape[0]
     dy, unscale = normalize_grad(dy)                                       # exact
-    w_dq = jax.vmap(fp8.dequantize_weight)(w_q, w_s)                        # [E, K, N]
+    w_dq = jax.vmap(fp8.dequantize_weight)(*_gather_blocks(w_q, w_s, gather))  # [E, K, N]
     # dgrad: dy in 1×128 tiles along N, each expert's blocks transposed.
     dx = _ragged(_rows_fp8(dy), jnp.einsum("EKN->ENK", w_dq), group_sizes)  # [M, K]
     # wgrad: dy and x in 128-row tiles per expert along the tokens; dw_e = Σ_{rows of e} xᵀ dy.
@@ -273,6 +373,8 @@ def _fp8_ragged_dot_bwd(out_dtype, x_dtype, w_dtype, res, dy):
     x_t = _dequantize_token_tiles(x_t_q, x_t_s, tiles)                      # [M, K]
     _, pull = jax.vjp(lambda v: _ragged(x_t, v, group_sizes), w_dq)         # linear in v
     (dw,) = pull(dy_t)                                                      # [E, K, N]
+    if gather is not None:                 # the transpose of the gather: sum, keep my shard
+        dw = psum_scatter_dim(dw, gather[0], gather[1])
     return (dx * unscale).astype(x_dtype), (dw * unscale).astype(w_dtype), None
 
 
@@ -280,7 +382,7 @@ _fp8_ragged_dot.defvjp(_fp8_ragged_dot_fwd, _fp8_ragged_dot_bwd)
 
 
 def fp8_ragged_dot(rows: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
-                   out_dtype=None) -> jax.Array:
+                   out_dtype=None, gather: tuple[tuple[str, ...], int] | None = None) -> jax.Array:
     """`jax.lax.ragged_dot(rows, w, group_sizes)` with emulated fp8 numerics (see the module docstring).
 
     Args:
@@ -288,14 +390,27 @@ def fp8_ragged_dot(rows: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
       w: stacked Flax kernels `[E, K, N]` (fp32 masters).
       group_sizes: int `[E]`.
       out_dtype: dtype of the result (default rows.dtype).
+      gather: inside a `shard_map`, `(mesh axes, dim)` when w is only this device's shard of the
+        weight along dim 1 (K) or 2 (N), split over those (manual) axes: the shard is quantized
+        in its own 128×128 blocks, and the e4m3 values and scales are all-gathered (once in the
+        forward, once in the backward); w's gradient is the reduce-scatter (`psum_scatter`) of the whole
+        weight's. The shard's size along dim must be a multiple of 128 (blocks may not straddle
+        shards); gather the master weight yourself otherwise.
 
     Returns:
       `[M, N]`; gradients for rows (rows.dtype) and w (w.dtype), none for group_sizes.
     """
-    if rows.ndim != 2 or w.ndim != 3 or rows.shape[1] != w.shape[1] \
+    split_k = gather is not None and gather[1] == 1                       # w holds part of K
+    if rows.ndim != 2 or w.ndim != 3 or (rows.shape[1] != w.shape[1] and not split_k) \
             or group_sizes.shape != (w.shape[0],):
         raise ValueError(f"fp8_ragged_dot: need rows [M, K], w [E, K, N] and group_sizes [E]; got "
                          f"{rows.shape}, {w.shape} and {group_sizes.shape}")
+    if gather is not None:
+        axes, dim = tuple(gather[0]), int(gather[1])
+        if dim not in (1, 2) or w.shape[dim] % BLOCK:
+            raise ValueError(f"fp8_ragged_dot: gather={gather!r} needs dim 1 or 2 with a shard "
+                             f"size that is a multiple of {BLOCK}; w's shard is {w.shape}")
+        gather = (axes, dim)
     out_dtype = jnp.dtype(rows.dtype if out_dtype is None else out_dtype)
     return _fp8_ragged_dot(rows, w, group_sizes, out_dtype, jnp.dtype(rows.dtype),
-                           jnp.dtype(w.dtype))
+                           jnp.dtype(w.dtype), gather)

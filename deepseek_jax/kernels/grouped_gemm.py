@@ -74,7 +74,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import MOE_BACKENDS
 from deepseek_jax.kernels import fp8, fp8_gpu
-from deepseek_jax.kernels.fp8_linear import (fp8_ragged_dot, group_tiles, normalize_grad,
+from deepseek_jax.kernels.fp8_linear import (all_gather_dim, fp8_ragged_dot, psum_scatter_dim, group_tiles, normalize_grad,
                                              quantize_token_tiles)
 
 CONFIG_BACKENDS = MOE_BACKENDS                      # "auto" and every backend below
@@ -365,10 +365,37 @@ def _gmm_megablox(lhs, rhs, group_sizes, out_dtype, interpret, tiling):
     return out.astype(out_dtype)
 
 
+# --- a weight split over devices, gathered for the product ------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gathered_gmm(lhs, rhs, group_sizes, gather, kw):
+    """`gmm(lhs, all_gather(rhs), ...)` that keeps only the local shard of rhs for the backward
+    (which gathers it again, as FSDP does) and reduce-scatters rhs's gradient."""
+    return gmm(lhs, all_gather_dim(rhs, *gather), group_sizes, **dict(kw))
+
+
+def _gathered_gmm_fwd(lhs, rhs, group_sizes, gather, kw):
+    return _gathered_gmm(lhs, rhs, group_sizes, gather, kw), (lhs, rhs, group_sizes)
+
+
+def _gathered_gmm_bwd(gather, kw, res, g):
+    lhs, rhs, group_sizes = res
+    # The product's forward value is unused here, so the compiler drops it: only the two
+    # transposed GEMMs run.
+    _, pull = jax.vjp(lambda a, b: gmm(a, b, group_sizes, **dict(kw)), lhs,
+                      all_gather_dim(rhs, *gather))
+    d_lhs, d_rhs = pull(g)
+    return d_lhs, psum_scatter_dim(d_rhs, *gather), None
+
+
+_gathered_gmm.defvjp(_gathered_gmm_fwd, _gathered_gmm_bwd)
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str = "auto",
-        out_dtype=None, fp8: bool = False, tiling=None) -> jax.Array:
+        out_dtype=None, fp8: bool = False, tiling=None,
+        gather: tuple[tuple[str, ...], int] | None = None) -> jax.Array:
     """Grouped matmul: rows of group g (contiguous, in order) times rhs[g].
 
     Args:
@@ -379,17 +406,29 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
       out_dtype: result dtype (default lhs.dtype).
       fp8: emulated fp8 grouped GEMM (`fp8_ragged_dot`) instead of the backend.
       tiling: backend tile sizes (`MosaicGpuTiling` or megablox's (tm, tk, tn)); None = defaults.
+      gather: inside a `shard_map`, `(mesh axes, dim)` when rhs is this device's shard along
+        dim 1 or 2 over those axes. The fp8 emulation gathers it quantized (`fp8_ragged_dot`);
+        every other path all-gathers rhs as it is. Either way the forward and the backward
+        gather it once each (only the shard is kept in between) and rhs's gradient leaves as
+        a reduce-scatter.
 
     Returns:
       [M, N] in out_dtype; differentiable in lhs and rhs.
     """
-    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] \
+    split_k = gather is not None and gather[1] == 1                       # rhs holds part of K
+    if lhs.ndim != 2 or rhs.ndim != 3 or (lhs.shape[1] != rhs.shape[1] and not split_k) \
             or group_sizes.shape != (rhs.shape[0],):
         raise ValueError(f"gmm: need lhs [M, K], rhs [G, K, N], group_sizes [G]; got "
                          f"{lhs.shape}, {rhs.shape}, {group_sizes.shape}")
     out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
     group_sizes = group_sizes.astype(jnp.int32)
     backend = resolve_backend(backend, lhs.dtype, fp8)
+    emulated_fp8 = fp8 and not backend.startswith("mosaic_gpu")
+    if gather is not None and not (emulated_fp8 and rhs.shape[gather[1]] % fp8_gpu.BLOCK == 0):
+        return _gathered_gmm(lhs, rhs, group_sizes, (tuple(gather[0]), gather[1]),
+                             dict(backend=backend, out_dtype=out_dtype, fp8=fp8, tiling=tiling))
+    if lhs.shape[1] != rhs.shape[1] and not (split_k and gather is not None):
+        raise ValueError(f"gmm: lhs {lhs.shape} and the gathered rhs {rhs.shape} differ in K")
     if fp8:
         if backend.startswith("mosaic_gpu"):
             return _fp8_hopper_gmm(lhs, rhs, group_sizes, out_dtype, jnp.dtype(lhs.dtype),
@@ -400,7 +439,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
                 "(moe_backend='mosaic_gpu' or 'auto' on an sm90 GPU): the portable emulation runs "
                 "lax.ragged_dot, which XLA's GPU backend turns into a dense masked GEMM with "
                 "G times the FLOPs and memory. Use moe_impl='dense' or fp8=False on this GPU")
-        out = fp8_ragged_dot(lhs, rhs, group_sizes, out_dtype=out_dtype)
+        out = fp8_ragged_dot(lhs, rhs, group_sizes, out_dtype=out_dtype, gather=gather)
         return jnp.where(_row_mask(group_sizes, lhs.shape[0]), out, 0)
     if backend == "ragged_dot":
         return jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes).astype(out_dtype)

@@ -61,9 +61,14 @@ Expert loads for the balancing update are `psum`med over the batch axes: global 
 No expert axis (dp, fsdp, fsdp_tp: E whole on every device, batch split): `layout_from_context`
 returns a layout with no expert axes and `expert_parallel_moe` runs `_local_moe` instead — a
 shard_map in which each device sorts its own pairs and runs `ragged_dispatch` with the full
-(FSDP-gathered) expert weights; F split over the tensor axes is summed with a `psum`; no
-all-to-all, no rounds. Both paths cast the expert weights to the compute dtype before the
-shard_map (the grouped GEMMs multiply in that dtype anyway), so FSDP gathers bf16, not fp32.
+expert weights; F split over the tensor axes is summed with a `psum`; no all-to-all, no rounds.
+Both paths cast the expert weights to the compute dtype before the shard_map (the grouped GEMMs
+multiply in that dtype anyway), so FSDP gathers bf16, not fp32, on the way in; the shard_map's
+transpose then all-reduces their full-size gradients. With fp8 and whole 128-blocks per D shard,
+the weights instead enter as stored (D split over the FSDP axes) and each grouped GEMM
+quantizes its shard and gathers the e4m3 values and scales (`gmm(..., gather=)`), once in the
+forward and once in the backward; their gradients leave as reduce-scatters. Each overflow
+round gathers them again. (The same for bf16 aborted at run time on CPU; not yet done.)
 
 Shared experts: the MoE module computes them outside this function; nothing links them to the
 exchange, so the compiler's scheduler is free to overlap the two (XLA's latency-hiding scheduler
@@ -139,7 +144,7 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax
 
 def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
                     w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False,
-                    backend: str = "auto") -> jax.Array:
+                    backend: str = "auto", gathers=(None, None, None)) -> jax.Array:
     """Routed experts, sorted path: each (token, slot) pair runs through its one expert.
 
     The M = B·T·X pairs are sorted by expert id (stable), so each expert's rows are contiguous,
@@ -151,6 +156,7 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     `grouped_gemm.CONFIG_BACKENDS`). With fp8=True the three grouped GEMMs become `fp8_ragged_dot` (emulated fp8 grouped GEMMs, see the module docstring);
     the result then matches `dense_dispatch(..., fp8=True)` in the forward pass up to fp32
     rounding, and its gradients up to the different wgrad tiling (tiles per expert here).
+    `gathers`: inside a shard_map, the `gmm` gather of each weight (`_weights_in`).
     """
     D, E, X = x.shape[-1], w_gate.shape[0], idx.shape[-1]
     flat_idx = idx.reshape(-1)                                             # [M]
@@ -158,10 +164,11 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     sizes = jnp.bincount(flat_idx, length=E).astype(jnp.int32)             # [E]
     tokens = x.reshape(-1, D).astype(dtype)                                # [B·T, D]
     rows = tokens[order // X]                                              # [M, D] sorted pairs
-    grouped = lambda h, w: gmm(h, w, sizes, backend=backend, out_dtype=dtype, fp8=fp8)
-    gate_ = grouped(rows, w_gate)                                          # [M, F]
-    up = grouped(rows, w_up)                                               # [M, F]
-    out = grouped(nn.silu(gate_) * up, w_down)                             # [M, D]
+    grouped = lambda h, w, g: gmm(h, w, sizes, backend=backend, out_dtype=dtype, fp8=fp8,
+                                  gather=g)
+    gate_ = grouped(rows, w_gate, gathers[0])                              # [M, F]
+    up = grouped(rows, w_up, gathers[1])                                   # [M, F]
+    out = grouped(nn.silu(gate_) * up, w_down, gathers[2])                 # [M, D]
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
     unsorted = unsorted.reshape(*idx.shape, D)                             # [..., X, D]
     return einsum("...XD,...X->...D", unsorted, weights, dtype)            # [..., D]
@@ -226,6 +233,7 @@ class _Plan:
     backend: str
     fp8: bool
     dtype: object
+    gathers: tuple = (None, None, None)   # `gmm` gathers of w_gate, w_up, w_down (`_weights_in`)
 
 
 def _round(plan: _Plan, ints: dict, rows, w_gate, w_up, w_down, r):
@@ -261,10 +269,11 @@ def _round(plan: _Plan, ints: dict, rows, w_gate, w_up, w_down, r):
     order = jnp.argsort(ids, stable=True)                                   # [P·W]
     sizes = jax.ops.segment_sum(jnp.ones_like(ids), ids, num_segments=El)   # [El]
     h = buf[order]                                                          # [P·W, D]
-    mm = lambda a, w: gmm(a, w, sizes, backend=plan.backend, out_dtype=plan.dtype, fp8=plan.fp8)
-    gate_ = mm(h, w_gate)                                                   # [P·W, F]
-    up = mm(h, w_up)                                                        # [P·W, F]
-    out = mm(nn.silu(gate_) * up, w_down)                                   # [P·W, D]
+    mm = lambda a, w, g: gmm(a, w, sizes, backend=plan.backend, out_dtype=plan.dtype,
+                             fp8=plan.fp8, gather=g)
+    gate_ = mm(h, w_gate, plan.gathers[0])                                  # [P·W, F]
+    up = mm(h, w_up, plan.gathers[1])                                       # [P·W, F]
+    out = mm(nn.silu(gate_) * up, w_down, plan.gathers[2])                  # [P·W, D]
     if plan.mlp_axes:                                                       # F split: partial sums
         out = jax.lax.psum(out, plan.mlp_axes)
     out = jnp.zeros_like(out).at[order].set(out, unique_indices=True)       # [P·W, D] slot order
@@ -320,14 +329,48 @@ def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
 
 # --- no expert axis: local dispatch ---------------------------------------------------------------
 
+def _embed_axes(layout: EPLayout, fp8: bool, d_model: int) -> tuple[str, ...]:
+    """Mesh axes (size > 1) that D of the routed-expert weights is split over by the rules in
+    context (FSDP: `fsdp`), when the fp8 path gathers the quantized shards inside the shard_map
+    (fp8, whole 128-blocks per shard); () otherwise: the weights then enter the shard_map whole
+    along D (gathered on the way in, their full-size gradients all-reduced by its transpose)."""
+    if not fp8:
+        return ()
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return ()
+    spec = nn.logical_to_mesh_axes(("expert", "embed", "mlp"), rules)
+    axes = spec[1] if len(spec) > 1 else None
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in layout.expert_axes
+                 and a not in layout.mlp_axes)
+    n = math.prod(mesh.shape[a] for a in axes)
+    return axes if axes and d_model % (n * 128) == 0 else ()
+
+
+def _weights_in(w_gate, w_up, w_down, embed_axes, fp8: bool):
+    """Inside the shard_map: the routed weights arrive split along D over `embed_axes`, as they
+    are stored. Returns (w_gate, w_up, w_down, gathers): the shards and the `gmm` gathers that
+    bring each whole for its product (in fp8 when quantized with whole 128-blocks per shard),
+    once in the forward and once in the backward (FSDP keeps only the shard in between); a
+    weight's gradient leaves as a reduce-scatter over `embed_axes`, never a full-size
+    all-reduce."""
+    del fp8                                                                 # gmm decides how
+    if not embed_axes:
+        return w_gate, w_up, w_down, (None, None, None)
+    return w_gate, w_up, w_down, ((embed_axes, 1), (embed_axes, 1), (embed_axes, 2))
+
+
 def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype, backend, fp8,
                keep):
     """`expert_parallel_moe` with E whole on every device: no exchange.
 
     Each device sorts only its own b = B/n_batch sequences' pairs and runs them through the full
-    expert weights (`moe.ragged_dispatch`); the weights enter the shard_map whole along E and D
-    (FSDP all-gathers them as it does any weight; their gradients are reduce-scattered back) and
-    split along F over `layout.mlp_axes`, where the partial outputs are summed (`psum`). Without
+    expert weights (`moe.ragged_dispatch`); the weights enter the shard_map split along F over
+    `layout.mlp_axes`, and along D over the FSDP axes when `_embed_axes` says the fp8 path
+    gathers them inside (see the module docstring); the partial outputs of a split F are summed
+    (`psum`). Without
     this, the compiler partitions the single-device sort of all B·T·X pairs by gathering routing
     scores and ids over the whole batch and all-reducing [B·T·X, D] token copies.
     """
@@ -335,23 +378,26 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
     b_spec = P(layout.batch_axes or None, None, None)
     mlp = (layout.mlp_axes if len(layout.mlp_axes) > 1 else layout.mlp_axes[0]) \
         if layout.mlp_axes else None
+    embed_axes = _embed_axes(layout, fp8, x.shape[-1])
+    emb = embed_axes or None
 
     def body(x, weights, idx, w_gate, w_up, w_down, *keep):
         load = jax.ops.segment_sum(jnp.ones((idx.size,), jnp.float32), idx.reshape(-1),
                                    num_segments=E)                          # [E] local choices
         if keep:                                                            # dropped: weight 0
             weights = jnp.where(keep[0], weights, 0)
-        y = ragged_dispatch(x, weights, idx, w_gate, w_up, w_down, dtype, fp8,
-                            backend=backend)                                # [b, T, D]
+        *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
+        y = ragged_dispatch(x, weights, idx, *ws, dtype, fp8, backend=backend,
+                            gathers=gathers)                                # [b, T, D]
         if layout.mlp_axes:                                                 # F split: partials
             y = jax.lax.psum(y, layout.mlp_axes)
         if layout.batch_axes:
             load = jax.lax.psum(load, layout.batch_axes)                    # global counts
         return y.astype(dtype), load, jnp.int32(0)
 
-    w_spec = P(None, None, mlp)
+    w_spec = P(None, emb, mlp)
     extra = () if keep is None else (keep,)
-    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(None, mlp, None))
+    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(None, mlp, emb))
                        + (b_spec,) * len(extra), out_specs=(b_spec, P(), P()), check_vma=False)
     return fn(x, weights, idx, w_gate, w_up, w_down, *extra)
 
@@ -402,11 +448,16 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
                           backend=backend, fp8=fp8, keep=keep)
     ex = layout.expert_axes if len(layout.expert_axes) > 1 else layout.expert_axes[0]
     M = (x.shape[0] // n_batch) * x.shape[1] * idx.shape[2]
+    embed_axes = _embed_axes(layout, fp8, x.shape[-1])
+    emb = embed_axes or None
     plan = _Plan(n_shards=Pn, chunk=chunk_rows(M, Pn, buffer_factor), n_local=E // Pn,
                  axis=layout.expert_axes, mlp_axes=layout.mlp_axes,
                  transport=resolve_transport(transport), backend=backend, fp8=fp8, dtype=dtype)
 
     def body(x, weights, idx, w_gate, w_up, w_down, *keep):
+        *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
+        w_gate, w_up, w_down = ws
+        plan_ = dataclasses.replace(plan, gathers=gathers)
         b, T, D = x.shape
         X = idx.shape[-1]
         El, W = plan.n_local, plan.chunk
@@ -430,8 +481,8 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         n_rounds = jnp.maximum(n_rounds, 1).astype(jnp.int32)
 
         rows = x.reshape(-1, D).astype(dtype)[order // X]                   # [M, D] sorted pairs
-        out = _round(plan, ints, rows, w_gate, w_up, w_down, 0)             # [M, D]
-        out = out + _overflow(plan, ints, n_rounds, rows, w_gate, w_up, w_down)
+        out = _round(plan_, ints, rows, w_gate, w_up, w_down, 0)            # [M, D]
+        out = out + _overflow(plan_, ints, n_rounds, rows, w_gate, w_up, w_down)
         pairs = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
         pairs = pairs.reshape(b, T, X, D)                                   # [b, T, X, D]
         y = jnp.einsum("BTXD,BTX->BTD", pairs, weights.astype(dtype))       # [b, T, D]
@@ -441,8 +492,8 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
             n_rounds = jax.lax.pmax(n_rounds, layout.batch_axes)            # report the worst
         return y.astype(dtype), load, n_rounds
 
-    w_spec = P(ex, None, mlp)
+    w_spec = P(ex, emb, mlp)
     extra = () if keep is None else (keep,)
-    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(ex, mlp, None))
+    fn = jax.shard_map(body, in_specs=(b_spec, b_spec, b_spec, w_spec, w_spec, P(ex, mlp, emb))
                        + (b_spec,) * len(extra), out_specs=(b_spec, P(), P()), check_vma=False)
     return fn(x, weights, idx, w_gate, w_up, w_down, *extra)

@@ -21,6 +21,7 @@ Left out: biases (no DeepSeek projection has one), LayerNorm, activations other 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.kernels.fp8_linear import fp8_einsum
+from deepseek_jax.parallel.rules import axis_names
 
 # Logical names of activation axes (parameters use the names in the docstring above).
 BATCH, LENGTH, EMBED, HEADS, VOCAB = ("act_batch", "act_length", "act_embed", "act_heads",
@@ -55,6 +57,22 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(axes))
 
 
+def token_axes(batch_size: int) -> tuple[str, ...]:
+    """Mesh axes the batch is split over (the `act_batch` rule, axes of size > 1 the compiler
+    still partitions), read from the mesh and rules in context; () when there are none or when
+    `batch_size` does not divide over them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return ()
+    manual = set(mesh.manual_axes)
+    axes = tuple(a for a in axis_names(nn.logical_to_mesh_axes((BATCH,), rules)[0])
+                 if mesh.shape.get(a, 1) > 1 and a not in manual)
+    if not axes or batch_size % math.prod(mesh.shape[a] for a in axes):
+        return ()
+    return axes
+
+
 def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool = False,
            fp8_backend: str = "auto") -> jax.Array:
     """A projection: both operands in the compute dtype, result in the compute dtype.
@@ -64,9 +82,12 @@ def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool = False,
     `eqn` must be a projection (no axis shared by x, w and the result). Result in `dtype`.
     fp8_backend: the GEMM backend of `kernels.fp8` ("auto" picks by the tracing host's platform;
     name one to lower for another platform).
+    On a mesh (x's leading axis the batch) the fp8 GEMMs run per device over the batch axes
+    (`token_axes`): each weight shard is quantized where it lives and gathered once, in fp8.
     """
     if fp8:
-        return fp8_einsum(eqn, x.astype(dtype), w, out_dtype=dtype, backend=fp8_backend)
+        return fp8_einsum(eqn, x.astype(dtype), w, out_dtype=dtype, backend=fp8_backend,
+                          token_axes=token_axes(x.shape[0]) if x.ndim > 1 else ())
     return jnp.einsum(eqn, x.astype(dtype), w.astype(dtype))
 
 

@@ -20,7 +20,9 @@ Counting rules:
   tuple also holds the inputs). Collectives wrapped in `async-start(..., calls=%c)` are counted
   where they are defined, inside `%c`, once per run of the start.
 * TPU programs clone one collective into the fusions of its asynchronous start, continuation
-  and done (same `channel_id` and shape in each); those count once.
+  and done (same `channel_id` and shape in each); those count once. Instructions of one
+  computation are never clones: explicit collectives lowered from a `shard_map` body share
+  `channel_id=1` and each counts.
 * TPU reduce-scatters are fusions named `all-reduce-scatter.N` around an all-reduce of the whole
   array; they count as reduce-scatters.
 * Executions per step: a collective inside a `while` body runs once per iteration, and nested
@@ -510,6 +512,11 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
             key = ((coll.kind, coll.channel, coll.result_bytes)
                    if coll.channel is not None and not fused_rs else (coll.kind, comp, instr.name))
             prev = found.get(key)
+            if prev is not None and prev.computation == comp and prev.name != instr.name:
+                # Not a clone: two instructions of one computation (explicit collectives that
+                # JAX lowers from a shard_map body all carry channel_id=1).
+                key = (coll.kind, comp, instr.name)
+                prev = found.get(key)
             if prev is None or coll.executions > prev.executions:
                 found[key] = coll
     # Only loops that run collectives matter: those are the ones counted too few times.

@@ -89,12 +89,29 @@ def test_trip_count_from_condition_constant_and_channel_dedup():
     # TPU style: no known_trip_count; the condition compares with constant(4). The same channel
     # cloned into two fusions (async start and done) counts once.
     text = PROGRAM.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
+    text = text.replace("ENTRY %main", "%fused_dup (d: f32[1024]) -> f32[1024] {\n"
+                        "  %d = f32[1024]{0} parameter(0)\n"
+                        "  ROOT %dup = f32[1024]{0} collective-permute(f32[1024]{0} %d), "
+                        "channel_id=5, source_target_pairs={{0,1},{1,0}}\n}\n\nENTRY %main")
     text = text.replace("  ROOT %r = f32[] constant(0)",
-                        "  %dup = f32[1024]{0} collective-permute(f32[1024]{0} %a), channel_id=5, "
-                        "source_target_pairs={{0,1},{1,0}}\n  ROOT %r = f32[] constant(0)")
+                        "  %f = f32[1024]{0} fusion(%a), kind=kLoop, calls=%fused_dup\n"
+                        "  ROOT %r = f32[] constant(0)")
     by = hlo.collective_stats(text).by_kind()
     assert by["all-gather"]["executions"] == 5
     assert by["collective-permute"]["count"] == 1
+
+
+def test_same_channel_in_one_computation_counts_each():
+    # JAX lowers explicit shard_map collectives with channel_id=1: two all-gathers of the same
+    # shape in one computation are two collectives, not one cloned into async fusions.
+    text = PROGRAM.replace(
+        "  ROOT %r = f32[] constant(0)",
+        "  %g1 = bf16[64,4]{1,0} all-gather(%b), channel_id=1, replica_groups=[2,4]<=[8], "
+        "dimensions={0}\n  %g2 = bf16[64,4]{1,0} all-gather(%b), channel_id=1, "
+        "replica_groups=[2,4]<=[8], dimensions={0}\n  ROOT %r = f32[] constant(0)")
+    by = hlo.collective_stats(text).by_kind()
+    assert by["all-gather"]["count"] == 2 + 2
+    assert by["all-gather"]["bytes"] == 64 * 4 * 2 * 3 + 4 * (8 * 8 * 4)
 
 
 def test_unknown_trip_count_is_reported():
