@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.hf.loader import leaf_dtype, prepare, set_path
+from deepseek_jax.hf.loader import leaf_dtype, leaf_sharding, prepare, set_path
 from deepseek_jax.hf.reader import DEFAULT_CHUNK_BYTES, device_leaf
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train import sharded
@@ -111,11 +111,8 @@ def convert_to_orbax(hf_dir: str, out_dir: str, *, preset: str = "fsdp",
         if group and nbytes + size > group_bytes:      # a big leaf goes alone
             _save_group(step_dir, group, metadata)
             group, nbytes = {}, 0
-        sharding = shardings[leaf.collection]
-        for k in leaf.path:
-            sharding = sharding[k]
-        value = device_leaf(p.folder, leaf, dtype=dtype, block=p.block, sharding=sharding,
-                            chunk_bytes=chunk_bytes)
+        value = device_leaf(p.folder, leaf, dtype=dtype, block=p.block,
+                            sharding=leaf_sharding(shardings, leaf), chunk_bytes=chunk_bytes)
         set_path(group, (leaf.collection, *leaf.path), value)
         nbytes += size
     if group:

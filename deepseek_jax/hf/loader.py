@@ -143,6 +143,14 @@ def set_path(tree: dict, keys: tuple[str, ...], value) -> None:
     tree[keys[-1]] = value
 
 
+def leaf_sharding(shardings: Mapping, leaf):
+    """The sharding of `leaf` in a {"params": ..., "routing": ...} tree of shardings."""
+    sharding = shardings[leaf.collection]
+    for k in leaf.path:
+        sharding = sharding[k]
+    return sharding
+
+
 def unused_tensors(p: Prepared) -> list[str]:
     """Tensors of the folder that the plan does not read and that are not expected extras."""
     used = set()
@@ -223,11 +231,8 @@ def load_hf_checkpoint(path: str, *, dtype=None, keep_fp8: bool = False, mesh=No
         if shardings is None:
             value = jnp.asarray(read_leaf(p.folder, leaf, dtype=dt, block=p.block))
         else:
-            sharding = shardings[leaf.collection]
-            for k in leaf.path:
-                sharding = sharding[k]
-            value = device_leaf(p.folder, leaf, dtype=dt, block=p.block, sharding=sharding,
-                                chunk_bytes=chunk_bytes)
+            value = device_leaf(p.folder, leaf, dtype=dt, block=p.block,
+                                sharding=leaf_sharding(shardings, leaf), chunk_bytes=chunk_bytes)
         set_path(variables, (leaf.collection, *leaf.path), value)
     if keep_fp8:
         variables["fp8"] = _fp8_tree(p)

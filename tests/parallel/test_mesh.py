@@ -89,11 +89,7 @@ def test_cloud_tpu_vm_initializes_with_no_arguments(monkeypatch):
     assert mesh_lib.multi_process_launch({}, tpu_vm=False) is None
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(mesh_lib, "on_cloud_tpu_vm", lambda: True)
-    for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_NUM_SLICES",
-                 "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+    _bare_tpu_vm(monkeypatch)
     assert mesh_lib.maybe_initialize_distributed() is True
     assert calls == [{}]
 
@@ -105,11 +101,7 @@ def test_tpu_machine_without_a_cluster_runs_as_one_process(monkeypatch):
     def no_cluster(**kw):
         raise ValueError("coordinator_address should be defined.")
     monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
-    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(mesh_lib, "on_cloud_tpu_vm", lambda: True)
-    for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_NUM_SLICES",
-                 "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+    _bare_tpu_vm(monkeypatch)
     assert mesh_lib.maybe_initialize_distributed() is False
     with pytest.raises(ValueError):
         mesh_lib.maybe_initialize_distributed(enabled=True)
@@ -159,3 +151,13 @@ def test_multi_slice_tpu_mesh_is_slice_major():
     mesh = make_mesh({"dcn_data": 2, "fsdp": 4, "expert": 2}, devices)
     slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
     assert (slices[0] == 0).all() and (slices[1] == 1).all()
+
+
+def _bare_tpu_vm(monkeypatch) -> None:
+    """A TPU VM as JAX sees it before start-up: chips present, distributed not initialized, and
+    none of the launchers' environment variables set."""
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(mesh_lib, "on_cloud_tpu_vm", lambda: True)
+    for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_NUM_SLICES",
+                 "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
