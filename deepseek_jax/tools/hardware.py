@@ -2,7 +2,8 @@
 
 Every number carries its source in a comment. Conventions:
 
-  peak_flops   dense bf16 FLOP/s per chip (no sparsity)
+  peak_flops   dense bf16 FLOP/s per chip (no sparsity), from the one peak table
+               (`train.flops.PEAK_BF16_FLOPS`, which MFU reads too)
   hbm_bytes    memory a program may use per chip. For TPUs this is what the compiler itself
                reports as available in its out-of-memory message (libtpu 0.0.48.1, ahead-of-time
                compile from a CPU host), which is a little below the marketing capacity;
@@ -24,6 +25,8 @@ latency terms (the model is bandwidth-only; at pod scale the arrays are large).
 from __future__ import annotations
 
 import dataclasses
+
+from deepseek_jax.train.flops import PEAK_BF16_FLOPS
 
 GiB = 2 ** 30
 
@@ -49,9 +52,7 @@ class Chip:
 CHIPS = {
     "v5p": Chip(
         "TPU v5p", "tpu",
-        # 459 TFLOP/s bf16: cloud.google.com/tpu/docs/v5p ("Peak compute per chip (bf16) 459
-        # TFLOPs"); scaling book, "How to Think About TPUs", chip table (4.59e14).
-        peak_flops=4.59e14,
+        peak_flops=PEAK_BF16_FLOPS["tpu v5p"],
         # "available HBM (95.73G)" in the libtpu 0.0.48.1 OOM message for topology v5p:2x2x1;
         # the data sheet says 95 GB HBM2e (cloud.google.com/tpu/docs/v5p).
         hbm_bytes=95.73 * GiB,
@@ -68,8 +69,7 @@ CHIPS = {
         max_slice_chips=8960),
     "v5e": Chip(
         "TPU v5e", "tpu",
-        # 197 TFLOP/s bf16: cloud.google.com/tpu/docs/v5e; scaling book chip table (1.97e14).
-        peak_flops=1.97e14,
+        peak_flops=PEAK_BF16_FLOPS["tpu v5e"],
         # "available HBM (15.75G)" in the libtpu 0.0.48.1 OOM message for v5e:2x2 (16 GB chip).
         hbm_bytes=15.75 * GiB,
         # 819 GB/s: cloud.google.com/tpu/docs/v5e ("HBM2 ... 819 GBps").
@@ -83,9 +83,7 @@ CHIPS = {
         max_slice_chips=256),
     "v6e": Chip(
         "TPU v6e", "tpu",
-        # 918 TFLOP/s bf16: cloud.google.com/tpu/docs/v6e ("Peak compute per chip (bf16) 918
-        # TFLOPs").
-        peak_flops=9.18e14,
+        peak_flops=PEAK_BF16_FLOPS["tpu v6e"],
         # "available HBM (31.24G)" in the libtpu 0.0.48.1 OOM message for v6e:2x2 (32 GB chip).
         hbm_bytes=31.24 * GiB,
         # 1,640 GB/s: cloud.google.com/tpu/docs/v6e ("HBM bandwidth per chip 1640 GBps").
@@ -99,8 +97,7 @@ CHIPS = {
         max_slice_chips=256),
     "h100": Chip(
         "NVIDIA H100 SXM", "gpu",
-        # 989 TFLOP/s dense bf16: NVIDIA H100 Tensor Core GPU data sheet (1,979 with sparsity).
-        peak_flops=9.89e14,
+        peak_flops=PEAK_BF16_FLOPS["h100"],
         # 80 GB HBM3, 3.35 TB/s: NVIDIA H100 data sheet (SXM5).
         hbm_bytes=80e9, hbm_bw=3.35e12,
         # NVLink 4: 900 GB/s bidirectional per GPU = 450 GB/s one way (H100 data sheet;
@@ -111,16 +108,16 @@ CHIPS = {
         node_bw=5.0e10, gpus_per_node=8),
     "h200": Chip(
         "NVIDIA H200 SXM", "gpu",
-        # 989 TFLOP/s dense bf16, 141 GB HBM3e, 4.8 TB/s: NVIDIA H200 data sheet.
-        peak_flops=9.89e14, hbm_bytes=141e9, hbm_bw=4.8e12,
+        # 141 GB HBM3e, 4.8 TB/s: NVIDIA H200 data sheet.
+        peak_flops=PEAK_BF16_FLOPS["h200"], hbm_bytes=141e9, hbm_bw=4.8e12,
         # NVLink 4, 900 GB/s bidirectional per GPU (H200 data sheet).
         nvlink_bw=4.5e11,
         # 8 x 400 Gb/s NICs per 8-GPU node, as DGX H100/H200 (NVIDIA DGX H200 data sheet).
         node_bw=5.0e10, gpus_per_node=8),
     "a100": Chip(
         "NVIDIA A100 SXM 80GB", "gpu",
-        # 312 TFLOP/s dense bf16, 80 GB HBM2e, 2,039 GB/s: NVIDIA A100 data sheet.
-        peak_flops=3.12e14, hbm_bytes=80e9, hbm_bw=2.039e12,
+        # 80 GB HBM2e, 2,039 GB/s: NVIDIA A100 data sheet.
+        peak_flops=PEAK_BF16_FLOPS["a100"], hbm_bytes=80e9, hbm_bw=2.039e12,
         # NVLink 3: 600 GB/s bidirectional per GPU (A100 data sheet).
         nvlink_bw=3.0e11,
         # 8 x 200 Gb/s HDR NICs per DGX A100 = 25 GB/s per GPU (NVIDIA DGX A100 user guide).

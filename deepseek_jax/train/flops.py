@@ -23,11 +23,23 @@ import jax
 
 from deepseek_jax.config import ModelConfig
 
-# Dense bf16 FLOP/s per chip (vendor data sheets).
+# Dense bf16 FLOP/s per chip, keyed by substrings of `jax.Device.device_kind` (lower case; the
+# first key found in a device's kind wins, so "tpu v5 lite" precedes "tpu v5"). The one peak
+# table: MFU reads it here and the planner's chip table (tools/hardware.py) takes its peaks from it.
 PEAK_BF16_FLOPS = {
-    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
-    "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12, "tpu7x": 2307e12,
-    "h100": 989e12, "h200": 989e12, "h800": 989e12, "a100": 312e12, "b200": 2250e12,
+    "tpu v4": 275e12,        # cloud.google.com/tpu/docs/v4
+    "tpu v5 lite": 197e12,   # v5e: cloud.google.com/tpu/docs/v5e; scaling book chip table
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,       # cloud.google.com/tpu/docs/v5p ("Peak compute per chip (bf16) 459
+    "tpu v5": 459e12,        # TFLOPs"); scaling book, "How to Think About TPUs" (4.59e14)
+    "tpu v6 lite": 918e12,   # v6e: cloud.google.com/tpu/docs/v6e ("... (bf16) 918 TFLOPs")
+    "tpu v6e": 918e12,
+    "tpu7x": 2307e12,        # Ironwood: Google's TPU7x page
+    "h100": 989e12,          # NVIDIA H100 data sheet, dense (1,979 with sparsity)
+    "h200": 989e12,          # NVIDIA H200 data sheet, dense
+    "h800": 989e12,          # H100's compute with less NVLink bandwidth
+    "a100": 312e12,          # NVIDIA A100 data sheet, dense
+    "b200": 2250e12,         # NVIDIA B200 (DGX B200) data sheet, dense
 }
 
 
