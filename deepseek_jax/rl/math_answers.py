@@ -9,7 +9,7 @@
                             nested braces stay: "\\boxed{\\frac{1}{2}}" → "\\frac{1}{2}"
   gsm8k_final(solution)     the number after GSM8K's "#### " marker, thousands commas dropped
   is_equivalent(got, ref)   the two answers mean the same thing, as HF's `math-verify` decides:
-                            both are parsed as LaTeX (wrapped in $…$ unless they hold a $) or as
+                            both are parsed as LaTeX (wrapped in $…$ unless they hold an unescaped $) or as
                             plain expressions into sympy and compared numerically and
                             symbolically: "1,000" = "1000", "0.5" = "1/2" = "\\frac{1}{2}",
                             "2\\sqrt{2}" = "\\sqrt{8}", "50\\%" = "0.5". Numbers agree when equal
@@ -38,6 +38,7 @@ TIMEOUT_S = 5
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_DOLLAR = re.compile(r"(?<!\\)\$")          # a math delimiter, not an escaped \$
 _GSM8K = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 
 
@@ -88,7 +89,7 @@ def _verifier():
 def _parse(text: str) -> tuple:
     """math-verify's parses of `text`: as LaTeX in $…$ first, then as it stands."""
     mv = _verifier()
-    tries = [text] if "$" in text else [f"${text}$", text]
+    tries = [text] if _DOLLAR.search(text) else [f"${text}$", text]
     for t in tries:
         parsed = mv.parse(t, parsing_timeout=_timeout())
         if parsed:
