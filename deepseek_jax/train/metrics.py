@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -93,7 +94,7 @@ def open_wandb(project: str, workdir: str):
         raise ImportError(f"train.wandb_project={project!r} needs the `wandb` package: pip "
                           "install wandb, or leave train.wandb_project empty") from None
     id_file = epath.Path(workdir) / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(project=project, id=run_id, resume="allow",
                       name=os.path.basename(os.fspath(workdir).rstrip("/")),

@@ -155,9 +155,14 @@ class Run:
         self._previous = None
 
     def __enter__(self) -> "Run":
+        try:
+            self.writer = MetricsWriter(self.workdir, self.steps,
+                                        wandb_project=self.wandb_project)
+        except BaseException:                # e.g. W&B asked for but not installed
+            self.manager.close()
+            raise
         if not self.multi_process:           # several: JAX's preemption notifier has SIGTERM
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        self.writer = MetricsWriter(self.workdir, self.steps, wandb_project=self.wandb_project)
         return self
 
     def __exit__(self, *exc) -> None:
