@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import jax
 from absl import app, flags, logging
@@ -41,7 +40,7 @@ from deepseek_jax.rl.math_problems import read_problems
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import sharded
 from deepseek_jax.train import workdir as run_dir
-from deepseek_jax.train.metrics import progress_line
+from deepseek_jax.train.metrics import Clock
 
 
 def _check(k: int, n: int, temperature: float, batch_size: int, template: str) -> None:
@@ -57,12 +56,9 @@ def _check(k: int, n: int, temperature: float, batch_size: int, template: str) -
 
 def _progress(label: str, console):
     """A callback printing "LABEL [###...] done/total H:MM:SS elapsed, ETA H:MM:SS"."""
-    start = time.perf_counter()
-
-    def show(done: int, total: int) -> None:
-        line = progress_line(done, total, time.perf_counter() - start)
-        print(f"{label} {line}", file=console, flush=True)
-    return show
+    clock = Clock()
+    return lambda done, total: print(f"{label} {clock.line(done, total)}", file=console,
+                                     flush=True)
 
 
 def _problem_report(problem: dict, greedy: list[dict], sampled: list[dict]) -> dict:

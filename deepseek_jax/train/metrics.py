@@ -5,7 +5,8 @@ Weights & Biases when asked for.
 (flushed at once, so a killed run keeps every line it printed), adds TensorBoard scalars through
 tensorboardX (no TensorFlow needed), logs the numbers to W&B when the run has a
 `wandb_project`, and prints one progress line (`progress_line`: the bar, the time since this
-process started the run, and an ETA at the pace of the steps it has run). Only process 0 writes.
+process started the run, and an ETA at the pace of the steps logged since its first logged
+step, so that the first step's compile does not count: `Clock`). Only process 0 writes.
 
 W&B is optional and never a dependency: with `wandb_project` empty nothing imports it; with it
 set, a missing `wandb` package is an error saying how to install it or turn it off. The W&B run
@@ -75,12 +76,31 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def progress_line(step: int, total: int, elapsed: float, start: int = 0) -> str:
-    """The bar, `elapsed` seconds and the ETA of the steps left at the pace of the `step − start`
-    steps run in that time ("ETA ?" before the first)."""
-    ran, left = step - start, max(total - step, 0)
-    eta = duration(elapsed / ran * left) if ran > 0 else "?"
+def progress_line(step: int, total: int, elapsed: float,
+                  seconds_per_step: float | None = None) -> str:
+    """The bar, `elapsed` seconds, and the ETA of the steps left at `seconds_per_step` ("ETA ?"
+    without a pace yet)."""
+    left = max(total - step, 0)
+    eta = "?" if seconds_per_step is None else duration(seconds_per_step * left)
     return f"{progress_bar(step, total)} {duration(elapsed)} elapsed, ETA {eta}"
+
+
+class Clock:
+    """Elapsed time since it was made, and the pace of the steps since the first one it was
+    shown: the time before that (start-up, the first step's compile) does not count toward the
+    ETA, so the first line's ETA is "?"."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self._first = None                 # (time, step) of the first line
+
+    def line(self, step: int, total: int, now: float | None = None) -> str:
+        now = time.perf_counter() if now is None else now
+        if self._first is None:
+            self._first = (now, step)
+        t1, s1 = self._first
+        pace = (now - t1) / (step - s1) if step > s1 else None
+        return progress_line(step, total, now - self.start, pace)
 
 
 def open_wandb(project: str, workdir: str):
@@ -110,7 +130,7 @@ class MetricsWriter:
         self.path = epath.Path(workdir) / "metrics.jsonl"
         self.remote = is_remote(workdir)
         self._tb = self._lines = self._wandb = None
-        self.restart_clock(0)
+        self.restart_clock()
         if self.enabled:
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._wandb = open_wandb(wandb_project, workdir)
@@ -124,9 +144,9 @@ class MetricsWriter:
             else:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-    def restart_clock(self, step: int) -> None:
-        """Times the progress line's ETA from now and `step` (a resumed run's first step)."""
-        self._t0, self._start = time.perf_counter(), step
+    def restart_clock(self) -> None:
+        """Times the progress line from now (a resumed run restarts it)."""
+        self.clock = Clock()
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
@@ -149,7 +169,7 @@ class MetricsWriter:
             self._wandb.log(scalars, step=int(step))
         shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in row.items() if k != "step" and not isinstance(v, list))
-        line = progress_line(step, self.total_steps, time.perf_counter() - self._t0, self._start)
+        line = self.clock.line(step, self.total_steps)
         print(f"{line} {shown}", file=self.console, flush=True)
 
     def _copy_events(self) -> None:

@@ -189,7 +189,7 @@ class Run:
         may have logged steps it never saved) and says so."""
         if self.is_lead:
             truncate_after(epath.Path(self.workdir) / "metrics.jsonl", step)
-        self.writer.restart_clock(step)
+        self.writer.restart_clock()
         self.say(f"resumed from {self.unit} {step}")
 
     def stopping(self, done: int) -> bool:

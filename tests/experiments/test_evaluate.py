@@ -61,7 +61,7 @@ def test_report_of_a_saved_run(run):
     assert s["problems"] == 4 and s["samples_per_problem"] == 3
     assert report["settings"]["temperature"] == 0.6
     out = console.getvalue()
-    assert "greedy [####################] 4/4" in out and "ETA 0:00:00" in out
+    assert "greedy [####################] 4/4 0:00:" in out and "ETA ?" in out
     assert "3 samples [####################] 12/12" in out and f"report: {path}" in out
 
 

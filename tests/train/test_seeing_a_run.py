@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import re
 import sys
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from deepseek_jax.train.metrics import MetricsWriter, duration, progress_line
+from deepseek_jax.train.metrics import Clock, MetricsWriter, duration, progress_line
 from deepseek_jax.train.run import Run, parse_profile_steps
 
 
@@ -29,24 +30,29 @@ def test_duration_and_progress_line():
     assert duration(59.6) == "0:01:00"
     assert duration(3 * 3600 + 7 * 60 + 5) == "3:07:05"
     assert duration(31 * 3600) == "31:00:00"
-    # 4 of 10 steps in 120 s: 30 s a step, 6 steps left → 180 s.
-    assert progress_line(4, 10, 120.0) == ("[########............] 4/10 0:02:00 elapsed, "
-                                           "ETA 0:03:00")
-    # Resumed at 50 of 100: the pace is that of the 10 steps run since, 60 s → 6 s a step.
-    assert progress_line(60, 100, 60.0, start=50).endswith("0:01:00 elapsed, ETA 0:04:00")
-    assert progress_line(0, 10, 5.0).endswith("ETA ?")
-    assert progress_line(10, 10, 5.0).endswith("ETA 0:00:00")
+    # 4 of 10 steps, 120 s in, 30 s a step: 6 steps left → 180 s.
+    assert progress_line(4, 10, 120.0, 30.0) == ("[########............] 4/10 0:02:00 "
+                                                 "elapsed, ETA 0:03:00")
+    assert progress_line(0, 10, 5.0).endswith("0:00:05 elapsed, ETA ?")
+    assert progress_line(10, 10, 5.0, 2.0).endswith("ETA 0:00:00")
 
 
-def test_the_writer_prints_the_clock_and_restarts_it_on_resume(tmp_path):
+def test_the_clock_paces_from_its_first_line():
+    clock = Clock()
+    t0 = clock.start
+    # Step 10 is first shown 100 s in (start-up and compile): no pace yet.
+    assert clock.line(10, 100, now=t0 + 100).endswith("0:01:40 elapsed, ETA ?")
+    # 20 steps in the next 40 s: 2 s a step, 70 steps left → 140 s.
+    assert clock.line(30, 100, now=t0 + 140).endswith("0:02:20 elapsed, ETA 0:02:20")
+
+
+def test_the_writer_prints_the_progress_line(tmp_path):
     console = io.StringIO()
     writer = MetricsWriter(str(tmp_path), total_steps=10, console=console)
-    writer.restart_clock(4)
     writer.write(5, {"loss": 1.5})
     writer.close()
-    line = console.getvalue().strip()
-    assert line.startswith("[##########..........] 5/10 0:00:00 elapsed, ETA 0:00:")
-    assert line.endswith("loss 1.5")
+    assert re.fullmatch(r"\[#{10}\.{10}\] 5/10 0:00:\d\d elapsed, ETA \? loss 1.5\n",
+                        console.getvalue())
 
 
 @pytest.mark.parametrize("spec, window", [("", None), ("5,8", (5, 8)), (" 3 ", (0, 3)),
