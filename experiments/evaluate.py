@@ -54,6 +54,18 @@ def _check(k: int, n: int, temperature: float, batch_size: int, template: str) -
         raise ValueError(f"--batch_size={batch_size} must be at least 1")
 
 
+def _check_lengths(problems, template: str, encoder: Encoder, max_new_tokens: int,
+                   max_seq_len: int) -> None:
+    """The longest prompt plus `max_new_tokens` must fit the model's positions: checked for
+    every problem at once, before the weights are read."""
+    lengths = [len(encoder.encode_prompt(ev.prompt_text(p, template))) for p in problems]
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[i] + max_new_tokens > max_seq_len:
+        raise ValueError(f"problem {problems[i]['id']}: its prompt ({lengths[i]} tokens) plus "
+                         f"--max_new_tokens={max_new_tokens} exceeds the model's max_seq_len "
+                         f"{max_seq_len}; lower --max_new_tokens or leave out long problems")
+
+
 def _progress(label: str, console):
     """A callback printing "LABEL [###...] done/total H:MM:SS elapsed, ETA H:MM:SS"."""
     clock = Clock()
@@ -87,6 +99,7 @@ def evaluate_run(run: str, problems_path: str, *, k: int = 8, num_samples: int =
     if config.vocab_size < encoder.vocab_size:
         raise ValueError(f"{run} has vocab_size {config.vocab_size}, smaller than the "
                          f"tokenizer's {encoder.vocab_size}: pass the run's --tokenizer")
+    _check_lengths(problems, template, encoder, max_new_tokens, config.max_seq_len)
     mesh, rules = parallel.mesh_and_rules(preset)
     _, variables = ckpt.load_trained(run, shardings=sharded.param_shardings(config, mesh, rules))
     common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, mesh=mesh, rules=rules,

@@ -102,6 +102,14 @@ def test_greedy_only_and_an_explicit_report_path(run, tmp_path):
     assert json.load(open(tmp_path / "r.json"))["summary"] == report["summary"]
 
 
+def test_a_prompt_too_long_for_the_model_is_named_before_generating(run):
+    # The longest compact prompt is line 4's: BOS + 47 bytes.
+    with pytest.raises(ValueError, match=r"problem line 4: its prompt \(48 tokens\) plus "
+                                         r"--max_new_tokens=150 exceeds the model's max_seq_len "
+                                         r"160"):
+        evaluate_run(run[0], MATH, max_new_tokens=150, template="compact", console=io.StringIO())
+
+
 def test_bad_flags_and_problem_files_fail_before_the_run_is_read(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n')
