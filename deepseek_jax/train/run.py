@@ -31,8 +31,10 @@ after the first step this process runs (whose compile would swamp the trace), ""
 trace is an XPlane file under profile/plugins/profile/<time>/ (TensorBoard's profile plugin,
 or xprof, reads it) and a perfetto_trace.json.gz beside it (open it at ui.perfetto.dev). The
 state is waited for before the trace starts and before it stops, so the trace holds exactly
-the device work of those steps (and the host work between them). Left out: a gs:// WORKDIR
-(the profiler writes local files; give a local run directory to profile).
+the device work of those steps (and the host work between them); a window that reaches the
+run's last step stops when the run closes, and then also holds the last checkpoint's save. A
+run resumed inside the window traces the rest of it. Left out: a gs:// WORKDIR (the profiler
+writes local files; give a local run directory to profile).
 
 Exit codes (the contract every entrypoint and launcher shares): 0 finished; EXIT_PREEMPTED (42)
 stopped by a preemption after saving its checkpoint, so rerunning the command resumes (the
