@@ -4,11 +4,13 @@ Two kinds of problem, told apart by their fields:
 
   task problems   the procedural tasks' records (arithmetic, countdown: `data/tasks.py`); the
                   prompt is `r1.make_prompt`, the answer is checked by the task's own reward
-                  (`rewards.accuracy_reward`), exactly as GRPO's rewards check it
   math problems   {"question", "reference"} (`math_problems.read_problems`, GSM8K or MATH
                   files); the prompt is the template around the question text, the answer is
                   extracted from <answer> tags or \\boxed{} and checked by
                   `math_answers.is_equivalent`
+
+Either way the score is GRPO's accuracy reward (`rewards.accuracy_reward`), so evaluation and
+training judge a completion alike.
 
 Every completion also gets the format reward (one think block, then one answer block).
 
@@ -46,14 +48,8 @@ def prompt_text(problem: dict[str, Any], template: str) -> str:
 
 def score_text(text: str, problem: dict[str, Any], template: str) -> dict[str, Any]:
     """{"answer", "accuracy", "format"} of one completion (module docstring)."""
-    if "reference" in problem:
-        answer = math_answers.extract_answer(text)
-        accuracy = float(answer is not None
-                         and math_answers.is_equivalent(answer, problem["reference"]))
-    else:
-        answer = rewards.extract_answer(text)
-        accuracy = rewards.accuracy_reward(text, problem)
-    return {"answer": answer, "accuracy": accuracy,
+    extract = math_answers.extract_answer if "reference" in problem else rewards.extract_answer
+    return {"answer": extract(text), "accuracy": rewards.accuracy_reward(text, problem),
             "format": rewards.format_reward(text, template)}
 
 

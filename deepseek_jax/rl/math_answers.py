@@ -15,6 +15,8 @@
                             "2\\sqrt{2}" = "\\sqrt{8}", "50\\%" = "0.5". Numbers agree when equal
                             after rounding to 6 decimals (math-verify's default). When neither
                             side parses, the strings are compared with whitespace removed.
+  math_reward(text, ref)    1.0 when the completion's extracted answer is equivalent to `ref`,
+                            else 0.0 (the accuracy reward of math problems, rl/rewards.py)
   pass_at_k(n, c, k)        the unbiased estimator 1 − C(n−c, k)/C(n, k) of the chance that at
                             least one of k samples is right, from n ≥ k samples of which c are
                             right (Chen et al. 2021, "Evaluating Large Language Models Trained on
@@ -103,6 +105,11 @@ def is_equivalent(got: str, reference: str) -> bool:
     if gold and pred:
         return bool(_verifier().verify(list(gold), list(pred), timeout_seconds=_timeout()))
     return "".join(got.split()) == "".join(reference.split())
+
+
+def math_reward(completion: str, reference: str) -> float:
+    answer = extract_answer(completion)
+    return float(answer is not None and is_equivalent(answer, reference))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -28,15 +28,26 @@ def model():
                                     "", r"\boxed{70}", "70 apples"])
 @pytest.mark.parametrize("template", ["compact", "r1_zero"])
 def test_task_problems_score_as_the_task_rewards(answer, template):
-    """Numbers math-verify would accept ("70.0", "7e1") stay wrong on the arithmetic task."""
+    """Numbers math-verify would accept ("70.0", "7e1") stay wrong on the arithmetic task: the
+    accuracy reward (evaluation's and GRPO's) is still the task's exact check."""
     opening = "" if template == "compact" else " <think>"
     for body in (f"{opening} 43+27=70 </think> <answer>{answer}</answer>", f"<answer>{answer}"):
-        want = rewards.score(body, AR, 0.0, template)
         got = ev.score_text(body, AR, template)
-        assert (got["accuracy"], got["format"]) == (want["accuracy"], want["format"])
+        assert got["accuracy"] == rewards.arithmetic_reward(body, "70")
+        assert got["format"] == rewards.format_reward(body, template)
         assert got["answer"] == rewards.extract_answer(body)
     cd = f"{opening} x </think> <answer>3*5+7</answer>"
-    assert ev.score_text(cd, CD, template)["accuracy"] == rewards.score(cd, CD)["accuracy"] == 1
+    assert ev.score_text(cd, CD, template)["accuracy"] == rewards.countdown_reward(
+        cd, [3, 5, 7], 22) == 1
+
+
+def test_the_accuracy_reward_checks_math_problems():
+    problem = {"question": "Half of one?", "reference": r"\frac{1}{2}"}
+    assert rewards.accuracy_reward("<answer>0.5</answer>", problem) == 1.0
+    assert rewards.accuracy_reward(r"so \boxed{1/2}", problem) == 1.0
+    assert rewards.accuracy_reward("<answer>0.6</answer>", problem) == 0.0
+    assert rewards.score(" <think> x </think> <answer>0.5</answer>", problem) == {
+        "accuracy": 1.0, "format": 1.0, "total": 2.0}
 
 
 def _evaluate_before(variables, config, problems, template, *, max_new_tokens, batch_size,
