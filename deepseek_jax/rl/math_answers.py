@@ -9,9 +9,9 @@
                             nested braces stay: "\\boxed{\\frac{1}{2}}" → "\\frac{1}{2}"
   gsm8k_final(solution)     the number after GSM8K's "#### " marker, thousands commas dropped
   is_equivalent(got, ref)   the two answers mean the same thing, as HF's `math-verify` decides:
-                            both are parsed as LaTeX (wrapped in $…$ unless they hold an unescaped $) or as
-                            plain expressions into sympy and compared numerically and
-                            symbolically: "1,000" = "1000", "0.5" = "1/2" = "\\frac{1}{2}",
+                            both are parsed as LaTeX (wrapped in $…$ unless they hold an
+                            unescaped $) or as plain expressions into sympy and compared
+                            numerically and symbolically: "1,000" = "1000", "0.5" = "1/2" = "\\frac{1}{2}",
                             "2\\sqrt{2}" = "\\sqrt{8}", "50\\%" = "0.5". Numbers agree when equal
                             after rounding to 6 decimals (math-verify's default). When neither
                             side parses, the strings are compared with whitespace removed.

@@ -13,9 +13,9 @@ Rewards are pure functions of text (never executed as code):
                      each given number at most once (a safe parser: `data.tasks.evaluate_expression`
                      — no `**`, no names, no unary minus, values capped at 1e12)
   arithmetic_reward  1 if the answer is the integer result
-  math reward        for a math problem ({"question", "reference"}: `rl/math_problems.py`), 1 if
+  math_reward        for a math problem ({"question", "reference"}: `rl/math_problems.py`), 1 if
                      its final answer (<answer> block or \\boxed{}) means the reference, as
-                     `rl/math_answers.py` checks it (math-verify)
+                     `rl/math_answers.py` checks it (math-verify; `math_answers.math_reward`)
   total              accuracy + format_weight · format. The default weight 1 is R1's (§2.2.2:
                      the two rule-based rewards, added); `FORMAT_WEIGHTS` names the choices
                      ("r1" = 1, "tinyzero" = 0.1, TinyZero's countdown reward, the demo's;
