@@ -133,8 +133,9 @@ class Run:
     """Checkpoints under WORKDIR/checkpoints (every `train.checkpoint_every` steps, the last
     `train.keep_checkpoints` kept), metrics.jsonl and tensorboard/ under WORKDIR (and W&B with
     `train.wandb_project`), profiles of `train.profile_steps` under WORKDIR/profile, and whether
-    the run is being preempted (module docstring). `train` is the run config's `train` section; `async_save` writes
-    checkpoints in the background while the next steps run; `unit` names a step in messages."""
+    the run is being preempted (module docstring). `train` is the run config's `train`
+    section; `async_save` writes checkpoints in the background while the next steps run; `unit`
+    names a step in messages."""
 
     def __init__(self, workdir: str, train, *, async_save: bool = True, unit: str = "step"):
         self.workdir = workdir
