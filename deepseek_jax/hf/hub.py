@@ -44,17 +44,23 @@ def is_hub_id(path: str) -> bool:
 
 def _unreachable(repo_id: str, revision: str | None, error: Exception) -> HFCheckpointError:
     at = f" at revision {revision!r}" if revision else ""
+    reason = (str(error).splitlines() or [""])[0].rstrip(". ")
     return HFCheckpointError(
         f"cannot get {repo_id!r}{at} from the Hugging Face hub: {type(error).__name__}: "
-        f"{str(error).splitlines()[0] if str(error) else ''}. Check the id, the revision, the "
+        f"{reason}. Check the id, the revision, the "
         "network and the token (gated repos need `token=` or `hf auth login`); or download the "
         "folder elsewhere (`hf download ORG/NAME --local-dir DIR`) and pass the local folder: "
         "load_hf_checkpoint('DIR')")
 
 
 def _snapshot(repo_id: str, patterns: list[str], **kw) -> str:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise HFCheckpointError(f"{repo_id!r} is a hub id: downloading it needs the "
+                                "huggingface_hub package (pip install huggingface_hub), or pass "
+                                "a local folder") from None
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, **kw)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
