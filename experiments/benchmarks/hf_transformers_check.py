@@ -5,22 +5,27 @@ Run by hand, outside the test suite (torch and transformers are heavy):
   python experiments/benchmarks/hf_transformers_check.py --hf_python=HFENV/bin/python \
       [--workdir=DIR] [--json=OUT.json]
 
-HFENV is a separate environment with torch, transformers, safetensors and numpy (e.g.
-`python3.11 -m venv HFENV && HFENV/bin/pip install torch transformers safetensors numpy`).
+HFENV is a separate environment with torch, transformers, accelerate (transformers' fp8
+loading needs it), safetensors and numpy (e.g. `python3.11 -m venv HFENV &&
+HFENV/bin/pip install torch transformers accelerate safetensors numpy`).
 
 Two interpreters. This one (the project's) makes a tiny run — the `tiny` config (q compression,
 sigmoid routing with the selection bias, 4 groups of 2 kept, YaRN with mscale ≠ mscale_all_dim,
 interleaved RoPE, one MTP module), random parameters drawn with a fan-in-sized init_std and a
-random N(0, 1) selection bias, saved as a training run saves its checkpoints —, exports it
-(float32), loads the export with `load_hf_checkpoint` and computes our float32 logits. It then
-runs this file under --hf_python with --compare, which loads the folder with
-`DeepseekV3ForCausalLM.from_pretrained` (eager attention and experts), runs the same tokens in
-float32 and float64 and reports:
+random N(0, 1) selection bias, saved as a training run saves its checkpoints —, exports it twice
+(float32, and with --fp8: block-fp8 e4m3 linear weights), loads each export with
+`load_hf_checkpoint` and computes our float32 logits. It then runs this file under --hf_python
+with --compare for each folder, which loads it with `DeepseekV3ForCausalLM.from_pretrained`
+(eager attention and experts; the fp8 folder through transformers' fine-grained fp8 loader,
+which dequantizes when there is no GPU), runs the same tokens in float32 and float64 and
+reports, per export:
 
   max |Δlogit| ours (fp32) vs transformers fp32, and vs transformers fp64;
-  the keys transformers did not load (the MTP module: DeepseekV3ForCausalLM has no MTP head).
+  the keys transformers did not load (the MTP module: DeepseekV3ForCausalLM has no MTP head);
 
-Exits non-zero when max |Δlogit| against fp64 exceeds 1e-4 (float32 rounding through three
+and how far the fp8 export's logits are from the float32 export's (the quantization itself).
+
+Exits non-zero when a max |Δlogit| against fp64 exceeds 1e-4 (float32 rounding through three
 layers on logits of size ~1; the parity tests' tolerance, tests/hf/hf_helpers.py).
 """
 
@@ -62,8 +67,8 @@ def compare(folder: str, ours_npz: str) -> dict:
             "missing_keys": sorted(info["missing_keys"])}
 
 
-def ours(workdir: str) -> tuple[str, str]:
-    """Makes and exports the tiny run; returns (HF folder, npz of tokens and our logits)."""
+def ours(workdir: str) -> dict[str, tuple[str, str]]:
+    """Makes and exports the tiny run; {"fp32"|"fp8": (HF folder, npz of tokens, our logits)}."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -73,16 +78,21 @@ def ours(workdir: str) -> tuple[str, str]:
     from deepseek_jax.hf import export_run, load_hf_checkpoint
     from deepseek_jax.model import Transformer
     config = get_config("tiny", init_std=32 ** -0.5)          # fan-in sized: logits ~ 1
-    run, out = os.path.join(workdir, "run"), os.path.join(workdir, "hf")
+    run = os.path.join(workdir, "run")
     make_run(run, config, steps=(1,))
-    export_run(run, out, overwrite=True, mesh_config={"fsdp": 1},
-               devices=jax.devices()[:1])
-    loaded, variables = load_hf_checkpoint(out)
     tokens = np.asarray(jax.random.randint(jax.random.key(7), (B, T), 0, config.vocab_size))
-    logits, _ = jax.jit(Transformer(loaded.replace(dtype=jnp.float32)).apply)(variables, tokens)
-    npz = os.path.join(workdir, "ours.npz")
-    np.savez(npz, tokens=tokens.astype(np.int32), logits=np.asarray(logits, np.float32))
-    return out, npz
+    out = {}
+    for kind in ("fp32", "fp8"):
+        folder = os.path.join(workdir, f"hf_{kind}")
+        export_run(run, folder, fp8=kind == "fp8", overwrite=True, mesh_config={"fsdp": 1},
+                   devices=jax.devices()[:1])
+        loaded, variables = load_hf_checkpoint(folder)
+        model = Transformer(loaded.replace(dtype=jnp.float32))
+        logits, _ = jax.jit(model.apply)(variables, tokens)
+        npz = os.path.join(workdir, f"ours_{kind}.npz")
+        np.savez(npz, tokens=tokens.astype(np.int32), logits=np.asarray(logits, np.float32))
+        out[kind] = (folder, npz)
+    return out
 
 
 def main() -> None:
@@ -98,19 +108,25 @@ def main() -> None:
     if not args.hf_python:
         sys.exit("--hf_python=PATH is needed: the python of an environment with transformers")
     workdir = args.workdir or tempfile.mkdtemp(prefix="hf_check_")
-    folder, npz = ours(workdir)
-    done = subprocess.run([args.hf_python, __file__, "--compare", folder, npz],
-                          capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"the transformers side failed:\n{done.stderr[-4000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["export"] = folder
+    result, files = {}, ours(workdir)
+    for kind, (folder, npz) in files.items():
+        done = subprocess.run([args.hf_python, __file__, "--compare", folder, npz],
+                              capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"the transformers side failed ({kind}):\n{done.stderr[-4000:]}")
+        result[kind] = {"export": folder, **json.loads(done.stdout.strip().splitlines()[-1])}
+    import numpy as np
+    logits = {k: np.load(npz)["logits"] for k, (_, npz) in files.items()}
+    result["fp8_vs_fp32_export_max_abs_diff"] = float(np.abs(logits["fp8"] -
+                                                             logits["fp32"]).max())
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    if result["max_abs_diff_vs_fp64"] > TOLERANCE:
-        sys.exit(f"max |Δlogit| {result['max_abs_diff_vs_fp64']:.2e} > {TOLERANCE}")
+    worst = max(result[k]["max_abs_diff_vs_fp64"] for k in ("fp32", "fp8"))
+    if worst > TOLERANCE:
+        sys.exit(f"max |Δlogit| {worst:.2e} > {TOLERANCE}")
+
 
 
 if __name__ == "__main__":
