@@ -67,7 +67,7 @@ import numpy as np
 
 from deepseek_jax.hf import mapping
 from deepseek_jax.hf.fp8_blocks import scale_name
-from deepseek_jax.hf.hf_config import CONFIG_FILE, to_hf_config
+from deepseek_jax.hf.hf_config import CONFIG_FILE, HFCheckpointError, to_hf_config
 from deepseek_jax.hf.hub import TOKENIZER_FILES
 from deepseek_jax.hf.loader import leaf_sharding, set_path
 from deepseek_jax.hf.safetensors_io import INDEX_FILE
@@ -92,8 +92,8 @@ def _written_files(out: str) -> list[str]:
     return found + sorted(glob.glob(os.path.join(out, "model-*-of-*.safetensors")))
 
 
-def prepare_out(out: str, overwrite: bool) -> None:
-    """Creates `out`, refusing a non-empty folder unless `overwrite` (then clears our files)."""
+def check_out(out: str, overwrite: bool) -> None:
+    """Refuses a file, or a non-empty folder unless `overwrite`."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out={out} is a file; pass a folder")
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
@@ -101,8 +101,13 @@ def prepare_out(out: str, overwrite: bool) -> None:
         raise ExportError(f"--out={out} is not empty ({len(entries)} entries, e.g. "
                           f"{entries[0]!r}); export into a new or empty folder, or pass "
                           "--overwrite to replace a previous export there")
-    for fn in _written_files(out) if entries else []:
-        os.remove(fn)
+
+
+def prepare_out(out: str) -> None:
+    """Creates `out` and deletes what a previous export wrote there (nothing else)."""
+    if os.path.isdir(out):
+        for fn in _written_files(out):
+            os.remove(fn)
     os.makedirs(out, exist_ok=True)
 
 
@@ -265,6 +270,7 @@ def export_run(run: str, out: str, *, fp8: bool = False, dtype: Any = None,
     from deepseek_jax.train.checkpoint import load_model_config
     from deepseek_jax.train.workdir import resolve
     run, out = resolve(run), resolve(out)
+    check_out(out, overwrite)
     config = load_model_config(run)
     step, step_dir = checkpoint_step(run, step)
     state_dir = os.path.join(step_dir, "state")
@@ -274,7 +280,7 @@ def export_run(run: str, out: str, *, fp8: bool = False, dtype: Any = None,
     tok_files = tokenizer_files(run, step_dir, tokenizer)
     mesh, rules = parallel.mesh_and_rules(preset, mesh_config, devices)
     sharded.validate(config, mesh, rules)
-    prepare_out(out, overwrite)
+    prepare_out(out)
     with open(os.path.join(out, CONFIG_FILE), "w") as f:
         json.dump(hf, f, indent=2)
     _write_weights(out, config, state_dir, dtypes, dtype, fp8, fp8_block, max_shard_bytes,
@@ -354,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         overwrite=args.overwrite, step=args.step,
                         tokenizer=args.tokenizer or None, preset=args.preset,
                         mesh_config=parse_mesh(args.mesh), max_shard_bytes=args.shard_mb << 20)
-    except ExportError as e:
+    except (ExportError, HFCheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     with open(os.path.join(args.out, INDEX_FILE)) as f:
         n = len(set(json.load(f)["weight_map"].values()))
