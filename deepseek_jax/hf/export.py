@@ -37,8 +37,9 @@ host, written into its safetensors file and dropped. Host memory: one HF tensor 
 copy and e4m3 codes with --fp8), never a whole stack; devices: the leaves of one stack, spread
 over the mesh.
 
-Tokenizer: --tokenizer=PATH (a tokenizer.json — the run's `data.tokenizer` — or a folder);
-the files of `hub.TOKENIZER_FILES` found next to it are copied. Without it, a converted
+Tokenizer: --tokenizer=PATH, the run's `data.tokenizer` (a tokenizer.json under any name,
+copied as tokenizer.json) or a folder; the files of `hub.TOKENIZER_FILES` found next to it
+(tokenizer_config.json with its chat template, special_tokens_map.json, …) are copied too. Without it, a converted
 checkpoint's files come from the folder it was converted from (recorded in its checkpoint
 metadata). A training run does not record its data config, so a run trained with the byte
 tokenizer — or whose tokenizer is not given — is exported without tokenizer files (said once).
@@ -285,8 +286,8 @@ def export_run(run: str, out: str, *, fp8: bool = False, dtype: Any = None,
         json.dump(hf, f, indent=2)
     _write_weights(out, config, state_dir, dtypes, dtype, fp8, fp8_block, max_shard_bytes,
                    sharded.param_shardings(config, mesh, rules))
-    for fn in tok_files:
-        shutil.copyfile(fn, os.path.join(out, os.path.basename(fn)))
+    for src, name in tok_files:
+        shutil.copyfile(src, os.path.join(out, name))
     return hf
 
 
@@ -307,24 +308,30 @@ def _write_weights(out, config, state_dir, dtypes, dtype, fp8, block, max_shard_
 
 # --- tokenizer ----------------------------------------------------------------------------------
 
-def tokenizer_files(run: str, step_dir: str, tokenizer: str | None) -> list[str]:
-    """The tokenizer files to copy: next to --tokenizer, else in a converted checkpoint's source."""
+def tokenizer_files(run: str, step_dir: str, tokenizer: str | None) -> list[tuple[str, str]]:
+    """(source, name in HF_DIR) of the tokenizer files: --tokenizer (a file is copied as
+    tokenizer.json, with the TOKENIZER_FILES next to it) or a folder; else a converted
+    checkpoint's source folder."""
+    pairs: list[tuple[str, str]] = []
+    folder = _converted_source(step_dir)
     if tokenizer:
-        folder = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
         if not os.path.exists(tokenizer):
             raise ExportError(f"--tokenizer={tokenizer} does not exist; pass the run's "
                               "data.tokenizer (a tokenizer.json) or a folder of tokenizer files")
-    else:
-        folder = _converted_source(step_dir)
-    files = [os.path.join(folder, n) for n in TOKENIZER_FILES
-             if folder and os.path.isfile(os.path.join(folder, n))]
-    if tokenizer and not files:
+        folder = tokenizer
+        if os.path.isfile(tokenizer):
+            folder = os.path.dirname(tokenizer)
+            pairs.append((tokenizer, "tokenizer.json"))
+    pairs += [(os.path.join(folder, n), n) for n in TOKENIZER_FILES
+              if folder and os.path.isfile(os.path.join(folder, n))
+              and n not in {name for _, name in pairs}]
+    if tokenizer and not pairs:
         raise ExportError(f"--tokenizer={tokenizer}: no tokenizer files there (looked for "
                           f"{', '.join(TOKENIZER_FILES)})")
-    if not files:
+    if not pairs:
         print(f"{run}: no HF tokenizer recorded; exporting without tokenizer files (pass "
               "--tokenizer=PATH if the run used one)", flush=True)
-    return files
+    return pairs
 
 
 def _converted_source(step_dir: str) -> str | None:

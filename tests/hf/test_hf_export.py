@@ -207,3 +207,35 @@ def test_converted_checkpoint_exports_its_source_tensors_and_tokenizer(tmp_path)
     assert folder.dtype_name(name) == "F8_E4M3" and folder.shape(name + "_scale_inv") == (1, 1)
     with pytest.raises(SystemExit, match="not empty"):
         main(["--run", str(tmp_path / "conv"), "--out", out])
+
+
+def test_tokenizer_files_and_runs_that_cannot_be_exported(tiny_run, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    run, _ = tiny_run
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the cat sat"], tokenizers.trainers.WordLevelTrainer(
+        special_tokens=["<unk>"]))
+    tok.save(str(tok_dir / "words.json"))            # data.tokenizer may have any name
+    (tok_dir / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    out = tmp_path / "hf"
+    export_run(run, str(out), tokenizer=str(tok_dir / "words.json"), mesh_config=MESH)
+    again = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert again.encode("the cat sat").ids == tok.encode("the cat sat").ids
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
+    with pytest.raises(ExportError, match="--tokenizer=.*does not exist"):
+        export_run(run, str(tmp_path / "a"), tokenizer=str(tmp_path / "none.json"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no tokenizer files there"):
+        export_run(run, str(tmp_path / "b"), tokenizer=str(tmp_path / "empty"))
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    ckpt.save_model_config(str(other), get_config("tiny", d_ff=48))
+    with pytest.raises(ExportError, match="w_gate has shape .* model_config.json's model"):
+        export_run(str(other), str(tmp_path / "c"))
+    shutil.rmtree(other / "checkpoints")
+    with pytest.raises(ExportError, match="no checkpoint under"):
+        export_run(str(other), str(tmp_path / "d"))
+    assert not any((tmp_path / n).exists() for n in "abcd")      # nothing written
