@@ -85,7 +85,7 @@ def test_import_of_the_export_is_the_run(tiny_run, tmp_path):
     assert mtp + "eh_proj.weight" in folder and mtp + "mlp.experts.7.down_proj.weight" in folder
 
 
-def test_bfloat16_unscanned_run_and_an_export_dtype(tmp_path):
+def test_bfloat16_unscanned_run_and_an_export_dtype(tiny_run, tmp_path):
     """bf16 storage and per-layer modules (`layer_{i}`) round-trip too; --dtype casts."""
     config = get_config("tiny", param_dtype=jnp.bfloat16, scan_layers=False)
     want = make_run(str(tmp_path / "run"), config, steps=(2,))
@@ -93,10 +93,8 @@ def test_bfloat16_unscanned_run_and_an_export_dtype(tmp_path):
     _, got = load_hf_checkpoint(str(tmp_path / "hf"), dtype=jnp.bfloat16,
                                 overrides={"scan_layers": False})
     assert_same(got, want)                         # routing bias stays fp32
-    fp32 = get_config("tiny")
-    want = make_run(str(tmp_path / "run32"), fp32, steps=(1,))
-    hf = export_run(str(tmp_path / "run32"), str(tmp_path / "hf16"), dtype="bfloat16",
-                    mesh_config=MESH)
+    run, want = tiny_run
+    hf = export_run(run, str(tmp_path / "hf16"), dtype="bfloat16", mesh_config=MESH)
     assert hf["torch_dtype"] == "bfloat16"
     _, got = load_hf_checkpoint(str(tmp_path / "hf16"), dtype=jnp.bfloat16)
     cast = {"params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), want["params"]),
