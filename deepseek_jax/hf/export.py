@@ -56,6 +56,7 @@ selection bias-free V3 variants or routing that transformers' DeepSeek classes d
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -67,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.hf import mapping
+from deepseek_jax.kernels.fp8 import quantize_weight
 from deepseek_jax.hf.fp8_blocks import scale_name
 from deepseek_jax.hf.hf_config import CONFIG_FILE, HFCheckpointError, to_hf_config
 from deepseek_jax.hf.hub import TOKENIZER_FILES
@@ -223,22 +225,47 @@ def _scatter_plan(group: mapping.TensorGroup) -> list[tuple[str, tuple[np.ndarra
     return plan
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _pick(x, starts, n: int):
+    """x[starts] over the first n axes (traced starts: one compile per shard shape)."""
+    full = jnp.concatenate([starts, jnp.zeros((x.ndim - n,), jnp.int32)])
+    return jax.lax.dynamic_slice(x, full, (1,) * n + x.shape[n:]).reshape(x.shape[n:])
+
+
+def gather_position(x: jax.Array, pos: tuple[int, ...]) -> np.ndarray:
+    """x[pos] (pos over the leading stacked axes) on the host, from the addressable shards that
+    hold it, each distinct shard once: no device ever holds more than its own shard."""
+    n = len(pos)
+    out = np.empty(x.shape[n:], x.dtype)
+    seen = set()
+    for shard in x.addressable_shards:
+        index = tuple(slice(*s.indices(d)[:2]) for s, d in zip(shard.index, x.shape))
+        key = tuple((s.start, s.stop) for s in index)
+        if key in seen or not all(s.start <= p < s.stop for s, p in zip(index, pos)):
+            continue
+        seen.add(key)
+        local = np.asarray([p - s.start for s, p in zip(index, pos)], np.int32)
+        out[index[n:]] = np.asarray(jax.device_get(_pick(shard.data, local, n)))
+    return out
+
+
 def hf_tensors(group: mapping.TensorGroup, arrays: Mapping[str, jax.Array], dtype):
     """Yields (name, HF tensor) for each tensor of the stack, gathered one at a time."""
     plan = _scatter_plan(group)
     for pos in np.ndindex(group.names.shape):
         out = np.empty(group.hf_shape, dtype)
         for key, idx in plan:
-            out[idx] = np.asarray(jax.device_get(arrays[key][pos]))
+            out[idx] = gather_position(arrays[key], pos)
         yield group.names[pos], out
+
+
+_quantize = jax.jit(quantize_weight, static_argnames=("block", "scale_fmt"))
 
 
 def _write_tensor(writer: ShardedWriter, name: str, value: np.ndarray, dtype,
                   quantized: set[str], block: int, copies: Sequence[str]) -> None:
     if name in quantized:
-        from deepseek_jax.kernels.fp8 import quantize_weight
-        w_q, scale = jax.device_get(quantize_weight(jnp.asarray(value, jnp.float32),
-                                                    block=block))
+        w_q, scale = jax.device_get(_quantize(jnp.asarray(value, jnp.float32), block=block))
         writer.write(name, np.asarray(w_q))
         writer.write(scale_name(name), np.asarray(scale, np.float32))
         return
@@ -270,6 +297,9 @@ def export_run(run: str, out: str, *, fp8: bool = False, dtype: Any = None,
     from deepseek_jax import parallel
     from deepseek_jax.train.checkpoint import load_model_config
     from deepseek_jax.train.workdir import resolve
+    if jax.process_count() > 1:
+        raise ExportError("export runs in one process (it gathers every tensor to this host); "
+                          "start it without multi-process JAX")
     run, out = resolve(run), resolve(out)
     check_out(out, overwrite)
     config = load_model_config(run)

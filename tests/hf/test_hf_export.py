@@ -13,7 +13,7 @@ import pytest
 
 from deepseek_jax.config import get_config, variant_names
 from deepseek_jax.hf import convert_to_orbax, load_hf_checkpoint
-from deepseek_jax.hf.export import ExportError, export_run, fp8_names, main
+from deepseek_jax.hf.export import ExportError, export_run, fp8_names, gather_position, main
 from deepseek_jax.hf.fp8_blocks import dequantize_blocks
 from deepseek_jax.hf.hf_config import (HFCheckpointError, config_from_hf, not_in_hf,
                                        read_hf_config, to_hf_config)
@@ -100,6 +100,17 @@ def test_bfloat16_unscanned_run_and_an_export_dtype(tiny_run, tmp_path):
     cast = {"params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), want["params"]),
             "routing": want["routing"]}
     assert_same(got, cast)
+
+
+def test_one_position_is_gathered_from_the_shards_that_hold_it():
+    """Stacked axes sharded, inner axes sharded, replicas (read once): x[pos] exactly."""
+    mesh = jax.make_mesh((2, 4), ("a", "b"))
+    x = np.arange(4 * 8 * 8 * 3, dtype=np.float32).reshape(4, 8, 8, 3)
+    P = jax.sharding.PartitionSpec
+    for spec in (P("a", "b"), P(None, None, "b"), P("b", None, "a"), P()):
+        arr = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+        for pos in ((0,), (3,), (1, 5), (2, 0), ()):
+            np.testing.assert_array_equal(gather_position(arr, pos), x[pos], err_msg=str(spec))
 
 
 def test_exported_config_maps_back_to_the_same_model_config():
