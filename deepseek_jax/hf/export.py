@@ -32,25 +32,28 @@ export dtype (fp32 for the bias), as in DeepSeek-V3's files.
 Streaming: the tensors are written in the order of the plan; for each HF tensor stack (e.g.
 q_b_proj of every scanned layer) the leaves that fill it are restored from the Orbax checkpoint
 alone (a partial restore), sharded over a mesh of this process's devices (--preset, --mesh;
-default fsdp over all), then each HF tensor — one layer's, one expert's — is gathered to the
-host, written into its safetensors file and dropped. Host memory: one HF tensor (plus its fp32
-copy and e4m3 codes with --fp8), never a whole stack; devices: the leaves of one stack, spread
-over the mesh.
+default fsdp over all). Each HF tensor — one layer's, one expert's — is then assembled on the
+host from the device shards that hold it (`gather_position`: a dynamic slice of each such shard,
+copied out; nothing is resharded, so no device holds more than its own shard), written into its
+safetensors file and dropped. Host memory: about two HF tensors (our slice and the HF layout,
+plus the fp32 copy and e4m3 codes with --fp8), never a whole stack; devices: the leaves of one
+stack, spread over the mesh as in training.
 
 Tokenizer: --tokenizer=PATH, the run's `data.tokenizer` (a tokenizer.json under any name,
 copied as tokenizer.json) or a folder; the files of `hub.TOKENIZER_FILES` found next to it
-(tokenizer_config.json with its chat template, special_tokens_map.json, …) are copied too. Without it, a converted
-checkpoint's files come from the folder it was converted from (recorded in its checkpoint
-metadata). A training run does not record its data config, so a run trained with the byte
+(tokenizer_config.json with its chat template, special_tokens_map.json, …) are copied too.
+Without it, a converted checkpoint's files come from the folder it was converted from
+(recorded in its checkpoint metadata). A training run does not record its data config, so a run trained with the byte
 tokenizer — or whose tokenizer is not given — is exported without tokenizer files (said once).
 
 An export into a non-empty HF_DIR is refused unless --overwrite, which first deletes the files
 an export writes (config.json, model-*.safetensors, the index, tokenizer files) and nothing
 else.
 
-Left out: multi-process (pod) exports — one process gathers every tensor; and writing the
-selection bias-free V3 variants or routing that transformers' DeepSeek classes do not have
-(`to_hf_config` refuses those with the reason).
+Left out: multi-process (pod) exports — one process gathers every tensor, so the run's
+checkpoint must be readable from one host (refused under multi-process JAX); and routing that
+transformers' DeepSeek classes do not have (sigmoid without the selection bias, softmax with
+top-2-sum groups: `to_hf_config` refuses those with the reason).
 """
 
 from __future__ import annotations
