@@ -9,16 +9,22 @@ HFENV is a separate environment with torch, transformers, accelerate (transforme
 loading needs it), safetensors and numpy (e.g. `python3.11 -m venv HFENV &&
 HFENV/bin/pip install torch transformers accelerate safetensors numpy`).
 
-Two interpreters. This one (the project's) makes a tiny run — the `tiny` config (q compression,
-sigmoid routing with the selection bias, 4 groups of 2 kept, YaRN with mscale ≠ mscale_all_dim,
-interleaved RoPE, one MTP module), random parameters drawn with a fan-in-sized init_std and a
-random N(0, 1) selection bias, saved as a training run saves its checkpoints —, exports it twice
-(float32, and with --fp8: block-fp8 e4m3 linear weights), loads each export with
-`load_hf_checkpoint` and computes our float32 logits. It then runs this file under --hf_python
-with --compare for each folder, which loads it with `DeepseekV3ForCausalLM.from_pretrained`
-(eager attention and experts; the fp8 folder through transformers' fine-grained fp8 loader,
-which dequantizes when there is no GPU), runs the same tokens in float32 and float64 and
-reports, per export:
+Two interpreters. This one (the project's) makes tiny runs — random parameters drawn with a
+fan-in-sized init_std, a random N(0, 1) selection bias, saved as a training run saves its
+checkpoints — and exports them (CASES):
+
+  v3_fp32  the `tiny` config (q compression, sigmoid routing with the selection bias, 4 groups
+           of 2 kept, YaRN with mscale ≠ mscale_all_dim, interleaved RoPE, one MTP module),
+           float32 → DeepseekV3ForCausalLM;
+  v3_fp8   the same run with --fp8 (block-fp8 e4m3 linear weights), through transformers'
+           fine-grained fp8 loader (which dequantizes when there is no GPU);
+  v2_fp32  softmax routing without the bias, plain top-k, no renormalization, no MTP → exported
+           as deepseek_v2 → DeepseekV2ForCausalLM;
+
+loads each export with `load_hf_checkpoint` and computes our float32 logits. It then runs this
+file under --hf_python with --compare for each folder, which loads it with
+`AutoModelForCausalLM.from_pretrained` (eager attention and experts), runs the same tokens in
+float32 and float64 and reports:
 
   max |Δlogit| ours (fp32) vs transformers fp32, and vs transformers fp64;
   the keys transformers did not load (the MTP module: DeepseekV3ForCausalLM has no MTP head);
@@ -47,10 +53,10 @@ def compare(folder: str, ours_npz: str) -> dict:
     import numpy as np
     import torch
     import transformers
-    from transformers import DeepseekV3ForCausalLM
+    from transformers import AutoModelForCausalLM
     torch.set_num_threads(2)
     saved = np.load(ours_npz)
-    model, info = DeepseekV3ForCausalLM.from_pretrained(
+    model, info = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="eager",
         experts_implementation="eager", output_loading_info=True)
     model.eval()
@@ -60,6 +66,7 @@ def compare(folder: str, ours_npz: str) -> dict:
         fp64 = model.double()(tokens).logits.numpy()
     ours = saved["logits"]
     return {"transformers": transformers.__version__, "torch": torch.__version__,
+            "class": type(model).__name__,
             "max_abs_logit": float(np.abs(fp64).max()),
             "max_abs_diff_vs_fp32": float(np.abs(ours - fp32).max()),
             "max_abs_diff_vs_fp64": float(np.abs(ours - fp64).max()),
@@ -67,8 +74,18 @@ def compare(folder: str, ours_npz: str) -> dict:
             "missing_keys": sorted(info["missing_keys"])}
 
 
+CASES = {   # name: (ModelConfig overrides of `tiny`, fp8 export)
+    "v3_fp32": ({}, False),
+    "v3_fp8": ({}, True),
+    # softmax routing without the bias, plain top-k, no renormalization, no MTP: deepseek_v2
+    "v2_fp32": (dict(score_func="softmax", routing_bias=False, group_score="max",
+                     n_expert_groups=1, n_limited_groups=1, norm_topk_prob=False,
+                     routed_scaling_factor=1.5, mtp_depth=0), False),
+}
+
+
 def ours(workdir: str) -> dict[str, tuple[str, str]]:
-    """Makes and exports the tiny run; {"fp32"|"fp8": (HF folder, npz of tokens, our logits)}."""
+    """Makes and exports the tiny runs; {case: (HF folder, npz of tokens and our logits)}."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -77,21 +94,22 @@ def ours(workdir: str) -> dict[str, tuple[str, str]]:
     from deepseek_jax.config import get_config
     from deepseek_jax.hf import export_run, load_hf_checkpoint
     from deepseek_jax.model import Transformer
-    config = get_config("tiny", init_std=32 ** -0.5)          # fan-in sized: logits ~ 1
-    run = os.path.join(workdir, "run")
-    make_run(run, config, steps=(1,))
-    tokens = np.asarray(jax.random.randint(jax.random.key(7), (B, T), 0, config.vocab_size))
     out = {}
-    for kind in ("fp32", "fp8"):
-        folder = os.path.join(workdir, f"hf_{kind}")
-        export_run(run, folder, fp8=kind == "fp8", overwrite=True, mesh_config={"fsdp": 1},
+    for case, (overrides, fp8) in CASES.items():
+        config = get_config("tiny", init_std=32 ** -0.5, **overrides)   # fan-in: logits ~ 1
+        run = os.path.join(workdir, "run_" + case.split("_")[0])
+        if not os.path.exists(run):
+            make_run(run, config, steps=(1,))
+        tokens = np.asarray(jax.random.randint(jax.random.key(7), (B, T), 0, config.vocab_size))
+        folder = os.path.join(workdir, f"hf_{case}")
+        export_run(run, folder, fp8=fp8, overwrite=True, mesh_config={"fsdp": 1},
                    devices=jax.devices()[:1])
         loaded, variables = load_hf_checkpoint(folder)
         model = Transformer(loaded.replace(dtype=jnp.float32))
         logits, _ = jax.jit(model.apply)(variables, tokens)
-        npz = os.path.join(workdir, f"ours_{kind}.npz")
+        npz = os.path.join(workdir, f"ours_{case}.npz")
         np.savez(npz, tokens=tokens.astype(np.int32), logits=np.asarray(logits, np.float32))
-        out[kind] = (folder, npz)
+        out[case] = (folder, npz)
     return out
 
 
@@ -117,13 +135,13 @@ def main() -> None:
         result[kind] = {"export": folder, **json.loads(done.stdout.strip().splitlines()[-1])}
     import numpy as np
     logits = {k: np.load(npz)["logits"] for k, (_, npz) in files.items()}
-    result["fp8_vs_fp32_export_max_abs_diff"] = float(np.abs(logits["fp8"] -
-                                                             logits["fp32"]).max())
+    result["v3_fp8_vs_fp32_export_max_abs_diff"] = float(np.abs(logits["v3_fp8"] -
+                                                                logits["v3_fp32"]).max())
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    worst = max(result[k]["max_abs_diff_vs_fp64"] for k in ("fp32", "fp8"))
+    worst = max(result[k]["max_abs_diff_vs_fp64"] for k in CASES)
     if worst > TOLERANCE:
         sys.exit(f"max |Δlogit| {worst:.2e} > {TOLERANCE}")
 
