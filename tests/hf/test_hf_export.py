@@ -86,13 +86,19 @@ def test_import_of_the_export_is_the_run(tiny_run, tmp_path):
 
 
 def test_bfloat16_unscanned_run_and_an_export_dtype(tiny_run, tmp_path):
-    """bf16 storage and per-layer modules (`layer_{i}`) round-trip too; --dtype casts."""
-    config = get_config("tiny", param_dtype=jnp.bfloat16, scan_layers=False)
+    """bf16 storage, per-layer modules (`layer_{i}`), tied embeddings (the MTP head copy is
+    the embedding) and no q compression (q_proj) round-trip too; --dtype casts."""
+    config = get_config("tiny", param_dtype=jnp.bfloat16, scan_layers=False,
+                        tie_embeddings=True, q_lora_rank=0)
     want = make_run(str(tmp_path / "run"), config, steps=(2,))
     export_run(str(tmp_path / "run"), str(tmp_path / "hf"), mesh_config=MESH)
     _, got = load_hf_checkpoint(str(tmp_path / "hf"), dtype=jnp.bfloat16,
                                 overrides={"scan_layers": False})
     assert_same(got, want)                         # routing bias stays fp32
+    folder = SafetensorsFolder(str(tmp_path / "hf"))
+    assert "lm_head.weight" not in folder and "model.layers.1.self_attn.q_proj.weight" in folder
+    np.testing.assert_array_equal(folder.tensor("model.layers.3.shared_head.head.weight"),
+                                  want["params"]["embed"])
     run, want = tiny_run
     hf = export_run(run, str(tmp_path / "hf16"), dtype="bfloat16", mesh_config=MESH)
     assert hf["torch_dtype"] == "bfloat16"
