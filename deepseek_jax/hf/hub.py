@@ -47,7 +47,7 @@ def _unreachable(repo_id: str, revision: str | None, error: Exception) -> HFChec
     reason = (str(error).splitlines() or [""])[0].rstrip(". ")
     return HFCheckpointError(
         f"cannot get {repo_id!r}{at} from the Hugging Face hub: {type(error).__name__}: "
-        f"{reason}. Check the id, the revision, the "
+        f"{reason} (and no local folder {repo_id!r} exists). Check the id, the revision, the "
         "network and the token (gated repos need `token=` or `hf auth login`); or download the "
         "folder elsewhere (`hf download ORG/NAME --local-dir DIR`) and pass the local folder: "
         "load_hf_checkpoint('DIR')")
