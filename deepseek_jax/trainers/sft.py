@@ -34,7 +34,7 @@ from deepseek_jax.train import schedules, sharded
 from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.run import Run, run_mesh
-from deepseek_jax.train.step import NonFiniteLoss, eval_step
+from deepseek_jax.train.step import NonFiniteLoss, eval_step, init_train_state
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -91,8 +91,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with Run(workdir, config.train, async_save=config.train.async_checkpoint) as run:
         # --- checkpoint: restore, or start from the run at init.pretrain_dir ------------------
         if run.manager.latest_step() is not None:
+            shapes = jax.eval_shape(lambda: init_train_state(jax.random.key(0), model_config,
+                                                             tx))
             state, rng, data_state = ckpt.restore(
-                run.manager, ckpt.abstract_like(step_fn.shardings, step_fn.shardings))
+                run.manager, ckpt.abstract_like(shapes, step_fn.shardings))
             start, before = int(state.step), data_state.get("before", {})
             run.resumed(start)
         else:
