@@ -91,8 +91,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     t.steps = steps                  # 0 = epochs × ceil(training rows / global_batch)
     t.epochs = epochs
     t.microbatches = 1
-    # λ, α and γ as in pretraining; the routing bias is frozen (γ = 0) outside the tests: a short
-    # fine-tune's loads are a narrow, noisy signal (as in the demo's GRPO run)
+    # λ, α and γ as in pretraining; the routing bias is frozen (γ = 0) outside the tests: a
+    # short fine-tune's loads are a narrow, noisy signal (as in the demo's GRPO run)
     t.mtp_weight = 0.3 if arg == "tiny" else 0.1
     t.balance_alpha = 1e-4
     t.bias_update_rate = 0.01 if arg == "tiny" else 0.0

@@ -115,7 +115,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                     f"{float(m['grad_norm'])}; lower optim.lr and rerun to "
                                     "resume from the last good checkpoint")
             if done % config.train.log_every == 0 or done == config.train.steps:
-                last = {**{k: float(v) for k, v in m.items()}, "lr": float(plan.learning_rate(step))}
+                last = {**{k: float(v) for k, v in m.items()},
+                        "lr": float(plan.learning_rate(step))}
                 run.writer.write(done, last)
             if config.train.eval_every and (done % config.train.eval_every == 0
                                             or done == config.train.steps):
