@@ -33,7 +33,7 @@ from deepseek_jax.configs.pretrain import model_fields
 _RUNS = {
     #            model     seq   batch steps epochs lr     final  warmup preset
     "tiny": ("tiny", 64, 8, 16, 0, 3e-3, 0.1, 2, "dp"),
-    "small": ("small", 96, 16, 0, 2, 3e-5, 0.1, 5, "dp"),
+    "small": ("small", 128, 16, 0, 2, 3e-5, 0.1, 5, "dp"),
     "v3-671b": ("v3-671b", 4096, 512, 0, 2, 5e-6, 0.2, 0, "fsdp_ep"),
 }
 
