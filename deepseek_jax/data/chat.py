@@ -163,9 +163,8 @@ class ChatTemplate:
         if not isinstance(template, str) or not template:
             raise ChatError(f"{path} has no chat_template string; pass a tokenizer_config.json "
                             "that has one")
-        token = lambda k: (config.get(k) or {}).get("content", "") if isinstance(
-            config.get(k), dict) else config.get(k) or ""
-        return cls(template, token("bos_token"), token("eos_token"), origin=path)
+        return cls(template, _token(config, "bos_token"), _token(config, "eos_token"),
+                   origin=path)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool,
                where: str = "") -> str:
@@ -179,6 +178,12 @@ class ChatTemplate:
 
 
 BYTE_CHAT_TEMPLATE = ChatTemplate(BYTE_TEMPLATE, BYTE_BOS, BYTE_EOS)
+
+
+def _token(config: dict, key: str) -> str:
+    """A special token's text: a plain string, or an AddedToken object's "content"."""
+    value = config.get(key)
+    return value.get("content", "") if isinstance(value, dict) else value or ""
 
 
 def _raise(message):

@@ -3,8 +3,9 @@ verifiable rewards accept kept as SFT data.
 
   rejection_sample(problems, sampler, out=OUT.jsonl, k=K, ...)
       for each batch of problems not done yet: K completions each (`sampler`), scored with
-      `rewards.score` (accepted: accuracy 1, and a well-formed think/answer block unless
-      `require_format=False`), reduced per problem by `keep`, appended to OUT, then the batch's
+      `rewards.score` (accepted: the completion ended with eos, not at the token limit, its
+      accuracy is 1, and its think/answer block is well-formed unless `require_format=False`),
+      reduced per problem by `keep`, appended to OUT, then the batch's
       problems appended to OUT's progress file. Returns the totals.
 
   keep: "all" every accepted completion; "unique" accepted completions with distinct text (the
@@ -130,11 +131,13 @@ def rejection_sample(problems: Sequence[dict[str, Any]], sampler: Sampler, *, ou
         padded = indices + [indices[-1]] * (batch_prompts - len(indices))   # one shape
         keys = [(i, j) for i in padded for j in range(k)]
         prompts = [encoder.encode_prompt(r1.make_prompt(problems[i], template)) for i, _ in keys]
-        texts = [encoder.decode(c) for c in sampler(prompts, keys)]
+        completions = sampler(prompts, keys)
+        texts = [encoder.decode(c) for c in completions]
+        finished = [bool(c) and c[-1] == encoder.eos_id for c in completions]
         rows, accepted_count = [], 0
         for n, i in enumerate(indices):
-            good = [t for t in texts[n * k:(n + 1) * k]
-                    if accepted(t, problems[i], template, require_format)]
+            good = [t for t, done_ in zip(texts[n * k:(n + 1) * k], finished[n * k:(n + 1) * k])
+                    if done_ and accepted(t, problems[i], template, require_format)]
             accepted_count += len(good)
             rows += [{"prompt": r1.make_prompt(problems[i], template), "completion": t,
                       "index": i, "problem": problems[i]} for t in select(good, keep)]

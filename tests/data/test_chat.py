@@ -2,8 +2,10 @@
 
 The fixture folder holds a tokenizer_config.json with a DeepSeek-style Jinja template (bos, the
 system text, <｜User｜>/<｜Assistant｜> turns, eos after each answer, earlier reasoning dropped
-from history as R1's template does) and a one-token-per-character tokenizer.json whose special
-tokens are added tokens, so every expected id sequence below is written out by hand.
+from history as R1's template does) and a one-token-per-character tokenizer.json (58 ids: the
+special tokens as added tokens, lower-case letters, a few capitals, digits and punctuation, so
+that it fits the 64-id HF fixture model), so every expected id sequence below is written out by
+hand.
 """
 
 import json
