@@ -104,7 +104,11 @@ class SFTBatches:
         R, B = len(self.rows), self.global_batch
         positions = np.arange(step * B, (step + 1) * B)
         epochs = positions // R
-        return np.asarray([self._order(int(e))[int(p % R)] for e, p in zip(epochs, positions)])
+        out = np.empty(B, np.int64)
+        for e in np.unique(epochs):                    # one permutation per epoch touched
+            here = epochs == e
+            out[here] = self._order(int(e))[positions[here] % R]
+        return out
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         idx = self.indices(step)[self._local]
