@@ -8,7 +8,9 @@
 Samples K completions per problem from RUN's latest checkpoint, keeps those the verifiable
 rewards accept and appends them to OUT as SFT-ready JSONL ({"prompt", "completion", ...}, read by
 `experiments.sft`). The GRPO run config (`--config`, default `grpo.py:small`) gives the task,
-the prompt template, the sampling temperature, max_new_tokens, the tokenizer and the mesh.
+the prompt template, the sampling temperature, max_new_tokens, the tokenizer and the mesh; the
+task's records are read from `--config.data.data_dir`, by default RUN/data, where a GRPO run
+keeps them unless told otherwise.
 Rerunning the same command resumes: finished problems are skipped
 (`deepseek_jax.rl.rejection`, whose docstring gives the details).
 """
