@@ -190,18 +190,14 @@ def _raise(message):
     raise ValueError(message)
 
 
-_TEMPLATES: dict[str, Any] = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _compile(source: str):
     """The sandboxed jinja2 template (cached): trim_blocks/lstrip_blocks as transformers does,
     `raise_exception` for templates that reject a conversation."""
-    if source not in _TEMPLATES:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
-        _TEMPLATES[source] = env.from_string(source)
-    return _TEMPLATES[source]
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    return env.from_string(source)
 
 
 def default_template(tokenizer_path: str, chat_template: str = "") -> ChatTemplate:
