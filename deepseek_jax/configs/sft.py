@@ -2,7 +2,7 @@
 
   tiny     tests: a randomly initialized tiny model (or --config.init.pretrain_dir=RUN) on a
            JSONL of conversations, seconds on one CPU:
-           python -m experiments.sft --config=experiments/configs/sft.py:tiny --workdir=/tmp/sft_tiny \\
+           python -m experiments.sft --config=experiments/configs/sft.py:tiny --workdir=runs/sft_tiny \\
                --config.data.path=conversations.jsonl
   small    stage 3 of the CPU demo: SFT of the demo's GRPO model on its own rejection samples
            (`experiments.rejection_sample`, README), byte tokenizer and its built-in template:
