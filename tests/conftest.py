@@ -77,6 +77,13 @@ FILE_SECONDS = {
     "rl/test_grpo_data_parallel.py": 50,
     "tools/test_plan.py": 50,
     "experiments/test_context_extension.py": 40,
+    "tools/test_fit.py": 60,
+    "experiments/test_sft_hf.py": 55,
+    "hf/test_hf_export.py": 55,
+    "experiments/test_sft.py": 50,
+    "rl/test_rl_evaluate.py": 45,
+    "launch/test_dry_run.py": 45,
+    "experiments/test_evaluate.py": 40,
 }
 
 
