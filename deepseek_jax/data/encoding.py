@@ -10,7 +10,9 @@ alone and works inside Grain worker processes. Encoding never adds the tokenizer
 tokens (`add_special_tokens=False`); bos/eos come only from the flags here, so that a document looks
 the same whatever post-processor the tokenizer file declares.
 
-Left out: chat templates (GRPO formats its prompts itself) and training a tokenizer.
+Chat templates (SFT) are `data/chat.py`'s; GRPO formats its prompts itself (`data/r1.py`).
+
+Left out: training a tokenizer.
 """
 
 from __future__ import annotations

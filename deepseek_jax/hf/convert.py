@@ -2,6 +2,10 @@
 
   python -m deepseek_jax.hf.convert --hf=DeepSeek-V3 --out=/ckpt/v3 \
       --preset=fsdp --mesh=fsdp=-1 --dtype=bfloat16
+  python -m deepseek_jax.hf.convert --hf=deepseek-ai/DeepSeek-V3 [--revision=REV] --out=...
+
+`--hf` is a local folder or a hub id (`hf/hub.py`: config, index, the shards it names and the
+tokenizer files are downloaded into the Hugging Face cache, resumably, before the conversion).
 
 What it writes (the layout of a training run's directory, minus the optimizer):
 
@@ -71,11 +75,13 @@ def convert_to_orbax(hf_dir: str, out_dir: str, *, preset: str = "fsdp",
             mesh_config: Mapping[str, int] | None = None, dtype: Any = jnp.bfloat16,
             overrides: Mapping[str, Any] | None = None, devices: Sequence | None = None,
             chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-            group_bytes: int = DEFAULT_GROUP_BYTES) -> ModelConfig:
+            group_bytes: int = DEFAULT_GROUP_BYTES, revision: str | None = None) -> ModelConfig:
     """Writes OUT/checkpoints/0 (Orbax, sharded for the mesh) from the HF folder `hf_dir`.
 
     Args:
-      hf_dir: Hugging Face checkpoint folder (see `load_hf_checkpoint`).
+      hf_dir: Hugging Face checkpoint folder, or a hub id ("deepseek-ai/DeepSeek-V3", its
+        files downloaded into the Hugging Face cache first; see `load_hf_checkpoint`).
+      revision: for a hub id, the branch, tag or commit (default: main).
       out_dir: output folder; OUT/checkpoints/0 must not exist yet.
       preset, mesh_config: parallelism preset and mesh sizes (`parallel.mesh_and_rules`); the
         preset's default mesh when mesh_config is None.
@@ -89,8 +95,9 @@ def convert_to_orbax(hf_dir: str, out_dir: str, *, preset: str = "fsdp",
       the ModelConfig written to OUT/model_config.json.
     """
     from deepseek_jax import parallel
+    from deepseek_jax.hf.hub import checkpoint_folder
     from deepseek_jax.train import workdir as run_dir
-    hf_dir = run_dir.resolve(hf_dir)
+    hf_dir = run_dir.resolve(checkpoint_folder(hf_dir, revision=revision))  # hub id → its cache
     out_dir = run_dir.resolve(out_dir)          # Orbax needs an absolute path
     step_dir = os.path.join(out_dir, "checkpoints", "0")
     if os.path.exists(step_dir):
@@ -198,7 +205,9 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m deepseek_jax.hf.convert",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf", required=True, help="Hugging Face checkpoint folder")
+    ap.add_argument("--hf", required=True, help="Hugging Face checkpoint folder or hub id "
+                    "(org/name, downloaded into the Hugging Face cache)")
+    ap.add_argument("--revision", default=None, help="branch, tag or commit of a hub id")
     ap.add_argument("--out", required=True, help="output folder (new)")
     ap.add_argument("--preset", default="fsdp", help="parallelism preset (deepseek_jax.parallel)")
     ap.add_argument("--mesh", default="", help="mesh sizes, e.g. fsdp=8 or fsdp=-1,tensor=4")
@@ -210,7 +219,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from deepseek_jax import parallel
     from deepseek_jax.train import workdir as run_dir
-    args.hf, args.out = run_dir.resolve(args.hf), run_dir.resolve(args.out)   # once, at start-up
+    from deepseek_jax.hf.hub import checkpoint_folder
+    args.hf = run_dir.resolve(checkpoint_folder(args.hf, revision=args.revision))  # at start-up
+    args.out = run_dir.resolve(args.out)
     parallel.maybe_initialize_distributed()
     config = convert_to_orbax(args.hf, args.out, preset=args.preset,
                               mesh_config=parse_mesh(args.mesh), dtype=jnp.dtype(args.dtype),

@@ -91,3 +91,18 @@ def test_local_paths_win_and_are_not_hub_ids(tmp_path, monkeypatch):
         load_hf_checkpoint("/no/such/folder")
     with pytest.raises(HFCheckpointError, match="revision='v1' applies to hub ids"):
         load_hf_checkpoint(fixture("v3"), revision="v1")
+
+
+def test_the_converter_takes_a_hub_id(offline, hub_cache, tmp_path, monkeypatch):
+    """`python -m deepseek_jax.hf.convert --hf=ORG/NAME` converts the cached snapshot: the
+    restored parameters equal a direct load of the same checkpoint folder."""
+    from deepseek_jax.hf import convert
+    monkeypatch.setenv("HF_HUB_CACHE", hub_cache)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", hub_cache)
+    out = str(tmp_path / "converted")
+    convert.main(["--hf=deepseek-ai/tiny-v3", f"--out={out}", "--mesh=fsdp=8",
+                  "--dtype=float32"])
+    config, got = convert.restore_converted(out)
+    want_config, want = load_hf_checkpoint(fixture("v3"))
+    assert config == want_config.replace(param_dtype=config.param_dtype)
+    assert_same({"params": got["params"]}, {"params": want["params"]})
