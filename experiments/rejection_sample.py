@@ -10,8 +10,9 @@ rewards accept and appends them to OUT as SFT-ready JSONL ({"prompt", "completio
 `experiments.sft`). The GRPO run config (`--config`, default `grpo.py:small`) gives the task,
 the prompt template, the sampling temperature, max_new_tokens, the tokenizer and the mesh; the
 task's records are read from `--config.data.data_dir`, by default RUN/data, where a GRPO run
-keeps them unless told otherwise.
-Rerunning the same command resumes: finished problems are skipped
+keeps them unless told otherwise. `--problems` takes task problems (arithmetic, countdown) or
+math problems in GSM8K or MATH form (answers checked by math-verify, as `experiments.evaluate`
+checks them). Rerunning the same command resumes: finished problems are skipped
 (`deepseek_jax.rl.rejection`, whose docstring gives the details).
 """
 

@@ -36,7 +36,8 @@ from typing import Any, Callable, Sequence
 
 from deepseek_jax.data import r1
 from deepseek_jax.data.encoding import Encoder
-from deepseek_jax.rl import rewards
+from deepseek_jax.rl import math_problems, rewards
+from deepseek_jax.rl.evaluate import prompt_text
 
 KEEP = ("all", "unique", "shortest")
 
@@ -45,9 +46,10 @@ Sampler = Callable[[list[list[int]], list[tuple[int, int]]], list[list[int]]]
 
 
 def load_problem_file(path: str) -> list[dict[str, Any]]:
-    """Task problems from JSONL: arithmetic ({"prompt": "43+27=", "answer": "70", "op": "+"})
-    or countdown ({"numbers": [...], "target": N}); a line missing a field is an error naming
-    it."""
+    """Problems from JSONL: task problems, arithmetic ({"prompt": "43+27=", "answer": "70",
+    "op": "+"}) or countdown ({"numbers": [...], "target": N}), or math problems in GSM8K or
+    MATH form (`math_problems`, checked by math-verify); a line missing a field is an error
+    naming it."""
     out = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -57,11 +59,16 @@ def load_problem_file(path: str) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if isinstance(record, dict) and ({"question", "problem"} & set(record)):
+                out.append(math_problems.parse_problem(record, f"{path}:{number}",
+                                                       f"line {number}"))
+                continue
             need = ("prompt", "answer", "op") if "op" in record else ("numbers", "target")
             missing = [k for k in need if k not in record]
             if missing:
                 raise ValueError(f"{path}:{number}: missing {missing}; an arithmetic problem "
-                                 "needs prompt, answer and op, a countdown one numbers and target")
+                                 "needs prompt, answer and op, a countdown one numbers and "
+                                 f"target, a math problem {math_problems.EXPECTED}")
             out.append(record)
     if not out:
         raise ValueError(f"{path}: no problems")
@@ -130,7 +137,7 @@ def rejection_sample(problems: Sequence[dict[str, Any]], sampler: Sampler, *, ou
         indices = todo[start: start + batch_prompts]
         padded = indices + [indices[-1]] * (batch_prompts - len(indices))   # one shape
         keys = [(i, j) for i in padded for j in range(k)]
-        prompts = [encoder.encode_prompt(r1.make_prompt(problems[i], template)) for i, _ in keys]
+        prompts = [encoder.encode_prompt(prompt_text(problems[i], template)) for i, _ in keys]
         completions = sampler(prompts, keys)
         texts = [encoder.decode(c) for c in completions]
         finished = [bool(c) and c[-1] == encoder.eos_id for c in completions]
@@ -139,7 +146,7 @@ def rejection_sample(problems: Sequence[dict[str, Any]], sampler: Sampler, *, ou
             good = [t for t, done_ in zip(texts[n * k:(n + 1) * k], finished[n * k:(n + 1) * k])
                     if done_ and accepted(t, problems[i], template, require_format)]
             accepted_count += len(good)
-            rows += [{"prompt": r1.make_prompt(problems[i], template), "completion": t,
+            rows += [{"prompt": prompt_text(problems[i], template), "completion": t,
                       "index": i, "problem": problems[i]} for t in select(good, keep)]
         _append(out, rows)
         _append(progress_path(out), [{"problems": indices, "sampled": len(indices) * k,

@@ -212,3 +212,29 @@ def test_rejection_sampling_from_a_run(sft_run, tmp_path):
     with pytest.raises(ValueError, match=rf"{bad}:1: missing \['answer'\]"):
         rejection.from_run(workdir, c, **{**kw, "problems_file": str(bad)})
 
+
+
+def test_rejection_sampling_reads_math_problem_files(tmp_path):
+    """A GSM8K-style file: each problem is prompted with its question in the template, and a
+    completion is kept when math-verify finds its answer equal to the reference in any form
+    ("29.0" for 29), not when it is another number."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "rl", "fixtures",
+                        "gsm8k_sample.jsonl")
+    problems = rejection.load_problem_file(path)
+    assert problems[0]["reference"] == "29" and problems[0]["id"] == "line 1"
+    prompts_seen = []
+
+    def sample(prompts, keys):
+        prompts_seen.extend(ENCODER.decode(p) for p in prompts)
+        answers = {0: lambda p: p["reference"] + ".0", 1: lambda p: p["reference"] + "1"}
+        return [list(ENCODER(f" ok </think> <answer>{answers[j](problems[i])}</answer>"))
+                for i, j in keys]
+
+    out = str(tmp_path / "math.jsonl")
+    result = rejection.rejection_sample(problems, sample, out=out, k=2, template="compact",
+                                        encoder=ENCODER, batch_prompts=4, report=lambda s: None)
+    assert result["accepted"] == len(problems) and result["kept"] == len(problems)
+    assert problems[0]["question"] in prompts_seen[0]
+    records = [json.loads(line) for line in open(out)]
+    assert all(r["completion"].endswith(f"{r['problem']['reference']}.0</answer>")
+               for r in records)
