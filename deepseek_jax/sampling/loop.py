@@ -1,9 +1,10 @@
 """The pieces plain and speculative decoding share: what a run returns, its static and traced
-settings, the two models a run steps (prefill and decode step), the cache's sharding
-constraints, per-row keys and the token choice.
+settings, the two models a run steps (prefill and decode step), the prompts' prefill, the
+cache's sharding constraints and row repetition, per-row keys and the token choice.
 
 `generate.py` runs plain decoding and dispatches to `speculative.py`; both loops build on this
-file, so neither imports the other's loop.
+file, so neither imports the other's loop. `batching.py` (shared prefill, continuous batching)
+builds on all three.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer
-from deepseek_jax.sampling.cache import cache_logical_axes
+from deepseek_jax.sampling.cache import cache_logical_axes, init_cache
 from deepseek_jax.sampling.sample import choose, token_logprobs
 
 
@@ -73,10 +75,36 @@ def step_models(config: ModelConfig, kind: str) -> tuple[Transformer, Transforme
     return Transformer(config), Transformer(step)
 
 
+def prefill(variables, ids, lengths, *, config: ModelConfig, s: Settings, mtp: bool = False):
+    """The prompts' pass over a fresh cache of `s.cache_len` slots: (logits [B, V] fp32 at each
+    row's last prompt token, hidden [B, P, D] (MTP's input), the cache with the prompts written).
+    `mtp` adds the (still empty) MTP depth-1 cache that speculative decoding fills."""
+    B, P = ids.shape
+    model, _ = step_models(config, s.cache_kind)
+    cache = constrain_cache(init_cache(config, B, s.cache_len, kind=s.cache_kind, mtp=mtp))
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))       # [B, P]
+    logits, hidden, cache = model.apply(variables, ids, positions, cache, (lengths - 1)[:, None],
+                                        method="decode")                        # [B, 1, V]
+    return logits[:, 0], hidden, cache
+
+
+def repeat_rows(cache: dict, times: int) -> dict:
+    """A cache with each row repeated `times` times in a row (row b → rows b·times … b·times +
+    times − 1): one prompt's prefilled entries handed to its samples."""
+    return constrain_cache({name: jax.tree.map(
+        lambda a: jnp.repeat(a, times, axis=0 if name == "mtp" else 1), entries)
+        for name, entries in cache.items()})
+
+
 def constrain_cache(cache: dict) -> dict:
     """Logical sharding constraints on a cache (no-op outside a mesh with rules)."""
     return jax.tree.map(lambda a, names: nn.with_logical_constraint(a, names), cache,
                         cache_logical_axes(cache))
+
+
+def fold_counts(keys: jax.Array, counts: jax.Array) -> jax.Array:
+    """keys [B] each folded with its own count [B] (token k of a row uses fold_in(key, k))."""
+    return jax.vmap(jax.random.fold_in)(keys, counts)
 
 
 def fold_keys(keys: jax.Array, *data) -> jax.Array:
