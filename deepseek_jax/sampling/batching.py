@@ -302,6 +302,15 @@ def generate_groups(variables: dict, config: ModelConfig, prompts, group_size: i
     return _run_sharded(run, args, config, mesh, rules, M, schedule)
 
 
+def batch_shards(mesh, rules) -> int:
+    """How many ways the mesh splits a batch under `rules` (1 without a mesh)."""
+    from deepseek_jax import parallel
+
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in parallel.batch_axes(rules)]))
+
+
 def _run_sharded(run, args, config: ModelConfig, mesh, rules, decoded: int,
                  schedule: str) -> Generation:
     """Variables with the training shardings, the small inputs replicated; the loops constrain
@@ -311,7 +320,7 @@ def _run_sharded(run, args, config: ModelConfig, mesh, rules, decoded: int,
     from deepseek_jax import parallel
     from deepseek_jax.train import sharded
 
-    shards = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(rules)]))
+    shards = batch_shards(mesh, rules)
     if decoded % shards:
         what = "slots" if schedule == "continuous" else "P·G (prompts × group_size)"
         raise ValueError(f"{what} = {decoded} rows decoded at once must divide by the {shards} "

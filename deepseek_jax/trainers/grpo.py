@@ -44,7 +44,6 @@ from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import policy, rollout
 from deepseek_jax.rl.evaluate import evaluate
 from deepseek_jax.rl.problems import load_problems
-from deepseek_jax.sampling import generate
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import sharded
 from deepseek_jax.train import workdir as run_dir
@@ -72,6 +71,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model_config = (ckpt.load_model_config(pretrained) if pretrained
                     else to_model_config(config.model))
     policy.check_policy(model_config, mesh, rules, batch_rows, encoder, workdir)
+    rollout.check_rollout(rl, model_config, mesh, rules)
     lr = learning_rate_schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps,
                                 kind="constant")
     tx = make_optimizer(lr, b1=config.optim.b1, b2=config.optim.b2,
@@ -84,9 +84,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     update, logprobs = policy.compile_steps(model_config, tx, shardings, mesh, rules, rl)
 
     def sample(state, prompts, rng):
-        return generate(model_variables(state.params, state.routing), model_config, prompts,
-                        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                        eos_id=encoder.eos_id, rng=rng, mesh=mesh, rules=rules)
+        return rollout.sample(model_variables(state.params, state.routing), model_config,
+                              prompts, rl, eos_id=encoder.eos_id, rng=rng, mesh=mesh,
+                              rules=rules)
 
     def run_eval(state) -> dict:
         return evaluate(model_variables(state.params, state.routing), model_config,
