@@ -7,7 +7,8 @@ rollout) and the run scaffolding shared with pretraining (`train.run`). Each ste
 
   1. take `prompts_per_step` training problems (a seeded permutation, so a resumed run sees the
      same ones), wrap each in the R1-Zero template, and draw G completions each with the
-     KV-cached sampler at `rl.temperature`;
+     KV-cached sampler at `rl.temperature` (`rl.rollout`, `rl/rollout.py`: by default each
+     prompt prefilled once and continuous batching);
   2. score them (accuracy + format_weight·format), and compute group-relative advantages;
   3. compute the old log-probs once with a trainer forward pass (and the frozen reference
      model's when β > 0), then run μ = `rl.num_iterations` clipped policy updates on the batch.
