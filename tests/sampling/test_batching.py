@@ -151,3 +151,11 @@ def test_continuous_on_the_dp_mesh_equals_unsharded():
     assert_same(got, generate_groups(v, c, PROMPTS, G, slots=8, **kw))
     with pytest.raises(ValueError, match="slots = 4 rows decoded at once must divide by the 8"):
         generate_groups(v, c, PROMPTS, G, slots=4, mesh=mesh, rules=rules, **kw)
+
+
+def test_static_on_the_fsdp_mesh_equals_unsharded():
+    mesh, rules = par.mesh_and_rules("fsdp")
+    v, c = decisive_variables(), tiny()
+    kw = dict(max_new_tokens=N, schedule="static", temperature=1.0, rng=jax.random.key(6))
+    got = generate_groups(v, c, PROMPTS, 8, mesh=mesh, rules=rules, **kw)     # 24 rows
+    assert_same(got, generate_groups(v, c, PROMPTS, 8, **kw))
