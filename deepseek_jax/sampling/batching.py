@@ -165,7 +165,7 @@ def continuous_loop(variables, ids, lengths, keys, limits, knobs: Knobs, eos_id,
                     config: ModelConfig, s: Settings, group_size: int,
                     slots: int) -> Generation:
     """Prefill the P prompts once, then decode P·G rows through `slots` refilled slots."""
-    P, W = ids.shape
+    W = ids.shape[1]
     R, N = keys.shape[0], s.max_new_tokens
     first_logits, _, prompt_cache = prefill(variables, ids, lengths, config=config, s=s)
     _, step_model = step_models(config, s.cache_kind)
@@ -201,11 +201,15 @@ def compiled(config: ModelConfig, s: Settings, schedule: str, group_size: int, s
 
 # --- the entry point -------------------------------------------------------------------------
 
+def _typed(rng) -> jax.Array:
+    """A typed PRNG key array from typed or raw uint32 keys."""
+    rng = jnp.asarray(rng)
+    return rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+
+
 def group_keys(rng, prompts: int, group_size: int) -> jax.Array:
     """[P·G] typed keys: row p·G + g gets fold_in(fold_in(rng, p), g)."""
-    rng = jnp.asarray(rng)
-    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        rng = jax.random.wrap_key_data(rng)                    # a raw uint32 key (PRNGKey)
+    rng = _typed(rng)
     if rng.shape != ():
         raise ValueError(f"group_keys takes one key; got shape {rng.shape}")
     p, g = np.divmod(np.arange(prompts * group_size), group_size)
@@ -213,18 +217,14 @@ def group_keys(rng, prompts: int, group_size: int) -> jax.Array:
 
 
 def _group_keys(rng, rows: int, prompts: int, group_size: int) -> jax.Array:
-    """The run's row keys: `group_keys` of one key, or the [P·G] keys given."""
-    if rng is None:
-        rng = jax.random.key(0)
-    shape = jnp.shape(rng) if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key) else \
-        jnp.shape(rng)[:-1]
-    if shape == ():
+    """The run's row keys: `group_keys` of one key (default key(0)), or the [P·G] keys given."""
+    rng = _typed(jax.random.key(0) if rng is None else rng)
+    if rng.shape == ():
         return group_keys(rng, prompts, group_size)
-    if shape != (rows,):
+    if rng.shape != (rows,):
         raise ValueError(f"rng must be one key or one key per row (P·G = {rows}); got shape "
-                         f"{shape}")
-    rng = jnp.asarray(rng)
-    return rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+                         f"{rng.shape}")
+    return rng
 
 
 def _check_groups(group_size: int, schedule: str, slots, rows: int, speculative: bool) -> int:
