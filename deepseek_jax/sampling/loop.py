@@ -76,16 +76,28 @@ def step_models(config: ModelConfig, kind: str) -> tuple[Transformer, Transforme
 
 
 def prefill(variables, ids, lengths, *, config: ModelConfig, s: Settings, mtp: bool = False):
-    """The prompts' pass over a fresh cache of `s.cache_len` slots: (logits [B, V] fp32 at each
-    row's last prompt token, hidden [B, P, D] (MTP's input), the cache with the prompts written).
-    `mtp` adds the (still empty) MTP depth-1 cache that speculative decoding fills."""
+    """The prompts' pass: (logits [B, V] fp32 at each row's last prompt token, hidden [B, P, D]
+    (MTP's input), a cache of `s.cache_len` slots with the prompts written). The pass runs over
+    a cache of the prompt width P, then the cache is padded to S slots: the prefill's attention
+    (expanded, per `config.attention_impl`) up-projects every slot it reads, so its cost grows
+    with the slots, and P ≪ S when many tokens are generated. `mtp` adds the (still empty) MTP
+    depth-1 cache that speculative decoding fills."""
     B, P = ids.shape
     model, _ = step_models(config, s.cache_kind)
-    cache = constrain_cache(init_cache(config, B, s.cache_len, kind=s.cache_kind, mtp=mtp))
+    cache = constrain_cache(init_cache(config, B, P, kind=s.cache_kind, mtp=mtp))
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))       # [B, P]
     logits, hidden, cache = model.apply(variables, ids, positions, cache, (lengths - 1)[:, None],
                                         method="decode")                        # [B, 1, V]
-    return logits[:, 0], hidden, cache
+    return logits[:, 0], hidden, constrain_cache(pad_slots(cache, s.cache_len))
+
+
+def pad_slots(cache: dict, length: int) -> dict:
+    """The cache with its slot axis (the one before the last) zero-padded to `length` slots."""
+    def pad(a):
+        widths = [(0, 0)] * a.ndim
+        widths[-2] = (0, length - a.shape[-2])
+        return jnp.pad(a, widths)
+    return jax.tree.map(pad, cache)
 
 
 def repeat_rows(cache: dict, times: int) -> dict:
