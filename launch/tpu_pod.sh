@@ -2,7 +2,8 @@
 # Cloud TPU VM pods: create (queued resources), set up, run the same command on every worker,
 # stream logs, tear down. Single slice or multi-slice (--slices=N: DCN between slices).
 #
-#   launch/tpu_pod.sh create   --name=v3 --zone=us-east5-a --type=v5p-1024 [--slices=2] [--spot]
+#   launch/tpu_pod.sh create   --name=v3 --zone=us-east5-a --type=v5p-1024 [--slices=2] [--spot] \
+#                              [--config=v3-671b] [--fit-check=compile|analytic|off] [-- --config.FIELD=VALUE ...]
 #   launch/tpu_pod.sh setup    --name=v3 --zone=us-east5-a --bucket=gs://BUCKET/runs [--repo=URL]
 #   launch/tpu_pod.sh run      --name=v3 --zone=us-east5-a --config=v3-671b --run=v3-001 \
 #                              [--env=LIBTPU_INIT_ARGS=...] [--compile-cache=gs://BUCKET/xla] \
@@ -15,7 +16,13 @@
 # --project=ID is passed to gcloud when given (otherwise gcloud's configured project is used).
 #
 # How the pieces fit:
-#   * create: `gcloud compute tpus queued-resources create`, with --node-count for multi-slice
+#   * create: first the fit check, here on this machine (`python -m experiments.doctor
+#     --target=tpu-TYPE --config=...:CONFIG`, with the overrides after `--`): the run's train
+#     step compiled ahead of time for the slice (libtpu's compile-only devices, no TPU needed;
+#     minutes for a 671B step on a workstation); a run that would not fit stops here, before
+#     a pod-hour is spent. --fit-check=analytic uses the planner's estimate (seconds),
+#     --fit-check=off skips it; $PYTHON (default python3) must have the project installed.
+#     Then `gcloud compute tpus queued-resources create`, with --node-count for multi-slice
 #     (nodes NAME-0 … NAME-{N-1}; the TPU runtime sets the MEGASCALE_* variables on them).
 #   * setup: on every worker of every slice, clones the repository, installs uv and with it a
 #     Python 3.12 venv (TPU VM images are Ubuntu 22.04 with Python 3.10, older than the
@@ -42,7 +49,7 @@ set -euo pipefail
 ACTION="${1:-}"; shift || true
 NAME="" ZONE="" TYPE="v5p-1024" SLICES=1 PROJECT="" RUNTIME="" SPOT=0
 BUCKET="" REPO="https://github.com/OWNER/deepseek_jax.git" BRANCH="main" CONFIG="v3-671b"
-RUN="" WORKER=0 DRY_RUN=0 EXTRA=() ENVS=() COMPILE_CACHE=""
+RUN="" WORKER=0 DRY_RUN=0 EXTRA=() ENVS=() COMPILE_CACHE="" FIT_CHECK="compile"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name=*) NAME="${1#*=}" ;;
@@ -60,6 +67,7 @@ while [[ $# -gt 0 ]]; do
     --worker=*) WORKER="${1#*=}" ;;
     --env=*) ENVS+=("${1#*=}") ;;
     --compile-cache=*) COMPILE_CACHE="${1#*=}" ;;
+    --fit-check=*) FIT_CHECK="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
@@ -86,6 +94,22 @@ run() {
 }
 PROJECT_FLAG=(); [[ -n "$PROJECT" ]] && PROJECT_FLAG=(--project="$PROJECT")
 
+# The run's fit on the slice, checked on this machine before anything is created (see above;
+# its table, or under --dry-run its command, goes to stderr).
+fit_check() {
+  [[ "$FIT_CHECK" =~ ^(compile|analytic|off)$ ]] || die "--fit-check=$FIT_CHECK: use compile, analytic or off"
+  [[ "$FIT_CHECK" == off ]] && return 0
+  local target="tpu-$TYPE" cmd
+  [[ "$SLICES" != 1 ]] && target="${SLICES}xtpu-$TYPE"
+  cmd=("${PYTHON:-python3}" -m experiments.doctor --target="$target"
+       --config=experiments/configs/pretrain.py:"$CONFIG")
+  [[ "$SLICES" != 1 ]] && cmd+=(--config.mesh.dcn_data=-1)
+  [[ "$FIT_CHECK" == analytic ]] && cmd+=(--analytic)
+  cmd+=("${EXTRA[@]}")
+  (cd "$(dirname "$0")/.." && run "${cmd[@]}" >&2) \
+    || die "config $CONFIG does not fit on $TYPE (the fit row above says why and what to change); nothing was created. --fit-check=off skips this check"
+}
+
 # Node names: NAME for one slice, NAME-0 … NAME-{N-1} for several.
 nodes() {
   if [[ "$SLICES" == 1 ]]; then echo "$NAME"; else for ((i = 0; i < SLICES; i++)); do echo "$NAME-$i"; done; fi
@@ -108,6 +132,7 @@ case "$ACTION" in
     fi
     SLICE_FLAGS=(--node-id="$NAME"); [[ "$SLICES" != 1 ]] && SLICE_FLAGS=(--node-count="$SLICES" --node-prefix="$NAME")
     SPOT_FLAG=(); [[ "$SPOT" == 1 ]] && SPOT_FLAG=(--spot)
+    fit_check
     run gcloud compute tpus queued-resources create "$NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}" \
       --accelerator-type="$TYPE" --runtime-version="$RUNTIME" "${SLICE_FLAGS[@]}" "${SPOT_FLAG[@]}"
     echo "# wait until ACTIVE:" >&2

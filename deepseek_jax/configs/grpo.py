@@ -112,4 +112,9 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 2 if arg == "tiny" else 20
     c.train.keep_checkpoints = 3
     c.train.samples_to_show = 2      # completions printed at each log step and kept per eval
+    # Steps whose work jax.profiler traces into WORKDIR/profile: "A,B" (steps A to B), "N" (N
+    # steps after the first one run), "" none (deepseek_jax/train/run.py)
+    c.train.profile_steps = ""
+    # A Weights & Biases project to log metrics to as well (needs `pip install wandb`); "" = none
+    c.train.wandb_project = ""
     return c

@@ -211,4 +211,9 @@ def _train(arg: str, model: str, steps: int) -> ml_collections.ConfigDict:
     t.checkpoint_every = 5 if arg == "tiny" else 100
     t.keep_checkpoints = 3
     t.async_checkpoint = True
+    # Steps whose work jax.profiler traces into WORKDIR/profile: "A,B" (steps A to B), "N" (N
+    # steps after the first one run), "" none (deepseek_jax/train/run.py)
+    t.profile_steps = ""
+    # A Weights & Biases project to log metrics to as well (needs `pip install wandb`); "" = none
+    t.wandb_project = ""
     return t

@@ -46,7 +46,11 @@ Sharded loading: pass `mesh` and `rules` (deepseek_jax.parallel) and every leaf 
 directly with its NamedSharding, one shard at a time (`reader.device_leaf`), so no host ever
 holds a whole leaf. Without them, leaves are NumPy-gathered and put on the default device.
 
-Left out: tokenizer files (see deepseek_jax.data.tokenizer), `trust_remote_code` variants
+Hub ids: `load_hf_checkpoint("deepseek-ai/DeepSeek-V3", revision=..., token=...)` downloads
+the files the import reads into the hub's cache first (`hub.py`).
+
+Left out: reading tokenizer files (see deepseek_jax.data.encoding; they are downloaded with a
+hub id), `trust_remote_code` variants
 beyond deepseek_v2/deepseek_v3, and the fused expert tensors that exist only inside
 transformers' memory.
 """
@@ -65,6 +69,7 @@ from deepseek_jax.hf import mapping
 from deepseek_jax.hf.fp8_blocks import is_fp8, scale_name
 from deepseek_jax.hf.hf_config import (HFCheckpointError, config_from_hf, read_hf_json,
                                                weight_block_size)
+from deepseek_jax.hf.hub import checkpoint_folder
 from deepseek_jax.hf.reader import (DEFAULT_CHUNK_BYTES, check_folder, device_leaf,
                                             read_leaf)
 from deepseek_jax.hf.safetensors_io import SafetensorsError, SafetensorsFolder
@@ -192,12 +197,16 @@ def _fp8_tree(p: Prepared) -> dict:
 
 def load_hf_checkpoint(path: str, *, dtype=None, keep_fp8: bool = False, mesh=None, rules=None,
                        overrides: Mapping[str, Any] | None = None,
-                       chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[ModelConfig, dict]:
-    """Loads a Hugging Face DeepSeek-V2/V3 checkpoint folder into our layout.
+                       chunk_bytes: int = DEFAULT_CHUNK_BYTES, revision: str | None = None,
+                       token: str | bool | None = None,
+                       cache_dir: str | None = None) -> tuple[ModelConfig, dict]:
+    """Loads a Hugging Face DeepSeek-V2/V3 checkpoint folder (or hub id) into our layout.
 
     Args:
       path: folder with config.json and model.safetensors, or shards plus
-        model.safetensors.index.json.
+        model.safetensors.index.json; or a hub id such as "deepseek-ai/DeepSeek-V3", downloaded
+        (config, index, shards, tokenizer files only; resumable) into the hub's cache
+        (`hf.hub`).
       dtype: storage dtype of the parameters (sets config.param_dtype); default: the config's
         (float32). fp8 weights are dequantized in fp32 and then cast.
       keep_fp8: also return the stored fp8 weights and scales as variables["fp8"] (see the
@@ -207,19 +216,22 @@ def load_hf_checkpoint(path: str, *, dtype=None, keep_fp8: bool = False, mesh=No
       overrides: ModelConfig fields to set after the HF mapping (e.g. {"dtype": jnp.float32,
         "scan_layers": False}); the layout follows them.
       chunk_bytes: host-memory budget of one read when loading sharded.
+      revision, token, cache_dir: for a hub id: branch/tag/commit, access token (gated or
+        private repos), cache folder (default: the hub's).
 
     Returns:
       (config, variables) such that `Transformer(config).apply(variables, tokens)` runs.
 
     Raises:
       HFCheckpointError: missing config.json, unsupported model_type, a missing or misshapen
-        tensor (named), unreadable files.
+        tensor (named), unreadable files, a hub id that cannot be reached.
     """
     if (mesh is None) != (rules is None):
         raise ValueError("pass both mesh and rules (deepseek_jax.parallel.mesh_and_rules), "
                          "or neither")
     if keep_fp8 and mesh is not None:
         raise ValueError("keep_fp8 reads whole tensors; load without mesh/rules to keep fp8")
+    path = checkpoint_folder(path, revision=revision, token=token, cache_dir=cache_dir)
     p = prepare(path, dtype=dtype, overrides=overrides)
     shardings = None
     if mesh is not None:

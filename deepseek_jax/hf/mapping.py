@@ -43,6 +43,12 @@ Its `shared_head.head` and `embed_tokens` copies are not read (our MTP shares th
 `plan` also lists every linear weight as HF stores it ([out, in], K-major) as a `RawLeaf`, with
 the path it gets under variables["fp8"] when fp8 weights are kept.
 
+Export (`export.py`) reads the same plan backwards: `hf_index(layout)` gives the HF (row, col)
+of every element of one of our arrays, `tensor_groups(leaves)` lists each HF tensor stack with
+the leaves that fill it (q_b_proj: w_uq and w_qr; kv_a_proj_with_mqa: w_dkv and w_kr;
+kv_b_proj: w_uk and w_uv; every other tensor: one leaf), and `mtp_copies` names the embedding
+and output-head copies DeepSeek ships inside each MTP module.
+
 Left out: the fused expert tensors (`mlp.experts.gate_up_proj`) that exist only in transformers'
 memory (its save_pretrained writes per-expert tensors, as the hub checkpoints have).
 """
@@ -256,3 +262,63 @@ def ignored(name: str, c: ModelConfig) -> bool:
     if name.endswith(IGNORED_SUFFIXES):
         return True
     return any(name == mtp_prefix(c, k) + "embed_tokens.weight" for k in range(c.mtp_depth))
+
+
+def mtp_copies(c: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """(HF name, our params path) of the embedding / output head copies in each MTP module.
+
+    DeepSeek-V3 ships `model.layers.{n_layers + k}.embed_tokens` and `.shared_head.head` as
+    copies of the main model's (our MTP shares them); the import ignores them (`ignored`).
+    """
+    head = ("embed",) if c.tie_embeddings else ("lm_head",)
+    out = []
+    for k in range(c.mtp_depth):
+        out.append((mtp_prefix(c, k) + "embed_tokens.weight", ("embed",)))
+        out.append((mtp_prefix(c, k) + "shared_head.head.weight", head))
+    return out
+
+
+# --- export: the plan backwards -----------------------------------------------------------------
+
+def hf_index(layout: Layout) -> tuple[np.ndarray, ...]:
+    """(rows, cols) — (rows,) for a 1-D tensor — int64 arrays of `layout.shape`: the HF position
+    of each element of our array, so that `hf[hf_index(layout)] = ours` writes it back."""
+    nd = len(layout.shape)
+    rows = np.full([1] * nd, layout.row0, np.int64)
+    cols = np.full([1] * nd, layout.col0, np.int64)
+    for axis, ((side, stride), n) in enumerate(zip(layout.axes, layout.shape)):
+        shape = [1] * nd
+        shape[axis] = -1
+        offsets = (np.arange(n, dtype=np.int64) * stride).reshape(shape)
+        if side == "row":
+            rows = rows + offsets
+        else:
+            cols = cols + offsets
+    rows = np.broadcast_to(rows, layout.shape)
+    if len(layout.hf_shape) == 1:
+        return (rows,)
+    return rows, np.broadcast_to(cols, layout.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorGroup:
+    """One HF tensor stack (names: stacked axes as in `Leaf`) and the leaves that fill it."""
+    names: np.ndarray
+    hf_shape: tuple[int, ...]
+    leaves: tuple[Leaf, ...]
+
+
+def tensor_groups(leaves: list[Leaf]) -> list[TensorGroup]:
+    """The leaves grouped by the HF tensors they live in, in plan order."""
+    groups: dict[str, list[Leaf]] = {}
+    for leaf in leaves:
+        groups.setdefault(leaf.names.flat[0], []).append(leaf)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        for m in members[1:]:
+            if m.names.shape != first.names.shape or m.layout.hf_shape != first.layout.hf_shape:
+                raise ValueError(f"{m.key} and {first.key} share {first.names.flat[0]} but not "
+                                 "its stacking or shape")
+        out.append(TensorGroup(first.names, tuple(first.layout.hf_shape), tuple(members)))
+    return out

@@ -216,6 +216,31 @@ def on_cloud_tpu_vm() -> bool:
     return chips > 0 and importlib.util.find_spec("libtpu") is not None
 
 
+def skip_absent_tpu() -> bool:
+    """On a machine with neither TPU chips nor an NVIDIA GPU, and no platform chosen
+    (JAX_PLATFORMS unset), selects JAX's CPU platform only; returns whether it did.
+
+    libtpu comes with the development requirements (it compiles for TPU topologies on any
+    host), and wherever it is installed JAX tries a TPU backend at start-up. On a CPU machine
+    that attempt fails after libtpu has logged errors about missing TPU metadata, and it holds
+    a lock file that a second process then trips on. Call it before any backend starts; later
+    it changes nothing. GPU machines are left as they are.
+    """
+    import importlib.util
+    from jax._src import hardware_utils
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+        return False
+    if importlib.util.find_spec("libtpu") is None or hardware_utils.has_visible_nvidia_gpu():
+        return False
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+        return False
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def multi_process_launch(environ: Mapping[str, str] | None = None,
                          tpu_vm: bool | None = None) -> str | None:
     """Names the launcher when the environment says this is (or may be) one of several processes.
@@ -248,7 +273,8 @@ def multi_process_launch(environ: Mapping[str, str] | None = None,
 def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
     """Calls `jax.distributed.initialize()` when the run spans several processes.
 
-    Call it first thing in an entrypoint, before any other JAX call.
+    Call it first thing in an entrypoint, before any other JAX call (it also keeps a CPU
+    machine from starting libtpu: `skip_absent_tpu`).
 
     Args:
       enabled: True forces initialization, False skips it, None (default) decides from the
@@ -260,6 +286,7 @@ def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
       workers, as on Colab's TPU runtimes: JAX then finds no cluster, and the run is one
       process).
     """
+    skip_absent_tpu()
     if jax.distributed.is_initialized():
         return False
     launcher = multi_process_launch() if enabled is None else ("forced" if enabled else None)

@@ -13,6 +13,9 @@ Rewards are pure functions of text (never executed as code):
                      each given number at most once (a safe parser: `data.tasks.evaluate_expression`
                      — no `**`, no names, no unary minus, values capped at 1e12)
   arithmetic_reward  1 if the answer is the integer result
+  math_reward        for a math problem ({"question", "reference"}: `rl/math_problems.py`), 1 if
+                     its final answer (<answer> block or \\boxed{}) means the reference, as
+                     `rl/math_answers.py` checks it (math-verify; `math_answers.math_reward`)
   total              accuracy + format_weight · format. The default weight 1 is R1's (§2.2.2:
                      the two rule-based rewards, added); `FORMAT_WEIGHTS` names the choices
                      ("r1" = 1, "tinyzero" = 0.1, TinyZero's countdown reward, the demo's;
@@ -30,6 +33,7 @@ from typing import Any, Sequence
 
 from deepseek_jax.data import tasks
 from deepseek_jax.data.r1 import prefills_think
+from deepseek_jax.rl import math_answers
 
 FORMAT_WEIGHTS = {"r1": 1.0, "tinyzero": 0.1, "accuracy_only": 0.0}
 
@@ -72,7 +76,10 @@ def arithmetic_reward(completion: str, answer: str) -> float:
 
 
 def accuracy_reward(completion: str, problem: dict[str, Any]) -> float:
-    """The task's own check: countdown or arithmetic, told apart by the problem's fields."""
+    """The problem's own check: math (a "reference" answer), countdown or arithmetic, told apart
+    by the problem's fields."""
+    if "reference" in problem:
+        return math_answers.math_reward(completion, problem["reference"])
     if "op" in problem or "numbers" not in problem:
         return arithmetic_reward(completion, str(problem["answer"]))
     return countdown_reward(completion, problem["numbers"], problem["target"])

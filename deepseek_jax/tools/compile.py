@@ -71,10 +71,11 @@ class Strategy:
         return f"{self.preset}({axes})"
 
 
-def abstract_train_inputs(config: ModelConfig, mesh, rules, batch: int, seq: int):
+def abstract_train_inputs(config: ModelConfig, mesh, rules, batch: int, seq: int,
+                          microbatches: int = 1):
     """(state, batch, step) with ShapeDtypeStruct leaves that carry their shardings."""
     tx = make_optimizer(1e-4)
-    step = sharded.make_sharded_train_step(config, tx, mesh, rules)
+    step = sharded.make_sharded_train_step(config, tx, mesh, rules, microbatches=microbatches)
     shapes = jax.eval_shape(lambda k: init_train_state(k, config, tx), jax.random.key(0))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          shapes, step.shardings)
@@ -115,8 +116,9 @@ def parse_oom(message: str) -> dict:
 
 
 def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: int, seq: int,
-                     keep_hlo: bool = False) -> dict:
-    """Compiles the train step for `strategy` on `devices`; a dict of measurements (see module).
+                     keep_hlo: bool = False, microbatches: int = 1) -> dict:
+    """Compiles the train step for `strategy` on `devices`, accumulating gradients over
+    `microbatches` as a run with `train.microbatches` does; a dict of measurements (see module).
 
     Raises `parallel.MeshError` (before compiling) when the mesh or batch cannot be sharded.
     """
@@ -124,7 +126,7 @@ def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: in
     mesh = parallel.make_mesh(strategy.mesh, devices)
     rules = parallel.logical_axis_rules(strategy.preset, mesh)
     sharded.validate(config, mesh, rules, batch)
-    state, data, step = abstract_train_inputs(config, mesh, rules, batch, seq)
+    state, data, step = abstract_train_inputs(config, mesh, rules, batch, seq, microbatches)
     out = {"params": shard_bytes(state.params), "optimizer": shard_bytes(state.opt_state),
            "routing": shard_bytes(state.routing), "fits": True, "error": ""}
     t1 = time.perf_counter()

@@ -1,8 +1,17 @@
-"""Where metrics go: the console (with a progress bar), DIR/metrics.jsonl, and TensorBoard.
+"""Where metrics go: the console (with a progress bar), DIR/metrics.jsonl, TensorBoard, and
+Weights & Biases when asked for.
 
 `MetricsWriter.write(step, metrics)` appends one JSON object per logged step to metrics.jsonl
 (flushed at once, so a killed run keeps every line it printed), adds TensorBoard scalars through
-tensorboardX (no TensorFlow needed), and prints one progress line. Only process 0 writes.
+tensorboardX (no TensorFlow needed), logs the numbers to W&B when the run has a
+`wandb_project`, and prints one progress line (`progress_line`: the bar, the time since this
+process started the run, and an ETA at the pace of the steps logged since its first logged
+step, so that the first step's compile does not count: `Clock`). Only process 0 writes.
+
+W&B is optional and never a dependency: with `wandb_project` empty nothing imports it; with it
+set, a missing `wandb` package is an error saying how to install it or turn it off. The W&B run
+id is kept in DIR/wandb_run_id, so a resumed run continues the same W&B run (W&B ignores steps it
+has already seen, so the steps redone after a resume appear once, with their first values).
 
 On resume, `truncate_after(step)` drops the lines of steps after the restored checkpoint, so the
 file reads as one run whose steps each appear once.
@@ -20,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -60,16 +70,70 @@ def progress_bar(step: int, total: int, width: int = 20) -> str:
     return "[" + "#" * done + "." * (width - done) + f"] {step}/{total}"
 
 
+def duration(seconds: float) -> str:
+    """Seconds as H:MM:SS (hours past 24 keep counting: "31:00:00")."""
+    s = max(int(round(seconds)), 0)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def progress_line(step: int, total: int, elapsed: float,
+                  seconds_per_step: float | None = None) -> str:
+    """The bar, `elapsed` seconds, and the ETA of the steps left at `seconds_per_step` ("ETA ?"
+    without a pace yet)."""
+    left = max(total - step, 0)
+    eta = "?" if seconds_per_step is None else duration(seconds_per_step * left)
+    return f"{progress_bar(step, total)} {duration(elapsed)} elapsed, ETA {eta}"
+
+
+class Clock:
+    """Elapsed time since it was made, and the pace of the steps since the first one it was
+    shown: the time before that (start-up, the first step's compile) does not count toward the
+    ETA, so the first line's ETA is "?"."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self._first = None                 # (time, step) of the first line
+
+    def line(self, step: int, total: int, now: float | None = None) -> str:
+        now = time.perf_counter() if now is None else now
+        if self._first is None:
+            self._first = (now, step)
+        t1, s1 = self._first
+        pace = (now - t1) / (step - s1) if step > s1 else None
+        return progress_line(step, total, now - self.start, pace)
+
+
+def open_wandb(project: str, workdir: str):
+    """A W&B run logging to `project` under the name of WORKDIR, resumed from the id in
+    WORKDIR/wandb_run_id when there is one; None when `project` is empty."""
+    if not project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(f"train.wandb_project={project!r} needs the `wandb` package: pip "
+                          "install wandb, or leave train.wandb_project empty") from None
+    id_file = epath.Path(workdir) / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow",
+                      name=os.path.basename(os.fspath(workdir).rstrip("/")),
+                      dir=None if is_remote(workdir) else os.fspath(workdir))
+
+
 class MetricsWriter:
-    def __init__(self, workdir: str, total_steps: int, *, console=sys.stdout):
+    def __init__(self, workdir: str, total_steps: int, *, console=sys.stdout,
+                 wandb_project: str = ""):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self.console = console
         self.path = epath.Path(workdir) / "metrics.jsonl"
         self.remote = is_remote(workdir)
-        self._tb = self._lines = None
+        self._tb = self._lines = self._wandb = None
+        self.restart_clock()
         if self.enabled:
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            self._wandb = open_wandb(wandb_project, workdir)
             from tensorboardX import SummaryWriter
             if self.remote:
                 self._lines = (self.path.read_text().splitlines(keepends=True)
@@ -79,6 +143,10 @@ class MetricsWriter:
                 self._tb = SummaryWriter(self._tb_local)
             else:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def restart_clock(self) -> None:
+        """Times the progress line from now (a resumed run restarts it)."""
+        self.clock = Clock()
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
@@ -90,15 +158,19 @@ class MetricsWriter:
         else:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                self._tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, v, step)
         self._tb.flush()
         if self.remote:
             self._copy_events()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
         shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in row.items() if k != "step" and not isinstance(v, list))
-        print(f"{progress_bar(step, self.total_steps)} {shown}", file=self.console, flush=True)
+        line = self.clock.line(step, self.total_steps)
+        print(f"{line} {shown}", file=self.console, flush=True)
 
     def _copy_events(self) -> None:
         """The local TensorBoard event files, copied whole to DIR/tensorboard."""
@@ -108,6 +180,9 @@ class MetricsWriter:
                 (self._tb_remote / name).write_bytes(f.read())
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._tb is not None:
             self._tb.close()
             if self.remote:

@@ -4,7 +4,8 @@
   mesh, rules = run_mesh(config.mesh)
   with Run(workdir, config.train) as run:
       state = ... run.manager.latest_step() ... (restore or initialize)
-      for step in ...:
+      for step in range(start, steps):
+          run.profile(step + 1, state)       # starts/stops the trace of train.profile_steps
           ...
           stopping = run.stopping(done)
           if run.checkpoint_due(done, stopping):
@@ -23,6 +24,17 @@ and tells the others through the coordination service; `manager.reached_preempti
 asked at every step, turns True on every process at the same step (one past the largest step
 any process had reached), so all of them save that step and stop together. No Python handler
 is installed then: it would replace JAX's and leave the other processes running.
+
+Profiles. `train.profile_steps` names the steps (counted from 1, as metrics.jsonl counts them)
+whose work `jax.profiler` traces into WORKDIR/profile: "A,B" is steps A to B, "N" is N steps
+after the first step this process runs (whose compile would swamp the trace), "" none. The
+trace is an XPlane file under profile/plugins/profile/<time>/ (TensorBoard's profile plugin,
+or xprof, reads it) and a perfetto_trace.json.gz beside it (open it at ui.perfetto.dev). The
+state is waited for before the trace starts and before it stops, so the trace holds exactly
+the device work of those steps (and the host work between them); a window that reaches the
+run's last step stops when the run closes, and then also holds the last checkpoint's save. A
+run resumed inside the window traces the rest of it. Left out: a gs:// WORKDIR (the profiler
+writes local files; give a local run directory to profile).
 
 Exit codes (the contract every entrypoint and launcher shares): 0 finished; EXIT_PREEMPTED (42)
 stopped by a preemption after saving its checkpoint, so rerunning the command resumes (the
@@ -43,6 +55,7 @@ from etils import epath
 from deepseek_jax import parallel
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train.metrics import MetricsWriter, truncate_after
+from deepseek_jax.train.workdir import is_remote
 
 EXIT_PREEMPTED = 42
 
@@ -69,11 +82,60 @@ def run_mesh(mesh_config, num_devices: int = 0):
     return mesh, parallel.logical_axis_rules(mesh_config.preset, mesh)
 
 
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+    """`train.profile_steps` as (A, B) for "A,B", (0, N) for a count "N", None for ""."""
+    spec = str(spec).strip()
+    if not spec:
+        return None
+    parts = spec.split(",")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) == 1 and numbers[0] > 0:
+        return 0, numbers[0]
+    if len(numbers) == 2 and 1 <= numbers[0] <= numbers[1]:
+        return numbers[0], numbers[1]
+    raise ValueError(f"train.profile_steps={spec!r}: use \"A,B\" (steps A to B, 1 <= A <= B), "
+                     "a count \"N\" (N steps after the first), or \"\" for no profile")
+
+
+class Profiler:
+    """Traces the steps of `train.profile_steps` into `directory` (module docstring)."""
+
+    def __init__(self, spec: str, directory: str):
+        self.window = parse_profile_steps(spec)
+        self.directory = directory
+        self.active = self.done = False
+
+    def __call__(self, step: int, state=None) -> None:
+        """At the top of step `step` (counted from 1), with the state the step starts from."""
+        if self.window is None:
+            return
+        if self.window[0] == 0:                  # a count: after the first step run here
+            self.window = (step + 1, step + self.window[1])
+        first, last = self.window
+        if first <= step <= last and not (self.active or self.done):     # a resume may land
+            jax.block_until_ready(state)                                 # inside the window
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.active = True
+        elif step > last and self.active:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active, self.done = False, True
+
+
 class Run:
     """Checkpoints under WORKDIR/checkpoints (every `train.checkpoint_every` steps, the last
-    `train.keep_checkpoints` kept), metrics.jsonl and tensorboard/ under WORKDIR, and whether
-    the run is being preempted (module docstring). `train` is the run config's `train` section; `async_save` writes
-    checkpoints in the background while the next steps run; `unit` names a step in messages."""
+    `train.keep_checkpoints` kept), metrics.jsonl and tensorboard/ under WORKDIR (and W&B with
+    `train.wandb_project`), profiles of `train.profile_steps` under WORKDIR/profile, and whether
+    the run is being preempted (module docstring). `train` is the run config's `train`
+    section; `async_save` writes checkpoints in the background while the next steps run; `unit`
+    names a step in messages."""
 
     def __init__(self, workdir: str, train, *, async_save: bool = True, unit: str = "step"):
         self.workdir = workdir
@@ -82,6 +144,12 @@ class Run:
         self.every = int(train.checkpoint_every)
         self.is_lead = jax.process_index() == 0
         self.multi_process = jax.process_count() > 1
+        self.wandb_project = str(train.get("wandb_project", "") or "")
+        profile_steps = train.get("profile_steps", "")
+        if profile_steps and is_remote(workdir):
+            raise ValueError(f"train.profile_steps={profile_steps!r} with a gs:// workdir: the "
+                             "profiler writes local files; profile a run with a local workdir")
+        self.profile = Profiler(profile_steps, str(epath.Path(workdir) / "profile"))
         self.manager = ckpt.make_manager(epath.Path(workdir) / "checkpoints",
                                          save_every=self.every, keep=train.keep_checkpoints,
                                          async_save=async_save)
@@ -90,15 +158,21 @@ class Run:
         self._previous = None
 
     def __enter__(self) -> "Run":
+        try:
+            self.writer = MetricsWriter(self.workdir, self.steps,
+                                        wandb_project=self.wandb_project)
+        except BaseException:                # e.g. W&B asked for but not installed
+            self.manager.close()
+            raise
         if not self.multi_process:           # several: JAX's preemption notifier has SIGTERM
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        self.writer = MetricsWriter(self.workdir, self.steps)
         return self
 
     def __exit__(self, *exc) -> None:
         if not self.multi_process:
             signal.signal(signal.SIGTERM, self._previous)
         try:
+            self.profile.stop()                  # a window reaching the last step ends here
             if exc[0] is None:
                 self.manager.wait_until_finished()
         finally:
@@ -118,6 +192,7 @@ class Run:
         may have logged steps it never saved) and says so."""
         if self.is_lead:
             truncate_after(epath.Path(self.workdir) / "metrics.jsonl", step)
+        self.writer.restart_clock()
         self.say(f"resumed from {self.unit} {step}")
 
     def stopping(self, done: int) -> bool:

@@ -110,6 +110,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # --- loop -----------------------------------------------------------------------------
         last, after = {}, {}
         for step in range(start, config.train.steps):
+            run.profile(step + 1, state)             # train.profile_steps: trace this step?
             # 1. prompts and G completions each
             group = problems.for_step(step, rl.prompts_per_step, rl.group_size)
             prompts = rollout.encode_prompts(group, config.data.template, encoder)

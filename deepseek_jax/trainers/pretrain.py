@@ -128,6 +128,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 run.writer.write(step, last)
 
         for step in range(start, config.train.steps):
+            run.profile(step + 1, state)             # train.profile_steps: trace this step?
             if plan.ramp:
                 parts = [next(train_iter) for _ in range(plan.progress.microbatches(step))]
                 batch = to_device(schedules.assemble_microbatches(parts, plan.slots))

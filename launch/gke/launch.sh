@@ -20,6 +20,11 @@
 # Exit codes (deepseek_jax/train/run.py): restarts happen on 42 (preempted after saving), never
 # on a failure (jobset.yaml's podFailurePolicy; xpk's --restart-on-exit-codes).
 # --dry-run prints the rendered YAML and the commands instead of running them.
+# Before `jobset` and `xpk` submit anything, the run's fit on the slice is checked on this
+# machine (`python -m experiments.doctor --target=tpu-TYPE --config=...:CONFIG` with the
+# overrides after `--`: the train step compiled ahead of time for the slice, no TPU needed); a
+# run that would not fit is refused. --fit-check=analytic (the planner's estimate, seconds) or
+# --fit-check=off; $PYTHON (default python3) must have the project installed.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
@@ -27,6 +32,7 @@ ACTION="${1:-}"; shift || true
 RUN="" TYPE="v5p-1024" SLICES=1 IMAGE="" BUCKET="" CONFIG="v3-671b" SERVICE_ACCOUNT="default"
 CLUSTER="" ZONE="" PROJECT="" MAX_RESTARTS=3 DRY_RUN=0 EXTRA=() ENVS=() COMPILE_CACHE=""
 GRACE_SECONDS=300 QUEUE="" STORAGE_SIZE_GB=1 RENAME_DIR_LIMIT=200000 EXIT_PREEMPTED=42
+FIT_CHECK="compile"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --run=*) RUN="${1#*=}" ;;
@@ -44,6 +50,7 @@ while [[ $# -gt 0 ]]; do
     --queue=*) QUEUE="${1#*=}" ;;
     --env=*) ENVS+=("${1#*=}") ;;
     --compile-cache=*) COMPILE_CACHE="${1#*=}" ;;
+    --fit-check=*) FIT_CHECK="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
@@ -80,6 +87,22 @@ slice_facts() {
   HOSTS=$((chips / CHIPS_PER_HOST))
 }
 
+# The run's fit on the slice, checked on this machine before anything is submitted (see
+# above; its table, or under --dry-run its command, goes to stderr).
+fit_check() {
+  [[ "$FIT_CHECK" =~ ^(compile|analytic|off)$ ]] || die "--fit-check=$FIT_CHECK: use compile, analytic or off"
+  [[ "$FIT_CHECK" == off ]] && return 0
+  local target="tpu-$TYPE" cmd
+  [[ "$SLICES" != 1 ]] && target="${SLICES}xtpu-$TYPE"
+  cmd=("${PYTHON:-python3}" -m experiments.doctor --target="$target"
+       --config=experiments/configs/pretrain.py:"$CONFIG")
+  [[ "$SLICES" != 1 ]] && cmd+=(--config.mesh.dcn_data=-1)
+  [[ "$FIT_CHECK" == analytic ]] && cmd+=(--analytic)
+  cmd+=("${EXTRA[@]}")
+  (cd "$HERE/../.." && run "${cmd[@]}" >&2) \
+    || die "config $CONFIG does not fit on $TYPE (the fit row above says why and what to change); nothing was submitted. --fit-check=off skips this check"
+}
+
 EXTRA_ARGS=""; for a in "${EXTRA[@]}"; do EXTRA_ARGS+=" $(printf '%q' "$a")"; done
 [[ "$SLICES" != 1 ]] && EXTRA_ARGS=" --config.mesh.dcn_data=-1$EXTRA_ARGS"
 [[ -n "$COMPILE_CACHE" ]] && ENVS+=("JAX_COMPILATION_CACHE_DIR=$COMPILE_CACHE")
@@ -89,6 +112,7 @@ case "$ACTION" in
   jobset)
     need RUN IMAGE BUCKET
     slice_facts
+    fit_check
     # Placeholders from the environment; EXTRA_ENV (NAME=VALUE lines) becomes env entries at
     # its line's indentation, values JSON-quoted (valid YAML strings).
     YAML="$(RUN="$RUN" SLICES="$SLICES" HOSTS="$HOSTS" GKE_ACCELERATOR="$GKE_ACCELERATOR" \
@@ -128,6 +152,7 @@ print(re.sub(r"\$\{(\w+)\}", lambda m: os.environ[m.group(1)], text), end="")' "
     # xpk sets the TPU and MEGASCALE variables itself; the bucket comes from `xpk-storage`.
     need RUN IMAGE CLUSTER ZONE
     slice_facts
+    fit_check
     PROJECT_FLAG=(); [[ -n "$PROJECT" ]] && PROJECT_FLAG=(--project="$PROJECT")
     ENV_FLAGS=(); for e in "${ENVS[@]}"; do ENV_FLAGS+=(--env="$e"); done
     run xpk workload create --workload="$RUN" --cluster="$CLUSTER" --zone="$ZONE" \

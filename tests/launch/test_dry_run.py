@@ -331,3 +331,62 @@ def test_slurm_requeues_on_the_preempted_exit_code_only(tmp_path, code, requeued
 def test_scripts_parse():
     for script in ("launch/tpu_pod.sh", "launch/gke/launch.sh", "launch/slurm.sbatch"):
         sh("-n", script)
+
+
+# --- the fit check before a pod is created ---------------------------------------------------
+
+def _fit_command(stderr):
+    lines = [line for line in stderr.splitlines() if "experiments.doctor" in line]
+    assert len(lines) == 1, stderr
+    return shlex.split(lines[0])
+
+
+def test_launchers_check_the_fit_first_with_the_runs_overrides():
+    """Both launchers run the planner's verdict (`experiments.doctor --target`) for the run's
+    config on the slice before creating or submitting anything, with the overrides after `--`
+    (and DCN data parallelism for several slices); `--fit-check` picks compile, analytic or
+    off."""
+    r = sh("launch/tpu_pod.sh", "create", "--name=v3", "--zone=z", "--type=v5p-512",
+           "--slices=2", "--config=v2-lite", "--dry-run", "--", "--config.data.global_batch=256")
+    check = _fit_command(r.stderr)
+    assert check[1:3] == ["-m", "experiments.doctor"]
+    assert flags(check) == {"--target": "2xtpu-v5p-512",
+                            "--config": "experiments/configs/pretrain.py:v2-lite",
+                            "--config.mesh.dcn_data": "-1", "--config.data.global_batch": "256"}
+    assert shlex.split(r.stdout.splitlines()[0])[:5] == ["gcloud", "compute", "tpus",
+                                                         "queued-resources", "create"]
+    r = sh("launch/gke/launch.sh", "xpk", "--run=r", "--image=i", "--cluster=c", "--zone=z",
+           "--type=v6e-64", "--fit-check=analytic", "--dry-run")
+    check = _fit_command(r.stderr)
+    assert flags(check) == {"--target": "tpu-v6e-64", "--analytic": True,
+                            "--config": "experiments/configs/pretrain.py:v3-671b"}
+    for script, action in (("launch/tpu_pod.sh", ["create", "--name=v3", "--zone=z"]),
+                           ("launch/gke/launch.sh", ["jobset", "--run=r", "--image=i",
+                                                     "--bucket=b"])):
+        r = sh(script, *action, "--fit-check=off", "--dry-run")
+        assert "experiments.doctor" not in r.stdout + r.stderr
+        r = sh(script, *action, "--fit-check=maybe", "--dry-run", ok=False)
+        assert r.returncode == 2 and "use compile, analytic or off" in r.stderr
+
+
+def test_a_run_that_does_not_fit_creates_no_pod(tmp_path):
+    """For real (no --dry-run): the tiny model at 65,536 × 1,024 tokens per step needs far more
+    than a v5e chip's 16 GiB, so the compiled fit check fails and gcloud is never called;
+    at its own batch it fits and creation goes ahead (gcloud here is a stand-in that records
+    its calls: the real one needs a Google Cloud project)."""
+    import sys
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}", "PYTHON": sys.executable}
+    base = ["launch/tpu_pod.sh", "create", "--name=t", "--zone=z", "--type=v5litepod-8",
+            "--config=tiny"]
+    r = sh(*base, "--", "--config.data.global_batch=65536", "--config.data.seq_len=1024",
+           ok=False, env=env)
+    assert r.returncode != 0 and not calls.exists(), r.stderr
+    assert "DOES NOT FIT" in r.stdout + r.stderr and "nothing was created" in r.stderr
+    r = sh(*base, env=env)
+    assert "fits" in r.stdout + r.stderr
+    assert calls.read_text().startswith("compute tpus queued-resources create t")

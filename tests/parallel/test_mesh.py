@@ -161,3 +161,27 @@ def _bare_tpu_vm(monkeypatch) -> None:
     for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_NUM_SLICES",
                  "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
+
+
+def test_cpu_machine_does_not_start_libtpu():
+    """With libtpu installed (the development requirements carry it) and no TPU chip here, an
+    entrypoint's first call keeps JAX on the CPU: no TPU backend attempt, whose libtpu errors
+    would otherwise be the first thing a `make demo` prints. Run as an absl app, as the
+    entrypoints are (absl then shows JAX's log of a failed backend), without JAX_PLATFORMS."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("libtpu")
+    script = ("from absl import app\n"
+              "def main(argv):\n"
+              "    from deepseek_jax import parallel\n"
+              "    import jax\n"
+              "    parallel.maybe_initialize_distributed()\n"
+              "    print(jax.config.jax_platforms, jax.devices()[0].platform)\n"
+              "app.run(main)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cpu", "cpu"]
+    assert "tpu" not in out.stderr.lower(), out.stderr

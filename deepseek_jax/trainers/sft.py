@@ -1,0 +1,149 @@
+"""Supervised fine-tuning on conversations, `train_and_evaluate(config, workdir)`; the command
+line is `python -m experiments.sft --config=experiments/configs/sft.py:NAME --workdir=DIR`.
+
+Reads top to bottom: mesh → data (conversations rendered by the chat template, the assistant
+tokens masked, packed: `data/chat.py`, `data/sft.py`) → model (from `init.pretrain_dir`, a
+pretraining/GRPO run or a converted HF checkpoint, or a random init) → the pretraining train
+step, shardings and optimizer → checkpoint → loop. The step is `train.step.train_step`
+unchanged: the assistant mask rides in the batch's `valid`, the loss weight of each target, so
+the loss (LM + λ·MTP + α·balance) is a mean over assistant tokens only.
+
+Each `train.eval_every` steps (and before the first) the held-out assistant-token loss is logged
+as `eval_lm_loss` (and `eval_mtp_loss`): the exact token mean over every held-out row, not a mean
+of batch means. Outputs under DIR as for pretraining: metrics.jsonl, tensorboard/,
+checkpoints/, model_config.json; rerunning resumes from the latest checkpoint with the same
+batches (the batch of step s is a function of the seed and s).
+
+Left out: the loss on prompt tokens (some recipes add a small weight; here it is 0), epochs
+reshuffled across process counts (a resumed run must keep data.global_batch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from deepseek_jax import parallel
+from deepseek_jax.configs.pretrain import to_model_config
+from deepseek_jax.data import sft as sft_data
+from deepseek_jax.data.encoding import Encoder
+from deepseek_jax.rl import policy
+from deepseek_jax.train import checkpoint as ckpt
+from deepseek_jax.train import schedules, sharded
+from deepseek_jax.train import workdir as run_dir
+from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.run import Run, run_mesh
+from deepseek_jax.train.step import NonFiniteLoss, eval_step, init_train_state
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Runs (or resumes) the SFT run; returns {"before", "after": held-out losses, "last": the
+    last logged training metrics}."""
+    config = config.copy_and_resolve_references()     # train.steps is filled in below
+    workdir, pretrained = _check_dirs(config, workdir)
+    mesh, rules = run_mesh(config.mesh, config.mesh.num_devices)
+
+    # --- data: every conversation checked and tokenized before the model is read ------------
+    encoder = Encoder(config.data.tokenizer or None)
+    train_rows, held_rows = sft_data.rows_from_config(config.data, encoder)
+    if not config.train.steps:
+        config.train.steps = config.train.epochs * math.ceil(len(train_rows) /
+                                                             config.data.global_batch)
+    p, n = jax.process_index(), jax.process_count()
+    batches = sft_data.SFTBatches(train_rows, config.data.global_batch, config.data.shuffle_seed,
+                                  p, n)
+    held = sft_data.eval_batches(held_rows, config.data.global_batch, p, n)
+
+    # --- model, optimizer, sharded steps ------------------------------------------------------
+    model_config = (ckpt.load_model_config(pretrained) if pretrained
+                    else to_model_config(config.model))
+    _check_model(config, model_config, mesh, rules, encoder, workdir)
+    plan = schedules.from_run_config(config)
+    tx = make_optimizer(plan.learning_rate, b1=config.optim.b1, b2=config.optim.b2,
+                        weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
+    step_fn = sharded.make_sharded_train_step(model_config, tx, mesh, rules,
+                                               microbatches=config.train.microbatches,
+                                               settings=plan.train)
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    with parallel.sharding_context(mesh, rules):
+        eval_fn = jax.jit(lambda s, b: eval_step(s, b, config=model_config, settings=plan.train),
+                          in_shardings=(step_fn.shardings, batch_sharding))
+    to_device = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                           for k, v in b.items()}
+
+    def held_out_loss(state) -> dict:
+        """Token means over all held-out rows (each batch's means weighted by its targets)."""
+        sums, count = {}, 0
+        for b in held:
+            m, k = jax.device_get(eval_fn(state, to_device(b))), sft_data.trained_tokens(b)
+            for name in ("lm_loss", "mtp_loss"):
+                sums[name] = sums.get(name, 0.0) + float(m[name]) * k
+            count += k
+        return {name: v / max(count, 1) for name, v in sums.items()}
+
+    if p == 0:
+        ckpt.save_model_config(workdir, model_config)
+        print(f"SFT: {train_rows.samples} training samples in {len(train_rows)} rows of "
+              f"{config.data.seq_len} ({train_rows.truncated} cut to fit), "
+              f"{held_rows.samples} held out; {config.train.steps} steps", flush=True)
+
+    with Run(workdir, config.train, async_save=config.train.async_checkpoint) as run:
+        # --- checkpoint: restore, or start from the run at init.pretrain_dir ------------------
+        if run.manager.latest_step() is not None:
+            shapes = jax.eval_shape(lambda: init_train_state(jax.random.key(0), model_config,
+                                                             tx))
+            state, rng, data_state = ckpt.restore(
+                run.manager, ckpt.abstract_like(shapes, step_fn.shardings))
+            start, before = int(state.step), data_state.get("before", {})
+            run.resumed(start)
+        else:
+            state, _ = policy.initial_state(model_config, tx, step_fn.shardings, pretrained,
+                                            seed=config.seed, keep_reference=False)
+            rng, start, before = jax.random.key(config.seed), 0, {}
+            if config.train.eval_every:
+                before = held_out_loss(state)
+                run.writer.write(0, before, prefix="eval_")
+
+        # --- loop -----------------------------------------------------------------------------
+        last, after = {}, {}
+        for step in range(start, config.train.steps):
+            state, m = step_fn(state, to_device(batches.batch(step)))
+            m, done = jax.device_get(m), step + 1
+            if not bool(m.pop("finite")):
+                raise NonFiniteLoss(f"SFT step {done}: loss {float(m['loss'])}, grad norm "
+                                    f"{float(m['grad_norm'])}; lower optim.lr and rerun to "
+                                    "resume from the last good checkpoint")
+            if done % config.train.log_every == 0 or done == config.train.steps:
+                last = {**{k: float(v) for k, v in m.items()},
+                        "lr": float(plan.learning_rate(step))}
+                run.writer.write(done, last)
+            if config.train.eval_every and (done % config.train.eval_every == 0
+                                            or done == config.train.steps):
+                after = held_out_loss(state)
+                run.writer.write(done, after, prefix="eval_")
+            stopping = run.stopping(done)
+            if run.checkpoint_due(done, stopping):
+                ckpt.save(run.manager, done, state, rng, {"step": done, "before": before},
+                          force=True)
+            if stopping:
+                run.stop(done, {"before": before, "after": after, "last": last})
+    return {"before": before, "after": after, "last": last}
+
+
+def _check_dirs(config, workdir: str) -> tuple[str, str]:
+    """(absolute workdir, created and checked; absolute starting run directory or "")."""
+    workdir = run_dir.prepare(workdir)
+    pretrained = run_dir.resolve(config.init.pretrain_dir, remote=True)
+    if pretrained == workdir:
+        raise ValueError(f"init.pretrain_dir and the workdir are both {workdir}: SFT writes its "
+                         "own checkpoints, so give it another --workdir")
+    return workdir, pretrained
+
+
+def _check_model(config, model_config, mesh, rules, encoder: Encoder, workdir: str) -> None:
+    """The model against the rows, the tokenizer, the mesh and the workdir, before any compile."""
+    if config.data.seq_len > model_config.max_seq_len:
+        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds the model's max_seq_len "
+                         f"{model_config.max_seq_len}; lower data.seq_len")
+    policy.check_policy(model_config, mesh, rules, config.data.global_batch, encoder, workdir)
