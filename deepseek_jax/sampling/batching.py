@@ -161,10 +161,29 @@ def _step(st: Slots, variables, step_model, keys, limits, knobs: Knobs, eos_id) 
         lengths=st.lengths.at[jnp.where(ended, st.row, R)].set(count, mode="drop"))
 
 
+def phase_widths(slots: int, min_slots: int = 1) -> list[int]:
+    """Slot counts of the drain phases: `slots`, then halved while the half stays a multiple of
+    `min_slots` (the batch shards): e.g. 64, 32, …, 1."""
+    widths = [slots]
+    while widths[-1] % (2 * min_slots) == 0:
+        widths.append(widths[-1] // 2)
+    return widths
+
+
+def _compact(st: Slots, width: int) -> Slots:
+    """The state on its first `width` slots, live ones first (all of them must fit)."""
+    order = jnp.argsort(~st.live, stable=True)[:width]                         # [width]
+    cache = jax.tree.map(lambda c: c[:, order], st.cache)                      # [L, width, ...]
+    return st._replace(cache=constrain_cache(cache), row=st.row[order], tok=st.tok[order],
+                       pos=st.pos[order], count=st.count[order], live=st.live[order])
+
+
 def continuous_loop(variables, ids, lengths, keys, limits, knobs: Knobs, eos_id, pad_id, *,
-                    config: ModelConfig, s: Settings, group_size: int,
-                    slots: int) -> Generation:
-    """Prefill the P prompts once, then decode P·G rows through `slots` refilled slots."""
+                    config: ModelConfig, s: Settings, group_size: int, slots: int,
+                    min_slots: int = 1) -> Generation:
+    """Prefill the P prompts once, then decode P·G rows through `slots` refilled slots; once no
+    row is pending, the live rows move to half as many slots whenever they fit (`phase_widths`),
+    so the last long rows do not step a mostly idle batch."""
     W = ids.shape[1]
     R, N = keys.shape[0], s.max_new_tokens
     first_logits, _, prompt_cache = prefill(variables, ids, lengths, config=config, s=s)
@@ -178,25 +197,39 @@ def continuous_loop(variables, ids, lengths, keys, limits, knobs: Knobs, eos_id,
     refill = functools.partial(_refill, prompts=(prompt_cache, first_logits, lengths, W),
                                keys=keys, limits=limits, knobs=knobs, eos_id=eos_id,
                                group_size=group_size)
+    step = functools.partial(_step, variables=variables, step_model=step_model, keys=keys,
+                             limits=limits, knobs=knobs, eos_id=eos_id)
 
     def body(st):
         st = jax.lax.cond(jnp.any(~st.live) & (st.next_row < R), refill, lambda st: st, st)
-        return _step(st, variables, step_model, keys, limits, knobs, eos_id)
+        return step(st)
 
-    st = jax.lax.while_loop(lambda st: jnp.any(st.live) | (st.next_row < R), body, st)
+    widths = phase_widths(slots, min_slots)
+    for i, width in enumerate(widths):
+        if i:
+            st = _compact(st, width)
+
+        def cond(st, width=width, last=i == len(widths) - 1):
+            going = jnp.any(st.live) | (st.next_row < R)
+            if last:
+                return going
+            return going & ((st.next_row < R) | (jnp.sum(st.live) > width // 2))
+
+        st = jax.lax.while_loop(cond, body if i == 0 else step, st)
     none = jnp.zeros((R,), jnp.int32)
     return Generation(st.out, st.logprobs, st.lengths, jnp.repeat(lengths, group_size),
                       st.steps, none, none)
 
 
 @functools.lru_cache(maxsize=32)
-def compiled(config: ModelConfig, s: Settings, schedule: str, group_size: int, slots: int):
+def compiled(config: ModelConfig, s: Settings, schedule: str, group_size: int, slots: int,
+             min_slots: int = 1):
     """The jitted run for these static settings (cached, so repeated calls do not retrace)."""
     if schedule == "static":
         return jax.jit(functools.partial(shared_static_loop, config=config, s=s,
                                          group_size=group_size))
     return jax.jit(functools.partial(continuous_loop, config=config, s=s, group_size=group_size,
-                                     slots=slots))
+                                     slots=slots, min_slots=min_slots))
 
 
 # --- the entry point -------------------------------------------------------------------------
@@ -294,7 +327,7 @@ def generate_groups(variables: dict, config: ModelConfig, prompts, group_size: i
     args = [flax.core.meta.unbox(variables), jnp.asarray(ids), jnp.asarray(lengths), keys,
             jnp.asarray(limits), knobs, jnp.int32(-1 if eos_id is None else eos_id),
             jnp.int32(pad_id)]
-    run = compiled(config, s, schedule, group_size, M)
+    run = compiled(config, s, schedule, group_size, M, batch_shards(mesh, rules))
     if mesh is None and rules is None:
         return run(*args)
     if mesh is None or rules is None:
