@@ -22,8 +22,12 @@ Schedules (`schedule`):
                 takes one decode step for every slot. A finished row costs its slot no more than
                 one idle step. Entries a slot's previous row left past the new prompt are never
                 read: a query at position p reads slots ≤ p, and a row writes slot p before it
-                reads it. Idle slots still go through the step (fixed shapes: one compile per
-                settings); their outputs are dropped.
+                reads it. Idle slots still go through the step (fixed shapes); their outputs are
+                dropped. Once no row is pending, the live rows are moved (cache rows and state)
+                to half as many slots whenever they fit, down to one slot (or the batch shards'
+                count): a chain of while-loops of halving width in the same program
+                (`phase_widths`), so the last long rows do not step a mostly idle batch. One
+                compile per settings.
 
 Keys: row (p, g) uses fold_in(fold_in(rng, p), g) (`group_keys`; or pass the P·G keys), and its
 token k uses fold_in(row key, k), as `generate` does with a row key. A token therefore depends
