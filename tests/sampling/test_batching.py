@@ -130,7 +130,7 @@ def test_one_compile_serves_every_setting():
                     row_max_new_tokens=BUDGETS, **kw)
     s = batching.Settings(max_new_tokens=N, speculative=False, cache_len=8 + N,
                           cache_kind="latent")
-    assert batching.compiled(c, s, "continuous", G, 5)._cache_size() == 1
+    assert batching.compiled(c, s, "continuous", G, 5, 1)._cache_size() == 1
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
