@@ -62,6 +62,12 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.rl.prompts_per_step = prompts
     c.rl.group_size = group          # G completions per prompt
     c.rl.max_new_tokens = new
+    # rollouts (deepseek_jax/rl/rollout.py): "continuous" batching over rollout_slots rows with
+    # each prompt prefilled once, "static" (shared prefill, all rows at once; the one that takes
+    # speculative=True, MTP draft-and-verify) or "repeated" (each prompt prefilled G times)
+    c.rl.rollout = "continuous"
+    c.rl.rollout_slots = prompts * group // 2    # rows decoded at once (continuous)
+    c.rl.speculative = False
     # small: 0.7; at 1.0 the demo model's sampled exact answers are wrong so often that working
     # a problem out earns no more reward than estimating it (BENCHMARKS.md)
     c.rl.temperature = 0.7 if arg == "small" else 1.0

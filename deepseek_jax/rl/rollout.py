@@ -1,8 +1,22 @@
 """Rollouts for GRPO: prompts in, scored completions and a training batch out.
 
-  prompts  → `sampling.generate` (G completions per prompt, each prompt repeated G times in a row)
+  prompts  → `sample` (G completions per prompt; the prompts come each repeated G times in a
+             row, as `problems.for_step` lays them out, and so do the completions)
            → text → rewards (rewards.py) → advantages (advantages.py)
            → rows [prompt | completion | padding] with the target-aligned completion mask
+
+`sample` runs the run config's `rl.rollout` path (ROLLOUTS):
+  "continuous"  `sampling.generate_groups`: each distinct prompt prefilled once, then
+                `rl.rollout_slots` rows decoded at a time, a finished row's slot refilled with
+                the next pending completion (the default);
+  "static"      `generate_groups` on the static schedule: shared prefill, all P·G rows decoded
+                together until the longest ends; the one that takes `rl.speculative` (MTP
+                draft-and-verify: same greedy tokens, same sampling distribution);
+  "repeated"    `sampling.generate` on the repeated prompts (the prompt prefilled G times):
+                the path before shared prefill, kept as the reference.
+All three use the same key per completion (`sampling.group_keys` of the step's key), so for the
+same policy and key they give the same completions (speculative sampling draws differently);
+the sampler's log-probs differ by fp32 rounding only.
 
 The row layout and mask are the ones `rl.step.grpo_step` documents: position i scores token i+1,
 so mask[i] = 1 exactly when token i+1 is a completion token (the EOS that ended it included).
@@ -14,12 +28,63 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import tokenizer
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.data import r1
 from deepseek_jax.rl import advantages, rewards
+from deepseek_jax.sampling import Generation, generate, generate_groups, group_keys
+from deepseek_jax.sampling.batching import batch_shards
 
 BYTES = Encoder(None, add_bos=True)     # the default: byte tokenizer, prompts start with BOS
+ROLLOUTS = ("continuous", "static", "repeated")
+
+
+def check_rollout(rl, model_config: ModelConfig, mesh=None, rules=None) -> None:
+    """Errors that name the field and the fix for the run config's rollout settings (before
+    anything compiles), on the run's mesh."""
+    rows = rl.prompts_per_step * rl.group_size
+    shards = batch_shards(mesh, rules)
+    if rl.rollout not in ROLLOUTS:
+        raise ValueError(f"rl.rollout={rl.rollout!r}: use one of {ROLLOUTS}")
+    if rl.speculative and not model_config.mtp_depth:
+        raise ValueError("rl.speculative=True drafts with the MTP module, but the model has "
+                         "mtp_depth=0; set rl.speculative=False")
+    if rl.speculative and rl.rollout == "continuous":
+        raise ValueError("rl.speculative=True runs on the static schedule: set "
+                         "rl.rollout='static' (continuous batching has no speculative rounds)")
+    if rl.rollout == "continuous" and not (1 <= rl.rollout_slots <= rows
+                                           and rl.rollout_slots % shards == 0):
+        raise ValueError(f"rl.rollout_slots={rl.rollout_slots} must lie in [1, prompts_per_step"
+                         f" × group_size = {rows}] and divide by the mesh's {shards} batch "
+                         "shards")
+
+
+def distinct_prompts(prompts: Sequence[list[int]], group_size: int) -> list[list[int]]:
+    """The P distinct prompts of P·G prompts laid out each repeated G times in a row."""
+    if len(prompts) % group_size:
+        raise ValueError(f"{len(prompts)} prompts are not groups of group_size={group_size}")
+    distinct = list(prompts[::group_size])
+    for i, p in enumerate(prompts):
+        if list(p) != list(distinct[i // group_size]):
+            raise ValueError(f"prompt {i} differs from prompt {i - i % group_size}: rollouts "
+                             f"need each prompt repeated group_size={group_size} times in a row")
+    return distinct
+
+
+def sample(variables: dict, model_config: ModelConfig, prompts: Sequence[list[int]], rl, *,
+           eos_id: int, rng, mesh=None, rules=None) -> Generation:
+    """G completions per prompt by the run config's `rl` section (rollout, rollout_slots,
+    speculative, group_size, max_new_tokens, temperature); `prompts` and the result's rows are
+    P·G, each prompt repeated G times in a row."""
+    distinct = distinct_prompts(prompts, rl.group_size)
+    kw = dict(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, eos_id=eos_id,
+              speculative=rl.speculative, mesh=mesh, rules=rules)
+    if rl.rollout == "repeated":
+        return generate(variables, model_config, list(prompts),
+                        rng=group_keys(rng, len(distinct), rl.group_size), **kw)
+    return generate_groups(variables, model_config, distinct, rl.group_size, rng=rng,
+                           schedule=rl.rollout, slots=rl.rollout_slots or None, **kw)
 
 
 def encode_prompts(problems: Sequence[dict[str, Any]], template: str,

@@ -18,8 +18,8 @@ speculative or not) — temperature, top-k, top-p, EOS and pad ids are runtime v
 changing them does not recompile — runs the prefill (one pass over the prompts with
 `config.attention_impl`), then a `lax.while_loop` of decode steps (absorbed MLA over the latent
 cache) that ends as soon as every row has stopped. A row stops at `eos_id` (kept in its output,
-counted in its length) or after N tokens; finished rows are padded with `pad_id` and get
-log-prob 0.
+counted in its length) or after N tokens (or its own budget, `row_max_new_tokens`); finished
+rows are padded with `pad_id` and get log-prob 0.
 
 Log-probs: `logprobs[b, k]` = log_softmax(logits / T)[tokens[b, k]] in fp32, T = 1 when
 greedy, where logits are the fp32 logits `Transformer.decode` returns at position len_b − 1 + k
@@ -43,8 +43,11 @@ Sharding: pass `mesh` and `rules` (from `deepseek_jax.parallel`, e.g. `mesh_and_
 the variables are placed with the training shardings, prompts and the cache split their batch
 over the batch axes, and the run traces inside `sharding_context`.
 
+Groups of samples per prompt (GRPO), with each prompt prefilled once and continuous batching,
+are `batching.py`'s `generate_groups`.
+
 Left out: streaming tokens out during the loop, prompt caching across calls, stop strings,
-several EOS ids, continuous batching.
+several EOS ids.
 """
 
 from __future__ import annotations
@@ -58,9 +61,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.sampling.cache import KINDS, init_cache
-from deepseek_jax.sampling.loop import (Generation, Knobs, Settings, constrain_cache, fold_keys,
-                                        pick, step_models)
+from deepseek_jax.sampling.cache import KINDS
+from deepseek_jax.sampling.loop import (Generation, Knobs, Settings, fold_keys, pick, prefill,
+                                        step_models)
 from deepseek_jax.sampling.speculative import speculative_loop
 from deepseek_jax.train import sharded
 
@@ -138,8 +141,23 @@ def row_keys(rng, batch: int) -> jax.Array:
     return rng
 
 
-def _check(config, lengths, width, max_new_tokens, temperature, top_k, top_p, eos_id, rng,
-           speculative, max_len, cache_kind) -> int:
+def row_limits(row_max_new_tokens, batch: int, max_new_tokens: int) -> np.ndarray:
+    """Per-row token budgets [B] int32 (default N each), checked to lie in [1, N]."""
+    if row_max_new_tokens is None:
+        return np.full(batch, max_new_tokens, np.int32)
+    limits = np.asarray(row_max_new_tokens).reshape(-1)
+    if limits.shape[0] != batch or not np.issubdtype(limits.dtype, np.integer):
+        raise ValueError(f"row_max_new_tokens must be {batch} ints, one per row; got "
+                         f"{limits.shape[0]} of dtype {limits.dtype}")
+    if np.any((limits < 1) | (limits > max_new_tokens)):
+        b = int(np.argmax((limits < 1) | (limits > max_new_tokens)))
+        raise ValueError(f"row_max_new_tokens[{b}] = {limits[b]} must lie in [1, "
+                         f"max_new_tokens={max_new_tokens}]")
+    return limits.astype(np.int32)
+
+
+def check_settings(config, lengths, width, max_new_tokens, temperature, top_k, top_p, eos_id,
+                   rng, speculative, max_len, cache_kind) -> int:
     """Raises ValueError for settings that cannot run; returns the cache length S."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -174,21 +192,25 @@ def _check(config, lengths, width, max_new_tokens, temperature, top_k, top_p, eo
 
 # --- the compiled loops -------------------------------------------------------------------------
 
-def _plain_loop(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id, *,
-           config: ModelConfig, s: Settings) -> Generation:
+def _plain_loop(variables, ids, lengths, keys, limits, knobs: Knobs, eos_id, pad_id, *,
+                config: ModelConfig, s: Settings) -> Generation:
     """Prefill, then one token per row per step."""
-    B, P = ids.shape
-    N = s.max_new_tokens
-    prefill, step_model = step_models(config, s.cache_kind)
-    cache = constrain_cache(init_cache(config, B, s.cache_len, kind=s.cache_kind))
-    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))       # [B, P]
-    logits, _, cache = prefill.apply(variables, ids, positions, cache, (lengths - 1)[:, None],
-                                     method="decode")                           # [B, 1, V]
-    tok, lp = pick(logits[:, 0], fold_keys(keys, 0), knobs)                     # [B]
+    logits, _, cache = prefill(variables, ids, lengths, config=config, s=s)    # [B, V]
+    return plain_decode(variables, cache, logits, lengths, keys, limits, knobs, eos_id, pad_id,
+                        config=config, s=s)
+
+
+def plain_decode(variables, cache, logits, lengths, keys, limits, knobs: Knobs, eos_id, pad_id,
+                 *, config: ModelConfig, s: Settings) -> Generation:
+    """The decode loop after a prefill: `cache` holds row b's prompt (lengths [B]) and `logits`
+    [B, V] are its last prompt token's; row b stops at EOS or after limits[b] ≤ N tokens."""
+    B, N = lengths.shape[0], s.max_new_tokens
+    _, step_model = step_models(config, s.cache_kind)
+    tok, lp = pick(logits, fold_keys(keys, 0), knobs)                           # [B]
     out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)                # [B, N]
     logprobs = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp)                  # [B, N]
     count = jnp.ones((B,), jnp.int32)
-    done = (tok == eos_id) | (count >= N)
+    done = (tok == eos_id) | (count >= limits)
 
     def cond(state):
         step, *_, done = state
@@ -203,7 +225,7 @@ def _plain_loop(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id, *,
         out = out.at[:, step].set(jnp.where(live, new, pad_id))
         logprobs = logprobs.at[:, step].set(jnp.where(live, lp, 0.0))
         count = count + live
-        done = done | (live & (new == eos_id)) | (count >= N)
+        done = done | (live & (new == eos_id)) | (count >= limits)
         return step + 1, cache, new, pos + 1, out, logprobs, count, done
 
     state = (jnp.int32(1), cache, tok, lengths, out, logprobs, count, done)
@@ -225,7 +247,8 @@ def generate(variables: dict, config: ModelConfig, prompts, *, max_new_tokens: i
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, rng=None, speculative: bool = False,
              prompt_lengths: Sequence[int] | None = None, max_len: int | None = None,
-             pad_id: int = 0, cache_kind: str = "latent", mesh=None, rules=None) -> Generation:
+             pad_id: int = 0, cache_kind: str = "latent", row_max_new_tokens=None, mesh=None,
+             rules=None) -> Generation:
     """Generates up to `max_new_tokens` tokens for each prompt (see the module docstring).
 
     Args:
@@ -244,6 +267,8 @@ def generate(variables: dict, config: ModelConfig, prompts, *, max_new_tokens: i
       pad_id: id written after each row's end in `tokens` (any int; the model never sees it:
         prompts are padded with id 0 inside).
       cache_kind: "latent" (MLA, the default) or "expanded" (per-head k/v, the baseline).
+      row_max_new_tokens: [B] per-row budgets in [1, N] (default N each): row b stops after
+        that many tokens, as if an EOS came there (a runtime value: no recompile).
       mesh, rules: run sharded (both or neither; see `deepseek_jax.parallel`).
 
     Returns:
@@ -255,8 +280,8 @@ def generate(variables: dict, config: ModelConfig, prompts, *, max_new_tokens: i
     """
     ids, lengths = prepare_prompts(prompts, config, prompt_lengths)  # padded with id 0
     width = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
-    S = _check(config, lengths, width, max_new_tokens, temperature, top_k, top_p, eos_id,
-               rng, speculative, max_len, cache_kind)
+    S = check_settings(config, lengths, width, max_new_tokens, temperature, top_k, top_p, eos_id,
+                       rng, speculative, max_len, cache_kind)
     width = min(width, S)
     ids = np.pad(ids[:, :width], ((0, 0), (0, max(width - ids.shape[1], 0))),
                  constant_values=0)                                            # [B, width]
@@ -266,7 +291,8 @@ def generate(variables: dict, config: ModelConfig, prompts, *, max_new_tokens: i
     knobs = Knobs(jnp.float32(temperature), jnp.int32(top_k or 0),
                   jnp.float32(1.0 if top_p is None else top_p))
     variables = flax.core.meta.unbox(variables)
-    args = [variables, jnp.asarray(ids), jnp.asarray(lengths), keys, knobs,
+    limits = row_limits(row_max_new_tokens, ids.shape[0], max_new_tokens)
+    args = [variables, jnp.asarray(ids), jnp.asarray(lengths), keys, jnp.asarray(limits), knobs,
             jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id)]
     run = compiled(config, s)
     if mesh is None and rules is None:
@@ -276,20 +302,26 @@ def generate(variables: dict, config: ModelConfig, prompts, *, max_new_tokens: i
     return _run_sharded(run, args, config, mesh, rules)
 
 
+def place_variables(variables: dict, config: ModelConfig, mesh, rules) -> dict:
+    """The variables placed with the training shardings (multi-process too)."""
+    from deepseek_jax import parallel
+
+    shardings = sharded.param_shardings(config, mesh, rules)
+    place = lambda tree, s: jax.tree.map(parallel.to_global, tree, s)
+    return {k: place(v, shardings[k]) if k in shardings else v for k, v in variables.items()}
+
+
 def _run_sharded(run, args, config: ModelConfig, mesh, rules) -> Generation:
     """Places variables with the training shardings and the batch over the batch axes."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from deepseek_jax import parallel
 
-    variables, ids, lengths, keys, *rest = args
+    variables, ids, lengths, keys, limits, *rest = args
     sharded.validate(config, mesh, rules, global_batch=ids.shape[0])
-    shardings = sharded.param_shardings(config, mesh, rules)
-    place = lambda tree, s: jax.tree.map(parallel.to_global, tree, s)   # multi-process too
-    variables = {k: place(v, shardings[k]) if k in shardings else v
-                 for k, v in variables.items()}
+    variables = place_variables(variables, config, mesh, rules)
     rows = NamedSharding(mesh, P(parallel.batch_axes(rules) or None))
     ids = parallel.to_global(ids, parallel.batch_sharding(mesh, rules))
-    lengths, keys = parallel.to_global(lengths, rows), parallel.to_global(keys, rows)
+    lengths, keys, limits = (parallel.to_global(a, rows) for a in (lengths, keys, limits))
     with parallel.sharding_context(mesh, rules):
-        return run(variables, ids, lengths, keys, *rest)
+        return run(variables, ids, lengths, keys, limits, *rest)

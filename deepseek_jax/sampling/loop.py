@@ -1,9 +1,10 @@
 """The pieces plain and speculative decoding share: what a run returns, its static and traced
-settings, the two models a run steps (prefill and decode step), the cache's sharding
-constraints, per-row keys and the token choice.
+settings, the two models a run steps (prefill and decode step), the prompts' prefill, the
+cache's sharding constraints and row repetition, per-row keys and the token choice.
 
 `generate.py` runs plain decoding and dispatches to `speculative.py`; both loops build on this
-file, so neither imports the other's loop.
+file, so neither imports the other's loop. `batching.py` (shared prefill, continuous batching)
+builds on all three.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer
-from deepseek_jax.sampling.cache import cache_logical_axes
+from deepseek_jax.sampling.cache import cache_logical_axes, init_cache
 from deepseek_jax.sampling.sample import choose, token_logprobs
 
 
@@ -73,10 +75,48 @@ def step_models(config: ModelConfig, kind: str) -> tuple[Transformer, Transforme
     return Transformer(config), Transformer(step)
 
 
+def prefill(variables, ids, lengths, *, config: ModelConfig, s: Settings, mtp: bool = False):
+    """The prompts' pass: (logits [B, V] fp32 at each row's last prompt token, hidden [B, P, D]
+    (MTP's input), a cache of `s.cache_len` slots with the prompts written). The pass runs over
+    a cache of the prompt width P, then the cache is padded to S slots: the prefill's attention
+    (expanded, per `config.attention_impl`) up-projects every slot it reads, so its cost grows
+    with the slots, and P ≪ S when many tokens are generated. `mtp` adds the (still empty) MTP
+    depth-1 cache that speculative decoding fills."""
+    B, P = ids.shape
+    model, _ = step_models(config, s.cache_kind)
+    cache = constrain_cache(init_cache(config, B, P, kind=s.cache_kind, mtp=mtp))
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))       # [B, P]
+    logits, hidden, cache = model.apply(variables, ids, positions, cache, (lengths - 1)[:, None],
+                                        method="decode")                        # [B, 1, V]
+    return logits[:, 0], hidden, constrain_cache(pad_slots(cache, s.cache_len))
+
+
+def pad_slots(cache: dict, length: int) -> dict:
+    """The cache with its slot axis (the one before the last) zero-padded to `length` slots."""
+    def pad(a):
+        widths = [(0, 0)] * a.ndim
+        widths[-2] = (0, length - a.shape[-2])
+        return jnp.pad(a, widths)
+    return jax.tree.map(pad, cache)
+
+
+def repeat_rows(cache: dict, times: int) -> dict:
+    """A cache with each row repeated `times` times in a row (row b → rows b·times … b·times +
+    times − 1): one prompt's prefilled entries handed to its samples."""
+    return constrain_cache({name: jax.tree.map(
+        lambda a: jnp.repeat(a, times, axis=0 if name == "mtp" else 1), entries)
+        for name, entries in cache.items()})
+
+
 def constrain_cache(cache: dict) -> dict:
     """Logical sharding constraints on a cache (no-op outside a mesh with rules)."""
     return jax.tree.map(lambda a, names: nn.with_logical_constraint(a, names), cache,
                         cache_logical_axes(cache))
+
+
+def fold_counts(keys: jax.Array, counts: jax.Array) -> jax.Array:
+    """keys [B] each folded with its own count [B] (token k of a row uses fold_in(key, k))."""
+    return jax.vmap(jax.random.fold_in)(keys, counts)
 
 
 def fold_keys(keys: jax.Array, *data) -> jax.Array:

@@ -37,9 +37,8 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.mtp import shift_left
-from deepseek_jax.sampling.cache import init_cache
-from deepseek_jax.sampling.loop import (Generation, Knobs, Settings, constrain_cache, fold_keys,
-                                        pick, step_models)
+from deepseek_jax.sampling.loop import (Generation, Knobs, Settings, fold_keys, pick, prefill,
+                                        step_models)
 from deepseek_jax.sampling.sample import (choose, sampling_probs, speculative_accept,
                                           token_logprobs)
 
@@ -68,28 +67,35 @@ def _verify(logits, draft, q, keys, knobs: Knobs):
     return jax.lax.cond(knobs.temperature <= 0, greedy, sampled, logits)
 
 
-def speculative_loop(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id, *,
+def speculative_loop(variables, ids, lengths, keys, limits, knobs: Knobs, eos_id, pad_id, *,
                      config: ModelConfig, s: Settings) -> Generation:
     """Same arguments and result as `generate._plain_loop`, with MTP drafts (see the docstring)."""
+    logits, hidden, cache = prefill(variables, ids, lengths, config=config, s=s, mtp=True)
+    return speculative_decode(variables, cache, logits, hidden, ids, lengths, keys, limits, knobs,
+                              eos_id, pad_id, config=config, s=s)
+
+
+def speculative_decode(variables, cache, logits, hidden, ids, lengths, keys, limits,
+                       knobs: Knobs, eos_id, pad_id, *, config: ModelConfig,
+                       s: Settings) -> Generation:
+    """The rounds after the main model's prefill (`loop.prefill` with mtp=True: its logits [B, V],
+    hidden [B, P, D] and cache, for prompts ids [B, P]): the first token, MTP's prompt pass,
+    then draft-and-verify rounds; row b stops at EOS or after limits[b] ≤ N tokens."""
     B, P = ids.shape
     N = s.max_new_tokens
     rows = jnp.arange(B)
-    prefill, step_model = step_models(config, s.cache_kind)
-    cache = constrain_cache(init_cache(config, B, s.cache_len, kind=s.cache_kind, mtp=True))
+    prefill_model, step_model = step_models(config, s.cache_kind)
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))       # [B, P]
-    last_index = (lengths - 1)[:, None]                                         # [B, 1]
-    logits, hidden, cache = prefill.apply(variables, ids, positions, cache, last_index,
-                                          method="decode")                      # [B, 1, V]
-    first, lp = pick(logits[:, 0], fold_keys(keys, 0, _FIRST), knobs)           # [B]
+    first, lp = pick(logits, fold_keys(keys, 0, _FIRST), knobs)                 # [B]
     following = shift_left(ids, 1).at[rows, lengths - 1].set(first)             # [B, P]
-    draft_logits, cache = prefill.apply(variables, hidden, following, positions, cache,
-                                        last_index, method="draft")             # [B, 1, V]
+    draft_logits, cache = prefill_model.apply(variables, hidden, following, positions, cache,
+                                              (lengths - 1)[:, None], method="draft")  # [B, 1, V]
     draft, q = _draft(draft_logits[:, 0], fold_keys(keys, 0, _DRAFT), knobs)
 
     out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first)              # [B, N]
     logprobs = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp)                  # [B, N]
     count = jnp.ones((B,), jnp.int32)
-    done = (first == eos_id) | (count >= N)
+    done = (first == eos_id) | (count >= limits)
     zeros = jnp.zeros((B,), jnp.int32)
 
     def cond(state):
@@ -106,7 +112,7 @@ def speculative_loop(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id
         lp0 = token_logprobs(logits[:, 0], x0, knobs.temperature)               # [B]
 
         live = ~done
-        could = live & (count + 1 < N)                # room for the draft to become a token
+        could = live & (count + 1 < limits)           # room for the draft to become a token
         two = could & ok & (x0 != eos_id)             # the bonus token is emitted too
         at0 = jnp.where(live, count, N)               # N = out of range: dropped
         at1 = jnp.where(two, count + 1, N)
@@ -114,7 +120,7 @@ def speculative_loop(variables, ids, lengths, keys, knobs: Knobs, eos_id, pad_id
         logprobs = (logprobs.at[rows, at0].set(lp0, mode="drop")
                     .at[rows, at1].set(lp1, mode="drop"))
         count = count + live + two
-        done = done | (live & ((x0 == eos_id) | (two & (x1 == eos_id)) | (count >= N)))
+        done = done | (live & ((x0 == eos_id) | (two & (x1 == eos_id)) | (count >= limits)))
         drafted = drafted + could
         accepted = accepted + (could & ok)
 

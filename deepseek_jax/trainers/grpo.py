@@ -7,7 +7,8 @@ rollout) and the run scaffolding shared with pretraining (`train.run`). Each ste
 
   1. take `prompts_per_step` training problems (a seeded permutation, so a resumed run sees the
      same ones), wrap each in the R1-Zero template, and draw G completions each with the
-     KV-cached sampler at `rl.temperature`;
+     KV-cached sampler at `rl.temperature` (`rl.rollout`, `rl/rollout.py`: by default each
+     prompt prefilled once and continuous batching);
   2. score them (accuracy + format_weight·format), and compute group-relative advantages;
   3. compute the old log-probs once with a trainer forward pass (and the frozen reference
      model's when β > 0), then run μ = `rl.num_iterations` clipped policy updates on the batch.
@@ -44,7 +45,6 @@ from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import policy, rollout
 from deepseek_jax.rl.evaluate import evaluate
 from deepseek_jax.rl.problems import load_problems
-from deepseek_jax.sampling import generate
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import sharded
 from deepseek_jax.train import workdir as run_dir
@@ -72,6 +72,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model_config = (ckpt.load_model_config(pretrained) if pretrained
                     else to_model_config(config.model))
     policy.check_policy(model_config, mesh, rules, batch_rows, encoder, workdir)
+    rollout.check_rollout(rl, model_config, mesh, rules)
     lr = learning_rate_schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps,
                                 kind="constant")
     tx = make_optimizer(lr, b1=config.optim.b1, b2=config.optim.b2,
@@ -84,9 +85,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     update, logprobs = policy.compile_steps(model_config, tx, shardings, mesh, rules, rl)
 
     def sample(state, prompts, rng):
-        return generate(model_variables(state.params, state.routing), model_config, prompts,
-                        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                        eos_id=encoder.eos_id, rng=rng, mesh=mesh, rules=rules)
+        return rollout.sample(model_variables(state.params, state.routing), model_config,
+                              prompts, rl, eos_id=encoder.eos_id, rng=rng, mesh=mesh,
+                              rules=rules)
 
     def run_eval(state) -> dict:
         return evaluate(model_variables(state.params, state.routing), model_config,
