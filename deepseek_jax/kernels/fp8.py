@@ -67,6 +67,7 @@ from jax import lax
 
 from deepseek_jax.config import FP8_BACKENDS
 from deepseek_jax.kernels import fp8_gpu, fp8_tpu
+from deepseek_jax.kernels.platform import active_platform
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 AMAX_FLOOR = 1e-4  # DeepSeek's clamp: an all-zero tile gets scale 1e-4 / 448, not 0
@@ -222,7 +223,7 @@ def _resolve_backend(backend: str) -> str:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    platform = jax.default_backend()
+    platform = active_platform()
     if platform == "tpu":
         return "mosaic_tpu"
     if platform == "gpu":

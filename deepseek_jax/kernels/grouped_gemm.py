@@ -74,6 +74,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import MOE_BACKENDS
 from deepseek_jax.kernels import fp8, fp8_gpu
+from deepseek_jax.kernels.platform import active_platform
 from deepseek_jax.kernels.fp8_linear import (all_gather_dim, fp8_ragged_dot, psum_scatter_dim, group_tiles, normalize_grad,
                                              quantize_token_tiles)
 
@@ -107,14 +108,15 @@ def _is_16_bit(dtype) -> bool:
 
 def default_backend(platform: str | None = None, dtype=jnp.bfloat16, fp8: bool = False,
                     compute_capability: str | None = None) -> str:
-    """The backend "auto" means on `platform` (default: JAX's default backend) for `dtype` rows.
+    """The backend "auto" means on `platform` (default: `kernels.platform.active_platform`, the
+    active mesh's devices, else JAX's default backend) for `dtype` rows.
 
     cpu → tiled; tpu → megablox; gpu → mosaic_gpu on Hopper (compute capability 9.x) when
     the operands are 16-bit or fp8=True (the fp8 kernel quantizes whatever it gets), else
     ragged_dot (the Hopper kernels use wgmma, which other GPUs lack and which takes no fp32).
     compute_capability: the GPU's (e.g. "9.0"); None asks the first device.
     """
-    platform = platform or jax.default_backend()
+    platform = platform or active_platform()
     if platform == "tpu":
         return "megablox"
     if platform in ("gpu", "cuda"):
@@ -433,7 +435,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
         if backend.startswith("mosaic_gpu"):
             return _fp8_hopper_gmm(lhs, rhs, group_sizes, out_dtype, jnp.dtype(lhs.dtype),
                                    jnp.dtype(rhs.dtype), backend.endswith("interpret"))
-        if backend in ("ragged_dot", "tiled") and jax.default_backend() == "gpu":
+        if backend in ("ragged_dot", "tiled") and active_platform() == "gpu":
             raise ValueError(
                 "fp8 routed experts on a GPU need the Hopper fp8 grouped GEMM "
                 "(moe_backend='mosaic_gpu' or 'auto' on an sm90 GPU): the portable emulation runs "

@@ -53,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ATTENTION_BACKENDS
 from deepseek_jax.kernels import attention_gpu, attention_tpu
+from deepseek_jax.kernels.platform import active_platform
 from deepseek_jax.kernels.attention import (attention_reference, blockwise_attention,
                                             dense_mask)
 from deepseek_jax.parallel.rules import axis_names
@@ -80,10 +81,7 @@ class SelfMask:
 
 def platform() -> str:
     """"cpu", "gpu" or "tpu": the active mesh's devices, else JAX's default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    name = device.platform if device is not None else jax.default_backend()
-    return "gpu" if name in ("cuda", "rocm") else name
+    return active_platform()
 
 
 def resolve_backend(backend: str, length: int, dtype, on: str | None = None) -> str:

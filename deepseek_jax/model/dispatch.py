@@ -96,6 +96,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import MOE_EP_TRANSPORTS, MeshError, ModelConfig
+from deepseek_jax.kernels.platform import active_platform
 from deepseek_jax.kernels.fp8_linear import fp8_dot
 from deepseek_jax.kernels.grouped_gemm import gmm, resolve_backend
 from deepseek_jax.model.layers import einsum
@@ -181,7 +182,7 @@ def resolve_transport(transport: str) -> str:
         raise ValueError(f"moe_ep_transport={transport!r}: use one of {TRANSPORTS}")
     if transport != "auto":
         return transport
-    return "all_to_all" if jax.default_backend() == "cpu" else "ragged_all_to_all"
+    return "all_to_all" if active_platform() == "cpu" else "ragged_all_to_all"
 
 
 def node_limit(config: ModelConfig, n_shards: int) -> int | None:

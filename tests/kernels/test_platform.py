@@ -1,0 +1,33 @@
+""""auto" kernels and transports follow the devices a trace compiles for (the active mesh), not
+the host: a TPU compile from this CPU host gets the TPU's grouped GEMM, fp8 GEMM and all-to-all.
+Before, the planner's TPU compiles of the MoE took the CPU's tiled grouped GEMM, whose per-tile
+weight copies dominated the 671B step's memory."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from deepseek_jax.kernels import fp8, grouped_gemm
+from deepseek_jax.kernels.platform import active_platform
+from deepseek_jax.model import dispatch
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")    # compile-only libtpu, shared host
+
+
+def _choices():
+    return (active_platform(), grouped_gemm.default_backend(), dispatch.resolve_transport("auto"),
+            fp8._resolve_backend("auto"))
+
+
+def test_auto_choices_follow_the_mesh_devices():
+    assert _choices() == ("cpu", "tiled", "all_to_all", "reference")      # this host
+    cpu = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(8), ("x",))
+    with jax.set_mesh(cpu):
+        assert _choices() == ("cpu", "tiled", "all_to_all", "reference")
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    tpu = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4").devices
+    with jax.set_mesh(jax.sharding.Mesh(np.array(tpu).reshape(8), ("x",))):
+        assert _choices() == ("tpu", "megablox", "ragged_all_to_all", "mosaic_tpu")
