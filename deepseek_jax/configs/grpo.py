@@ -66,7 +66,9 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     # each prompt prefilled once, "static" (shared prefill, all rows at once; the one that takes
     # speculative=True, MTP draft-and-verify) or "repeated" (each prompt prefilled G times)
     c.rl.rollout = "continuous"
-    c.rl.rollout_slots = prompts * group // 2    # rows decoded at once (continuous)
+    # rows decoded at once (continuous); 0 = half of prompts_per_step × group_size, so that
+    # overriding either keeps a valid value
+    c.rl.rollout_slots = 0
     c.rl.speculative = False
     # small: 0.7; at 1.0 the demo model's sampled exact answers are wrong so often that working
     # a problem out earns no more reward than estimating it (BENCHMARKS.md)

@@ -53,11 +53,20 @@ def check_rollout(rl, model_config: ModelConfig, mesh=None, rules=None) -> None:
     if rl.speculative and rl.rollout == "continuous":
         raise ValueError("rl.speculative=True runs on the static schedule: set "
                          "rl.rollout='static' (continuous batching has no speculative rounds)")
-    if rl.rollout == "continuous" and not (1 <= rl.rollout_slots <= rows
-                                           and rl.rollout_slots % shards == 0):
+    slots = rollout_slots(rl, shards)
+    if rl.rollout == "continuous" and not (1 <= slots <= rows and slots % shards == 0):
         raise ValueError(f"rl.rollout_slots={rl.rollout_slots} must lie in [1, prompts_per_step"
                          f" × group_size = {rows}] and divide by the mesh's {shards} batch "
-                         "shards")
+                         "shards (0 = half the rows)")
+
+
+def rollout_slots(rl, shards: int = 1) -> int:
+    """`rl.rollout_slots`, where 0 (the default) means half of the P·G rows, rounded down to a
+    multiple of the mesh's batch shards (at least one per shard)."""
+    if rl.rollout_slots:
+        return int(rl.rollout_slots)
+    rows = rl.prompts_per_step * rl.group_size
+    return max(shards, rows // 2 // shards * shards)
 
 
 def distinct_prompts(prompts: Sequence[list[int]], group_size: int) -> list[list[int]]:
@@ -84,7 +93,8 @@ def sample(variables: dict, model_config: ModelConfig, prompts: Sequence[list[in
         return generate(variables, model_config, list(prompts),
                         rng=group_keys(rng, len(distinct), rl.group_size), **kw)
     return generate_groups(variables, model_config, distinct, rl.group_size, rng=rng,
-                           schedule=rl.rollout, slots=rl.rollout_slots or None, **kw)
+                           schedule=rl.rollout,
+                           slots=rollout_slots(rl, batch_shards(mesh, rules)), **kw)
 
 
 def encode_prompts(problems: Sequence[dict[str, Any]], template: str,
