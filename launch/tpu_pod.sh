@@ -94,21 +94,8 @@ run() {
 }
 PROJECT_FLAG=(); [[ -n "$PROJECT" ]] && PROJECT_FLAG=(--project="$PROJECT")
 
-# The run's fit on the slice, checked on this machine before anything is created (see above;
-# its table, or under --dry-run its command, goes to stderr).
-fit_check() {
-  [[ "$FIT_CHECK" =~ ^(compile|analytic|off)$ ]] || die "--fit-check=$FIT_CHECK: use compile, analytic or off"
-  [[ "$FIT_CHECK" == off ]] && return 0
-  local target="tpu-$TYPE" cmd
-  [[ "$SLICES" != 1 ]] && target="${SLICES}xtpu-$TYPE"
-  cmd=("${PYTHON:-python3}" -m experiments.doctor --target="$target"
-       --config=experiments/configs/pretrain.py:"$CONFIG")
-  [[ "$SLICES" != 1 ]] && cmd+=(--config.mesh.dcn_data=-1)
-  [[ "$FIT_CHECK" == analytic ]] && cmd+=(--analytic)
-  cmd+=("${EXTRA[@]}")
-  (cd "$(dirname "$0")/.." && run "${cmd[@]}" >&2) \
-    || die "config $CONFIG does not fit on $TYPE (the fit row above says why and what to change); nothing was created. --fit-check=off skips this check"
-}
+# The fit check before anything is created (see above).
+source "$(dirname "$0")/fit_check.sh"
 
 # Node names: NAME for one slice, NAME-0 … NAME-{N-1} for several.
 nodes() {
@@ -132,7 +119,7 @@ case "$ACTION" in
     fi
     SLICE_FLAGS=(--node-id="$NAME"); [[ "$SLICES" != 1 ]] && SLICE_FLAGS=(--node-count="$SLICES" --node-prefix="$NAME")
     SPOT_FLAG=(); [[ "$SPOT" == 1 ]] && SPOT_FLAG=(--spot)
-    fit_check
+    fit_check "$(dirname "$0")/.." created
     run gcloud compute tpus queued-resources create "$NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}" \
       --accelerator-type="$TYPE" --runtime-version="$RUNTIME" "${SLICE_FLAGS[@]}" "${SPOT_FLAG[@]}"
     echo "# wait until ACTIVE:" >&2

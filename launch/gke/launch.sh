@@ -87,21 +87,8 @@ slice_facts() {
   HOSTS=$((chips / CHIPS_PER_HOST))
 }
 
-# The run's fit on the slice, checked on this machine before anything is submitted (see
-# above; its table, or under --dry-run its command, goes to stderr).
-fit_check() {
-  [[ "$FIT_CHECK" =~ ^(compile|analytic|off)$ ]] || die "--fit-check=$FIT_CHECK: use compile, analytic or off"
-  [[ "$FIT_CHECK" == off ]] && return 0
-  local target="tpu-$TYPE" cmd
-  [[ "$SLICES" != 1 ]] && target="${SLICES}xtpu-$TYPE"
-  cmd=("${PYTHON:-python3}" -m experiments.doctor --target="$target"
-       --config=experiments/configs/pretrain.py:"$CONFIG")
-  [[ "$SLICES" != 1 ]] && cmd+=(--config.mesh.dcn_data=-1)
-  [[ "$FIT_CHECK" == analytic ]] && cmd+=(--analytic)
-  cmd+=("${EXTRA[@]}")
-  (cd "$HERE/../.." && run "${cmd[@]}" >&2) \
-    || die "config $CONFIG does not fit on $TYPE (the fit row above says why and what to change); nothing was submitted. --fit-check=off skips this check"
-}
+# The fit check before anything is submitted (see above).
+source "$HERE/../fit_check.sh"
 
 EXTRA_ARGS=""; for a in "${EXTRA[@]}"; do EXTRA_ARGS+=" $(printf '%q' "$a")"; done
 [[ "$SLICES" != 1 ]] && EXTRA_ARGS=" --config.mesh.dcn_data=-1$EXTRA_ARGS"
@@ -112,7 +99,7 @@ case "$ACTION" in
   jobset)
     need RUN IMAGE BUCKET
     slice_facts
-    fit_check
+    fit_check "$HERE/../.." submitted
     # Placeholders from the environment; EXTRA_ENV (NAME=VALUE lines) becomes env entries at
     # its line's indentation, values JSON-quoted (valid YAML strings).
     YAML="$(RUN="$RUN" SLICES="$SLICES" HOSTS="$HOSTS" GKE_ACCELERATOR="$GKE_ACCELERATOR" \
@@ -152,7 +139,7 @@ print(re.sub(r"\$\{(\w+)\}", lambda m: os.environ[m.group(1)], text), end="")' "
     # xpk sets the TPU and MEGASCALE variables itself; the bucket comes from `xpk-storage`.
     need RUN IMAGE CLUSTER ZONE
     slice_facts
-    fit_check
+    fit_check "$HERE/../.." submitted
     PROJECT_FLAG=(); [[ -n "$PROJECT" ]] && PROJECT_FLAG=(--project="$PROJECT")
     ENV_FLAGS=(); for e in "${ENVS[@]}"; do ENV_FLAGS+=(--env="$e"); done
     run xpk workload create --workload="$RUN" --cluster="$CLUSTER" --zone="$ZONE" \
