@@ -11,14 +11,11 @@ anything else failed (`deepseek_jax.train.run`).
 
 from __future__ import annotations
 
-import sys
-
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepseek_jax.train import workdir as run_dir
-from deepseek_jax.train.run import EXIT_PREEMPTED, Preempted
+from deepseek_jax.train.run import run_command
 from deepseek_jax.trainers.pretrain import train_and_evaluate
 
 __all__ = ["train_and_evaluate"]
@@ -28,14 +25,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
     tfds.disable_progress_bar()
-    config = flags.FLAGS.config
-    for field in ("data_dir", "tokenizer"):
-        config.data[field] = run_dir.resolve(config.data[field])
-    try:
-        train_and_evaluate(config, run_dir.resolve(flags.FLAGS.workdir, remote=True))
-    except Preempted as e:           # saved; launchers restart on this code (train/run.py)
-        print(e, flush=True)
-        sys.exit(EXIT_PREEMPTED)
+    run_command(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir,
+                ("data_dir", "tokenizer"))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,10 @@ it. Exit codes: 0 finished, 42 preempted after saving (rerun to resume), anythin
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepseek_jax.train import workdir as run_dir
-from deepseek_jax.train.run import EXIT_PREEMPTED, Preempted
+from deepseek_jax.train.run import run_command
 from deepseek_jax.trainers.sft import train_and_evaluate
 
 __all__ = ["train_and_evaluate"]
@@ -27,15 +24,8 @@ __all__ = ["train_and_evaluate"]
 def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
-    config = flags.FLAGS.config
-    config.init.pretrain_dir = run_dir.resolve(config.init.pretrain_dir, remote=True)
-    for field in ("path", "eval_path", "tokenizer", "chat_template"):
-        config.data[field] = run_dir.resolve(config.data[field])
-    try:
-        train_and_evaluate(config, run_dir.resolve(flags.FLAGS.workdir, remote=True))
-    except Preempted as e:           # saved; launchers restart on this code (train/run.py)
-        print(e, flush=True)
-        sys.exit(EXIT_PREEMPTED)
+    run_command(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir,
+                ("path", "eval_path", "tokenizer", "chat_template"))
 
 
 if __name__ == "__main__":

@@ -212,3 +212,21 @@ class Run:
         self.manager.wait_until_finished()
         self.say(f"stopped by signal at {self.unit} {done}; checkpoint saved")
         raise Preempted(done, result)
+
+
+def run_command(train_and_evaluate, config, workdir: str, data_paths: tuple[str, ...]) -> None:
+    """A training command line's body: the run config's paths (`init.pretrain_dir` when it has
+    one, and the `data` fields named in `data_paths`) and the workdir made absolute once, at
+    start-up (gs:// kept), then `train_and_evaluate(config, workdir)`; a run preempted after
+    saving exits with EXIT_PREEMPTED, the code launchers restart on."""
+    import sys
+    from deepseek_jax.train.workdir import resolve
+    if "init" in config and "pretrain_dir" in config.init:
+        config.init.pretrain_dir = resolve(config.init.pretrain_dir, remote=True)
+    for field in data_paths:
+        config.data[field] = resolve(config.data[field])
+    try:
+        train_and_evaluate(config, resolve(workdir, remote=True))
+    except Preempted as e:
+        print(e, flush=True)
+        sys.exit(EXIT_PREEMPTED)
