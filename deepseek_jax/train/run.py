@@ -230,3 +230,23 @@ def run_command(train_and_evaluate, config, workdir: str, data_paths: tuple[str,
     except Preempted as e:
         print(e, flush=True)
         sys.exit(EXIT_PREEMPTED)
+
+
+def train_steps(config, model_config, plan, mesh, rules):
+    """(tx, step, eval_step, batch sharding) of a run config whose loss is the pretraining loss
+    (pretraining, SFT): AdamW from its `optim` section and `plan.learning_rate`, the sharded
+    train step with its micro-batches and λ/α/γ (`plan.train`), and the jitted eval step under
+    the same shardings."""
+    from deepseek_jax.train import sharded
+    from deepseek_jax.train.optimizer import make_optimizer
+    from deepseek_jax.train.step import eval_step
+    tx = make_optimizer(plan.learning_rate, b1=config.optim.b1, b2=config.optim.b2,
+                        weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
+    step_fn = sharded.make_sharded_train_step(model_config, tx, mesh, rules,
+                                               microbatches=config.train.microbatches,
+                                               settings=plan.train)
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    with parallel.sharding_context(mesh, rules):
+        eval_fn = jax.jit(lambda s, b: eval_step(s, b, config=model_config, settings=plan.train),
+                          in_shardings=(step_fn.shardings, batch_sharding))
+    return tx, step_fn, eval_fn, batch_sharding

@@ -30,7 +30,6 @@ import dataclasses
 import jax
 import numpy as np
 
-from deepseek_jax import parallel
 from deepseek_jax.configs.pretrain import to_model_config
 from deepseek_jax.data import run_config
 from deepseek_jax.train import checkpoint as ckpt
@@ -38,9 +37,8 @@ from deepseek_jax.train import schedules, sharded
 from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.train.flops import flops_per_token, peak_flops_per_device
 from deepseek_jax.train.metrics import Throughput
-from deepseek_jax.train.optimizer import make_optimizer
-from deepseek_jax.train.run import Run, run_mesh
-from deepseek_jax.train.step import NonFiniteLoss, TrainState, eval_step, init_train_state
+from deepseek_jax.train.run import Run, run_mesh, train_steps
+from deepseek_jax.train.step import NonFiniteLoss, TrainState, init_train_state
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -71,16 +69,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                     num_batches=config.train.eval_batches)
 
     # --- model, optimizer and the sharded steps -----------------------------------------------
-    lr = plan.learning_rate
-    tx = make_optimizer(lr, b1=config.optim.b1, b2=config.optim.b2,
-                        weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
-    step_fn = sharded.make_sharded_train_step(model_config, tx, mesh, rules,
-                                               microbatches=config.train.microbatches,
-                                               settings=plan.train)
-    batch_sharding = parallel.batch_sharding(mesh, rules)
-    with parallel.sharding_context(mesh, rules):
-        eval_fn = jax.jit(lambda s, b: eval_step(s, b, config=model_config, settings=plan.train),
-                          in_shardings=(step_fn.shardings, batch_sharding))
+    tx, step_fn, eval_fn, batch_sharding = train_steps(config, model_config, plan, mesh, rules)
 
     def to_device(batch: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
@@ -124,7 +113,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     "good checkpoint")
             if step % config.train.log_every == 0 or step == config.train.steps:
                 last = {**{k: v for k, v in m.items() if k != "finite"},
-                        "lr": float(lr(step - 1)), **meter.read(step)}
+                        "lr": float(plan.learning_rate(step - 1)), **meter.read(step)}
                 run.writer.write(step, last)
 
         for step in range(start, config.train.steps):

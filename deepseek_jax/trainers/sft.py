@@ -24,17 +24,15 @@ import math
 
 import jax
 
-from deepseek_jax import parallel
 from deepseek_jax.configs.pretrain import to_model_config
 from deepseek_jax.data import sft as sft_data
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import policy
 from deepseek_jax.train import checkpoint as ckpt
-from deepseek_jax.train import schedules, sharded
+from deepseek_jax.train import schedules
 from deepseek_jax.train import workdir as run_dir
-from deepseek_jax.train.optimizer import make_optimizer
-from deepseek_jax.train.run import Run, run_mesh
-from deepseek_jax.train.step import NonFiniteLoss, eval_step, init_train_state
+from deepseek_jax.train.run import Run, run_mesh, train_steps
+from deepseek_jax.train.step import NonFiniteLoss, init_train_state
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -60,15 +58,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     else to_model_config(config.model))
     _check_model(config, model_config, mesh, rules, encoder, workdir)
     plan = schedules.from_run_config(config)
-    tx = make_optimizer(plan.learning_rate, b1=config.optim.b1, b2=config.optim.b2,
-                        weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
-    step_fn = sharded.make_sharded_train_step(model_config, tx, mesh, rules,
-                                               microbatches=config.train.microbatches,
-                                               settings=plan.train)
-    batch_sharding = parallel.batch_sharding(mesh, rules)
-    with parallel.sharding_context(mesh, rules):
-        eval_fn = jax.jit(lambda s, b: eval_step(s, b, config=model_config, settings=plan.train),
-                          in_shardings=(step_fn.shardings, batch_sharding))
+    tx, step_fn, eval_fn, batch_sharding = train_steps(config, model_config, plan, mesh, rules)
     to_device = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding, v)
                            for k, v in b.items()}
 
