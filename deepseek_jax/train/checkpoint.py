@@ -90,6 +90,14 @@ def abstract_like(tree, shardings=None):
                         tree, shardings)
 
 
+def restore_train_state(manager: ocp.CheckpointManager, config, tx, shardings):
+    """(state, rng, data_state) of the latest checkpoint of a run whose state is
+    `step.init_train_state(…, config, tx)`, onto `shardings` (a TrainState of shardings)."""
+    from deepseek_jax.train.step import init_train_state
+    shapes = jax.eval_shape(lambda: init_train_state(jax.random.key(0), config, tx))
+    return restore(manager, abstract_like(shapes, shardings))
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
     """(state, rng, data_state) of `step` (default: the latest) onto the target's shardings."""
     step = manager.latest_step() if step is None else step

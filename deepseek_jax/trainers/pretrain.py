@@ -38,7 +38,7 @@ from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.train.flops import flops_per_token, peak_flops_per_device
 from deepseek_jax.train.metrics import Throughput
 from deepseek_jax.train.run import Run, run_mesh, train_steps
-from deepseek_jax.train.step import NonFiniteLoss, TrainState, init_train_state
+from deepseek_jax.train.step import NonFiniteLoss, TrainState
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -78,10 +78,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with Run(workdir, config.train, async_save=config.train.async_checkpoint) as run:
         # --- checkpoint: restore or initialize ------------------------------------------------
         if run.manager.latest_step() is not None:
-            shapes = jax.eval_shape(lambda: init_train_state(jax.random.key(0), model_config,
-                                                             tx))
-            state, rng, data_state = ckpt.restore(
-                run.manager, ckpt.abstract_like(shapes, step_fn.shardings))
+            state, rng, data_state = ckpt.restore_train_state(run.manager, model_config, tx,
+                                                              step_fn.shardings)
             train_iter.set_state(data_state)
             start = int(state.step)
             run.resumed(start)

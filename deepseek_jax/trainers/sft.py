@@ -32,7 +32,7 @@ from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import schedules
 from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.train.run import Run, run_mesh, train_steps
-from deepseek_jax.train.step import NonFiniteLoss, init_train_state
+from deepseek_jax.train.step import NonFiniteLoss
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -81,10 +81,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with Run(workdir, config.train, async_save=config.train.async_checkpoint) as run:
         # --- checkpoint: restore, or start from the run at init.pretrain_dir ------------------
         if run.manager.latest_step() is not None:
-            shapes = jax.eval_shape(lambda: init_train_state(jax.random.key(0), model_config,
-                                                             tx))
-            state, rng, data_state = ckpt.restore(
-                run.manager, ckpt.abstract_like(shapes, step_fn.shardings))
+            state, rng, data_state = ckpt.restore_train_state(run.manager, model_config, tx,
+                                                              step_fn.shardings)
             start, before = int(state.step), data_state.get("before", {})
             run.resumed(start)
         else:
