@@ -224,6 +224,12 @@ def _resolve_backend(backend: str) -> str:
     if backend != "auto":
         return backend
     platform = active_platform()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        # XLA cannot partition a Mosaic call, and the fp8 linear layers call the GEMM outside any
+        # shard_map: under a multi-device mesh "auto" takes the XLA reference GEMM (the same
+        # math). Sharded runs use the Pallas GEMMs once the layers run them per shard.
+        return "reference"
     if platform == "tpu":
         return "mosaic_tpu"
     if platform == "gpu":
