@@ -170,3 +170,15 @@ def prepare(workdir: str, model_config: ModelConfig | None = None,
     if model_config is not None:
         check_same_model(workdir, model_config)
     return workdir
+
+
+def prepare_with_start(workdir: str, start_dir: str, stage: str) -> tuple[str, str]:
+    """(the workdir, absolute, created and checked as `prepare` does; the run to start from,
+    absolute, or "") of a stage that starts from another run's weights (`init.pretrain_dir`):
+    the two must differ, since the stage writes checkpoints of its own."""
+    workdir = prepare(workdir)
+    start = resolve(start_dir, remote=True)
+    if start == workdir:
+        raise ValueError(f"init.pretrain_dir and the workdir are both {workdir}: {stage} writes "
+                         "its own checkpoints, so give it another --workdir")
+    return workdir, start

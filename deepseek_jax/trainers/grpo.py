@@ -165,11 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _check(config, workdir: str) -> tuple[str, str]:
     """(absolute workdir, created and checked; absolute pretraining run directory or "")."""
-    workdir = run_dir.prepare(workdir)
-    pretrained = run_dir.resolve(config.init.pretrain_dir, remote=True)
-    if pretrained == workdir:
-        raise ValueError(f"init.pretrain_dir and the workdir are both {workdir}: GRPO writes "
-                         "its own checkpoints, so give it another --workdir")
+    workdir, pretrained = run_dir.prepare_with_start(workdir, config.init.pretrain_dir, "GRPO")
     if config.rl.group_size < 2:
         raise ValueError("rl.group_size must be >= 2: group-relative advantages of a single "
                          "completion are always 0")

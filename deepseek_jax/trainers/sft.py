@@ -39,7 +39,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) the SFT run; returns {"before", "after": held-out losses, "last": the
     last logged training metrics}."""
     config = config.copy_and_resolve_references()     # train.steps is filled in below
-    workdir, pretrained = _check_dirs(config, workdir)
+    workdir, pretrained = run_dir.prepare_with_start(workdir, config.init.pretrain_dir, "SFT")
     mesh, rules = run_mesh(config.mesh, config.mesh.num_devices)
 
     # --- data: every conversation checked and tokenized before the model is read ------------
@@ -118,15 +118,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 run.stop(done, {"before": before, "after": after, "last": last})
     return {"before": before, "after": after, "last": last}
 
-
-def _check_dirs(config, workdir: str) -> tuple[str, str]:
-    """(absolute workdir, created and checked; absolute starting run directory or "")."""
-    workdir = run_dir.prepare(workdir)
-    pretrained = run_dir.resolve(config.init.pretrain_dir, remote=True)
-    if pretrained == workdir:
-        raise ValueError(f"init.pretrain_dir and the workdir are both {workdir}: SFT writes its "
-                         "own checkpoints, so give it another --workdir")
-    return workdir, pretrained
 
 
 def _check_model(config, model_config, mesh, rules, encoder: Encoder, workdir: str) -> None:
