@@ -54,8 +54,9 @@ loops by hand:
   * dense: the weight is quantized where it is stored (each shard's own 128×128 blocks), and the
     GEMMs run inside a `shard_map` over the batch axes (`token_axes`; the other mesh axes stay with
     the compiler), which gathers the fp8 weight and its scales once at its entry; the residual is
-    the local shard, gathered again for the backward's dgrad (FSDP's usual trade: bytes for
-    memory). Wgrad runs over each device's own tokens
+    that gathered fp8 weight, so the backward's dgrad gathers nothing (a bf16 layer keeps its
+    gathered bf16 weight the same way; under remat both are gathered again when the layer is
+    recomputed). Wgrad runs over each device's own tokens
     (its 1×128 token tiles are the device's, as on each of DeepSeek's GPUs); the partial weight
     gradients leave the shard_map on a leading axis split over the batch axes, and their sum is
     left to the compiler, which reduces into the weight's own sharding.
@@ -130,9 +131,10 @@ def _fp8_dot(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes):
 def _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes=()):
     # The weight is quantized where it lives (each shard's own 128×128 blocks), so under FSDP
     # what crosses devices is the fp8 weight and its scales, gathered once at the shard_map's
-    # entry, never inside the GEMMs' loops over 128-blocks. The residual is the local shard:
-    # the backward gathers it again (as FSDP re-gathers a bf16 weight), so no layer holds a
-    # whole weight from its forward to its backward pass.
+    # entry, never inside the GEMMs' loops over 128-blocks. The residual is that gathered fp8
+    # weight (half the bytes of the bf16 copy a bf16 layer keeps for its backward), so the
+    # backward gathers nothing; under remat it lives from the layer's recomputation to its
+    # backward, as a bf16 layer's gathered weight does.
     w_q, w_s = fp8.quantize_flax_weight(w)                                  # [N, K], [NB, J]
 
     def local(x, w_q, w_s):                                                 # this device's rows
@@ -140,11 +142,11 @@ def _fp8_dot_fwd(x, w, out_dtype, backend, x_dtype, w_dtype, token_axes=()):
         y = fp8.fp8_matmul(x_q, x_s, w_q, w_s, out_dtype=out_dtype, backend=backend)  # [m, N]
         # For wgrad: xᵀ in 1×128 tiles along the tokens, quantized now from the full-precision x.
         x_t_q, x_t_s = fp8.quantize_activation(x, transpose=True)          # [K, m], [K, ⌈m/128⌉]
-        return y, x_t_q, x_t_s
+        return y, x_t_q, x_t_s, w_q, w_s
 
     rows, cols = P(token_axes or None, None), P(None, token_axes or None)
-    y, x_t_q, x_t_s = _over_tokens(local, token_axes, (rows, P(), P()),
-                                   (rows, cols, cols))(x, w_q, w_s)
+    y, x_t_q, x_t_s, w_q, w_s = _over_tokens(local, token_axes, (rows, P(), P()),
+                                             (rows, cols, cols, P(), P()))(x, w_q, w_s)
     return y, (x_t_q, x_t_s, w_q, w_s)
 
 

@@ -63,12 +63,13 @@ returns a layout with no expert axes and `expert_parallel_moe` runs `_local_moe`
 shard_map in which each device sorts its own pairs and runs `ragged_dispatch` with the full
 expert weights; F split over the tensor axes is summed with a `psum`; no all-to-all, no rounds.
 Both paths cast the expert weights to the compute dtype before the shard_map (the grouped GEMMs
-multiply in that dtype anyway), so FSDP gathers bf16, not fp32, on the way in; the shard_map's
-transpose then all-reduces their full-size gradients. With fp8 and whole 128-blocks per D shard,
-the weights instead enter as stored (D split over the FSDP axes) and each grouped GEMM
-quantizes its shard and gathers the e4m3 values and scales (`gmm(..., gather=)`), once in the
-forward and once in the backward; their gradients leave as reduce-scatters. Each overflow
-round gathers them again. (The same for bf16 aborted at run time on CPU; not yet done.)
+multiply in that dtype anyway), so FSDP moves bf16, not fp32. The weights enter the shard_map as
+stored (D split over the FSDP axes) and each grouped GEMM gathers its weight itself
+(`gmm(..., gather=)`), once in the forward and once in the backward, keeping only the shard in
+between; their gradients leave as reduce-scatters, never as full-size all-reduces. With fp8 and
+whole 128-blocks per D shard, the gathered values are the e4m3 blocks and their scales. Each
+overflow round gathers again, so every device holding another D shard runs as many rounds as
+its expert group (`n_rounds` is agreed over both).
 
 Shared experts: the MoE module computes them outside this function; nothing links them to the
 exchange, so the compiler's scheduler is free to overlap the two (XLA's latency-hiding scheduler
@@ -332,11 +333,9 @@ def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
 
 def _embed_axes(layout: EPLayout, fp8: bool, d_model: int) -> tuple[str, ...]:
     """Mesh axes (size > 1) that D of the routed-expert weights is split over by the rules in
-    context (FSDP: `fsdp`), when the fp8 path gathers the quantized shards inside the shard_map
-    (fp8, whole 128-blocks per shard); () otherwise: the weights then enter the shard_map whole
-    along D (gathered on the way in, their full-size gradients all-reduced by its transpose)."""
-    if not fp8:
-        return ()
+    context (FSDP: `fsdp`), which the grouped GEMMs gather inside the shard_map; () when D is
+    whole (or not evenly split; with fp8, not into whole 128-blocks): the weights then enter the
+    shard_map whole along D (gathered on the way in, their gradients all-reduced)."""
     rules = nn.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty:
@@ -347,7 +346,8 @@ def _embed_axes(layout: EPLayout, fp8: bool, d_model: int) -> tuple[str, ...]:
     axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in layout.expert_axes
                  and a not in layout.mlp_axes)
     n = math.prod(mesh.shape[a] for a in axes)
-    return axes if axes and d_model % (n * 128) == 0 else ()
+    block = 128 if fp8 else 1
+    return axes if axes and d_model % (n * block) == 0 else ()
 
 
 def _weights_in(w_gate, w_up, w_down, embed_axes, fp8: bool):
@@ -369,8 +369,8 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
 
     Each device sorts only its own b = B/n_batch sequences' pairs and runs them through the full
     expert weights (`moe.ragged_dispatch`); the weights enter the shard_map split along F over
-    `layout.mlp_axes`, and along D over the FSDP axes when `_embed_axes` says the fp8 path
-    gathers them inside (see the module docstring); the partial outputs of a split F are summed
+    `layout.mlp_axes`, and along D over the FSDP axes (`_embed_axes`), gathered inside by
+    the grouped GEMMs (see the module docstring); the partial outputs of a split F are summed
     (`psum`). Without
     this, the compiler partitions the single-device sort of all B·T·X pairs by gathering routing
     scores and ids over the whole batch and all-reducing [B·T·X, D] token copies.
@@ -478,7 +478,11 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         ints = dict(send=send, start=start, dest=dest, pos=pos,
                     recv=jax.lax.all_to_all(send, plan.axis, 0, 0, tiled=True),
                     local_e=jnp.where(valid, sorted_e % El, El).astype(jnp.int32))
-        n_rounds = -(-jax.lax.pmax(jnp.max(send), plan.axis) // W)          # same on the group
+        # Every device that meets this one in a collective inside the rounds runs as many: the
+        # expert group (exchanges) and, when the weights are gathered per round, the devices
+        # holding the other D shards (a loop whose trip counts differ across a collective's
+        # participants deadlocks).
+        n_rounds = -(-jax.lax.pmax(jnp.max(send), plan.axis + embed_axes) // W)
         n_rounds = jnp.maximum(n_rounds, 1).astype(jnp.int32)
 
         rows = x.reshape(-1, D).astype(dtype)[order // X]                   # [M, D] sorted pairs

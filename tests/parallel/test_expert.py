@@ -212,6 +212,35 @@ def test_overflow_rounds_are_dropless_and_exact(skewed_setup, transport):
     np.testing.assert_array_equal(np.asarray(got[2])[6], 0.0)     # expert 6 had no tokens
 
 
+def test_overflow_on_one_fsdp_rank_only(skewed_setup):
+    # The routed weights are split along D over fsdp and gathered inside every round, so the
+    # two fsdp ranks meet in collectives inside the overflow loop. Skewed routing on fsdp
+    # rank 0's sequences only (rows 0-3) and balanced on rank 1's would give them different
+    # round counts: before they agreed on one, the step deadlocked (an abort on CPU).
+    x, weights, idx, ws, loss, _ = skewed_setup
+    balanced = (np.arange(B * T * _X).reshape(B, T, _X) % _E).astype(np.int32)
+    idx = jnp.asarray(np.concatenate([np.asarray(idx)[:B // 2], balanced[B // 2:]]))
+    mesh, rules = par.mesh_and_rules("fsdp_ep", {"fsdp": 2, "expert": 4})
+    cot = _randn(6, (B, T, _D))
+
+    def total(fn, x, w, *ws):
+        return jnp.sum(fn(x, w, idx, *ws) * cot)
+    dense = lambda x, w, i, *ws: dispatch.dense_dispatch(x, w, i, *ws, jnp.float32)
+    ref_loss, ref = jax.jit(jax.value_and_grad(lambda *a: total(dense, *a),
+                                               argnums=range(5)))(x, weights, *ws)
+    with par.sharding_context(mesh, rules):
+        layout = routing.layout_from_context(get_config("tiny"))
+        run = lambda x, w, i, *ws: dispatch.expert_parallel_moe(
+            x, w, i, *ws, layout=layout, dtype=jnp.float32, buffer_factor=0.5)
+        rounds = jax.jit(run)(x, weights, idx, *ws)[2]
+        got_loss, got = jax.jit(jax.value_and_grad(
+            lambda *a: total(lambda *b: run(*b)[0], *a), argnums=range(5)))(x, weights, *ws)
+    assert int(rounds) >= 2
+    _close(got_loss, ref_loss, "loss")
+    for name, a, b in zip(["x", "weights", "w_gate", "w_up", "w_down"], got, ref):
+        _close(a, b, name)
+
+
 def test_worst_case_every_pair_on_one_device(skewed_setup):
     # Every slot of every token on expert 7 (the last device): M = 1·6·4 = 24 pairs per device
     # all go to one destination, C = 8, so R = ceil(M / C) = 3 rounds; nothing is dropped.

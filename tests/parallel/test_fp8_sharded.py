@@ -126,11 +126,7 @@ def test_fp8_ragged_dot_on_gathered_shards_equals_whole_weight(dim):
 
 # --- collectives of the MoE layer under FSDP ------------------------------------------------------
 
-@pytest.mark.parametrize("fp8", [
-    pytest.param(False, marks=pytest.mark.xfail(
-        strict=True, reason="bf16 experts still enter the shard_map gathered (full-size gradient "
-        "all-reduce): a gather-inside version aborted at run time in test_sharded_parity")),
-    True])
+@pytest.mark.parametrize("fp8", [False, True])
 def test_fsdp_moe_backward_reduce_scatters_expert_gradients(fp8):
     # d_model 512 over fsdp = 4: 128 per shard, so fp8 gathers quantized shards (fp8=True) and
     # bf16 gathers bf16 ones; both must send the expert gradients back as reduce-scatters.
