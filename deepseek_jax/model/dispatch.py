@@ -98,7 +98,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import MOE_EP_TRANSPORTS, MeshError, ModelConfig
 from deepseek_jax.kernels.platform import active_platform
-from deepseek_jax.kernels.fp8_linear import fp8_dot
+from deepseek_jax.kernels.fp8_linear import all_gather_dim, fp8_dot, psum_scatter_dim
 from deepseek_jax.kernels.grouped_gemm import gmm, resolve_backend
 from deepseek_jax.model.layers import einsum
 from deepseek_jax.model.routing import EPLayout
@@ -146,7 +146,8 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax
 
 def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax.Array,
                     w_up: jax.Array, w_down: jax.Array, dtype, fp8: bool = False,
-                    backend: str = "auto", gathers=(None, None, None)) -> jax.Array:
+                    backend: str = "auto", gathers=(None, None, None),
+                    expert_chunks: int = 1) -> jax.Array:
     """Routed experts, sorted path: each (token, slot) pair runs through its one expert.
 
     The M = B·T·X pairs are sorted by expert id (stable), so each expert's rows are contiguous,
@@ -159,6 +160,8 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     the result then matches `dense_dispatch(..., fp8=True)` in the forward pass up to fp32
     rounding, and its gradients up to the different wgrad tiling (tiles per expert here).
     `gathers`: inside a shard_map, the `gmm` gather of each weight (`_weights_in`).
+    `expert_chunks`: with gathers and without fp8, gather and run the experts that many at a
+    time (`_chunked_experts`); otherwise ignored.
     """
     D, E, X = x.shape[-1], w_gate.shape[0], idx.shape[-1]
     flat_idx = idx.reshape(-1)                                             # [M]
@@ -166,14 +169,88 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     sizes = jnp.bincount(flat_idx, length=E).astype(jnp.int32)             # [E]
     tokens = x.reshape(-1, D).astype(dtype)                                # [B·T, D]
     rows = tokens[order // X]                                              # [M, D] sorted pairs
-    grouped = lambda h, w, g: gmm(h, w, sizes, backend=backend, out_dtype=dtype, fp8=fp8,
-                                  gather=g)
-    gate_ = grouped(rows, w_gate, gathers[0])                              # [M, F]
-    up = grouped(rows, w_up, gathers[1])                                   # [M, F]
-    out = grouped(nn.silu(gate_) * up, w_down, gathers[2])                 # [M, D]
+    if expert_chunks > 1 and gathers[0] is not None and not fp8:
+        out = _chunked_experts(rows, sizes, w_gate, w_up, w_down, gathers, expert_chunks,
+                               backend, dtype)                             # [M, D]
+    else:
+        grouped = lambda h, w, g: gmm(h, w, sizes, backend=backend, out_dtype=dtype, fp8=fp8,
+                                      gather=g)
+        gate_ = grouped(rows, w_gate, gathers[0])                          # [M, F]
+        up = grouped(rows, w_up, gathers[1])                               # [M, F]
+        out = grouped(nn.silu(gate_) * up, w_down, gathers[2])             # [M, D]
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
     unsorted = unsorted.reshape(*idx.shape, D)                             # [..., X, D]
     return einsum("...XD,...X->...D", unsorted, weights, dtype)            # [..., D]
+
+
+# --- FSDP: experts gathered a chunk at a time -------------------------------------------------------
+
+def _expert_chunk(rows, sizes, w_gate, w_up, w_down, c, n_chunks: int, backend, dtype):
+    """Chunk c's E/n_chunks experts (whole weights) on their rows; [M, D], zero elsewhere.
+
+    The chunk's rows are contiguous in `rows` (sorted by expert), from `start` on. Rolled to the
+    front they are the grouped GEMMs' first rows; the rows after them belong to no group and give
+    zeros, so rolling the result back puts the chunk's outputs in place and zeros elsewhere.
+    """
+    E = sizes.shape[0]
+    Ec = E // n_chunks
+    start = jnp.sum(jnp.where(jnp.arange(E) < c * Ec, sizes, 0))           # rows before chunk
+    sizes_c = jax.lax.dynamic_slice_in_dim(sizes, c * Ec, Ec)              # [Ec]
+    lhs = jnp.roll(rows, -start, axis=0)                                    # [M, D] chunk first
+    mm = lambda h, w: gmm(h, w, sizes_c, backend=backend, out_dtype=dtype)
+    h = nn.silu(mm(lhs, w_gate)) * mm(lhs, w_up)                            # [M, F]
+    return jnp.roll(mm(h, w_down), start, axis=0)                           # [M, D]
+
+
+def _chunked_experts(rows, sizes, w_gate, w_up, w_down, gathers, n_chunks: int, backend, dtype):
+    """The three grouped GEMMs over all experts, with the weights (this device's shards,
+    `gathers` from `_weights_in`) gathered n_chunks times a chunk of E/n_chunks experts.
+
+    Under FSDP without expert parallelism each device runs every expert, and gathering a whole
+    [E, D, F] matrix at once is V3's largest buffer (256 experts: 7 GiB per projection in bf16;
+    the backward holds a gathered copy and a full-size gradient too). Here a loop gathers one
+    chunk's weights, runs that chunk's rows and moves on; the backward loop gathers each chunk
+    again, differentiates it and reduce-scatters that chunk's weight gradients. Nothing but the
+    inputs is kept between the two: one chunk's weights and intermediates are live at a time, at
+    the cost of one extra gather of every chunk when the layer is not rematerialized. Rows outside
+    a chunk pass through its GEMMs as zero rows: with the TPU's megablox kernel they cost no
+    FLOPs, with ragged_dot (CPU) a full pass each.
+    """
+    Ec = sizes.shape[0] // n_chunks
+
+    def gathered(ws, c):                   # chunk c of each weight, whole: [Ec, D, F] / [Ec, F, D]
+        return tuple(all_gather_dim(jax.lax.dynamic_slice_in_dim(w, c * Ec, Ec), tuple(a), d)
+                     for w, (a, d) in zip(ws, gathers))
+
+    def chunk(rows, sizes, c, full):
+        return _expert_chunk(rows, sizes, *full, c, n_chunks, backend, dtype)    # [M, D]
+
+    @jax.custom_vjp
+    def run(rows, sizes, *ws):
+        return jax.lax.fori_loop(0, n_chunks, lambda c, acc: acc + chunk(rows, sizes, c,
+                                                                         gathered(ws, c)),
+                                 jnp.zeros(rows.shape, dtype))              # [M, D]
+
+    def fwd(rows, sizes, *ws):
+        return run(rows, sizes, *ws), (rows, sizes, ws)
+
+    def bwd(res, g):
+        rows, sizes, ws = res
+
+        def body(c, acc):
+            d_rows, d_ws = acc
+            _, pull = jax.vjp(lambda r, *full: chunk(r, sizes, c, full), rows, *gathered(ws, c))
+            dr, *d_full = pull(g.astype(dtype))
+            d_ws = tuple(jax.lax.dynamic_update_slice_in_dim(
+                acc_w, psum_scatter_dim(dw, tuple(a), d).astype(acc_w.dtype), c * Ec, 0)
+                for acc_w, dw, (a, d) in zip(d_ws, d_full, gathers))       # chunk c's shard
+            return d_rows + dr.astype(d_rows.dtype), d_ws
+        zeros = (jnp.zeros_like(rows), tuple(jnp.zeros_like(w) for w in ws))
+        d_rows, d_ws = jax.lax.fori_loop(0, n_chunks, body, zeros)
+        return d_rows, None, *d_ws
+
+    run.defvjp(fwd, bwd)
+    return run(rows, sizes, w_gate, w_up, w_down)
 
 
 # --- expert parallelism ---------------------------------------------------------------------------
@@ -364,7 +441,7 @@ def _weights_in(w_gate, w_up, w_down, embed_axes, fp8: bool):
 
 
 def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype, backend, fp8,
-               keep):
+               keep, expert_chunks: int = 1):
     """`expert_parallel_moe` with E whole on every device: no exchange.
 
     Each device sorts only its own b = B/n_batch sequences' pairs and runs them through the full
@@ -389,7 +466,7 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
             weights = jnp.where(keep[0], weights, 0)
         *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
         y = ragged_dispatch(x, weights, idx, *ws, dtype, fp8, backend=backend,
-                            gathers=gathers)                                # [b, T, D]
+                            gathers=gathers, expert_chunks=expert_chunks)   # [b, T, D]
         if layout.mlp_axes:                                                 # F split: partials
             y = jax.lax.psum(y, layout.mlp_axes)
         if layout.batch_axes:
@@ -409,7 +486,7 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
                         w_up: jax.Array, w_down: jax.Array, *, layout: EPLayout, dtype,
                         backend: str = "auto", transport: str = "auto",
                         buffer_factor: float = 2.0, fp8: bool = False,
-                        keep: jax.Array | None = None):
+                        keep: jax.Array | None = None, expert_chunks: int = 1):
     """Routed experts with expert parallelism (see the module docstring).
 
     Args:
@@ -422,6 +499,8 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
       buffer_factor: per-round receive buffer in units of the balanced load (P·W ≈ factor·M).
       fp8: emulated fp8 grouped GEMMs.
       keep: optional bool [B, T, X] from `capacity_keep`; pairs with False are not sent.
+      expert_chunks: without an expert axis, gather the FSDP-split experts this many at a time
+        (`_chunked_experts`); ignored with an expert axis.
 
     Returns:
       (y [B, T, D] in dtype, load [E] fp32 global (token, slot) choices per expert (dropped
@@ -446,7 +525,7 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
     if not layout.expert_axes:
         return _local_moe(x, weights, idx, w_gate, w_up, w_down, layout=layout, dtype=dtype,
-                          backend=backend, fp8=fp8, keep=keep)
+                          backend=backend, fp8=fp8, keep=keep, expert_chunks=expert_chunks)
     ex = layout.expert_axes if len(layout.expert_axes) > 1 else layout.expert_axes[0]
     M = (x.shape[0] // n_batch) * x.shape[1] * idx.shape[2]
     embed_axes = _embed_axes(layout, fp8, x.shape[-1])

@@ -41,7 +41,11 @@ Counting rules:
   permute peeled off before (after) the loop. Those permutes keep their kind but take the
   `role` of the collective they stand for; a bidirectional windowed gather over n devices moves
   about n + 1 shards, the gathered array plus one shard. An all-reduce whose users only keep
-  one shard of it (a dynamic-slice) has the role reduce-scatter. `bytes_by_role()` sums by role;
+  one shard of it (a dynamic-slice) has the role reduce-scatter. Over a group spanning a 3-D
+  torus (e.g. all 64 chips of a v5p 4x4x4) libtpu writes an all-gather as an all-reduce of a
+  zero buffer holding each device's shard (a broadcast updated by a dynamic-update-slice): that
+  all-reduce has the role all-gather (its bytes, the whole array, are the gather's convention
+  too). `bytes_by_role()` sums by role;
   the planner's AG/RS/AR/A2A columns are roles.
 * Group size: the replica-group size; for a permute, the devices of the ring (or chain) its
   source-target pairs form.
@@ -463,6 +467,25 @@ def _sliced_all_reduces(comps) -> set[tuple[str, str]]:
     return out
 
 
+def _gathering_all_reduces(comps) -> set[tuple[str, str]]:
+    """(computation, name) of all-reduces whose operand is a dynamic-update-slice (or a fusion
+    XLA named after one) of a broadcast: a zero buffer holding this device's shard, summed
+    over the group — the TPU compiler's way of writing an all-gather over a 3-D torus group."""
+    out = set()
+    for comp, instrs in comps.items():
+        for ar in instrs.values():
+            if _collective_kind(ar.opcode) != "all-reduce" or len(ar.operands) != 1:
+                continue
+            src = instrs.get(ar.operands[0])
+            if src is None or "dynamic-update-slice" not in src.opcode + src.name:
+                continue
+            into = [instrs.get(o) for o in src.operands]
+            if _group_size(ar.tail, "all-reduce") > 1 and any(
+                    i is not None and "broadcast" in i.opcode + i.name for i in into):
+                out.add((comp, ar.name))
+    return out
+
+
 # --- the collectives ----------------------------------------------------------------------------
 
 def _collective(instr: _Instr, comp: str, starts: dict[str, _Instr]) -> Collective | None:
@@ -492,6 +515,7 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
     roles = _windowed_roles(comps, edges)
     peeled = _windowed_edges(comps, roles)
     sliced = _sliced_all_reduces(comps)
+    gathering = _gathering_all_reduces(comps)
     starts = {i.name: i for instrs in comps.values() for i in instrs.values()
               if i.opcode.endswith("-start")}
     found: dict[tuple, Collective] = {}
@@ -505,6 +529,8 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
                 coll.role = roles.get(comp) or peeled.get((comp, instr.name), coll.kind)
             elif (comp, instr.name) in sliced:
                 coll.role = "reduce-scatter"
+            elif (comp, instr.name) in gathering:
+                coll.role = "all-gather"
             # TPU clones one collective into its async start, continuation and done fusions
             # (same channel and shape): those count once. The fused reduce-scatter is called
             # once per use, so it keeps its own key.

@@ -87,14 +87,17 @@ def test_module_under_ep_matches_dense_reference(module_setup, preset, mesh_conf
     assert float(load.sum()) == B * T * c.n_experts_per_token
 
 
-@pytest.mark.parametrize("preset,mesh_config", [
-    ("dp", {"data": 8}),
-    ("fsdp", {"data": 2, "fsdp": 4}),
-    ("fsdp_tp", {"fsdp": 2, "tensor": 4}),          # F = 16 of the experts split 4 ways
+@pytest.mark.parametrize("preset,mesh_config,chunks", [
+    ("dp", {"data": 8}, 1),
+    ("fsdp", {"data": 2, "fsdp": 4}, 1),
+    ("fsdp", {"data": 2, "fsdp": 4}, 4),            # experts gathered 2 at a time
+    ("fsdp_tp", {"fsdp": 2, "tensor": 4}, 1),       # F = 16 of the experts split 4 ways
 ])
-def test_module_without_expert_axis_matches_dense_reference(module_setup, preset, mesh_config):
+def test_module_without_expert_axis_matches_dense_reference(module_setup, preset, mesh_config,
+                                                            chunks):
     # E whole, batch split: each device dispatches its own tokens (local shard_map, no exchange).
     c, x, variables, grads, ((rp, rx), (ry, rload)) = module_setup
+    c = c.replace(moe_expert_chunks=chunks)
     mesh, rules = par.mesh_and_rules(preset, mesh_config)
     with par.sharding_context(mesh, rules):
         layout = routing.layout_from_context(c, batch_size=B)
@@ -107,6 +110,35 @@ def test_module_without_expert_axis_matches_dense_reference(module_setup, preset
                             jax.tree.leaves(nn.unbox(rp))):
         _close(a, b, jax.tree_util.keystr(path))
     np.testing.assert_array_equal(np.asarray(load), np.asarray(rload))
+
+
+def _collective_sizes(text: str, op: str) -> list[int]:
+    """Element counts of the results of the `op` collectives in compiled HLO `text`."""
+    sizes = []
+    for line in text.splitlines():
+        if f" {op}(" in line or f" {op}-start(" in line:
+            shape = line.split("=", 1)[1].split(f" {op}")[0]
+            sizes += [math.prod(int(d) for d in dims.split(",") if d)
+                      for dims in re.findall(r"[a-z][a-z0-9]*\[([0-9,]*)\]", shape)]
+    return sizes
+
+
+def test_fsdp_experts_gathered_a_chunk_at_a_time(module_setup):
+    # Under fsdp=8 the routed weights are split along D; with 4 chunks no collective holds more
+    # than a quarter of one expert matrix, forward or backward, and the gradients leave as
+    # reduce-scatters of chunk size.
+    c, x, variables, grads, _ = module_setup
+    E, D, F = c.n_routed_experts, c.d_model, c.moe_d_ff
+    mesh, rules = par.mesh_and_rules("fsdp", {"fsdp": 8})
+    with par.sharding_context(mesh, rules):
+        xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("fsdp")))
+        text = grads(c.replace(moe_expert_chunks=4)).lower(variables["params"], xs) \
+            .compile().as_text()
+    gathers = _collective_sizes(text, "all-gather")
+    assert E // 4 * D * F in gathers
+    assert max(gathers) < E * D * F
+    assert E // 4 * D * F // 8 in _collective_sizes(text, "reduce-scatter")
+    assert max(_collective_sizes(text, "all-reduce")) < E * D * F
 
 
 def test_layout_without_expert_axis():

@@ -226,6 +226,22 @@ def test_hand_written_collectives_in_nested_loops_on_tpu():
             == EXPECTED["reduce-scatter"] + EXPECTED["all-reduce"])
 
 
+def test_all_gather_written_as_all_reduce_counts_as_a_gather():
+    """Over all 64 chips of a v5p 4x4x4 torus libtpu compiles an all-gather as an all-reduce of
+    a zero buffer holding each shard. Its role is all-gather, with the gathered array's bytes."""
+    devices = _tpu_devices("v5p:4x4x4")
+    mesh = Mesh(np.array(devices), ("x",))
+    fn = jax.jit(jax.shard_map(lambda w: 2 * jax.lax.all_gather(w, "x", axis=0, tiled=True),
+                               mesh=mesh, in_specs=P("x"), out_specs=P(), check_vma=False))
+    text = fn.lower(jax.ShapeDtypeStruct((64 * 8, 256, 512), jnp.bfloat16,
+                                         sharding=NamedSharding(mesh, P("x")))) \
+        .compile().as_text()
+    stats = hlo.collective_stats(text)
+    whole = 64 * 8 * 256 * 512 * 2
+    assert stats.bytes_by_kind() == {"all-reduce": whole}       # what libtpu wrote
+    assert stats.bytes_by_role() == {"all-gather": whole}
+
+
 def test_windowed_einsum_permutes_count_as_the_gathers_they_replace():
     """An FSDP matmul large enough for the TPU compiler's windowed einsum (v5p 2x2x2, bf16
     weights [L, D, D] split over 8 devices): no all-gather or reduce-scatter op is left, only
