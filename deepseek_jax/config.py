@@ -259,7 +259,7 @@ def validate(c: ModelConfig) -> None:
 
 # --- named variants --------------------------------------------------------------------------
 
-_V3 = dict()  # the dataclass defaults are DeepSeek-V3 (671B)
+_V3 = dict(moe_expert_chunks=8)  # otherwise the dataclass defaults are DeepSeek-V3 (671B)
 
 _VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(

@@ -225,10 +225,12 @@ def _resolve_backend(backend: str) -> str:
         return backend
     platform = active_platform()
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        # XLA cannot partition a Mosaic call, and the fp8 linear layers call the GEMM outside any
-        # shard_map: under a multi-device mesh "auto" takes the XLA reference GEMM (the same
-        # math). Sharded runs use the Pallas GEMMs once the layers run them per shard.
+    if not mesh.empty and mesh.size > 1 and set(mesh.manual_axes) != set(mesh.axis_names):
+        # XLA cannot partition a Mosaic call: the Pallas GEMMs run only where every mesh axis
+        # is manual (the fp8 linear layers' shard_map over the batch axes and the axes of size
+        # 1, which is the whole mesh under dp and fsdp). With an axis left to the compiler
+        # (tensor parallelism), or outside any shard_map, "auto" takes the XLA reference GEMM
+        # (the same math).
         return "reference"
     if platform == "tpu":
         return "mosaic_tpu"

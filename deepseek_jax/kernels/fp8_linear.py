@@ -109,12 +109,16 @@ def normalize_grad(dy):
 
 
 def _over_tokens(fn, token_axes: tuple[str, ...], in_specs, out_specs):
-    """`fn` inside a shard_map over the mesh axes `token_axes` (manual there, every other axis left
-    to the compiler), or `fn` itself when there are none. The mesh is the one in context."""
+    """`fn` inside a shard_map over the mesh axes `token_axes` and the axes of size 1 (manual
+    there, every other axis left to the compiler), or `fn` itself when there are none. The mesh
+    is the one in context. With no axis left to the compiler (dp, fsdp) the Pallas fp8 GEMMs
+    can run inside (`fp8._resolve_backend`)."""
     if not token_axes:
         return fn
-    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, axis_names=set(token_axes),
-                         check_vma=False)
+    mesh = jax.sharding.get_abstract_mesh()
+    size_one = {a for a, n in mesh.shape.items() if n == 1 and a not in mesh.manual_axes}
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs,
+                         axis_names=set(token_axes) | size_one, check_vma=False)
 
 
 def _axes_size(axes: tuple[str, ...]) -> int:

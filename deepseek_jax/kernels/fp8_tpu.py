@@ -148,5 +148,6 @@ def gemm_nt(a_q, a_scale, b_q, b_scale, *, b_scaling: str = "block", out_dtype=j
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
+        name="fp8_gemm_nt",                 # how compiled programs name the kernel's calls
     )(a_q, b_q, a_scale, b_col)  # [Mp, Np]
     return out[:m, :n]

@@ -35,3 +35,33 @@ def test_auto_choices_follow_the_mesh_devices():
     # be partitioned (the grouped GEMMs run inside the MoE's shard_map, so they can).
     with jax.set_mesh(jax.sharding.Mesh(np.array(tpu).reshape(8), ("x",))):
         assert _choices() == ("tpu", "megablox", "ragged_all_to_all", "reference")
+
+
+def test_fp8_gemm_is_the_tpu_kernel_where_every_axis_is_manual():
+    # The fp8 linear layers run their GEMMs in a shard_map over the batch axes: under dp and
+    # fsdp those are the whole mesh, so the Mosaic GEMM runs per shard; with an axis left to
+    # the compiler (tensor parallelism) it would have to be partitioned, so XLA's GEMM runs.
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    from jax.sharding import PartitionSpec as P
+    tpu = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4").devices
+    mesh = jax.sharding.Mesh(np.array(tpu).reshape(4, 2, 1), ("fsdp", "tensor", "expert"))
+    seen = {}
+
+    def probe(name):
+        def body(x):
+            seen[name] = fp8._resolve_backend("auto")
+            return x
+        return body
+
+    x = jax.ShapeDtypeStruct((8, 128), np.float32,
+                             sharding=jax.sharding.NamedSharding(mesh, P("fsdp")))
+    with jax.set_mesh(mesh):
+        jax.jit(jax.shard_map(probe("all"), in_specs=P("fsdp"), out_specs=P("fsdp"),
+                              check_vma=False)).lower(x)
+        jax.jit(jax.shard_map(probe("tensor auto"), in_specs=P("fsdp"), out_specs=P("fsdp"),
+                              axis_names={"fsdp", "expert"}, check_vma=False)).lower(x)
+        # An axis of size 1 left to the compiler is still one Mosaic refuses.
+        jax.jit(jax.shard_map(probe("size 1 auto"), in_specs=P("fsdp"), out_specs=P("fsdp"),
+                              axis_names={"fsdp", "tensor"}, check_vma=False)).lower(x)
+    assert seen == {"all": "mosaic_tpu", "tensor auto": "reference", "size 1 auto": "reference"}

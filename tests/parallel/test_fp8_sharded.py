@@ -207,5 +207,9 @@ def test_fp8_step_gathers_fp8_once_on_tpu(v5p_devices, preset, sizes):
         # collective runs at most once per layer of its scanned stack (2 MoE layers).
         assert _in_block_loops(r["hlo"]) == []
         assert max(c.executions for c in stats.collectives) <= 2
+        # The dense fp8 GEMMs are the Pallas TPU kernel, run per shard: the layers' shard_map
+        # over the batch axes covers the whole mesh under both presets (before: XLA's reference
+        # GEMM under any mesh of several devices).
+        assert ("fp8_gemm_nt" in r["hlo"]) == fp8
     # Before: 2.6× the bf16 bytes (fsdp), from gathers inside the block loops.
     assert gathered[True] <= 0.55 * gathered[False], gathered
