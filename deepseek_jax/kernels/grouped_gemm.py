@@ -361,10 +361,12 @@ def _gmm_megablox(lhs, rhs, group_sizes, out_dtype, interpret, tiling):
     mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
     lhs_p = _zero_grad_outside_groups(_pad_to(_pad_to(lhs, 0, mp), 1, kp), group_sizes)
     rhs_p = _pad_to(_pad_to(rhs.astype(lhs.dtype), 1, kp), 2, np_)         # [G, Kp, Np]
-    out = megablox.gmm(lhs_p, rhs_p, group_sizes.astype(jnp.int32), jnp.float32,
+    # The kernel accumulates in an fp32 scratch and casts each tile once when storing it, so
+    # asking for `out_dtype` gives the same values as an fp32 result cast afterwards, without
+    # the [M, N] fp32 array (and its fp32 cotangent in the backward pass).
+    out = megablox.gmm(lhs_p, rhs_p, group_sizes.astype(jnp.int32), jnp.dtype(out_dtype),
                        (tm, tk, tn), None, None, False, interpret)          # [Mp, Np]
-    out = jnp.where(_row_mask(group_sizes, m), out[:m, :n], 0)
-    return out.astype(out_dtype)
+    return jnp.where(_row_mask(group_sizes, m), out[:m, :n], 0)
 
 
 # --- a weight split over devices, gathered for the product ------------------------------------------

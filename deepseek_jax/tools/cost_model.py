@@ -29,8 +29,12 @@ Memory per chip
 Collectives per chip and step, as in the HLO parser (`hlo.py`: bytes = the whole array moved)
   fsdp       all-gather of every fsdp-sharded weight in the compute dtype, in the forward pass
              and again in the backward pass (what the compilers do under remat; without remat
-             the TPU compiler may keep the forward's gathered weights, one gather);
-             reduce-scatter of its gradient in the param dtype.
+             the TPU compiler may keep the forward's gathered weights, one gather); the routed
+             experts, which the MoE's grouped GEMMs gather themselves and again in their
+             backward, a third time under remat (a loop of collectives is never dead code, so
+             the recomputed forward keeps its gathers); reduce-scatter of each gradient in the
+             compute dtype (the weights are cast before use, so their gradients are reduced
+             before the cast back), fp32 for fp8 models (the wgrad GEMMs' output).
   data, dcn  all-reduce of each gradient over the batch axes it is replicated on.
   tensor     Megatron: an all-reduce of the [B, T, D] output of attention and of the FFN per
              layer in the forward pass, two more in the backward pass (and again when remat
@@ -192,6 +196,7 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
     out = dict(params=0.0, optimizer=0.0, gather=0.0, scatter=0.0, allreduce=0.0,
                allreduce_dcn=0.0)
     compute_b = _bytes(config.dtype)
+    expert_passes = 3 if config.remat_policy != "none" else 2
     for leaf in leaves:
         names = tuple(leaf.names)
         value = leaf.value
@@ -204,16 +209,19 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
         out["params"] += local * pb
         out["optimizer"] += 2 * local * pb
         f = sizes.get("fsdp", 1) if "fsdp" in used else 1
+        grad_b = pb if config.fp8 else min(pb, compute_b)
         if f > 1:
-            # Forward and backward gathers of the full-over-fsdp array, gradient reduce-scatter.
-            out["gather"] += 2 * local * f * compute_b
-            out["scatter"] += local * f * pb
+            # Forward and backward gathers of the full-over-fsdp array (see the module
+            # docstring for the experts' third), gradient reduce-scatter.
+            passes = expert_passes if "expert" in names else 2
+            out["gather"] += passes * local * f * compute_b
+            out["scatter"] += local * f * grad_b
         replicated = [a for a in b_axes if a not in used]
         ici = [a for a in replicated if a != "dcn_data"]
         if ici:
-            out["allreduce"] += local * pb
+            out["allreduce"] += local * grad_b
         if "dcn_data" in replicated:
-            out["allreduce_dcn"] += local * pb
+            out["allreduce_dcn"] += local * grad_b
     return out
 
 

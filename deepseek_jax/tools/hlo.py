@@ -533,10 +533,15 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
                 coll.role = "all-gather"
             # TPU clones one collective into its async start, continuation and done fusions
             # (same channel and shape): those count once. The fused reduce-scatter is called
-            # once per use, so it keeps its own key.
+            # once per use, so it keeps its own key. JAX lowers every explicit shard_map
+            # collective with channel_id=1, so channel 1 names no one collective: those count
+            # per instruction (an async done with its start).
             fused_rs = coll.kind == "reduce-scatter" and comp.startswith("all-reduce-scatter")
+            ident = instr.name
+            if instr.opcode.endswith("-done") and instr.operands and instr.operands[0] in starts:
+                ident = instr.operands[0]
             key = ((coll.kind, coll.channel, coll.result_bytes)
-                   if coll.channel is not None and not fused_rs else (coll.kind, comp, instr.name))
+                   if coll.channel not in (None, 1) and not fused_rs else (coll.kind, comp, ident))
             prev = found.get(key)
             if prev is not None and prev.computation == comp and prev.name != instr.name:
                 # Not a clone: two instructions of one computation (explicit collectives that

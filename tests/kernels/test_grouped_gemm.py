@@ -86,6 +86,12 @@ def test_tiled_bf16_matches_loop():
     _check("tiled", jnp.bfloat16, 2e-2)
 
 
+def test_megablox_bf16_matches_loop():
+    # bf16 rows; the kernel writes bf16 tiles from its fp32 accumulator (no [M, N] fp32 array):
+    # the same bound as the tiled bf16 path above.
+    _check("megablox_interpret", jnp.bfloat16, 2e-2)
+
+
 def test_mosaic_gpu_interpret_matches_loop(hopper_sm_count):
     # GPU interpreter (no GPU): the shipped Hopper kernels, bf16 in, fp32 accumulate, bf16 out.
     _check("mosaic_gpu_interpret", jnp.bfloat16, 2e-2)

@@ -25,6 +25,7 @@ from deepseek_jax import parallel as par
 from deepseek_jax.config import get_config
 from deepseek_jax.model import dispatch, moe, routing
 from deepseek_jax.parallel.mesh import MeshError
+from deepseek_jax.tools import hlo
 from deepseek_jax.train import sharded
 
 TOL = 1e-5
@@ -139,6 +140,12 @@ def test_fsdp_experts_gathered_a_chunk_at_a_time(module_setup):
     assert max(gathers) < E * D * F
     assert E // 4 * D * F // 8 in _collective_sizes(text, "reduce-scatter")
     assert max(_collective_sizes(text, "all-reduce")) < E * D * F
+    # Each chunk of each of the three weights is gathered once in the forward loop and once in
+    # the backward loop (no remat here): 2 × 3 × 4 executions, as the planner counts them.
+    chunk_bytes = E // 4 * D * F * 4                                          # fp32
+    stats = hlo.collective_stats(text)
+    assert sum(c.executions for c in stats.collectives
+               if c.kind == "all-gather" and c.result_bytes == chunk_bytes) == 2 * 3 * 4
 
 
 def test_layout_without_expert_axis():
