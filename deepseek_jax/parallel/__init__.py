@@ -23,8 +23,8 @@ expert loads are still summed over the batch axes.
 
 from deepseek_jax.parallel.mesh import (MESH_AXES, MeshError, make_mesh,
                                         maybe_initialize_distributed, multi_process_launch,
-                                        resolve_mesh_shape, skip_absent_tpu, split_dimensions,
-                                        torus_layout)
+                                        resolve_mesh_shape, skip_absent_tpu, slice_count,
+                                        split_dimensions, torus_layout)
 from deepseek_jax.parallel.rules import (LOGICAL_AXIS_RULES, PRESETS, Preset, axis_names,
                                          batch_axes, default_mesh_config, expert_axes,
                                          get_preset, logical_axis_rules, mesh_and_rules,
@@ -36,5 +36,6 @@ __all__ = [
     "batch_axes", "batch_sharding", "check_global_batch", "default_mesh_config", "expert_axes",
     "get_preset", "logical_axis_rules", "make_mesh", "maybe_initialize_distributed",
     "mesh_and_rules", "multi_process_launch", "resolve_mesh_shape", "run_mesh_config",
-    "sharding_context", "skip_absent_tpu", "split_dimensions", "to_global", "to_host", "torus_layout",
+    "sharding_context", "skip_absent_tpu", "slice_count", "split_dimensions", "to_global",
+    "to_host", "torus_layout",
 ]

@@ -28,11 +28,14 @@ the devices' coordinates; the planner reports it per strategy.
 
 Multi-slice: with dcn_data > 1 the mesh comes from `mesh_utils.create_hybrid_device_mesh`,
 slices told apart by `device.slice_index` (TPU) or by process (GPU hosts, one process per host).
-When every device sits in one slice and one process (CPU tests, one GPU host), dcn_data > 1 is
-emulated by splitting the device list into contiguous groups; nothing crosses a real DCN then.
+GPU hosts running one process per GPU (SLURM) have more processes than hosts: dcn_data = the
+number of hosts, a divisor of the process count, groups consecutive process ids into hosts
+(`_hosts_of_processes`). When every device sits in one slice and one process (CPU tests, one
+GPU host), dcn_data > 1 is emulated by splitting the device list into contiguous groups;
+nothing crosses a real DCN then.
 
-Left out: DCN axes other than data (e.g. FSDP across slices), pipeline stages, several
-processes per GPU host as DCN granules (give each host one process, or use dcn_data = 1).
+Left out: DCN axes other than data (e.g. FSDP across slices), pipeline stages, hosts found by
+anything but consecutive process ids (a SLURM distribution other than block).
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ def _as_dict(mesh_config: Mapping[str, Any] | Any) -> dict[str, int]:
         if size == 0 or size < -1:
             raise MeshError(f"mesh {axis}={size}: use a positive size, or -1 to take the rest")
     return sizes
+
+
+def slice_count(devices: Sequence[Any]) -> int:
+    """DCN granules among `devices`: TPU slices, else processes (what dcn_data = -1 means)."""
+    return _slices(devices)[0]
 
 
 def _slices(devices: Sequence[Any]) -> tuple[int, bool]:
@@ -151,16 +159,29 @@ def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[Any] | None = No
         elif n_slices == 1:
             # One slice, one process: stand in for slices with contiguous groups of devices.
             grid = np.asarray(devices, dtype=object).reshape(dcn, *ici)
+        elif not by_slice_index and dcn > 1 and n_slices % dcn == 0:
+            grid = _hosts_of_processes(devices, dcn, ici, n_slices // dcn)
         else:
             kind = "slices" if by_slice_index else "processes"
-            raise MeshError(f"mesh dcn_data={dcn} but the devices span {n_slices} {kind}; "
-                            f"set dcn_data={n_slices} (or -1)")
+            fix = f"set dcn_data={n_slices} (or -1)" + (
+                "" if by_slice_index else ", or a number of hosts that divides it")
+            raise MeshError(f"mesh dcn_data={dcn} but the devices span {n_slices} {kind}; {fix}")
     except NotImplementedError as e:        # mesh_utils: no layout on whole torus dimensions
         written = ", ".join(f"{a}={n}" for a, n in zip(ICI_AXES, ici) if n > 1)
         raise MeshError(f"mesh {written} cannot be laid on whole dimensions of this TPU torus; "
                         "pass allow_split_physical_axes=True, or choose sizes that are "
                         f"products of its dimensions ({e})") from None
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _hosts_of_processes(devices, dcn: int, ici: tuple[int, ...], per_host: int) -> np.ndarray:
+    """The grid [dcn, *ici] when each of dcn hosts runs `per_host` processes (one per GPU, as
+    SLURM starts them): host h is processes h·per_host … (h+1)·per_host − 1, consecutive ids on
+    one node as SLURM's default (block) distribution assigns them; each host's devices fill
+    the ICI axes in (process, device id) order, the NVLink domain NCCL sees."""
+    by_host = [sorted((d for d in devices if d.process_index // per_host == h),
+                      key=lambda d: (d.process_index, d.id)) for h in range(dcn)]
+    return np.stack([np.asarray(host, dtype=object).reshape(ici) for host in by_host])
 
 
 def torus_layout(mesh: Mesh) -> dict[str, dict[int, int]] | None:

@@ -144,13 +144,17 @@ def mesh_and_rules(preset: str, mesh_config: Mapping[str, int] | None = None,
     return mesh, logical_axis_rules(preset, mesh)
 
 
-def run_mesh_config(mesh_cfg, n_devices: int) -> dict[str, int]:
-    """A run config's `mesh` section (preset + axis sizes, 0 = unset) → mesh sizes: all axes 0
-    gives the preset's default shape for `n_devices`; otherwise unset axes are 1."""
+def run_mesh_config(mesh_cfg, n_devices: int, n_slices: int = 1) -> dict[str, int]:
+    """A run config's `mesh` section (preset + axis sizes, 0 = unset) → mesh sizes. With every
+    ICI axis 0 the ICI axes take the preset's default shape for the devices of one DCN group
+    (n_devices / dcn_data, dcn_data 0 meaning 1 and -1 the `n_slices` found), so a launcher
+    that only sets dcn_data keeps the preset; otherwise unset axes are 1."""
     axes = ("dcn_data",) + ICI_AXES
     sizes = {a: int(mesh_cfg[a]) for a in axes}
-    if all(v == 0 for v in sizes.values()):
-        return {**default_mesh_config(mesh_cfg["preset"], n_devices), "dcn_data": 1}
+    if all(sizes[a] == 0 for a in ICI_AXES):
+        dcn = {0: 1, -1: n_slices}.get(sizes["dcn_data"], sizes["dcn_data"])
+        per_group = n_devices // dcn if dcn > 0 and n_devices % dcn == 0 else n_devices
+        return {**default_mesh_config(mesh_cfg["preset"], per_group), "dcn_data": dcn}
     return {a: (1 if v == 0 else v) for a, v in sizes.items()}
 
 

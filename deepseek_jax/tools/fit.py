@@ -45,7 +45,7 @@ def run_strategy(mesh_section, n_devices: int, n_slices: int = 1):
     """The `tools.compile.Strategy` the trainer builds from a run config's `mesh` section on
     `n_devices` (`parallel.run_mesh_config`: all sizes 0 = the preset's default mesh)."""
     from deepseek_jax.tools.compile import Strategy
-    sizes = parallel.run_mesh_config(mesh_section, n_devices)
+    sizes = parallel.run_mesh_config(mesh_section, n_devices, n_slices)
     return Strategy.make(mesh_section.preset,
                          parallel.resolve_mesh_shape(sizes, n_devices, n_slices))
 

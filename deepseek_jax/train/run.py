@@ -78,7 +78,8 @@ def run_mesh(mesh_config, num_devices: int = 0):
         raise ValueError(f"mesh.num_devices={num_devices}: use 0 (all devices) in multi-process "
                          f"runs, or at most the {jax.device_count()} devices here")
     devices = jax.devices()[: num_devices or None]
-    mesh = parallel.make_mesh(parallel.run_mesh_config(mesh_config, len(devices)), devices)
+    sizes = parallel.run_mesh_config(mesh_config, len(devices), parallel.slice_count(devices))
+    mesh = parallel.make_mesh(sizes, devices)
     return mesh, parallel.logical_axis_rules(mesh_config.preset, mesh)
 
 

@@ -302,8 +302,13 @@ def test_slurm_all_gpus_visible_to_each_task_and_requeue_signal():
     assert f["--kill-on-bad-exit"] == "0"
     i = argv.index("-m")
     assert argv[i + 1] == "experiments.pretrain"
+    # Two nodes (the header's default): dcn_data over the nodes, one per node; the trainer
+    # groups each node's 8 task ids into a host (tests/parallel/test_mesh.py).
     assert flags(argv[i:]) == {"--config": "experiments/configs/pretrain.py:v3-671b",
-                               "--workdir": "/shared/runs/v3"}
+                               "--workdir": "/shared/runs/v3", "--config.mesh.dcn_data": "2"}
+    one_node = sh("launch/slurm.sbatch", "--dry-run", "--config=experiments/configs/pretrain.py:tiny",
+                  "--workdir=/x", env={"SLURM_JOB_NUM_NODES": "1"}).stdout
+    assert "dcn_data" not in one_node
     r = sh("launch/slurm.sbatch", "--dry-run", "--workdir=/x", ok=False)
     assert r.returncode == 2 and "--config=" in r.stderr
 

@@ -185,3 +185,26 @@ def test_cpu_machine_does_not_start_libtpu():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["cpu", "cpu"]
     assert "tpu" not in out.stderr.lower(), out.stderr
+
+
+def test_processes_grouped_into_hosts_over_dcn(tmp_path):
+    """Four processes of 2 CPU devices each, joined by a real coordinator, standing in for 2
+    GPU hosts that run one process per GPU (SLURM's layout): dcn_data=2 puts processes 0-1 on
+    one side of the DCN axis and 2-3 on the other; dcn_data=4 gives each process its row."""
+    from multihost_helpers import finish, start
+    for dcn, rows in ((2, [[0, 1], [2, 3]]), (4, [[0], [1], [2], [3]])):
+        logdir = str(tmp_path / f"dcn{dcn}")
+        procs = start(["tests/parallel/mesh_hosts_probe.py", str(dcn)], logdir, n=4, devices=2)
+        codes, logs = finish(procs, logdir, timeout=120)
+        assert codes == [0] * 4, logs
+        assert all(f"ROWS {rows}" in log for log in logs), logs
+
+
+def test_dcn_that_splits_no_host_boundary_names_the_fix():
+    class Device:                          # what make_mesh reads of a GPU device
+        def __init__(self, i):
+            self.id, self.process_index = i, i // 3
+    # 4 processes of 3 devices: 3 hosts would split a process's devices between hosts.
+    with pytest.raises(MeshError, match="devices span 4 processes; set dcn_data=4 .* a number "
+                                        "of hosts that divides it"):
+        make_mesh({"dcn_data": 3, "fsdp": -1}, devices=[Device(i) for i in range(12)])

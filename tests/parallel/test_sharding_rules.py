@@ -3,6 +3,7 @@ preset, the shardings of a whole TrainState and a batch, the checks made before 
 that the model's activation constraints reach the lowered program."""
 
 import flax
+import ml_collections
 import jax
 import jax.numpy as jnp
 import pytest
@@ -140,3 +141,21 @@ def test_activation_constraints_reach_the_program(tiny):
     variables = flax.core.meta.unbox(abstract_variables(tiny))
     forward = jax.jit(lambda v, t: Transformer(tiny).apply(v, t)[0])
     assert "sharding_constraint" not in forward.lower(variables, tokens).as_text()
+
+
+def test_run_mesh_config_with_only_dcn_data_keeps_the_preset_per_group():
+    # Launchers add only --config.mesh.dcn_data (-1 on TPU slices, the host count on SLURM):
+    # the ICI axes keep the preset's default shape over one group's devices. Before, the ICI
+    # axes became 1 and no mesh of that size covered the devices.
+    from deepseek_jax.parallel import resolve_mesh_shape, run_mesh_config
+    section = ml_collections.ConfigDict(dict(preset="fsdp_tp", dcn_data=-1, data=0, fsdp=0,
+                                             expert=0, tensor=0))
+    sizes = run_mesh_config(section, 16, n_slices=2)
+    assert sizes == {"dcn_data": 2, "fsdp": -1, "tensor": 4}
+    assert resolve_mesh_shape(sizes, 16, 2) == {"dcn_data": 2, "data": 1, "fsdp": 2,
+                                                "expert": 1, "tensor": 4}
+    section.dcn_data = 0
+    assert run_mesh_config(section, 16) == {"dcn_data": 1, "fsdp": -1, "tensor": 4}
+    section.dcn_data, section.fsdp = 2, 4
+    assert run_mesh_config(section, 16) == {"dcn_data": 2, "data": 1, "fsdp": 4, "expert": 1,
+                                            "tensor": 1}
