@@ -176,22 +176,35 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_then_resumes(two_pro
                                    err_msg=str(step))
 
 
-def test_grpo_in_two_processes_matches_one_process(tmp_path):
+def test_grpo_in_two_processes_matches_one_process_through_a_preemption(tmp_path):
     """GRPO in 2 processes × 4 devices: prompts and initial parameters (the same on every
     process) are placed on the global mesh, completions and log-probs are read back whole on
-    every process (`parallel.to_global` / `to_host`), and each step's metrics are the 1-process
-    run's. The completions are the same tokens (row keys do not depend on the sharding), so the
-    metrics differ only by fp32 summation order in the forward passes (checked to 1e-4
-    relative; exact for counts such as rewards and lengths)."""
+    every process (`parallel.to_global` / `to_host`). SIGTERM reaches process 1 only after step
+    1: both save the same step and exit 42, and the rerun resumes there. Every step's metrics
+    are then the uninterrupted 1-process run's: the completions are the same tokens (row keys
+    do not depend on the sharding, and the sampling key of a step is restored), so the metrics
+    differ only by fp32 summation order in the forward passes (checked to 1e-4 relative; exact
+    for counts such as rewards and lengths)."""
     from deepseek_jax.configs.grpo import get_config as grpo_config
     from deepseek_jax.trainers import grpo
 
-    overrides = {"steps": 2, "eval_every": 2}
-    workdir, logdir = str(tmp_path / "two"), str(tmp_path / "logs")
+    overrides = {"steps": 4, "eval_every": 4, "checkpoint_every": 2}
+    workdir = str(tmp_path / "two")
     argv = ["-m", "experiments.grpo", f"--config={ROOT}/experiments/configs/grpo.py:tiny",
             f"--workdir={workdir}", *(f"--config.train.{k}={v}" for k, v in overrides.items())]
-    codes, logs = _finish(_start(argv, logdir), logdir)
+    procs = _start(argv, str(tmp_path / "logs"))
+    _wait_for_step(workdir, 1, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    codes, logs = _finish(procs, str(tmp_path / "logs"))
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], logs
+    said = [log.split("preempted: checkpoint saved at step ")[1].split(";")[0] for log in logs]
+    assert said[0] == said[1], said
+    stopped = int(said[0])
+    assert 1 <= stopped < overrides["steps"]
+    codes, logs = _finish(_start(argv, str(tmp_path / "logs2")), str(tmp_path / "logs2"))
     assert codes == [0, 0], logs
+    assert f"resumed from GRPO step {stopped}" in logs[0]
+
     c = grpo_config("tiny")
     c.train.update(overrides)
     one = str(tmp_path / "one")
