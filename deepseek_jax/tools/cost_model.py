@@ -208,7 +208,11 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
         local = n / shard
         out["params"] += local * pb
         out["optimizer"] += 2 * local * pb
-        f = sizes.get("fsdp", 1) if "fsdp" in used else 1
+        # Gathered over the batch-like axes it is split on: fsdp, and expert too for the
+        # non-expert weights that ZeRO shards across expert ranks; an expert weight's own
+        # expert axis holds different experts and is never gathered.
+        own = set(axis_names(mesh_axes_of(("expert",), rules)[0])) if "expert" in names else set()
+        f = math.prod(sizes.get(a, 1) for a in used if a in ("fsdp", "expert") and a not in own)
         grad_b = pb if config.fp8 else min(pb, compute_b)
         if f > 1:
             # Forward and backward gathers of the full-over-fsdp array (see the module

@@ -117,6 +117,9 @@ class Collective:
     # of a TPU windowed einsum loop, which gather ("all-gather") or scatter ("reduce-scatter")
     # an operand of a matmul one shard at a time.
     role: str = ""
+    # Inside a loop whose trip count cannot be read (data-dependent, e.g. the expert-parallel
+    # overflow rounds), where `executions` assumes one run.
+    in_unknown_loop: bool = False
 
     def __post_init__(self):
         self.role = self.role or self.kind
@@ -147,12 +150,15 @@ class CollectiveStats:
     def bytes_by_kind(self) -> dict[str, int]:
         return {k: int(v["bytes"]) for k, v in self.by_kind().items()}
 
-    def bytes_by_role(self) -> dict[str, int]:
+    def bytes_by_role(self, skip_unknown_loops: bool = False) -> dict[str, int]:
         """Bytes per step by what the collectives do: windowed-einsum permutes count with the
-        all-gathers or reduce-scatters they stand for (see `Collective.role`)."""
+        all-gathers or reduce-scatters they stand for (see `Collective.role`).
+        skip_unknown_loops: leave out the collectives of loops of unknown trip count (a step
+        in which they do not run: a balanced expert-parallel step has no overflow round)."""
         out: dict[str, int] = {}
         for c in self.collectives:
-            out[c.role] = out.get(c.role, 0) + c.bytes * c.executions
+            if not (skip_unknown_loops and c.in_unknown_loop):
+                out[c.role] = out.get(c.role, 0) + c.bytes * c.executions
         return out
 
     @property
@@ -559,7 +565,21 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
         return any(reaches(c, stack + (comp,)) for c, _ in edges.get(comp, ()) if c not in stack)
 
     unknown = [name for name, body in unknown_loops if body and reaches(body)]
+    inside = _called_from([body for _, body in unknown_loops if body], edges)
+    for c in found.values():
+        c.in_unknown_loop = c.computation in inside
     return CollectiveStats(collectives=list(found.values()), unknown_loops=unknown)
+
+
+def _called_from(roots: list[str], edges) -> set[str]:
+    """The computations `roots` and everything they call, transitively."""
+    seen, todo = set(), list(roots)
+    while todo:
+        c = todo.pop()
+        if c not in seen:
+            seen.add(c)
+            todo.extend(callee for callee, _ in edges.get(c, ()))
+    return seen
 
 
 def format_bytes(n: float) -> str:

@@ -163,19 +163,6 @@ _SMALL = dict(vocab_size=64, d_model=1024, n_layers=3, n_dense_layers=1, d_ff=51
               dtype=jnp.bfloat16)
 
 
-def _overflow_computations(text: str) -> set[str]:
-    """Computations run by the loops of unknown trip count in HLO `text`, and all they call."""
-    comps, _ = hlo._parse(text)
-    edges, unknown = hlo._call_graph(comps)
-    todo, seen = [body for _, body in unknown if body], set()
-    while todo:
-        c = todo.pop()
-        if c not in seen:
-            seen.add(c)
-            todo.extend(callee for callee, _ in edges.get(c, ()))
-    return seen
-
-
 @pytest.fixture(scope="module")
 def v5p_devices():
     pytest.importorskip("libtpu")
@@ -200,9 +187,7 @@ def test_fp8_step_gathers_fp8_once_on_tpu(v5p_devices, preset, sizes):
         # Bytes of a balanced step: the expert-parallel overflow rounds (loops of unknown trip
         # count) do not run; each overflow round that does run gathers the fp8 expert weights
         # again (bf16 gathers them once per layer), which this comparison leaves out.
-        skip = _overflow_computations(r["hlo"])
-        gathered[fp8] = sum(c.bytes * c.executions for c in stats.collectives
-                            if c.role == "all-gather" and c.computation not in skip)
+        gathered[fp8] = stats.bytes_by_role(skip_unknown_loops=True)["all-gather"]
         # Nothing the partitioner wrote runs inside a GEMM's loop over 128-blocks: every
         # collective runs at most once per layer of its scanned stack (2 MoE layers).
         assert _in_block_loops(r["hlo"]) == []

@@ -120,6 +120,10 @@ def test_unknown_trip_count_is_reported():
     stats = hlo.collective_stats(text)
     assert stats.unknown_loops == ["loop"]
     assert stats.by_kind()["all-gather"]["executions"] == 2
+    # The loop's all-gather (8·8 floats) is flagged; a balanced step leaves it out.
+    assert [c.name for c in stats.collectives if c.in_unknown_loop] == ["ag"]
+    every, balanced = stats.bytes_by_role(), stats.bytes_by_role(skip_unknown_loops=True)
+    assert every["all-gather"] - balanced["all-gather"] == 8 * 8 * 4
 
 
 def test_compiled_program_on_eight_devices():
