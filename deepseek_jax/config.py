@@ -113,7 +113,8 @@ class ModelConfig:
     moe_capacity_factor: float = 0.0    # 0 = dropless (V3); > 0 drops pairs past the capacity
     moe_ep_buffer_factor: float = 2.0   # EP receive buffer per round, in balanced loads
     moe_ep_transport: str = "auto"      # EP exchange: auto = ragged_all_to_all on GPU/TPU
-    moe_expert_chunks: int = 1          # FSDP without EP: gather the experts this many at a time
+    moe_expert_chunks: int = 0          # FSDP without EP: gather the experts this many at a
+                                        # time; 0 = auto (chunks of at most 1 GiB gathered)
     attention_impl: str = "expanded"    # "expanded" (train, prefill) or "absorbed" (latent space)
     attention_backend: str = "auto"     # expanded training/prefill core: auto = by platform
     scan_layers: bool = True            # nn.scan over identical blocks (compile time flat in depth)
@@ -224,9 +225,10 @@ def validate(c: ModelConfig) -> None:
          f"moe_ep_transport={c.moe_ep_transport!r}: use one of {MOE_EP_TRANSPORTS}")
     need(c.moe_capacity_factor >= 0,
          f"moe_capacity_factor={c.moe_capacity_factor} must be >= 0 (0 = drop no tokens)")
-    need(c.moe_expert_chunks >= 1 and (c.n_routed_experts or 1) % c.moe_expert_chunks == 0,
-         f"moe_expert_chunks={c.moe_expert_chunks} must be >= 1 and divide n_routed_experts="
-         f"{c.n_routed_experts}")
+    need(c.moe_expert_chunks >= 0 and (c.moe_expert_chunks == 0 or not c.n_routed_experts
+                                       or c.n_routed_experts % c.moe_expert_chunks == 0),
+         f"moe_expert_chunks={c.moe_expert_chunks}: use 0 (auto) or a divisor of "
+         f"n_routed_experts={c.n_routed_experts}")
     need(c.moe_ep_buffer_factor > 0,
          f"moe_ep_buffer_factor={c.moe_ep_buffer_factor} must be > 0 (2.0 holds twice the "
          "balanced load per exchange round)")
@@ -259,7 +261,7 @@ def validate(c: ModelConfig) -> None:
 
 # --- named variants --------------------------------------------------------------------------
 
-_V3 = dict(moe_expert_chunks=8)  # otherwise the dataclass defaults are DeepSeek-V3 (671B)
+_V3 = dict()  # the dataclass defaults are DeepSeek-V3 (671B)
 
 _VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(

@@ -185,6 +185,20 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
 
 # --- FSDP: experts gathered a chunk at a time -------------------------------------------------------
 
+CHUNK_BYTES = 1 << 30       # auto: the most bytes of one projection's experts gathered at once
+
+
+def expert_chunks(config: ModelConfig) -> int:
+    """`config.moe_expert_chunks`, or for 0 (auto) the fewest chunks (a divisor of E) whose
+    gathered compute-dtype weights of one projection fit CHUNK_BYTES: 8 for V3 (256 experts,
+    7 GiB in bf16 whole, 0.9 GiB a chunk), 1 for V2-Lite (0.4 GiB)."""
+    E = config.n_routed_experts
+    if config.moe_expert_chunks or not E:
+        return config.moe_expert_chunks or 1
+    whole = E * config.d_model * config.moe_d_ff * jnp.dtype(config.dtype).itemsize
+    return next(k for k in range(1, E + 1) if E % k == 0 and whole / k <= CHUNK_BYTES or k == E)
+
+
 def _expert_chunk(rows, sizes, w_gate, w_up, w_down, c, n_chunks: int, backend, dtype):
     """Chunk c's E/n_chunks experts (whole weights) on their rows; [M, D], zero elsewhere.
 

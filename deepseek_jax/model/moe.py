@@ -125,7 +125,7 @@ class MoE(nn.Module):
                 x, weights, idx, w_gate, w_up, w_down, layout=layout, dtype=c.dtype,
                 backend=c.moe_backend, transport=c.moe_ep_transport,
                 buffer_factor=c.moe_ep_buffer_factor, fp8=c.fp8, keep=keep,
-                expert_chunks=c.moe_expert_chunks)                             # [B, T, D]
+                expert_chunks=dispatch.expert_chunks(c))                       # [B, T, D]
             if token_mask is not None:                 # the loads of real tokens only
                 load = routing.local_load(idx, token_mask, E, layout)         # [E]
         else:

@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import parallel as par
-from deepseek_jax.config import get_config
+from deepseek_jax.config import ConfigError, get_config
 from deepseek_jax.model import dispatch, moe, routing
 from deepseek_jax.parallel.mesh import MeshError
 from deepseek_jax.tools import hlo
@@ -146,6 +146,17 @@ def test_fsdp_experts_gathered_a_chunk_at_a_time(module_setup):
     stats = hlo.collective_stats(text)
     assert sum(c.executions for c in stats.collectives
                if c.kind == "all-gather" and c.result_bytes == chunk_bytes) == 2 * 3 * 4
+
+
+def test_expert_chunks_auto_gathers_at_most_a_gib_at_a_time():
+    # V3's 256 experts of [7168, 2048] are 7 GiB per projection in bf16: 8 chunks of 0.9 GiB.
+    # V2-Lite's whole experts are 0.4 GiB: one chunk. An explicit count is kept.
+    assert dispatch.expert_chunks(get_config("v3-671b")) == 8
+    assert dispatch.expert_chunks(get_config("v2-lite", dtype=jnp.bfloat16)) == 1
+    assert dispatch.expert_chunks(get_config("v3-671b", moe_expert_chunks=4)) == 4
+    assert dispatch.expert_chunks(get_config("v3-671b", n_routed_experts=0)) == 1
+    with pytest.raises(ConfigError, match="moe_expert_chunks=3: use 0 .auto. or a divisor"):
+        get_config("tiny", moe_expert_chunks=3)
 
 
 def test_layout_without_expert_axis():
