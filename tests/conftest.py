@@ -65,7 +65,8 @@ def hopper_sm_count(monkeypatch):
 # collected first, so that under `--dist loadfile --no-loadscope-reorder` they start at once on
 # separate workers instead of last; files not listed keep their order after them.
 FILE_SECONDS = {
-    "experiments/test_multiprocess.py": 300,
+    "experiments/test_multiprocess.py": 330,
+    "parallel/test_fp8_sharded.py": 160,
     "experiments/test_pretrain.py": 285,
     "notebooks/test_notebooks.py": 245,
     "experiments/test_grpo.py": 115,
