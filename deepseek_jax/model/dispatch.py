@@ -196,7 +196,7 @@ def expert_chunks(config: ModelConfig) -> int:
     if config.moe_expert_chunks or not E:
         return config.moe_expert_chunks or 1
     whole = E * config.d_model * config.moe_d_ff * jnp.dtype(config.dtype).itemsize
-    return next(k for k in range(1, E + 1) if E % k == 0 and whole / k <= CHUNK_BYTES or k == E)
+    return next((k for k in range(1, E + 1) if E % k == 0 and whole / k <= CHUNK_BYTES), E)
 
 
 def _expert_chunk(rows, sizes, w_gate, w_up, w_down, c, n_chunks: int, backend, dtype):

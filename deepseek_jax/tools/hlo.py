@@ -558,13 +558,8 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
                 found[key] = coll
     # Only loops that run collectives matter: those are the ones counted too few times.
     holders = {c.computation for c in found.values()}
-
-    def reaches(comp, stack=()):
-        if comp in holders:
-            return True
-        return any(reaches(c, stack + (comp,)) for c, _ in edges.get(comp, ()) if c not in stack)
-
-    unknown = [name for name, body in unknown_loops if body and reaches(body)]
+    unknown = [name for name, body in unknown_loops
+               if body and _called_from([body], edges) & holders]
     inside = _called_from([body for _, body in unknown_loops if body], edges)
     for c in found.values():
         c.in_unknown_loop = c.computation in inside
