@@ -28,13 +28,35 @@ second pass for the gradient. T is never sharded (act_length), so cutting it nee
 communication, while B stays on the batch axes and V on the vocabulary rule as before. A chunk
 costs B_local·chunk·V·4 bytes (V3: 0.5 MiB per position of a row, 250 MiB for 512 positions).
 
+  head_nll(hiddens ([B, T, D], ...), head [D, V], targets ([B, T], ...), dtype, chunk)
+
+is the cross entropy −log softmax(logits)[target] of each position of each hidden (the main
+head's and every MTP depth's, which share the head) with its own backward pass, written for the
+step's peak memory under FSDP, where the head [D, V] is split along D and must be gathered:
+  - the head is gathered once per pass in the compute dtype (1.7 GiB for V3 in bf16) and used by
+    every hidden and every chunk, not gathered again in each chunk's recomputation;
+  - the forward runs `chunk` positions at a time and keeps only each position's log-sum-exp;
+  - the backward runs over n_v = ⌈T / chunk⌉ slices of the vocabulary instead (a slice's logits
+    [B, T, V/n_v] are the size of a forward chunk's), recomputing the slice's logits from the
+    saved log-sum-exp. Each slice of the head gradient is then complete after one matmul over
+    all positions: it is cast to the compute dtype and constrained to the head's own sharding,
+    so it is reduce-scattered slice by slice and no whole [D, V] gradient (3.5 GiB fp32 for V3)
+    is held or accumulated across chunks. The hidden gradient sums over the slices in fp32.
+Slice j holds the vocabulary ids j, j + n_v, j + 2·n_v, …: a reshape [V] → [V/n_v, n_v] keeps a
+V split over `tensor` on its major part, so the slices are taken along an unsplit axis. A V that
+n_v does not divide is padded with zero columns, masked out of the softmax. The backward's
+probabilities are exp(logit − lse); its dlogits are cast to the compute dtype before their two
+matmuls (the precision TPUs give fp32 operands by default anyway). chunk = 0 is not taken here:
+it computes whole logits (`map_head_chunks`).
+
 Left out: fusing the head matmul with the softmax (a Pallas kernel); vocabulary-parallel cross
 entropy written by hand (XLA partitions the log-sum-exp over a sharded V itself).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +105,99 @@ def map_head_chunks(fn: Callable[..., Any], hidden: jax.Array, head: jax.Array,
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *parts)      # [B, T, ...]
+
+
+def _gathered_head(head: jax.Array, dtype) -> jax.Array:
+    """The head [D, V] in the compute dtype with D whole on every device (V keeps its rule);
+    cast where it is stored, so that it is gathered in the compute dtype."""
+    local = layers.constrain(head.astype(dtype), ("embed", "vocab"))
+    return layers.constrain(local, (None, "vocab"))
+
+
+def _position_chunks(fn: Callable[..., Any], chunk: int, *xs: jax.Array) -> Any:
+    """fn(*xs) computed `chunk` positions at a time (xs [B, T, ...], outputs [B, t, ...]) by a
+    scan over whole chunks and one call on the shorter rest; no recomputation involved."""
+    B, T = xs[0].shape[:2]
+    n, rest = divmod(T, chunk)
+    full = n * chunk
+    parts = []
+    if n:
+        def split(x):                                   # [B, n·chunk, ...] → [n, B, chunk, ...]
+            return jnp.swapaxes(x[:, :full].reshape(B, n, chunk, *x.shape[2:]), 0, 1)
+
+        _, out = jax.lax.scan(lambda _, ys: (None, fn(*ys)), None, tuple(map(split, xs)))
+        parts.append(jax.tree.map(                      # [n, B, chunk, ...] → [B, n·chunk, ...]
+            lambda y: jnp.swapaxes(y, 0, 1).reshape(B, full, *y.shape[3:]), out))
+    if rest:
+        parts.append(fn(*(x[:, full:] for x in xs)))
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *parts)      # [B, T, ...]
+
+
+def _forward_chunk(h: jax.Array, w: jax.Array, t: jax.Array):
+    """(nll, lse) [B, t] of hidden h [B, t, D] under the gathered head w [D, V], targets t [B, t]."""
+    logits = jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32)   # [B, t, V]
+    logits = layers.constrain(logits, (layers.BATCH, layers.LENGTH, layers.VOCAB))
+    lse = jax.nn.logsumexp(logits, axis=-1)                                        # [B, t]
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    picked = jnp.sum(jnp.where(ids == t[..., None], logits, 0.0), axis=-1)         # [B, t]
+    return lse - picked, lse
+
+
+def vocab_slices(T: int, chunk: int) -> int:
+    """n_v, the number of vocabulary slices the backward runs over: ⌈T / chunk⌉."""
+    return max(1, -(-T // chunk))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def head_nll(hiddens: Sequence[jax.Array], head: jax.Array, targets: Sequence[jax.Array],
+             dtype, chunk: int) -> tuple[jax.Array, ...]:
+    """(−log softmax(head_logits(h, head, dtype))[t] [B, T] fp32 for h, t in zip(hiddens,
+    targets)), with the memory-lean backward of the module docstring; chunk ≥ 1."""
+    return _head_nll_fwd(hiddens, head, targets, dtype, chunk)[0]
+
+
+def _head_nll_fwd(hiddens, head, targets, dtype, chunk):
+    if chunk < 1:
+        raise ValueError(f"head_nll takes chunk >= 1, got {chunk} (0 is map_head_chunks' path)")
+    w = _gathered_head(head, dtype)                                               # [D, V]
+    outs = [_position_chunks(lambda h_, t_: _forward_chunk(h_, w, t_), chunk, h, t)
+            for h, t in zip(hiddens, targets)]
+    nll = tuple(o[0] for o in outs)
+    lse = tuple(o[1] for o in outs)
+    return nll, (tuple(hiddens), head, tuple(targets), lse)
+
+
+def _head_nll_bwd(dtype, chunk, res, g):
+    hiddens, head, targets, lse = res                   # g: (dnll [B, T], ...) per hidden
+    D, V = head.shape
+    n_v = vocab_slices(hiddens[0].shape[1], chunk)
+    width = -(-V // n_v)                                # ids per slice, V padded to n_v·width
+    w = _gathered_head(head, dtype)                                               # [D, V]
+    if n_v * width != V:
+        w = jnp.pad(w, ((0, 0), (0, n_v * width - V)))
+    w = w.reshape(D, width, n_v)                        # slice j = w[:, :, j]: ids c·n_v + j
+    # The hiddens side by side, so that each slice's head gradient is one sum over all of
+    # their positions (one reduction across devices, not one per hidden).
+    h, t, s, gk = (jnp.stack(x) for x in (hiddens, targets, lse, g))   # [N, B, T, (D)]
+
+    def body(dh, j):
+        wj = jax.lax.dynamic_index_in_dim(w, j, axis=2, keepdims=False)          # [D, width]
+        ids = jnp.arange(width) * n_v + j                                         # [width]
+        logits = jnp.einsum("NBTD,DC->NBTC", h, wj,
+                            preferred_element_type=jnp.float32)                   # [N, B, T, C]
+        p = jnp.where(ids < V, jnp.exp(logits - s[..., None]), 0.0)
+        dlogits = (gk[..., None] * (p - (t[..., None] == ids))).astype(dtype)
+        dh = dh + jnp.einsum("NBTC,DC->NBTD", dlogits, wj, preferred_element_type=jnp.float32)
+        dw = jnp.einsum("NBTD,NBTC->DC", h, dlogits, preferred_element_type=jnp.float32)
+        return dh, layers.constrain(dw.astype(dtype), ("embed", "vocab"))        # [D, width]
+
+    dh, dws = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), jnp.arange(n_v))
+    dhead = jnp.moveaxis(dws, 0, -1).reshape(D, n_v * width)[:, :V]              # [D, V]
+    dhead = layers.constrain(dhead, ("embed", "vocab")).astype(head.dtype)
+    dhiddens = tuple(dh[k].astype(x.dtype) for k, x in enumerate(hiddens))
+    return dhiddens, dhead, tuple(None for _ in targets)
+
+
+head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)

@@ -17,9 +17,15 @@ stack from the instruction's `metadata={op_name=...}`, so the model's module pat
 whether it is a parameter, an output or a temporary. Sizes are as laid out on the device (TPU
 tile padding included), per device.
 
-Left out: when values are live. Two large temporaries in the list may never be live together
-(the compiler reuses the space); the list says what dominates, the peak comes from
-`memory_analysis()`. Out-of-memory compiles stop before a buffer assignment is written.
+What is live at the peak: the same dump holds the module's live ranges
+(`*after_optimizations-live-range.txt`): the instruction sequence of the whole module, and the
+values live at the step where their sum is largest ("Live ranges at N (peak)"). `peak_buffers`
+reads that set, largest first, with shapes and kinds from the assignment and ops from the HLO:
+unlike the largest values, these are all in memory at once, so they are what to shrink for the
+step to fit. The live-range sizes are logical (no tile padding), so their sum can fall a little
+short of `memory_analysis()`'s peak.
+
+Left out: out-of-memory compiles stop before a buffer assignment is written.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ import re
 import tempfile
 
 _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+)(.*)$")
-_VALUE = re.compile(r"^\s*value: <\d+ ([\w.\-]+)(?:\{[\d,]*\})? @\d+> \(size=(\d+),offset=\d+\): (.*)$")
+_VALUE = re.compile(r"^\s*value: <\d+ ([\w.\-]+)(\{[\d,]*\})? @\d+> \(size=(\d+),offset=\d+\): (.*)$")
 _OP_NAME = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=.*?metadata=\{op_name="([^"]*)"')
 _LAYOUT = re.compile(r"\{[^{}]*\}")
+_PEAK = re.compile(r"^\s*Live ranges at \d+ \(peak\):")
+_LIVE = re.compile(r"^\s*([\w.\-]+)(\{[\d,]*\}): (\d+) bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +76,9 @@ def op_names(hlo_text: str) -> dict[str, str]:
     return out
 
 
-def largest_buffers(assignment: str, hlo_text: str = "", n: int = 8) -> list[Buffer]:
-    """The `n` largest values of a buffer assignment (each instruction once), largest first."""
-    names = op_names(hlo_text)
+def _values(assignment: str, names: dict[str, str]) -> dict[tuple[str, str], Buffer]:
+    """{(instruction, tuple index): its value in the buffer assignment}, the largest one where
+    a value appears in several allocations."""
     kind, best = None, {}
     for line in assignment.splitlines():
         m = _ALLOCATION.match(line)
@@ -80,10 +88,41 @@ def largest_buffers(assignment: str, hlo_text: str = "", n: int = 8) -> list[Buf
         m = _VALUE.match(line)
         if not m or kind is None:
             continue
-        name, size, shape = m.group(1), int(m.group(2)), _LAYOUT.sub("", m.group(3)).strip()
-        if name not in best or size > best[name].bytes:
-            best[name] = Buffer(kind, size, shape, name, names.get(name, ""))
+        name, index, size = m.group(1), m.group(2) or "{}", int(m.group(3))
+        shape = _LAYOUT.sub("", m.group(4)).strip()
+        key = (name, index)
+        if key not in best or size > best[key].bytes:
+            best[key] = Buffer(kind, size, shape, name, names.get(name, ""))
+    return best
+
+
+def largest_buffers(assignment: str, hlo_text: str = "", n: int = 8) -> list[Buffer]:
+    """The `n` largest values of a buffer assignment (each instruction once), largest first."""
+    best = {}
+    for b in _values(assignment, op_names(hlo_text)).values():
+        if b.name not in best or b.bytes > best[b.name].bytes:
+            best[b.name] = b
     return sorted(best.values(), key=lambda b: -b.bytes)[:n]
+
+
+def peak_buffers(live_range: str, assignment: str, hlo_text: str = "",
+                 n: int = 8) -> tuple[list[Buffer], int]:
+    """(the `n` largest values live at the module's memory peak, largest first; the sum of all
+    values live there) from the live-range dump; ([], 0) when it has no peak section."""
+    names = op_names(hlo_text)
+    known = _values(assignment, names)
+    lines = iter(live_range.splitlines())
+    if not any(_PEAK.match(line) for line in lines):
+        return [], 0
+    live = []
+    for line in lines:                      # the peak's values, up to the next section
+        m = _LIVE.match(line)
+        if not m:
+            break
+        name, index, size = m.group(1), m.group(2), int(m.group(3))
+        b = known.get((name, index)) or Buffer("temp", size, "", name, names.get(name, ""))
+        live.append(dataclasses.replace(b, bytes=size))
+    return sorted(live, key=lambda b: -b.bytes)[:n], sum(b.bytes for b in live)
 
 
 @contextlib.contextmanager
@@ -109,15 +148,19 @@ def _without_persistent_cache():
 
 
 def compile_with_assignment(lowered, **options):
-    """(compiled, buffer assignment text or "") for a `jax.stages.Lowered`: compiles once with
-    XLA's dump directed to a temporary folder (and without the persistent compilation cache)
-    and reads the assignment back."""
+    """(compiled, buffer assignment text or "", live-range text or "") for a
+    `jax.stages.Lowered`: compiles once with XLA's dump directed to a temporary folder (and
+    without the persistent compilation cache) and reads both back."""
+    suffix = "after_optimizations-buffer-assignment.txt"
     with tempfile.TemporaryDirectory(prefix="xla_dump_") as tmp, _without_persistent_cache():
         compiled = lowered.compile(compiler_options={**options, "xla_dump_to": tmp})
-        paths = sorted(glob.glob(os.path.join(tmp, "*after_optimizations-buffer-assignment.txt")),
-                       key=os.path.getsize)
-        text = ""
+        paths = sorted(glob.glob(os.path.join(tmp, f"*{suffix}")), key=os.path.getsize)
+        text = live = ""
         if paths:                   # the train step's module is the largest one dumped
             with open(paths[-1]) as f:
                 text = f.read()
-    return compiled, text
+            ranges = paths[-1][:-len(suffix)] + "after_optimizations-live-range.txt"
+            if os.path.exists(ranges):
+                with open(ranges) as f:
+                    live = f.read()
+    return compiled, text, live

@@ -19,6 +19,8 @@ Measured per chip:
   buffers                      the largest buffers of the compiler's buffer assignment, with
                                the ops that make them (`buffers.py`; the compile runs with
                                XLA's dump switched on to get it)
+  peak_buffers, peak_live      the largest values live together at the memory peak, and the
+                               sum of all of them (the dump's live ranges; [] and 0 without)
 
 When the program does not fit, the TPU compiler stops with RESOURCE_EXHAUSTED; the result then
 holds the temporaries (or total) the message reports and `fits=False`, and no HLO.
@@ -135,7 +137,7 @@ def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: in
     out["lower_s"] = t2 - t1
     out["setup_s"] = t1 - t0
     try:
-        compiled, assignment = buffers.compile_with_assignment(lowered)
+        compiled, assignment, live_range = buffers.compile_with_assignment(lowered)
     except Exception as e:          # noqa: BLE001 — the compiler's OOM is a result, not a failure
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
@@ -164,6 +166,8 @@ def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: in
     out["xla_flops"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
     text = compiled.as_text()
     out["buffers"] = [dataclasses.asdict(b) for b in buffers.largest_buffers(assignment, text)]
+    at_peak, out["peak_live"] = buffers.peak_buffers(live_range, assignment, text)
+    out["peak_buffers"] = [dataclasses.asdict(b) for b in at_peak]
     stats = hlo.collective_stats(text)
     out["collectives"] = stats
     out["unknown_loops"] = stats.unknown_loops

@@ -21,8 +21,9 @@ Memory per chip
                          statistics), the MoE's routed copies of the tokens (X per token, in
                          and out, with the expert hidden widths) and the projections' outputs;
                          the loss adds the fp32 logits and their gradient of one chunk of
-                         `loss_chunk` positions (the heads run one after another), or of every
-                         position and head when loss_chunk = 0.
+                         `loss_chunk` positions (in the backward pass, a vocabulary slice of
+                         the same size) and the head gathered once in the compute dtype, or
+                         the logits of every position and head when loss_chunk = 0.
   Rough by nature (±30% against the compiler on the configs checked in tests); the compiled
   numbers are authoritative wherever a compile is possible.
 
@@ -256,7 +257,7 @@ def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, b
     layers = config.n_layers + config.mtp_depth
     vocab = config.vocab_size / tp
     if config.loss_chunk:
-        logits = Bl * min(T, config.loss_chunk) * vocab * 4 * 3
+        logits = Bl * min(T, config.loss_chunk) * vocab * 4 * 3 + D * vocab * ab
     else:
         logits = Bl * T * vocab * 4 * 3 * (1 + config.mtp_depth)
     if config.remat_policy == "none":

@@ -344,6 +344,8 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
                        + "); collectives and times are analytic")
         return row
     row["buffers"] = compiled.get("buffers", [])
+    row["peak_buffers"] = compiled.get("peak_buffers", [])
+    row["peak_live"] = compiled.get("peak_live", 0)
     row["xla_tflops"] = compiled.get("xla_flops", float("nan")) / 1e12
     stats = _stats_from_json(compiled["collectives"])
     # A balanced step: the loops of unknown trip count (the expert-parallel overflow rounds,

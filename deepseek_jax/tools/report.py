@@ -15,7 +15,8 @@ Rows are the dicts `plan.build_row` makes (bytes per chip, seconds per step). Co
   compile, host RSS  seconds to lower + compile one strategy, and the compile's peak host memory
 
 Below the table: notes per row (mesh layout on the torus, failed compiles, ...) and, for each
-compiled row, its largest buffers (`buffers.py`): size, shape, parameter/output/temp and the op.
+compiled row, its largest buffers and the largest of those live together at the memory peak
+(`buffers.py`): size, shape, parameter/output/temp and the op.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def _buffers(rows: list[dict], n: int) -> list[str]:
         if r.get("buffers"):
             out.append(f"{r['rank']}. {r['strategy']}, largest buffers per chip:")
             out += [f"   {buffer_label(b)}" for b in r["buffers"][:n]]
+        if r.get("peak_buffers"):
+            out.append(f"{r['rank']}. {r['strategy']}, live at the memory peak "
+                       f"({r['peak_live'] / GiB:.1f} GiB in all), largest:")
+            out += [f"   {buffer_label(b)}" for b in r["peak_buffers"][:2 * n]]
     return out
 
 
@@ -119,6 +124,13 @@ def markdown(header: dict, rows: list[dict]) -> str:
         for r in listed:
             lines.append(f"- {r['rank']}. {r['strategy']}: "
                          + "; ".join(buffer_label(b) for b in r["buffers"]))
+    at_peak = [r for r in rows if r.get("peak_buffers")]
+    if at_peak:
+        lines += ["", "Live together at the memory peak, largest first (the compiler's live "
+                  "ranges):", ""]
+        for r in at_peak:
+            lines.append(f"- {r['rank']}. {r['strategy']} ({r['peak_live'] / GiB:.1f} GiB in "
+                         "all): " + "; ".join(buffer_label(b) for b in r["peak_buffers"]))
     return "\n".join(lines) + "\n"
 
 
@@ -129,7 +141,8 @@ CSV_FIELDS = ["rank", "strategy", "preset", "source", "dcn_data", "data", "fsdp"
               "collective_permute_gib", "analytic_all_gather_gib",
               "analytic_reduce_scatter_gib", "analytic_all_reduce_gib",
               "analytic_all_to_all_gib", "analytic_collective_permute_gib", "compute_s", "comm_s",
-              "step_s", "mfu", "compile_s", "host_rss_gib", "note", "largest_buffers"]
+              "step_s", "mfu", "compile_s", "host_rss_gib", "note", "largest_buffers",
+              "peak_buffers"]
 
 
 def csv_rows(rows: list[dict]) -> list[dict]:
@@ -137,7 +150,8 @@ def csv_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         d = {"rank": r["rank"], "strategy": r["strategy"], "preset": r["preset"],
              "source": r["source"], **r["mesh"], "fits": r["fits"], "note": r.get("note", ""),
-             "largest_buffers": "; ".join(buffer_label(b) for b in r.get("buffers", []))}
+             "largest_buffers": "; ".join(buffer_label(b) for b in r.get("buffers", [])),
+             "peak_buffers": "; ".join(buffer_label(b) for b in r.get("peak_buffers", []))}
         for key in ("params", "optimizer", "act_temp", "total", "analytic_total", "hbm",
                     "host_rss"):
             d[f"{key}_gib"] = r[key] / GiB

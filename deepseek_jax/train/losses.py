@@ -10,9 +10,11 @@ Two forms of the same losses. On logits (`lm_loss`, `mtp_loss`, `total_loss`): t
 [B, T, V] and [K, B, T, V] fp32 outputs. On what the head takes (`head_cross_entropy`,
 `head_total_loss`, used by the train step): final-normed hidden states [B, T, D] (and
 [K, B, T, D] for MTP) and the head [D, V]; the logits are then computed `chunk` positions at a
-time and recomputed in the backward pass (`model.head.map_head_chunks`), so for chunk > 0 no
-[B, T, V] array exists, let alone lives across the step. Both give the same values up to fp32
-summation order; chunk = 0 is the logits form exactly.
+time, and in the backward pass a slice of the vocabulary at a time, the head gathered once per
+pass for the main head and every depth (`model.head.head_nll`), so for chunk > 0 no [B, T, V]
+array exists, let alone lives across the step. Both give the same values up to fp32 summation
+order (and, in bf16, the rounding of the backward's dlogits to bf16); chunk = 0 is the logits
+form exactly.
 
 Targets: for int tokens [B, T] and a mask `valid` [B, T] (1 = a real token that continues the
 document of the token before it; all ones for unpacked, unpadded rows), position i of the main
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deepseek_jax.model.head import map_head_chunks
+from deepseek_jax.model.head import head_nll, map_head_chunks
 from deepseek_jax.model.mtp import shift_left
 
 
@@ -59,8 +61,17 @@ def head_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
     """`cross_entropy` of the logits head_logits(hidden [B, T, D], head [D, V], dtype) against
     targets [B, T] with weights [B, T], computing the logits `chunk` positions at a time
     (0 = all at once; see model/head.py)."""
-    nll = map_head_chunks(_nll, hidden, head, targets, dtype=dtype, chunk=chunk)  # [B, T]
+    nll = _head_nlls([hidden], head, [targets], dtype, chunk)[0]                 # [B, T]
     return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def _head_nlls(hiddens, head, targets, dtype, chunk):
+    """−log p(target) [B, T] of each hidden: `head_nll` (the head gathered once for all of
+    them), or from whole logits when chunk = 0."""
+    if chunk == 0:
+        return [map_head_chunks(_nll, h, head, t, dtype=dtype, chunk=0)
+                for h, t in zip(hiddens, targets)]
+    return head_nll(tuple(hiddens), head, tuple(targets), dtype, chunk)
 
 
 def lm_loss(logits: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
@@ -105,16 +116,15 @@ def total_loss(logits, mtp_logits, moe_stats, tokens, valid, *, mtp_weight: floa
 def head_total_loss(hidden, mtp_hidden, head, moe_stats, tokens, valid, *, mtp_weight: float,
                     balance_alpha: float, dtype, chunk: int):
     """`total_loss` from hidden [B, T, D], mtp_hidden [K, B, T, D] or None and the head [D, V]
-    (`Transformer.head_inputs`), the logits computed `chunk` positions at a time."""
-    def mean_ce(h, k):                      # depth's mean cross entropy against t_{i+k}
-        targets, weights = shifted_targets(tokens, valid, k)
-        total, count = head_cross_entropy(h, head, targets, weights, dtype=dtype, chunk=chunk)
-        return total / jnp.maximum(count, 1.0)
-
-    lm = mean_ce(hidden, 1)
-    mtp = (jnp.mean(jnp.stack([mean_ce(mtp_hidden[k], k + 2)
-                               for k in range(mtp_hidden.shape[0])]))
-           if mtp_hidden is not None else jnp.zeros((), jnp.float32))
+    (`Transformer.head_inputs`), the logits computed `chunk` positions at a time (0 = whole)."""
+    depths = 0 if mtp_hidden is None else mtp_hidden.shape[0]
+    hiddens = [hidden] + [mtp_hidden[k] for k in range(depths)]     # targets t_{i+1}, t_{i+k+2}
+    shifted = [shifted_targets(tokens, valid, k + 1) for k in range(depths + 1)]
+    nlls = _head_nlls(hiddens, head, [t for t, _ in shifted], dtype, chunk)
+    means = [jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+             for nll, (_, w) in zip(nlls, shifted)]
+    lm = means[0]
+    mtp = jnp.mean(jnp.stack(means[1:])) if depths else jnp.zeros((), jnp.float32)
     return _combine(lm, mtp, moe_stats, mtp_weight, balance_alpha)
 
 

@@ -256,6 +256,36 @@ def test_compiled_rows_list_their_largest_buffers(tiny_plan):
     assert "Largest buffers per chip" in text and " GiB f32[" in text
 
 
+def test_compiled_rows_list_what_is_live_at_the_memory_peak(tiny_plan):
+    """The values live together at the peak (the compiler's live ranges) are all in memory at
+    once: their sum cannot exceed what the step holds (arguments + outputs + temporaries)."""
+    _, rows = tiny_plan
+    for r in rows:
+        peak = r["peak_buffers"]
+        assert 3 <= len(peak) <= 8, r["strategy"]
+        sizes = [b["bytes"] for b in peak]
+        assert sizes == sorted(sizes, reverse=True)
+        assert sum(sizes) <= r["peak_live"] <= r["total"], r["strategy"]
+    text = report.markdown({"model": "tiny", "params_b": 0, "mtp_b": 0, "target": "cpu-8",
+                            "batch": 8, "seq": 32, "remat": "none", "dtype": "float32",
+                            "param_dtype": "float32", "hbm_gib": 1, "peak_tflops": 1}, rows)
+    assert "Live together at the memory peak" in text
+
+
+def test_peak_buffers_of_a_program_whose_peak_is_known():
+    """b = a·x with a = x·x (x [256, 256] fp32): b is computed while x and a are still live, so
+    the peak holds at least x, a and b (three 256 KiB values), the parameter x among them."""
+    from deepseek_jax.tools import buffers
+    x = jax.ShapeDtypeStruct((256, 256), jax.numpy.float32)
+    lowered = jax.jit(lambda x: ((x @ x) @ x) * 2.0).lower(x)
+    compiled, assignment, live = buffers.compile_with_assignment(lowered)
+    peak, total = buffers.peak_buffers(live, assignment, compiled.as_text())
+    assert total >= 3 * 256 * 256 * 4
+    assert any(b.kind == "parameter" and b.bytes == 256 * 256 * 4 for b in peak), peak
+    assert all(b.shape == "f32[256,256]" for b in peak if b.bytes == 256 * 256 * 4)
+    assert buffers.peak_buffers("no peak section here", assignment) == ([], 0)
+
+
 def test_rows_say_where_collectives_leave_the_analytic_model(tiny_plan):
     _, rows = tiny_plan
     for r in rows:

@@ -13,6 +13,10 @@ on the same numbers; what may differ is the blocking of three sums:
     |ΔG| ≤ 2·γ(N)·Σ_i|h_i|⊗|g_i| + Σ_i |h_i|·w_i·2δ/Σw, entrywise.
   - the hidden gradient, Σ over V of head_dv·g_iv: |Δdh_i| ≤ 2·γ(V)·|head|·|g_i| +
     max_v|head_dv|·w_i·2δ/Σw, entrywise.
+The chunked backward (`head_nll`) also forms p as exp(logit − lse) from the forward's log-sum-exp
+rather than by dividing by a sum: lse, a V-term sum and a log, is off by ≤ γ(V) + 2u·|lse|, which
+moves p by as much relatively, so by that much in 1-norm: the 2δ above becomes
+2δ + γ(V) + 2u·max|lse| in both gradients (u = 2⁻²⁴).
 The loss is a weighted mean of positive terms (κ = 1): |ΔL| ≤ 2δ + 2·γ(N)·L.
 Through the whole model the head's differences are carried back by the network's backward pass,
 which no entrywise bound follows; there each gradient leaf is compared in norm at 2·γ(n)·κ with
@@ -26,12 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import parallel as par
 from deepseek_jax.model.head import head_logits
+from deepseek_jax.tools import hlo
 from deepseek_jax.train import losses, sharded
 from deepseek_jax.train.step import init_train_state, loss_and_grads, train_step
-from numerics import assert_leaves_close_in_norm, gradient_rtol, record_gradient
+from numerics import U32, assert_leaves_close_in_norm, gradient_rtol, record_gradient
 
 B, T, D, V, K = 3, 11, 32, 88, 2
 
@@ -60,10 +66,12 @@ def _bounds(hidden, head, targets, weights):
     g = (jax.nn.softmax(logits) - jax.nn.one_hot(targets, V)) * w[..., None]  # [B, T, V]
     loss = float(losses.cross_entropy(logits, targets, weights)[0] / jnp.sum(weights))
     b_loss = 2 * delta + _gamma2(B * T) * loss
+    lse = float(jnp.max(jnp.abs(jax.nn.logsumexp(logits, axis=-1))))
+    dp = 2 * delta + _gamma2(V) / 2 + 2 * U32 * lse          # p's 1-norm move (docstring)
     b_head = (_gamma2(B * T) * jnp.einsum("BTD,BTV->DV", jnp.abs(hidden), jnp.abs(g))
-              + jnp.einsum("BTD,BT->D", jnp.abs(hidden), w)[:, None] * 2 * delta)
+              + jnp.einsum("BTD,BT->D", jnp.abs(hidden), w)[:, None] * dp)
     b_hidden = (_gamma2(V) * jnp.einsum("DV,BTV->BTD", jnp.abs(head), jnp.abs(g))
-                + jnp.max(jnp.abs(head), 1) * w[..., None] * 2 * delta)
+                + jnp.max(jnp.abs(head), 1) * w[..., None] * dp)
     return b_loss, b_head, b_hidden
 
 
@@ -220,3 +228,78 @@ def test_sharded_chunked_step_equals_single_device_logits_form(tiny):
     for name in ("loss", "lm_loss", "mtp_loss"):
         np.testing.assert_allclose(m1[name], m0[name], rtol=gradient_rtol(n, 1.0))
     assert_leaves_close_in_norm(g1, g0, gradient_rtol(n, 20.0))
+
+
+# --- head_nll's backward: bf16 dlogits, one head gather per pass, no whole head gradient -----
+
+def test_bf16_head_nll_gradients_within_bf16_rounding():
+    """dtype bf16: the backward rounds each slice's dlogits to bf16 (|Δ| ≤ 2⁻⁹·|dlogit|) before
+    its two matmuls, where differentiating whole logits keeps them fp32; both paths then round
+    the gradients to bf16 (hidden) or through the bf16 head (head): two neighbouring values may
+    land one bf16 ulp apart, ≤ 2⁻⁷·|value|. Added to the fp32 bounds of the module docstring."""
+    hidden, _, head, tokens, valid = _case()
+    hidden = hidden.astype(jnp.bfloat16)
+    targets, weights = losses.shifted_targets(tokens, valid, 1)
+
+    def plain(h, w):
+        total, count = losses.cross_entropy(head_logits(h, w, jnp.bfloat16), targets, weights)
+        return total / count
+
+    def chunked(h, w):
+        total, count = losses.head_cross_entropy(h, w, targets, weights, dtype=jnp.bfloat16,
+                                                 chunk=4)
+        return total / count
+
+    l0, (gh0, gw0) = jax.jit(jax.value_and_grad(plain, (0, 1)))(hidden, head)
+    l1, (gh1, gw1) = jax.jit(jax.value_and_grad(chunked, (0, 1)))(hidden, head)
+    h32 = hidden.astype(jnp.float32)
+    w32 = head.astype(jnp.bfloat16).astype(jnp.float32)
+    b_loss, b_head, b_hidden = _bounds(h32, w32, targets, weights)
+    g = ((jax.nn.softmax(head_logits(h32, w32, jnp.float32)) - jax.nn.one_hot(targets, V))
+         * (weights / jnp.sum(weights))[..., None])                              # [B, T, V]
+    b_head = b_head + 2 ** -9 * jnp.einsum("BTD,BTV->DV", jnp.abs(h32), jnp.abs(g)) \
+        + 2 ** -7 * jnp.abs(gw0)
+    b_hidden = b_hidden + 2 ** -9 * jnp.einsum("DV,BTV->BTD", jnp.abs(w32), jnp.abs(g)) \
+        + 2 ** -7 * jnp.abs(gh0.astype(jnp.float32))
+    _assert_within(l1, l0, b_loss, "loss")
+    _assert_within(gw1, gw0, b_head, "head gradient")
+    _assert_within(gh1.astype(jnp.float32), gh0.astype(jnp.float32), b_hidden, "hidden gradient")
+
+
+def test_fsdp_head_gathered_once_per_pass_and_its_gradient_reduced_by_slices():
+    """fsdp = 8, head [D, V] split along D, bf16 compute, two heads (main + one MTP depth), three
+    chunks (so n_v = 3 vocabulary slices): the compiled gradient gathers the head at most once
+    per pass (whole-logits chunks regathered it per chunk, per head, and in each recomputation:
+    12 times), every reduction across devices is of one slice's head gradient (the per-chunk
+    path accumulated a whole [D, V] fp32 gradient and reduced that), and the result equals the
+    one-device gradient. Tolerance: the sharded sums reorder the same terms (2·γ(n)·κ, κ ≤ 20 as
+    above), each device's partial slice gradient is rounded to bf16 before the reduction
+    (2⁻⁹·κ), and the final bf16 rounding may differ by one ulp (2⁻⁷)."""
+    Bs, Ts, Ds = 8, 12, 64
+    k = jax.random.split(jax.random.key(3), 4)
+    hiddens = [jax.random.normal(k[i], (Bs, Ts, Ds)).astype(jnp.bfloat16) for i in range(2)]
+    head = 0.3 * jax.random.normal(k[2], (Ds, V))
+    targets = [jax.random.randint(k[3], (Bs, Ts), 0, V)] * 2
+
+    def loss(hs, w):
+        nll = losses._head_nlls(hs, w, targets, jnp.bfloat16, 4)
+        return sum(jnp.mean(x) for x in nll)
+
+    grad = jax.jit(jax.grad(loss, (0, 1)))
+    want = grad(hiddens, head)
+    mesh, rules = par.mesh_and_rules("fsdp", {"fsdp": 8})
+    with par.sharding_context(mesh, rules):
+        hs = [jax.device_put(h, jax.sharding.NamedSharding(mesh, P("fsdp"))) for h in hiddens]
+        w = jax.device_put(head, jax.sharding.NamedSharding(mesh, P("fsdp")))
+        compiled = grad.lower(hs, w).compile()
+        got = compiled(hs, w)
+    found = hlo.collective_stats(compiled.as_text()).collectives
+    whole = (Ds * V * 2, Ds * V * 4)     # bf16, or fp32 where a backend widens bf16 collectives
+    gathers = sum(c.executions for c in found if c.kind == "all-gather" and c.result_bytes in whole)
+    assert 1 <= gathers <= 2, found
+    width = -(-V // 3)                   # ids per vocabulary slice
+    reductions = [c for c in found if c.role in ("all-reduce", "reduce-scatter")]
+    assert reductions and max(c.bytes for c in reductions) <= Ds * width * 4, reductions
+    n = Bs * Ts + V + Ds
+    rtol = 20 * (gradient_rtol(n, 1.0) + 2 ** -9) + 2 ** -7
+    assert_leaves_close_in_norm(jax.device_get(got), want, rtol)
