@@ -36,15 +36,17 @@ step's peak memory under FSDP, where the head [D, V] is split along D and must b
   - the head is gathered once per pass in the compute dtype (1.7 GiB for V3 in bf16) and used by
     every hidden and every chunk, not gathered again in each chunk's recomputation;
   - the forward runs `chunk` positions at a time and keeps only each position's log-sum-exp;
-  - the backward runs over n_v = ⌈T / chunk⌉ slices of the vocabulary instead (a slice's logits
-    [B, T, V/n_v] are the size of a forward chunk's), recomputing the slice's logits from the
-    saved log-sum-exp. Each slice of the head gradient is then complete after one matmul over
+  - the backward runs over n_v ≥ ⌈T / chunk⌉ slices of the vocabulary instead (a slice's
+    logits [B, T, V/n_v] are at most the size of a forward chunk's), recomputing the slice's
+    logits from the saved log-sum-exp. Each slice of the head gradient is then complete after one matmul over
     all positions: it is cast to the compute dtype and constrained to the head's own sharding,
     so it is reduce-scattered slice by slice and no whole [D, V] gradient (3.5 GiB fp32 for V3)
     is held or accumulated across chunks. The hidden gradient sums over the slices in fp32.
-Slice j holds the vocabulary ids j, j + n_v, j + 2·n_v, …: a reshape [V] → [V/n_v, n_v] keeps a
-V split over `tensor` on its major part, so the slices are taken along an unsplit axis. A V that
-n_v does not divide is padded with zero columns, masked out of the softmax. The backward's
+Where V is split over `tensor` in tp shards, slice j is the j-th window of width V/(tp·n_v) of
+every shard: a reshape [D, V] → [D, tp, n_v, width] keeps each shard's ids where they are, so the
+slices are taken along an unsplit axis and nothing is copied or moved (`vocab_slices` picks n_v
+so that the width is a multiple of 128 when it can: V3's 129,280 ids give 10 windows of 12,928).
+A V that tp·n_v does not divide is padded with zero columns, masked out of the softmax. The backward's
 probabilities are exp(logit − lse); its dlogits are cast to the compute dtype before their two
 matmuls (the precision TPUs give fp32 operands by default anyway). chunk = 0 is not taken here:
 it computes whole logits (`map_head_chunks`).
@@ -56,8 +58,10 @@ entropy written by hand (XLA partitions the log-sum-exp over a sharded V itself)
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -145,9 +149,32 @@ def _forward_chunk(h: jax.Array, w: jax.Array, t: jax.Array):
     return lse - picked, lse
 
 
-def vocab_slices(T: int, chunk: int) -> int:
-    """n_v, the number of vocabulary slices the backward runs over: ⌈T / chunk⌉."""
-    return max(1, -(-T // chunk))
+def vocab_slices(V: int, T: int, chunk: int, shards: int = 1) -> tuple[int, int]:
+    """(n_v, width): the backward's number of vocabulary slices and ids per slice per shard of
+    V. n_v is at least ⌈T / chunk⌉ (a slice's logits then hold no more than a forward chunk's),
+    a divisor of V / shards where one lies within 4× of that, preferring one whose width is a
+    multiple of 128 (TPU lanes: the slice is then a plain window of the head). Otherwise V is
+    padded to shards · n_v · width."""
+    target = max(1, -(-T // chunk))
+    local, rest = divmod(V, shards)
+    if not rest:
+        fits = [n for n in range(target, 4 * target + 1) if local % n == 0]
+        aligned = [n for n in fits if (local // n) % 128 == 0]
+        if aligned or fits:
+            n_v = (aligned or fits)[0]
+            return n_v, local // n_v
+    return target, -(-V // (shards * target))
+
+
+def _vocab_shards() -> int:
+    """How many ways the `vocab` rule splits V under the mesh and rules in context (1 without)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return 1
+    axes = nn.logical_to_mesh_axes(("vocab",), rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape.get(a, 1) for a in axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -172,29 +199,33 @@ def _head_nll_fwd(hiddens, head, targets, dtype, chunk):
 def _head_nll_bwd(dtype, chunk, res, g):
     hiddens, head, targets, lse = res                   # g: (dnll [B, T], ...) per hidden
     D, V = head.shape
-    n_v = vocab_slices(hiddens[0].shape[1], chunk)
-    width = -(-V // n_v)                                # ids per slice, V padded to n_v·width
+    tp = _vocab_shards()
+    n_v, width = vocab_slices(V, hiddens[0].shape[1], chunk, tp)
     w = _gathered_head(head, dtype)                                               # [D, V]
-    if n_v * width != V:
-        w = jnp.pad(w, ((0, 0), (0, n_v * width - V)))
-    w = w.reshape(D, width, n_v)                        # slice j = w[:, :, j]: ids c·n_v + j
+    if tp * n_v * width != V:
+        w = jnp.pad(w, ((0, 0), (0, tp * n_v * width - V)))
+    # Slice j is window j of each of the tp shards of V: w[:, t, j] holds the ids
+    # (t·n_v + j)·width + c. A reshape that keeps each shard's ids in place, so no copy.
+    w = w.reshape(D, tp, n_v, width)
+    offsets = jnp.arange(tp)[:, None] * (n_v * width) + jnp.arange(width)         # [tp, width]
     # The hiddens side by side, so that each slice's head gradient is one sum over all of
     # their positions (one reduction across devices, not one per hidden).
     h, t, s, gk = (jnp.stack(x) for x in (hiddens, targets, lse, g))   # [N, B, T, (D)]
 
     def body(dh, j):
-        wj = jax.lax.dynamic_index_in_dim(w, j, axis=2, keepdims=False)          # [D, width]
-        ids = jnp.arange(width) * n_v + j                                         # [width]
-        logits = jnp.einsum("NBTD,DC->NBTC", h, wj,
-                            preferred_element_type=jnp.float32)                   # [N, B, T, C]
-        p = jnp.where(ids < V, jnp.exp(logits - s[..., None]), 0.0)
-        dlogits = (gk[..., None] * (p - (t[..., None] == ids))).astype(dtype)
-        dh = dh + jnp.einsum("NBTC,DC->NBTD", dlogits, wj, preferred_element_type=jnp.float32)
-        dw = jnp.einsum("NBTD,NBTC->DC", h, dlogits, preferred_element_type=jnp.float32)
-        return dh, layers.constrain(dw.astype(dtype), ("embed", "vocab"))        # [D, width]
+        wj = jax.lax.dynamic_slice_in_dim(w.reshape(D, tp * n_v * width), j * width, width, axis=1)[:, None] if tp == 1 else jax.lax.dynamic_index_in_dim(w, j, axis=2, keepdims=False)      # [D, tp, width]
+        ids = offsets + j * width                                             # [tp, width]
+        logits = jnp.einsum("NBTD,DSC->NBTSC", h, wj,
+                            preferred_element_type=jnp.float32)               # [N, B, T, tp, C]
+        p = jnp.where(ids < V, jnp.exp(logits - s[..., None, None]), 0.0)
+        dlogits = (gk[..., None, None] * (p - (t[..., None, None] == ids))).astype(dtype)
+        dh = dh + jnp.einsum("NBTSC,DSC->NBTD", dlogits, wj,
+                             preferred_element_type=jnp.float32)
+        dw = jnp.einsum("NBTD,NBTSC->DSC", h, dlogits, preferred_element_type=jnp.float32)
+        return dh, layers.constrain(dw.astype(dtype), ("embed", "vocab", None))  # [D, tp, C]
 
     dh, dws = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), jnp.arange(n_v))
-    dhead = jnp.moveaxis(dws, 0, -1).reshape(D, n_v * width)[:, :V]              # [D, V]
+    dhead = jnp.moveaxis(dws, 0, 2).reshape(D, tp * n_v * width)[:, :V]          # [D, V]
     dhead = layers.constrain(dhead, ("embed", "vocab")).astype(head.dtype)
     dhiddens = tuple(dh[k].astype(x.dtype) for k, x in enumerate(hiddens))
     return dhiddens, dhead, tuple(None for _ in targets)

@@ -91,16 +91,21 @@ def _bytes(dtype) -> int:
 
 # --- bandwidth of a mesh axis ------------------------------------------------------------------
 
-def axis_dims(sizes: dict[str, int], target: Target) -> dict[str, int]:
-    """How many torus dimensions each ICI axis spans, inner axes (tensor) placed first.
+def axis_dims(sizes: dict[str, int], target: Target) -> dict[str, list[int]]:
+    """Which device-mesh dimensions each ICI axis spans, inner axes (tensor) placed first.
 
-    jax.make_mesh lays the innermost mesh axis along neighbouring chips; an axis of size n takes
-    factors of the remaining torus dimensions until it has n chips.
+    The dimensions are the torus's, preceded on chips of several devices (TPU7x) by the chip's
+    own (its devices, index -1 here). jax.make_mesh lays the innermost mesh axis along
+    neighbouring devices; an axis of size n takes factors of the remaining dimensions until it
+    has n devices.
     """
     left = list(target.slice_shape) or [target.n_chips]
+    index = list(range(len(left)))
+    if target.chip.devices_per_chip > 1:
+        left, index = [target.chip.devices_per_chip] + left, [-1] + index
     out = {}
     for axis in reversed(MESH_AXES[1:]):
-        need, touched = sizes.get(axis, 1), 0
+        need, touched = sizes.get(axis, 1), []
         for i, d in enumerate(left):
             if need == 1:
                 break
@@ -108,13 +113,13 @@ def axis_dims(sizes: dict[str, int], target: Target) -> dict[str, int]:
             if g > 1:
                 left[i] //= g
                 need //= g
-                touched += 1
-        out[axis] = max(touched, 1)
+                touched.append(index[i])
+        out[axis] = touched
     return out
 
 
 def axis_bandwidth(axes: tuple[str, ...], sizes: dict[str, int], target: Target) -> float:
-    """One-way bytes/s per chip for a collective over `axes` (the slowest link decides)."""
+    """One-way bytes/s per device for a collective over `axes` (the slowest link decides)."""
     chip = target.chip
     if "dcn_data" in axes and sizes.get("dcn_data", 1) > 1:
         return chip.dcn_bw
@@ -127,8 +132,12 @@ def axis_bandwidth(axes: tuple[str, ...], sizes: dict[str, int], target: Target)
         span = math.prod(sizes.get(a, 1) for a in MESH_AXES[max(first, 1):])
         return chip.nvlink_bw if span <= chip.gpus_per_node else chip.node_bw
     dims = axis_dims(sizes, target)
-    spanned = sum(dims[a] for a in axes if sizes.get(a, 1) > 1) or 1
-    return 2 * chip.ici_link_bw * spanned     # bidirectional rings, one per dimension spanned
+    spanned = [d for a in axes if sizes.get(a, 1) > 1 for d in dims[a]]
+    torus = sum(1 for d in spanned if d >= 0)
+    if not torus and spanned:                 # only between the devices of one chip
+        return chip.die_bw
+    # Bidirectional rings, one per torus dimension spanned; a chip's devices share its links.
+    return 2 * chip.ici_link_bw * max(torus, 1) / chip.devices_per_chip
 
 
 def collective_time(kind: str, nbytes: float, group: int, bandwidth: float, chip_kind: str) -> float:
@@ -266,13 +275,16 @@ def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, b
 
 
 def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int, seq: int,
-             target: Target) -> Estimate:
-    """The analytic per-chip cost of a train step on `target` with mesh `sizes` (see module)."""
+             target: Target, microbatches: int = 1) -> Estimate:
+    """The analytic per-chip cost of a train step on `target` with mesh `sizes` (see module).
+    With `microbatches` = k the batch runs as k accumulated micro-batches (`train.microbatches`):
+    activations are those of batch/k, and every weight gather and gradient reduction happens
+    once per micro-batch."""
     sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
     rules = rules_for(preset, sizes)
     n = math.prod(sizes.values())
     state = state_bytes(config, sizes, rules)
-    acts = activation_bytes(config, sizes, rules, batch, seq, target.chip.kind)
+    acts = activation_bytes(config, sizes, rules, batch // microbatches, seq, target.chip.kind)
 
     model_flops = _flops_per_token(config, seq) * batch * seq / n
     recompute = 4 / 3 if config.remat_policy == "full" else 1.0
@@ -301,11 +313,12 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
         else:
             overlap += t
 
-    add("all-gather", state["gather"], ("fsdp",), False)
-    add("reduce-scatter", state["scatter"], ("fsdp",), False)
+    k = microbatches
+    add("all-gather", k * state["gather"], ("fsdp",), False)
+    add("reduce-scatter", k * state["scatter"], ("fsdp",), False)
     ici_rep = tuple(a for a in ("data", "expert") if sizes[a] > 1)
-    add("all-reduce", state["allreduce"], ici_rep, False)
-    add("all-reduce", state["allreduce_dcn"], ("dcn_data",), False)
+    add("all-reduce", k * state["allreduce"], ici_rep, False)
+    add("all-reduce", k * state["allreduce_dcn"], ("dcn_data",), False)
     if sizes["tensor"] > 1:
         layers = config.n_layers + config.mtp_depth
         add("all-reduce", 2 * layers * passes * tokens_local * config.d_model * ab, ("tensor",),

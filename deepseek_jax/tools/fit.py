@@ -65,7 +65,7 @@ def verdict(run_config, *, target: str | None = None, devices=None,
     config, batch, seq, micro = run_shape(run_config)
     tgt = parse_target(target) if target else None
     if tgt is not None:
-        n, slices, limit = tgt.n_chips, tgt.n_slices, tgt.chip.hbm_bytes
+        n, slices, limit = tgt.n_devices, tgt.n_slices, tgt.chip.hbm_bytes
     else:
         n = len(devices)
         slices = len({getattr(d, "slice_index", 0) for d in devices})

@@ -2,6 +2,9 @@
 
 Every number carries its source in a comment. Conventions:
 
+Per chip, except where a chip is several JAX devices (TPU7x: each of its two TensorCores is a
+device): there every per-chip number below is per device, the planner's unit.
+
   peak_flops   dense bf16 FLOP/s per chip (no sparsity), from the one peak table
                (`train.flops.PEAK_BF16_FLOPS`, which MFU reads too)
   hbm_bytes    memory a program may use per chip. For TPUs this is what the compiler itself
@@ -11,14 +14,17 @@ Every number carries its source in a comment. Conventions:
   hbm_bw       HBM bytes/s per chip
   ici_link_bw  TPU: one-way bytes/s of one ICI link; a mesh axis laid along one torus dimension
                gets 2 × this (a bidirectional ring), and × k when it spans k dimensions.
-  ici_dims     TPU torus dimensions (v5p 3-D; v5e, v6e 2-D)
+  ici_dims     TPU torus dimensions (v5p, TPU7x 3-D; v5e, v6e 2-D)
+  devices_per_chip  JAX devices per chip (2 on TPU7x: its TensorCores); the devices of one
+               chip are neighbours in the device mesh, joined by the die-to-die link
+  die_bw       one-way bytes/s between the devices of one chip
   dcn_bw       bytes/s per chip across the data-centre network (multi-slice)
   nvlink_bw    GPU: one-way NVLink bytes/s per GPU inside a node
   node_bw      GPU: one-way scale-out bytes/s per GPU across nodes (InfiniBand NIC share)
   gpus_per_node
 
-Left out: TPU v4 (its compile-only topology exposes each TensorCore as a device, so per-device
-memory would not be per-chip memory), fp8/int8 peaks (the planner models bf16 training), and
+Left out: TPU v4 (its compile-only topology exposes each TensorCore as a device; it could be
+listed as TPU7x is), fp8/int8 peaks (the planner models bf16 training), and
 latency terms (the model is bandwidth-only; at pod scale the arrays are large).
 """
 
@@ -47,6 +53,8 @@ class Chip:
     topology_prefix: str = ""    # jax.experimental.topologies name, e.g. "v5p"
     cores_per_chip: int = 1      # TensorCores counted by the Cloud TPU accelerator-type suffix
     max_slice_chips: int = 0     # largest single slice (ICI domain)
+    devices_per_chip: int = 1
+    die_bw: float = 0.0
 
 
 CHIPS = {
@@ -67,6 +75,26 @@ CHIPS = {
         cores_per_chip=2,
         # 8,960 chips per pod: cloud.google.com/tpu/docs/v5p ("chips per pod 8960").
         max_slice_chips=8960),
+    "tpu7x": Chip(
+        "TPU7x (Ironwood), per TensorCore", "tpu",
+        peak_flops=PEAK_BF16_FLOPS["tpu7x"],
+        # "available HBM (94.74G)" in libtpu's OOM message for one device of topology
+        # tpu7x:2x2x1 (192 GiB per chip, cloud.google.com/tpu/docs/tpu7x, over two devices).
+        hbm_bytes=94.74 * GiB,
+        # 7,380 GB/s per chip (cloud.google.com/tpu/docs/tpu7x), shared by its two devices.
+        hbm_bw=7.38e12 / 2,
+        # 1,200 GB/s bidirectional ICI per chip, as v5p (cloud.google.com/tpu/docs/tpu7x); per
+        # link, the scaling book's v7 row (9.0e10 one way). The chip's two devices share its
+        # links: `cost_model.axis_bandwidth` halves a torus ring's rate per device.
+        ici_link_bw=9.0e10, ici_dims=3,
+        # 100 Gb/s DCN per chip (cloud.google.com/tpu/docs/tpu7x), per device half.
+        dcn_bw=1.25e10 / 2,
+        topology_prefix="tpu7x",
+        # tpu7x-N counts TensorCores, 2 per chip (tpu7x-8 = 2x2x1 = 4 chips); 9,216 chips per pod.
+        cores_per_chip=2, max_slice_chips=9216, devices_per_chip=2,
+        # The die-to-die link is "6x faster than 1D ICI link" (MaxText's custom-model
+        # optimization guide); no data-sheet figure.
+        die_bw=6 * 9.0e10),
     "v5e": Chip(
         "TPU v5e", "tpu",
         peak_flops=PEAK_BF16_FLOPS["tpu v5e"],

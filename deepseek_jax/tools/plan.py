@@ -124,9 +124,9 @@ def _resolve(preset: str, given: dict[str, int], target: Target) -> Strategy:
     if given:
         cfg = {p.fill: -1, **given} if p.fill not in given else dict(given)
     else:
-        cfg = parallel.default_mesh_config(preset, target.chips_per_slice)
+        cfg = parallel.default_mesh_config(preset, target.devices_per_slice)
     cfg.setdefault("dcn_data", target.n_slices)
-    sizes = parallel.resolve_mesh_shape(cfg, target.n_chips, target.n_slices)
+    sizes = parallel.resolve_mesh_shape(cfg, target.n_devices, target.n_slices)
     return Strategy.make(preset, sizes)
 
 
@@ -183,7 +183,7 @@ def shard_problem(config: ModelConfig, strategy: Strategy, batch: int) -> str | 
 def enumerate_strategies(config: ModelConfig, target: Target, batch: int) -> list[Strategy]:
     """Every preset with power-of-two sizes on its non-fill axes that shards evenly (data=1 in
     the presets that fill fsdp: data parallelism inside a slice only adds replicas)."""
-    n = target.chips_per_slice
+    n = target.devices_per_slice
     options = {"tensor": [1] + [t for t in _powers_of_two(min(n, 16)) if config.n_heads % t == 0],
                "expert": [1] + [e for e in _powers_of_two(min(n, config.n_routed_experts or 1))
                                 if config.n_routed_experts % e == 0]}
@@ -255,11 +255,12 @@ def _stats_from_json(d: dict) -> CollectiveStats:
 
 
 def compile_in_process(config: ModelConfig, strategy: Strategy, target: Target, batch: int,
-                       seq: int) -> dict:
+                       seq: int, microbatches: int = 1) -> dict:
     """One compile in this process; a compiler error becomes {"fits": None, "error": ...}."""
     from deepseek_jax.tools.compile import compile_strategy
     try:
-        result = compile_strategy(config, strategy, target.devices(), batch, seq)
+        result = compile_strategy(config, strategy, target.devices(), batch, seq,
+                                  microbatches=microbatches)
     except (parallel.MeshError, TargetError):
         raise
     except Exception as e:          # noqa: BLE001 — a failed compile is a row, not a crash
@@ -308,9 +309,10 @@ def compile_isolated(args_json: dict, timeout_s: float = 900.0) -> dict:
 
 
 def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: int, seq: int,
-              compiled: dict | None) -> dict:
+              compiled: dict | None, microbatches: int = 1) -> dict:
     """Analytic estimate merged with the compile's measurements into one table row."""
-    est = cost_model.estimate(config, strategy.mesh, strategy.preset, batch, seq, target)
+    est = cost_model.estimate(config, strategy.mesh, strategy.preset, batch, seq, target,
+                              microbatches)
     hbm = target.chip.hbm_bytes
     row = {"strategy": strategy.label, "preset": strategy.preset, "mesh": strategy.mesh,
            "source": "analytic", "params": est.params, "optimizer": est.optimizer,
@@ -411,24 +413,27 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
          top_k: int = 6, analytic_only: bool = False, isolate: bool | None = None,
          remat: str | None = None, dtype: str | None = None, param_dtype: str | None = None,
          compile_timeout: float = 900.0, overrides: dict | None = None,
-         log=print) -> tuple[dict, list[dict]]:
+         log=print, microbatches: int = 1) -> tuple[dict, list[dict]]:
     """Plans `strategies` for `model` (name, config.json path or ModelConfig) on `target_name`;
     returns (header, ranked rows)."""
     target = parse_target(target_name)
     config = load_model(model, remat, dtype, param_dtype, overrides)
+    if microbatches < 1 or batch % microbatches:
+        raise PlanError(f"--microbatches={microbatches} must be >= 1 and divide the batch {batch}")
     if strategies.strip() == "all":
-        candidates = enumerate_strategies(config, target, batch)
+        candidates = enumerate_strategies(config, target, batch // microbatches)
         if not candidates:
             raise PlanError(f"no strategy shards {model} with batch {batch} on {target.name}; "
                             "try a batch that is a multiple of the chip count")
-        scored = rank([build_row(config, s, target, batch, seq, None) for s in candidates])
+        scored = rank([build_row(config, s, target, batch, seq, None, microbatches)
+                       for s in candidates])
         by_label = {s.label: s for s in candidates}
         chosen = [by_label[r["strategy"]] for r in scored[:top_k]]
         log(f"{len(candidates)} valid meshes; compiling the analytic top {len(chosen)}")
     else:
         chosen = parse_strategies(strategies, target)
         for s in chosen:
-            problem = shard_problem(config, s, batch)
+            problem = shard_problem(config, s, batch // microbatches)
             if problem:
                 raise PlanError(f"strategy {s.label}: {problem}")
         candidates = chosen
@@ -445,13 +450,13 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
             if isolate:
                 compiled = compile_isolated({"config": config.to_dict(), "target": target_name,
                                              "batch": batch, "seq": seq, "preset": s.preset,
-                                             "mesh": s.mesh},
+                                             "mesh": s.mesh, "microbatches": microbatches},
                                             compile_timeout)
             else:
                 t0 = time.perf_counter()
-                compiled = compile_in_process(config, s, target, batch, seq)
+                compiled = compile_in_process(config, s, target, batch, seq, microbatches)
                 compiled["process_s"] = time.perf_counter() - t0
-        row = build_row(config, s, target, batch, seq, compiled)
+        row = build_row(config, s, target, batch, seq, compiled, microbatches)
         row["note"] = "; ".join(n for n in (layout, row["note"]) if n)
         rows.append(row)
     from deepseek_jax.model.params import count_params
@@ -461,6 +466,8 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
               "remat": config.remat_policy, "dtype": jnp.dtype(config.dtype).name,
               "param_dtype": jnp.dtype(config.param_dtype).name,
               "hbm_gib": target.chip.hbm_bytes / GiB, "peak_tflops": target.chip.peak_flops / 1e12,
+              "unit": "device" if target.n_devices != target.n_chips else "chip",
+              "microbatches": microbatches,
               "analytic_only": not compile_it}
     return header, rank(rows)
 
@@ -471,7 +478,8 @@ def _worker(request: str) -> None:
     config = ModelConfig.from_dict(r["config"])
     target = parse_target(r["target"])
     strategy = Strategy.make(r["preset"], r["mesh"])
-    result = compile_in_process(config, strategy, target, r["batch"], r["seq"])
+    result = compile_in_process(config, strategy, target, r["batch"], r["seq"],
+                                r.get("microbatches", 1))
     print(json.dumps(result, default=float), flush=True)
 
 
@@ -480,8 +488,12 @@ def main(argv=None) -> int:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="v3-671b")
     ap.add_argument("--target", default="tpu-v5p-1024")
-    ap.add_argument("--batch", type=int, default=None, help="global batch (default 1 per chip)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="global batch (default 1 per device: per chip, or per TPU7x TensorCore)")
     ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--microbatches", type=int, default=1,
+                    help="accumulate the batch over this many micro-batches "
+                         "(the run config's train.microbatches)")
     ap.add_argument("--strategies", default="all")
     ap.add_argument("--top_k", type=int, default=6)
     ap.add_argument("--remat", default=None)
@@ -506,11 +518,12 @@ def main(argv=None) -> int:
         if out_dir:
             run_dir.check_writable(out_dir, "--out")
         overrides = dict(item.split("=", 1) for item in args.set)
-        batch = args.batch or parse_target(args.target).n_chips
+        batch = args.batch or parse_target(args.target).n_devices
         header, rows = plan(args.model, args.target, batch, args.seq, args.strategies,
                             args.top_k, args.analytic_only, args.isolate, args.remat, args.dtype,
                             args.param_dtype, args.compile_timeout, overrides,
-                            log=lambda m: print(m, file=sys.stderr, flush=True))
+                            log=lambda m: print(m, file=sys.stderr, flush=True),
+                            microbatches=args.microbatches)
     except (PlanError, TargetError, parallel.MeshError, run_dir.WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

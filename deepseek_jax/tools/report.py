@@ -63,10 +63,21 @@ HEADERS = (["#", "strategy", "source", "params", "opt", "act+temp", "total", "fi
 
 def _title(header: dict) -> str:
     return (f"{header['model']} ({header['params_b']:.1f}B + {header['mtp_b']:.1f}B MTP) on "
-            f"{header['target']}, global batch {header['batch']} × seq {header['seq']}, "
+            f"{header['target']}, global batch {header['batch']} × seq {header['seq']}"
+            f"{_micro(header)}, "
             f"remat {header['remat']}, {header['dtype']} compute, {header['param_dtype']} "
-            f"params; HBM {header['hbm_gib']:.2f} GiB/chip, peak "
-            f"{header['peak_tflops']:.0f} TFLOP/s/chip")
+            f"params; HBM {header['hbm_gib']:.2f} GiB/{_unit(header)}, peak "
+            f"{header['peak_tflops']:.0f} TFLOP/s/{_unit(header)}")
+
+
+def _micro(header: dict) -> str:
+    k = header.get("microbatches", 1)
+    return f" in {k} micro-batches" if k > 1 else ""
+
+
+def _unit(header: dict) -> str:
+    """What the per-chip figures are per: "chip", or "device" where a chip is several."""
+    return header.get("unit", "chip")
 
 
 def _notes(rows: list[dict]) -> list[str]:
@@ -100,7 +111,8 @@ def text_table(header: dict, rows: list[dict]) -> str:
     widths = [max(len(line[i]) for line in body) for i in range(len(HEADERS))]
     fmt = lambda line: "  ".join(c.rjust(w) if i not in (1, 2) else c.ljust(w)
                                  for i, (c, w) in enumerate(zip(line, widths)))
-    lines = [_title(header), "memory and collectives in GiB per chip per step; times in s",
+    lines = [_title(header),
+             f"memory and collectives in GiB per {_unit(header)} per step; times in s",
              fmt(body[0]), fmt(["-" * w for w in widths])] + [fmt(b) for b in body[1:]]
     if header.get("analytic_only"):
         lines.append("analytic only: nothing was compiled for this target")
@@ -109,7 +121,8 @@ def text_table(header: dict, rows: list[dict]) -> str:
 
 def markdown(header: dict, rows: list[dict]) -> str:
     lines = ["# Sharding plan", "", _title(header) + ".", "",
-             "Memory and collectives in GiB per chip per step, times in seconds per step. "
+             f"Memory and collectives in GiB per {_unit(header)} per step, times in seconds per "
+             "step. "
              "`model` is the analytic memory estimate; `total` is the compiler's when the "
              "source says compiled.", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]

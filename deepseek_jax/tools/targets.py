@@ -3,6 +3,8 @@
   tpu-v5p-1024     one v5p slice, accelerator type v5p-1024: 1024 TensorCores = 512 chips, 8x8x8
   tpu-v5e-256      one v5e slice of 256 chips (16x16); `tpu-v5litepod-256` is the same
   tpu-v6e-64       one v6e slice of 64 chips (8x8)
+  tpu7x-256        one TPU7x (Ironwood) slice, accelerator type tpu7x-256: 256 TensorCores =
+                   128 chips, 4x4x8; each TensorCore is a JAX device, so 256 devices
   tpu-v5p-8x8x16   an explicit slice topology
   2xtpu-v5p-512    two v5p-512 slices (256 chips each) joined by DCN
   gpu-h100-64      64 H100s, 8 per node (analytic model only)
@@ -30,7 +32,8 @@ import re
 from deepseek_jax.tools.hardware import Chip, get_chip
 
 _NAME = re.compile(r"^(?:(\d+)x)?(tpu|gpu|cpu)(?:-(.+))?$")
-_TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
+_TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v7x": "tpu7x", "7x": "tpu7x",
+                "ironwood": "tpu7x"}
 
 
 class TargetError(ValueError):
@@ -51,6 +54,15 @@ class Target:
         return self.n_chips // self.n_slices
 
     @property
+    def n_devices(self) -> int:
+        """JAX devices, every slice: the planner's unit (a chip, or a TPU7x TensorCore)."""
+        return self.n_chips * self.chip.devices_per_chip
+
+    @property
+    def devices_per_slice(self) -> int:
+        return self.n_devices // self.n_slices
+
+    @property
     def topology_name(self) -> str:
         """`jax.experimental.topologies` name of one slice, e.g. 'v5p:8x8x8'."""
         return f"{self.chip.topology_prefix}:{'x'.join(map(str, self.slice_shape))}"
@@ -58,8 +70,9 @@ class Target:
     def describe(self) -> str:
         if self.chip.kind == "tpu":
             slices = f"{self.n_slices} slices of " if self.n_slices > 1 else ""
+            devices = (f", {self.n_devices} devices" if self.n_devices != self.n_chips else "")
             return (f"{self.name}: {slices}{self.chip.name} {self.topology_name.split(':')[1]} "
-                    f"({self.n_chips} chips)")
+                    f"({self.n_chips} chips{devices})")
         if self.chip.kind == "gpu":
             nodes = math.ceil(self.n_chips / self.chip.gpus_per_node)
             return f"{self.name}: {self.n_chips} × {self.chip.name} ({nodes} nodes)"
@@ -114,7 +127,8 @@ def _host_memory_bytes() -> float:
 
 def parse_target(name: str) -> Target:
     """`tpu-v5p-1024`, `2xtpu-v5p-512`, `tpu-v6e-8x8`, `gpu-h100-64`, `cpu-8` → Target."""
-    m = _NAME.match(name.strip().lower())
+    # TPU7x's accelerator types are written tpu7x-N (no dash after "tpu").
+    m = _NAME.match(re.sub(r"^(\d+x)?tpu7x-", r"\1tpu-tpu7x-", name.strip().lower()))
     if not m or not m.group(3):
         raise TargetError(f"target {name!r}: write tpu-<chip>-<size> (tpu-v5p-1024), "
                           "<slices>xtpu-<chip>-<size> (2xtpu-v5p-512), gpu-<chip>-<count> "
@@ -147,7 +161,8 @@ def parse_target(name: str) -> Target:
     try:
         chip = get_chip(chip_name)
     except ValueError:
-        raise TargetError(f"target {name!r}: unknown TPU {chip_name!r}; use v5p, v5e or v6e") \
+        raise TargetError(f"target {name!r}: unknown TPU {chip_name!r}; use v5p, v5e, v6e or "
+                          "tpu7x") \
             from None
     if chip.kind != "tpu":
         raise TargetError(f"target {name!r}: {chip_name} is not a TPU")

@@ -23,9 +23,10 @@ import jax
 
 from deepseek_jax.config import ModelConfig
 
-# Dense bf16 FLOP/s per chip, keyed by substrings of `jax.Device.device_kind` (lower case; the
-# first key found in a device's kind wins, so "tpu v5 lite" precedes "tpu v5"). The one peak
-# table: MFU reads it here and the planner's chip table (tools/hardware.py) takes its peaks from it.
+# Dense bf16 FLOP/s per JAX device, keyed by substrings of `jax.Device.device_kind` (lower case;
+# the first key found in a device's kind wins, so "tpu v5 lite" precedes "tpu v5"). A device is a
+# chip everywhere but on TPU7x, whose two TensorCores are two devices. The one peak table: MFU
+# reads it here and the planner's chip table (tools/hardware.py) takes its peaks from it.
 PEAK_BF16_FLOPS = {
     "tpu v4": 275e12,        # cloud.google.com/tpu/docs/v4
     "tpu v5 lite": 197e12,   # v5e: cloud.google.com/tpu/docs/v5e; scaling book chip table
@@ -34,7 +35,8 @@ PEAK_BF16_FLOPS = {
     "tpu v5": 459e12,        # TFLOPs"); scaling book, "How to Think About TPUs" (4.59e14)
     "tpu v6 lite": 918e12,   # v6e: cloud.google.com/tpu/docs/v6e ("... (bf16) 918 TFLOPs")
     "tpu v6e": 918e12,
-    "tpu7x": 2307e12,        # Ironwood: Google's TPU7x page
+    "tpu7x": 2307e12 / 2,    # Ironwood: 2,307 TFLOPs per chip (cloud.google.com/tpu/docs/tpu7x),
+                             # two TensorCores per chip, each its own JAX device
     "h100": 989e12,          # NVIDIA H100 data sheet, dense (1,979 with sparsity)
     "h200": 989e12,          # NVIDIA H200 data sheet, dense
     "h800": 989e12,          # H100's compute with less NVLink bandwidth

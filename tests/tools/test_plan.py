@@ -301,3 +301,23 @@ def test_rows_say_where_collectives_leave_the_analytic_model(tiny_plan):
     # Which op reduces a gradient is the compiler's choice: RS and AR are compared together.
     assert plan.comm_mismatch({"all-reduce": 1.0 * GiB}, {"reduce-scatter": 1.1 * GiB}) == ""
     assert "not in the model" in plan.comm_mismatch({"collective-permute": 1.0 * GiB}, {})
+
+
+def test_microbatches_reach_the_compile_and_the_model():
+    """--microbatches=k compiles the step that accumulates k micro-batches (the train step's
+    own `microbatches`), models the activations of batch/k with weights gathered and gradients
+    reduced once per micro-batch, says so in the title, and refuses a k that does not divide
+    the batch before compiling anything."""
+    header, rows = plan.plan(TINY_DENSE, "cpu-8", batch=16, seq=32, strategies="fsdp",
+                             log=lambda m: None, microbatches=2)
+    (row,) = rows
+    assert row["source"] == "compiled (cpu)" and row["fits"]
+    sizes = {"fsdp": 8}
+    one = cost_model.estimate(TINY_DENSE, sizes, "fsdp", 8, 32, CPU8)
+    two = cost_model.estimate(TINY_DENSE, sizes, "fsdp", 16, 32, CPU8, microbatches=2)
+    assert two.activations == one.activations
+    assert two.comm_bytes["all-gather"] == 2 * one.comm_bytes["all-gather"]
+    assert two.model_flops == 2 * one.model_flops
+    assert "global batch 16 × seq 32 in 2 micro-batches" in report.text_table(header, rows)
+    with pytest.raises(plan.PlanError, match="--microbatches=3 must be >= 1 and divide"):
+        plan.plan(TINY_DENSE, "cpu-8", batch=16, seq=32, strategies="fsdp", microbatches=3)

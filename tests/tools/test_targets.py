@@ -15,6 +15,10 @@ from deepseek_jax.tools.targets import TargetError, parse_target, slice_shape
     ("tpu-v6e-64", 64, 1, (8, 8), "tpu"),
     ("tpu-v6e-4x8", 32, 1, (4, 8), "tpu"),
     ("2xtpu-v5p-512", 512, 2, (4, 8, 8), "tpu"),
+    ("tpu7x-256", 128, 1, (4, 4, 8), "tpu"),          # tpu7x-N counts TensorCores too
+    ("tpu7x-8", 4, 1, (2, 2, 1), "tpu"),
+    ("2xtpu7x-128", 128, 2, (4, 4, 4), "tpu"),
+    ("tpu-ironwood-4x8x8", 256, 1, (4, 8, 8), "tpu"),
     ("gpu-h100-64", 64, 1, (), None),
     ("cpu-8", 8, 1, (8,), "cpu"),
 ])
@@ -34,7 +38,7 @@ def test_topology_names_and_descriptions():
 @pytest.mark.parametrize("name,fragment", [
     ("tpu-v5p-7", "multiple of 2"),
     ("tpu-v5e-512", r"largest TPU v5e slice \(256\)"),
-    ("tpu-v4-8", "use v5p, v5e or v6e"),
+    ("tpu-v4-8", "use v5p, v5e, v6e or tpu7x"),
     ("gpu-h100", "missing the size"),
     ("2xgpu-h100-16", "no slices"),
     ("tpu-v5e-24", "not a power of two"),
@@ -69,3 +73,36 @@ def test_cpu_target_has_no_devices_beyond_the_process():
 def test_gpu_target_is_analytic_only():
     with pytest.raises(TargetError, match="analytic model only"):
         parse_target("gpu-h100-64").devices()
+
+
+def test_tpu7x_devices_are_tensorcores():
+    """TPU7x: each chip's two TensorCores are two JAX devices; the planner's unit is the device
+    (its memory, peak and bandwidths are per device), and a mesh axis of 2 over one chip's
+    devices runs on the die-to-die link, not the torus."""
+    from deepseek_jax.tools import cost_model
+    t = parse_target("tpu7x-256")
+    assert (t.n_chips, t.n_devices, t.topology_name) == (128, 256, "tpu7x:4x4x8")
+    assert t.describe() == "tpu7x-256: TPU7x (Ironwood), per TensorCore 4x4x8 (128 chips, " \
+        "256 devices)"
+    chip = t.chip
+    assert chip.peak_flops == pytest.approx(2307e12 / 2) and chip.devices_per_chip == 2
+    sizes = {"fsdp": 128, "tensor": 2}
+    assert cost_model.axis_dims(sizes, t) == {"tensor": [-1], "expert": [], "fsdp": [0, 1, 2],
+                                              "data": []}
+    assert cost_model.axis_bandwidth(("tensor",), sizes, t) == chip.die_bw
+    assert cost_model.axis_bandwidth(("fsdp",), sizes, t) == pytest.approx(
+        2 * chip.ici_link_bw * 3 / 2)
+
+
+def test_tpu7x_compile_only_devices_and_their_peak():
+    pytest.importorskip("libtpu", reason="compile-only TPU devices need libtpu (dev deps)")
+    import os
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from deepseek_jax import parallel
+    from deepseek_jax.train.flops import peak_flops_per_device
+    t = parse_target("tpu7x-8")
+    devices = t.devices()
+    assert len(devices) == t.n_devices == 8
+    assert peak_flops_per_device(devices[0]) == pytest.approx(2307e12 / 2)
+    mesh = parallel.make_mesh({"fsdp": -1, "tensor": 2}, devices)
+    assert dict(mesh.shape)["fsdp"] == 4
