@@ -7,13 +7,16 @@ For each strategy it compiles the real sharded train step (ahead of time for TPU
 with libtpu and no TPU; on fake CPU devices for cpu-N) and reports per chip: memory (parameters,
 optimizer state, activations and temporaries, total against HBM), FLOPs, collectives by type
 with their bytes (parsed from the compiled HLO), and a step-time estimate from the hardware
-table (compute against communication, MFU). Strategies are ranked (fitting ones first, then by
+table (compute against communication, MFU), with the largest buffers and what is live at the
+memory peak. Strategies are ranked (fitting ones first, then by
 estimated step time), printed as a table and written to OUT/plan.md, plan.csv and plan.png.
 
   --model        a name from `deepseek_jax.config` (tiny, small, v2-lite, moonlight, v3-671b)
                  or the path of a Hugging Face config.json
-  --target       tpu-v5p-1024, tpu-v5e-256, tpu-v6e-64, 2xtpu-v5p-512, gpu-h100-64, cpu-8, ...
-                 (`targets.py`)
+  --target       tpu-v5p-1024, tpu-v5e-256, tpu-v6e-64, tpu7x-256, 2xtpu-v5p-512, gpu-h100-64,
+                 cpu-8, ... (`targets.py`); on TPU7x, whose chips are two JAX devices each,
+                 every per-chip figure is per device
+  --microbatches the step accumulates the batch over this many micro-batches
   --strategies   all | a comma list of presets (fsdp, fsdp_ep, ...), presets with axis sizes
                  (fsdp_ep:expert=8), or bare mesh shapes (data=2:fsdp=4, preset inferred).
                  `all` enumerates valid meshes, scores them with the analytic model
