@@ -160,8 +160,9 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     the result then matches `dense_dispatch(..., fp8=True)` in the forward pass up to fp32
     rounding, and its gradients up to the different wgrad tiling (tiles per expert here).
     `gathers`: inside a shard_map, the `gmm` gather of each weight (`_weights_in`).
-    `expert_chunks`: with gathers and without fp8, gather and run the experts that many at a
-    time (`_chunked_experts`); otherwise ignored.
+    `expert_chunks`: with gathers, gather and run the experts that many at a time
+    (`_chunked_experts`; with fp8 the chunks are gathered as stored and quantized after);
+    otherwise ignored.
     """
     D, E, X = x.shape[-1], w_gate.shape[0], idx.shape[-1]
     flat_idx = idx.reshape(-1)                                             # [M]
@@ -169,9 +170,9 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     sizes = jnp.bincount(flat_idx, length=E).astype(jnp.int32)             # [E]
     tokens = x.reshape(-1, D).astype(dtype)                                # [B·T, D]
     rows = tokens[order // X]                                              # [M, D] sorted pairs
-    if expert_chunks > 1 and gathers[0] is not None and not fp8:
+    if expert_chunks > 1 and gathers[0] is not None:
         out = _chunked_experts(rows, sizes, w_gate, w_up, w_down, gathers, expert_chunks,
-                               backend, dtype)                             # [M, D]
+                               backend, dtype, fp8)                        # [M, D]
     else:
         grouped = lambda h, w, g: gmm(h, w, sizes, backend=backend, out_dtype=dtype, fp8=fp8,
                                       gather=g)
@@ -190,33 +191,43 @@ CHUNK_BYTES = 1 << 30       # auto: the most bytes of one projection's experts g
 
 def expert_chunks(config: ModelConfig) -> int:
     """`config.moe_expert_chunks`, or for 0 (auto) the fewest chunks (a divisor of E) whose
-    gathered compute-dtype weights of one projection fit CHUNK_BYTES: 8 for V3 (256 experts,
-    7 GiB in bf16 whole, 0.9 GiB a chunk), 1 for V2-Lite (0.4 GiB)."""
+    gathered weights of one projection fit CHUNK_BYTES: 8 for V3 (256 experts, 7 GiB in bf16
+    whole, 0.9 GiB a chunk), 1 for V2-Lite (0.4 GiB). The gathered weights are in the compute
+    dtype, or with fp8 as stored (the chunks gather the master weights and quantize them
+    after): 16 for V3 in fp8."""
     E = config.n_routed_experts
     if config.moe_expert_chunks or not E:
         return config.moe_expert_chunks or 1
-    whole = E * config.d_model * config.moe_d_ff * jnp.dtype(config.dtype).itemsize
+    dtype = config.param_dtype if config.fp8 else config.dtype
+    whole = E * config.d_model * config.moe_d_ff * jnp.dtype(dtype).itemsize
     return next((k for k in range(1, E + 1) if E % k == 0 and whole / k <= CHUNK_BYTES), E)
 
 
-def _expert_chunk(rows, sizes, w_gate, w_up, w_down, c, n_chunks: int, backend, dtype):
+def _expert_chunk(rows, sizes, w_gate, w_up, w_down, c, n_chunks: int, backend, dtype,
+                  fp8: bool = False):
     """Chunk c's E/n_chunks experts (whole weights) on their rows; [M, D], zero elsewhere.
 
     The chunk's rows are contiguous in `rows` (sorted by expert), from `start` on. Rolled to the
-    front they are the grouped GEMMs' first rows; the rows after them belong to no group and give
-    zeros, so rolling the result back puts the chunk's outputs in place and zeros elsewhere.
+    front they are the grouped GEMMs' first rows; the rows after them (zeroed) belong to no group
+    and give zeros, so rolling the result back puts the chunk's outputs in place and zeros
+    elsewhere.
     """
     E = sizes.shape[0]
     Ec = E // n_chunks
     start = jnp.sum(jnp.where(jnp.arange(E) < c * Ec, sizes, 0))           # rows before chunk
     sizes_c = jax.lax.dynamic_slice_in_dim(sizes, c * Ec, Ec)              # [Ec]
     lhs = jnp.roll(rows, -start, axis=0)                                    # [M, D] chunk first
-    mm = lambda h, w: gmm(h, w, sizes_c, backend=backend, out_dtype=dtype)
+    # The other chunks' rows, now after this chunk's, are zeroed: the GEMMs give them zeros
+    # anyway, but fp8 quantizes rows past the last group with that group's tiles, and their
+    # values would set its scales.
+    lhs = jnp.where((jnp.arange(lhs.shape[0]) < jnp.sum(sizes_c))[:, None], lhs, 0)
+    mm = lambda h, w: gmm(h, w, sizes_c, backend=backend, out_dtype=dtype, fp8=fp8)
     h = nn.silu(mm(lhs, w_gate)) * mm(lhs, w_up)                            # [M, F]
     return jnp.roll(mm(h, w_down), start, axis=0)                           # [M, D]
 
 
-def _chunked_experts(rows, sizes, w_gate, w_up, w_down, gathers, n_chunks: int, backend, dtype):
+def _chunked_experts(rows, sizes, w_gate, w_up, w_down, gathers, n_chunks: int, backend, dtype,
+                     fp8: bool = False):
     """The three grouped GEMMs over all experts, with the weights (this device's shards,
     `gathers` from `_weights_in`) gathered n_chunks times a chunk of E/n_chunks experts.
 
@@ -228,7 +239,8 @@ def _chunked_experts(rows, sizes, w_gate, w_up, w_down, gathers, n_chunks: int, 
     inputs is kept between the two: one chunk's weights and intermediates are live at a time, at
     the cost of one extra gather of every chunk when the layer is not rematerialized. Rows outside
     a chunk pass through its GEMMs as zero rows: with the TPU's megablox kernel they cost no
-    FLOPs, with ragged_dot (CPU) a full pass each.
+    FLOPs, with ragged_dot (CPU) a full pass each. With fp8 a chunk's weights are gathered as
+    stored (the fp32 masters) and quantized whole by the fp8 grouped GEMMs.
     """
     Ec = sizes.shape[0] // n_chunks
 
@@ -237,7 +249,7 @@ def _chunked_experts(rows, sizes, w_gate, w_up, w_down, gathers, n_chunks: int, 
                      for w, (a, d) in zip(ws, gathers))
 
     def chunk(rows, sizes, c, full):
-        return _expert_chunk(rows, sizes, *full, c, n_chunks, backend, dtype)    # [M, D]
+        return _expert_chunk(rows, sizes, *full, c, n_chunks, backend, dtype, fp8)  # [M, D]
 
     @jax.custom_vjp
     def run(rows, sizes, *ws):
@@ -425,8 +437,10 @@ def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
 def _embed_axes(layout: EPLayout, fp8: bool, d_model: int) -> tuple[str, ...]:
     """Mesh axes (size > 1) that D of the routed-expert weights is split over by the rules in
     context (FSDP: `fsdp`), which the grouped GEMMs gather inside the shard_map; () when D is
-    whole (or not evenly split; with fp8, not into whole 128-blocks): the weights then enter the
-    shard_map whole along D (gathered on the way in, their gradients all-reduced)."""
+    whole (or not evenly split): the weights then enter the shard_map whole along D (gathered on
+    the way in, their gradients all-reduced). With fp8, shards of whole 128-blocks are gathered
+    quantized; smaller ones (V3 on fsdp = 256: 28 rows of D) are gathered as stored and
+    quantized after (`gmm`), still inside, chunk by chunk."""
     rules = nn.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty:
@@ -436,9 +450,9 @@ def _embed_axes(layout: EPLayout, fp8: bool, d_model: int) -> tuple[str, ...]:
     axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
     axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in layout.expert_axes
                  and a not in layout.mlp_axes)
+    del fp8
     n = math.prod(mesh.shape[a] for a in axes)
-    block = 128 if fp8 else 1
-    return axes if axes and d_model % (n * block) == 0 else ()
+    return axes if axes and d_model % n == 0 else ()
 
 
 def _weights_in(w_gate, w_up, w_down, embed_axes, fp8: bool):

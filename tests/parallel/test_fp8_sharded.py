@@ -126,11 +126,15 @@ def test_fp8_ragged_dot_on_gathered_shards_equals_whole_weight(dim):
 
 # --- collectives of the MoE layer under FSDP ------------------------------------------------------
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_fsdp_moe_backward_reduce_scatters_expert_gradients(fp8):
+@pytest.mark.parametrize("fp8,d_model", [(False, 512), (True, 512), (True, 256)])
+def test_fsdp_moe_backward_reduce_scatters_expert_gradients(fp8, d_model):
     # d_model 512 over fsdp = 4: 128 per shard, so fp8 gathers quantized shards (fp8=True) and
     # bf16 gathers bf16 ones; both must send the expert gradients back as reduce-scatters.
-    c = get_config("tiny", d_model=512, dtype=jnp.bfloat16, fp8=fp8)
+    # d_model 256: 64 per shard, less than one 128-block, so fp8 gathers the stored shards and
+    # quantizes whole blocks after; the gradients must leave as reduce-scatters all the same
+    # (the weights had entered the MoE whole, [E, D, F] fp32 gathered per layer: V3's experts
+    # on fsdp = 256, with 28 rows of D per shard).
+    c = get_config("tiny", d_model=d_model, dtype=jnp.bfloat16, fp8=fp8)
     E, D, F = c.n_routed_experts, c.d_model, c.moe_d_ff
     x = _randn(7, (8, 6, D))
     variables = jax.jit(moe.MoE(c).init)(jax.random.key(0), x)
@@ -150,6 +154,36 @@ def test_fsdp_moe_backward_reduce_scatters_expert_gradients(fp8):
     stats = hlo.collective_stats(text)
     assert any(c.kind == "reduce-scatter" and c.bytes >= E * D * F for c in stats.collectives)
     assert _in_block_loops(text) == []
+
+
+def test_fp8_experts_chunked_on_sub_block_shards():
+    """fsdp = 4 with d_model 256 (64 rows of D per shard, less than a 128-block): the experts,
+    gathered as stored and quantized whole after, give the one-device model's output (the same
+    e4m3 codes and scales; the forward's fp8 GEMMs quantize rows per token, whatever the
+    sharding), and gathered 2 chunks at a time the same values and gradients as all at once
+    on the same mesh (each device's rows and wgrad tiles are the same; a one-device wgrad
+    tiles other rows together, so it differs by fp8 rounding). Agreement up to the order of
+    fp32 sums (RTOL above)."""
+    c = get_config("tiny", d_model=256, fp8=True, moe_impl="ragged")
+    x = _randn(8, (8, 6, c.d_model))
+    variables = jax.jit(moe.MoE(c).init)(jax.random.key(0), x)
+
+    def loss(config, params, x):
+        y, _ = moe.MoE(config).apply({**variables, "params": params}, x, mutable=["moe_stats"])
+        return jnp.sum(y ** 2), y
+
+    grad = lambda config: jax.jit(jax.value_and_grad(lambda p, x: loss(config, p, x),
+                                                     has_aux=True))
+    (_, one_y), _ = grad(c)(variables["params"], x)
+    mesh, rules = par.mesh_and_rules("fsdp", {"data": 2, "fsdp": 4})
+    with par.sharding_context(mesh, rules):
+        xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+        (_, whole_y), whole = grad(c.replace(moe_expert_chunks=1))(variables["params"], xs)
+        (_, y), got = grad(c.replace(moe_expert_chunks=2))(variables["params"], xs)
+    _close(whole_y, one_y, "y, all experts at once, against one device")
+    _close(y, whole_y, "y, chunked")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(whole)):
+        _close(a, b, jax.tree_util.keystr(path))
 
 
 # --- bytes of the compiled train step on a TPU topology (compile only) ----------------------------
