@@ -90,25 +90,8 @@ def map_head_chunks(fn: Callable[..., Any], hidden: jax.Array, head: jax.Array,
     # Outside a scan the recomputation needs prevent_cse, or XLA may merge it with the forward
     # and keep the logits; inside one it cannot, and the barrier would only cost.
     scanned, alone = jax.checkpoint(chunk_fn, prevent_cse=False), jax.checkpoint(chunk_fn)
-    B, T, _ = hidden.shape
-    n, rest = divmod(T, chunk)
-    full = n * chunk
-    parts = []
-    if n:
-        def split(x):                                   # [B, n·chunk, ...] → [n, B, chunk, ...]
-            return jnp.swapaxes(x[:, :full].reshape(B, n, chunk, *x.shape[2:]), 0, 1)
-
-        def body(_, xs):
-            return None, scanned(xs[0], head, *xs[1:])
-
-        _, out = jax.lax.scan(body, None, (split(hidden), *map(split, per_token)))
-        parts.append(jax.tree.map(                      # [n, B, chunk, ...] → [B, n·chunk, ...]
-            lambda y: jnp.swapaxes(y, 0, 1).reshape(B, full, *y.shape[3:]), out))
-    if rest:
-        parts.append(alone(hidden[:, full:], head, *(x[:, full:] for x in per_token)))
-    if len(parts) == 1:
-        return parts[0]
-    return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *parts)      # [B, T, ...]
+    return _position_chunks(lambda h, *xs: scanned(h, head, *xs), chunk, hidden, *per_token,
+                            rest_fn=lambda h, *xs: alone(h, head, *xs))
 
 
 def _gathered_head(head: jax.Array, dtype) -> jax.Array:
@@ -118,9 +101,10 @@ def _gathered_head(head: jax.Array, dtype) -> jax.Array:
     return layers.constrain(local, (None, "vocab"))
 
 
-def _position_chunks(fn: Callable[..., Any], chunk: int, *xs: jax.Array) -> Any:
+def _position_chunks(fn: Callable[..., Any], chunk: int, *xs: jax.Array,
+                     rest_fn: Callable[..., Any] | None = None) -> Any:
     """fn(*xs) computed `chunk` positions at a time (xs [B, T, ...], outputs [B, t, ...]) by a
-    scan over whole chunks and one call on the shorter rest; no recomputation involved."""
+    scan over whole chunks and one call of `rest_fn` (default fn) on the shorter rest."""
     B, T = xs[0].shape[:2]
     n, rest = divmod(T, chunk)
     full = n * chunk
@@ -133,7 +117,7 @@ def _position_chunks(fn: Callable[..., Any], chunk: int, *xs: jax.Array) -> Any:
         parts.append(jax.tree.map(                      # [n, B, chunk, ...] → [B, n·chunk, ...]
             lambda y: jnp.swapaxes(y, 0, 1).reshape(B, full, *y.shape[3:]), out))
     if rest:
-        parts.append(fn(*(x[:, full:] for x in xs)))
+        parts.append((rest_fn or fn)(*(x[:, full:] for x in xs)))
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *parts)      # [B, T, ...]

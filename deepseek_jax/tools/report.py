@@ -130,21 +130,24 @@ def markdown(header: dict, rows: list[dict]) -> str:
     notes = _notes(rows)
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    listed = [r for r in rows if r.get("buffers")]
-    if listed:
-        lines += ["", "Largest buffers per chip (compiler's buffer assignment; two may never be "
-                  "live at once):", ""]
-        for r in listed:
-            lines.append(f"- {r['rank']}. {r['strategy']}: "
-                         + "; ".join(buffer_label(b) for b in r["buffers"]))
-    at_peak = [r for r in rows if r.get("peak_buffers")]
-    if at_peak:
-        lines += ["", "Live together at the memory peak, largest first (the compiler's live "
-                  "ranges):", ""]
-        for r in at_peak:
-            lines.append(f"- {r['rank']}. {r['strategy']} ({r['peak_live'] / GiB:.1f} GiB in "
-                         "all): " + "; ".join(buffer_label(b) for b in r["peak_buffers"]))
+    lines += _buffer_lists(rows, "buffers", "Largest buffers per chip (compiler's buffer "
+                           "assignment; two may never be live at once):")
+    lines += _buffer_lists(rows, "peak_buffers", "Live together at the memory peak, largest "
+                           "first (the compiler's live ranges):")
     return "\n".join(lines) + "\n"
+
+
+def _buffer_lists(rows: list[dict], key: str, title: str) -> list[str]:
+    """Markdown: `title`, then one line per row listing its `key` buffers."""
+    listed = [r for r in rows if r.get(key)]
+    if not listed:
+        return []
+    out = ["", title, ""]
+    for r in listed:
+        total = f" ({r['peak_live'] / GiB:.1f} GiB in all)" if key == "peak_buffers" else ""
+        out.append(f"- {r['rank']}. {r['strategy']}{total}: "
+                   + "; ".join(buffer_label(b) for b in r[key]))
+    return out
 
 
 CSV_FIELDS = ["rank", "strategy", "preset", "source", "dcn_data", "data", "fsdp", "expert",

@@ -80,22 +80,27 @@ def _assert_within(got, want, bound, what):
     assert np.all(excess <= 0), f"{what}: exceeds its bound by up to {excess.max():.3g}"
 
 
+def _both_forms(hidden, head, targets, weights, dtype, chunk):
+    """(loss, (hidden gradient, head gradient)) of the mean cross entropy on whole logits, and
+    the same through `head_cross_entropy` in chunks."""
+    def plain(h, w):
+        total, count = losses.cross_entropy(head_logits(h, w, dtype), targets, weights)
+        return total / count
+
+    def chunked(h, w):
+        total, count = losses.head_cross_entropy(h, w, targets, weights, dtype=dtype,
+                                                 chunk=chunk)
+        return total / count
+
+    return [jax.jit(jax.value_and_grad(f, (0, 1)))(hidden, head) for f in (plain, chunked)]
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 11, 16])
 def test_cross_entropy_and_gradients_equal_the_logits_form(chunk):
     hidden, _, head, tokens, valid = _case()
     targets, weights = losses.shifted_targets(tokens, valid, 1)
-
-    def plain(h, w):
-        total, count = losses.cross_entropy(head_logits(h, w, jnp.float32), targets, weights)
-        return total / count
-
-    def chunked(h, w):
-        total, count = losses.head_cross_entropy(h, w, targets, weights, dtype=jnp.float32,
-                                                 chunk=chunk)
-        return total / count
-
-    l0, (gh0, gw0) = jax.jit(jax.value_and_grad(plain, (0, 1)))(hidden, head)
-    l1, (gh1, gw1) = jax.jit(jax.value_and_grad(chunked, (0, 1)))(hidden, head)
+    (l0, (gh0, gw0)), (l1, (gh1, gw1)) = _both_forms(hidden, head, targets, weights,
+                                                     jnp.float32, chunk)
     b_loss, b_head, b_hidden = _bounds(hidden, head, targets, weights)
     _assert_within(l1, l0, b_loss, "loss")
     _assert_within(gw1, gw0, b_head, "head gradient")
@@ -240,18 +245,8 @@ def test_bf16_head_nll_gradients_within_bf16_rounding():
     hidden, _, head, tokens, valid = _case()
     hidden = hidden.astype(jnp.bfloat16)
     targets, weights = losses.shifted_targets(tokens, valid, 1)
-
-    def plain(h, w):
-        total, count = losses.cross_entropy(head_logits(h, w, jnp.bfloat16), targets, weights)
-        return total / count
-
-    def chunked(h, w):
-        total, count = losses.head_cross_entropy(h, w, targets, weights, dtype=jnp.bfloat16,
-                                                 chunk=4)
-        return total / count
-
-    l0, (gh0, gw0) = jax.jit(jax.value_and_grad(plain, (0, 1)))(hidden, head)
-    l1, (gh1, gw1) = jax.jit(jax.value_and_grad(chunked, (0, 1)))(hidden, head)
+    (l0, (gh0, gw0)), (l1, (gh1, gw1)) = _both_forms(hidden, head, targets, weights,
+                                                     jnp.bfloat16, 4)
     h32 = hidden.astype(jnp.float32)
     w32 = head.astype(jnp.bfloat16).astype(jnp.float32)
     b_loss, b_head, b_hidden = _bounds(h32, w32, targets, weights)
