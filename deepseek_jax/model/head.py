@@ -44,7 +44,7 @@ step's peak memory under FSDP, where the head [D, V] is split along D and must b
     is held or accumulated across chunks. The hidden gradient sums over the slices in fp32.
 Where V is split over `tensor` in tp shards, slice j is the j-th window of width V/(tp·n_v) of
 every shard: a reshape [D, V] → [D, tp, n_v, width] keeps each shard's ids where they are, so the
-slices are taken along an unsplit axis and nothing is copied or moved (`vocab_slices` picks n_v
+slices are windows along an unsplit axis and nothing is copied or moved (`vocab_slices` picks n_v
 so that the width is a multiple of 128 when it can: V3's 129,280 ids give 10 windows of 12,928).
 A V that tp·n_v does not divide is padded with zero columns, masked out of the softmax. The backward's
 probabilities are exp(logit − lse); its dlogits are cast to the compute dtype before their two
@@ -188,16 +188,16 @@ def _head_nll_bwd(dtype, chunk, res, g):
     w = _gathered_head(head, dtype)                                               # [D, V]
     if tp * n_v * width != V:
         w = jnp.pad(w, ((0, 0), (0, tp * n_v * width - V)))
-    # Slice j is window j of each of the tp shards of V: w[:, t, j] holds the ids
+    # Slice j is window j of each of the tp shards of V: w[:, t, j·width + c] holds the id
     # (t·n_v + j)·width + c. A reshape that keeps each shard's ids in place, so no copy.
-    w = w.reshape(D, tp, n_v, width)
+    w = w.reshape(D, tp, n_v * width)
     offsets = jnp.arange(tp)[:, None] * (n_v * width) + jnp.arange(width)         # [tp, width]
     # The hiddens side by side, so that each slice's head gradient is one sum over all of
     # their positions (one reduction across devices, not one per hidden).
     h, t, s, gk = (jnp.stack(x) for x in (hiddens, targets, lse, g))   # [N, B, T, (D)]
 
     def body(dh, j):
-        wj = jax.lax.dynamic_slice_in_dim(w.reshape(D, tp * n_v * width), j * width, width, axis=1)[:, None] if tp == 1 else jax.lax.dynamic_index_in_dim(w, j, axis=2, keepdims=False)      # [D, tp, width]
+        wj = jax.lax.dynamic_slice_in_dim(w, j * width, width, axis=2)       # [D, tp, width]
         ids = offsets + j * width                                             # [tp, width]
         logits = jnp.einsum("NBTD,DSC->NBTSC", h, wj,
                             preferred_element_type=jnp.float32)               # [N, B, T, tp, C]
