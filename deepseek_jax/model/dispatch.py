@@ -423,7 +423,12 @@ def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
         def body(carry):
             r, acc = carry
             _, pull = jax.vjp(lambda *a: _round(plan, ints, *a, r), *ws)
-            return r + 1, jax.tree.map(jnp.add, acc, tuple(pull(g)))
+            # The barrier keeps each round's reduce-scatter (inside `gmm`'s backward) in the
+            # loop. Without it XLA moves the reductions of an accumulated loop value after the
+            # loop: the carries become whole gathered-size gradients and their reductions
+            # full-size all-reduces, run every step even when the loop runs no round.
+            grads = jax.lax.optimization_barrier(tuple(pull(g)))
+            return r + 1, jax.tree.map(jnp.add, acc, grads)
         zeros = tuple(jnp.zeros_like(w) for w in ws)
         _, grads = jax.lax.while_loop(lambda c: c[0] < n_rounds, body, (jnp.int32(1), zeros))
         return (None, None, *grads)

@@ -5,7 +5,8 @@
   * collectives: no collective inside the fp8 GEMMs' loops over 128-blocks; under FSDP no
     all-reduce of a routed-expert weight's size in the MoE backward (bf16 and fp8);
   * bytes (a v5p 2x2x2 topology, compile only, through libtpu): the fp8 step all-gathers at most
-    0.55× what the bf16 step does, under fsdp and fsdp_ep.
+    0.55× what the bf16 step does, under fsdp and fsdp_ep; under fsdp_ep the expert-parallel
+    overflow rounds' gradient reductions stay inside their loop (bf16 and fp8).
 
 Tolerances: the sharded and one-device computations multiply the same e4m3 codes by the same
 scales; only the order of fp32 sums differs (per-device partial weight gradients summed across
@@ -197,23 +198,34 @@ _SMALL = dict(vocab_size=64, d_model=1024, n_layers=3, n_dense_layers=1, d_ff=51
               dtype=jnp.bfloat16)
 
 
+_MESHES = {"fsdp": {"fsdp": 8}, "fsdp_ep": {"fsdp": 2, "expert": 4}}
+
+
 @pytest.fixture(scope="module")
-def v5p_devices():
+def small_step():
+    """`small_step(preset, fp8)`: the compiled train step of `_SMALL` on a v5p 2x2x2 topology
+    (compile only), each compiled once for the module."""
     pytest.importorskip("libtpu")
     from jax.experimental import topologies
-    return topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
 
-
-@pytest.mark.parametrize("preset,sizes", [
-    ("fsdp", {"fsdp": 8}),
-    ("fsdp_ep", {"fsdp": 2, "expert": 4}),
-])
-def test_fp8_step_gathers_fp8_once_on_tpu(v5p_devices, preset, sizes):
     from deepseek_jax.tools.compile import Strategy, compile_strategy
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
+    done = {}
+
+    def compiled(preset: str, fp8: bool) -> dict:
+        if (preset, fp8) not in done:
+            c = get_config("tiny", **_SMALL, fp8=fp8)
+            done[preset, fp8] = compile_strategy(c, Strategy.make(preset, _MESHES[preset]),
+                                                 devices, 8, 128, keep_hlo=True)
+        return done[preset, fp8]
+    return compiled
+
+
+@pytest.mark.parametrize("preset", ["fsdp", "fsdp_ep"])
+def test_fp8_step_gathers_fp8_once_on_tpu(small_step, preset):
     gathered = {}
     for fp8 in (False, True):
-        c = get_config("tiny", **_SMALL, fp8=fp8)
-        r = compile_strategy(c, Strategy.make(preset, sizes), v5p_devices, 8, 128, keep_hlo=True)
+        r = small_step(preset, fp8)
         stats = r["collectives"]
         # The loops of unknown trip count allowed: the expert-parallel overflow rounds (forward
         # and backward), which run only when routing overflows the buffer.
@@ -232,3 +244,25 @@ def test_fp8_step_gathers_fp8_once_on_tpu(v5p_devices, preset, sizes):
         assert ("fp8_gemm_nt" in r["hlo"]) == fp8
     # Before: 2.6× the bf16 bytes (fsdp), from gathers inside the block loops.
     assert gathered[True] <= 0.55 * gathered[False], gathered
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_expert_parallel_overflow_reductions_stay_in_their_loop(small_step, fp8):
+    # fsdp_ep (fsdp = 2, expert = 4): each device holds 2 of the 8 experts, split along D over
+    # fsdp. A balanced step reduce-scatters each routed weight's gradient once per MoE layer
+    # (round 0: gate, up, down); the overflow rounds' reductions belong in their loop, which
+    # runs only when routing overflows the buffer. Before, XLA moved the bf16 ones after the
+    # loop (a reduction of an accumulated loop value): every step ran them, on loop carries of
+    # the gathered weights' size (V3 under EP8: 3 × 0.88 GiB live at the memory peak, and the
+    # gradients all-reduced whole).
+    r = small_step("fsdp_ep", fp8)
+    c = _SMALL
+    shard = (c["n_routed_experts"] // 4) * (c["d_model"] // 2) * c["moe_d_ff"]
+    shard_bytes = shard * (4 if fp8 else 2)          # fp8's weight gradients are fp32
+    stats = r["collectives"].collectives
+    outside = [x.name for x in stats if x.kind in ("reduce-scatter", "all-reduce")
+               and x.result_bytes == shard_bytes and not x.in_unknown_loop]
+    inside = [x.name for x in stats if x.kind == "reduce-scatter"
+              and x.result_bytes == shard_bytes and x.in_unknown_loop]
+    assert len(outside) == 3, outside
+    assert len(inside) == 3, inside
