@@ -32,10 +32,12 @@ Collectives per chip and step, as in the HLO parser (`hlo.py`: bytes = the whole
              and again in the backward pass (what the compilers do under remat; without remat
              the TPU compiler may keep the forward's gathered weights, one gather); the routed
              experts, which the MoE's grouped GEMMs gather themselves and again in their
-             backward, a third time under remat (a loop of collectives is never dead code, so
-             the recomputed forward keeps its gathers); reduce-scatter of each gradient in the
-             compute dtype (the weights are cast before use, so their gradients are reduced
-             before the cast back), fp32 for fp8 models (the wgrad GEMMs' output).
+             backward: a third time under remat when gathered a chunk at a time (a loop of
+             collectives is never dead code, so the recomputed forward keeps its gathers); with
+             an expert axis, or experts gathered whole, the gathers sit in no loop and the
+             recomputed forward and the backward share one (two passes); reduce-scatter of each
+             gradient in the compute dtype (the weights are cast before use, so their gradients
+             are reduced before the cast back), fp32 for fp8 models (the wgrad GEMMs' output).
   data, dcn  all-reduce of each gradient over the batch axes it is replicated on.
   tensor     Megatron: an all-reduce of the [B, T, D] output of attention and of the FFN per
              layer in the forward pass, two more in the backward pass (and again when remat
@@ -69,6 +71,7 @@ from jax.sharding import AbstractMesh
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.kernels.attention import BLOCK as ATTENTION_BLOCK
 from deepseek_jax.model.attention import resolve_backend as resolve_attention
+from deepseek_jax.model.dispatch import expert_chunks
 from deepseek_jax.parallel.mesh import MESH_AXES
 from deepseek_jax.parallel.rules import (Rules, axis_names, batch_axes, logical_axis_rules,
                                          mesh_axes_of)
@@ -206,7 +209,9 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
     out = dict(params=0.0, optimizer=0.0, gather=0.0, scatter=0.0, allreduce=0.0,
                allreduce_dcn=0.0)
     compute_b = _bytes(config.dtype)
-    expert_passes = 3 if config.remat_policy != "none" else 2
+    ep = any(sizes.get(a, 1) > 1 for a in axis_names(mesh_axes_of(("expert",), rules)[0]))
+    looped = not ep and expert_chunks(config) > 1          # gathered a chunk at a time
+    expert_passes = 3 if config.remat_policy != "none" and looped else 2
     for leaf in leaves:
         names = tuple(leaf.names)
         value = leaf.value
