@@ -32,7 +32,10 @@ Counting rules:
   through copies; 0 otherwise) and its step in the body (`add(counter, constant)`; 1 otherwise),
   so a loop the compiler unrolled into steps of 2 counts half as many iterations. Multipliers
   are propagated through every calling computation (`body=`, `calls=`, `branch_computations=`,
-  ...; an async `-done` repeats its start's `calls=` and is not followed). A loop whose trip
+  ...; an async `-done` repeats its start's `calls=` and is not followed), including a `call`'s
+  or `call-start`'s `to_apply=` (TPU7x offloads collectives to its SparseCores as
+  `call-start(..., async_execution_thread="sparsecore", to_apply=%c)`, the collective inside
+  `%c`; a reduction's `to_apply=` holds no collective and is not followed). A loop whose trip
   count cannot be read (a data-dependent loop) counts once; when its body runs collectives it is
   listed in `unknown_loops`.
 * Roles: on TPU the SPMD partitioner writes a large all-gather or reduce-scatter feeding a
@@ -278,6 +281,8 @@ def _callees(instr: _Instr) -> dict[str, str]:
     for key, value in _CALLEES.findall(instr.tail):
         for callee in re.findall(r"%([\w.\-]+)", value):
             out[callee] = key
+    if instr.opcode in ("call", "call-start"):
+        out.update((c, "to_apply") for c in re.findall(r"\bto_apply=%([\w.\-]+)", instr.tail))
     return out
 
 

@@ -279,3 +279,23 @@ def _fsdp_scan_grad(devices, L, D, B, dtype) -> str:
                    out_shardings=NamedSharding(mesh, P(None, "x", None)))
     return step.lower(jax.ShapeDtypeStruct((L, D, D), dtype),
                       jax.ShapeDtypeStruct((B, D), dtype)).compile().as_text()
+
+
+def test_collective_offloaded_to_sparsecore_runs_with_its_caller():
+    # TPU7x offloads collectives to its SparseCores: an async `call-start` in the loop body whose
+    # `to_apply=` computation holds a combined all-reduce. Before, the call was not followed and
+    # the all-reduce counted once instead of once per iteration.
+    offload = """%offload (o: f32[2,8]) -> (f32[2,8]) {
+  %o = f32[2,8]{1,0} parameter(0)
+  ROOT %ar9 = (f32[2,8]{1,0}) all-reduce(%o), channel_id=9, replica_groups={{0,1,2,3,4,5,6,7}}, use_global_device_ids=true, to_apply=%add
+}, execution_thread="sparsecore"
+
+"""
+    call = ('  %cs = ((), (), s32[]{:S(2)}) call-start(), async_execution_thread="sparsecore", '
+            'to_apply=%offload\n  %cd = (f32[2,8]{1,0}) call-done(%cs)\n')
+    text = PROGRAM.replace("%body (p:", offload + "%body (p:")
+    text = text.replace("  %s = f32[2,8]{1,0} slice(%ag)", call + "  %s = f32[2,8]{1,0} slice(%ag)")
+    by = hlo.collective_stats(text).by_kind()
+    assert by["all-reduce"]["count"] == 2
+    assert by["all-reduce"]["executions"] == 1 + 4
+    assert by["all-reduce"]["bytes"] == 4096 + 128 + 4 * (2 * 8 * 4)
