@@ -439,7 +439,7 @@ def _overflow(plan: _Plan, ints, n_rounds, rows, w_gate, w_up, w_down):
 
 # --- no expert axis: local dispatch ---------------------------------------------------------------
 
-def _embed_axes(layout: EPLayout, fp8: bool, d_model: int) -> tuple[str, ...]:
+def _embed_axes(layout: EPLayout, d_model: int) -> tuple[str, ...]:
     """Mesh axes (size > 1) that D of the routed-expert weights is split over by the rules in
     context (FSDP: `fsdp`), which the grouped GEMMs gather inside the shard_map; () when D is
     whole (or not evenly split): the weights then enter the shard_map whole along D (gathered on
@@ -455,19 +455,17 @@ def _embed_axes(layout: EPLayout, fp8: bool, d_model: int) -> tuple[str, ...]:
     axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
     axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in layout.expert_axes
                  and a not in layout.mlp_axes)
-    del fp8
     n = math.prod(mesh.shape[a] for a in axes)
     return axes if axes and d_model % n == 0 else ()
 
 
-def _weights_in(w_gate, w_up, w_down, embed_axes, fp8: bool):
+def _weights_in(w_gate, w_up, w_down, embed_axes):
     """Inside the shard_map: the routed weights arrive split along D over `embed_axes`, as they
     are stored. Returns (w_gate, w_up, w_down, gathers): the shards and the `gmm` gathers that
     bring each whole for its product (in fp8 when quantized with whole 128-blocks per shard),
     once in the forward and once in the backward (FSDP keeps only the shard in between); a
     weight's gradient leaves as a reduce-scatter over `embed_axes`, never a full-size
     all-reduce."""
-    del fp8                                                                 # gmm decides how
     if not embed_axes:
         return w_gate, w_up, w_down, (None, None, None)
     return w_gate, w_up, w_down, ((embed_axes, 1), (embed_axes, 1), (embed_axes, 2))
@@ -489,7 +487,7 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
     b_spec = P(layout.batch_axes or None, None, None)
     mlp = (layout.mlp_axes if len(layout.mlp_axes) > 1 else layout.mlp_axes[0]) \
         if layout.mlp_axes else None
-    embed_axes = _embed_axes(layout, fp8, x.shape[-1])
+    embed_axes = _embed_axes(layout, x.shape[-1])
     emb = embed_axes or None
 
     def body(x, weights, idx, w_gate, w_up, w_down, *keep):
@@ -497,7 +495,7 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
                                    num_segments=E)                          # [E] local choices
         if keep:                                                            # dropped: weight 0
             weights = jnp.where(keep[0], weights, 0)
-        *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
+        *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes)
         y = ragged_dispatch(x, weights, idx, *ws, dtype, fp8, backend=backend,
                             gathers=gathers, expert_chunks=expert_chunks)   # [b, T, D]
         if layout.mlp_axes:                                                 # F split: partials
@@ -561,14 +559,14 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
                           backend=backend, fp8=fp8, keep=keep, expert_chunks=expert_chunks)
     ex = layout.expert_axes if len(layout.expert_axes) > 1 else layout.expert_axes[0]
     M = (x.shape[0] // n_batch) * x.shape[1] * idx.shape[2]
-    embed_axes = _embed_axes(layout, fp8, x.shape[-1])
+    embed_axes = _embed_axes(layout, x.shape[-1])
     emb = embed_axes or None
     plan = _Plan(n_shards=Pn, chunk=chunk_rows(M, Pn, buffer_factor), n_local=E // Pn,
                  axis=layout.expert_axes, mlp_axes=layout.mlp_axes,
                  transport=resolve_transport(transport), backend=backend, fp8=fp8, dtype=dtype)
 
     def body(x, weights, idx, w_gate, w_up, w_down, *keep):
-        *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes, fp8)
+        *ws, gathers = _weights_in(w_gate, w_up, w_down, embed_axes)
         w_gate, w_up, w_down = ws
         plan_ = dataclasses.replace(plan, gathers=gathers)
         b, T, D = x.shape
