@@ -26,7 +26,9 @@ from deepseek_jax.rl.rewards import FORMAT_WEIGHTS
 _RUNS = {
     #           model   task          prompts G  new  steps  lr     template   beta   mu
     "tiny": ("tiny", "arithmetic", 4, 4, 12, 4, 1e-3, "compact", 0.04, 2),
-    "small": ("small", "arithmetic", 16, 8, 48, 60, 3e-5, "compact", 0.0, 1),
+    # small: G = 16 as R1-Zero samples; 8 × 16 beat 16 × 8 (the same 128 completions a step) on
+    # three seeds, +12.2 against +10.7 points on average (BENCHMARKS.md)
+    "small": ("small", "arithmetic", 8, 16, 48, 60, 3e-5, "compact", 0.0, 1),
     "v3-671b": ("v3-671b", "countdown", 32, 16, 32768, 10400, 3e-6, "r1_zero", 0.001, 1),
 }
 
