@@ -209,7 +209,8 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
     out = dict(params=0.0, optimizer=0.0, gather=0.0, scatter=0.0, allreduce=0.0,
                allreduce_dcn=0.0)
     compute_b = _bytes(config.dtype)
-    ep = any(sizes.get(a, 1) > 1 for a in axis_names(mesh_axes_of(("expert",), rules)[0]))
+    expert_axes = set(axis_names(mesh_axes_of(("expert",), rules)[0]))
+    ep = any(sizes.get(a, 1) > 1 for a in expert_axes)
     looped = not ep and expert_chunks(config) > 1          # gathered a chunk at a time
     expert_passes = 3 if config.remat_policy != "none" and looped else 2
     for leaf in leaves:
@@ -226,7 +227,7 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
         # Gathered over the batch-like axes it is split on: fsdp, and expert too for the
         # non-expert weights that ZeRO shards across expert ranks; an expert weight's own
         # expert axis holds different experts and is never gathered.
-        own = set(axis_names(mesh_axes_of(("expert",), rules)[0])) if "expert" in names else set()
+        own = expert_axes if "expert" in names else set()
         f = math.prod(sizes.get(a, 1) for a in used if a in ("fsdp", "expert") and a not in own)
         grad_b = pb if config.fp8 else min(pb, compute_b)
         if f > 1:

@@ -3,9 +3,11 @@ GRPO had before (every prompt repeated G times, one static batch), measured in t
 
 Prints one table, one row per (setting, path):
 
-  (a) small   GRPO's `small` setting: 16 prompts × 8 samples, 48 new tokens, sampled at
-              temperature 0.7 (the run config's), every row free to run to 48 (a random model
-              rarely writes EOS, so rows end at the budget).
+  (a) small   GRPO's `small` setting as it was when the table in BENCHMARKS.md was measured:
+              16 prompts × 8 samples (the run config now takes 8 × 16, the same 128 rows), 48
+              new tokens, sampled at temperature 0.7, every row free to run to 48 (a random
+              model rarely writes EOS, so rows end at the budget). Written out here, not read
+              from the run config: the GPU host lacks ml_collections (`common.check_imports`).
   (b) tail    16 prompts × 16 samples, up to 512 new tokens, greedy, with long-tailed completion
               lengths. A model cannot be trained here to write such lengths, so each
               (prompt, sample) row gets its own budget (`row_max_new_tokens`, a row stops after

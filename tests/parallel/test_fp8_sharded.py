@@ -256,8 +256,9 @@ def test_expert_parallel_overflow_reductions_stay_in_their_loop(small_step, fp8)
     # the gathered weights' size (V3 under EP8: 3 × 0.88 GiB live at the memory peak, and the
     # gradients all-reduced whole).
     r = small_step("fsdp_ep", fp8)
-    c = _SMALL
-    shard = (c["n_routed_experts"] // 4) * (c["d_model"] // 2) * c["moe_d_ff"]
+    c, mesh = _SMALL, _MESHES["fsdp_ep"]
+    shard = (c["n_routed_experts"] // mesh["expert"]) * (c["d_model"] // mesh["fsdp"]) \
+        * c["moe_d_ff"]
     shard_bytes = shard * (4 if fp8 else 2)          # fp8's weight gradients are fp32
     stats = r["collectives"].collectives
     outside = [x.name for x in stats if x.kind in ("reduce-scatter", "all-reduce")
