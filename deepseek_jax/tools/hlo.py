@@ -44,12 +44,16 @@ Counting rules:
   permute peeled off before (after) the loop. Those permutes keep their kind but take the
   `role` of the collective they stand for; a bidirectional windowed gather over n devices moves
   about n + 1 shards, the gathered array plus one shard. An all-reduce whose users only keep
-  one shard of it (a dynamic-slice) has the role reduce-scatter. Over a group spanning a 3-D
-  torus (e.g. all 64 chips of a v5p 4x4x4) libtpu writes an all-gather as an all-reduce of a
-  zero buffer holding each device's shard (a broadcast updated by a dynamic-update-slice): that
-  all-reduce has the role all-gather (its bytes, the whole array, are the gather's convention
-  too). `bytes_by_role()` sums by role;
-  the planner's AG/RS/AR/A2A columns are roles.
+  one shard of it (a dynamic-slice, or a fusion that only dynamic-slices one shard out of it)
+  has the role reduce-scatter. Over a group spanning a 3-D torus (e.g. all 64 chips of a v5p
+  4x4x4) libtpu writes an all-gather as an all-reduce of a zero buffer holding each device's
+  shard (a broadcast updated by a dynamic-update-slice): that all-reduce has the role
+  all-gather (its bytes, the whole array, are the gather's convention too). Each element of a
+  combined (tuple) all-reduce is judged alone, and one that mixes roles is listed once per role
+  (same name, that role's bytes): TPU7x combines weight gathers and gradient reductions into one
+  all-reduce offloaded to its SparseCores, whose operands and users are in the caller (the
+  `call-update(start, args...)` binding the called computation's parameters, and the
+  `call-done`). `bytes_by_role()` sums by role; the planner's AG/RS/AR/A2A columns are roles.
 * Group size: the replica-group size; for a permute, the devices of the ring (or chain) its
   source-target pairs form.
 * Bytes: `result_bytes` is the output of one execution on one device. `bytes` is the size of the
@@ -459,42 +463,154 @@ def _windowed_edges(comps, roles: dict[str, str]) -> dict[tuple[str, str], str]:
     return out
 
 
-def _sliced_all_reduces(comps) -> set[tuple[str, str]]:
-    """(computation, name) of all-reduces whose every user keeps one shard of the result (a
-    dynamic-slice, or a fusion XLA named after one, of 1/group of its size): the TPU compiler's
-    way of writing a reduce-scatter it did not make an `all-reduce-scatter` fusion."""
-    out = set()
+# What an all-reduce stands for: each element of its (possibly tuple) result is a gather when its
+# operand is a zero buffer holding this device's shard, a reduce-scatter when every user keeps
+# one shard of it, else an all-reduce. TPU7x offloads collectives to its SparseCores as a
+# computation of their own, `call-start` → `call-update(start, args...)` → `call-done`, whose
+# parameters are the arguments of the call-update and whose result the call-done returns: the
+# operands and users are looked up in the caller, through copies and bitcasts.
+
+_PASS_THROUGH = ("bitcast", "copy", "copy-start", "copy-done")
+
+
+def _param_index(instr: _Instr) -> int | None:
+    m = re.match(r"parameter\((\d+)\)", instr.tail)
+    return int(m.group(1)) if instr.opcode == "parameter" and m else None
+
+
+def _offloaded_calls(comps) -> dict[str, tuple[str, list[str], str | None]]:
+    """{called computation: (caller, argument names, name of the instruction returning its
+    result)} for `call` and `call-start` … `call-done`."""
+    out = {}
+    for comp, instrs in comps.items():
+        for instr in instrs.values():
+            if instr.opcode not in ("call", "call-start"):
+                continue
+            for callee in re.findall(r"\bto_apply=%([\w.\-]+)", instr.tail):
+                if instr.opcode == "call":
+                    out[callee] = (comp, instr.operands, instr.name)
+                    continue
+                chain, args, done = {instr.name}, instr.operands, None
+                for later in instrs.values():
+                    if later.operands[:1] and later.operands[0] in chain:
+                        if later.opcode == "call-update":
+                            chain.add(later.name)
+                            args = args or later.operands[1:]
+                        elif later.opcode == "call-done":
+                            done = later.name
+                out[callee] = (comp, args, done)
+    return out
+
+
+def _through_copies(comps, comp: str, name: str) -> _Instr | None:
+    """The instruction producing `name`, looking past copies and bitcasts."""
+    instr = comps[comp].get(name)
+    for _ in range(8):
+        if instr is None or instr.opcode not in _PASS_THROUGH or not instr.operands:
+            return instr
+        instr = comps[comp].get(instr.operands[0])
+    return instr
+
+
+def _users_past_copies(users, comp: str, name: str) -> list[tuple[str, _Instr]]:
+    """(the name it reads, user) for the users of `name`, copies and bitcasts replaced by
+    their users."""
+    out, todo, seen = [], [name], set()
+    while todo:
+        value = todo.pop()
+        for u in users[comp].get(value, []):
+            if u.name in seen:
+                continue
+            seen.add(u.name)
+            if u.opcode in _PASS_THROUGH:
+                todo.append(u.name)
+            else:
+                out.append((value, u))
+    return out
+
+
+def _keeps_one_shard(comps, users, comp: str, user: _Instr, value: str, shard: int) -> bool:
+    """Whether `user` reads only ≤ `shard` bytes of `value`: a dynamic-slice (or a fusion XLA
+    named after one), or a fusion whose parameter for `value` only feeds such slices."""
+    if user.opcode == "dynamic-slice" or user.name.startswith("dynamic-slice"):
+        return shape_bytes(user.shape) <= shard
+    if user.opcode != "fusion":
+        return False
+    fused = re.search(r"\bcalls=%([\w.\-]+)", user.tail)
+    if fused is None or fused.group(1) not in comps:
+        return False
+    body = fused.group(1)
+    slots = {i for i, o in enumerate(user.operands) if o == value}
+    params = [i.name for i in comps[body].values() if _param_index(i) in slots]
+    inner = [u for p in params for _, u in _users_past_copies(users, body, p)]
+    return bool(inner) and all(u.opcode == "dynamic-slice" and shape_bytes(u.shape) <= shard
+                               for u in inner)
+
+
+def _is_zero_buffer_with_shard(comps, comp: str, instr: _Instr | None) -> bool:
+    """A dynamic-update-slice (or a fusion XLA named after one) into a broadcast."""
+    if instr is None or "dynamic-update-slice" not in instr.opcode + instr.name:
+        return False
+    into = [comps[comp].get(o) for o in instr.operands]
+    return any(i is not None and "broadcast" in i.opcode + i.name for i in into)
+
+
+def _all_reduce_roles(comps) -> dict[tuple[str, str], list[tuple[str, int]]]:
+    """{(computation, all-reduce name): [(role, bytes) per element of its result]}."""
+    users: dict[str, dict[str, list[_Instr]]] = {}
+    for comp, instrs in comps.items():
+        users[comp] = collections.defaultdict(list)
+        for instr in instrs.values():
+            for o in dict.fromkeys(instr.operands):
+                users[comp][o].append(instr)
+    calls = _offloaded_calls(comps)
+    out = {}
     for comp, instrs in comps.items():
         for ar in instrs.values():
             if _collective_kind(ar.opcode) != "all-reduce":
                 continue
-            group = _group_size(ar.tail, "all-reduce")
-            users = [i for i in instrs.values() if ar.name in i.operands]
-            shard = shape_bytes(ar.shape) // max(group, 1)
-            if group > 1 and users and all(
-                    (u.opcode == "dynamic-slice" or u.name.startswith("dynamic-slice"))
-                    and shape_bytes(u.shape) <= shard for u in users):
-                out.add((comp, ar.name))
+            group = _group_size(_start_of(instrs, ar).tail, "all-reduce")
+            elements = [m.group(0) for m in _ARRAY.finditer(ar.shape)]
+            operands = _start_of(instrs, ar).operands
+            # Where its result goes: the caller's call-done when this is an offloaded ROOT.
+            result_comp, result = comp, ar.name
+            if ar.root and comp in calls and calls[comp][2]:
+                result_comp, result = calls[comp][0], calls[comp][2]
+            roles = []
+            for j, element in enumerate(elements):
+                src_comp, src = comp, instrs.get(operands[j]) if j < len(operands) else None
+                k = _param_index(src) if src is not None else None
+                if k is not None and comp in calls and k < len(calls[comp][1]):
+                    src_comp = calls[comp][0]
+                    src = comps[src_comp].get(calls[comp][1][k])
+                if src is not None:
+                    src = _through_copies(comps, src_comp, src.name)
+                if len(elements) > 1:
+                    picks = [u.name for _, u in _users_past_copies(users, result_comp, result)
+                             if u.opcode == "get-tuple-element"
+                             and re.search(rf"\bindex={j}\b", u.tail)]
+                else:
+                    picks = [result]
+                readers = [r for p in picks for r in _users_past_copies(users, result_comp, p)]
+                shard = shape_bytes(element) // max(group, 1)
+                if group > 1 and _is_zero_buffer_with_shard(comps, src_comp, src):
+                    role = "all-gather"
+                elif group > 1 and readers and all(
+                        _keeps_one_shard(comps, users, result_comp, u, p, shard)
+                        for p, u in readers):
+                    role = "reduce-scatter"
+                else:
+                    role = "all-reduce"
+                roles.append((role, shape_bytes(element)))
+            out[(comp, ar.name)] = roles
     return out
 
 
-def _gathering_all_reduces(comps) -> set[tuple[str, str]]:
-    """(computation, name) of all-reduces whose operand is a dynamic-update-slice (or a fusion
-    XLA named after one) of a broadcast: a zero buffer holding this device's shard, summed
-    over the group — the TPU compiler's way of writing an all-gather over a 3-D torus group."""
-    out = set()
-    for comp, instrs in comps.items():
-        for ar in instrs.values():
-            if _collective_kind(ar.opcode) != "all-reduce" or len(ar.operands) != 1:
-                continue
-            src = instrs.get(ar.operands[0])
-            if src is None or "dynamic-update-slice" not in src.opcode + src.name:
-                continue
-            into = [instrs.get(o) for o in src.operands]
-            if _group_size(ar.tail, "all-reduce") > 1 and any(
-                    i is not None and "broadcast" in i.opcode + i.name for i in into):
-                out.add((comp, ar.name))
-    return out
+def _start_of(instrs: dict[str, _Instr], instr: _Instr) -> _Instr:
+    """An async `-done`'s start (which holds the operands and replica groups), else itself."""
+    if instr.opcode.endswith("-done") and instr.operands:
+        return instrs.get(instr.operands[0], instr)
+    return instr
 
 
 # --- the collectives ----------------------------------------------------------------------------
@@ -525,8 +641,7 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
     runs = _executions(comps, edges, entry)
     roles = _windowed_roles(comps, edges)
     peeled = _windowed_edges(comps, roles)
-    sliced = _sliced_all_reduces(comps)
-    gathering = _gathering_all_reduces(comps)
+    reduce_roles = _all_reduce_roles(comps)
     starts = {i.name: i for instrs in comps.values() for i in instrs.values()
               if i.opcode.endswith("-start")}
     found: dict[tuple, Collective] = {}
@@ -538,10 +653,8 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
             coll.executions = max(runs.get(comp, 0), 1)
             if coll.kind == "collective-permute":
                 coll.role = roles.get(comp) or peeled.get((comp, instr.name), coll.kind)
-            elif (comp, instr.name) in sliced:
-                coll.role = "reduce-scatter"
-            elif (comp, instr.name) in gathering:
-                coll.role = "all-gather"
+            elif coll.kind == "all-reduce" and (comp, instr.name) in reduce_roles:
+                coll.role = _one_role(reduce_roles[(comp, instr.name)])
             # TPU clones one collective into its async start, continuation and done fusions
             # (same channel and shape): those count once. The fused reduce-scatter is called
             # once per use, so it keeps its own key. JAX lowers every explicit shard_map
@@ -566,9 +679,32 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
     unknown = [name for name, body in unknown_loops
                if body and _called_from([body], edges) & holders]
     inside = _called_from([body for _, body in unknown_loops if body], edges)
+    collectives = []
     for c in found.values():
         c.in_unknown_loop = c.computation in inside
-    return CollectiveStats(collectives=list(found.values()), unknown_loops=unknown)
+        parts = reduce_roles.get((c.computation, c.name)) if c.kind == "all-reduce" else None
+        collectives.extend(_split_by_role(c, parts) if parts else [c])
+    return CollectiveStats(collectives=collectives, unknown_loops=unknown)
+
+
+def _one_role(parts: list[tuple[str, int]]) -> str:
+    """The role of an all-reduce whose elements all have one; else "all-reduce" (it is then
+    split by `_split_by_role`)."""
+    roles = {role for role, _ in parts}
+    return roles.pop() if len(roles) == 1 else "all-reduce"
+
+
+def _split_by_role(c: Collective, parts: list[tuple[str, int]]) -> list[Collective]:
+    """A combined all-reduce whose elements do different things (TPU7x combines weight gathers
+    and gradient reductions into one offloaded all-reduce) as one record per role, each with
+    the instruction's name and that role's elements' bytes."""
+    by_role: dict[str, int] = {}
+    for role, n in parts:
+        by_role[role] = by_role.get(role, 0) + n
+    if len(by_role) == 1:
+        return [c]
+    return [dataclasses.replace(c, result_bytes=n, role=role)
+            for role, n in by_role.items()]
 
 
 def _called_from(roots: list[str], edges) -> set[str]:

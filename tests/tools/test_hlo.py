@@ -299,3 +299,82 @@ def test_collective_offloaded_to_sparsecore_runs_with_its_caller():
     assert by["all-reduce"]["count"] == 2
     assert by["all-reduce"]["executions"] == 1 + 4
     assert by["all-reduce"]["bytes"] == 4096 + 128 + 4 * (2 * 8 * 4)
+
+
+# A SparseCore offload as libtpu writes it after scheduling: `call-start()` takes no operands, a
+# `call-update(start, args...)` binds the called computation's parameters, `call-done` returns
+# its result. One combined all-reduce of three elements: a zero buffer holding this device's
+# shard (a gather), a gradient whose only reader is a fusion slicing out one shard of it (a
+# reduce-scatter), and an array used whole (an all-reduce).
+OFFLOADED_TUPLE = """HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%offload (p0: bf16[8,64], p1: f32[8,16], p2: f32[4]) -> (bf16[8,64], f32[8,16], f32[4]) {
+  %p0 = bf16[8,64]{1,0} parameter(0)
+  %p1 = f32[8,16]{1,0} parameter(1)
+  %p2 = f32[4]{0} parameter(2)
+  ROOT %ar = (bf16[8,64]{1,0}, f32[8,16]{1,0}, f32[4]{0}) all-reduce(%p0, %p1, %p2), channel_id=3, replica_groups=mesh['axis_0'=8] {'axis_0'}, use_global_device_ids=true, to_apply=%add
+}, execution_thread="sparsecore"
+
+%keep_shard (g: f32[8,16], i: s32[]) -> f32[1,16] {
+  %g = f32[8,16]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,16]{1,0} dynamic-slice(%g, %i, %z), dynamic_slice_sizes={1,16}
+}
+
+ENTRY %main (w: bf16[1,64], grad: f32[8,16], n: f32[4], i: s32[]) -> f32[] {
+  %w = bf16[1,64]{1,0} parameter(0)
+  %grad = f32[8,16]{1,0} parameter(1)
+  %n = f32[4]{0} parameter(2)
+  %i = s32[] parameter(3)
+  %cs = ((), (), s32[]{:S(2)}) call-start(), async_execution_thread="sparsecore", to_apply=%offload
+  %zeros = bf16[8,64]{1,0} broadcast(bf16[] constant(0)), dimensions={}
+  %z = s32[] constant(0)
+  %buffer = bf16[8,64]{1,0} dynamic-update-slice(%zeros, %w, %i, %z)
+  %copy-start = (bf16[8,64]{1,0}, bf16[8,64]{1,0}, u32[]) copy-start(%buffer)
+  %copy-done = bf16[8,64]{1,0} copy-done(%copy-start)
+  %cu = ((bf16[8,64]{1,0}, f32[8,16]{1,0}, f32[4]{0}), (bf16[8,64]{1,0}, f32[8,16]{1,0}, f32[4]{0})) call-update(%cs, %copy-done, %grad, %n)
+  %cd = (bf16[8,64]{1,0}, f32[8,16]{1,0}, f32[4]{0}) call-done(%cu)
+  %gathered = bf16[8,64]{1,0} get-tuple-element(%cd), index=0
+  %summed = f32[8,16]{1,0} get-tuple-element(%cd), index=1
+  %whole = f32[4]{0} get-tuple-element(%cd), index=2
+  %bc = f32[8,16]{1,0} bitcast(%summed)
+  %mine = f32[1,16]{1,0} fusion(%bc, %i), kind=kLoop, calls=%keep_shard
+  %twice = f32[4]{0} add(%whole, %whole)
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_offloaded_combined_all_reduce_is_split_by_what_each_element_does():
+    stats = hlo.collective_stats(OFFLOADED_TUPLE)
+    assert stats.bytes_by_kind() == {"all-reduce": 8 * 64 * 2 + 8 * 16 * 4 + 4 * 4}
+    assert stats.bytes_by_role() == {"all-gather": 8 * 64 * 2, "reduce-scatter": 8 * 16 * 4,
+                                     "all-reduce": 4 * 4}
+    assert sorted((c.name, c.role) for c in stats.collectives) == [
+        ("ar", "all-gather"), ("ar", "all-reduce"), ("ar", "reduce-scatter")]
+    # A fusion that reads more than one shard is not a reduce-scatter.
+    wider = OFFLOADED_TUPLE.replace("f32[1,16]", "f32[2,16]").replace("sizes={1,16}",
+                                                                      "sizes={2,16}")
+    assert hlo.collective_stats(wider).bytes_by_role()["all-reduce"] == 8 * 16 * 4 + 4 * 4
+
+
+def test_weight_gathers_offloaded_as_all_reduces_count_as_gathers_on_tpu7x():
+    """On a TPU7x slice of 128 devices (tpu7x:4x4x4) libtpu offloads each FSDP weight gather to
+    the SparseCores as an all-reduce of a zero buffer holding this device's shard (there is no
+    all-gather op left). The same scan as the windowed-einsum test, at a size that is not
+    windowed: by role, L forward and L backward weight gathers and L gradient reduce-scatters."""
+    L, D, B = 3, 2048, 2048
+    stats = hlo.collective_stats(_fsdp_scan_grad(_tpu_devices("tpu7x:4x4x4"), L, D, B,
+                                                 jnp.bfloat16))
+    weight = D * D * 2
+    assert stats.unknown_loops == []
+    assert stats.bytes_by_kind()["all-reduce"] == 2 * L * weight     # what libtpu wrote
+    assert stats.bytes_by_role() == {"all-gather": 2 * L * weight,
+                                     "reduce-scatter": L * weight}
