@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.blocks import Block, take_positions, write_cache
 from deepseek_jax.model.head import head_logits
-from deepseek_jax.model.layers import RMSNorm, param
+from deepseek_jax.model.layers import RMSNorm, lookup, param
 
 
 def shift_left(tokens: jax.Array, k: int) -> jax.Array:
@@ -99,7 +99,7 @@ class MTP(nn.Module):
         c = self.config
         out = []
         for k in range(1, c.mtp_depth + 1):
-            emb = jnp.take(embed, shift_left(tokens, k), axis=0).astype(c.dtype)  # [B, T, D]
+            emb = lookup(embed, shift_left(tokens, k), c.dtype)                   # [B, T, D]
             mask_k = (None if token_mask is None
                       else token_mask & shift_left(token_mask, k))               # [B, T]
             h, normed = self.layers[k - 1](h, emb, positions, mask, None, mask_k)
@@ -123,7 +123,7 @@ class MTP(nn.Module):
           new entries written at `positions`).
         """
         c = self.config
-        emb = jnp.take(embed, next_tokens, axis=0).astype(c.dtype)                # [B, T, D]
+        emb = lookup(embed, next_tokens, c.dtype)                                 # [B, T, D]
         _, normed, new = self.layers[0](h, emb, positions, mask, cache)
         cache = {k: write_cache(cache[k], new[k], positions) for k in cache}     # [B, S, ...]
         if logits_index is not None:

@@ -152,7 +152,7 @@ class Transformer(nn.Module):
         return [getattr(self, n) for n in ("dense_layers", "moe_layers") if hasattr(self, n)]
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed, tokens, axis=0).astype(self.config.dtype)       # [B, T, D]
+        x = layers.lookup(self.embed, tokens, self.config.dtype)                 # [B, T, D]
         return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
 
     def _head(self) -> jax.Array:
