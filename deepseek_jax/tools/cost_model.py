@@ -38,6 +38,9 @@ Collectives per chip and step, as in the HLO parser (`hlo.py`: bytes = the whole
              recomputed forward and the backward share one (two passes); reduce-scatter of each
              gradient in the compute dtype (the weights are cast before use, so their gradients
              are reduced before the cast back), fp32 for fp8 models (the wgrad GEMMs' output).
+             The embedding table (untied, its vocabulary unsplit) is looked up on its own
+             D-slices (`layers.lookup`): no gather or reduce-scatter of it, an all-to-all of
+             the [B, T, D] rows per lookup (main model and each MTP depth) forward and backward.
   data, dcn  all-reduce of each gradient over the batch axes it is replicated on.
   tensor     Megatron: an all-reduce of the [B, T, D] output of attention and of the FFN per
              layer in the forward pass, two more in the backward pass (and again when remat
@@ -207,7 +210,7 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
                                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     b_axes = [a for a in ("dcn_data", "data", "fsdp", "expert") if sizes.get(a, 1) > 1]
     out = dict(params=0.0, optimizer=0.0, gather=0.0, scatter=0.0, allreduce=0.0,
-               allreduce_dcn=0.0)
+               allreduce_dcn=0.0, table_axes=())
     compute_b = _bytes(config.dtype)
     expert_axes = set(axis_names(mesh_axes_of(("expert",), rules)[0]))
     ep = any(sizes.get(a, 1) > 1 for a in expert_axes)
@@ -230,7 +233,12 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
         own = expert_axes if "expert" in names else set()
         f = math.prod(sizes.get(a, 1) for a in used if a in ("fsdp", "expert") and a not in own)
         grad_b = pb if config.fp8 else min(pb, compute_b)
-        if f > 1:
+        if f > 1 and names == ("vocab", "embed") and not config.tie_embeddings and all(
+                sizes.get(a, 1) == 1 for a in axis_names(spec[0])):
+            # The embedding lookup on the table's own D-slices (`layers.lookup`): no gather, no
+            # whole-table gradient; its rows' all-to-alls are counted in `estimate`.
+            out["table_axes"] = tuple(a for a in used if sizes.get(a, 1) > 1)
+        elif f > 1:
             # Forward and backward gathers of the full-over-fsdp array (see the module
             # docstring for the experts' third), gradient reduce-scatter.
             passes = expert_passes if "expert" in names else 2
@@ -329,6 +337,11 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
         layers = config.n_layers + config.mtp_depth
         add("all-reduce", 2 * layers * passes * tokens_local * config.d_model * ab, ("tensor",),
             True)
+    if state["table_axes"]:
+        # Embedding rows to their sequences' devices: one all-to-all of [B, T, D] per lookup
+        # (the main model's and each MTP depth's) forward, one backward.
+        add("all-to-all", k * 2 * (1 + config.mtp_depth) * tokens_local * config.d_model * ab,
+            state["table_axes"], True)
     if sizes["expert"] > 1 and config.n_routed_experts:
         moe_layers = config.n_moe_layers + config.mtp_depth
         add("all-to-all", 2 * moe_layers * passes * tokens_local * config.n_experts_per_token
