@@ -58,20 +58,30 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(axes))
 
 
-def token_axes(batch_size: int) -> tuple[str, ...]:
-    """Mesh axes the batch is split over (the `act_batch` rule, axes of size > 1 the compiler
-    still partitions), read from the mesh and rules in context; () when there are none or when
-    `batch_size` does not divide over them."""
+def split_axes(logical: str) -> tuple[str, ...]:
+    """Mesh axes the rules in context give the logical name `logical`, keeping those of size > 1
+    that the compiler still partitions (not manual); () without a mesh or rules."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = nn.get_logical_axis_rules()
     if mesh.empty or not rules:
         return ()
     manual = set(mesh.manual_axes)
-    axes = tuple(a for a in axis_names(nn.logical_to_mesh_axes((BATCH,), rules)[0])
+    return tuple(a for a in axis_names(nn.logical_to_mesh_axes((logical,), rules)[0])
                  if mesh.shape.get(a, 1) > 1 and a not in manual)
-    if not axes or batch_size % math.prod(mesh.shape[a] for a in axes):
-        return ()
-    return axes
+
+
+def _split_size(axes: Sequence[str]) -> int:
+    """Devices the mesh in context splits over `axes` together."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def token_axes(batch_size: int) -> tuple[str, ...]:
+    """Mesh axes the batch is split over (the `act_batch` rule, `split_axes`), read from the
+    mesh and rules in context; () when there are none or when `batch_size` does not divide
+    over them."""
+    axes = split_axes(BATCH)
+    return axes if axes and batch_size % _split_size(axes) == 0 else ()
 
 
 def lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
@@ -86,17 +96,10 @@ def lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     129,280 × 7,168, 3.45 GiB per chip). Elsewhere (no mesh, the vocabulary split over tensor, a
     batch that does not divide over the axes) it is `jnp.take`, partitioned by the compiler.
     """
-    whole = lambda: jnp.take(table, tokens, axis=0).astype(dtype)
-    batch = token_axes(tokens.shape[0])
-    if not batch:
-        return whole()
-    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
-    split = lambda name: tuple(a for a in axis_names(nn.logical_to_mesh_axes((name,), rules)[0])
-                               if mesh.shape.get(a, 1) > 1 and a not in set(mesh.manual_axes))
-    d_axes = split("embed")
-    n = math.prod(mesh.shape[a] for a in d_axes)
-    if not d_axes or split("vocab") or not set(d_axes) <= set(batch) or table.shape[1] % n:
-        return whole()
+    batch, d_axes = token_axes(tokens.shape[0]), split_axes("embed")
+    if (not batch or not d_axes or split_axes("vocab") or not set(d_axes) <= set(batch)
+            or table.shape[1] % _split_size(d_axes)):
+        return jnp.take(table, tokens, axis=0).astype(dtype)
 
     def per_device(rows, ids):                     # rows [V, D/n], ids [b, ...]
         ids = jax.lax.all_gather(ids, d_axes, axis=0, tiled=True)               # [n·b, ...]

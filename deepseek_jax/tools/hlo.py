@@ -486,7 +486,7 @@ def _offloaded_calls(comps) -> dict[str, tuple[str, list[str], str | None]]:
         for instr in instrs.values():
             if instr.opcode not in ("call", "call-start"):
                 continue
-            for callee in re.findall(r"\bto_apply=%([\w.\-]+)", instr.tail):
+            for callee in (c for c, how in _callees(instr).items() if how == "to_apply"):
                 if instr.opcode == "call":
                     out[callee] = (comp, instr.operands, instr.name)
                     continue
@@ -536,10 +536,9 @@ def _keeps_one_shard(comps, users, comp: str, user: _Instr, value: str, shard: i
         return shape_bytes(user.shape) <= shard
     if user.opcode != "fusion":
         return False
-    fused = re.search(r"\bcalls=%([\w.\-]+)", user.tail)
-    if fused is None or fused.group(1) not in comps:
+    body = next((c for c, how in _callees(user).items() if how == "calls"), None)
+    if body not in comps:
         return False
-    body = fused.group(1)
     slots = {i for i, o in enumerate(user.operands) if o == value}
     params = [i.name for i in comps[body].values() if _param_index(i) in slots]
     inner = [u for p in params for _, u in _users_past_copies(users, body, p)]
