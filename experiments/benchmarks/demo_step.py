@@ -1,7 +1,7 @@
 """Benchmark: the demo's pretraining step on CPU per MoE path — seconds per step and the ratio to
 the dense dispatch, measured in one process.
 
-The step is the `small` run config's (deepseek_jax/configs/pretrain.py: 16 × 128 tokens, 16 routed
+The step is the `small` run config's (deepseek_jax/configs/pretrain.py: 8 × 128 tokens, 16 routed
 experts top-4, one MTP module, fp32), compiled once per variant:
 
   dense        every expert on every token (`moe_impl="dense"`; E/X = 4× the routed work)

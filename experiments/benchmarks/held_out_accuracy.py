@@ -7,6 +7,11 @@ problems a GRPO run evaluates on (`rl.problems.load_problems`). Runs after the f
 how many problems they solve that the first does not ("gained") and the reverse ("lost"). The task comes from a GRPO run
 config (default `grpo.py:small`, the demo's), read from `--data_dir`.
 
+With `--work_it_out` each run also answers with its think block prefilled with the equation's
+left side ("What is 43+27? <think> 43+27="), greedy: how well the run computes when made to work
+the problem out, whatever habit greedy decoding would follow (`work_it_out` in the output; for
++ and − task problems).
+
   python experiments/benchmarks/held_out_accuracy.py --data_dir=runs/demo/data \
       runs/demo/grpo runs/demo/sft
 """
@@ -15,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 from deepseek_jax.configs.grpo import get_config
 from deepseek_jax.data import r1, run_config
 from deepseek_jax.data.encoding import Encoder
-from deepseek_jax.rl import rewards
-from deepseek_jax.rl.evaluate import evaluate
+from deepseek_jax import parallel
+from deepseek_jax.rl import rewards, rollout
+from deepseek_jax.rl.evaluate import evaluate, prompt_text
+from deepseek_jax.sampling import generate
 from deepseek_jax.train import checkpoint as ckpt
 
 
@@ -31,17 +39,20 @@ def main() -> None:
     ap.add_argument("--config", default="small", help="GRPO run config naming the task")
     ap.add_argument("--num_problems", type=int, default=200)
     ap.add_argument("--batch_size", type=int, default=100)
+    ap.add_argument("--work_it_out", action="store_true",
+                    help="also answer with the equation's left side prefilled (module docstring)")
     args = ap.parse_args()
     config = get_config(args.config)
     test = run_config.task_source(config.data, args.data_dir, "test")
     problems = [r1.problem_from_record(test[i])
                 for i in range(min(args.num_problems, len(test)))]
+    encoder = Encoder(config.data.tokenizer or None, add_bos=True)
     first = None
     for run in args.runs:
         model_config, variables = ckpt.load_trained(run)
         result = evaluate(variables, model_config, problems, config.data.template,
                           max_new_tokens=config.rl.max_new_tokens, batch_size=args.batch_size,
-                          encoder=Encoder(config.data.tokenizer or None, add_bos=True), show=3)
+                          encoder=encoder, show=3)
         estimating = sum(t.strip().startswith(r1.ESTIMATE_WORD) for t in result["completions"])
         right = [rewards.accuracy_reward(t, p) == 1.0
                  for t, p in zip(result["completions"], problems)]
@@ -51,7 +62,32 @@ def main() -> None:
                           "estimating": estimating / len(problems),
                           "gained": sum(r and not f for r, f in zip(right, first)),
                           "lost": sum(f and not r for r, f in zip(right, first)),
-                          "samples": result["samples"]}), flush=True)
+                          "samples": result["samples"]}
+                         | ({"work_it_out": work_it_out(variables, model_config, problems,
+                                                        config.data.template, args.batch_size,
+                                                        encoder)} if args.work_it_out else {})),
+              flush=True)
+
+
+def work_it_out(variables, model_config, problems, template: str, batch_size: int,
+                encoder: Encoder) -> float:
+    """Greedy accuracy with the think block prefilled up to "=": the number the run writes next
+    against the answer."""
+    texts = [prompt_text(p, template) + ("" if r1.prefills_think(template) else " <think>")
+             + " " + p["prompt"] for p in problems]          # "… <think> 43+27="
+    right = 0
+    for start in range(0, len(texts), batch_size):
+        chunk = [encoder.encode_prompt(t) for t in texts[start: start + batch_size]]
+        n = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - n)               # one compiled shape
+        out = generate(variables, model_config, chunk, max_new_tokens=6,
+                       eos_id=encoder.eos_id)
+        tokens, lengths = parallel.to_host(out.tokens), parallel.to_host(out.lengths)
+        for problem, ids in zip(problems[start: start + n],
+                                rollout.completion_ids(tokens, lengths)):
+            number = re.match(r"-?\d+", encoder.decode(ids))
+            right += bool(number) and number.group() == str(problem["answer"])
+    return right / len(problems)
 
 
 if __name__ == "__main__":
