@@ -109,12 +109,12 @@ def _model(arg: str, model: str, remat: str) -> ml_collections.ConfigDict:
     overrides = {"vocab_size": 320} if model == "tiny" else {}
     if arg not in _EXTENSIONS:
         overrides["rope_factor"] = 1.0      # pretraining: plain RoPE (YaRN is for extension)
+    elif model == "tiny":
+        overrides.update(rope_factor=2.0, rope_original_max_len=32)   # tiny pretrains at 32
     if arg == "small":
         # Four layers unrolled: on a CPU, 10–20 % less time per step than scanned and half
         # the compile (the scan stacks every layer's activations for the backward pass).
         overrides["scan_layers"] = False
-    elif model == "tiny":
-        overrides.update(rope_factor=2.0, rope_original_max_len=32)   # tiny pretrains at 32
     if model not in ("tiny", "small"):
         overrides["dtype"] = jnp.bfloat16
     return model_fields(get_model_config(model, remat_policy=remat, **overrides))
