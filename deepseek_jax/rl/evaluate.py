@@ -62,11 +62,15 @@ def complete(variables, config: ModelConfig, problems: Sequence[dict[str, Any]],
              *, max_new_tokens: int, batch_size: int, samples: int = 1,
              temperature: float = 0.0, top_p: float | None = None, rng=None, mesh=None,
              rules=None, encoder: Encoder = rollout.BYTES,
-             progress: Callable[[int, int], None] | None = None) -> list[list[dict]]:
+             progress: Callable[[int, int], None] | None = None,
+             prefill: Callable[[dict[str, Any]], str] | None = None) -> list[list[dict]]:
     """Per problem, `samples` dicts {"text", "answer", "accuracy", "format", "length"} (length
-    in tokens, the EOS included). `progress(done_rows, total_rows)` is called after each batch."""
+    in tokens, the EOS included). `progress(done_rows, total_rows)` is called after each batch.
+    `prefill(problem)`, when given, is text appended to each prompt, as if the model had written
+    it; "text" and the scores are of what the model writes after it."""
     from deepseek_jax.sampling import generate
-    prompts = [encoder.encode_prompt(prompt_text(p, template)) for p in problems]
+    prompts = [encoder.encode_prompt(prompt_text(p, template) + (prefill(p) if prefill else ""))
+               for p in problems]
     rows = [(i, j) for i in range(len(problems)) for j in range(samples)]
     out_rows: list[list[dict]] = [[] for _ in problems]
     for start in range(0, len(rows), batch_size):

@@ -25,10 +25,8 @@ import re
 from deepseek_jax.configs.grpo import get_config
 from deepseek_jax.data import r1, run_config
 from deepseek_jax.data.encoding import Encoder
-from deepseek_jax import parallel
-from deepseek_jax.rl import rewards, rollout
-from deepseek_jax.rl.evaluate import evaluate, prompt_text
-from deepseek_jax.sampling import generate
+from deepseek_jax.rl import rewards
+from deepseek_jax.rl.evaluate import complete, evaluate
 from deepseek_jax.train import checkpoint as ckpt
 
 
@@ -73,21 +71,13 @@ def work_it_out(variables, model_config, problems, template: str, batch_size: in
                 encoder: Encoder) -> float:
     """Greedy accuracy with the think block prefilled up to "=": the number the run writes next
     against the answer."""
-    texts = [prompt_text(p, template) + ("" if r1.prefills_think(template) else " <think>")
-             + " " + p["prompt"] for p in problems]          # "… <think> 43+27="
-    right = 0
-    for start in range(0, len(texts), batch_size):
-        chunk = [encoder.encode_prompt(t) for t in texts[start: start + batch_size]]
-        n = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - n)               # one compiled shape
-        out = generate(variables, model_config, chunk, max_new_tokens=6,
-                       eos_id=encoder.eos_id)
-        tokens, lengths = parallel.to_host(out.tokens), parallel.to_host(out.lengths)
-        for problem, ids in zip(problems[start: start + n],
-                                rollout.completion_ids(tokens, lengths)):
-            number = re.match(r"-?\d+", encoder.decode(ids))
-            right += bool(number) and number.group() == str(problem["answer"])
-    return right / len(problems)
+    opening = "" if r1.prefills_think(template) else " <think>"
+    done = complete(variables, model_config, problems, template, max_new_tokens=6,
+                    batch_size=batch_size, encoder=encoder,
+                    prefill=lambda p: f"{opening} {p['prompt']}")      # "… <think> 43+27="
+    numbers = [re.match(r"-?\d+", row[0]["text"]) for row in done]
+    return sum(bool(n) and n.group() == str(p["answer"])
+               for n, p in zip(numbers, problems)) / len(problems)
 
 
 if __name__ == "__main__":

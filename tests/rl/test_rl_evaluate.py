@@ -105,3 +105,22 @@ def test_summary_hand_computed():
                  "pass@2": pytest.approx((1 - 1 / 6) / 2, abs=1e-15),
                  "sample_accuracy": 0.25, "samples_per_problem": 4}
     assert "pass@2" not in ev.summarize(greedy, [], k=2)
+
+
+
+def test_prefilled_text_is_read_as_part_of_the_prompt(model):
+    config, variables = model
+    rng = np.random.default_rng(1)
+    problems = [tasks.arithmetic_problem(rng, 2, "+-", 2) for _ in range(3)]
+    prefill = lambda p: f" <think> {p['prompt']}"          # "… <think> 43+27="
+    got = ev.complete(variables, config, problems, "compact", max_new_tokens=5, batch_size=4,
+                      prefill=prefill)
+    # The reference: the same prompts written out whole and generated in one batch; greedy
+    # decoding of the same ids gives the same tokens.
+    ids = [rollout.BYTES.encode_prompt(ev.prompt_text(p, "compact") + prefill(p))
+           for p in problems]
+    out = generate(variables, config, ids + [ids[-1]], max_new_tokens=5,
+                   eos_id=rollout.BYTES.eos_id)
+    want = [rollout.BYTES.decode(c) for c in rollout.completion_ids(
+        parallel.to_host(out.tokens), parallel.to_host(out.lengths))][:3]
+    assert [row[0]["text"] for row in got] == want
