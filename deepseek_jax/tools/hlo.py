@@ -99,6 +99,12 @@ _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _SOURCE_TARGET = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
 
 
+def shape_elements(shape: str) -> int:
+    """Values in every array of a result shape string (a tuple sums its elements)."""
+    return sum(math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+               for _, dims in _ARRAY.findall(shape))
+
+
 def shape_bytes(shape: str) -> int:
     """Bytes of every array in a result shape string (a tuple sums its elements)."""
     total = 0
@@ -530,10 +536,11 @@ def _users_past_copies(users, comp: str, name: str) -> list[tuple[str, _Instr]]:
 
 
 def _keeps_one_shard(comps, users, comp: str, user: _Instr, value: str, shard: int) -> bool:
-    """Whether `user` reads only ≤ `shard` bytes of `value`: a dynamic-slice (or a fusion XLA
-    named after one), or a fusion whose parameter for `value` only feeds such slices."""
+    """Whether `user` reads only ≤ `shard` values of `value`: a dynamic-slice (or a fusion XLA
+    named after one), or a fusion whose parameter for `value` only feeds such slices. Counted in
+    values, not bytes: a slicing fusion may also cast (a bf16 gradient's shard read as f32)."""
     if user.opcode == "dynamic-slice" or user.name.startswith("dynamic-slice"):
-        return shape_bytes(user.shape) <= shard
+        return shape_elements(user.shape) <= shard
     if user.opcode != "fusion":
         return False
     body = next((c for c, how in _callees(user).items() if how == "calls"), None)
@@ -542,16 +549,47 @@ def _keeps_one_shard(comps, users, comp: str, user: _Instr, value: str, shard: i
     slots = {i for i, o in enumerate(user.operands) if o == value}
     params = [i.name for i in comps[body].values() if _param_index(i) in slots]
     inner = [u for p in params for _, u in _users_past_copies(users, body, p)]
-    return bool(inner) and all(u.opcode == "dynamic-slice" and shape_bytes(u.shape) <= shard
+    return bool(inner) and all(u.opcode == "dynamic-slice" and shape_elements(u.shape) <= shard
                                for u in inner)
 
 
 def _is_zero_buffer_with_shard(comps, comp: str, instr: _Instr | None) -> bool:
-    """A dynamic-update-slice (or a fusion XLA named after one) into a broadcast."""
-    if instr is None or "dynamic-update-slice" not in instr.opcode + instr.name:
+    """A dynamic-update-slice into a broadcast: bare, a fusion whose fused ROOT is one (or a
+    fusion XLA named after one, with a broadcast operand), or such an output of a multi-output
+    fusion (a `get-tuple-element` of it)."""
+    if instr is None:
+        return False
+    index = None
+    if instr.opcode == "get-tuple-element":
+        index = _tuple_index(comps[comp], instr.name)
+        instr = _through_copies(comps, comp, instr.operands[0])
+        if instr is None or instr.opcode != "fusion" or index is None:
+            return False
+    if instr.opcode == "fusion" and _fused_update_of_broadcast(comps, comp, instr, index):
+        return True
+    if index is not None or "dynamic-update-slice" not in instr.opcode + instr.name:
         return False
     into = [comps[comp].get(o) for o in instr.operands]
     return any(i is not None and "broadcast" in i.opcode + i.name for i in into)
+
+
+def _fused_update_of_broadcast(comps, comp: str, fusion: _Instr, index: int | None) -> bool:
+    """Whether the fusion's output (`index` of its ROOT tuple, or the ROOT itself) is a
+    dynamic-update-slice into the parameter a broadcast is passed as."""
+    body = next((c for c, how in _callees(fusion).items() if how == "calls"), None)
+    instrs = comps.get(body, {})
+    out = next((i for i in instrs.values() if i.root), None)
+    if out is not None and index is not None:
+        ok = out.opcode == "tuple" and index < len(out.operands)
+        out = instrs.get(out.operands[index]) if ok else None
+    if out is None or out.opcode != "dynamic-update-slice" or not out.operands:
+        return False
+    into = instrs.get(out.operands[0])
+    k = _param_index(into) if into is not None else None
+    if k is None or k >= len(fusion.operands):
+        return False
+    arg = _through_copies(comps, comp, fusion.operands[k])
+    return arg is not None and "broadcast" in arg.opcode + arg.name
 
 
 def _all_reduce_roles(comps) -> dict[tuple[str, str], list[tuple[str, int]]]:
@@ -591,7 +629,7 @@ def _all_reduce_roles(comps) -> dict[tuple[str, str], list[tuple[str, int]]]:
                 else:
                     picks = [result]
                 readers = [r for p in picks for r in _users_past_copies(users, result_comp, p)]
-                shard = shape_bytes(element) // max(group, 1)
+                shard = shape_elements(element) // max(group, 1)
                 if group > 1 and _is_zero_buffer_with_shard(comps, src_comp, src):
                     role = "all-gather"
                 elif group > 1 and readers and all(

@@ -378,3 +378,109 @@ def test_weight_gathers_offloaded_as_all_reduces_count_as_gathers_on_tpu7x():
     assert stats.bytes_by_kind()["all-reduce"] == 2 * L * weight     # what libtpu wrote
     assert stats.bytes_by_role() == {"all-gather": 2 * L * weight,
                                      "reduce-scatter": L * weight}
+
+
+# Two shapes libtpu's fusions give the roles above (seen in the 512-chip FSDP step below): a
+# gradient's shard sliced out and cast to f32 in one fusion XLA names after the slice (more
+# bytes than the bf16 shard, the same number of values), and zero buffers holding this
+# device's shard built inside a fusion, alone or as one output of a multi-output fusion,
+# neither named after the update.
+FUSED_ROLES = """HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%add (x: bf16[], y: bf16[]) -> bf16[] {
+  %x = bf16[] parameter(0)
+  %y = bf16[] parameter(1)
+  ROOT %sum = bf16[] add(%x, %y)
+}
+
+%shard_as_f32 (g: bf16[8,16], i: s32[]) -> f32[1,16] {
+  %g = bf16[8,16]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = bf16[1,16]{1,0} dynamic-slice(%g, %i, %z), dynamic_slice_sizes={1,16}
+  ROOT %f = f32[1,16]{1,0} convert(%ds)
+}
+
+%place (buf: bf16[8,32], w: bf16[1,32], i: s32[]) -> bf16[8,32] {
+  %buf = bf16[8,32]{1,0} parameter(0)
+  %w = bf16[1,32]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = bf16[8,32]{1,0} dynamic-update-slice(%buf, %w, %i, %z)
+}
+
+%carry_and_place (c: f32[4], buf: bf16[8,64], w: bf16[1,64], i: s32[]) -> (f32[4], bf16[8,64]) {
+  %c = f32[4]{0} parameter(0)
+  %buf = bf16[8,64]{1,0} parameter(1)
+  %w = bf16[1,64]{1,0} parameter(2)
+  %i = s32[] parameter(3)
+  %z = s32[] constant(0)
+  %twice = f32[4]{0} add(%c, %c)
+  %dus = bf16[8,64]{1,0} dynamic-update-slice(%buf, %w, %i, %z)
+  ROOT %t = (f32[4]{0}, bf16[8,64]{1,0}) tuple(%twice, %dus)
+}
+
+ENTRY %main (grad: bf16[8,16], w32: bf16[1,32], w64: bf16[1,64], c: f32[4], i: s32[]) -> f32[] {
+  %grad = bf16[8,16]{1,0} parameter(0)
+  %w32 = bf16[1,32]{1,0} parameter(1)
+  %w64 = bf16[1,64]{1,0} parameter(2)
+  %c = f32[4]{0} parameter(3)
+  %i = s32[] parameter(4)
+  %zeros32 = bf16[8,32]{1,0} broadcast(bf16[] constant(0)), dimensions={}
+  %zeros64 = bf16[8,64]{1,0} broadcast(bf16[] constant(0)), dimensions={}
+  %fusion.1 = bf16[8,32]{1,0} fusion(%zeros32, %w32, %i), kind=kLoop, calls=%place
+  %fusion.2 = (f32[4]{0}, bf16[8,64]{1,0}) fusion(%c, %zeros64, %w64, %i), kind=kLoop, calls=%carry_and_place
+  %placed = bf16[8,64]{1,0} get-tuple-element(%fusion.2), index=1
+  %carried = f32[4]{0} get-tuple-element(%fusion.2), index=0
+  %ar = (bf16[8,16]{1,0}, bf16[8,32]{1,0}, bf16[8,64]{1,0}) all-reduce(%grad, %fusion.1, %placed), channel_id=1, replica_groups=mesh['axis_0'=8] {'axis_0'}, use_global_device_ids=true, to_apply=%add
+  %summed = bf16[8,16]{1,0} get-tuple-element(%ar), index=0
+  %dynamic-slice_convert_fusion.8 = f32[1,16]{1,0} fusion(%summed, %i), kind=kLoop, calls=%shard_as_f32
+  %g32 = bf16[8,32]{1,0} get-tuple-element(%ar), index=1
+  %g64 = bf16[8,64]{1,0} get-tuple-element(%ar), index=2
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_fused_shard_reads_and_fused_zero_buffers_keep_their_roles():
+    stats = hlo.collective_stats(FUSED_ROLES)
+    assert stats.bytes_by_kind() == {"all-reduce": (8 * 16 + 8 * 32 + 8 * 64) * 2}
+    assert stats.bytes_by_role() == {"reduce-scatter": 8 * 16 * 2,
+                                     "all-gather": (8 * 32 + 8 * 64) * 2}
+    # The carried (f32) output of the multi-output fusion is no zero buffer: reduced in its
+    # place, it is an all-reduce; a cast slice of two shards is not one shard.
+    other = FUSED_ROLES.replace("all-reduce(%grad, %fusion.1, %placed)",
+                                "all-reduce(%grad, %fusion.1, %carried)") \
+        .replace("bf16[8,64]{1,0}) all-reduce", "f32[4]{0}) all-reduce") \
+        .replace("%g64 = bf16[8,64]{1,0}", "%g64 = f32[4]{0}")
+    assert hlo.collective_stats(other).bytes_by_role() == {
+        "reduce-scatter": 8 * 16 * 2, "all-gather": 8 * 32 * 2, "all-reduce": 4 * 4}
+    wider = FUSED_ROLES.replace("f32[1,16]", "f32[2,16]").replace("bf16[1,16]", "bf16[2,16]") \
+        .replace("sizes={1,16}", "sizes={2,16}")
+    assert hlo.collective_stats(wider).bytes_by_role()["all-reduce"] == 8 * 16 * 2
+
+
+def test_fsdp_step_on_a_whole_torus_reduces_each_gradient_to_its_shard():
+    """The train step of two layers with DeepSeek-V3's attention widths (Q = 1536, C = 512,
+    128 heads) under FSDP over all 512 chips of a v5p 8x8x8 torus, compile only. libtpu writes
+    every collective over the whole torus as an all-reduce; by role, every weight's gradient is
+    reduce-scattered, including w_uq [1536, 128, 192] and w_uk/w_uv [512, 128, 128], split into
+    shards of 3 and 1 rows whose slices the compiler fuses with their cast to f32 (before, their
+    6.3 GiB per V3 step counted as whole all-reduces). Only the loss's scalars are all-reduced."""
+    from deepseek_jax.config import get_config
+    from deepseek_jax.tools.compile import Strategy, compile_strategy
+    c = get_config("tiny", vocab_size=1024, d_model=1024, n_layers=2, n_dense_layers=2,
+                   d_ff=512, n_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, mtp_depth=0,
+                   dtype=jnp.bfloat16)
+    r = compile_strategy(c, Strategy.make("fsdp", {"fsdp": 512}), _tpu_devices("v5p:8x8x8"),
+                         512, 256)
+    stats = r["collectives"]
+    assert set(stats.bytes_by_kind()) <= {"all-reduce", "all-to-all"}   # what libtpu wrote
+    roles = stats.bytes_by_role()
+    assert roles["all-reduce"] <= 16, [(x.name, x.result_bytes) for x in stats.collectives
+                                       if x.role == "all-reduce"]
+    # Each parameter's gradient is reduced once, in bf16 (2 bytes a value; the norms' in f32),
+    # except the embedding table's: a scatter-add into this device's slice, no reduction.
+    n_params = r["params"] * 512 // 4               # fp32, every parameter split 512 ways
+    assert roles["reduce-scatter"] >= 2 * (n_params - c.vocab_size * c.d_model)
