@@ -16,7 +16,8 @@ chip), chips for v5e and v6e. Slice topologies for a chip count follow the Cloud
 1024 → 8x8x16; v5e/v6e 8 → 2x4, 256 → 16x16.
 
 Devices: TPU targets get compile-only devices from `jax.experimental.topologies` (needs libtpu;
-no TPU needed); cpu-N uses the process's CPU devices, so the entrypoint must set
+no TPU needed), with the slice's wraparound links (`Target.wrap`: tori from 4x4x4 v5p and TPU7x
+slices up, open meshes below; v5e/v6e rings only along a whole-pod side of 16); cpu-N uses the process's CPU devices, so the entrypoint must set
 `--xla_force_host_platform_device_count=N` before JAX starts (`plan.py` does). GPU targets have
 no compile-only devices in JAX (`get_topology_desc(platform="cuda")` is not implemented), so they
 are planned with the analytic model alone.
@@ -67,12 +68,33 @@ class Target:
         """`jax.experimental.topologies` name of one slice, e.g. 'v5p:8x8x8'."""
         return f"{self.chip.topology_prefix}:{'x'.join(map(str, self.slice_shape))}"
 
+    @property
+    def wrap(self) -> tuple[bool, bool, bool]:
+        """Which dimensions of one slice close into rings (wraparound links), as the Cloud TPU
+        slices are built: a 3-D slice (v5p, TPU7x) is a torus in every dimension when each
+        dimension is a multiple of 4 (whole 4x4x4 cubes joined by optical switches), else an
+        open mesh; a 2-D slice (v5e, v6e) wraps a dimension only where it spans the whole pod
+        (16). The compiler picks its collectives by the network it is told, so compile-only
+        devices must have the same links as the slice (without them libtpu writes every weight
+        gather over a 512-chip v5p slice as an all-reduce)."""
+        shape = self.slice_shape
+        if self.chip.ici_dims == 3:
+            whole = all(d % 4 == 0 for d in shape)
+            return (whole, whole, whole)
+        return tuple(d == 16 for d in shape) + (False,) * (3 - len(shape))
+
+    def _links(self) -> str:
+        rings = [d for d, w in zip(self.slice_shape, self.wrap) if w]
+        if len(rings) == len(self.slice_shape):
+            return "torus"
+        return "mesh" + (f" (ring along {'x'.join(map(str, rings))})" if rings else "")
+
     def describe(self) -> str:
         if self.chip.kind == "tpu":
             slices = f"{self.n_slices} slices of " if self.n_slices > 1 else ""
             devices = (f", {self.n_devices} devices" if self.n_devices != self.n_chips else "")
             return (f"{self.name}: {slices}{self.chip.name} {self.topology_name.split(':')[1]} "
-                    f"({self.n_chips} chips{devices})")
+                    f"{self._links()} ({self.n_chips} chips{devices})")
         if self.chip.kind == "gpu":
             nodes = math.ceil(self.n_chips / self.chip.gpus_per_node)
             return f"{self.name}: {self.n_chips} × {self.chip.name} ({nodes} nodes)"
@@ -85,7 +107,7 @@ class Target:
             from jax.experimental import topologies
             kwargs = {"num_slices": self.n_slices} if self.n_slices > 1 else {}
             try:
-                topo = topologies.get_topology_desc(platform="tpu",
+                topo = topologies.get_topology_desc(platform="tpu", wrap=self.wrap,
                                                     topology_name=self.topology_name, **kwargs)
             except RuntimeError as e:
                 if "not installed" in str(e):

@@ -231,8 +231,10 @@ def test_hand_written_collectives_in_nested_loops_on_tpu():
 
 
 def test_all_gather_written_as_all_reduce_counts_as_a_gather():
-    """Over all 64 chips of a v5p 4x4x4 torus libtpu compiles an all-gather as an all-reduce of
-    a zero buffer holding each shard. Its role is all-gather, with the gathered array's bytes."""
+    """Over all 64 chips of a v5p 4x4x4 without wraparound links (libtpu's default for the
+    name; `targets.Target.wrap` gives the slice its links) and in plain device order, libtpu
+    compiles an all-gather as an all-reduce of a zero buffer holding each shard. Its role is
+    all-gather, with the gathered array's bytes."""
     devices = _tpu_devices("v5p:4x4x4")
     mesh = Mesh(np.array(devices), ("x",))
     fn = jax.jit(jax.shard_map(lambda w: 2 * jax.lax.all_gather(w, "x", axis=0, tiled=True),
@@ -462,22 +464,30 @@ def test_fused_shard_reads_and_fused_zero_buffers_keep_their_roles():
 
 def test_fsdp_step_on_a_whole_torus_reduces_each_gradient_to_its_shard():
     """The train step of two layers with DeepSeek-V3's attention widths (Q = 1536, C = 512,
-    128 heads) under FSDP over all 512 chips of a v5p 8x8x8 torus, compile only. libtpu writes
-    every collective over the whole torus as an all-reduce; by role, every weight's gradient is
-    reduce-scattered, including w_uq [1536, 128, 192] and w_uk/w_uv [512, 128, 128], split into
-    shards of 3 and 1 rows whose slices the compiler fuses with their cast to f32 (before, their
-    6.3 GiB per V3 step counted as whole all-reduces). Only the loss's scalars are all-reduced."""
+    128 heads) under FSDP over all 512 chips of a v5p-1024 (8x8x8 torus), compile only, on the
+    planner's devices. libtpu writes every gradient reduction over the whole torus as an
+    all-reduce of the whole gradient read by one shard's slice: by role, a reduce-scatter,
+    including w_uq [1536, 128, 192] and w_uk/w_uv [512, 128, 128], split into shards of 3 and 1
+    rows whose slices the compiler fuses with their cast to f32 (before, their 6.3 GiB per V3
+    step counted as whole all-reduces). Only the loss's scalars are all-reduced; the weight
+    gathers are all-gather instructions (with the slice's wraparound links, `Target.wrap`)."""
     from deepseek_jax.config import get_config
     from deepseek_jax.tools.compile import Strategy, compile_strategy
+    from deepseek_jax.tools.targets import parse_target
     c = get_config("tiny", vocab_size=1024, d_model=1024, n_layers=2, n_dense_layers=2,
                    d_ff=512, n_heads=128, q_lora_rank=1536, kv_lora_rank=512,
                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, mtp_depth=0,
                    dtype=jnp.bfloat16)
-    r = compile_strategy(c, Strategy.make("fsdp", {"fsdp": 512}), _tpu_devices("v5p:8x8x8"),
-                         512, 256)
+    pytest.importorskip("libtpu")
+    r = compile_strategy(c, Strategy.make("fsdp", {"fsdp": 512}),
+                         parse_target("tpu-v5p-1024").devices(), 512, 256)
     stats = r["collectives"]
-    assert set(stats.bytes_by_kind()) <= {"all-reduce", "all-to-all"}   # what libtpu wrote
-    roles = stats.bytes_by_role()
+    kinds, roles = stats.bytes_by_kind(), stats.bytes_by_role()
+    assert set(kinds) == {"all-gather", "all-reduce", "all-to-all"}     # what libtpu wrote
+    # Every weight gather (≥ 1 MiB) is an all-gather instruction; the norms' f32 scales (KiBs)
+    # ride along in combined all-reduces.
+    assert {c.kind for c in stats.collectives
+            if c.role == "all-gather" and c.result_bytes >= 2**20} == {"all-gather"}
     assert roles["all-reduce"] <= 16, [(x.name, x.result_bytes) for x in stats.collectives
                                        if x.role == "all-reduce"]
     # Each parameter's gradient is reduced once, in bf16 (2 bytes a value; the norms' in f32),

@@ -31,7 +31,7 @@ def test_parse(name, chips, slices, shape, compile_on):
 def test_topology_names_and_descriptions():
     assert parse_target("tpu-v5p-1024").topology_name == "v5p:8x8x8"
     assert parse_target("2xtpu-v5p-512").describe() == \
-        "2xtpu-v5p-512: 2 slices of TPU v5p 4x8x8 (512 chips)"
+        "2xtpu-v5p-512: 2 slices of TPU v5p 4x8x8 torus (512 chips)"
     assert "8 nodes" in parse_target("gpu-h100-64").describe()
 
 
@@ -47,6 +47,53 @@ def test_topology_names_and_descriptions():
 def test_errors_say_what_to_write(name, fragment):
     with pytest.raises(TargetError, match=fragment):
         parse_target(name)
+
+
+@pytest.mark.parametrize("name,wrap,links", [
+    ("tpu-v5p-1024", (True, True, True), "torus"),       # 8x8x8
+    ("tpu-v5p-128", (True, True, True), "torus"),        # 4x4x4, the smallest torus
+    ("tpu-v5p-4x4x12", (True, True, True), "torus"),
+    ("tpu-v5p-64", (False, False, False), "mesh"),       # 2x4x4
+    ("tpu-v5p-16", (False, False, False), "mesh"),       # 2x2x2
+    ("tpu7x-256", (True, True, True), "torus"),          # 4x4x8
+    ("tpu7x-64", (False, False, False), "mesh"),         # 2x4x4
+    ("tpu-v6e-256", (True, True, False), "torus"),       # 16x16, a whole pod
+    ("tpu-v5e-128", (False, True, False), "mesh (ring along 16)"),   # 8x16
+    ("tpu-v6e-64", (False, False, False), "mesh"),       # 8x8
+])
+def test_slices_wrap_where_cloud_tpu_slices_do(name, wrap, links):
+    t = parse_target(name)
+    assert t.wrap == wrap
+    assert f" {links} (" in t.describe()
+
+
+def test_compile_only_devices_have_the_slice_links():
+    """A weight gathered over all 64 chips of a v5p-128 (4x4x4, a torus) on the mesh the trainer
+    builds: with the target's devices libtpu writes an all-gather, as on the slice; on the same
+    shape without wraparound links (an open mesh, libtpu's default for the name) it writes an
+    all-reduce of a zero buffer instead."""
+    pytest.importorskip("libtpu", reason="compile-only TPU devices need libtpu (dev deps)")
+    import os
+    import re
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from deepseek_jax import parallel
+
+    def gathered_by(devices) -> set[str]:
+        mesh = parallel.make_mesh({"fsdp": -1}, devices)       # the torus-aware device order
+        whole = jax.jit(lambda w: 2 * jax.lax.with_sharding_constraint(
+            w, NamedSharding(mesh, P())), in_shardings=NamedSharding(mesh, P("fsdp")))
+        text = whole.lower(jax.ShapeDtypeStruct((64 * 8, 512), jnp.bfloat16)).compile().as_text()
+        return set(re.findall(r" (all-gather|all-reduce)(?:-start)?\(", text))
+
+    t = parse_target("tpu-v5p-128")
+    assert gathered_by(t.devices()) == {"all-gather"}
+    open_mesh = topologies.get_topology_desc(platform="tpu", topology_name=t.topology_name)
+    assert gathered_by(open_mesh.devices) == {"all-reduce"}
 
 
 def test_slice_shapes_follow_the_cloud_tables():
@@ -82,8 +129,8 @@ def test_tpu7x_devices_are_tensorcores():
     from deepseek_jax.tools import cost_model
     t = parse_target("tpu7x-256")
     assert (t.n_chips, t.n_devices, t.topology_name) == (128, 256, "tpu7x:4x4x8")
-    assert t.describe() == "tpu7x-256: TPU7x (Ironwood), per TensorCore 4x4x8 (128 chips, " \
-        "256 devices)"
+    assert t.describe() == "tpu7x-256: TPU7x (Ironwood), per TensorCore 4x4x8 torus (128 " \
+        "chips, 256 devices)"
     chip = t.chip
     assert chip.peak_flops == pytest.approx(2307e12 / 2) and chip.devices_per_chip == 2
     sizes = {"fsdp": 128, "tensor": 2}
