@@ -17,8 +17,9 @@ chip), chips for v5e and v6e. Slice topologies for a chip count follow the Cloud
 
 Devices: TPU targets get compile-only devices from `jax.experimental.topologies` (needs libtpu;
 no TPU needed), with the slice's wraparound links (`Target.wrap`: tori from 4x4x4 v5p and TPU7x
-slices up, open meshes below; v5e/v6e rings only along a whole-pod side of 16); cpu-N uses the process's CPU devices, so the entrypoint must set
-`--xla_force_host_platform_device_count=N` before JAX starts (`plan.py` does). GPU targets have
+slices up, open meshes below; v5e/v6e rings only along a whole-pod side of 16); cpu-N uses the
+process's CPU devices, so the entrypoint must set `--xla_force_host_platform_device_count=N`
+before JAX starts (`plan.py` does). GPU targets have
 no compile-only devices in JAX (`get_topology_desc(platform="cuda")` is not implemented), so they
 are planned with the analytic model alone.
 """
