@@ -74,7 +74,6 @@ def test_compile_only_devices_have_the_slice_links():
     all-reduce of a zero buffer instead."""
     pytest.importorskip("libtpu", reason="compile-only TPU devices need libtpu (dev deps)")
     import os
-    import re
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
     import jax.numpy as jnp
@@ -82,13 +81,14 @@ def test_compile_only_devices_have_the_slice_links():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from deepseek_jax import parallel
+    from deepseek_jax.tools import hlo
 
     def gathered_by(devices) -> set[str]:
         mesh = parallel.make_mesh({"fsdp": -1}, devices)       # the torus-aware device order
         whole = jax.jit(lambda w: 2 * jax.lax.with_sharding_constraint(
             w, NamedSharding(mesh, P())), in_shardings=NamedSharding(mesh, P("fsdp")))
         text = whole.lower(jax.ShapeDtypeStruct((64 * 8, 512), jnp.bfloat16)).compile().as_text()
-        return set(re.findall(r" (all-gather|all-reduce)(?:-start)?\(", text))
+        return set(hlo.collective_stats(text).bytes_by_kind())
 
     t = parse_target("tpu-v5p-128")
     assert gathered_by(t.devices()) == {"all-gather"}
