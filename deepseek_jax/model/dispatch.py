@@ -100,7 +100,7 @@ from deepseek_jax.config import MOE_EP_TRANSPORTS, MeshError, ModelConfig
 from deepseek_jax.kernels.platform import active_platform
 from deepseek_jax.kernels.fp8_linear import all_gather_dim, fp8_dot, psum_scatter_dim
 from deepseek_jax.kernels.grouped_gemm import gmm, resolve_backend
-from deepseek_jax.model.layers import einsum
+from deepseek_jax.model.layers import cast_layer_weight, einsum
 from deepseek_jax.model.routing import EPLayout
 
 TRANSPORTS = MOE_EP_TRANSPORTS                      # see the module docstring
@@ -553,7 +553,8 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         # The grouped GEMMs multiply in `dtype` anyway (they cast the weights to the rows' dtype),
         # so casting first changes no value and halves the bytes FSDP gathers for a bf16 model.
         # (fp8 quantizes the stored weights; the reference backend multiplies them in fp32.)
-        w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
+        # On this layer's slice only (`cast_layer_weight` says why a plain cast is not).
+        w_gate, w_up, w_down = (cast_layer_weight(w, dtype) for w in (w_gate, w_up, w_down))
     if not layout.expert_axes:
         return _local_moe(x, weights, idx, w_gate, w_up, w_down, layout=layout, dtype=dtype,
                           backend=backend, fp8=fp8, keep=keep, expert_chunks=expert_chunks)

@@ -53,6 +53,35 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
                         config.param_dtype)
 
 
+@jax.custom_vjp
+def _round_to_bf16(w: jax.Array) -> jax.Array:
+    """f32 → bf16, round to nearest even, in integer arithmetic on the bit patterns (NaN stays
+    NaN: its payload is set to the quiet NaN's)."""
+    bits = jax.lax.bitcast_convert_type(w, jnp.uint32)
+    rounded = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16
+    rounded = jnp.where(jnp.isnan(w), jnp.uint32(0x7FC0), rounded)
+    return jax.lax.bitcast_convert_type(rounded.astype(jnp.uint16), jnp.bfloat16)
+
+
+_round_to_bf16.defvjp(lambda w: (_round_to_bf16(w), None),
+                      lambda _, g: (g.astype(jnp.float32),))
+
+
+def cast_layer_weight(w: jax.Array, dtype) -> jax.Array:
+    """`w.astype(dtype)` for one layer's slice of a scanned weight stack, kept inside the loop.
+
+    XLA's bf16 propagation sees a loop-carried f32 stack whose every use is a cast to bf16 and
+    turns the whole stack into bf16 before the loop: one copy of every layer's weights held
+    from the first forward layer to the last backward one (through optimization barriers too).
+    For V3's routed experts that is 2.4 GiB per chip on 512 chips. Rounding f32 to bf16 on the
+    integer bit patterns gives the same values (round to nearest even) and is no float cast the
+    pass can move. Other dtype pairs are a plain cast. The gradient is the cotangent cast back
+    to f32, as for `astype`."""
+    if w.dtype == jnp.float32 and jnp.dtype(dtype) == jnp.bfloat16:
+        return _round_to_bf16(w)
+    return w.astype(dtype)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Logical sharding constraint on an activation; does nothing without mesh rules."""
     return nn.with_logical_constraint(x, tuple(axes))

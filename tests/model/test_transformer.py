@@ -124,3 +124,60 @@ def test_packed_segments_do_not_interact(setup):
     alone, _ = apply(v, b[None])
     # Identical math over different padding of the same rows: fp32 rounding only.
     np.testing.assert_allclose(np.asarray(got[0, 5:]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_backward_fence_changes_no_value(setup, default_grad, monkeypatch):
+    """MTP depths run under a custom_vjp whose backward only orders the work (`mtp.py`,
+    `_params_grad_first`): with the moe_stats sown as the train step collects them, the loss,
+    the statistics and every gradient equal plain autodiff through the same layer. Same ops,
+    possibly fused differently: compared as the paths above."""
+    from deepseek_jax.model import mtp
+    c, v, tokens, _ = setup
+
+    def run():
+        def loss(params):
+            (logits, out), state = Transformer(c).apply({**v, "params": params}, tokens,
+                                                        mutable=["moe_stats"])
+            return (jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + jnp.mean(out ** 2),
+                    state["moe_stats"])
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
+    (l1, stats1), g1 = run()
+    monkeypatch.setattr(mtp, "_params_grad_first", mtp._layer)
+    (l2, stats2), g2 = run()
+    assert "mtp" in g1 and jax.tree.structure(g1) == jax.tree.structure(g2)
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+    np.testing.assert_allclose(float(l1), float(default_grad[0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    assert_leaves_close_in_norm(g2, g1, gradient_rtol(B * T * c.d_model, 20.0))
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from _equations(inner)
+
+
+def test_mtp_backward_ties_its_parameter_gradients_to_its_input_gradient(setup):
+    """The fence of `mtp._params_grad_first` in the differentiated program: one optimization
+    barrier takes every MTP parameter's gradient together with the gradients of the depth's two
+    inputs (the trunk's hidden state and the next tokens' embeddings, both [B, T, D]), so the
+    trunk's backward cannot start before the depth's weight gradients exist. (Whether a
+    compiler would otherwise defer them depends on sizes: the 671B step on 512 chips did,
+    BENCHMARKS.md; small models do not, so the structure is what is tested.)"""
+    c, v, tokens, _ = setup
+
+    def loss(params):
+        logits, out = Transformer(c).apply({**v, "params": params}, tokens)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + jnp.mean(out ** 2)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(v["params"]).jaxpr
+    mtp_shapes = sorted(tuple(p.shape) for p in jax.tree.leaves(v["params"]["mtp"]))
+    hidden = (B, T, c.d_model)
+    fences = [sorted(tuple(x.aval.shape) for x in eqn.invars) for eqn in _equations(jaxpr)
+              if eqn.primitive.name == "optimization_barrier"]
+    assert sorted(mtp_shapes + [hidden, hidden]) in fences, fences
