@@ -67,7 +67,7 @@ from jax import lax
 
 from deepseek_jax.config import FP8_BACKENDS
 from deepseek_jax.kernels import fp8_gpu, fp8_tpu
-from deepseek_jax.kernels.platform import active_platform
+from deepseek_jax.kernels.platform import active_platform, target_device
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 AMAX_FLOOR = 1e-4  # DeepSeek's clamp: an all-zero tile gets scale 1e-4 / 448, not 0
@@ -235,7 +235,7 @@ def _resolve_backend(backend: str) -> str:
     if platform == "tpu":
         return "mosaic_tpu"
     if platform == "gpu":
-        cc = getattr(jax.devices()[0], "compute_capability", "")
+        cc = getattr(target_device(), "compute_capability", "")
         return "mosaic_gpu" if str(cc).startswith("9") else "reference"  # wgmma is Hopper-only
     return "reference"
 

@@ -51,6 +51,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from deepseek_jax.kernels.platform import target_device
+
 BLOCK = 128  # scale block along K; one pipeline step covers exactly one block
 WG_ROWS = 64  # rows of one wgmma (M of the instruction, per warpgroup)
 SMEM_LIMIT = 232448  # bytes of shared memory per CTA on H100/H200 (opt-in maximum)
@@ -129,11 +131,11 @@ def check_config(config: GpuConfig, b_scaling: str, out_dtype) -> None:
 
 
 def num_sms() -> int:
-    """SMs of the default GPU, or 132 (H100/H200) when there is none (cross-lowering on CPU)."""
-    try:
-        return int(jax.devices("gpu")[0].core_count)
-    except Exception:  # no GPU backend: lowering from CPU, or interpret mode
-        return DEFAULT_NUM_SMS
+    """SMs of the GPU compiled for (`platform.target_device`: the active mesh's, else the default
+    device), or 132 (H100/H200) when that is no GPU (cross-lowering on CPU)."""
+    device = target_device()
+    sms = getattr(device, "core_count", None) if device.platform in ("gpu", "cuda") else None
+    return int(sms) if sms else DEFAULT_NUM_SMS
 
 
 def default_config(m: int, n: int, b_scaling: str = "block", out_dtype=jnp.bfloat16,

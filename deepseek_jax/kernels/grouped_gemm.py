@@ -74,7 +74,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import MOE_BACKENDS
 from deepseek_jax.kernels import fp8, fp8_gpu
-from deepseek_jax.kernels.platform import active_platform
+from deepseek_jax.kernels.platform import active_platform, target_device
 from deepseek_jax.kernels.fp8_linear import (all_gather_dim, fp8_ragged_dot, psum_scatter_dim, group_tiles, normalize_grad,
                                              quantize_token_tiles)
 
@@ -98,7 +98,7 @@ TILED_ROWS = 64          # rows per tile of the "tiled" backend
 
 
 def _is_hopper(compute_capability: str | None = None) -> bool:
-    cc = compute_capability or getattr(jax.devices()[0], "compute_capability", "")
+    cc = compute_capability or getattr(target_device(), "compute_capability", "")
     return str(cc).startswith("9")
 
 

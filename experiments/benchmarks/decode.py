@@ -52,6 +52,7 @@ import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the 32k × 128 expanded cache
+MEM_FRACTION = os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run from anywhere
 
@@ -118,17 +119,24 @@ def filled_cache(config: ModelConfig, batch: int, length: int, kind: str, mtp: b
     return jax.jit(fill)(jax.random.key(1))
 
 
-def decode_row(config, variables, batch: int, context: int, kind: str) -> dict:
-    """One plain decode step at position context − 1 with every earlier slot filled."""
+def decode_program(config, batch: int, context: int, kind: str):
+    """(step(variables, cache) → cache, the cache's shapes): one plain decode step at position
+    context − 1 (also compiled without a GPU by `gpu_compile.py`)."""
     step_config = config.replace(attention_impl="absorbed") if kind == "latent" else config
     model = Transformer(step_config)
     abstract = jax.eval_shape(lambda: init_cache(config, batch, context, kind=kind))
-    row = {"kind": kind, "batch": batch, "context": context,
-           "cache_gb": cache_bytes(abstract) / GB}
     tokens = jnp.zeros((batch, 1), jnp.int32)
     positions = jnp.full((batch, 1), context - 1, jnp.int32)
     step = jax.jit(lambda v, cache: model.apply(v, tokens, positions, cache,
                                                 method="decode")[2], donate_argnums=1)
+    return step, abstract
+
+
+def decode_row(config, variables, batch: int, context: int, kind: str) -> dict:
+    """One plain decode step at position context − 1 with every earlier slot filled."""
+    step, abstract = decode_program(config, batch, context, kind)
+    row = {"kind": kind, "batch": batch, "context": context,
+           "cache_gb": cache_bytes(abstract) / GB}
     cache = filled_cache(config, batch, context, kind)
     seconds, cache = median_time(lambda c: step(variables, c), cache)
     del cache

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU path checked and measured in one run of at most 8 minutes on one H200.
+# Every GPU path checked and measured in one run of at most 8 minutes on one H200, or one H100
+# (the same parts; the train step's batch follows the memory: 16 × 4096 on an H200, 4 on an H100).
 #
 #   OUT=/some/empty/dir experiments/benchmarks/h200.sh            # on the GPU machine
 #   OUT=/tmp/h200_smoke experiments/benchmarks/h200.sh --smoke    # CPU rehearsal, tiny sizes
@@ -23,6 +24,7 @@
 #   3       80 s  moe.json           grouped GEMM (bf16, fp8) vs dense; MoE layer fwd+bwd (bf16,
 #                                    fp8) vs dense SwiGLU
 #   4    60+55 s train.json          V2-Lite-width train step, bf16 then fp8: tokens/s, MFU
+#                                    (batch by device memory: 4 × 4096 on an H100, 16 on an H200)
 #                 trace.tar.gz       (jax.profiler trace of one bf16 step, if under 16 MiB)
 #   5       60 s  decode.json        latent vs expanded cache decode, MTP speculative round
 #

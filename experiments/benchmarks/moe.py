@@ -130,33 +130,46 @@ def _short(e: Exception) -> str:
     return text.splitlines()[0][:400] if text else type(e).__name__
 
 
-def layer_rows(shape, backends):
-    """Yields one dict per row: the dense SwiGLU of the same active FLOPs, then each backend."""
+def layer_problem(shape):
+    """The layer rows' programs: (moe_loss(x, router, wg, wu, wdn, backend, fp8), dense_loss(x,
+    a, b, d), moe argument shapes, dense argument shapes, FLOPs of one fwd+bwd). Shapes only, so
+    that `gpu_compile.py` compiles the same functions without allocating their weights."""
     D, F, E, X, tokens = (shape[k] for k in ("D", "F", "E", "X", "tokens"))
     c = get_config("tiny", d_model=D, moe_d_ff=F, n_routed_experts=E, n_experts_per_token=X,
                    n_expert_groups=1, n_limited_groups=1, dtype=jnp.bfloat16,
                    param_dtype=jnp.bfloat16)
-    k = jax.random.split(jax.random.key(1), 6)
-    x = jax.random.normal(k[0], (1, tokens, D), jnp.bfloat16)
-    router = jax.random.normal(k[1], (D, E), jnp.float32) * 0.02
-    w = [(jax.random.normal(k[i], s, jnp.float32) / np.sqrt(s[1])).astype(jnp.bfloat16)
-         for i, s in ((2, (E, D, F)), (3, (E, D, F)), (4, (E, F, D)))]
-    wd = [jax.random.normal(k[5], s, jnp.bfloat16) / np.sqrt(s[0])
-          for s in ((D, X * F), (D, X * F), (X * F, D))]
 
     def moe_loss(x, router, wg, wu, wdn, backend, fp8=False):
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router)
         weights, idx, _ = routing.gate(logits, None, c)
         y = dispatch.ragged_dispatch(x, weights, idx, wg, wu, wdn, jnp.bfloat16, fp8=fp8,
-                                backend=backend)
+                                     backend=backend)
         return jnp.sum(y.astype(jnp.float32))
 
     def dense_loss(x, a, b, d):
         return jnp.sum(swiglu(x, a, b, d, jnp.bfloat16).astype(jnp.float32))
 
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    moe_args = (bf16(1, tokens, D), jax.ShapeDtypeStruct((D, E), jnp.float32),
+                bf16(E, D, F), bf16(E, D, F), bf16(E, F, D))
+    dense_args = (bf16(1, tokens, D), bf16(D, X * F), bf16(D, X * F), bf16(X * F, D))
+    flops = 3 * 2 * tokens * D * X * F * 3                  # 3 GEMMs, fwd + 2 bwd
+    return moe_loss, dense_loss, moe_args, dense_args, flops
+
+
+def layer_rows(shape, backends):
+    """Yields one dict per row: the dense SwiGLU of the same active FLOPs, then each backend."""
+    moe_loss, dense_loss, moe_args, dense_args, flops = layer_problem(shape)
+    k = jax.random.split(jax.random.key(1), 6)
+    x = jax.random.normal(k[0], moe_args[0].shape, jnp.bfloat16)
+    router = jax.random.normal(k[1], moe_args[1].shape, jnp.float32) * 0.02
+    w = [(jax.random.normal(k[i], a.shape, jnp.float32) / np.sqrt(a.shape[1])).astype(jnp.bfloat16)
+         for i, a in zip((2, 3, 4), moe_args[2:])]
+    wd = [jax.random.normal(k[5], a.shape, jnp.bfloat16) / np.sqrt(a.shape[0])
+          for a in dense_args[1:]]
+
     dense = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3)))
     t_dense = _time(dense, x, *wd)
-    flops = 3 * 2 * tokens * D * X * F * 3                  # 3 GEMMs, fwd + 2 bwd
     yield {"what": "dense SwiGLU (width X·F) fwd+bwd", "ms": t_dense * 1e3,
            "tflops": flops / t_dense / 1e12}
     runs = [(b, False) for b in backends] + [(b, True) for b in backends[-1:]]

@@ -2,11 +2,14 @@
 
 The model is `get_config("v2-lite")` (D 2048, 16 heads, C 512, 64 routed experts of width 1408,
 top-6, 2 shared experts, vocabulary 102,400) with only `--layers` layers (default 4: one dense,
-three MoE; 2.25B parameters), so that fp32 parameters, gradients and AdamW moments (36 GB) and
-the activations of a 4 × 4096 batch fit one 141 GB H200 without rematerialization. (Attention is
-XLA einsums: the [B, N, T, S] fp32 scores alone are 4.3 GB per layer at this batch. Compiled on
-CPU, the all-dense variant of this model needed 61 GB of temporaries at 4 × 4096 and 119 GB at
-8 × 4096, so 8 × 4096 would not fit next to the state.) The step is the project's own
+three MoE; 2.25B parameters), so that fp32 parameters and AdamW moments (27 GB), their gradients
+and the activations of a batch of 4096-token sequences fit one GPU without rematerialization.
+Attention is cuDNN's fused kernel (the model's "auto" on a GPU), so no [B, N, T, S] scores are
+kept. The batch (`--batch`, default `default_batch`: the largest of 16, 8, 4, 2, 1 whose step
+needs at most 90 % of the allocator's memory) follows what the step was compiled to need for an
+H100 and an H200 on a CPU host (`gpu_compile.py`; BENCHMARKS.md, "GPU programs compiled without
+a GPU"): 4 × 4096 on an H100, 16 × 4096 on an H200.
+The step is the project's own
 (`deepseek_jax.train.step.train_step`: forward with MTP/balance bookkeeping, LM loss, backward,
 clipped AdamW, routing-bias update) under one `jax.jit` with the state donated; the tokens are
 random ids (no data pipeline: the step's cost does not depend on their values).
@@ -56,11 +59,31 @@ from deepseek_jax.config import get_config  # noqa: E402
 from deepseek_jax.train import flops as flops_mod  # noqa: E402
 from deepseek_jax.train.optimizer import make_optimizer  # noqa: E402
 from deepseek_jax.train.step import init_train_state, train_step  # noqa: E402
-from experiments.benchmarks.common import (Results, check_imports, device_meta,  # noqa: E402
-                                           is_oom)
+from experiments.benchmarks.common import (Results, check_imports, device_memory_bytes,  # noqa: E402
+                                           device_meta, is_oom)
 
 MAX_TRACE_BYTES = 16 * 2**20
 WARMUP = 1          # compiled ahead of time: one call settles allocations
+LAYERS, SEQ = 4, 4096
+MEM_FRACTION = os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
+# What one bf16 step needs, from XLA's memory analysis of the step compiled for an H100 and an
+# H200 (gpu_compile.py): arguments, temporaries and outputs not aliased to the donated state
+# come to 57.2 GB at batch 4 and 76.2 GB at batch 8, about STATE_GB + PER_SEQUENCE_GB × batch
+# (the fp8 step needs less).
+STATE_GB, PER_SEQUENCE_GB = 38.2, 4.75
+
+
+def default_batch(allocator_bytes: int | None) -> int:
+    """The largest of 16, 8, 4, 2, 1 whose step needs ≤ 90 % of `allocator_bytes`, the memory
+    JAX's allocator holds (4 where it is unknown). The 10 % is headroom for what the two
+    compiles' straight line does not model (allocator fragmentation, cuDNN and cuBLAS
+    workspaces)."""
+    if not allocator_bytes:
+        return 4
+    for batch in (16, 8, 4, 2):
+        if (STATE_GB + PER_SEQUENCE_GB * batch) * 1e9 <= 0.9 * allocator_bytes:
+            return batch
+    return 1
 
 
 def model_config(variant: str, layers: int, seq: int, smoke: bool):
@@ -72,13 +95,21 @@ def model_config(variant: str, layers: int, seq: int, smoke: bool):
                       param_dtype=jnp.float32, max_seq_len=max(seq, 4096), fp8=fp8)
 
 
+def train_program(config):
+    """(init(key) → state, step(state, batch) → (state, metrics)), both jitted, the state donated
+    (also compiled without a GPU by `gpu_compile.py`)."""
+    tx = make_optimizer(1e-4)
+    init = jax.jit(lambda k: init_train_state(k, config, tx))
+    step = jax.jit(lambda s, b: train_step(s, b, config=config, tx=tx), donate_argnums=0)
+    return init, step
+
+
 def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool):
     """(row, a function that traces one more step into a file)."""
     config = model_config(variant, layers, seq, smoke)
-    tx = make_optimizer(1e-4)
-    state = jax.jit(lambda k: init_train_state(k, config, tx))(jax.random.key(0))
+    init, step = train_program(config)
+    state = init(jax.random.key(0))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    step = jax.jit(lambda s, b: train_step(s, b, config=config, tx=tx), donate_argnums=0)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, config.vocab_size,
                                 jnp.int32)
     data = {"tokens": tokens}
@@ -149,9 +180,10 @@ def record_trace(compiled, state, data, out_file: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variant", choices=("bf16", "fp8"), default="bf16")
-    p.add_argument("--layers", type=int, default=4, help="layers, the first dense")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=LAYERS, help="layers, the first dense")
+    p.add_argument("--batch", type=int, default=None,
+                   help="sequences per step (default: default_batch of the device's memory)")
+    p.add_argument("--seq", type=int, default=SEQ)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     p.add_argument("--smoke", action="store_true", help="tiny model and batch (CPU rehearsal)")
     p.add_argument("--json", default="", help="add the row to this file (kept up to date)")
@@ -159,6 +191,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.batch, args.seq, args.steps = 2, 32, 2
+    elif args.batch is None:
+        args.batch = default_batch(device_memory_bytes())
 
     results = Results(args.json or None, device_meta(), merge=True)
     print(f"train step, {args.variant}: {'tiny (smoke)' if args.smoke else 'v2-lite'} widths, "

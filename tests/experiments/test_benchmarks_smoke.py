@@ -157,3 +157,60 @@ def test_decode_rows_that_cannot_fit_are_reported_not_tried():
     assert round(pair["expanded"]["cache_gb"]) == 344 and round(pair["latent"]["cache_gb"]) == 5
     assert pair["latent"]["error"].startswith("does not fit (11 GB")
     assert pair["ratio"] is None and errors == []
+
+
+def test_train_batch_follows_the_device_memory():
+    """The allocators of an H100 and an H200 (0.92 of 81,559 and 143,771 MiB) get 4 and 16
+    sequences of 4096: the largest whose compiled need (gpu_compile.py) stays ≤ 90 % of it."""
+    from experiments.benchmarks.train_step import default_batch
+    assert default_batch(int(0.92 * 81_559 * 2**20)) == 4      # 8 would need 76 of 79 GB
+    assert default_batch(int(0.92 * 143_771 * 2**20)) == 16    # 114 of 139 GB
+    assert default_batch(None) == 4                            # CPU: no memory reported
+    assert default_batch(40e9) == 1
+
+
+def test_gpu_compile_row_reads_the_compilers_memory_analysis():
+    """The row's need is arguments + temporaries + outputs not aliased to donated arguments,
+    as XLA reports them (here for a CPU device: the same path the GPU targets take)."""
+    import jax
+    import jax.numpy as jnp
+    from experiments.benchmarks import gpu_compile
+    device = jax.devices()[0]
+    step = jax.jit(lambda s, x: (s + jnp.sum(x * 2), x * 3), donate_argnums=0)
+    args = (jax.ShapeDtypeStruct((256, 256), jnp.float32),
+            jax.ShapeDtypeStruct((512, 512), jnp.float32))
+    row = gpu_compile.compile_row("toy", step, args, device, limit=2e6)
+    m = step.lower(*args).compile().memory_analysis()
+    need = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+            - m.alias_size_in_bytes)
+    assert m.alias_size_in_bytes == 256 * 256 * 4                 # the donated state
+    assert row["need_gb"] * 1e9 == need and row["kernels"] == "none"
+    assert row["fits"] == (need <= 2e6) and not row["remat"]
+    failed = gpu_compile.compile_row("bad", jax.jit(lambda x: x @ x), (args[0], args[1]), device,
+                                     limit=1e9)
+    assert "error" in failed and "fits" not in failed              # (takes one argument)
+
+
+def test_gpu_compile_answers_jax_as_the_target_and_restores():
+    from types import SimpleNamespace
+
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
+
+    from experiments.benchmarks import gpu_compile
+    before = (cudnn.check_cudnn_version, cudnn.check_compute_capability, trd.jax)
+    hopper = SimpleNamespace(compute_capability="9.0", core_count=132)
+    with gpu_compile.answer_as(hopper):
+        assert cudnn.check_compute_capability("9.0") and cudnn.check_compute_capability("8.0")
+        assert not cudnn.check_compute_capability("10.0")
+        assert cudnn.check_cudnn_version() >= 91000 and trd.jax.devices()[0].core_count == 132
+    assert (cudnn.check_cudnn_version, cudnn.check_compute_capability, trd.jax) == before
+
+
+def test_gpu_compile_counts_kernels_by_family():
+    from experiments.benchmarks.gpu_compile import kernels
+    hlo = ('custom_call_target="mosaic_gpu_v2" custom_call_target="mosaic_gpu_v2" '
+           'custom_call_target="__cudnn$fmhaSoftmax" custom_call_target="__cublas$gemm" '
+           '{"kind":"__triton_nested_gemm_fusion"} {"kind":"__triton"}')
+    assert kernels(hlo) == "mosaic_gpu 2, cudnn 1, cublas 1, triton_gemm 1"
+    assert kernels("ROOT %add = f32[] add(a, b)") == "none"

@@ -65,3 +65,30 @@ def test_fp8_gemm_is_the_tpu_kernel_where_every_axis_is_manual():
         jax.jit(jax.shard_map(probe("size 1 auto"), in_specs=P("fsdp"), out_specs=P("fsdp"),
                               axis_names={"fsdp", "tensor"}, check_vma=False)).lower(x)
     assert seen == {"all": "mosaic_tpu", "tensor auto": "reference", "size 1 auto": "reference"}
+
+
+def test_target_device_is_the_mesh_device_inside_a_trace():
+    """The GPU kernels read compute capability and SM count from the device compiled for: the
+    active mesh's, also inside jit (where `jax.sharding.get_mesh` refuses), else the default."""
+    from deepseek_jax.kernels import fp8_gpu
+    from deepseek_jax.kernels.platform import target_device
+    seen = []
+
+    def probe(x):
+        seen.append(target_device())
+        return x
+
+    x = jax.ShapeDtypeStruct((4,), np.float32)
+    jax.jit(probe).trace(x)
+    third = jax.devices()[3]
+    with jax.set_mesh(jax.sharding.Mesh(np.array([third]), ("x",))):
+        jax.jit(probe).trace(x)
+    assert seen == [jax.devices()[0], third]
+    assert fp8_gpu.num_sms() == fp8_gpu.DEFAULT_NUM_SMS       # no GPU compiled for: H100/H200's
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    tpu = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4").devices
+    with jax.set_mesh(jax.sharding.Mesh(np.array(tpu[5:6]), ("x",))):
+        jax.jit(probe).trace(x)
+        assert fp8_gpu.num_sms() == fp8_gpu.DEFAULT_NUM_SMS   # a TPU core count is no SM count
+    assert seen[-1] == tpu[5]

@@ -1,0 +1,283 @@
+"""h200.sh's large programs compiled for an H100 or an H200 on a CPU host: memory and kernels
+known before any device time is spent.
+
+  PYTHONPATH=CUDA_DIR JAX_PLATFORMS=cpu python experiments/benchmarks/gpu_compile.py --target h100
+  ... --target h200 --only train --train-batch 8,16        # one part, other batches
+
+XLA compiles GPU programs without a GPU when it is given the device's description (SM count,
+shared memory, L2, memory size, cuDNN and CUDA versions): `jax.experimental.topologies.
+get_topology_desc(platform="cuda", target_config=...)` returns compile-only devices, as the
+planner's TPU topologies do. Each program below is lowered and compiled for one such device
+(`TARGETS`), and one row printed per program:
+
+  compile s      lowering + XLA's compile on this host (the GPU host's 16 cores compile faster)
+  args, temp     XLA's memory analysis: arguments, and temporaries at the peak
+  need           args + temp + outputs not aliased to donated arguments, in GB
+  limit          the device's memory × the fraction the benchmark gives its allocator
+                 (`XLA_PYTHON_CLIENT_MEM_FRACTION`: train 0.92, decode 0.95, the rest JAX's 0.75)
+  fits           need ≤ limit, and XLA did not have to rematerialize to get there (a warning
+                 XLA prints when a program does not fit its device; then the run would differ)
+  kernels        custom calls in the program: mosaic_gpu (our Pallas kernels), cudnn (fused
+                 attention), cublas (library GEMMs), and XLA's own Triton GEMM fusions
+
+The programs: the V2-Lite-width train step (bf16, fp8) at the batch `train_step.py` picks for
+the device, the MoE layer forward+backward of `moe.py` at its V3-like shape (bf16 and fp8 on the
+Mosaic grouped GEMM, and its dense SwiGLU), and `decode.py`'s decode steps at batch 128 × 32k
+(V3 widths on the latent cache; V2-Lite widths on both caches).
+
+Needs, beside this repository's environment, the CUDA plugin of the installed jax, e.g.:
+
+  pip install --target CUDA_DIR "jax-cuda13-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')"
+
+(about 4 GB). `JAX_PLATFORMS=cpu` keeps JAX from starting a GPU backend, and with it the plugin's
+checks of the local CUDA libraries, which need a GPU; the plugin still compiles.
+
+Three queries in JAX's own code ask the local GPU while tracing, and there is none: cuDNN
+attention's version and compute-capability checks, and the SM count the Mosaic GPU wgrad kernel
+(`transposed_ragged_dot_mgpu`) sizes its grid by. `answer_as(device)` answers them as the
+target would. The project's kernels read the target device themselves
+(`kernels.platform.target_device`).
+
+What this cannot tell: run time; numerics; whether the Mosaic GPU kernels' modules, which ride in
+the program as custom calls, build to machine code on the device; and the sort XLA uses for the
+MoE's routing (without a device XLA has no CUB scratch sizes and compiles its fallback sort; on
+the device it takes CUB's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pathlib
+import re
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run from anywhere
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+GB = 1e9
+
+# What XLA needs to know of each GPU (xla's GpuTargetConfigProto, text format). Sizes from the
+# machines lent to this project (nvidia-smi: 81,559 and 143,771 MiB; PyTorch: 132 SMs, 50 and
+# 60 MB of L2) and NVIDIA's data sheets (3.35 and 4.8 TB/s; 1.98 GHz boost; 227 KiB of shared
+# memory per block when opted in, 228 KiB per SM; 64 K registers). cuDNN 9.10 and CUDA 13.0
+# stand for the device's libraries (cuDNN ≥ 9.10 is what MLA's head widths need).
+_HOPPER = """
+gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  shared_memory_per_block_optin: 232448
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: {l2}
+  clock_rate_ghz: 1.98
+  device_memory_size: {memory}
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "{name}"
+"""
+MEMORY = {"h100": 81_559 * 2**20, "h200": 143_771 * 2**20}
+TARGETS = {
+    "h100": _HOPPER.format(bandwidth=3_350_000_000_000, l2=50 * 2**20, memory=MEMORY["h100"],
+                           name="NVIDIA H100 80GB HBM3"),
+    "h200": _HOPPER.format(bandwidth=4_800_000_000_000, l2=60 * 2**20, memory=MEMORY["h200"],
+                           name="NVIDIA H200"),
+}
+DEFAULT_FRACTION = 0.75          # JAX's allocator, where a script does not set its own
+
+
+def target_device(target: str):
+    """One compile-only GPU device described by TARGETS[target]."""
+    from jax.experimental import topologies
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[target],
+                                                topology="1x1x1")
+    except Exception as e:  # noqa: BLE001 - the plugin is missing or too old
+        raise SystemExit(
+            f"no compile-only CUDA device ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+            "install the CUDA plugin of this jax (see this script's docstring) and run with "
+            "JAX_PLATFORMS=cpu") from e
+    return topology.devices[0]
+
+
+@contextlib.contextmanager
+def answer_as(device):
+    """JAX's three local-GPU queries answered as `device` would (see the module docstring)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
+    capability = tuple(int(v) for v in device.compute_capability.split("."))
+
+    class _Jax:                     # trd's view of `jax`: devices() is the target
+        def devices(self, *args):
+            return [device]
+
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+    saved = (cudnn.check_cudnn_version, cudnn.check_compute_capability,
+             cudnn.is_cuda_compute_capability_equal, trd.jax)
+    cudnn.check_cudnn_version = lambda: 91000
+    cudnn.check_compute_capability = lambda c: capability >= tuple(map(int, c.split(".")))
+    cudnn.is_cuda_compute_capability_equal = lambda c: capability == tuple(map(int, c.split(".")))
+    trd.jax = _Jax()
+    try:
+        yield
+    finally:
+        (cudnn.check_cudnn_version, cudnn.check_compute_capability,
+         cudnn.is_cuda_compute_capability_equal, trd.jax) = saved
+
+
+def kernels(hlo: str) -> str:
+    """The kernels of a compiled program XLA did not write itself, counted by family: our Pallas
+    (Mosaic GPU) calls, cuDNN attention, cuBLAS GEMMs, and XLA's Triton GEMM fusions."""
+    targets = re.findall(r'custom_call_target="([^"]+)"', hlo)
+    count = lambda prefix: sum(1 for t in targets if t.startswith(prefix))  # noqa: E731
+    parts = [f"{name} {n}" for name, n in (
+        ("mosaic_gpu", count("mosaic_gpu")), ("cudnn", count("__cudnn")),
+        ("cublas", count("__cublas")),
+        ("triton_gemm", len(re.findall(r'"kind":"__triton\w*gemm\w*"', hlo)))) if n]
+    return ", ".join(parts) or "none"
+
+
+class _Stderr:
+    """Collects what XLA writes to file descriptor 2 (its C++ log) while a compile runs."""
+
+    def __enter__(self):
+        import tempfile
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile(mode="w+b")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode(errors="replace")
+        self.file.close()
+
+
+def compile_row(name, fn, args, device, limit: float) -> dict:
+    """Lowers and compiles fn(*args) for `device`; the row of the table (or its error). `limit`:
+    the bytes the benchmark's allocator would hold on the device."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                          args)
+    mesh = jax.sharding.Mesh(np.array([device]), ("device",))
+    row = {"program": name, "limit_gb": limit / GB}
+    t0 = time.perf_counter()
+    try:
+        answers = answer_as(device) if device.platform == "gpu" else contextlib.nullcontext()
+        with jax.set_mesh(mesh), answers, _Stderr() as log:
+            compiled = fn.trace(*placed).lower().compile()
+    except Exception as e:  # noqa: BLE001 - one failing program must not stop the table
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else \
+            type(e).__name__
+        return row
+    m = compiled.memory_analysis()
+    unaliased_out = m.output_size_in_bytes - m.alias_size_in_bytes
+    need = m.argument_size_in_bytes + m.temp_size_in_bytes + unaliased_out
+    remat = "by rematerialization" in log.text
+    row.update(compile_s=time.perf_counter() - t0, args_gb=m.argument_size_in_bytes / GB,
+               temp_gb=m.temp_size_in_bytes / GB, need_gb=need / GB, remat=remat,
+               fits=need <= row["limit_gb"] * GB and not remat,
+               kernels=kernels(compiled.as_text()))
+    return row
+
+
+def train_programs(memory, batches):
+    from experiments.benchmarks import train_step as bench
+    limit = float(bench.MEM_FRACTION) * memory
+    for variant in ("bf16", "fp8"):
+        for batch in batches or (bench.default_batch(limit),):
+            config = bench.model_config(variant, bench.LAYERS, bench.SEQ, smoke=False)
+            init, step = bench.train_program(config)
+            state = jax.eval_shape(init, jax.random.key(0))
+            data = {"tokens": jax.ShapeDtypeStruct((batch, bench.SEQ), jnp.int32)}
+            yield (f"train step {variant}, batch {batch} x {bench.SEQ}", step, (state, data),
+                   limit)
+
+
+def moe_programs(memory, batches):
+    from experiments.benchmarks import moe
+    moe_loss, dense_loss, moe_args, dense_args, _ = moe.layer_problem(moe.SHAPES["v3"])
+    limit = DEFAULT_FRACTION * memory
+    yield ("MoE layer V3-like: dense SwiGLU fwd+bwd",
+           jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3))), dense_args, limit)
+    for fp8 in (False, True):
+        fn = jax.jit(jax.grad(lambda *a, fp8=fp8: moe_loss(*a, "mosaic_gpu", fp8),
+                              argnums=(0, 1, 2, 3, 4)))
+        yield (f"MoE layer V3-like: mosaic_gpu{' fp8' if fp8 else ''} fwd+bwd", fn, moe_args,
+               limit)
+
+
+def decode_programs(memory, batches):
+    from deepseek_jax.model import init_variables
+    from experiments.benchmarks import decode
+    limit = float(decode.MEM_FRACTION) * memory
+    for label, config, kinds in (("V3 widths", decode.v3_attention_config(1), ("latent",)),
+                                 ("V2-Lite widths", decode.mid_config(1), ("latent", "expanded"))):
+        variables = jax.eval_shape(lambda c=config: init_variables(jax.random.key(0), c))
+        for kind in kinds:
+            step, cache = decode.decode_program(config, 128, 32768, kind)
+            yield (f"decode {label}, {kind} cache, 128 x 32k", step, (variables, cache), limit)
+
+
+PARTS = {"train": train_programs, "moe": moe_programs, "decode": decode_programs}
+
+
+def print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"  {r['program']:<52} ERROR {r['error']}", flush=True)
+        return
+    fits = "yes" if r["fits"] else ("NO (XLA rematerialized)" if r["remat"] else "NO")
+    print(f"  {r['program']:<52} {r['compile_s']:>6.0f} {r['args_gb']:>6.1f} {r['temp_gb']:>6.1f}"
+          f" {r['need_gb']:>6.1f} {r['limit_gb']:>6.1f}  {fits:<4} {r['kernels']}", flush=True)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--target", default="h100,h200", help="h100, h200 or both (comma-separated)")
+    p.add_argument("--only", default=",".join(PARTS), help=f"parts: {','.join(PARTS)}")
+    p.add_argument("--train-batch", default="",
+                   help="train step batches to compile (default: the one train_step.py picks)")
+    p.add_argument("--json", default="", help="also write the rows here")
+    args = p.parse_args(argv)
+    from experiments.benchmarks.common import Results
+    results = Results(args.json or None, {"jax": jax.__version__, "host": "compile only"})
+    batches = tuple(int(b) for b in args.train_batch.split(",") if b)
+    rows = []
+    for target in args.target.split(","):
+        device = target_device(target)
+        print(f"\n{device.device_kind} ({MEMORY[target] / GB:.1f} GB, compile-only)")
+        print(f"  {'program':<52} {'comp s':>6} {'args':>6} {'temp':>6} {'need':>6} "
+              f"{'limit':>6}  fits kernels")
+        for part in args.only.split(","):
+            for name, fn, fn_args, limit in PARTS[part](MEMORY[target], batches):
+                row = {"target": target, **compile_row(name, fn, fn_args, device, limit)}
+                results.add("rows", row)
+                print_row(row)
+                rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
