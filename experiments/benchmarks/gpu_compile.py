@@ -23,7 +23,8 @@ planner's TPU topologies do. Each program below is lowered and compiled for one 
 The programs: the V2-Lite-width train step (bf16, fp8) at the batch `train_step.py` picks for
 the device, the MoE layer forward+backward of `moe.py` at its V3-like shape (bf16 and fp8 on the
 Mosaic grouped GEMM, and its dense SwiGLU), and `decode.py`'s decode steps at batch 128 × 32k
-(V3 widths on the latent cache; V2-Lite widths on both caches).
+(V3 widths on the latent cache; V2-Lite widths on both caches), and the 8192³ GEMMs of
+`fp8_gemm.py` (XLA bf16, the fp8 reference XLA runs, and "auto", our Mosaic GPU kernel).
 
 Needs, beside this repository's environment, the CUDA plugin of the installed jax, e.g.:
 
@@ -241,7 +242,22 @@ def decode_programs(memory, batches):
             yield (f"decode {label}, {kind} cache, 128 x 32k", step, (variables, cache), limit)
 
 
-PARTS = {"train": train_programs, "moe": moe_programs, "decode": decode_programs}
+def gemm_programs(memory, batches):
+    from deepseek_jax.kernels import fp8
+    m = n = k = 8192
+    bf16 = jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16)
+    quantized = (*jax.eval_shape(fp8.quantize_activation, bf16[0]),
+                 *jax.eval_shape(fp8.quantize_weight, bf16[1]))
+    limit = DEFAULT_FRACTION * memory
+    yield ("GEMM 8192³ XLA bf16", jax.jit(lambda a, b: jnp.einsum(
+        "MK,NK->MN", a, b, preferred_element_type=jnp.bfloat16)), bf16, limit)
+    for backend in ("reference", "auto"):
+        yield (f"fp8 GEMM 8192³ {backend}", jax.jit(
+            lambda *a, b=backend: fp8.fp8_matmul(*a, backend=b)), quantized, limit)
+
+
+PARTS = {"train": train_programs, "moe": moe_programs, "decode": decode_programs,
+         "gemm": gemm_programs}
 
 
 def print_row(r: dict) -> None:
