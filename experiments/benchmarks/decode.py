@@ -51,8 +51,8 @@ import sys
 import time
 import traceback
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the 32k × 128 expanded cache
-MEM_FRACTION = os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
+MEM_FRACTION = "0.95"       # of the device for JAX's allocator: the 32k × 128 expanded cache
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run from anywhere
 

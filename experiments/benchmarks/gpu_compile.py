@@ -4,11 +4,9 @@ known before any device time is spent.
   PYTHONPATH=CUDA_DIR JAX_PLATFORMS=cpu python experiments/benchmarks/gpu_compile.py --target h100
   ... --target h200 --only train --train-batch 8,16        # one part, other batches
 
-XLA compiles GPU programs without a GPU when it is given the device's description (SM count,
-shared memory, L2, memory size, cuDNN and CUDA versions): `jax.experimental.topologies.
-get_topology_desc(platform="cuda", target_config=...)` returns compile-only devices, as the
-planner's TPU topologies do. Each program below is lowered and compiled for one such device
-(`TARGETS`), and one row printed per program:
+Each program below is lowered and compiled for one compile-only device of the GPU named
+(`deepseek_jax.tools.gpu_targets`: XLA's GPU compiler given the device's description instead
+of the device), and one row printed per program:
 
   compile s      lowering + XLA's compile on this host (the GPU host's 16 cores compile faster)
   args, temp     XLA's memory analysis: arguments, and temporaries at the peak
@@ -26,18 +24,10 @@ Mosaic grouped GEMM, and its dense SwiGLU), and `decode.py`'s decode steps at ba
 (V3 widths on the latent cache; V2-Lite widths on both caches), and the 8192³ GEMMs of
 `fp8_gemm.py` (XLA bf16, the fp8 reference XLA runs, and "auto", our Mosaic GPU kernel).
 
-Needs, beside this repository's environment, the CUDA plugin of the installed jax, e.g.:
-
-  pip install --target CUDA_DIR "jax-cuda13-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')"
-
-(about 4 GB). `JAX_PLATFORMS=cpu` keeps JAX from starting a GPU backend, and with it the plugin's
-checks of the local CUDA libraries, which need a GPU; the plugin still compiles.
-
-Three queries in JAX's own code ask the local GPU while tracing, and there is none: cuDNN
-attention's version and compute-capability checks, and the SM count the Mosaic GPU wgrad kernel
-(`transposed_ragged_dot_mgpu`) sizes its grid by. `answer_as(device)` answers them as the
-target would. The project's kernels read the target device themselves
-(`kernels.platform.target_device`).
+Needs, beside this repository's environment, the CUDA plugin of the installed jax, e.g.
+`pip install --target CUDA_DIR "jax-cuda13-plugin[with-cuda]==$(python -c 'import jax;
+print(jax.__version__)')"` (about 4 GB; no GPU), and `JAX_PLATFORMS=cpu` (`gpu_targets` says
+why, and how JAX's own local-GPU queries are answered).
 
 What this cannot tell: run time; numerics; whether the Mosaic GPU kernels' modules, which ride in
 the program as custom calls, build to machine code on the device; and the sort XLA uses for the
@@ -48,7 +38,6 @@ the device it takes CUB's).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pathlib
 import re
@@ -61,88 +50,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deepseek_jax.tools import gpu_targets  # noqa: E402
+
 GB = 1e9
 
-# What XLA needs to know of each GPU (xla's GpuTargetConfigProto, text format). Sizes from the
-# machines lent to this project (nvidia-smi: 81,559 and 143,771 MiB; PyTorch: 132 SMs, 50 and
-# 60 MB of L2) and NVIDIA's data sheets (3.35 and 4.8 TB/s; 1.98 GHz boost; 227 KiB of shared
-# memory per block when opted in, 228 KiB per SM; 64 K registers). cuDNN 9.10 and CUDA 13.0
-# stand for the device's libraries (cuDNN ≥ 9.10 is what MLA's head widths need).
-_HOPPER = """
-gpu_device_info {{
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  shared_memory_per_block_optin: 232448
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: {bandwidth}
-  l2_cache_size: {l2}
-  clock_rate_ghz: 1.98
-  device_memory_size: {memory}
-  cuda_compute_capability {{ major: 9 minor: 0 }}
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-dnn_version_info {{ major: 9 minor: 10 }}
-runtime_version {{ major: 13 minor: 0 }}
-device_description_str: "{name}"
-"""
-MEMORY = {"h100": 81_559 * 2**20, "h200": 143_771 * 2**20}
-TARGETS = {
-    "h100": _HOPPER.format(bandwidth=3_350_000_000_000, l2=50 * 2**20, memory=MEMORY["h100"],
-                           name="NVIDIA H100 80GB HBM3"),
-    "h200": _HOPPER.format(bandwidth=4_800_000_000_000, l2=60 * 2**20, memory=MEMORY["h200"],
-                           name="NVIDIA H200"),
-}
+MEMORY = gpu_targets.MEMORY
 DEFAULT_FRACTION = 0.75          # JAX's allocator, where a script does not set its own
 
 
 def target_device(target: str):
-    """One compile-only GPU device described by TARGETS[target]."""
-    from jax.experimental import topologies
+    """One compile-only GPU device of kind `target` ("h100", "h200")."""
     try:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[target],
-                                                topology="1x1x1")
-    except Exception as e:  # noqa: BLE001 - the plugin is missing or too old
-        raise SystemExit(
-            f"no compile-only CUDA device ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-            "install the CUDA plugin of this jax (see this script's docstring) and run with "
-            "JAX_PLATFORMS=cpu") from e
-    return topology.devices[0]
-
-
-@contextlib.contextmanager
-def answer_as(device):
-    """JAX's three local-GPU queries answered as `device` would (see the module docstring)."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
-    capability = tuple(int(v) for v in device.compute_capability.split("."))
-
-    class _Jax:                     # trd's view of `jax`: devices() is the target
-        def devices(self, *args):
-            return [device]
-
-        def __getattr__(self, name):
-            return getattr(jax, name)
-
-    saved = (cudnn.check_cudnn_version, cudnn.check_compute_capability,
-             cudnn.is_cuda_compute_capability_equal, trd.jax)
-    cudnn.check_cudnn_version = lambda: 91000
-    cudnn.check_compute_capability = lambda c: capability >= tuple(map(int, c.split(".")))
-    cudnn.is_cuda_compute_capability_equal = lambda c: capability == tuple(map(int, c.split(".")))
-    trd.jax = _Jax()
-    try:
-        yield
-    finally:
-        (cudnn.check_cudnn_version, cudnn.check_compute_capability,
-         cudnn.is_cuda_compute_capability_equal, trd.jax) = saved
+        return gpu_targets.compile_only_devices(target, 1)[0]
+    except gpu_targets.NoCompileOnlyGpu as e:
+        raise SystemExit(str(e)) from e
 
 
 def kernels(hlo: str) -> str:
@@ -186,8 +107,7 @@ def compile_row(name, fn, args, device, limit: float) -> dict:
     row = {"program": name, "limit_gb": limit / GB}
     t0 = time.perf_counter()
     try:
-        answers = answer_as(device) if device.platform == "gpu" else contextlib.nullcontext()
-        with jax.set_mesh(mesh), answers, _Stderr() as log:
+        with jax.set_mesh(mesh), gpu_targets.answering_for([device]), _Stderr() as log:
             compiled = fn.trace(*placed).lower().compile()
     except Exception as e:  # noqa: BLE001 - one failing program must not stop the table
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else \

@@ -49,7 +49,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run from anywhere
 # JAX's allocator takes 75 % of the device by default; the state and activations need more.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+MEM_FRACTION = "0.92"
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -65,7 +66,6 @@ from experiments.benchmarks.common import (Results, check_imports, device_memory
 MAX_TRACE_BYTES = 16 * 2**20
 WARMUP = 1          # compiled ahead of time: one call settles allocations
 LAYERS, SEQ = 4, 4096
-MEM_FRACTION = os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
 # What one bf16 step needs, from XLA's memory analysis of the step compiled for an H100 and an
 # H200 (gpu_compile.py): arguments, temporaries and outputs not aliased to the donated state
 # come to 57.2 GB at batch 4 and 76.2 GB at batch 8, about STATE_GB + PER_SEQUENCE_GB × batch

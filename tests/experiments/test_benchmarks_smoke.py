@@ -197,10 +197,10 @@ def test_gpu_compile_answers_jax_as_the_target_and_restores():
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
 
-    from experiments.benchmarks import gpu_compile
+    from deepseek_jax.tools import gpu_targets
     before = (cudnn.check_cudnn_version, cudnn.check_compute_capability, trd.jax)
     hopper = SimpleNamespace(compute_capability="9.0", core_count=132)
-    with gpu_compile.answer_as(hopper):
+    with gpu_targets.answer_as(hopper):
         assert cudnn.check_compute_capability("9.0") and cudnn.check_compute_capability("8.0")
         assert not cudnn.check_compute_capability("10.0")
         assert cudnn.check_cudnn_version() >= 91000 and trd.jax.devices()[0].core_count == 132
