@@ -4,8 +4,9 @@
 
 The step is `sharded.make_sharded_train_step` (the one `experiments/pretrain.py` runs), lowered
 with `jax.ShapeDtypeStruct` arguments that carry their shardings, so nothing is allocated: the
-671B model's state exists only as shapes. `devices` are compile-only TPU devices from
-`jax.experimental.topologies` (ahead of time, from a CPU host) or fake CPU devices.
+671B model's state exists only as shapes. `devices` are compile-only TPU or GPU devices from
+`jax.experimental.topologies` (ahead of time, from a CPU host; `gpu_targets.py`) or fake CPU
+devices.
 
 Measured per chip:
   params, optimizer, routing   from the argument shardings (exact shard shapes)
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.tools import buffers, hlo
+from deepseek_jax.tools import buffers, gpu_targets, hlo
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.step import init_train_state
 from deepseek_jax.train import sharded
@@ -132,7 +133,8 @@ def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: in
     out = {"params": shard_bytes(state.params), "optimizer": shard_bytes(state.opt_state),
            "routing": shard_bytes(state.routing), "fits": True, "error": ""}
     t1 = time.perf_counter()
-    lowered = step.lower(state, data)
+    with gpu_targets.answering_for(devices):     # compile-only GPUs: JAX's local-GPU queries
+        lowered = step.lower(state, data)
     t2 = time.perf_counter()
     out["lower_s"] = t2 - t1
     out["setup_s"] = t1 - t0

@@ -81,8 +81,11 @@ class NoCompileOnlyGpu(RuntimeError):
 
 def has_cuda_plugin() -> bool:
     """Whether a JAX CUDA plugin is installed (it is what compiles for GPUs, with or without one)."""
-    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None
-               for v in (13, 12))
+    try:
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None
+                   for v in (13, 12))
+    except ModuleNotFoundError:         # no jax_plugins namespace at all
+        return False
 
 
 def compile_only_devices(gpu: str, n_gpus: int, gpus_per_node: int = 8) -> list:

@@ -4,7 +4,8 @@
       --batch=512 --seq=4096 --strategies=all --out=plan_v3
 
 For each strategy it compiles the real sharded train step (ahead of time for TPU topologies,
-with libtpu and no TPU; on fake CPU devices for cpu-N) and reports per chip: memory (parameters,
+with libtpu and no TPU; for H100/H200 nodes with JAX's CUDA plugin and no GPU; on fake CPU
+devices for cpu-N) and reports per chip: memory (parameters,
 optimizer state, activations and temporaries, total against HBM), FLOPs, collectives by type
 with their bytes (parsed from the compiled HLO), and a step-time estimate from the hardware
 table (compute against communication, MFU), with the largest buffers and what is live at the
@@ -24,9 +25,9 @@ estimated step time), printed as a table and written to OUT/plan.md, plan.csv an
   --remat, --dtype, --param_dtype   model numerics (defaults: full remat, bf16 compute for
                  models of a billion parameters or more, the config's values otherwise)
   --set FIELD=VALUE  any other ModelConfig field (repeatable), e.g. --set=moe_capacity_factor=1.25
-  --analytic_only  no compiles (GPU targets are always analytic: JAX has no compile-only
-                 GPU devices)
-  --isolate      compile each strategy in a child process (default for TPU targets), which also
+  --analytic_only  no compiles (GPU targets are analytic where JAX's CUDA plugin is missing,
+                 and for GPUs other than H100/H200: `gpu_targets.py`)
+  --isolate      compile each strategy in a child process (default for TPU and GPU), which also
                  measures its peak host memory
 
 Left out: pipeline parallelism and sequence parallelism (the mesh has no such axes), searching
@@ -39,7 +40,8 @@ import os
 import sys
 
 # Before JAX starts: the planner only compiles, so it runs on the CPU backend (TPU topologies
-# come from libtpu's compile-only API, which needs no TPU); it must not take the TPU lock another
+# come from libtpu's compile-only API, which needs no TPU, GPU ones from the CUDA plugin, which
+# needs no GPU and skips its checks of a local CUDA install only then); it must not take the TPU lock another
 # process on this host may hold (libtpu's ALLOW_MULTIPLE_LIBTPU_LOAD); and for cpu-N the fake
 # device count must be set.
 if __name__ == "__main__":
@@ -327,7 +329,7 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
            "comm_s": est.comm_time_total, "step_s": est.step_time, "mfu": est.mfu,
            "compile_s": float("nan"), "host_rss": float("nan"), "note": ""}
     if target.compile_on is None:
-        row["note"] = "analytic only (no compile-only devices for this target)"
+        row["note"] = "analytic only (no compile-only devices for this target here)"
     if not compiled:
         return row
     row["compile_s"] = compiled.get("compile_s", float("nan")) + compiled.get("lower_s", 0.0)
@@ -442,7 +444,7 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
         candidates = chosen
     compile_it = not analytic_only and target.compile_on is not None
     if isolate is None:
-        isolate = target.compile_on == "tpu"
+        isolate = target.compile_on in ("tpu", "gpu")
     devices = _tpu_devices(target)
     rows = []
     for s in candidates:

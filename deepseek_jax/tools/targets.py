@@ -7,7 +7,7 @@
                    128 chips, 4x4x8; each TensorCore is a JAX device, so 256 devices
   tpu-v5p-8x8x16   an explicit slice topology
   2xtpu-v5p-512    two v5p-512 slices (256 chips each) joined by DCN
-  gpu-h100-64      64 H100s, 8 per node (analytic model only)
+  gpu-h100-64      64 H100s, 8 per node (compiled where JAX's CUDA plugin is installed)
   cpu-8            8 fake CPU devices on this host
 
 The suffix of a TPU name follows the Cloud TPU accelerator types: TensorCores for v5p (two per
@@ -19,9 +19,9 @@ Devices: TPU targets get compile-only devices from `jax.experimental.topologies`
 no TPU needed), with the slice's wraparound links (`Target.wrap`: tori from 4x4x4 v5p and TPU7x
 slices up, open meshes below; v5e/v6e rings only along a whole-pod side of 16); cpu-N uses the
 process's CPU devices, so the entrypoint must set `--xla_force_host_platform_device_count=N`
-before JAX starts (`plan.py` does). GPU targets have
-no compile-only devices in JAX (`get_topology_desc(platform="cuda")` is not implemented), so they
-are planned with the analytic model alone.
+before JAX starts (`plan.py` does). H100 and H200 targets get compile-only GPU devices, a
+process per node of 8, where JAX's CUDA plugin is installed (`gpu_targets.py`: no GPU needed);
+without the plugin, and for other GPUs, they are planned with the analytic model alone.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class Target:
     n_chips: int                        # all chips, every slice
     n_slices: int = 1
     slice_shape: tuple[int, ...] = ()   # TPU torus of one slice, e.g. (8, 8, 8)
-    compile_on: str | None = None       # "tpu" (ahead of time), "cpu" (fake devices), None
+    compile_on: str | None = None       # "tpu", "gpu" (compile-only), "cpu" (fake devices), None
+    chip_key: str = ""                  # the hardware table's name of the chip, e.g. "h100"
 
     @property
     def chips_per_slice(self) -> int:
@@ -102,8 +103,17 @@ class Target:
         return f"{self.name}: {self.n_chips} fake CPU devices"
 
     def devices(self) -> list:
-        """The devices to compile for (compile-only for TPU); raises for GPU targets."""
+        """The devices to compile for (compile-only for TPU and GPU); raises `TargetError` for a
+        target without them."""
         import jax
+        if self.compile_on == "gpu":
+            from deepseek_jax.tools import gpu_targets
+            try:
+                return gpu_targets.compile_only_devices(self.chip_key, self.n_chips,
+                                                        self.chip.gpus_per_node)
+            except gpu_targets.NoCompileOnlyGpu as e:
+                raise TargetError(f"compiling for {self.name}: {e}; or pass --analytic_only") \
+                    from None
         if self.compile_on == "tpu":
             from jax.experimental import topologies
             kwargs = {"num_slices": self.n_slices} if self.n_slices > 1 else {}
@@ -124,7 +134,8 @@ class Target:
                     f"set XLA_FLAGS=--xla_force_host_platform_device_count={self.n_chips} before "
                     "JAX starts (python -m deepseek_jax.tools.plan does this itself)")
             return devices[:self.n_chips]
-        raise TargetError(f"{self.name}: JAX cannot compile for GPUs without GPUs; "
+        raise TargetError(f"{self.name}: no compile-only devices here (JAX's CUDA plugin is "
+                          "not installed, or the GPU is not described in gpu_targets.py); "
                           "this target is planned with the analytic model only")
 
 
@@ -179,7 +190,11 @@ def parse_target(name: str) -> Target:
             raise TargetError(f"target {name!r}: write gpu-<h100|h200|a100>-<count>")
         if n_slices != 1:
             raise TargetError("GPU targets have no slices; give the total count (gpu-h100-128)")
-        return Target(name, chip, int(size), 1, (), compile_on=None)
+        count = int(size)
+        from deepseek_jax.tools import gpu_targets
+        compiles = chip_name in gpu_targets.TARGET_CONFIGS and gpu_targets.has_cuda_plugin()
+        return Target(name, chip, count, 1, (), compile_on="gpu" if compiles else None,
+                      chip_key=chip_name)
     chip_name = _TPU_ALIASES.get(chip_name, chip_name)
     try:
         chip = get_chip(chip_name)

@@ -2,8 +2,13 @@
 
 import pytest
 
+from deepseek_jax.tools.gpu_targets import has_cuda_plugin
 from deepseek_jax.tools.hardware import CHIPS
 from deepseek_jax.tools.targets import TargetError, parse_target, slice_shape
+
+# H100/H200 targets compile where JAX's CUDA plugin is installed (no GPU needed), else are
+# analytic; A100 is never described for compiling.
+GPU_COMPILE = "gpu" if has_cuda_plugin() else None
 
 
 @pytest.mark.parametrize("name,chips,slices,shape,compile_on", [
@@ -19,7 +24,8 @@ from deepseek_jax.tools.targets import TargetError, parse_target, slice_shape
     ("tpu7x-8", 4, 1, (2, 2, 1), "tpu"),
     ("2xtpu7x-128", 128, 2, (4, 4, 4), "tpu"),
     ("tpu-ironwood-4x8x8", 256, 1, (4, 8, 8), "tpu"),
-    ("gpu-h100-64", 64, 1, (), None),
+    ("gpu-h100-64", 64, 1, (), GPU_COMPILE),
+    ("gpu-a100-16", 16, 1, (), None),
     ("cpu-8", 8, 1, (8,), "cpu"),
 ])
 def test_parse(name, chips, slices, shape, compile_on):
@@ -117,9 +123,12 @@ def test_cpu_target_has_no_devices_beyond_the_process():
         t.devices()
 
 
-def test_gpu_target_is_analytic_only():
+def test_gpu_targets_without_compile_only_devices_say_so():
     with pytest.raises(TargetError, match="analytic model only"):
-        parse_target("gpu-h100-64").devices()
+        parse_target("gpu-a100-16").devices()
+    if not has_cuda_plugin():
+        with pytest.raises(TargetError, match="analytic model only"):
+            parse_target("gpu-h100-64").devices()
 
 
 def test_tpu7x_devices_are_tensorcores():
