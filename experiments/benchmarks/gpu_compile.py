@@ -17,6 +17,8 @@ of the device), and one row printed per program:
                  XLA prints when a program does not fit its device; then the run would differ)
   kernels        custom calls in the program: mosaic_gpu (our Pallas kernels), cudnn (fused
                  attention), cublas (library GEMMs), and XLA's own Triton GEMM fusions
+  --ptxas        under each row, every Mosaic GPU kernel as ptxas assembled it for sm_90a:
+                 registers per thread, bytes spilled to local memory, shared memory
 
 The programs: the V2-Lite-width train step (bf16, fp8) at the batch `train_step.py` picks for
 the device, the MoE layer forward+backward of `moe.py` at its V3-like shape (bf16 and fp8 on the
@@ -29,10 +31,10 @@ Needs, beside this repository's environment, the CUDA plugin of the installed ja
 print(jax.__version__)')"` (about 4 GB; no GPU), and `JAX_PLATFORMS=cpu` (`gpu_targets` says
 why, and how JAX's own local-GPU queries are answered).
 
-What this cannot tell: run time; numerics; whether the Mosaic GPU kernels' modules, which ride in
-the program as custom calls, build to machine code on the device; and the sort XLA uses for the
-MoE's routing (without a device XLA has no CUB scratch sizes and compiles its fallback sort; on
-the device it takes CUB's).
+The Mosaic GPU kernels are compiled here as on the device: to PTX for sm_90a, and by ptxas to
+machine code where ptxas is installed (`--ptxas`). What this cannot tell: run time; numerics;
+and the sort XLA uses for the MoE's routing (without a device XLA has no CUB scratch sizes and
+compiles its fallback sort; on the device it takes CUB's).
 """
 
 from __future__ import annotations
@@ -180,6 +182,40 @@ PARTS = {"train": train_programs, "moe": moe_programs, "decode": decode_programs
          "gemm": gemm_programs}
 
 
+class MosaicReports:
+    """What ptxas made of each Mosaic GPU kernel compiled while this is open: JAX's Mosaic GPU
+    compiler runs ptxas itself when it finds one (the CUDA plugin's `[with-cuda]` extra brings
+    it) and, with MOSAIC_GPU_DUMP_TO / _PTXAS / _RESOURCES set, writes its report and the
+    kernel's shared memory to a folder. `new()` reads the kernels compiled since the last call
+    and deletes their other dumps (the MLIR pass log alone is tens of MB a kernel)."""
+
+    def __init__(self):
+        import tempfile
+        self.dir = tempfile.mkdtemp(prefix="mosaic_gpu_")
+        os.environ.update(MOSAIC_GPU_DUMP_TO=self.dir, MOSAIC_GPU_DUMP_PTXAS="1",
+                          MOSAIC_GPU_DUMP_RESOURCES="1")
+
+    def new(self) -> list[dict]:
+        out = []
+        for path in sorted(pathlib.Path(self.dir).glob("*.ptxas")):
+            stem = path.with_suffix("")
+            report = path.read_text()
+            ptx = stem.with_suffix(".ptx")
+            files = re.findall(r'\.file\s+\d+\s+"([^"]+)"', ptx.read_text()) if ptx.exists() else []
+            resources = stem.with_suffix(".resources.txt")
+            smem = re.search(r"smem_scratch_bytes=(\d+)",
+                             resources.read_text() if resources.exists() else "")
+            regs = re.search(r"Used (\d+) registers", report)
+            spill = re.search(r"(\d+) bytes spill stores", report)
+            out.append({"kernel": stem.name, "source": pathlib.Path(files[0]).name if files else "",
+                        "registers": int(regs.group(1)) if regs else None,
+                        "spill_bytes": int(spill.group(1)) if spill else None,
+                        "smem_bytes": int(smem.group(1)) if smem else None})
+            for f in pathlib.Path(self.dir).glob(stem.name + ".*"):
+                f.unlink()
+        return out
+
+
 def print_row(r: dict) -> None:
     if "error" in r:
         print(f"  {r['program']:<52} ERROR {r['error']}", flush=True)
@@ -187,6 +223,10 @@ def print_row(r: dict) -> None:
     fits = "yes" if r["fits"] else ("NO (XLA rematerialized)" if r["remat"] else "NO")
     print(f"  {r['program']:<52} {r['compile_s']:>6.0f} {r['args_gb']:>6.1f} {r['temp_gb']:>6.1f}"
           f" {r['need_gb']:>6.1f} {r['limit_gb']:>6.1f}  {fits:<4} {r['kernels']}", flush=True)
+    for k in r.get("mosaic", []):
+        print(f"      {k['kernel']:<14} {k['source']:<32} {k['registers']} registers, "
+              f"{k['spill_bytes']} B spilled, {(k['smem_bytes'] or 0) / 1024:.0f} KiB smem",
+              flush=True)
 
 
 def main(argv=None) -> list[dict]:
@@ -196,7 +236,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--train-batch", default="",
                    help="train step batches to compile (default: the one train_step.py picks)")
     p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--ptxas", action="store_true",
+                   help="list ptxas's registers, spills and shared memory of every Mosaic GPU "
+                        "kernel (needs ptxas: the plugin's [with-cuda] extra)")
     args = p.parse_args(argv)
+    reports = MosaicReports() if args.ptxas else None
     from experiments.benchmarks.common import Results
     results = Results(args.json or None, {"jax": jax.__version__, "host": "compile only"})
     batches = tuple(int(b) for b in args.train_batch.split(",") if b)
@@ -209,6 +253,12 @@ def main(argv=None) -> list[dict]:
         for part in args.only.split(","):
             for name, fn, fn_args, limit in PARTS[part](MEMORY[target], batches):
                 row = {"target": target, **compile_row(name, fn, fn_args, device, limit)}
+                if reports is not None:
+                    row["mosaic"] = reports.new()
+                    if "mosaic_gpu" in row.get("kernels", "") and not row["mosaic"]:
+                        row["mosaic_note"] = "no ptxas report: ptxas not found (install the " \
+                                             "plugin with its [with-cuda] extra)"
+                        print(f"      {row['mosaic_note']}")
                 results.add("rows", row)
                 print_row(row)
                 rows.append(row)

@@ -191,22 +191,6 @@ def test_gpu_compile_row_reads_the_compilers_memory_analysis():
     assert "error" in failed and "fits" not in failed              # (takes one argument)
 
 
-def test_gpu_compile_answers_jax_as_the_target_and_restores():
-    from types import SimpleNamespace
-
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
-
-    from deepseek_jax.tools import gpu_targets
-    before = (cudnn.check_cudnn_version, cudnn.check_compute_capability, trd.jax)
-    hopper = SimpleNamespace(compute_capability="9.0", core_count=132)
-    with gpu_targets.answer_as(hopper):
-        assert cudnn.check_compute_capability("9.0") and cudnn.check_compute_capability("8.0")
-        assert not cudnn.check_compute_capability("10.0")
-        assert cudnn.check_cudnn_version() >= 91000 and trd.jax.devices()[0].core_count == 132
-    assert (cudnn.check_cudnn_version, cudnn.check_compute_capability, trd.jax) == before
-
-
 def test_gpu_compile_counts_kernels_by_family():
     from experiments.benchmarks.gpu_compile import kernels
     hlo = ('custom_call_target="mosaic_gpu_v2" custom_call_target="mosaic_gpu_v2" '
