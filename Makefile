@@ -10,11 +10,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test venv clean
 
-$(STAMP): setup.cfg requirements-dev.txt pyproject.toml
+$(STAMP): setup.cfg requirements-dev.txt requirements-gpu-compile.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/cuda-plugin \
+		-r requirements-gpu-compile.txt
 	touch $(STAMP)
 
 venv: $(STAMP)

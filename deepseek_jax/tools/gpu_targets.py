@@ -10,8 +10,9 @@ text format): `jax.experimental.topologies.get_topology_desc(platform="cuda", ta
 topology="1xNODESxGPUS")` then returns devices that can be compiled for but not run on, one
 process per node, as the TPU topologies do for TPU slices.
 
-Needs the CUDA plugin of the installed jax (`pip install "jax-cuda13-plugin[with-cuda]==<jax
-version>"`, about 4 GB of CUDA libraries; no GPU) and `JAX_PLATFORMS=cpu`, which keeps JAX from
+Needs the CUDA plugin of the installed jax on the path (`make venv` installs it in
+.venv/cuda-plugin, from requirements-gpu-compile.txt; no GPU, and no CUDA libraries unless ptxas
+is wanted: its `[with-cuda]` extra) and `JAX_PLATFORMS=cpu`, which keeps JAX from
 starting a GPU backend and with it the plugin's checks of the local CUDA libraries, which need a
 GPU (`python -m deepseek_jax.tools.plan` sets it).
 
@@ -71,8 +72,10 @@ TARGET_CONFIGS = {
     "h200": _HOPPER.format(bandwidth=4_800_000_000_000, l2=60 * 2**20, memory=MEMORY["h200"],
                            name="NVIDIA H200"),
 }
-INSTALL = ('pip install "jax-cuda13-plugin[with-cuda]==' + jax.__version__ + '" (no GPU needed) '
-           "and run with JAX_PLATFORMS=cpu")
+INSTALL = ("put JAX's CUDA plugin on the path (`make venv` installs it in .venv/cuda-plugin: "
+           "PYTHONPATH=.venv/cuda-plugin; or pip install jax-cuda13-plugin==" + jax.__version__
+           + " jax-cuda13-pjrt==" + jax.__version__ + ", no GPU needed) and run with "
+           "JAX_PLATFORMS=cpu")
 
 
 class NoCompileOnlyGpu(RuntimeError):

@@ -1,8 +1,8 @@
 """h200.sh's large programs compiled for an H100 or an H200 on a CPU host: memory and kernels
 known before any device time is spent.
 
-  PYTHONPATH=CUDA_DIR JAX_PLATFORMS=cpu python experiments/benchmarks/gpu_compile.py --target h100
-  ... --target h200 --only train --train-batch 8,16        # one part, other batches
+  PYTHONPATH=.venv/cuda-plugin JAX_PLATFORMS=cpu python experiments/benchmarks/gpu_compile.py
+  ... --target h200 --only train --train-batch 8,16        # one GPU, one part, other batches
 
 Each program below is lowered and compiled for one compile-only device of the GPU named
 (`deepseek_jax.tools.gpu_targets`: XLA's GPU compiler given the device's description instead
@@ -26,10 +26,10 @@ Mosaic grouped GEMM, and its dense SwiGLU), and `decode.py`'s decode steps at ba
 (V3 widths on the latent cache; V2-Lite widths on both caches), and the 8192³ GEMMs of
 `fp8_gemm.py` (XLA bf16, the fp8 reference XLA runs, and "auto", our Mosaic GPU kernel).
 
-Needs, beside this repository's environment, the CUDA plugin of the installed jax, e.g.
-`pip install --target CUDA_DIR "jax-cuda13-plugin[with-cuda]==$(python -c 'import jax;
-print(jax.__version__)')"` (about 4 GB; no GPU), and `JAX_PLATFORMS=cpu` (`gpu_targets` says
-why, and how JAX's own local-GPU queries are answered).
+Needs, beside this repository's environment, the CUDA plugin of the installed jax on the path
+(`make venv` puts it in .venv/cuda-plugin, from requirements-gpu-compile.txt; `--ptxas` needs
+its `[with-cuda]` extra, about 4 GB more) and `JAX_PLATFORMS=cpu` (`gpu_targets` says why, and
+how JAX's own local-GPU queries are answered).
 
 The Mosaic GPU kernels are compiled here as on the device: to PTX for sm_90a, and by ptxas to
 machine code where ptxas is installed (`--ptxas`). What this cannot tell: run time; numerics;

@@ -1,0 +1,78 @@
+"""Our GPU kernels compiled by XLA's GPU compiler for a compile-only H100 on this CPU host: the
+fp8 GEMM, cuDNN attention forward and backward, and the Mosaic grouped GEMM forward, dgrad and
+wgrad, each inside a jitted program, as h200.sh's programs hold them. Compiling goes further
+than lowering (`test_*lowers_for_cuda`): XLA's GPU passes run, the Mosaic kernels are built to
+PTX for sm_90a (checked in the PTX they dump), and the program's memory is laid out.
+
+JAX's CUDA plugin does the compiling (no GPU needed). It lives beside the environment, in
+`.venv/cuda-plugin` (`make venv` installs it from requirements-gpu-compile.txt), not in it: on a
+host without GPUs, an installed plugin prints its failed GPU checks whenever JAX starts without
+JAX_PLATFORMS=cpu. So the compiles run in a child process with that folder on its path."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PLUGIN = ROOT / ".venv" / "cuda-plugin"
+
+PROGRAMS = r'''
+import json
+import jax, jax.numpy as jnp
+from deepseek_jax.kernels import fp8, grouped_gemm as gg
+from deepseek_jax.model.attention import attention
+from deepseek_jax.tools import gpu_targets
+from experiments.benchmarks.gpu_compile import compile_row
+
+device = gpu_targets.compile_only_devices("h100", 1)[0]
+S = jax.ShapeDtypeStruct
+bf16 = jnp.bfloat16
+x, w = S((256, 1024), bf16), S((512, 1024), bf16)
+quantized = (*jax.eval_shape(fp8.quantize_activation, x), *jax.eval_shape(fp8.quantize_weight, w))
+qk, v = S((2, 256, 4, 192), bf16), S((2, 256, 4, 128), bf16)
+rows, experts, sizes = S((512, 256), bf16), S((4, 256, 128), bf16), S((4,), jnp.int32)
+
+def attention_loss(q, k, v):
+    return attention(q, k, v, scale=0.1, backend="cudnn").astype(jnp.float32).sum()
+
+def gmm_loss(a, b, s):
+    return gg.gmm(a, b, s, backend="mosaic_gpu").astype(jnp.float32).sum()
+
+rows_out = [
+    compile_row("fp8 GEMM", jax.jit(lambda *a: fp8.fp8_matmul(*a, backend="auto")), quantized,
+                device, 1e9),
+    compile_row("cuDNN attention fwd+bwd", jax.jit(jax.grad(attention_loss, argnums=(0, 1, 2))),
+                (qk, qk, v), device, 1e9),
+    compile_row("grouped GEMM fwd+bwd", jax.jit(jax.value_and_grad(gmm_loss, argnums=(0, 1))),
+                (rows, experts, sizes), device, 1e9),
+]
+print(json.dumps(rows_out))
+'''
+
+
+def test_gpu_kernels_compile_for_a_compile_only_h100(tmp_path):
+    if not PLUGIN.is_dir():
+        pytest.fail(f"{PLUGIN} is missing: run `make venv` (it installs JAX's CUDA plugin there "
+                    "from requirements-gpu-compile.txt)")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(PLUGIN)]),
+           "MOSAIC_GPU_DUMP_TO": str(tmp_path), "MOSAIC_GPU_DUMP_PTX": "1"}
+    env.pop("XLA_FLAGS", None)                      # one device is enough; no fake CPU devices
+    r = subprocess.run([sys.executable, "-c", PROGRAMS], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["program"]: row for row in json.loads(r.stdout.strip().splitlines()[-1])}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["fits"] and row["need_gb"] > 0
+    assert rows["fp8 GEMM"]["kernels"] == "mosaic_gpu 1"
+    assert rows["cuDNN attention fwd+bwd"]["kernels"] == "cudnn 2"              # fwd, bwd
+    assert rows["grouped GEMM fwd+bwd"]["kernels"] == "mosaic_gpu 3"      # fwd, dgrad, wgrad
+    # Each Mosaic kernel was built to Hopper PTX with its wgmma instructions: e4m3 for fp8.
+    ptx = [f.read_text() for f in sorted(tmp_path.glob("*.ptx"))]
+    assert len(ptx) == 4 and all(".target sm_90a" in t and "wgmma.mma_async" in t for t in ptx)
+    assert sum(".e4m3.e4m3" in t for t in ptx) == 1 and sum(".bf16.bf16" in t for t in ptx) == 3
