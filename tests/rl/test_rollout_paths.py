@@ -67,11 +67,15 @@ def test_grpo_loss_is_the_same_for_every_rollout_path():
     for path in rollout.ROLLOUTS:
         completions, rows, old = rollout_rows(mc, v, rl_with(rollout=path))
         # A reward that varies within groups (the random policy earns no task reward): the
-        # sum of the completion's ids mod 7, so the advantages and the loss are not zero.
+        # sum of the completion's ids mod 7, so the advantages are not zero.
         reward = np.array([sum(c) % 7 for c in completions], np.float32)
         batch = {k: jnp.asarray(rows[k]) for k in ("tokens", "mask", "token_mask")}
         batch["advantages"] = jnp.asarray(advantages.group_advantages(reward, G, "group"))
-        batch["old_logp"] = jnp.asarray(old) - 0.1         # ratios e^0.1: inside the clip
+        # Ratios e^0.05, e^0.1, e^0.15 by row, inside the clip. One ratio for every token would
+        # make the loss e^c · mean(advantages), zero up to rounding (the advantages of a group
+        # sum to zero), and the comparison below empty.
+        offsets = 0.05 * (1 + np.arange(old.shape[0]) % 3)
+        batch["old_logp"] = jnp.asarray(old - offsets[:, None])
         got[path] = (completions, float(update(state, batch)["loss"]))
     ref_completions, ref_loss = got["repeated"]
     assert ref_loss != 0.0
