@@ -117,6 +117,7 @@ def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
+    print(f"  compiled in {compile_s:.1f} s", flush=True)    # before the steps: a part cut short
 
     losses, times = [], []
     for i in range(WARMUP + steps):                  # warm-ups, then timed steps
