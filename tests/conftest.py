@@ -2,6 +2,7 @@
 process of a run, heaviest files first, shared tiny fixtures."""
 
 import os
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,28 +37,21 @@ def tiny_variables(tiny):
     return init_variables(jax.random.key(0), tiny)
 
 
-class _HopperLikeJax:
-    """`jax` as one kernel module sees it, with a first device that reports an H100/H200's 132 SMs."""
-
-    class _Device:
-        core_count = 132
-
-    def devices(self, *args):
-        return [self._Device()]
-
-    def __getattr__(self, name):
-        return getattr(jax, name)
+# What JAX's own GPU code asks of the local GPU while tracing, answered for a Hopper GPU.
+HOPPER = SimpleNamespace(platform="gpu", compute_capability="9.0", core_count=132)
 
 
 @pytest.fixture
-def hopper_sm_count(monkeypatch):
+def hopper_sm_count():
     """Lets the Mosaic GPU wgrad kernel trace on a CPU host (interpret mode, lowering for cuda).
 
     `transposed_ragged_dot` reads `jax.devices()[0].core_count` while tracing; CPU devices have
-    none. Only that module's view of `jax` changes, for one test.
+    none. `gpu_targets.answer_as`, which the compile-only GPU compiles use for the same reason,
+    answers it (and cuDNN's checks) as an H100/H200 would, for one test.
     """
-    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
-    monkeypatch.setattr(trd, "jax", _HopperLikeJax())
+    from deepseek_jax.tools import gpu_targets
+    with gpu_targets.answer_as(HOPPER):
+        yield
 
 
 # Measured wall time of each file on two cores, in seconds (the `--durations` table of `make

@@ -33,11 +33,13 @@ import math
 
 import jax
 
-# The sizes come from the machines lent to this project (nvidia-smi: 81,559 and 143,771 MiB;
-# PyTorch: 132 SMs, 50 and 60 MB of L2) and NVIDIA's data sheets (3.35 and 4.8 TB/s; 1.98 GHz
-# boost; 227 KiB of shared memory per block when opted in, 228 KiB per SM; 64 K registers).
-# cuDNN 9.10 and CUDA 13.0 stand for the device's libraries (cuDNN ≥ 9.10 is what MLA's head
-# widths need).
+from deepseek_jax.tools.hardware import CHIPS
+
+# Memory size and bandwidth are the hardware table's (`hardware.py`: nvidia-smi's size on the
+# machines lent to this project, the data sheets' bandwidth); the rest from those machines
+# (PyTorch: 132 SMs, 50 and 60 MB of L2) and NVIDIA's data sheets (1.98 GHz boost; 227 KiB of
+# shared memory per block when opted in, 228 KiB per SM; 64 K registers). cuDNN 9.10 and CUDA
+# 13.0 stand for the device's libraries (cuDNN ≥ 9.10 is what MLA's head widths need).
 _HOPPER = """
 gpu_device_info {{
   threads_per_block_limit: 1024
@@ -65,13 +67,11 @@ runtime_version {{ major: 13 minor: 0 }}
 device_description_str: "{name}"
 """
 CUDNN_VERSION = 91000
-MEMORY = {"h100": 81_559 * 2**20, "h200": 143_771 * 2**20}    # bytes, as nvidia-smi reports
+_HOPPERS = {"h100": (50 * 2**20, "NVIDIA H100 80GB HBM3"), "h200": (60 * 2**20, "NVIDIA H200")}
+MEMORY = {gpu: int(CHIPS[gpu].hbm_bytes) for gpu in _HOPPERS}          # bytes
 TARGET_CONFIGS = {
-    "h100": _HOPPER.format(bandwidth=3_350_000_000_000, l2=50 * 2**20, memory=MEMORY["h100"],
-                           name="NVIDIA H100 80GB HBM3"),
-    "h200": _HOPPER.format(bandwidth=4_800_000_000_000, l2=60 * 2**20, memory=MEMORY["h200"],
-                           name="NVIDIA H200"),
-}
+    gpu: _HOPPER.format(bandwidth=int(CHIPS[gpu].hbm_bw), l2=l2, memory=MEMORY[gpu], name=name)
+    for gpu, (l2, name) in _HOPPERS.items()}
 INSTALL = ("put JAX's CUDA plugin on the path (`make venv` installs it in .venv/cuda-plugin: "
            "PYTHONPATH=.venv/cuda-plugin; or pip install jax-cuda13-plugin==" + jax.__version__
            + " jax-cuda13-pjrt==" + jax.__version__ + ", no GPU needed) and run with "

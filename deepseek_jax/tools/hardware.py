@@ -35,6 +35,7 @@ import dataclasses
 from deepseek_jax.train.flops import PEAK_BF16_FLOPS
 
 GiB = 2 ** 30
+MiB = 2 ** 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +127,9 @@ CHIPS = {
     "h100": Chip(
         "NVIDIA H100 SXM", "gpu",
         peak_flops=PEAK_BF16_FLOPS["h100"],
-        # 80 GB HBM3, 3.35 TB/s: NVIDIA H100 data sheet (SXM5).
-        hbm_bytes=80e9, hbm_bw=3.35e12,
+        # 80 GB HBM3 (NVIDIA H100 data sheet, SXM5): nvidia-smi reports 81,559 MiB on the
+        # H100 lent to this project; 3.35 TB/s (data sheet).
+        hbm_bytes=81_559 * MiB, hbm_bw=3.35e12,
         # NVLink 4: 900 GB/s bidirectional per GPU = 450 GB/s one way (H100 data sheet;
         # scaling book gpus.md: 18 links x 25 GB/s).
         nvlink_bw=4.5e11,
@@ -136,8 +138,9 @@ CHIPS = {
         node_bw=5.0e10, gpus_per_node=8),
     "h200": Chip(
         "NVIDIA H200 SXM", "gpu",
-        # 141 GB HBM3e, 4.8 TB/s: NVIDIA H200 data sheet.
-        peak_flops=PEAK_BF16_FLOPS["h200"], hbm_bytes=141e9, hbm_bw=4.8e12,
+        # 141 GB HBM3e (NVIDIA H200 data sheet): nvidia-smi reports 143,771 MiB on the H200
+        # lent to this project; 4.8 TB/s (data sheet).
+        peak_flops=PEAK_BF16_FLOPS["h200"], hbm_bytes=143_771 * MiB, hbm_bw=4.8e12,
         # NVLink 4, 900 GB/s bidirectional per GPU (H200 data sheet).
         nvlink_bw=4.5e11,
         # 8 x 400 Gb/s NICs per 8-GPU node, as DGX H100/H200 (NVIDIA DGX H200 data sheet).
