@@ -22,8 +22,12 @@ What is live at the peak: the same dump holds the module's live ranges
 values live at the step where their sum is largest ("Live ranges at N (peak)"). `peak_buffers`
 reads that set, largest first, with shapes and kinds from the assignment and ops from the HLO:
 unlike the largest values, these are all in memory at once, so they are what to shrink for the
-step to fit. The live-range sizes are logical (no tile padding), so their sum can fall a little
-short of `memory_analysis()`'s peak.
+step to fit. Several of those values can be one piece of memory: a loop's result and the carried
+value its body updated in place (the loop's result is a `(phi)` value in the assignment), or an
+in-place update and the buffer it writes into. The live-range dump counts each; `peak_buffers`
+counts the bytes they occupy: the union of their [offset, offset + size) in each allocation, as
+laid out, and lists each piece of memory once. What is left between that sum and the compiler's
+total is the allocator's placement: gaps between values, and memory the peak's values do not use.
 
 Left out: out-of-memory compiles stop before a buffer assignment is written.
 """
@@ -38,7 +42,10 @@ import re
 import tempfile
 
 _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+)(.*)$")
-_VALUE = re.compile(r"^\s*value: <\d+ ([\w.\-]+)(\{[\d,]*\})? @\d+> \(size=(\d+),offset=\d+\): (.*)$")
+# A value: its instruction, tuple index, "(phi)" for a loop's or conditional's result (which
+# shares the memory of what flows into it), size and offset in the allocation, shape.
+_VALUE = re.compile(r"^\s*value: <\d+ ([\w.\-]+)(\{[\d,]*\})?( \(phi\))? @\d+> "
+                    r"\(size=(\d+),offset=(\d+)\): (.*)$")
 _OP_NAME = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=.*?metadata=\{op_name="([^"]*)"')
 _LAYOUT = re.compile(r"\{[^{}]*\}")
 _PEAK = re.compile(r"^\s*Live ranges at \d+ \(peak\):")
@@ -76,53 +83,90 @@ def op_names(hlo_text: str) -> dict[str, str]:
     return out
 
 
-def _values(assignment: str, names: dict[str, str]) -> dict[tuple[str, str], Buffer]:
-    """{(instruction, tuple index): its value in the buffer assignment}, the largest one where
-    a value appears in several allocations."""
-    kind, best = None, {}
+@dataclasses.dataclass(frozen=True)
+class _Placed:
+    buffer: Buffer
+    allocation: int
+    offset: int
+    phi: bool            # a loop's or conditional's result: the memory of another value
+
+
+def _values(assignment: str, names: dict[str, str]) -> dict[tuple[str, str], _Placed]:
+    """{(instruction, tuple index): where the buffer assignment puts that value}, the largest
+    placement where a value appears in several allocations."""
+    kind, allocation, best = None, -1, {}
     for line in assignment.splitlines():
         m = _ALLOCATION.match(line)
         if m:
-            kind = _kind(m.group(3))
+            kind, allocation = _kind(m.group(3)), int(m.group(1))
             continue
         m = _VALUE.match(line)
         if not m or kind is None:
             continue
-        name, index, size = m.group(1), m.group(2) or "{}", int(m.group(3))
-        shape = _LAYOUT.sub("", m.group(4)).strip()
+        name, index, size = m.group(1), m.group(2) or "{}", int(m.group(4))
+        shape = _LAYOUT.sub("", m.group(6)).strip()
         key = (name, index)
-        if key not in best or size > best[key].bytes:
-            best[key] = Buffer(kind, size, shape, name, names.get(name, ""))
+        if key not in best or size > best[key].buffer.bytes:
+            best[key] = _Placed(Buffer(kind, size, shape, name, names.get(name, "")),
+                                allocation, int(m.group(5)), bool(m.group(3)))
     return best
 
 
 def largest_buffers(assignment: str, hlo_text: str = "", n: int = 8) -> list[Buffer]:
-    """The `n` largest values of a buffer assignment (each instruction once), largest first."""
+    """The `n` largest values of a buffer assignment (each instruction once, a loop's result
+    left out for the value it carries), largest first."""
     best = {}
-    for b in _values(assignment, op_names(hlo_text)).values():
-        if b.name not in best or b.bytes > best[b.name].bytes:
+    for p in _values(assignment, op_names(hlo_text)).values():
+        b = p.buffer
+        if not p.phi and (b.name not in best or b.bytes > best[b.name].bytes):
             best[b.name] = b
     return sorted(best.values(), key=lambda b: -b.bytes)[:n]
 
 
+def _occupied(places: list[_Placed]) -> int:
+    """Bytes covered by the [offset, offset + size) of `places`, allocation by allocation."""
+    total = 0
+    by_allocation: dict[int, list[tuple[int, int]]] = {}
+    for p in places:
+        by_allocation.setdefault(p.allocation, []).append((p.offset, p.offset + p.buffer.bytes))
+    for spans in by_allocation.values():
+        end = 0
+        for lo, hi in sorted(spans):
+            total += max(0, hi - max(lo, end))
+            end = max(end, hi)
+    return total
+
+
 def peak_buffers(live_range: str, assignment: str, hlo_text: str = "",
                  n: int = 8) -> tuple[list[Buffer], int]:
-    """(the `n` largest values live at the module's memory peak, largest first; the sum of all
-    values live there) from the live-range dump; ([], 0) when it has no peak section."""
+    """(the `n` largest pieces of memory live at the module's memory peak, largest first; the
+    bytes all of them occupy) from the live-range dump; ([], 0) when it has no peak section.
+
+    Values at one place of one allocation (a loop's result and what it carries) are one row:
+    the value that is not a loop's result, which names the op that wrote it. A value the
+    assignment does not place counts at the live-range dump's size."""
     names = op_names(hlo_text)
     known = _values(assignment, names)
     lines = iter(live_range.splitlines())
     if not any(_PEAK.match(line) for line in lines):
         return [], 0
-    live = []
+    placed: dict[tuple[int, int, int], _Placed] = {}
+    unplaced: list[Buffer] = []
     for line in lines:                      # the peak's values, up to the next section
         m = _LIVE.match(line)
         if not m:
             break
         name, index, size = m.group(1), m.group(2), int(m.group(3))
-        b = known.get((name, index)) or Buffer("temp", size, "", name, names.get(name, ""))
-        live.append(dataclasses.replace(b, bytes=size))
-    return sorted(live, key=lambda b: -b.bytes)[:n], sum(b.bytes for b in live)
+        p = known.get((name, index))
+        if p is None:
+            unplaced.append(Buffer("temp", size, "", name, names.get(name, "")))
+            continue
+        where = (p.allocation, p.offset, p.buffer.bytes)
+        if where not in placed or placed[where].phi > p.phi:
+            placed[where] = p
+    rows = [p.buffer for p in placed.values()] + unplaced
+    occupied = _occupied(list(placed.values())) + sum(b.bytes for b in unplaced)
+    return sorted(rows, key=lambda b: -b.bytes)[:n], occupied
 
 
 @contextlib.contextmanager

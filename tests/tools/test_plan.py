@@ -4,8 +4,10 @@ ahead-of-time compile for a TPU topology (libtpu, no TPU)."""
 import csv
 import math
 import os
+import re
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from deepseek_jax import parallel
@@ -285,6 +287,35 @@ def test_peak_buffers_of_a_program_whose_peak_is_known():
     assert any(b.kind == "parameter" and b.bytes == 256 * 256 * 4 for b in peak), peak
     assert all(b.shape == "f32[256,256]" for b in peak if b.bytes == 256 * 256 * 4)
     assert buffers.peak_buffers("no peak section here", assignment) == ([], 0)
+
+
+def test_peak_counts_a_loop_carry_updated_in_place_once():
+    """A loop writes x[i]·x[i] into a [4, 256, 256] fp32 carry (1 MiB) in place, x (1 MiB)
+    live throughout. Inside the loop the carry is two values of one piece of memory: the loop's
+    carried value (a phi value) and the in-place update. The live-range dump lists both, so its
+    sum exceeds the whole program; counted by the memory they occupy, the peak holds x, the
+    carry once and one product (256 KiB), and no more than the compiler's total."""
+    from deepseek_jax.tools import buffers
+
+    def f(x):
+        def body(i, acc):
+            return jax.lax.dynamic_update_index_in_dim(acc, jnp.tanh(x[i] @ x[i]), i, 0)
+        return jax.lax.fori_loop(0, 4, body, jnp.zeros_like(x)) * 2.0 + x
+
+    mib = 1 << 20
+    x = jax.ShapeDtypeStruct((4, 256, 256), jnp.float32)
+    compiled, assignment, live = buffers.compile_with_assignment(jax.jit(f).lower(x))
+    m = compiled.memory_analysis()
+    program = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+    peak, occupied = buffers.peak_buffers(live, assignment, compiled.as_text())
+    section = live.split("(peak):")[1].split("Stack trace")[0]
+    each_value = sum(int(b) for b in re.findall(r": (\d+) bytes", section))
+    assert each_value > program                 # the dump counts the carry twice
+    assert 2 * mib + mib // 4 <= occupied <= program, (occupied, program)
+    whole = [b for b in peak if b.bytes == mib]
+    assert len(whole) == 2 and {b.shape for b in whole} == {"f32[4,256,256]"}, peak
+    assert sum(b.kind == "parameter" for b in whole) == 1, peak
 
 
 def test_rows_say_where_collectives_leave_the_analytic_model(tiny_plan):
