@@ -19,6 +19,10 @@ of the device), and one row printed per program:
                  attention), cublas (library GEMMs), and XLA's own Triton GEMM fusions
   --ptxas        under each row, every Mosaic GPU kernel as ptxas assembled it for sm_90a:
                  registers per thread, bytes spilled to local memory, shared memory
+  --peak N       under each row, the memory the values live at the program's memory peak
+                 occupy, by kind (arguments, temporaries, outputs), and the N largest of them
+                 that are not arguments (`deepseek_jax.tools.buffers`, from XLA's buffer
+                 assignment and live ranges): what to shrink for a larger batch
 
 The programs: the V2-Lite-width train step (bf16, fp8) at the batch `train_step.py` picks for
 the device, the MoE layer forward+backward of `moe.py` at its V3-like shape (bf16 and fp8 on the
@@ -40,6 +44,7 @@ compiles its fallback sort; on the device it takes CUB's).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import re
@@ -52,7 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deepseek_jax.tools import gpu_targets  # noqa: E402
+from deepseek_jax.tools import buffers, gpu_targets  # noqa: E402
 
 GB = 1e9
 
@@ -99,9 +104,10 @@ class _Stderr:
         self.file.close()
 
 
-def compile_row(name, fn, args, device, limit: float) -> dict:
+def compile_row(name, fn, args, device, limit: float, peak: int = 0) -> dict:
     """Lowers and compiles fn(*args) for `device`; the row of the table (or its error). `limit`:
-    the bytes the benchmark's allocator would hold on the device."""
+    the bytes the benchmark's allocator would hold on the device; `peak`: list that many values
+    live at the memory peak."""
     sharding = jax.sharding.SingleDeviceSharding(device)
     placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                           args)
@@ -110,7 +116,11 @@ def compile_row(name, fn, args, device, limit: float) -> dict:
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(mesh), gpu_targets.answering_for([device]), _Stderr() as log:
-            compiled = fn.trace(*placed).lower().compile()
+            lowered = fn.trace(*placed).lower()
+            if peak:
+                compiled, assignment, live = buffers.compile_with_assignment(lowered)
+            else:
+                compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - one failing program must not stop the table
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else \
             type(e).__name__
@@ -123,6 +133,16 @@ def compile_row(name, fn, args, device, limit: float) -> dict:
                temp_gb=m.temp_size_in_bytes / GB, need_gb=need / GB, remat=remat,
                fits=need <= row["limit_gb"] * GB and not remat,
                kernels=kernels(compiled.as_text()))
+    if peak:
+        at_peak, occupied = buffers.peak_buffers(live, assignment, compiled.as_text(), n=10**9)
+        row["peak_gb"] = occupied / GB
+        row["peak_gb_by_kind"] = {}
+        for b in at_peak:
+            row["peak_gb_by_kind"][b.kind] = row["peak_gb_by_kind"].get(b.kind, 0) + b.bytes / GB
+        # The arguments (parameters, optimizer state, batch) are known from the program's
+        # inputs; what the compiler made is the rest.
+        made = [b for b in at_peak if b.kind != "parameter"][:peak]
+        row["at_peak"] = [dataclasses.asdict(b) for b in made]
     return row
 
 
@@ -223,6 +243,15 @@ def print_row(r: dict) -> None:
     fits = "yes" if r["fits"] else ("NO (XLA rematerialized)" if r["remat"] else "NO")
     print(f"  {r['program']:<52} {r['compile_s']:>6.0f} {r['args_gb']:>6.1f} {r['temp_gb']:>6.1f}"
           f" {r['need_gb']:>6.1f} {r['limit_gb']:>6.1f}  {fits:<4} {r['kernels']}", flush=True)
+    if "at_peak" in r:
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["peak_gb_by_kind"].items(),
+                                                            key=lambda kv: -kv[1]))
+        print(f"      live at the peak: {r['peak_gb']:.1f} GB ({kinds}); largest not arguments:",
+              flush=True)
+        for b in r["at_peak"]:
+            op = b["op"].rsplit("/", 2)
+            print(f"        {b['bytes'] / GB:6.2f} GB {b['shape']:<28} {b['kind']:<9} "
+                  f"{'/'.join(op[-2:]) if b['op'] else b['name']}", flush=True)
     for k in r.get("mosaic", []):
         print(f"      {k['kernel']:<14} {k['source']:<32} {k['registers']} registers, "
               f"{k['spill_bytes']} B spilled, {(k['smem_bytes'] or 0) / 1024:.0f} KiB smem",
@@ -239,6 +268,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--ptxas", action="store_true",
                    help="list ptxas's registers, spills and shared memory of every Mosaic GPU "
                         "kernel (needs ptxas: the plugin's [with-cuda] extra)")
+    p.add_argument("--peak", type=int, default=0, metavar="N",
+                   help="list the N largest values live at each program's memory peak")
     args = p.parse_args(argv)
     reports = MosaicReports() if args.ptxas else None
     from experiments.benchmarks.common import Results
@@ -252,7 +283,8 @@ def main(argv=None) -> list[dict]:
               f"{'limit':>6}  fits kernels")
         for part in args.only.split(","):
             for name, fn, fn_args, limit in PARTS[part](MEMORY[target], batches):
-                row = {"target": target, **compile_row(name, fn, fn_args, device, limit)}
+                row = {"target": target, **compile_row(name, fn, fn_args, device, limit,
+                                                          args.peak)}
                 if reports is not None:
                     row["mosaic"] = reports.new()
                     if "mosaic_gpu" in row.get("kernels", "") and not row["mosaic"]:

@@ -186,6 +186,13 @@ def test_gpu_compile_row_reads_the_compilers_memory_analysis():
     assert m.alias_size_in_bytes == 256 * 256 * 4                 # the donated state
     assert row["need_gb"] * 1e9 == need and row["kernels"] == "none"
     assert row["fits"] == (need <= 2e6) and not row["remat"]
+    # --peak: x (an argument) and x·3 (1 MiB each) are live together; no more than the program
+    # holds. Listed: what the program made, not its arguments.
+    listed = gpu_compile.compile_row("toy", step, args, device, limit=2e6, peak=2)
+    assert 2 * 512 * 512 * 4 <= listed["peak_gb"] * 1e9 <= need
+    assert listed["peak_gb_by_kind"]["parameter"] * 1e9 >= 512 * 512 * 4
+    assert listed["at_peak"][0]["shape"] == "f32[512,512]"
+    assert all(b["kind"] != "parameter" for b in listed["at_peak"])
     failed = gpu_compile.compile_row("bad", jax.jit(lambda x: x @ x), (args[0], args[1]), device,
                                      limit=1e9)
     assert "error" in failed and "fits" not in failed              # (takes one argument)
