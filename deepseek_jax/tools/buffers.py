@@ -29,7 +29,9 @@ counts the bytes they occupy: the union of their [offset, offset + size) in each
 laid out, and lists each piece of memory once. What is left between that sum and the compiler's
 total is the allocator's placement: gaps between values, and memory the peak's values do not use.
 
-Left out: out-of-memory compiles stop before a buffer assignment is written.
+Left out: out-of-memory compiles stop before a buffer assignment is written. The peak's step is
+the dump's, chosen by its own count (each value once, shared memory twice); the step where the
+occupied bytes are largest may be another one, which this does not search for.
 """
 
 from __future__ import annotations
