@@ -140,9 +140,10 @@ def _occupied(places: list[_Placed]) -> int:
 
 
 def peak_buffers(live_range: str, assignment: str, hlo_text: str = "",
-                 n: int = 8) -> tuple[list[Buffer], int]:
-    """(the `n` largest pieces of memory live at the module's memory peak, largest first; the
-    bytes all of them occupy) from the live-range dump; ([], 0) when it has no peak section.
+                 n: int | None = 8) -> tuple[list[Buffer], int]:
+    """(the `n` largest pieces of memory live at the module's memory peak, largest first, or
+    all of them for n=None; the bytes all of them occupy) from the live-range dump; ([], 0) when
+    it has no peak section.
 
     Values at one place of one allocation (a loop's result and what it carries) are one row:
     the value that is not a loop's result, which names the op that wrote it. A value the
@@ -164,7 +165,7 @@ def peak_buffers(live_range: str, assignment: str, hlo_text: str = "",
             unplaced.append(Buffer("temp", size, "", name, names.get(name, "")))
             continue
         where = (p.allocation, p.offset, p.buffer.bytes)
-        if where not in placed or placed[where].phi > p.phi:
+        if where not in placed or (placed[where].phi and not p.phi):
             placed[where] = p
     rows = [p.buffer for p in placed.values()] + unplaced
     occupied = _occupied(list(placed.values())) + sum(b.bytes for b in unplaced)

@@ -44,6 +44,7 @@ compiles its fallback sort; on the device it takes CUB's).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import os
 import pathlib
@@ -134,11 +135,11 @@ def compile_row(name, fn, args, device, limit: float, peak: int = 0) -> dict:
                fits=need <= row["limit_gb"] * GB and not remat,
                kernels=kernels(compiled.as_text()))
     if peak:
-        at_peak, occupied = buffers.peak_buffers(live, assignment, compiled.as_text(), n=10**9)
-        row["peak_gb"] = occupied / GB
-        row["peak_gb_by_kind"] = {}
+        at_peak, occupied = buffers.peak_buffers(live, assignment, compiled.as_text(), n=None)
+        by_kind = collections.defaultdict(float)
         for b in at_peak:
-            row["peak_gb_by_kind"][b.kind] = row["peak_gb_by_kind"].get(b.kind, 0) + b.bytes / GB
+            by_kind[b.kind] += b.bytes / GB
+        row.update(peak_gb=occupied / GB, peak_gb_by_kind=dict(by_kind))
         # The arguments (parameters, optimizer state, batch) are known from the program's
         # inputs; what the compiler made is the rest.
         made = [b for b in at_peak if b.kind != "parameter"][:peak]
