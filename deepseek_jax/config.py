@@ -52,8 +52,54 @@ MOE_EP_TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "ragged_all_to_a
 ATTENTION_IMPLS = ("expanded", "absorbed")
 # The attention core of training and prefill (model/attention.py): "auto" resolves by platform.
 ATTENTION_BACKENDS = ("auto", "einsum", "blockwise", "splash", "cudnn", "splash_interpret")
+# Rematerialization of each block (model/blocks.py): "none", "full" (keep only the block's input),
+# a `jax.checkpoint_policies` name, a preset over the named activations below, or a spec
+# "custom:NAME=ACTION,..." that saves (ACTION save) or moves to host memory (offload) the named
+# activations it lists and recomputes everything else in the backward pass.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                              "nothing_saveable", "everything_saveable")
+                  "nothing_saveable", "everything_saveable", "minimal", "save_attention")
+# The activations the model names (`jax.ad_checkpoint.checkpoint_name`), per layer:
+REMAT_NAMES = {
+    "layer_input": "[B, T, D] the block's input (the layer's carry under scan)",
+    "q_latent": "[B, T, Q] query down-projection, before its norm",
+    "kv_latent": "[B, T, C] and [B, T, R] key-value down-projections, before norm and RoPE",
+    "query": "[B, T, N, H+R] query up-projection, before RoPE",
+    "key_value": "[B, S, N, H] and [B, S, N, U] keys and values expanded from the latent",
+    "context": "[B, T, N, U] attention output, before the output projection",
+    "attn_out": "[B, T, D] output projection",
+    "mlp_hidden": "[B, T, F'] gate and up projections of dense FFNs and shared experts",
+    "mlp_out": "[B, T, D] their down projection",
+    "expert_rows": "[M, D] token copies sorted by routed expert (after the exchange under EP)",
+    "expert_hidden": "[M, F] routed experts' gate and up projections",
+    "expert_out": "[M, D] routed experts' down projection, before the combine",
+}
+REMAT_ACTIONS = ("save", "offload")   # offload: to pinned host memory, back for the backward
+_ATTENTION_NAMES = ("q_latent", "kv_latent", "query", "key_value", "context", "attn_out")
+# Presets: "minimal" saves every projection output (norms, RoPE, SiLU, softmax and the attention
+# core are recomputed); "save_attention" saves attention's and recomputes the FFN and experts.
+REMAT_PRESETS = {
+    "minimal": {name: "save" for name in REMAT_NAMES if name != "layer_input"},
+    "save_attention": {name: "save" for name in _ATTENTION_NAMES},
+}
+
+
+def remat_names(policy: str) -> dict[str, str] | None:
+    """{name: action} that `policy` keeps (a preset or a "custom:" spec); None for the other
+    policies. Raises ConfigError, naming what to write, for a malformed spec."""
+    if policy in REMAT_PRESETS:
+        return dict(REMAT_PRESETS[policy])
+    if not policy.startswith("custom:"):
+        return None
+    actions = {}
+    for item in filter(None, policy[len("custom:"):].split(",")):
+        name, _, action = item.partition("=")
+        if name not in REMAT_NAMES or action not in REMAT_ACTIONS or name in actions:
+            raise ConfigError(
+                f"remat_policy={policy!r}: {item!r} must be NAME=ACTION, once per NAME, with NAME "
+                f"one of {tuple(REMAT_NAMES)} and ACTION one of {REMAT_ACTIONS} (names left out "
+                "are recomputed), e.g. custom:layer_input=offload,context=save")
+        actions[name] = action
+    return actions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +164,7 @@ class ModelConfig:
     attention_impl: str = "expanded"    # "expanded" (train, prefill) or "absorbed" (latent space)
     attention_backend: str = "auto"     # expanded training/prefill core: auto = by platform
     scan_layers: bool = True            # nn.scan over identical blocks (compile time flat in depth)
-    remat_policy: str = "none"          # a name from REMAT_POLICIES
+    remat_policy: str = "none"          # REMAT_POLICIES or "custom:NAME=ACTION,..."
     fp8: bool = False                   # fp8 projections (block-scaled e4m3 GEMMs)
     fp8_backend: str = "auto"           # their GEMM kernels (kernels/fp8.py): auto = by platform
 
@@ -236,8 +282,10 @@ def validate(c: ModelConfig) -> None:
          f"attention_impl={c.attention_impl!r}: use one of {ATTENTION_IMPLS}")
     need(c.attention_backend in ATTENTION_BACKENDS,
          f"attention_backend={c.attention_backend!r}: use one of {ATTENTION_BACKENDS}")
-    need(c.remat_policy in REMAT_POLICIES,
-         f"remat_policy={c.remat_policy!r}: use one of {REMAT_POLICIES}")
+    need(c.remat_policy in REMAT_POLICIES or c.remat_policy.startswith("custom:"),
+         f"remat_policy={c.remat_policy!r}: use one of {REMAT_POLICIES} or "
+         "custom:NAME=ACTION,... (see REMAT_NAMES)")
+    remat_names(c.remat_policy)
     need(c.rope_factor >= 1.0, f"rope_factor={c.rope_factor} must be >= 1 (1 = plain RoPE)")
     if c.n_routed_experts:
         E, X, G = c.n_routed_experts, c.n_experts_per_token, c.n_expert_groups

@@ -8,7 +8,13 @@ Identical blocks are stacked with `nn.scan` so compile time and HLO size stay fl
 61-layer V3 compiles as two loop bodies); the parameters of a scanned stack get a leading layer
 axis L (logical name "layers"). `scan_layers=False` unrolls the stack for debugging; its
 parameters are then named `layer_0`, `layer_1`, … (not interchangeable with the scanned layout).
-Rematerialization wraps each block with a named `jax.checkpoint_policies` policy.
+Rematerialization wraps each block with the policy `config.remat_policy` names (`remat_policy`
+below): "full" keeps only the block's input for the backward pass, a `jax.checkpoint_policies`
+name keeps what that policy saves, and a preset or "custom:NAME=ACTION,..." spec keeps the
+activations the model names (`config.REMAT_NAMES`, tagged where they are computed with
+`checkpoint_name`), in device memory or offloaded to the host. Values computed inside a kernel's
+own custom VJP (the fused attention backends, the FSDP-chunked experts) are not named: the
+kernel's residuals are recomputed with the rest under any policy other than "none".
 
 Decoding (`cache` given; `deepseek_jax.sampling` builds the caches). A cache slot is a position:
 row b's token at position p lives in slot p, so rows of different lengths simply sit at
@@ -45,8 +51,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, remat_names
 from deepseek_jax.model import layers
 from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
@@ -157,6 +164,7 @@ class Block(nn.Module):
                  cache: dict | None = None, token_mask: jax.Array | None = None):
         c = self.config
         x = layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))        # [B, T, D]
+        x = checkpoint_name(x, "layer_input")
         attn = MLA(c, name="attn")
         h = RMSNorm(c, name="attn_norm")(x)                                       # [B, T, D]
         if cache is None:
@@ -172,11 +180,25 @@ class Block(nn.Module):
         return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED)), cache
 
 
+def remat_policy(policy: str):
+    """The `jax.checkpoint` policy for a config's `remat_policy` (not "none"): None (save nothing
+    but the block's input) for "full", a `jax.checkpoint_policies` function by its name, or, for
+    a preset or a "custom:" spec, one that saves or offloads the named activations
+    (`config.REMAT_NAMES`) it lists. Offloaded values go to pinned host memory after the forward
+    pass and come back for the backward (on CPU, which has one memory, they stay put)."""
+    names = remat_names(policy)
+    if names is None:
+        return None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[n for n, a in names.items() if a == "save"],
+        names_which_can_be_offloaded=[n for n, a in names.items() if a == "offload"],
+        offload_src="device", offload_dst="pinned_host")
+
+
 def _remat(cls, config: ModelConfig):
     if config.remat_policy == "none":
         return cls
-    policy = (None if config.remat_policy == "full"
-              else getattr(jax.checkpoint_policies, config.remat_policy))
+    policy = remat_policy(config.remat_policy)
     # prevent_cse is only needed outside scan (scan already stops XLA from merging the recompute).
     return nn.remat(cls, policy=policy, prevent_cse=not config.scan_layers)
 

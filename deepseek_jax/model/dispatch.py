@@ -75,6 +75,13 @@ Shared experts: the MoE module computes them outside this function; nothing link
 exchange, so the compiler's scheduler is free to overlap the two (XLA's latency-hiding scheduler
 on TPU and GPU runs collectives asynchronously); nothing here forces an order.
 
+Named activations for rematerialization (`config.REMAT_NAMES`): `expert_rows` (the sorted rows
+the grouped GEMMs read: under EP, those received, so a policy that saves them does not redo the
+forward exchange in the backward), `expert_hidden` (gate and up projections) and `expert_out`
+(what the combine reads: under EP, after the return exchange). The FSDP-chunked experts and the
+overflow rounds run under their own custom VJPs and name nothing: they recompute their GEMMs in
+the backward whatever the policy.
+
 Left out, and why:
   - Sending a token once per destination device (DeepEP's dedup) instead of once per (token,
     expert) pair: with 256 experts on 64 devices a token's 8 experts share a device rarely (~1.1
@@ -94,6 +101,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import MOE_EP_TRANSPORTS, MeshError, ModelConfig
@@ -140,7 +148,9 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: jax
     else:
         gate_ = einsum("...D,EDF->...EF", x, w_gate, dtype)                # [..., E, F]
         up = einsum("...D,EDF->...EF", x, w_up, dtype)                     # [..., E, F]
+        gate_, up = checkpoint_name((gate_, up), "expert_hidden")
         out = einsum("...EF,EFD->...ED", nn.silu(gate_) * up, w_down, dtype)  # [..., E, D]
+    out = checkpoint_name(out, "expert_out")                               # [..., E, D]
     return einsum("...ED,...E->...D", out, combine, dtype)                 # [..., D]
 
 
@@ -169,7 +179,7 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
     order = jnp.argsort(flat_idx, stable=True)                             # [M] pair ids by expert
     sizes = jnp.bincount(flat_idx, length=E).astype(jnp.int32)             # [E]
     tokens = x.reshape(-1, D).astype(dtype)                                # [B·T, D]
-    rows = tokens[order // X]                                              # [M, D] sorted pairs
+    rows = checkpoint_name(tokens[order // X], "expert_rows")              # [M, D] sorted pairs
     if expert_chunks > 1 and gathers[0] is not None:
         out = _chunked_experts(rows, sizes, w_gate, w_up, w_down, gathers, expert_chunks,
                                backend, dtype, fp8)                        # [M, D]
@@ -178,9 +188,10 @@ def ragged_dispatch(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate: ja
                                       gather=g)
         gate_ = grouped(rows, w_gate, gathers[0])                          # [M, F]
         up = grouped(rows, w_up, gathers[1])                               # [M, F]
+        gate_, up = checkpoint_name((gate_, up), "expert_hidden")
         out = grouped(nn.silu(gate_) * up, w_down, gathers[2])             # [M, D]
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
-    unsorted = unsorted.reshape(*idx.shape, D)                             # [..., X, D]
+    unsorted = checkpoint_name(unsorted.reshape(*idx.shape, D), "expert_out")  # [..., X, D]
     return einsum("...XD,...X->...D", unsorted, weights, dtype)            # [..., D]
 
 
@@ -373,11 +384,12 @@ def _round(plan: _Plan, ints: dict, rows, w_gate, w_up, w_down, r):
     # Destination: group received rows by local expert; padding (id El) sorts last, in no group.
     order = jnp.argsort(ids, stable=True)                                   # [P·W]
     sizes = jax.ops.segment_sum(jnp.ones_like(ids), ids, num_segments=El)   # [El]
-    h = buf[order]                                                          # [P·W, D]
+    h = checkpoint_name(buf[order], "expert_rows")                          # [P·W, D]
     mm = lambda a, w, g: gmm(a, w, sizes, backend=plan.backend, out_dtype=plan.dtype,
                              fp8=plan.fp8, gather=g)
     gate_ = mm(h, w_gate, plan.gathers[0])                                  # [P·W, F]
     up = mm(h, w_up, plan.gathers[1])                                       # [P·W, F]
+    gate_, up = checkpoint_name((gate_, up), "expert_hidden")
     out = mm(nn.silu(gate_) * up, w_down, plan.gathers[2])                  # [P·W, D]
     if plan.mlp_axes:                                                       # F split: partial sums
         out = jax.lax.psum(out, plan.mlp_axes)
@@ -600,7 +612,7 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         out = _round(plan_, ints, rows, w_gate, w_up, w_down, 0)            # [M, D]
         out = out + _overflow(plan_, ints, n_rounds, rows, w_gate, w_up, w_down)
         pairs = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # [M, D] pair order
-        pairs = pairs.reshape(b, T, X, D)                                   # [b, T, X, D]
+        pairs = checkpoint_name(pairs.reshape(b, T, X, D), "expert_out")    # [b, T, X, D]
         y = jnp.einsum("BTXD,BTX->BTD", pairs, weights.astype(dtype))       # [b, T, D]
         load = routed.astype(jnp.float32)
         if layout.batch_axes:

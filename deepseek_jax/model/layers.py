@@ -27,6 +27,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
@@ -181,7 +182,9 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
     in `dtype`."""
     gate = einsum("...D,DF->...F", x, w_gate, dtype, fp8, fp8_backend)    # [..., F]
     up = einsum("...D,DF->...F", x, w_up, dtype, fp8, fp8_backend)        # [..., F]
-    return einsum("...F,FD->...D", nn.silu(gate) * up, w_down, dtype, fp8, fp8_backend)  # [..., D]
+    gate, up = checkpoint_name((gate, up), "mlp_hidden")
+    out = einsum("...F,FD->...D", nn.silu(gate) * up, w_down, dtype, fp8, fp8_backend)  # [..., D]
+    return checkpoint_name(out, "mlp_out")
 
 
 class MLP(nn.Module):

@@ -59,6 +59,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import attention, layers
@@ -89,6 +90,7 @@ def expanded_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale, dt
     """
     k_nope = einsum("BSC,CNH->BSNH", c_kv, w_uk, dtype)                     # [B, S, N, H]
     v = einsum("BSC,CNU->BSNU", c_kv, w_uv, dtype)                          # [B, S, N, U]
+    k_nope, v = checkpoint_name((k_nope, v), "key_value")
     scores = (jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("BTNR,BSR->BNTS", q_rope, k_rope.astype(dtype),
                            preferred_element_type=jnp.float32)) * scale      # [B, N, T, S]
@@ -134,11 +136,13 @@ class MLA(nn.Module):
         """(q_nope [B, T, N, H], q_rope [B, T, N, R]) for x [B, T, D]."""
         c = self.config
         if c.q_lora_rank:
-            x = self.q_norm(einsum("BTD,DQ->BTQ", x, self.w_dq, c.dtype, c.fp8, c.fp8_backend))  # [B, T, Q]
+            x = einsum("BTD,DQ->BTQ", x, self.w_dq, c.dtype, c.fp8, c.fp8_backend)    # [B, T, Q]
+            x = self.q_norm(checkpoint_name(x, "q_latent"))                  # [B, T, Q]
         # With Q = 0 the "Q" axis below is the model width D. One GEMM over q_b_proj as stored
         # (A = H + R, one full query head), so fp8 blocks match the checkpoint's.
         w_q = query_up_weight(self.w_uq, self.w_qr)                          # [Q, N, A]
         q = einsum("BTQ,QNA->BTNA", x, w_q, c.dtype, c.fp8, c.fp8_backend)   # [B, T, N, A]
+        q = checkpoint_name(q, "query")                                      # [B, T, N, A]
         H = c.qk_nope_head_dim
         q_nope, q_rope = q[..., :H], q[..., H:]                              # [B, T, N, H|R]
         return q_nope, apply_rope(q_rope, cos, sin, c.rope_interleaved)
@@ -146,8 +150,10 @@ class MLA(nn.Module):
     def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """What a cache stores per token: (c_kv [B, T, C] normalized, k_rope [B, T, R] rotated)."""
         c = self.config
-        c_kv = self.kv_norm(einsum("BTD,DC->BTC", x, self.w_dkv, c.dtype, c.fp8, c.fp8_backend))  # [B, T, C]
-        k_rope = einsum("BTD,DR->BTR", x, self.w_kr, c.dtype, c.fp8, c.fp8_backend)         # [B, T, R]
+        c_kv = einsum("BTD,DC->BTC", x, self.w_dkv, c.dtype, c.fp8, c.fp8_backend)   # [B, T, C]
+        k_rope = einsum("BTD,DR->BTR", x, self.w_kr, c.dtype, c.fp8, c.fp8_backend)  # [B, T, R]
+        c_kv, k_rope = checkpoint_name((c_kv, k_rope), "kv_latent")
+        c_kv = self.kv_norm(c_kv)                                           # [B, T, C]
         return c_kv, apply_rope(k_rope, cos, sin, c.rope_interleaved)
 
     def attend(self, q_nope, q_rope, c_kv, k_rope, mask, impl: str | None = None) -> jax.Array:
@@ -169,7 +175,9 @@ class MLA(nn.Module):
             if real is not None:                 # padding queries: zero, as attention.attention
                 o = jnp.where(real[:, :, None, None], o, jnp.zeros((), o.dtype))
         o = layers.constrain(o, (layers.BATCH, layers.LENGTH, layers.HEADS, None))
-        return einsum("BTNU,NUD->BTD", o, self.w_o, c.dtype, c.fp8, c.fp8_backend)          # [B, T, D]
+        o = checkpoint_name(o, "context")                                    # [B, T, N, U]
+        out = einsum("BTNU,NUD->BTD", o, self.w_o, c.dtype, c.fp8, c.fp8_backend)  # [B, T, D]
+        return checkpoint_name(out, "attn_out")
 
     def fused_expanded(self, q_nope, q_rope, c_kv, k_rope, mask) -> jax.Array:
         """The expanded core through `attention.attention`: [B, T, N, U]."""
@@ -180,6 +188,7 @@ class MLA(nn.Module):
                                   (*k_rope.shape[:2], c.n_heads, k_rope.shape[-1]))  # [B, S, N, R]
         q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)      # [B, T, N, A]
         k = jnp.concatenate([k_nope, k_rope], axis=-1)                           # [B, S, N, A]
+        k, v = checkpoint_name((k, v), "key_value")
         return attention.attention(q.astype(c.dtype), k, v, scale=c.softmax_scale,
                                    segment_ids=mask.segment_ids, token_mask=mask.token_mask,
                                    backend=c.attention_backend)                  # [B, T, N, U]

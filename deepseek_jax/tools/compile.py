@@ -156,7 +156,8 @@ def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: in
     m = compiled.memory_analysis()
     out.update(arguments=float(m.argument_size_in_bytes), output=float(m.output_size_in_bytes),
                alias=float(m.alias_size_in_bytes), temp=float(m.temp_size_in_bytes),
-               code=float(m.generated_code_size_in_bytes))
+               code=float(m.generated_code_size_in_bytes),
+               host_temp=float(getattr(m, "host_temp_size_in_bytes", 0) or 0))
     peak = float(getattr(m, "peak_memory_in_bytes", 0) or 0)
     out["peak"] = peak
     # XLA:CPU's peak leaves out the temporaries; only the TPU/GPU compilers' peak is the whole.

@@ -14,7 +14,9 @@ Memory per chip
   gradients              one more parameter-sized copy in the parameter dtype (a temporary).
   activations            with remat ("full"): one [B, T, D] layer input per layer saved for the
                          backward pass plus one layer's working set recomputed; without remat,
-                         every layer's working set. A layer's working set is the attention
+                         every layer's working set; with a policy over named activations
+                         (a preset or "custom:"), the layer input (unless offloaded) and the
+                         named activations it saves (`named_activations`), per layer. A layer's working set is the attention
                          scores (with the einsum backend fp32 scores, probabilities and their
                          gradient, [B, N, T, T]; with a fused backend — what "auto" picks on
                          TPU and GPU — one [B, N, T, 256] block of them and the fp32 softmax
@@ -52,7 +54,9 @@ Time: a collective over a mesh axis of size n moves bytes·(n−1)/n at the axis
 (`axis_bandwidth`); all-reduce counts twice, all-to-all ¼ on a TPU torus. Weight gathers and
 gradient reductions overlap with compute; tensor- and expert-parallel traffic sits on the
 critical path. step = max(compute, overlapped comm) + exposed comm; compute = hardware FLOPs
-(model FLOPs, plus the recomputed forward under remat) at peak.
+(model FLOPs, plus the recomputed forward under remat: all of it under "full", under a policy
+over named activations the projections whose outputs it does not keep and the attention core)
+at peak.
 MFU = model FLOPs per chip / (step time × peak).
 
 Left out: HBM-bandwidth-bound time (weight reads at small batch), latency, pipeline stages,
@@ -71,7 +75,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import REMAT_NAMES, ModelConfig, remat_names
 from deepseek_jax.kernels.attention import BLOCK as ATTENTION_BLOCK
 from deepseek_jax.model.attention import resolve_backend as resolve_attention
 from deepseek_jax.model.dispatch import expert_chunks
@@ -253,6 +257,61 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
     return out
 
 
+def named_activations(config: ModelConfig, moe: bool, tp: int = 1) -> dict[str, tuple]:
+    """{name: (elements per token, forward FLOPs per token)} of one layer's named activations
+    (`config.REMAT_NAMES`), dense-FFN or MoE, with heads and FFN widths split `tp` ways: what a
+    policy keeps by saving the name, or recomputes without it. Keys and values are counted as
+    the fused backends hold them (keys H + R wide per head); the attention core's FLOPs are
+    under "context" (they are recomputed under every named policy: its residuals live inside
+    the kernels), and expert_rows cost no FLOPs (a gather; under EP an exchange)."""
+    c = config
+    D, Q, C = c.d_model, c.q_lora_rank, c.kv_lora_rank
+    N, H, R, U = c.n_heads / tp, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    out = {"layer_input": (D, 0.0),
+           "q_latent": (Q, 2.0 * D * Q),
+           "kv_latent": (C + R, 2.0 * D * (C + R)),
+           "query": (N * (H + R), 2.0 * (Q or D) * N * (H + R)),
+           "key_value": (N * (H + R + U), 2.0 * C * N * (H + U)),
+           "context": (N * U, 0.0),                       # the core: below, for every policy
+           "attn_out": (D, 2.0 * N * U * D)}
+    F = (c.n_shared_experts * c.moe_d_ff if moe else c.d_ff) / tp
+    out.update(mlp_hidden=(2 * F, 4.0 * D * F), mlp_out=(D, 2.0 * F * D))
+    if moe:
+        X, Fe = c.n_experts_per_token, c.moe_d_ff / tp
+        out.update(expert_rows=(X * D, 0.0), expert_hidden=(2 * X * Fe, 4.0 * X * D * Fe),
+                   expert_out=(X * D, 2.0 * X * Fe * D))
+    assert set(out) <= set(REMAT_NAMES)
+    return out
+
+
+def recomputed_flops_per_token(config: ModelConfig, seq: int) -> float:
+    """Forward FLOPs per token the backward pass recomputes under `config.remat_policy`: none
+    without remat or with a policy that keeps every dot's output, the whole forward (a third of
+    `flops_per_token`) under "full", and under a policy over named activations the projections
+    whose outputs it does not keep plus every layer's attention core."""
+    policy = config.remat_policy
+    if policy in ("none", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable"):
+        return 0.0
+    kept = remat_names(policy)
+    if kept is None:                                   # full, nothing_saveable
+        return _flops_per_token(config, seq) / 3
+    c = config
+    core = c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * seq
+    total = 0.0
+    for moe, count in _layer_kinds(c):
+        named = named_activations(c, moe)
+        total += count * (core + sum(f for name, (_, f) in named.items() if name not in kept))
+    return total
+
+
+def _layer_kinds(config: ModelConfig) -> tuple[tuple[bool, int], ...]:
+    """((moe, number of such blocks), ...) over the main layers and the MTP depths (whose
+    block has the model's MoE FFN when it has routed experts)."""
+    moe = config.n_moe_layers + (config.mtp_depth if config.n_routed_experts else 0)
+    return (False, config.n_layers + config.mtp_depth - moe), (True, moe)
+
+
 def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, batch: int,
                      seq: int, platform: str = "tpu") -> float:
     """Per-chip activation memory of one step on `platform` (see the module docstring for what
@@ -285,7 +344,13 @@ def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, b
         logits = Bl * T * vocab * 4 * 3 * (1 + config.mtp_depth)
     if config.remat_policy == "none":
         return layers * layer + logits
-    return layers * Bl * T * D * ab + layer + logits
+    kept = remat_names(config.remat_policy) or {}
+    saved = 0.0 if kept.get("layer_input") == "offload" else D
+    for moe, count in _layer_kinds(config):
+        named = named_activations(config, moe, tp)
+        saved += count / layers * sum(named[n][0] for n, a in kept.items()
+                                      if a == "save" and n in named and n != "layer_input")
+    return layers * Bl * T * saved * ab + layer + logits
 
 
 def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int, seq: int,
@@ -301,8 +366,7 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
     acts = activation_bytes(config, sizes, rules, batch // microbatches, seq, target.chip.kind)
 
     model_flops = _flops_per_token(config, seq) * batch * seq / n
-    recompute = 4 / 3 if config.remat_policy == "full" else 1.0
-    hardware_flops = model_flops * recompute
+    hardware_flops = model_flops + recomputed_flops_per_token(config, seq) * batch * seq / n
     chip = target.chip
 
     b_split = math.prod(sizes.get(a, 1) for a in batch_axes(rules))

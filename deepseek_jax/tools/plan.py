@@ -353,6 +353,7 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
     row["buffers"] = compiled.get("buffers", [])
     row["peak_buffers"] = compiled.get("peak_buffers", [])
     row["peak_live"] = compiled.get("peak_live", 0)
+    row["host_temp"] = compiled.get("host_temp", 0.0)
     row["xla_tflops"] = compiled.get("xla_flops", float("nan")) / 1e12
     stats = _stats_from_json(compiled["collectives"])
     # A balanced step: the loops of unknown trip count (the expert-parallel overflow rounds,
@@ -364,6 +365,9 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
     row["step_s"] = max(est.compute_time, overlap) + exposed
     row["mfu"] = est.model_flops / (row["step_s"] * est.peak_flops) if row["step_s"] else 0.0
     notes = [comm_mismatch(row["comm"], row["analytic_comm"])]
+    if row["host_temp"]:
+        notes.append(f"{row['host_temp'] / 2 ** 30:.2f} GiB of activations offloaded to host "
+                     "memory per chip (not in total)")
     if stats.unknown_loops:
         notes.append(f"{len(stats.unknown_loops)} loop(s) with unknown trip count (overflow "
                      "rounds) left out of the collectives: a balanced step")

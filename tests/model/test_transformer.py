@@ -98,7 +98,11 @@ def default_grad(setup):
 
 @pytest.mark.parametrize("changes", [dict(attention_impl="absorbed"), dict(moe_impl="dense"),
                                      dict(remat_policy="full"),
-                                     dict(remat_policy="dots_with_no_batch_dims_saveable")])
+                                     dict(remat_policy="dots_with_no_batch_dims_saveable"),
+                                     dict(remat_policy="minimal"),
+                                     dict(remat_policy="save_attention"),
+                                     dict(remat_policy="custom:layer_input=offload,"
+                                                       "expert_rows=save")])
 def test_equivalent_implementations(setup, default_grad, changes):
     """Outputs and parameter gradients agree with the default path. The paths compute the same
     sums in other orders or groupings (absorbed attention reassociates the key projection, the

@@ -11,6 +11,8 @@ O(1) sums of ≤ 64 terms, so differences are ~1e-7; 1e-5 absolute/relative is f
 routing or exchange bug (O(1e-1)).
 """
 
+import contextlib
+import io
 import math
 import re
 
@@ -24,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax import parallel as par
 from deepseek_jax.config import ConfigError, get_config
 from deepseek_jax.model import dispatch, moe, routing
+from deepseek_jax.model.blocks import remat_policy
 from deepseek_jax.parallel.mesh import MeshError
 from deepseek_jax.tools import hlo
 from deepseek_jax.train import sharded
@@ -86,6 +89,45 @@ def test_module_under_ep_matches_dense_reference(module_setup, preset, mesh_conf
     # Loads are global counts: the whole batch's (token, slot) choices, on every device.
     np.testing.assert_array_equal(np.asarray(load), np.asarray(rload))
     assert float(load.sum()) == B * T * c.n_experts_per_token
+
+
+@pytest.mark.parametrize("policy, saved", [
+    ("minimal", ["expert_hidden", "expert_hidden", "expert_out", "expert_rows"]),
+    ("custom:expert_rows=save,expert_out=offload", ["expert_out (host)", "expert_rows"]),
+    ("full", []),
+])
+def test_named_remat_under_ep_keeps_the_received_rows_and_changes_no_gradient(
+        module_setup, policy, saved):
+    """Under a named rematerialization policy the EP exchange's named activations are what the
+    shard_map keeps for the backward pass (expert_rows: the rows received, [rows, D], so the
+    backward pass need not exchange them again; expert_hidden [rows, F]; expert_out as
+    combined, [B, T, X, D]), and the gradients are the dense reference's (the same sums,
+    recomputed)."""
+    c, x, variables, _, ((rp, rx), _) = module_setup
+    mesh, rules = par.mesh_and_rules("fsdp_ep", {"fsdp": 2, "expert": 4})
+    config = c.replace(moe_ep_transport="all_to_all")
+
+    def loss(params, x):
+        y, st = moe.MoE(config).apply({**variables, "params": params}, x, mutable=["moe_stats"])
+        return jnp.sum(y * jnp.cos(y)) + st["moe_stats"]["balance_loss"][0]
+
+    checkpointed = jax.checkpoint(loss, policy=remat_policy(policy))
+    with par.sharding_context(mesh, rules):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            jax.ad_checkpoint.print_saved_residuals(checkpointed, variables["params"], x)
+        gp, gx = jax.jit(jax.grad(checkpointed, argnums=(0, 1)))(variables["params"], x)
+    kinds = {(2, c.d_model): "expert_rows", (2, c.moe_d_ff): "expert_hidden",
+             (4, c.d_model): "expert_out"}
+    kept = sorted(kinds[shape.count(",") + 1, int(shape.split(",")[-1])]
+                  + (" (host)" if host else "")
+                  for host, shape in re.findall(r"f32(<host>)?\[([\d,]+)\] output of shard_map",
+                                                out.getvalue()))
+    assert kept == saved
+    _close(gx, rx, "dx")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(gp)),
+                            jax.tree.leaves(nn.unbox(rp))):
+        _close(a, b, jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("preset,mesh_config,chunks", [

@@ -186,6 +186,21 @@ def test_tpu_topology_compile_ahead_of_time():
     assert math.isfinite(r["step_s"]) and 0 < r["mfu"] <= 1
 
 
+def test_offloaded_activations_leave_the_tpu_memory_and_are_reported():
+    """The block inputs offloaded to host memory on a v5e slice: the compiler places them in
+    host memory, and the row says how much (a tiny model: the program's own buffers dominate,
+    so only the host side is compared)."""
+    pytest.importorskip("libtpu")
+    rows = {}
+    for remat in ("full", "custom:layer_input=offload"):
+        _, (rows[remat],) = plan.plan("tiny", "tpu-v5e-8", batch=8, seq=32, strategies="fsdp",
+                                      remat=remat, isolate=False, log=lambda m: None)
+    assert rows["full"]["host_temp"] == 0 and "host memory" not in rows["full"]["note"]
+    # at least the 3 layers' [1, 32, 32] fp32 inputs of this chip's one sequence
+    assert rows["custom:layer_input=offload"]["host_temp"] >= 3 * 32 * 32 * 4
+    assert "offloaded to host memory" in rows["custom:layer_input=offload"]["note"]
+
+
 @pytest.mark.parametrize("model, target, batch, count", [
     ("v3-671b", "tpu-v5p-1024", 512, 40),
     ("v2-lite", "tpu-v5p-128", 64, 26),
