@@ -16,7 +16,8 @@ Memory per chip
                          backward pass plus one layer's working set recomputed; without remat,
                          every layer's working set; with a policy over named activations
                          (a preset or "custom:"), the layer input (unless offloaded) and the
-                         named activations it saves (`named_activations`), per layer. A layer's working set is the attention
+                         named activations it saves (`named_activations`), per layer, plus
+                         one layer's working set. A layer's working set is the attention
                          scores (with the einsum backend fp32 scores, probabilities and their
                          gradient, [B, N, T, T]; with a fused backend — what "auto" picks on
                          TPU and GPU — one [B, N, T, 256] block of them and the fp32 softmax
