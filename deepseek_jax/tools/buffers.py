@@ -28,6 +28,8 @@ in-place update and the buffer it writes into. The live-range dump counts each; 
 counts the bytes they occupy: the union of their [offset, offset + size) in each allocation, as
 laid out, and lists each piece of memory once. What is left between that sum and the compiler's
 total is the allocator's placement: gaps between values, and memory the peak's values do not use.
+Values in host memory (activations a remat policy offloads) are listed by `largest_buffers` as
+kind "host" and left out of the peak, which is the device's.
 
 Left out: out-of-memory compiles stop before a buffer assignment is written. The peak's step is
 the dump's, chosen by its own count (each value once, shared memory twice); the step where the
@@ -44,6 +46,9 @@ import re
 import tempfile
 
 _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+)(.*)$")
+# Host memory: XLA's memory space 5 (`S(5)` in a layout), an allocation's "color 5", where
+# offloaded activations live.
+_HOST = re.compile(r"\bcolor 5\b")
 # A value: its instruction, tuple index, "(phi)" for a loop's or conditional's result (which
 # shares the memory of what flows into it), size and offset in the allocation, shape.
 _VALUE = re.compile(r"^\s*value: <\d+ ([\w.\-]+)(\{[\d,]*\})?( \(phi\))? @\d+> "
@@ -56,7 +61,7 @@ _LIVE = re.compile(r"^\s*([\w.\-]+)(\{[\d,]*\}): (\d+) bytes")
 
 @dataclasses.dataclass(frozen=True)
 class Buffer:
-    kind: str            # "parameter", "output", "temp" or "constant"
+    kind: str            # "parameter", "output", "temp", "constant" or "host" (memory)
     bytes: int           # per device, as laid out
     shape: str           # e.g. "bf16[3,256,7168,2048]" (layout dropped)
     name: str            # the HLO instruction that defines the value
@@ -64,6 +69,8 @@ class Buffer:
 
 
 def _kind(header: str) -> str | None:
+    if _HOST.search(header):
+        return "host"
     if "parameter" in header:
         return "parameter"
     if "output" in header or "live-out" in header:
@@ -161,6 +168,8 @@ def peak_buffers(live_range: str, assignment: str, hlo_text: str = "",
             break
         name, index, size = m.group(1), m.group(2), int(m.group(3))
         p = known.get((name, index))
+        if p is not None and p.buffer.kind == "host":
+            continue                        # in host memory: not the device's to hold
         if p is None:
             unplaced.append(Buffer("temp", size, "", name, names.get(name, "")))
             continue

@@ -198,7 +198,41 @@ def test_offloaded_activations_leave_the_tpu_memory_and_are_reported():
     assert rows["full"]["host_temp"] == 0 and "host memory" not in rows["full"]["note"]
     # at least the 3 layers' [1, 32, 32] fp32 inputs of this chip's one sequence
     assert rows["custom:layer_input=offload"]["host_temp"] >= 3 * 32 * 32 * 4
-    assert "offloaded to host memory" in rows["custom:layer_input=offload"]["note"]
+    offloaded = rows["custom:layer_input=offload"]
+    assert "offloaded to host memory" in offloaded["note"]
+    assert "host" not in {b["kind"] for b in offloaded["peak_buffers"]}
+
+
+def test_host_memory_values_are_listed_as_such_and_left_out_of_the_device_peak():
+    """A loop of 4 steps whose [256, 256] fp32 intermediates (256 KiB each) the remat policy
+    offloads, compiled for one chip of a v5e slice: the 1 MiB stack of them sits in host memory, listed
+    as kind "host", and the device's peak holds none of it."""
+    pytest.importorskip("libtpu")
+    from jax.ad_checkpoint import checkpoint_name
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from deepseek_jax.tools import buffers
+
+    def layer(x, w):
+        h = checkpoint_name(jnp.tanh(x @ w), "h")                            # [256, 256]
+        return jnp.tanh(h @ w), None
+
+    policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["h"],
+        offload_src="device", offload_dst="pinned_host")
+    loss = lambda w, x: jax.lax.scan(jax.checkpoint(layer, policy=policy), x, w)[0].sum()
+    device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+    one = NamedSharding(jax.sharding.Mesh([device], ("d",)), P())
+    lowered = jax.jit(jax.grad(loss), in_shardings=(one, one)).lower(
+        jax.ShapeDtypeStruct((4, 256, 256), jnp.float32), jax.ShapeDtypeStruct((256, 256),
+                                                                                 jnp.float32))
+    compiled, assignment, live = buffers.compile_with_assignment(lowered)
+    text = compiled.as_text()
+    host = [b for b in buffers.largest_buffers(assignment, text, n=100) if b.kind == "host"]
+    assert max(b.bytes for b in host) >= 4 * 256 * 256 * 4, host
+    peak, _ = buffers.peak_buffers(live, assignment, text, n=None)
+    assert peak and all(b.kind != "host" for b in peak)
 
 
 @pytest.mark.parametrize("model, target, batch, count", [
