@@ -49,7 +49,8 @@ Collectives per chip and step, as in the HLO parser (`hlo.py`: bytes = the whole
              layer in the forward pass, two more in the backward pass (and again when remat
              recomputes the forward).
   expert     an ideal all-to-all dispatch: tokens to their experts and back, B·T·X·D each way,
-             forward, backward (and recompute).
+             forward, backward (and recompute, unless the remat policy keeps expert_rows and
+             expert_out).
 
 Time: a collective over a mesh axis of size n moves bytes·(n−1)/n at the axis bandwidth
 (`axis_bandwidth`); all-reduce counts twice, all-to-all ¼ on a TPU torus. Weight gathers and
@@ -409,7 +410,10 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
             state["table_axes"], True)
     if sizes["expert"] > 1 and config.n_routed_experts:
         moe_layers = config.n_moe_layers + config.mtp_depth
-        add("all-to-all", 2 * moe_layers * passes * tokens_local * config.n_experts_per_token
+        # Keeping the rows received and the outputs returned spares the recomputed exchange.
+        kept = remat_names(config.remat_policy) or {}
+        exchanges = 2 if {"expert_rows", "expert_out"} <= set(kept) else passes
+        add("all-to-all", 2 * moe_layers * exchanges * tokens_local * config.n_experts_per_token
             * config.d_model * ab, ("expert",), True)
 
     return Estimate(params=state["params"], optimizer=state["optimizer"],

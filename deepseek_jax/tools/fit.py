@@ -96,7 +96,8 @@ def _result(fits, total, limit, strategy, source, batch, seq, micro) -> dict:
               + f": {verdict_word} {total / GiB:.2f} GiB per chip {where} ({source})")
     if fits is False:
         detail += ("; lower data.global_batch, raise train.microbatches, use remat "
-                   "(model.remat_policy=full) or another mesh (python -m "
+                   "(model.remat_policy=full, or custom:layer_input=offload to move the "
+                   "layer inputs to host memory) or another mesh (python -m "
                    "deepseek_jax.tools.plan lists what fits)")
     return {"fits": fits, "total": total, "limit": limit, "strategy": strategy.label,
             "source": source, "detail": detail}

@@ -23,7 +23,9 @@ estimated step time), printed as a table and written to OUT/plan.md, plan.csv an
                  `all` enumerates valid meshes, scores them with the analytic model
                  (`cost_model.py`) and compiles the best --top_k.
   --remat, --dtype, --param_dtype   model numerics (defaults: full remat, bf16 compute for
-                 models of a billion parameters or more, the config's values otherwise)
+                 models of a billion parameters or more, the config's values otherwise);
+                 --remat takes any `model.remat_policy`, e.g. custom:layer_input=offload
+                 (the row's note then says how many bytes per chip go to host memory)
   --set FIELD=VALUE  any other ModelConfig field (repeatable), e.g. --set=moe_capacity_factor=1.25
   --analytic_only  no compiles (GPU targets are analytic where JAX's CUDA plugin is missing,
                  and for GPUs other than H100/H200: `gpu_targets.py`)

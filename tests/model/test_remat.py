@@ -132,3 +132,20 @@ def test_activation_memory_follows_what_the_policy_keeps():
         per_token * c.d_model)
     assert act("custom:context=save") - act("full") == pytest.approx(
         per_token * c.n_heads * c.v_head_dim)
+
+
+def test_keeping_the_exchanged_rows_spares_the_recomputed_exchange():
+    """Expert parallelism: the forward and backward exchanges (2 passes), and under remat a
+    third for the recomputed forward, unless the policy keeps the rows received and the
+    outputs returned (minimal does; save_attention recomputes the experts)."""
+    from deepseek_jax.tools.targets import parse_target
+    c = get_config("tiny")
+    sizes = {"fsdp": 2, "expert": 4}
+
+    def a2a(policy):
+        est = cost_model.estimate(c.replace(remat_policy=policy), sizes, "fsdp_ep", 8, 32,
+                                  parse_target("cpu-8"))
+        return est.comm_bytes["all-to-all"]
+    assert a2a("full") > a2a("none")
+    assert a2a("minimal") == pytest.approx(a2a("none"))
+    assert a2a("save_attention") == pytest.approx(a2a("full"))
