@@ -56,9 +56,8 @@ Time: a collective over a mesh axis of size n moves bytes·(n−1)/n at the axis
 (`axis_bandwidth`); all-reduce counts twice, all-to-all ¼ on a TPU torus. Weight gathers and
 gradient reductions overlap with compute; tensor- and expert-parallel traffic sits on the
 critical path. step = max(compute, overlapped comm) + exposed comm; compute = hardware FLOPs
-(model FLOPs, plus the recomputed forward under remat: all of it under "full", under a policy
-over named activations the projections whose outputs it does not keep and the attention core)
-at peak.
+(model FLOPs, plus what the backward pass recomputes in the rematerialized blocks:
+`recomputed_flops_per_token`) at peak.
 MFU = model FLOPs per chip / (step time × peak).
 
 Left out: HBM-bandwidth-bound time (weight reads at small batch), latency, pipeline stages,
@@ -287,29 +286,31 @@ def named_activations(config: ModelConfig, moe: bool, tp: int = 1) -> dict[str, 
 
 
 def recomputed_flops_per_token(config: ModelConfig, seq: int) -> float:
-    """Forward FLOPs per token the backward pass recomputes under `config.remat_policy`: none
-    without remat or with a policy that keeps every dot's output, the whole forward (a third of
-    `flops_per_token`) under "full", and under a policy over named activations the projections
-    whose outputs it does not keep plus every layer's attention core."""
+    """Forward FLOPs per token the backward pass recomputes under `config.remat_policy`, in the
+    rematerialized blocks (the main stack's; the MTP blocks and the head are not): none without
+    remat or with a policy that keeps every dot's output; otherwise each block's attention core
+    and router, and the projections whose outputs the policy does not keep (under "full" and
+    "nothing_saveable", all of them)."""
     policy = config.remat_policy
     if policy in ("none", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable"):
         return 0.0
-    kept = remat_names(policy)
-    if kept is None:                                   # full, nothing_saveable
-        return _flops_per_token(config, seq) / 3
+    kept = remat_names(policy) or {}                   # full, nothing_saveable: keep nothing
     c = config
     core = c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * seq
     total = 0.0
-    for moe, count in _layer_kinds(c):
+    for moe, count in ((False, c.n_layers - c.n_moe_layers), (True, c.n_moe_layers)):
         named = named_activations(c, moe)
-        total += count * (core + sum(f for name, (_, f) in named.items() if name not in kept))
+        router = 2.0 * c.d_model * c.n_routed_experts if moe else 0.0
+        total += count * (core + router + sum(f for name, (_, f) in named.items()
+                                              if name not in kept))
     return total
 
 
 def _layer_kinds(config: ModelConfig) -> tuple[tuple[bool, int], ...]:
     """((moe, number of such blocks), ...) over the main layers and the MTP depths (whose
-    block has the model's MoE FFN when it has routed experts)."""
+    block has the model's MoE FFN when it has routed experts): the layers whose inputs the
+    activation count keeps."""
     moe = config.n_moe_layers + (config.mtp_depth if config.n_routed_experts else 0)
     return (False, config.n_layers + config.mtp_depth - moe), (True, moe)
 

@@ -147,20 +147,23 @@ def compile_row(name, fn, args, device, limit: float, peak: int = 0) -> dict:
     return row
 
 
-def train_programs(memory, batches):
+def train_programs(memory, args):
     from experiments.benchmarks import train_step as bench
     limit = float(bench.MEM_FRACTION) * memory
+    batches = tuple(int(b) for b in args.train_batch.split(",") if b)
+    remat = "" if args.remat == "none" else f", remat {args.remat}"
     for variant in ("bf16", "fp8"):
         for batch in batches or (bench.default_batch(limit),):
-            config = bench.model_config(variant, bench.LAYERS, bench.SEQ, smoke=False)
+            config = bench.model_config(variant, bench.LAYERS, bench.SEQ, smoke=False,
+                                        remat=args.remat)
             init, step = bench.train_program(config)
             state = jax.eval_shape(init, jax.random.key(0))
             data = {"tokens": jax.ShapeDtypeStruct((batch, bench.SEQ), jnp.int32)}
-            yield (f"train step {variant}, batch {batch} x {bench.SEQ}", step, (state, data),
-                   limit)
+            yield (f"train step {variant}, batch {batch} x {bench.SEQ}{remat}", step,
+                   (state, data), limit)
 
 
-def moe_programs(memory, batches):
+def moe_programs(memory, args):
     from experiments.benchmarks import moe
     moe_loss, dense_loss, moe_args, dense_args, _ = moe.layer_problem(moe.SHAPES["v3"])
     limit = DEFAULT_FRACTION * memory
@@ -173,7 +176,7 @@ def moe_programs(memory, batches):
                limit)
 
 
-def decode_programs(memory, batches):
+def decode_programs(memory, args):
     from deepseek_jax.model import init_variables
     from experiments.benchmarks import decode
     limit = float(decode.MEM_FRACTION) * memory
@@ -185,7 +188,7 @@ def decode_programs(memory, batches):
             yield (f"decode {label}, {kind} cache, 128 x 32k", step, (variables, cache), limit)
 
 
-def gemm_programs(memory, batches):
+def gemm_programs(memory, args):
     from deepseek_jax.kernels import fp8
     m = n = k = 8192
     bf16 = jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16)
@@ -265,6 +268,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--only", default=",".join(PARTS), help=f"parts: {','.join(PARTS)}")
     p.add_argument("--train-batch", default="",
                    help="train step batches to compile (default: the one train_step.py picks)")
+    p.add_argument("--remat", default="none",
+                   help="the train step's model.remat_policy, e.g. save_attention")
     p.add_argument("--json", default="", help="also write the rows here")
     p.add_argument("--ptxas", action="store_true",
                    help="list ptxas's registers, spills and shared memory of every Mosaic GPU "
@@ -275,7 +280,6 @@ def main(argv=None) -> list[dict]:
     reports = MosaicReports() if args.ptxas else None
     from experiments.benchmarks.common import Results
     results = Results(args.json or None, {"jax": jax.__version__, "host": "compile only"})
-    batches = tuple(int(b) for b in args.train_batch.split(",") if b)
     rows = []
     for target in args.target.split(","):
         device = target_device(target)
@@ -283,7 +287,7 @@ def main(argv=None) -> list[dict]:
         print(f"  {'program':<52} {'comp s':>6} {'args':>6} {'temp':>6} {'need':>6} "
               f"{'limit':>6}  fits kernels")
         for part in args.only.split(","):
-            for name, fn, fn_args, limit in PARTS[part](MEMORY[target], batches):
+            for name, fn, fn_args, limit in PARTS[part](MEMORY[target], args):
                 row = {"target": target, **compile_row(name, fn, fn_args, device, limit,
                                                           args.peak)}
                 if reports is not None:

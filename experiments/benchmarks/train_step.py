@@ -86,13 +86,14 @@ def default_batch(allocator_bytes: int | None) -> int:
     return 1
 
 
-def model_config(variant: str, layers: int, seq: int, smoke: bool):
+def model_config(variant: str, layers: int, seq: int, smoke: bool, remat: str = "none"):
     fp8 = variant == "fp8"
     if smoke:
         return get_config("tiny", n_layers=2, n_dense_layers=1, dtype=jnp.bfloat16,
-                          max_seq_len=max(seq, 64), fp8=fp8)
+                          max_seq_len=max(seq, 64), fp8=fp8, remat_policy=remat)
     return get_config("v2-lite", n_layers=layers, n_dense_layers=1, dtype=jnp.bfloat16,
-                      param_dtype=jnp.float32, max_seq_len=max(seq, 4096), fp8=fp8)
+                      param_dtype=jnp.float32, max_seq_len=max(seq, 4096), fp8=fp8,
+                      remat_policy=remat)
 
 
 def train_program(config):
@@ -104,9 +105,10 @@ def train_program(config):
     return init, step
 
 
-def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool):
+def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool,
+        remat: str = "none"):
     """(row, a function that traces one more step into a file)."""
-    config = model_config(variant, layers, seq, smoke)
+    config = model_config(variant, layers, seq, smoke, remat)
     init, step = train_program(config)
     state = init(jax.random.key(0))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -139,7 +141,7 @@ def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool
         "flops_per_token": fpt, "mfu_vs_bf16_peak": (fpt * tokens_per_step / step_s / peak
                                                     if peak else None),
         "losses": losses, "finite": bool(np.all(np.isfinite(losses))),
-        "moe_backend": config.moe_backend, "fp8": config.fp8,
+        "moe_backend": config.moe_backend, "fp8": config.fp8, "remat": config.remat_policy,
     }
     try:    # what "auto" became on this device (informative only)
         from deepseek_jax.kernels import fp8 as fp8_kernels, grouped_gemm
@@ -186,6 +188,8 @@ def main(argv=None):
                    help="sequences per step (default: default_batch of the device's memory)")
     p.add_argument("--seq", type=int, default=SEQ)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
+    p.add_argument("--remat", default="none",
+                   help="model.remat_policy (MFU still counts model FLOPs only)")
     p.add_argument("--smoke", action="store_true", help="tiny model and batch (CPU rehearsal)")
     p.add_argument("--json", default="", help="add the row to this file (kept up to date)")
     p.add_argument("--trace", default="", help="also trace one step into this .tar.gz")
@@ -202,7 +206,8 @@ def main(argv=None):
     batch = args.batch
     while True:
         try:
-            row, trace = run(args.variant, args.layers, batch, args.seq, args.steps, args.smoke)
+            row, trace = run(args.variant, args.layers, batch, args.seq, args.steps, args.smoke,
+                             args.remat)
             break
         except Exception as e:  # noqa: BLE001 - one retry at half the batch, else report
             if is_oom(e) and batch > 1:

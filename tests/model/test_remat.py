@@ -97,26 +97,28 @@ def test_presets_and_specs_read_as_name_to_action():
 
 
 def test_recomputed_flops_follow_what_the_policy_keeps():
-    """Per token, by hand from the shapes: "minimal" keeps every projection, so only each
-    block's attention core, N·(H+R+U)·T forward FLOPs, is recomputed; "save_attention" also
-    recomputes every FFN's three projections (2·3·D·F per dense FFN, 2·3·D·F·(X + shared)
-    routed and shared per MoE block); "full" recomputes the whole forward pass, a third of the
-    training FLOPs (which add the head, outside the blocks, to what a named policy recomputes)."""
+    """Per token, by hand from the shapes, over the main stack's blocks (the rematerialized
+    ones): "minimal" keeps every projection, so each block's attention core, N·(H+R+U)·T
+    forward FLOPs, and each MoE block's router, 2·D·E, are recomputed; "save_attention" also
+    recomputes every FFN's three projections (2·3·D·F per dense FFN, 2·3·D·F·(X + shared) per
+    MoE block); "full" recomputes every projection of the block, as a spec that keeps nothing
+    on the device does."""
     c = get_config("tiny")
     T = 32
-    layers = c.n_layers + c.mtp_depth
-    moe = c.n_moe_layers + c.mtp_depth
-    core = c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * T
-    ffn = (6 * c.d_model * c.d_ff * (layers - moe)
-           + 6 * c.d_model * c.moe_d_ff * (c.n_experts_per_token + c.n_shared_experts) * moe)
+    D, N, Q, C = c.d_model, c.n_heads, c.q_lora_rank, c.kv_lora_rank
+    H, R, U = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    dense, moe = c.n_layers - c.n_moe_layers, c.n_moe_layers
+    core = N * (H + R + U) * T
+    router = 2 * D * c.n_routed_experts * moe
+    ffn = 6 * D * c.d_ff * dense + 6 * D * c.moe_d_ff * (c.n_experts_per_token
+                                                         + c.n_shared_experts) * moe
+    attention_proj = 2 * (D * Q + Q * N * (H + R) + D * (C + R) + C * N * (H + U) + N * U * D)
     got = lambda policy: cost_model.recomputed_flops_per_token(c.replace(remat_policy=policy), T)
     assert got("none") == 0
-    assert got("minimal") == layers * core
-    assert got("save_attention") == layers * core + ffn
-    nothing = got("custom:layer_input=offload")
-    head = 2 * c.d_model * c.vocab_size * (1 + c.mtp_depth)
-    assert nothing < got("full") == pytest.approx(
-        cost_model.flops_per_token(c, T) / 3) and got("full") - nothing >= head
+    assert got("minimal") == c.n_layers * core + router
+    assert got("save_attention") == c.n_layers * core + router + ffn
+    assert got("full") == got("custom:layer_input=offload") == (
+        c.n_layers * (core + attention_proj) + router + ffn)
 
 
 def test_activation_memory_follows_what_the_policy_keeps():
