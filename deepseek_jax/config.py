@@ -64,7 +64,8 @@ REMAT_NAMES = {
     "q_latent": "[B, T, Q] query down-projection, before its norm",
     "kv_latent": "[B, T, C] and [B, T, R] key-value down-projections, before norm and RoPE",
     "query": "[B, T, N, H+R] query up-projection, before RoPE",
-    "key_value": "[B, S, N, H] and [B, S, N, U] keys and values expanded from the latent",
+    "key_value": "[B, S, N, H] (H+R with a fused backend) and [B, S, N, U] keys and values "
+                 "expanded from the latent",
     "context": "[B, T, N, U] attention output, before the output projection",
     "attn_out": "[B, T, D] output projection",
     "mlp_hidden": "[B, T, F'] gate and up projections of dense FFNs and shared experts",
