@@ -348,12 +348,12 @@ def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, b
     if config.remat_policy == "none":
         return layers * layer + logits
     kept = remat_names(config.remat_policy) or {}
-    saved = 0.0 if kept.get("layer_input") == "offload" else D
+    per_token = 0.0 if kept.get("layer_input") == "offload" else layers * D   # layer inputs
     for moe, count in _layer_kinds(config):
         named = named_activations(config, moe, tp)
-        saved += count / layers * sum(named[n][0] for n, a in kept.items()
-                                      if a == "save" and n in named and n != "layer_input")
-    return layers * Bl * T * saved * ab + layer + logits
+        per_token += count * sum(named[n][0] for n, a in kept.items()
+                                 if a == "save" and n in named and n != "layer_input")
+    return Bl * T * per_token * ab + layer + logits
 
 
 def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int, seq: int,

@@ -368,7 +368,7 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
     row["mfu"] = est.model_flops / (row["step_s"] * est.peak_flops) if row["step_s"] else 0.0
     notes = [comm_mismatch(row["comm"], row["analytic_comm"])]
     if row["host_temp"]:
-        notes.append(f"{row['host_temp'] / 2 ** 30:.2f} GiB of activations offloaded to host "
+        notes.append(f"{row['host_temp'] / GiB:.2f} GiB of activations offloaded to host "
                      "memory per chip (not in total)")
     if stats.unknown_loops:
         notes.append(f"{len(stats.unknown_loops)} loop(s) with unknown trip count (overflow "
