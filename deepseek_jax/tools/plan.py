@@ -25,15 +25,17 @@ estimated step time), printed as a table and written to OUT/plan.md, plan.csv an
   --remat, --dtype, --param_dtype   model numerics (defaults: full remat, bf16 compute for
                  models of a billion parameters or more, the config's values otherwise);
                  --remat takes any `model.remat_policy`, e.g. custom:layer_input=offload
-                 (the row's note then says how many bytes per chip go to host memory)
+                 (the row's note then says how many bytes per chip go to host memory), and
+                 may be repeated: every strategy is then planned under each policy
   --set FIELD=VALUE  any other ModelConfig field (repeatable), e.g. --set=moe_capacity_factor=1.25
   --analytic_only  no compiles (GPU targets are analytic where JAX's CUDA plugin is missing,
                  and for GPUs other than H100/H200: `gpu_targets.py`)
   --isolate      compile each strategy in a child process (default for TPU and GPU), which also
                  measures its peak host memory
 
-Left out: pipeline parallelism and sequence parallelism (the mesh has no such axes), searching
-remat policies and micro-batching (pass them explicitly and compare runs).
+Left out: pipeline parallelism and sequence parallelism (the mesh has no such axes), and
+searching for the largest batch or micro-batch count that fits (pass them explicitly and
+compare runs).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ import time  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from deepseek_jax import parallel  # noqa: E402
-from deepseek_jax.config import ModelConfig, get_config  # noqa: E402
+from deepseek_jax.config import ConfigError, ModelConfig, get_config  # noqa: E402
 from deepseek_jax.parallel.mesh import (ICI_AXES, MESH_AXES, split_dimensions,  # noqa: E402
                                         torus_layout)
 from deepseek_jax.parallel.rules import PRESETS  # noqa: E402
@@ -422,15 +424,45 @@ def rank(rows: list[dict]) -> list[dict]:
 
 def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "all",
          top_k: int = 6, analytic_only: bool = False, isolate: bool | None = None,
-         remat: str | None = None, dtype: str | None = None, param_dtype: str | None = None,
-         compile_timeout: float = 900.0, overrides: dict | None = None,
-         log=print, microbatches: int = 1) -> tuple[dict, list[dict]]:
+         remat: str | list[str] | None = None, dtype: str | None = None,
+         param_dtype: str | None = None, compile_timeout: float = 900.0,
+         overrides: dict | None = None, log=print,
+         microbatches: int = 1) -> tuple[dict, list[dict]]:
     """Plans `strategies` for `model` (name, config.json path or ModelConfig) on `target_name`;
-    returns (header, ranked rows)."""
+    returns (header, ranked rows). `remat` may list several policies: each strategy is then
+    planned under each, one row per pair, labelled with its policy."""
     target = parse_target(target_name)
-    config = load_model(model, remat, dtype, param_dtype, overrides)
+    policies = remat if isinstance(remat, (list, tuple)) and remat else [remat or None]
+    configs = [load_model(model, r, dtype, param_dtype, overrides) for r in policies]
     if microbatches < 1 or batch % microbatches:
         raise PlanError(f"--microbatches={microbatches} must be >= 1 and divide the batch {batch}")
+    rows = []
+    for config in configs:
+        found = _plan_config(config, model, target, target_name, batch, seq, strategies, top_k,
+                             analytic_only, isolate, compile_timeout, log, microbatches)
+        for row in found:
+            row["remat"] = config.remat_policy
+            if len(configs) > 1:
+                row["strategy"] += f" remat={config.remat_policy}"
+        rows += found
+    config = configs[0]
+    from deepseek_jax.model.params import count_params
+    n = count_params(config)
+    header = {"model": _model_label(model), "target": target.describe(), "batch": batch, "seq": seq,
+              "params_b": n["total"] / 1e9, "mtp_b": n["mtp"] / 1e9,
+              "remat": " | ".join(c.remat_policy for c in configs),
+              "dtype": jnp.dtype(config.dtype).name,
+              "param_dtype": jnp.dtype(config.param_dtype).name,
+              "hbm_gib": target.chip.hbm_bytes / GiB, "peak_tflops": target.chip.peak_flops / 1e12,
+              "unit": "device" if target.n_devices != target.n_chips else "chip",
+              "microbatches": microbatches,
+              "analytic_only": analytic_only or target.compile_on is None}
+    return header, rank(rows)
+
+
+def _plan_config(config, model, target, target_name, batch, seq, strategies, top_k,
+                 analytic_only, isolate, compile_timeout, log, microbatches) -> list[dict]:
+    """The rows of `plan` for one model config (one remat policy), unranked."""
     if strategies.strip() == "all":
         candidates = enumerate_strategies(config, target, batch // microbatches)
         if not candidates:
@@ -470,17 +502,7 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
         row = build_row(config, s, target, batch, seq, compiled, microbatches)
         row["note"] = "; ".join(n for n in (layout, row["note"]) if n)
         rows.append(row)
-    from deepseek_jax.model.params import count_params
-    n = count_params(config)
-    header = {"model": _model_label(model), "target": target.describe(), "batch": batch, "seq": seq,
-              "params_b": n["total"] / 1e9, "mtp_b": n["mtp"] / 1e9,
-              "remat": config.remat_policy, "dtype": jnp.dtype(config.dtype).name,
-              "param_dtype": jnp.dtype(config.param_dtype).name,
-              "hbm_gib": target.chip.hbm_bytes / GiB, "peak_tflops": target.chip.peak_flops / 1e12,
-              "unit": "device" if target.n_devices != target.n_chips else "chip",
-              "microbatches": microbatches,
-              "analytic_only": not compile_it}
-    return header, rank(rows)
+    return rows
 
 
 def _worker(request: str) -> None:
@@ -507,7 +529,8 @@ def main(argv=None) -> int:
                          "(the run config's train.microbatches)")
     ap.add_argument("--strategies", default="all")
     ap.add_argument("--top_k", type=int, default=6)
-    ap.add_argument("--remat", default=None)
+    ap.add_argument("--remat", action="append", default=None,
+                    help="model.remat_policy; repeat to compare policies (one row each)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--param_dtype", default=None)
     ap.add_argument("--analytic_only", action="store_true")
@@ -535,7 +558,7 @@ def main(argv=None) -> int:
                             args.param_dtype, args.compile_timeout, overrides,
                             log=lambda m: print(m, file=sys.stderr, flush=True),
                             microbatches=args.microbatches)
-    except (PlanError, TargetError, parallel.MeshError, run_dir.WorkdirError) as e:
+    except (PlanError, TargetError, ConfigError, parallel.MeshError, run_dir.WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.text_table(header, rows))

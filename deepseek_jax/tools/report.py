@@ -150,7 +150,7 @@ def _buffer_lists(rows: list[dict], key: str, title: str) -> list[str]:
     return out
 
 
-CSV_FIELDS = ["rank", "strategy", "preset", "source", "dcn_data", "data", "fsdp", "expert",
+CSV_FIELDS = ["rank", "strategy", "preset", "remat", "source", "dcn_data", "data", "fsdp", "expert",
               "tensor", "params_gib", "optimizer_gib", "act_temp_gib", "total_gib",
               "analytic_total_gib", "hbm_gib", "fits", "model_tflops", "xla_tflops",
               "all_gather_gib", "reduce_scatter_gib", "all_reduce_gib", "all_to_all_gib",
@@ -165,6 +165,7 @@ def csv_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         d = {"rank": r["rank"], "strategy": r["strategy"], "preset": r["preset"],
+             "remat": r.get("remat", ""),
              "source": r["source"], **r["mesh"], "fits": r["fits"], "note": r.get("note", ""),
              "largest_buffers": "; ".join(buffer_label(b) for b in r.get("buffers", [])),
              "peak_buffers": "; ".join(buffer_label(b) for b in r.get("peak_buffers", []))}

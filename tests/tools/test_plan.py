@@ -199,6 +199,22 @@ def test_offloaded_activations_leave_the_tpu_memory_and_are_reported():
     assert "host" not in {b["kind"] for b in row["peak_buffers"]}
 
 
+def test_several_remat_policies_give_one_row_each():
+    """`--remat` repeated: every strategy under every policy, each row labelled with its own,
+    ranked together (analytic: keeping only the block inputs and the attention outputs needs
+    less activation memory than keeping everything)."""
+    kept = "custom:layer_input=offload,context=save"
+    header, rows = plan.plan("tiny", "cpu-8", batch=8, seq=32, strategies="fsdp,dp",
+                             remat=["none", kept], analytic_only=True, log=lambda m: None)
+    assert header["remat"] == f"none | {kept}"
+    assert sorted((r["strategy"], r["remat"]) for r in rows) == [
+        (f"dp(data=8) remat={kept}", kept), ("dp(data=8) remat=none", "none"),
+        (f"fsdp(fsdp=8) remat={kept}", kept), ("fsdp(fsdp=8) remat=none", "none")]
+    act = {(r["preset"], r["remat"]): r["act_temp"] for r in rows}
+    assert act["fsdp", kept] < act["fsdp", "none"] and act["dp", kept] < act["dp", "none"]
+    assert {r["remat"] for r in report.csv_rows(rows)} == {"none", kept}
+
+
 def test_host_memory_values_are_listed_as_such_and_left_out_of_the_device_peak():
     """A loop of 4 steps whose [256, 256] fp32 intermediates (256 KiB each) the remat policy
     offloads, compiled for one chip of a v5e slice: the 1 MiB stack of them sits in host memory, listed
