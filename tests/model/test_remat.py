@@ -24,10 +24,10 @@ DENSE_READ = ATTENTION | {"mlp_hidden"}
 MOE_READ = DENSE_READ | {"expert_rows", "expert_hidden", "expert_out"}
 
 
-def _saved(moe: bool, policy: str) -> tuple[set[str], list[str], str]:
+def _saved(moe: bool, policy: str, backend: str = "einsum") -> tuple[set[str], list[str], str]:
     """(names saved, residuals that are neither named, arguments nor constants, the jaxpr of
-    the block's gradient) for one tiny block under `policy`."""
-    c = get_config("tiny")
+    the block's gradient) for one tiny block under `policy`, attention by `backend`."""
+    c = get_config("tiny", attention_backend=backend)
     x = jax.random.normal(jax.random.key(0), (2, 8, c.d_model))              # [B, T, D]
     pos = jnp.broadcast_to(jnp.arange(8), (2, 8))                           # [B, T]
     probe = jax.random.normal(jax.random.key(2), x.shape)                   # [B, T, D]
@@ -51,15 +51,19 @@ def _saved(moe: bool, policy: str) -> tuple[set[str], list[str], str]:
     return names, other, jaxpr
 
 
-@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("moe, backend", [(False, "einsum"), (True, "einsum"),
+                                         (True, "blockwise")])
 @pytest.mark.parametrize("policy, keeps", [
     ("minimal", lambda read: read),
     ("save_attention", lambda read: ATTENTION),
     ("custom:context=save,expert_out=save", lambda read: {"context", "expert_out"} & read),
     ("full", lambda read: set()),
 ])
-def test_each_policy_saves_the_named_activations_it_lists_and_nothing_else(moe, policy, keeps):
-    names, other, _ = _saved(moe, policy)
+def test_each_policy_saves_the_named_activations_it_lists_and_nothing_else(moe, backend, policy,
+                                                                           keeps):
+    """With the einsum core and with a fused one (blockwise: its own custom VJP, whose
+    residuals, like the softmax statistics, are recomputed with the rest)."""
+    names, other, _ = _saved(moe, policy, backend)
     assert names == keeps(MOE_READ if moe else DENSE_READ)
     assert other == []                # no unnamed intermediate (norms, RoPE, SiLU, softmax)
 
