@@ -60,7 +60,8 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
                   "nothing_saveable", "everything_saveable", "minimal", "save_attention")
 # The activations the model names (`jax.ad_checkpoint.checkpoint_name`), per layer:
 REMAT_NAMES = {
-    "layer_input": "[B, T, D] the block's input (the layer's carry under scan)",
+    "layer_input": "[B, T, D] the block's input (the layer's carry under scan), kept on the "
+                   "device under every policy unless offloaded",
     "q_latent": "[B, T, Q] query down-projection, before its norm",
     "kv_latent": "[B, T, C] and [B, T, R] key-value down-projections, before norm and RoPE",
     "query": "[B, T, N, H+R] query up-projection, before RoPE",
