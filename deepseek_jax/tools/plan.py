@@ -432,7 +432,7 @@ def plan(model: str, target_name: str, batch: int, seq: int, strategies: str = "
     returns (header, ranked rows). `remat` may list several policies: each strategy is then
     planned under each, one row per pair, labelled with its policy."""
     target = parse_target(target_name)
-    policies = remat if isinstance(remat, (list, tuple)) and remat else [remat or None]
+    policies = (list(remat) if isinstance(remat, (list, tuple)) else [remat]) or [None]
     configs = [load_model(model, r, dtype, param_dtype, overrides) for r in policies]
     if microbatches < 1 or batch % microbatches:
         raise PlanError(f"--microbatches={microbatches} must be >= 1 and divide the batch {batch}")

@@ -221,7 +221,6 @@ def test_host_memory_values_are_listed_as_such_and_left_out_of_the_device_peak()
     as kind "host", and the device's peak holds none of it."""
     pytest.importorskip("libtpu")
     from jax.ad_checkpoint import checkpoint_name
-    from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from deepseek_jax.tools import buffers
@@ -234,7 +233,7 @@ def test_host_memory_values_are_listed_as_such_and_left_out_of_the_device_peak()
         names_which_can_be_saved=[], names_which_can_be_offloaded=["h"],
         offload_src="device", offload_dst="pinned_host")
     loss = lambda w, x: jax.lax.scan(jax.checkpoint(layer, policy=policy), x, w)[0].sum()
-    device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+    device = parse_target("tpu-v5e-4").devices()[0]
     one = NamedSharding(jax.sharding.Mesh([device], ("d",)), P())
     lowered = jax.jit(jax.grad(loss), in_shardings=(one, one)).lower(
         jax.ShapeDtypeStruct((4, 256, 256), jnp.float32), jax.ShapeDtypeStruct((256, 256),
