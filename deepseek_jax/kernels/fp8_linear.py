@@ -320,24 +320,33 @@ def _ragged(lhs, rhs, group_sizes):
                               preferred_element_type=jnp.float32)
 
 
-def _major(x, dim: int):
-    """x with axis `dim` moved to the front (and back: `_major(y, -dim)`)."""
-    return jnp.moveaxis(x, dim, 0) if dim >= 0 else jnp.moveaxis(x, 0, -dim)
-
-
 def all_gather_dim(x, axes: tuple[str, ...], dim: int):
-    """`jax.lax.all_gather(x, axes, axis=dim, tiled=True)`, gathered along the leading axis of a
-    transposed copy: its transpose (autodiff) is then a reduce-scatter over the leading axis,
-    which TPU runs as one (a scatter along an inner axis became an all-reduce of the whole
-    array and a slice in libtpu 0.0.48)."""
-    return _major(jax.lax.all_gather(_major(x, dim), axes, axis=0, tiled=True), -dim)
+    """`jax.lax.all_gather(x, axes, axis=dim, tiled=True)`, written so that its transpose
+    (autodiff) is a reduce-scatter over a leading axis whose result is in x's own order (see
+    `psum_scatter_dim`). The shards are gathered as a new leading axis [n, *x.shape], which is
+    then moved next to `dim` and merged with it."""
+    if dim == 0:
+        return jax.lax.all_gather(x, axes, axis=0, tiled=True)
+    y = jnp.moveaxis(jax.lax.all_gather(x, axes, axis=0), 0, dim)          # [.., n, X/n, ..]
+    return y.reshape(x.shape[:dim] + (-1,) + x.shape[dim + 1:])             # [.., X, ..]
 
 
 def psum_scatter_dim(x, axes: tuple[str, ...], dim: int):
-    """`jax.lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True)` over the leading axis
-    of a transposed copy (see `all_gather_dim`)."""
-    return _major(jax.lax.psum_scatter(_major(x, dim), axes, scatter_dimension=0, tiled=True),
-                  -dim)
+    """`jax.lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True)`, run over a leading
+    axis: x's `dim` is split as (n shards, X/n) and the shard index moved to the front, so the
+    collective sends contiguous chunks and returns this device's shard already in x's order.
+
+    Two compilers need this form. libtpu 0.0.48 ran a scatter along an inner axis as an
+    all-reduce of the whole array and a slice. XLA:GPU ran a scatter of the leading axis of a
+    transposed copy (`moveaxis(x, dim, 0)`) and left its result in that transposed layout; a
+    layer scan's stacked weight gradient then kept it, and one relayout at the end of the
+    backward loop held a second copy of every stacked expert gradient (BENCHMARKS.md)."""
+    if dim == 0:
+        return jax.lax.psum_scatter(x, axes, scatter_dimension=0, tiled=True)
+    n = jax.lax.axis_size(axes)
+    y = x.reshape(x.shape[:dim] + (n, x.shape[dim] // n) + x.shape[dim + 1:])
+    y = jnp.moveaxis(y, dim, 0)                                             # [n, .., X/n, ..]
+    return jax.lax.psum_scatter(y, axes, scatter_dimension=0)               # [.., X/n, ..]
 
 
 def _gather_blocks(w_q, w_s, gather):

@@ -1,5 +1,6 @@
 """fp8 under sharding: what the compiled step moves between devices, and that it computes the same.
 
+  * the weight gathers and gradient scatters along an inner dimension equal JAX's own;
   * numerics (8 fake CPU devices): `fp8_dot` per device over the batch axes equals the one-device
     `fp8_dot`; `fp8_ragged_dot` on weight shards gathered in fp8 equals it on the whole weight;
   * collectives: no collective inside the fp8 GEMMs' loops over 128-blocks; under FSDP no
@@ -24,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepseek_jax import parallel as par
 from deepseek_jax.config import get_config
-from deepseek_jax.kernels.fp8_linear import fp8_dot, fp8_ragged_dot
+from deepseek_jax.kernels.fp8_linear import all_gather_dim, fp8_dot, fp8_ragged_dot, psum_scatter_dim
 from deepseek_jax.model import moe
 from deepseek_jax.tools import hlo
 
@@ -124,6 +125,34 @@ def test_fp8_ragged_dot_on_gathered_shards_equals_whole_weight(dim):
     _close(dr, rdr, "d rows")
     _close(dw, rdw, "dw")
 
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+@pytest.mark.parametrize("axes", [("b",), ("a", "b")])
+def test_gather_and_scatter_along_a_dim_equal_jax_tiled_collectives(dim, axes):
+    # all_gather_dim / psum_scatter_dim move data in their own order (the shard index as a
+    # leading axis); what each device ends with must be JAX's tiled all_gather / psum_scatter
+    # along `dim`, exactly: the values are small integers, so every sum is exact in any order
+    # (every device holds the same array, and each of its elements sums to n times itself).
+    # The gather's autodiff transpose is the scatter.
+    mesh = jax.make_mesh((2, 4), ("a", "b"))
+    n = 4 if axes == ("b",) else 8
+    spec = P(*[axes if i == dim else None for i in range(3)])
+    shape = [8 * (n if i == dim else 1) for i in range(3)]
+    whole = jnp.asarray(np.random.default_rng(1).integers(-8, 9, shape), jnp.float32)
+    shards = jax.device_put(whole, NamedSharding(mesh, spec))
+    per_device = lambda f, i, o: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=i, out_specs=o,
+                                                       check_vma=False))
+    gathered = per_device(lambda w: all_gather_dim(w, axes, dim), spec, P())(shards)
+    np.testing.assert_array_equal(gathered, whole)
+    ours = per_device(lambda u: psum_scatter_dim(u, axes, dim), P(), spec)(whole)
+    jaxs = per_device(lambda u: jax.lax.psum_scatter(u, axes, scatter_dimension=dim, tiled=True),
+                      P(), spec)(whole)
+    np.testing.assert_array_equal(ours, jaxs)
+    np.testing.assert_array_equal(ours, n * whole)
+    grad = jax.grad(lambda w, c: jnp.sum(all_gather_dim(w, axes, dim) * c))
+    np.testing.assert_array_equal(
+        per_device(grad, (spec, P()), spec)(shards, whole), jaxs)
 
 # --- collectives of the MoE layer under FSDP ------------------------------------------------------
 

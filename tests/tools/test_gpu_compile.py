@@ -2,7 +2,9 @@
 fp8 GEMM, cuDNN attention forward and backward, and the Mosaic grouped GEMM forward, dgrad and
 wgrad, each inside a jitted program, as h200.sh's programs hold them. Compiling goes further
 than lowering (`test_*lowers_for_cuda`): XLA's GPU passes run, the Mosaic kernels are built to
-PTX for sm_90a (checked in the PTX they dump), and the program's memory is laid out.
+PTX for sm_90a (checked in the PTX they dump), and the program's memory is laid out. Also on
+8 compile-only H100s: a layer scan of FSDP-gathered experts keeps its stacked weight gradients
+in the parameters' order.
 
 JAX's CUDA plugin does the compiling (no GPU needed). It lives beside the environment, in
 `.venv/cuda-plugin` (`make venv` installs it from requirements-gpu-compile.txt), not in it: on a
@@ -12,6 +14,7 @@ JAX_PLATFORMS=cpu. So the compiles run in a child process with that folder on it
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -76,3 +79,57 @@ def test_gpu_kernels_compile_for_a_compile_only_h100(tmp_path):
     ptx = [f.read_text() for f in sorted(tmp_path.glob("*.ptx"))]
     assert len(ptx) == 4 and all(".target sm_90a" in t and "wgmma.mma_async" in t for t in ptx)
     assert sum(".e4m3.e4m3" in t for t in ptx) == 1 and sum(".bf16.bf16" in t for t in ptx) == 3
+
+
+SCAN = r'''
+import json
+import numpy as np
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from deepseek_jax.kernels import grouped_gemm as gg
+from deepseek_jax.tools import buffers, gpu_targets
+
+L, E, D, F, M = 4, 8, 1024, 512, 2048      # layers, experts, model width, expert width, rows
+devices = gpu_targets.compile_only_devices("h100", 8)
+mesh = jax.sharding.Mesh(np.array(devices), ("fsdp",))
+
+def stack(x, w_up, w_down, sizes):    # x [M/8, D]; w_up [L, E, D/8, F]; w_down [L, E, F, D/8]
+    def layer(h, w):
+        w_up, w_down = (v.astype(h.dtype) for v in w)       # fp32 masters, bf16 products
+        up = gg.gmm(h, w_up, sizes, backend="mosaic_gpu", gather=(("fsdp",), 1))    # [M/8, F]
+        return h + gg.gmm(jax.nn.silu(up), w_down, sizes, backend="mosaic_gpu",
+                          gather=(("fsdp",), 2)), None
+    h, _ = jax.lax.scan(layer, x, (w_up, w_down))
+    return jax.lax.psum(jnp.sum(h.astype(jnp.float32) ** 2), "fsdp")
+
+loss = jax.shard_map(stack, mesh=mesh, out_specs=P(), check_vma=False, in_specs=(
+    P("fsdp"), P(None, None, "fsdp"), P(None, None, None, "fsdp"), P()))
+S = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh,
+                                                                                         spec))
+args = (S((M, D), jnp.bfloat16, P("fsdp")), S((L, E, D, F), jnp.float32, P(None, None, "fsdp")),
+        S((L, E, F, D), jnp.float32, P(None, None, None, "fsdp")), S((E,), jnp.int32, P()))
+with gpu_targets.answering_for(devices):
+    lowered = jax.jit(jax.grad(loss, argnums=(1, 2))).trace(*args).lower()
+    compiled, assignment, _ = buffers.compile_with_assignment(lowered)
+print(json.dumps([b.shape for b in buffers.largest_buffers(assignment, n=None)
+                  if b.shape.startswith("f32[")]))
+'''
+
+
+def test_fsdp_expert_gradients_stay_in_the_parameters_order_on_gpu():
+    """The scan's stacked fp32 expert gradients ([L, E, D/8, F] and [L, E, F, D/8] per GPU)
+    must be laid out as the parameters are. Before, each layer's gradient left its
+    reduce-scatter D-major and the stack kept that order (f32[D/8, L, E, F]); one relayout
+    after the loop then held a second copy: V3's peak on 256 H100s had three of 3.2 GiB."""
+    if not PLUGIN.is_dir():
+        pytest.fail(f"{PLUGIN} is missing: run `make venv`")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(PLUGIN)])}
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([sys.executable, "-c", SCAN], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    L, E, D, F = 4, 8, 1024 // 8, 512
+    stacked = [s for s in json.loads(r.stdout.strip().splitlines()[-1])
+               if sorted(map(int, re.findall(r"\d+", s[3:]))) == sorted((L, E, D, F))]
+    assert set(stacked) == {f"f32[{L},{E},{D},{F}]", f"f32[{L},{E},{F},{D}]"}, stacked
