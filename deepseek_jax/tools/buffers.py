@@ -29,7 +29,8 @@ counts the bytes they occupy: the union of their [offset, offset + size) in each
 laid out, and lists each piece of memory once. What is left between that sum and the compiler's
 total is the allocator's placement: gaps between values, and memory the peak's values do not use.
 Values in host memory (activations a remat policy offloads) are listed by `largest_buffers` as
-kind "host" and left out of the peak, which is the device's.
+kind "host" and left out of the peak, which is the device's. On GPU, values in collective memory
+(color 1) are counted with the rest; `gpu_collective_memory` gives that allocation's size.
 
 Left out: out-of-memory compiles stop before a buffer assignment is written. The peak's step is
 the dump's, chosen by its own count (each value once, shared memory twice); the step where the
@@ -49,6 +50,10 @@ _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+)(.*)$")
 # Host memory: XLA's memory space 5 (`S(5)` in a layout), an allocation's "color 5", where
 # offloaded activations live.
 _HOST = re.compile(r"\bcolor 5\b")
+# XLA:GPU's collective memory: an allocation of color 1 (`S(1)` in a layout) holds the values a
+# collective works on in place, e.g. the ragged all-to-all's output buffers, allocated apart
+# from the other temporaries.
+_GPU_COLLECTIVE = re.compile(r"\bcolor 1\b")
 # A value: its instruction, tuple index, "(phi)" for a loop's or conditional's result (which
 # shares the memory of what flows into it), size and offset in the allocation, shape.
 _VALUE = re.compile(r"^\s*value: <\d+ ([\w.\-]+)(\{[\d,]*\})?( \(phi\))? @\d+> "
@@ -130,6 +135,14 @@ def largest_buffers(assignment: str, hlo_text: str = "", n: int = 8) -> list[Buf
         if not p.phi and (b.name not in best or b.bytes > best[b.name].bytes):
             best[b.name] = b
     return sorted(best.values(), key=lambda b: -b.bytes)[:n]
+
+
+def gpu_collective_memory(assignment: str) -> int:
+    """Bytes of an XLA:GPU buffer assignment's collective-memory allocations (color 1), part of
+    `Compiled.memory_analysis().temp_size_in_bytes`. Only GPU assignments give color 1 this
+    meaning."""
+    return sum(int(m.group(2)) for m in map(_ALLOCATION.match, assignment.splitlines())
+               if m and _GPU_COLLECTIVE.search(m.group(3)))
 
 
 def _occupied(places: list[_Placed]) -> int:

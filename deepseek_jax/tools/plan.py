@@ -369,6 +369,9 @@ def build_row(config: ModelConfig, strategy: Strategy, target: Target, batch: in
     row["step_s"] = max(est.compute_time, overlap) + exposed
     row["mfu"] = est.model_flops / (row["step_s"] * est.peak_flops) if row["step_s"] else 0.0
     notes = [comm_mismatch(row["comm"], row["analytic_comm"])]
+    if compiled.get("gpu_collective"):
+        notes.append(f"total includes {compiled['gpu_collective'] / GiB:.2f} GiB of XLA:GPU "
+                     "collective memory (the all-to-all buffers)")
     if row["host_temp"]:
         notes.append(f"{row['host_temp'] / GiB:.2f} GiB of activations offloaded to host "
                      "memory per chip (not in total)")

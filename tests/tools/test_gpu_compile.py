@@ -4,7 +4,7 @@ wgrad, each inside a jitted program, as h200.sh's programs hold them. Compiling 
 than lowering (`test_*lowers_for_cuda`): XLA's GPU passes run, the Mosaic kernels are built to
 PTX for sm_90a (checked in the PTX they dump), and the program's memory is laid out. Also on
 8 compile-only H100s: a layer scan of FSDP-gathered experts keeps its stacked weight gradients
-in the parameters' order.
+in the parameters' order, and the ragged all-to-all's buffers are found in collective memory.
 
 JAX's CUDA plugin does the compiling (no GPU needed). It lives beside the environment, in
 `.venv/cuda-plugin` (`make venv` installs it from requirements-gpu-compile.txt), not in it: on a
@@ -57,18 +57,24 @@ print(json.dumps(rows_out))
 '''
 
 
-def test_gpu_kernels_compile_for_a_compile_only_h100(tmp_path):
+def _run(program: str, **env) -> object:
+    """Runs `program` in a child process with the plugin on its path (compile-only devices of
+    its own, no fake CPU devices); what it printed last, as JSON."""
     if not PLUGIN.is_dir():
         pytest.fail(f"{PLUGIN} is missing: run `make venv` (it installs JAX's CUDA plugin there "
                     "from requirements-gpu-compile.txt)")
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(PLUGIN)]),
-           "MOSAIC_GPU_DUMP_TO": str(tmp_path), "MOSAIC_GPU_DUMP_PTX": "1"}
-    env.pop("XLA_FLAGS", None)                      # one device is enough; no fake CPU devices
-    r = subprocess.run([sys.executable, "-c", PROGRAMS], cwd=ROOT, env=env, capture_output=True,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(PLUGIN)]), **env}
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = {row["program"]: row for row in json.loads(r.stdout.strip().splitlines()[-1])}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_gpu_kernels_compile_for_a_compile_only_h100(tmp_path):
+    printed = _run(PROGRAMS, MOSAIC_GPU_DUMP_TO=str(tmp_path), MOSAIC_GPU_DUMP_PTX="1")
+    rows = {row["program"]: row for row in printed}
     for row in rows.values():
         assert "error" not in row, row
         assert row["fits"] and row["need_gb"] > 0
@@ -121,15 +127,44 @@ def test_fsdp_expert_gradients_stay_in_the_parameters_order_on_gpu():
     must be laid out as the parameters are. Before, each layer's gradient left its
     reduce-scatter D-major and the stack kept that order (f32[D/8, L, E, F]); one relayout
     after the loop then held a second copy: V3's peak on 256 H100s had three of 3.2 GiB."""
-    if not PLUGIN.is_dir():
-        pytest.fail(f"{PLUGIN} is missing: run `make venv`")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(PLUGIN)])}
-    env.pop("XLA_FLAGS", None)
-    r = subprocess.run([sys.executable, "-c", SCAN], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
     L, E, D, F = 4, 8, 1024 // 8, 512
-    stacked = [s for s in json.loads(r.stdout.strip().splitlines()[-1])
+    stacked = [s for s in _run(SCAN)
                if sorted(map(int, re.findall(r"\d+", s[3:]))) == sorted((L, E, D, F))]
     assert set(stacked) == {f"f32[{L},{E},{D},{F}]", f"f32[{L},{E},{F},{D}]"}, stacked
+
+
+EXCHANGE = r'''
+import json
+import numpy as np
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from deepseek_jax.tools import buffers, gpu_targets
+
+devices = gpu_targets.compile_only_devices("h100", 8)
+mesh = jax.sharding.Mesh(np.array(devices), ("expert",))
+N, D = 4096, 1024                              # rows each GPU sends and receives, width
+
+def exchange(x):                               # x [N, D]: N/8 rows to each GPU, in order
+    sizes = jnp.full((8,), N // 8, jnp.int32)
+    offsets = jnp.arange(8, dtype=jnp.int32) * (N // 8)
+    y = jax.lax.ragged_all_to_all(x, jnp.zeros_like(x), offsets, sizes, offsets, sizes,
+                                  axis_name="expert")
+    return jnp.sum(y.astype(jnp.float32) ** 2, keepdims=True)
+
+f = jax.jit(jax.shard_map(exchange, mesh=mesh, in_specs=P("expert"), out_specs=P("expert")))
+x = jax.ShapeDtypeStruct((8 * N, D), jnp.bfloat16, sharding=NamedSharding(mesh, P("expert")))
+with gpu_targets.answering_for(devices):
+    compiled, assignment, _ = buffers.compile_with_assignment(f.trace(x).lower())
+print(json.dumps({"collective": buffers.gpu_collective_memory(assignment),
+                  "temp": compiled.memory_analysis().temp_size_in_bytes}))
+'''
+
+
+def test_ragged_all_to_all_buffers_are_counted_as_gpu_collective_memory():
+    """XLA:GPU puts the ragged all-to-all's receive buffer ([N, D] bf16 per GPU) in collective
+    memory, an allocation of its own (color 1). A GPU row's total counts every temporary
+    allocation whole, this one included (`compile.py`): the compiler's peak had left 6.6 GiB of
+    it out for V3 under EP."""
+    got = _run(EXCHANGE)
+    assert got["collective"] >= 4096 * 1024 * 2, got               # the receive buffer
+    assert got["temp"] >= got["collective"], got                    # part of the temporaries
