@@ -50,9 +50,8 @@ _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+)(.*)$")
 # Host memory: XLA's memory space 5 (`S(5)` in a layout), an allocation's "color 5", where
 # offloaded activations live.
 _HOST = re.compile(r"\bcolor 5\b")
-# XLA:GPU's collective memory: an allocation of color 1 (`S(1)` in a layout) holds the values a
-# collective works on in place, e.g. the ragged all-to-all's output buffers, allocated apart
-# from the other temporaries.
+# XLA:GPU's collective memory: an allocation of color 1 (`S(1)` in a layout), apart from the
+# other temporaries, for the ragged all-to-all's output buffers and the values laid out with them.
 _GPU_COLLECTIVE = re.compile(r"\bcolor 1\b")
 # A value: its instruction, tuple index, "(phi)" for a loop's or conditional's result (which
 # shares the memory of what flows into it), size and offset in the allocation, shape.
