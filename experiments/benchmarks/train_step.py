@@ -120,6 +120,11 @@ def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
     print(f"  compiled in {compile_s:.1f} s", flush=True)    # before the steps: a part cut short
+    # The compiler's two memory counts, to set beside the device's measured peak: the step's
+    # allocations (what the planner reports for GPUs) and XLA's live-range peak.
+    m = compiled.memory_analysis()
+    need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
 
     losses, times = [], []
     for i in range(WARMUP + steps):                  # warm-ups, then timed steps
@@ -142,6 +147,8 @@ def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool
                                                     if peak else None),
         "losses": losses, "finite": bool(np.all(np.isfinite(losses))),
         "moe_backend": config.moe_backend, "fp8": config.fp8, "remat": config.remat_policy,
+        "compiled_need_gb": need / 1e9,
+        "compiler_peak_gb": (getattr(m, "peak_memory_in_bytes", 0) or 0) / 1e9 or None,
     }
     try:    # what "auto" became on this device (informative only)
         from deepseek_jax.kernels import fp8 as fp8_kernels, grouped_gemm
@@ -226,8 +233,9 @@ def main(argv=None):
     print(f"  compile {row['compile_s']:.1f} s, step {row['step_s'] * 1e3:.1f} ms, "
           f"{row['tokens_per_s']:,.0f} tokens/s, {row['model_tflops_per_s']:.1f} TFLOP/s, "
           f"MFU {'-' if mfu is None else f'{100 * mfu:.1f} %'}, losses "
-          f"{[round(x, 3) for x in row['losses']]}, peak memory {row.get('peak_memory_gb')} GB",
-          flush=True)
+          f"{[round(x, 3) for x in row['losses']]}, peak memory {row.get('peak_memory_gb')} GB "
+          f"(compiled: {row['compiled_need_gb']:.2f} allocated, "
+          f"{row['compiler_peak_gb'] or 0:.2f} peak)", flush=True)
     if args.trace:
         try:
             row["trace"] = trace(args.trace)
