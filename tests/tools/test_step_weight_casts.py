@@ -2,7 +2,7 @@
 layer at a time, inside the scanned loops, in the optimized HLO of an ahead-of-time TPU compile
 (libtpu's compile-only devices, no TPU needed): no compute-dtype copy of a whole layer stack
 (`layers.cast_layer_weight`; with a plain cast this step has bf16 copies of each stack, e.g.
-`bf16[2, 2, 128, 256]` for an expert projection). Found in the 671B step on 512 chips
+`bf16[3, 2, 128, 256]` for an expert projection). Found in the 671B step on 512 chips
 (BENCHMARKS.md), where XLA's bf16 propagation made them; reproduced here on a model that
 compiles in seconds, with the same structure: scanned MoE layers with expert parallelism and
 FSDP, full remat, bf16 compute, fp32 weights.
@@ -30,7 +30,10 @@ def test_weights_are_cast_one_layer_at_a_time():
     from deepseek_jax.config import get_config
     from deepseek_jax.tools.compile import Strategy, compile_strategy
     from deepseek_jax.tools.targets import parse_target
-    c = get_config("tiny", vocab_size=512, d_model=256, n_layers=3, n_dense_layers=1,
+    # Three scanned MoE layers: no other axis here has 3 (fsdp 2, expert 4, 2 experts per
+    # device), so a stack's shape names only the stack; with two layers a gathered expert
+    # shard, [fsdp, experts, F, D/fsdp], has w_down's stack shape.
+    c = get_config("tiny", vocab_size=512, d_model=256, n_layers=4, n_dense_layers=1,
                    n_routed_experts=8, n_experts_per_token=2, moe_d_ff=256, mtp_depth=0,
                    remat_policy="full", dtype=jnp.bfloat16)
     hlo = compile_strategy(c, Strategy.make("fsdp_ep", {"fsdp": 2, "expert": 4}),
@@ -39,5 +42,5 @@ def test_weights_are_cast_one_layer_at_a_time():
     assert CAST_PER_LAYER <= set(stacks), sorted(stacks)
     for name in CAST_PER_LAYER:
         dims = stacks[name]
-        assert int(dims.split(",")[0]) == 2                     # the two scanned MoE layers
+        assert int(dims.split(",")[0]) == 3                     # the scanned MoE layers
         assert f"bf16[{dims}]" not in hlo, f"{name}: a bf16 copy of the whole stack"
