@@ -74,6 +74,7 @@ FILE_SECONDS = {
     "tools/test_plan.py": 50,
     "experiments/test_context_extension.py": 40,
     "tools/test_fit.py": 60,
+    "tools/test_gpu_compile.py": 90,
     "experiments/test_sft_hf.py": 55,
     "hf/test_hf_export.py": 55,
     "experiments/test_sft.py": 50,

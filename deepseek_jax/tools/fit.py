@@ -11,9 +11,10 @@ micro-batches. From them this compiles the exact train step the trainer runs
 (`tools.compile.compile_strategy`, shapes only, nothing allocated) and compares the compiler's
 per-chip total with the chip's memory:
 
-  target    compile-only TPU devices of a named slice (`tools.targets`), limit = the chip's
-            HBM from the planner's chip table; a GPU target has no compile-only devices, so it
-            gets the analytic estimate (`tools.cost_model`), said so in `detail`
+  target    compile-only devices of a named TPU slice or H100/H200 nodes (`tools.targets`;
+            GPUs where JAX's CUDA plugin is on the path), limit = the chip's HBM from the
+            planner's chip table; a target without compile-only devices here gets the
+            analytic estimate (`tools.cost_model`), said so in `detail`
   devices   this machine's devices (the pod, in the launchers' `doctor`), limit = the
             device's own `memory_stats()["bytes_limit"]` where the runtime reports one (TPU,
             GPU); CPU reports none, and the row then only gives the total
@@ -72,7 +73,8 @@ def verdict(run_config, *, target: str | None = None, devices=None,
         stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
         limit = float((stats or {}).get("bytes_limit", 0)) or None
     strategy = run_strategy(run_config.mesh, n, slices)
-    on_target_devices = tgt.devices() if tgt is not None and tgt.compile_on == "tpu" else None
+    on_target_devices = (tgt.devices() if tgt is not None and tgt.compile_on in ("tpu", "gpu")
+                         else None)
     if analytic or (tgt is not None and on_target_devices is None):
         if tgt is None:
             raise ValueError("the analytic estimate needs a target (its chip's bandwidths)")

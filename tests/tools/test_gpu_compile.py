@@ -4,7 +4,8 @@ wgrad, each inside a jitted program, as h200.sh's programs hold them. Compiling 
 than lowering (`test_*lowers_for_cuda`): XLA's GPU passes run, the Mosaic kernels are built to
 PTX for sm_90a (checked in the PTX they dump), and the program's memory is laid out. Also on
 8 compile-only H100s: a layer scan of FSDP-gathered experts keeps its stacked weight gradients
-in the parameters' order, and the ragged all-to-all's buffers are found in collective memory.
+in the parameters' order, the ragged all-to-all's buffers are found in collective memory, and a
+run config's fit on GPU nodes is compiled.
 
 JAX's CUDA plugin does the compiling (no GPU needed). It lives beside the environment, in
 `.venv/cuda-plugin` (`make venv` installs it from requirements-gpu-compile.txt), not in it: on a
@@ -168,3 +169,20 @@ def test_ragged_all_to_all_buffers_are_counted_as_gpu_collective_memory():
     got = _run(EXCHANGE)
     assert got["collective"] >= 4096 * 1024 * 2, got               # the receive buffer
     assert got["temp"] >= got["collective"], got                    # part of the temporaries
+
+
+FIT = r'''
+import json
+from deepseek_jax.configs import pretrain
+from deepseek_jax.tools import fit
+
+print(json.dumps(fit.verdict(pretrain.get_config("tiny"), target="gpu-h100-8")))
+'''
+
+
+def test_a_run_configs_fit_on_gpu_nodes_is_compiled():
+    """With the plugin on the path a GPU target compiles the run's own train step, as a TPU
+    slice does (before, GPU targets always got the analytic estimate)."""
+    v = _run(FIT)
+    assert v["source"] == "compiled" and v["fits"] and 0 < v["total"] < v["limit"], v
+    assert abs(v["limit"] - 81_559 * 2**20) < 2**20, v             # an H100's memory
