@@ -136,6 +136,15 @@ def largest_buffers(assignment: str, hlo_text: str = "", n: int = 8) -> list[Buf
     return sorted(best.values(), key=lambda b: -b.bytes)[:n]
 
 
+def allocated_bytes(memory) -> int:
+    """Every allocation of a compiled program, from its `memory_analysis()`: the arguments,
+    the outputs not aliased to donated arguments, and each temporary allocation whole (on GPU,
+    collective memory included). The planner's total on GPU and CPU; on TPU it takes the
+    compiler's peak."""
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+
+
 def gpu_collective_memory(assignment: str) -> int:
     """Bytes of an XLA:GPU buffer assignment's collective-memory allocations (color 1), part of
     `Compiled.memory_analysis().temp_size_in_bytes`. Only GPU assignments give color 1 this

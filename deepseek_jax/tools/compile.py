@@ -172,8 +172,7 @@ def compile_strategy(config: ModelConfig, strategy: Strategy, devices, batch: in
     platform = getattr(devices[0], "platform", "cpu")
     out["gpu_collective"] = float(buffers.gpu_collective_memory(assignment)
                                   if platform == "gpu" else 0)
-    summed = out["arguments"] + out["output"] - out["alias"] + out["temp"]
-    out["total"] = peak if (platform == "tpu" and peak) else summed
+    out["total"] = peak if (platform == "tpu" and peak) else float(buffers.allocated_bytes(m))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out["xla_flops"] = float(cost.get("flops", float("nan"))) if cost else float("nan")

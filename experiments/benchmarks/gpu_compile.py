@@ -127,8 +127,7 @@ def compile_row(name, fn, args, device, limit: float, peak: int = 0) -> dict:
             type(e).__name__
         return row
     m = compiled.memory_analysis()
-    unaliased_out = m.output_size_in_bytes - m.alias_size_in_bytes
-    need = m.argument_size_in_bytes + m.temp_size_in_bytes + unaliased_out
+    need = buffers.allocated_bytes(m)
     remat = "by rematerialization" in log.text
     row.update(compile_s=time.perf_counter() - t0, args_gb=m.argument_size_in_bytes / GB,
                temp_gb=m.temp_size_in_bytes / GB, need_gb=need / GB, remat=remat,

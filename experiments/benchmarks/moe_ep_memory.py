@@ -39,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from deepseek_jax import parallel  # noqa: E402
 from deepseek_jax.config import get_config  # noqa: E402
+from deepseek_jax.tools import buffers  # noqa: E402
 from deepseek_jax.tools.compile import abstract_train_inputs  # noqa: E402
 
 GIB = 2 ** 30
@@ -77,7 +78,7 @@ def compile_memory(n_layers: int, batch: int, seq: int, remat: str, buffer_facto
     out.update(fits=True, compile_s=time.perf_counter() - t0,
                arguments=m.argument_size_in_bytes, output=m.output_size_in_bytes,
                alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes)
-    out["total"] = out["arguments"] + out["output"] - out["alias"] + out["temp"]
+    out["total"] = buffers.allocated_bytes(m)
     text = compiled.as_text()
     out["ragged_all_to_all_ops"] = text.count("ragged-all-to-all")
     out["all_to_all_ops"] = text.count(" all-to-all(")

@@ -57,6 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from deepseek_jax.config import get_config  # noqa: E402
+from deepseek_jax.tools import buffers  # noqa: E402
 from deepseek_jax.train import flops as flops_mod  # noqa: E402
 from deepseek_jax.train.optimizer import make_optimizer  # noqa: E402
 from deepseek_jax.train.step import init_train_state, train_step  # noqa: E402
@@ -123,8 +124,6 @@ def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool
     # The compiler's two memory counts, to set beside the device's measured peak: the step's
     # allocations (what the planner reports for GPUs) and XLA's live-range peak.
     m = compiled.memory_analysis()
-    need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-            + m.temp_size_in_bytes)
 
     losses, times = [], []
     for i in range(WARMUP + steps):                  # warm-ups, then timed steps
@@ -147,7 +146,7 @@ def run(variant: str, layers: int, batch: int, seq: int, steps: int, smoke: bool
                                                     if peak else None),
         "losses": losses, "finite": bool(np.all(np.isfinite(losses))),
         "moe_backend": config.moe_backend, "fp8": config.fp8, "remat": config.remat_policy,
-        "compiled_need_gb": need / 1e9,
+        "compiled_need_gb": buffers.allocated_bytes(m) / 1e9,
         "compiler_peak_gb": (getattr(m, "peak_memory_in_bytes", 0) or 0) / 1e9 or None,
     }
     try:    # what "auto" became on this device (informative only)

@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepseek_jax import parallel as par
 from deepseek_jax.config import get_config
-from deepseek_jax.kernels.fp8_linear import all_gather_dim, fp8_dot, fp8_ragged_dot, psum_scatter_dim
+from deepseek_jax.kernels.fp8_linear import (all_gather_dim, fp8_dot, fp8_ragged_dot,
+                                             psum_scatter_dim)
 from deepseek_jax.model import moe
 from deepseek_jax.tools import hlo
 
@@ -126,7 +127,6 @@ def test_fp8_ragged_dot_on_gathered_shards_equals_whole_weight(dim):
     _close(dw, rdw, "dw")
 
 
-
 @pytest.mark.parametrize("dim", [0, 1, 2])
 @pytest.mark.parametrize("axes", [("b",), ("a", "b")])
 def test_gather_and_scatter_along_a_dim_equal_jax_tiled_collectives(dim, axes):
@@ -153,6 +153,7 @@ def test_gather_and_scatter_along_a_dim_equal_jax_tiled_collectives(dim, axes):
     grad = jax.grad(lambda w, c: jnp.sum(all_gather_dim(w, axes, dim) * c))
     np.testing.assert_array_equal(
         per_device(grad, (spec, P()), spec)(shards, whole), jaxs)
+
 
 # --- collectives of the MoE layer under FSDP ------------------------------------------------------
 
