@@ -81,9 +81,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.kernels import fp8
+from deepseek_jax.kernels.platform import target_device
 
 BLOCK = fp8.BLOCK
 
@@ -320,11 +322,45 @@ def _ragged(lhs, rhs, group_sizes):
                               preferred_element_type=jnp.float32)
 
 
+def stored_order(shape: tuple[int, ...], dtype) -> tuple[int, ...]:
+    """The axes of an array of this shape and dtype from major to minor, as the target device
+    (`platform.target_device`) lays it out by default.
+
+    Row-major on CPU and GPU. libtpu moves a last dimension that does not fill its 128 lanes away
+    from the minor position: V3's `w_down` shard under FSDP over 64 chips, f32[32, 2048, 112]
+    (E, F, D/64), is stored F-minor, (0, 2, 1). Row-major where the device cannot say."""
+    device = target_device()
+    try:
+        pjrt = device.client.get_default_layout(jnp.dtype(dtype), tuple(shape), device)
+    except (AttributeError, jax.errors.JaxRuntimeError):
+        return tuple(range(len(shape)))
+    return tuple(Layout.from_pjrt_layout(pjrt).major_to_minor)
+
+
+def _in_stored_order(collective, x, shard_shape, dim):
+    """`collective(x', dim')` on x's axes put in the stored order of the local shard (a free
+    relabeling of its layout), then put back. Where the compiler would otherwise lay the
+    collective out its own way, it changed the layout of the whole stacked parameter before the
+    layer loop: on libtpu a relaid-out copy of the fp32 `w_down` stack (1.59 GiB per chip for V3
+    on 512 v5p chips, BENCHMARKS.md). The only transposes left are of one layer's gathered
+    value, inside the loop."""
+    order = stored_order(shard_shape, x.dtype)
+    if order == tuple(range(x.ndim)):
+        return collective(x, dim)
+    y = collective(jnp.transpose(x, order), order.index(dim))
+    return jnp.transpose(y, tuple(order.index(a) for a in range(x.ndim)))
+
+
 def all_gather_dim(x, axes: tuple[str, ...], dim: int):
     """`jax.lax.all_gather(x, axes, axis=dim, tiled=True)`, written so that its transpose
     (autodiff) is a reduce-scatter over a leading axis whose result is in x's own order (see
     `psum_scatter_dim`). The shards are gathered as a new leading axis [n, *x.shape], which is
-    then moved next to `dim` and merged with it."""
+    then moved next to `dim` and merged with it; all of it in the axes' stored order
+    (`_in_stored_order`)."""
+    return _in_stored_order(functools.partial(_gather_leading, axes=axes), x, x.shape, dim)
+
+
+def _gather_leading(x, dim: int, axes: tuple[str, ...]):
     if dim == 0:
         return jax.lax.all_gather(x, axes, axis=0, tiled=True)
     y = jnp.moveaxis(jax.lax.all_gather(x, axes, axis=0), 0, dim)          # [.., n, X/n, ..]
@@ -334,13 +370,20 @@ def all_gather_dim(x, axes: tuple[str, ...], dim: int):
 def psum_scatter_dim(x, axes: tuple[str, ...], dim: int):
     """`jax.lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True)`, run over a leading
     axis: x's `dim` is split as (n shards, X/n) and the shard index moved to the front, so the
-    collective sends contiguous chunks and returns this device's shard already in x's order.
+    collective sends contiguous chunks and returns this device's shard already in x's order;
+    all of it in the shard's stored order (`_in_stored_order`).
 
     Two compilers need this form. libtpu 0.0.48 ran a scatter along an inner axis as an
     all-reduce of the whole array and a slice. XLA:GPU ran a scatter of the leading axis of a
     transposed copy (`moveaxis(x, dim, 0)`) and left its result in that transposed layout; a
     layer scan's stacked weight gradient then kept it, and one relayout at the end of the
     backward loop held a second copy of every stacked expert gradient (BENCHMARKS.md)."""
+    n = jax.lax.axis_size(axes)
+    shard = x.shape[:dim] + (x.shape[dim] // n,) + x.shape[dim + 1:]
+    return _in_stored_order(functools.partial(_scatter_leading, axes=axes), x, shard, dim)
+
+
+def _scatter_leading(x, dim: int, axes: tuple[str, ...]):
     if dim == 0:
         return jax.lax.psum_scatter(x, axes, scatter_dimension=0, tiled=True)
     n = jax.lax.axis_size(axes)

@@ -25,8 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepseek_jax import parallel as par
 from deepseek_jax.config import get_config
+from deepseek_jax.kernels import fp8_linear
 from deepseek_jax.kernels.fp8_linear import (all_gather_dim, fp8_dot, fp8_ragged_dot,
-                                             psum_scatter_dim)
+                                             psum_scatter_dim, stored_order)
 from deepseek_jax.model import moe
 from deepseek_jax.tools import hlo
 
@@ -127,14 +128,18 @@ def test_fp8_ragged_dot_on_gathered_shards_equals_whole_weight(dim):
     _close(dw, rdw, "dw")
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (2, 0, 1)])
 @pytest.mark.parametrize("dim", [0, 1, 2])
 @pytest.mark.parametrize("axes", [("b",), ("a", "b")])
-def test_gather_and_scatter_along_a_dim_equal_jax_tiled_collectives(dim, axes):
+def test_gather_and_scatter_along_a_dim_equal_jax_tiled_collectives(dim, axes, order,
+                                                                     monkeypatch):
     # all_gather_dim / psum_scatter_dim move data in their own order (the shard index as a
-    # leading axis); what each device ends with must be JAX's tiled all_gather / psum_scatter
+    # leading axis, the axes in the shard's stored order: here each order a TPU lays expert
+    # shards out in); what each device ends with must be JAX's tiled all_gather / psum_scatter
     # along `dim`, exactly: the values are small integers, so every sum is exact in any order
     # (every device holds the same array, and each of its elements sums to n times itself).
     # The gather's autodiff transpose is the scatter.
+    monkeypatch.setattr(fp8_linear, "stored_order", lambda shape, dtype: order)
     mesh = jax.make_mesh((2, 4), ("a", "b"))
     n = 4 if axes == ("b",) else 8
     spec = P(*[axes if i == dim else None for i in range(3)])
@@ -153,6 +158,21 @@ def test_gather_and_scatter_along_a_dim_equal_jax_tiled_collectives(dim, axes):
     grad = jax.grad(lambda w, c: jnp.sum(all_gather_dim(w, axes, dim) * c))
     np.testing.assert_array_equal(
         per_device(grad, (spec, P()), spec)(shards, whole), jaxs)
+
+
+def test_stored_order_is_the_targets_default_layout():
+    # Row-major on this host; on a TPU, libtpu stores a shard whose last dimension does not fill
+    # its 128 lanes with that dimension moved off the minor position (V3's w_down shard under
+    # FSDP over 64 chips, [E, F, D/64] = [32, 2048, 112], is stored F-minor).
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    assert stored_order((32, 2048, 112), jnp.float32) == (0, 1, 2)
+    tpus = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
+    with jax.set_mesh(jax.sharding.Mesh(np.array(tpus), ("x",))):
+        assert stored_order((32, 2048, 112), jnp.float32) == (0, 2, 1)
+        assert stored_order((32, 2048, 112), jnp.bfloat16) == (0, 2, 1)
+        assert stored_order((32, 112, 2048), jnp.float32) == (0, 1, 2)
+        assert stored_order((32, 2048, 128), jnp.float32) == (0, 1, 2)
 
 
 # --- collectives of the MoE layer under FSDP ------------------------------------------------------
