@@ -339,11 +339,10 @@ def stored_order(shape: tuple[int, ...], dtype) -> tuple[int, ...]:
 
 def _in_stored_order(collective, x, shard_shape, dim):
     """`collective(x', dim')` on x's axes put in the stored order of the local shard (a free
-    relabeling of its layout), then put back. Where the compiler would otherwise lay the
-    collective out its own way, it changed the layout of the whole stacked parameter before the
-    layer loop: on libtpu a relaid-out copy of the fp32 `w_down` stack (1.59 GiB per chip for V3
-    on 512 v5p chips, BENCHMARKS.md). The only transposes left are of one layer's gathered
-    value, inside the loop."""
+    relabeling of its layout), then put back. In x's logical order the collective can want
+    another layout than the stored one, and the compiler then relays out the whole stacked
+    parameter before the layer loop (BENCHMARKS.md); in the stored order the only transposes are
+    of one layer's gathered weight or full-size gradient, inside the loop."""
     order = stored_order(shard_shape, x.dtype)
     if order == tuple(range(x.ndim)):
         return collective(x, dim)
