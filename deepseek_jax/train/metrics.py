@@ -43,6 +43,24 @@ def _to_python(x):
     return x.item() if x.size == 1 else x.tolist()
 
 
+def _rows(path) -> list[dict]:
+    """metrics.jsonl's rows; a line cut by a kill is left out."""
+    rows = []
+    for line in epath.Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def last_logged_step(path) -> int:
+    """The largest step metrics.jsonl (a local path or a gs:// URL) has a row for; 0 if none."""
+    if not epath.Path(path).exists():
+        return 0
+    return max((r.get("step", 0) for r in _rows(path)), default=0)
+
+
 def truncate_after(path, step: int) -> None:
     """Keeps the lines of metrics.jsonl whose step is ≤ `step` (a local path or a gs:// URL)."""
     path = epath.Path(path)

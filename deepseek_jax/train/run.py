@@ -13,9 +13,11 @@
           if stopping:
               run.stop(done, result)         # raises Preempted once the checkpoint is written
 
-Pretraining (`trainers.pretrain`) and GRPO (`trainers.grpo`) share it. Leaving the `with` block
-(normally, by an error or after a signal) waits for pending checkpoint writes, closes the
-writer and the manager, and restores the SIGTERM handler that was there before.
+Pretraining (`trainers.pretrain`), SFT and GRPO share it. Leaving the `with` block (normally,
+by an error or after a signal) waits for pending checkpoint writes, closes the writer and the
+manager, restores the SIGTERM handler that was there before, and prints where the segment's
+wall time went (`train.goodput`; the trainers bracket restore, data, eval and checkpoint saves
+with `run.timed(part)`).
 
 Preemption. One process: a Python SIGTERM handler records the signal and the loop stops at the
 next step boundary. Several processes (`jax.distributed` initialized): JAX's preemption sync
@@ -54,7 +56,8 @@ from etils import epath
 
 from deepseek_jax import parallel
 from deepseek_jax.train import checkpoint as ckpt
-from deepseek_jax.train.metrics import MetricsWriter, truncate_after
+from deepseek_jax.train.goodput import Ledger
+from deepseek_jax.train.metrics import MetricsWriter, last_logged_step, truncate_after
 from deepseek_jax.train.workdir import is_remote
 
 EXIT_PREEMPTED = 42
@@ -132,9 +135,9 @@ class Profiler:
 
 class Run:
     """Checkpoints under WORKDIR/checkpoints (every `train.checkpoint_every` steps, the last
-    `train.keep_checkpoints` kept), metrics.jsonl and tensorboard/ under WORKDIR (and W&B with
-    `train.wandb_project`), profiles of `train.profile_steps` under WORKDIR/profile, and whether
-    the run is being preempted (module docstring). `train` is the run config's `train`
+    `train.keep_checkpoints` kept), metrics.jsonl, goodput.json (`timed`, `train.goodput`) and
+    tensorboard/ under WORKDIR (and W&B with `train.wandb_project`), profiles of
+    `train.profile_steps` under WORKDIR/profile, and whether the run is being preempted (module docstring). `train` is the run config's `train`
     section; `async_save` writes checkpoints in the background while the next steps run; `unit`
     names a step in messages."""
 
@@ -154,7 +157,7 @@ class Run:
         self.manager = ckpt.make_manager(epath.Path(workdir) / "checkpoints",
                                          save_every=self.every, keep=train.keep_checkpoints,
                                          async_save=async_save)
-        self.writer = None
+        self.writer = self.time = None
         self._signal = None
         self._previous = None
 
@@ -165,6 +168,7 @@ class Run:
         except BaseException:                # e.g. W&B asked for but not installed
             self.manager.close()
             raise
+        self.time = Ledger(epath.Path(self.workdir) / "goodput.json", write=self.is_lead)
         if not self.multi_process:           # several: JAX's preemption notifier has SIGTERM
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
@@ -175,10 +179,12 @@ class Run:
         try:
             self.profile.stop()                  # a window reaching the last step ends here
             if exc[0] is None:
-                self.manager.wait_until_finished()
+                with self.time.timed("checkpoint"):
+                    self.manager.wait_until_finished()
         finally:
             self.writer.close()
             self.manager.close()
+            self.say(self.time.close())
 
     def _on_sigterm(self, signum, _frame) -> None:
         self._signal = signum
@@ -188,11 +194,18 @@ class Run:
         if self.is_lead:
             print(text, flush=True)
 
+    def timed(self, part: str):
+        """`with run.timed(part):` counts the block as that part of the run's time
+        (`train.goodput`: "restore", "data", "eval" or "checkpoint")."""
+        return self.time.timed(part)
+
     def resumed(self, step: int) -> None:
         """After a restore at `step`: drops metrics.jsonl lines logged past it (a crashed run
-        may have logged steps it never saved) and says so."""
+        may have logged steps it never saved; their time counts as lost) and says so."""
         if self.is_lead:
-            truncate_after(epath.Path(self.workdir) / "metrics.jsonl", step)
+            metrics = epath.Path(self.workdir) / "metrics.jsonl"
+            self.time.resumed(step, last_logged_step(metrics))
+            truncate_after(metrics, step)
         self.writer.restart_clock()
         self.say(f"resumed from {self.unit} {step}")
 
@@ -200,6 +213,7 @@ class Run:
         """Whether to save step `done` and stop: SIGTERM arrived (one process), or every process
         reached the preemption sync point at `done` (several; the same answer on each). Call it
         at every step, on every process."""
+        self.time.step_done(done)
         if self.multi_process:
             return self.manager.reached_preemption(done)
         return self._signal is not None or self.manager.reached_preemption(done)
@@ -210,7 +224,8 @@ class Run:
     def stop(self, done: int, result=None):
         """Ends a preempted run: waits for its checkpoint at step `done`, says so, and raises
         `Preempted(done, result)`."""
-        self.manager.wait_until_finished()
+        with self.time.timed("checkpoint"):
+            self.manager.wait_until_finished()
         self.say(f"stopped by signal at {self.unit} {done}; checkpoint saved")
         raise Preempted(done, result)
 

@@ -30,7 +30,7 @@ Departures from the papers (DeepSeekMath, R1), each a config choice:
     Dr. GRPO's instead).
 
 Outputs under DIR as for pretraining: metrics.jsonl (with `reward_mean`), tensorboard/,
-checkpoints/ (rerunning resumes). `config` is a run config from `deepseek_jax.configs.grpo`.
+checkpoints/ (rerunning resumes), goodput.json (rollouts count as step time). `config` is a run config from `deepseek_jax.configs.grpo`.
 """
 
 from __future__ import annotations
@@ -99,11 +99,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # --- checkpoint: resume, or evaluate the starting policy ------------------------------
         rng, start, before = jax.random.key(config.seed), 0, {}
         if run.manager.latest_step() is not None:
-            state, rng, data_state = ckpt.restore(run.manager, ckpt.abstract_like(state, shardings))
+            with run.timed("restore"):
+                state, rng, data_state = ckpt.restore(run.manager,
+                                                      ckpt.abstract_like(state, shardings))
             start, before = int(state.step) // rl.num_iterations, data_state.get("before", {})
             run.resumed(start)
         elif config.train.eval_every:
-            before = run_eval(state)
+            with run.timed("eval"):
+                before = run_eval(state)
             run.say(f"held-out accuracy before GRPO: {before['accuracy']:.3f} "
                     f"(format {before['format']:.3f})")
 
@@ -146,13 +149,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 for text in scores["texts"][: config.train.samples_to_show]:
                     run.say(f"    sample: {text!r}")
             if config.train.eval_every and done % config.train.eval_every == 0:
-                after = run_eval(state)
+                with run.timed("eval"):
+                    after = run_eval(state)
                 run.writer.write(done, {k: after[k] for k in ("accuracy", "format")},
                                  prefix="eval_")
             stopping = run.stopping(done)
             if run.checkpoint_due(done, stopping):
-                ckpt.save(run.manager, done * rl.num_iterations, state, rng,
-                          {"step": done, "before": before}, force=True)
+                with run.timed("checkpoint"):
+                    ckpt.save(run.manager, done * rl.num_iterations, state, rng,
+                              {"step": done, "before": before}, force=True)
             if stopping:
                 run.stop(done, {"before": before, "after": after, "last": last})
     if config.train.eval_every and not after:

@@ -5,7 +5,8 @@ Reads top to bottom: mesh → data → model/optimizer → shardings → step �
 mesh, checkpoint manager, metrics writer and SIGTERM handling are `train.run`'s, shared with GRPO.
 Rerunning the same command resumes from the latest checkpoint in DIR/checkpoints, with the same
 data order (the iterator state is checkpointed) and the same numbers. Outputs under DIR:
-metrics.jsonl (one JSON object per logged step), tensorboard/, checkpoints/, data/ (the
+metrics.jsonl (one JSON object per logged step), tensorboard/, checkpoints/, goodput.json
+(where the wall time went: `train.goodput`), data/ (the
 prepared array_record files when data.data_dir is empty; DIR may be gs://, and then the data
 goes to a local folder: `train.workdir.default_data_dir`).
 
@@ -77,16 +78,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     with Run(workdir, config.train, async_save=config.train.async_checkpoint) as run:
         # --- checkpoint: restore or initialize ------------------------------------------------
-        if run.manager.latest_step() is not None:
-            state, rng, data_state = ckpt.restore_train_state(run.manager, model_config, tx,
-                                                              step_fn.shardings)
-            train_iter.set_state(data_state)
-            start = int(state.step)
-            run.resumed(start)
-        else:
-            rng, init_rng = jax.random.split(jax.random.key(config.seed))
-            state = _initial_state(config, model_config, tx, step_fn, init_rng, mesh, rules)
-            start = 0
+        with run.timed("restore"):
+            if run.manager.latest_step() is not None:
+                state, rng, data_state = ckpt.restore_train_state(run.manager, model_config, tx,
+                                                                  step_fn.shardings)
+                train_iter.set_state(data_state)
+                start = int(state.step)
+                run.resumed(start)
+            else:
+                rng, init_rng = jax.random.split(jax.random.key(config.seed))
+                state = _initial_state(config, model_config, tx, step_fn, init_rng, mesh, rules)
+                start = 0
 
         # --- loop -----------------------------------------------------------------------------
         meter = Throughput(config.data.global_batch * config.data.seq_len,
@@ -116,26 +118,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         for step in range(start, config.train.steps):
             run.profile(step + 1, state)             # train.profile_steps: trace this step?
-            if plan.ramp:
-                parts = [next(train_iter) for _ in range(plan.progress.microbatches(step))]
-                batch = to_device(schedules.assemble_microbatches(parts, plan.slots))
-            else:
-                batch = to_device(next(train_iter))
+            with run.timed("data"):
+                if plan.ramp:
+                    parts = [next(train_iter) for _ in range(plan.progress.microbatches(step))]
+                    batch = to_device(schedules.assemble_microbatches(parts, plan.slots))
+                else:
+                    batch = to_device(next(train_iter))
             state, metrics = step_fn(state, batch)   # dispatched; runs while we check the last
             flush()
             pending = (step + 1, metrics)
             done = step + 1
 
             if config.train.eval_every and done % config.train.eval_every == 0:
-                parts = [jax.device_get(eval_fn(state, to_device(b))) for b in eval_batches()]
+                with run.timed("eval"):
+                    parts = [jax.device_get(eval_fn(state, to_device(b))) for b in eval_batches()]
                 run.writer.write(done, {k: float(np.mean([p[k] for p in parts]))
                                         for k in parts[0]}, prefix="eval_")
 
             stopping = run.stopping(done)
             if run.checkpoint_due(done, stopping):
                 flush()              # never save a state that came from a non-finite step
-                data_state = train_iter.merge_states(ckpt.gather_json(train_iter.get_state()))
-                ckpt.save(run.manager, done, state, rng, data_state, force=True)
+                with run.timed("checkpoint"):
+                    data_state = train_iter.merge_states(ckpt.gather_json(train_iter.get_state()))
+                    ckpt.save(run.manager, done, state, rng, data_state, force=True)
             if stopping:
                 run.stop(done, last)
         flush()

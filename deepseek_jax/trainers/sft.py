@@ -80,23 +80,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     with Run(workdir, config.train, async_save=config.train.async_checkpoint) as run:
         # --- checkpoint: restore, or start from the run at init.pretrain_dir ------------------
-        if run.manager.latest_step() is not None:
-            state, rng, data_state = ckpt.restore_train_state(run.manager, model_config, tx,
-                                                              step_fn.shardings)
-            start, before = int(state.step), data_state.get("before", {})
-            run.resumed(start)
-        else:
-            state, _ = policy.initial_state(model_config, tx, step_fn.shardings, pretrained,
-                                            seed=config.seed, keep_reference=False)
-            rng, start, before = jax.random.key(config.seed), 0, {}
-            if config.train.eval_every:
+        resuming = run.manager.latest_step() is not None
+        with run.timed("restore"):
+            if resuming:
+                state, rng, data_state = ckpt.restore_train_state(run.manager, model_config, tx,
+                                                                  step_fn.shardings)
+                start, before = int(state.step), data_state.get("before", {})
+                run.resumed(start)
+            else:
+                state, _ = policy.initial_state(model_config, tx, step_fn.shardings, pretrained,
+                                                seed=config.seed, keep_reference=False)
+                rng, start, before = jax.random.key(config.seed), 0, {}
+        if not resuming and config.train.eval_every:
+            with run.timed("eval"):
                 before = held_out_loss(state)
                 run.writer.write(0, before, prefix="eval_")
 
         # --- loop -----------------------------------------------------------------------------
         last, after = {}, {}
         for step in range(start, config.train.steps):
-            state, m = step_fn(state, to_device(batches.batch(step)))
+            with run.timed("data"):
+                batch = to_device(batches.batch(step))
+            state, m = step_fn(state, batch)
             m, done = jax.device_get(m), step + 1
             if not bool(m.pop("finite")):
                 raise NonFiniteLoss(f"SFT step {done}: loss {float(m['loss'])}, grad norm "
@@ -108,12 +113,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 run.writer.write(done, last)
             if config.train.eval_every and (done % config.train.eval_every == 0
                                             or done == config.train.steps):
-                after = held_out_loss(state)
+                with run.timed("eval"):
+                    after = held_out_loss(state)
                 run.writer.write(done, after, prefix="eval_")
             stopping = run.stopping(done)
             if run.checkpoint_due(done, stopping):
-                ckpt.save(run.manager, done, state, rng, {"step": done, "before": before},
-                          force=True)
+                with run.timed("checkpoint"):
+                    ckpt.save(run.manager, done, state, rng, {"step": done, "before": before},
+                              force=True)
             if stopping:
                 run.stop(done, {"before": before, "after": after, "last": last})
     return {"before": before, "after": after, "last": last}

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from deepseek_jax.configs.pretrain import get_config
+from deepseek_jax.train import goodput
 from deepseek_jax.train.run import EXIT_PREEMPTED
 from deepseek_jax.trainers import pretrain
 
@@ -54,6 +55,14 @@ def test_run_writes_metrics_checkpoints_and_events(reference):
     steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
     assert max(steps) == 12 and len(steps) <= 3
     assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    # Where the time went (`train.goodput`): the run's segment ran steps 1..12 (a rerun of the
+    # finished run, another test here, adds a segment after it), its parts add up to its wall
+    # time (to fp64 rounding of a few sums of seconds), and the step compile counts as compile.
+    first = _goodput(workdir)["segments"][0]
+    assert (first["first_step"], first["last_step"], first["resumed_from"]) == (1, 12, None)
+    parts = sum(first[f"{p}_s"] for p in goodput.PARTS)
+    assert parts == pytest.approx(first["wall_s"], rel=1e-9)
+    assert first["compile_s"] > 0 and first["steps_s"] > 0 and first["checkpoint_s"] > 0
 
 
 def test_rerun_of_finished_run_resumes_and_does_nothing(reference):
@@ -61,6 +70,11 @@ def test_rerun_of_finished_run_resumes_and_does_nothing(reference):
     before = open(os.path.join(workdir, "metrics.jsonl")).read()
     pretrain.train_and_evaluate(_tiny(steps=12, checkpoint_every=4, eval_every=6), workdir)
     assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+
+
+def _goodput(workdir):
+    with open(os.path.join(workdir, "goodput.json")) as f:
+        return json.load(f)
 
 
 def _launch(workdir, *overrides, env_extra=None):
@@ -127,6 +141,20 @@ def test_kill_9_then_rerun_gives_identical_losses(process_reference, tmp_path):
     assert sorted(got) == list(range(1, 13))      # each step logged once after truncation
     for step in range(1, 13):
         assert got[step] == want[step], (step, got[step], want[step])
+    # The killed segment was last written at a checkpoint (4 or later); the rerun resumed from
+    # the last complete checkpoint and ran the rest. The steps the killed run had done past it
+    # are charged to it as lost, and the run's goodput counts them out.
+    resumed = int(out.split("resumed from step ")[1].split()[0])
+    killed, rerun = _goodput(workdir)["segments"]
+    assert killed["first_step"] == 1 and killed["last_step"] >= 4
+    assert (rerun["resumed_from"], rerun["first_step"], rerun["last_step"]) == (resumed,
+                                                                              resumed + 1, 12)
+    run = _goodput(workdir)["run"]
+    assert run["goodput"] == pytest.approx(
+        (killed["steps_s"] + rerun["steps_s"] - killed["lost_s"]) / (killed["wall_s"]
+                                                                     + rerun["wall_s"]),
+        rel=1e-9)
+    assert any(l.startswith("time ") and "goodput" in l for l in out.splitlines()), out
 
 
 def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):

@@ -115,7 +115,8 @@ def test_wandb_absent_and_not_asked_for_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with Run(str(tmp_path), _train(wandb_project="")) as run:
         run.writer.write(1, {"loss": 2.0})
-    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "metrics.jsonl", "tensorboard"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "goodput.json", "metrics.jsonl",
+                                            "tensorboard"]
 
 
 def test_wandb_offline_logs_the_metrics(tmp_path, monkeypatch):
