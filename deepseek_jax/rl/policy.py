@@ -56,7 +56,10 @@ def initial_state(model_config: ModelConfig, tx, shardings: TrainState, pretrain
     params = place(variables["params"], shardings.params)
     routing = place(variables.get("routing", {}), shardings.routing)
     reference = jax.tree.map(jnp.copy, params) if keep_reference else None
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    # The step placed as the update returns it: an unplaced one is another input type to the
+    # jitted update, which then compiled a second time at the second step.
+    state = TrainState(step=parallel.to_global(jnp.zeros((), jnp.int32), shardings.step),
+                       params=params,
                        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
                        routing=routing)
     return state, reference

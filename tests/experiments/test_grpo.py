@@ -22,7 +22,17 @@ def test_tiny_grpo_run(tmp_path):
     c.train.checkpoint_every = 3
     c.rl.format_weight = 1.0
     workdir = str(tmp_path)
-    grpo.train_and_evaluate(c, workdir)
+    compiles = []          # JAX reports each compile of a jitted function (or its cache load)
+    count = lambda event, *_, fun_name="", **__: compiles.append(fun_name) if event.endswith(
+        "backend_compile_duration") else None
+    jax.monitoring.register_event_time_span_listener(count)
+    try:
+        grpo.train_and_evaluate(c, workdir)
+    finally:
+        jax.monitoring.unregister_event_time_span_listener(count)
+    # The update compiles once for the whole run (before: again at step 2, whose state came
+    # out of the first update placed on the mesh, where the initial step count was not).
+    assert compiles.count("jit(grpo_step)") == 1, compiles
     rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward_mean", "accuracy_reward_mean", "format_reward_mean", "kl", "entropy",
