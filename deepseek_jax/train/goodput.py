@@ -157,9 +157,9 @@ class Ledger:
         return {**total, "segments": len(rows),
                 "goodput": kept / total["wall_s"] if total["wall_s"] > 0 else 0.0}
 
-    def write(self) -> None:
+    def write(self, now: float | None = None) -> None:
         """Rewrites goodput.json: every segment's row and the run's totals (process 0 only)."""
-        now = self.clock()
+        now = self.clock() if now is None else now
         self._written = now
         if not self.write_file:
             return
@@ -178,8 +178,9 @@ class Ledger:
         if self._listening:
             jax.monitoring.unregister_event_time_span_listener(self._on_span)
             self._listening = False
-        self.write()
-        return summary(self.row(), self.run_totals())
+        now = self.clock()
+        self.write(now)
+        return summary(self.row(now), self.run_totals(now))
 
 
 def summary(row: dict, run: dict) -> str:
