@@ -34,6 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run from
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from deepseek_jax import parallel
 from deepseek_jax.config import get_config  # noqa: E402
 from deepseek_jax.train.optimizer import make_optimizer  # noqa: E402
 from deepseek_jax.train.step import init_train_state, train_step  # noqa: E402
@@ -83,6 +84,7 @@ def measure_core(backend: str, batch: int, seq: int) -> dict:
 
 
 def main(argv=None):
+    parallel.skip_absent_tpu()       # no libtpu start-up errors on a machine without TPUs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=61)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per backend")

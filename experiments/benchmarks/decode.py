@@ -61,6 +61,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deepseek_jax import parallel  # noqa: E402
 from deepseek_jax.config import ModelConfig, get_config  # noqa: E402
 from deepseek_jax.model import Transformer, init_variables  # noqa: E402
 from deepseek_jax.sampling import cache_bytes, generate, init_cache  # noqa: E402
@@ -261,6 +262,7 @@ def _print_pair(r):
 
 
 def main(argv=None):
+    parallel.skip_absent_tpu()       # no libtpu start-up errors on a machine without TPUs
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")
     parser.add_argument("--model", choices=("v3", "v2-lite"), default="v3",

@@ -24,6 +24,7 @@ import time
 
 import jax
 
+from deepseek_jax import parallel
 from deepseek_jax.configs.pretrain import get_config, to_model_config
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.schedules import from_run_config
@@ -35,6 +36,7 @@ VARIANTS = {"dense": dict(moe_impl="dense"),
 
 
 def main() -> None:
+    parallel.skip_absent_tpu()       # no libtpu start-up errors on a machine without TPUs
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=8, help="timed steps per variant")
     args = ap.parse_args()

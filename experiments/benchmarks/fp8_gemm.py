@@ -47,6 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deepseek_jax import parallel
 from deepseek_jax.kernels import fp8, fp8_gpu  # noqa: E402
 from experiments.benchmarks.common import Results, check_imports, device_meta  # noqa: E402
 
@@ -289,6 +290,7 @@ def print_ratios(rows):
 
 
 def main(argv=None):
+    parallel.skip_absent_tpu()       # no libtpu start-up errors on a machine without TPUs
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU the kernel runs interpreted")
     p.add_argument("--sweep", action="store_true", help="also time every GPU tiling and keep the best")

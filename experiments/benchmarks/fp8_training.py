@@ -56,6 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig, get_config  # noqa: E402
 from deepseek_jax.data import synthetic, tokenizer  # noqa: E402
 from deepseek_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -136,6 +137,7 @@ def print_table(result: dict, args) -> None:
 
 
 def main(argv=None) -> dict:
+    parallel.skip_absent_tpu()       # no libtpu start-up errors on a machine without TPUs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="small", help="a name for deepseek_jax.config.get_config")
     ap.add_argument("--steps", type=int, default=150)

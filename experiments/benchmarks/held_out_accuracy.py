@@ -22,6 +22,7 @@ import argparse
 import json
 import re
 
+from deepseek_jax import parallel
 from deepseek_jax.configs.grpo import get_config
 from deepseek_jax.data import r1, run_config
 from deepseek_jax.data.encoding import Encoder
@@ -31,6 +32,7 @@ from deepseek_jax.train import checkpoint as ckpt
 
 
 def main() -> None:
+    parallel.skip_absent_tpu()       # no libtpu start-up errors on a machine without TPUs
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", help="run directories to evaluate")
     ap.add_argument("--data_dir", required=True, help="where the task's records are")

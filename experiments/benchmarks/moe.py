@@ -51,6 +51,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deepseek_jax import parallel  # noqa: E402
 from deepseek_jax.config import get_config  # noqa: E402
 from deepseek_jax.kernels import grouped_gemm as gg  # noqa: E402
 from deepseek_jax.model import dispatch, routing  # noqa: E402
@@ -262,6 +263,7 @@ def _print_row(r):
 
 
 def main(argv=None):
+    parallel.skip_absent_tpu()       # no libtpu start-up errors on a machine without TPUs
     global REPS, WARMUP
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="", help="results, rewritten after every row")

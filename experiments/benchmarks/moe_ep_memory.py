@@ -86,6 +86,7 @@ def compile_memory(n_layers: int, batch: int, seq: int, remat: str, buffer_facto
 
 
 def main():
+    parallel.skip_absent_tpu()       # no libtpu start-up errors on a machine without TPUs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="4,5",
                     help="n_layers values (3 are dense): two give a measured per-layer slope, "

@@ -56,6 +56,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import Results, check_imports, device_meta  # noqa: E402
+from deepseek_jax import parallel
 from deepseek_jax.config import get_config  # noqa: E402
 from deepseek_jax.data import tasks  # noqa: E402
 from deepseek_jax.model import init_variables  # noqa: E402
@@ -125,6 +126,7 @@ def run_setting(st: dict, variables, config, slot_fractions, rounds: int, result
 
 
 def main():
+    parallel.skip_absent_tpu()       # no libtpu start-up errors on a machine without TPUs
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny model at small sizes")
     parser.add_argument("--model", default="small", help="a model config name")

@@ -56,6 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deepseek_jax import parallel  # noqa: E402
 from deepseek_jax.config import get_config  # noqa: E402
 from deepseek_jax.tools import buffers  # noqa: E402
 from deepseek_jax.train import flops as flops_mod  # noqa: E402
@@ -187,6 +188,7 @@ def record_trace(compiled, state, data, out_file: str) -> str:
 
 
 def main(argv=None):
+    parallel.skip_absent_tpu()       # no libtpu start-up errors on a machine without TPUs
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variant", choices=("bf16", "fp8"), default="bf16")
     p.add_argument("--layers", type=int, default=LAYERS, help="layers, the first dense")
