@@ -3,13 +3,17 @@
 
   mesh, rules = run_mesh(config.mesh)
   with Run(workdir, config.train) as run:
-      state = ... run.manager.latest_step() ... (restore or initialize)
+      with run.timed("restore"):
+          state = ... run.manager.latest_step() ... (restore or initialize)
       for step in range(start, steps):
           run.profile(step + 1, state)       # starts/stops the trace of train.profile_steps
+          with run.timed("data"):
+              batch = ...
           ...
           stopping = run.stopping(done)
           if run.checkpoint_due(done, stopping):
-              ckpt.save(run.manager, ...)
+              with run.timed("checkpoint"):
+                  ckpt.save(run.manager, ...)
           if stopping:
               run.stop(done, result)         # raises Preempted once the checkpoint is written
 
@@ -137,9 +141,9 @@ class Run:
     """Checkpoints under WORKDIR/checkpoints (every `train.checkpoint_every` steps, the last
     `train.keep_checkpoints` kept), metrics.jsonl, goodput.json (`timed`, `train.goodput`) and
     tensorboard/ under WORKDIR (and W&B with `train.wandb_project`), profiles of
-    `train.profile_steps` under WORKDIR/profile, and whether the run is being preempted (module docstring). `train` is the run config's `train`
-    section; `async_save` writes checkpoints in the background while the next steps run; `unit`
-    names a step in messages."""
+    `train.profile_steps` under WORKDIR/profile, and whether the run is being preempted (module
+    docstring). `train` is the run config's `train` section; `async_save` writes checkpoints in
+    the background while the next steps run; `unit` names a step in messages."""
 
     def __init__(self, workdir: str, train, *, async_save: bool = True, unit: str = "step"):
         self.workdir = workdir

@@ -30,7 +30,8 @@ Departures from the papers (DeepSeekMath, R1), each a config choice:
     Dr. GRPO's instead).
 
 Outputs under DIR as for pretraining: metrics.jsonl (with `reward_mean`), tensorboard/,
-checkpoints/ (rerunning resumes), goodput.json (rollouts count as step time). `config` is a run config from `deepseek_jax.configs.grpo`.
+checkpoints/ (rerunning resumes), goodput.json (rollouts count as step time). `config` is a run
+config from `deepseek_jax.configs.grpo`.
 """
 
 from __future__ import annotations
