@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from contextlib import contextmanager
 
 import jax
@@ -63,6 +64,18 @@ def length(spans: list[tuple[float, float]]) -> float:
     return sum(b - a for a, b in merged(spans))
 
 
+def uncovered(span: tuple[float, float], spans: list[tuple[float, float]]):
+    """The pieces of `span` outside the sorted disjoint `spans`."""
+    out, (a, b) = [], span
+    for c, d in spans:
+        if d <= a or c >= b:
+            continue
+        if c > a:
+            out.append((a, c))
+        a = max(a, d)
+    return out + [(a, b)] if a < b else out
+
+
 def overlap(spans: list[tuple[float, float]], others: list[tuple[float, float]]) -> float:
     """Seconds of `spans` that are also in `others`, each union counted once."""
     return sum(max(0.0, min(b, d) - max(a, c))
@@ -71,14 +84,26 @@ def overlap(spans: list[tuple[float, float]], others: list[tuple[float, float]])
 
 class Ledger:
     """The parts of one segment's wall time (module docstring). `path` is WORKDIR/goodput.json;
-    `write` is whether this process writes it (process 0)."""
+    `write` is whether this process writes it (process 0).
+
+    Its bookkeeping stays the same size however long the run: each part is a running total.
+    A timed block adds its seconds less the compile inside it when it closes. A compile span
+    that JAX reports after a block it overlaps has closed (a compile on another thread) is taken
+    out of that block's part when it arrives; blocks and compile spans older than `KEEP_S` are
+    folded into the totals and no longer matched against later spans."""
+
+    KEEP_S = 3600.0
 
     def __init__(self, path, *, write: bool = True, clock=time.time):
         self.path = epath.Path(path)
         self.write_file = write
         self.clock = clock
         self.start = clock()
-        self.spans = {part: [] for part in ("compile", *TIMED)}
+        self.compile = []                # recent compile spans, merged (sorted, disjoint)
+        self.compile_s = 0.0             # seconds of compile spans folded out of `compile`
+        self.timed_s = dict.fromkeys(TIMED, 0.0)   # closed blocks' seconds, less compile
+        self.closed = deque()            # (part, start, end) of blocks closed within KEEP_S
+        self._open = 0                   # blocks open now (an inner block counts as the outer)
         self.first_step = self.last_step = None     # steps this segment ran, counted from 1
         self.resumed_from = None
         self.lost_s = 0.0
@@ -88,8 +113,22 @@ class Ledger:
         self._listening = True
 
     def _on_span(self, event: str, start: float, end: float, **_) -> None:
-        if event in COMPILE_EVENTS:
-            self.spans["compile"].append((start, end))
+        if event not in COMPILE_EVENTS:
+            return
+        new = uncovered((start, end), self.compile)
+        for part, a, b in reversed(self.closed):     # closed in time order: latest end first
+            if b <= start:
+                break
+            self.timed_s[part] -= overlap([(a, b)], new)
+        self.compile = merged([*self.compile, (start, end)])
+
+    def _fold(self, now: float) -> None:
+        """Folds blocks and compile spans that ended more than KEEP_S before `now`."""
+        while self.closed and self.closed[0][2] < now - self.KEEP_S:
+            self.closed.popleft()
+        while self.compile and self.compile[0][1] < now - self.KEEP_S:
+            a, b = self.compile.pop(0)
+            self.compile_s += b - a
 
     def _read(self) -> list[dict]:
         """The rows of earlier segments of this run (none for a new run)."""
@@ -102,12 +141,21 @@ class Ledger:
 
     @contextmanager
     def timed(self, part: str):
-        """Counts the time inside the block as `part` (one of TIMED)."""
+        """Counts the time inside the block as `part` (one of TIMED), less the compile inside
+        it. A block inside another counts as the outer block's part."""
+        if self._open:
+            yield
+            return
         t0 = self.clock()
+        self._open += 1
         try:
             yield
         finally:
-            self.spans[part].append((t0, self.clock()))
+            self._open -= 1
+            t1 = self.clock()
+            self.timed_s[part] += (t1 - t0) - overlap([(t0, t1)], self.compile)
+            self.closed.append((part, t0, t1))
+            self._fold(t1)
         if part == "checkpoint":
             self.write()
 
@@ -134,10 +182,7 @@ class Ledger:
     def parts(self, now: float | None = None) -> dict[str, float]:
         """Seconds of each part of PARTS since the segment started; they add up to the wall."""
         now = self.clock() if now is None else now
-        compile_spans = self.spans["compile"]
-        out = {"compile": length(compile_spans)}
-        for part in TIMED:
-            out[part] = length(self.spans[part]) - overlap(self.spans[part], compile_spans)
+        out = {"compile": self.compile_s + length(self.compile), **self.timed_s}
         out["steps"] = max(0.0, (now - self.start) - sum(out.values()))
         return out
 

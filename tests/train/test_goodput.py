@@ -36,6 +36,9 @@ def test_span_unions():
     assert goodput.merged(spans) == [(0.0, 3.0), (5.0, 6.0)]
     assert goodput.length(spans) == 4.0
     assert goodput.overlap(spans, [(2.5, 5.2), (2.6, 2.8)]) == pytest.approx(0.7, rel=1e-12)
+    assert goodput.uncovered((-1.0, 7.0), goodput.merged(spans)) == [(-1.0, 0.0), (3.0, 5.0),
+                                                                    (6.0, 7.0)]
+    assert goodput.uncovered((1.0, 2.0), [(0.0, 3.0)]) == []
 
 
 def test_parts_add_up_and_compile_is_counted_once(ledger):
@@ -61,6 +64,42 @@ def test_parts_add_up_and_compile_is_counted_once(ledger):
     assert parts == {"compile": 6.0, "restore": 1.0, "data": 1.0, "eval": 0.0,
                      "checkpoint": 1.0, "steps": 3.0}
     assert sum(parts.values()) == 12.0 == led.row()["wall_s"]
+
+
+def test_a_compile_reported_after_its_block_closed_and_nested_blocks(ledger):
+    led, clock = ledger
+    with led.timed("eval"):                    # 1000..1004, with a checkpoint block inside it
+        clock.t = 1001.0
+        with led.timed("checkpoint"):
+            clock.t = 1003.0
+        clock.t = 1004.0
+    with led.timed("data"):                    # 1004..1006
+        clock.t = 1006.0
+    # A compile on another thread, 1003..1005, reported when it ends (after both blocks), and
+    # again as a span nested in it: 1 s out of eval, 1 s out of data, 2 s of compile.
+    jax.monitoring.record_event_time_span(COMPILE, 1003.0, 1005.0)
+    jax.monitoring.record_event_time_span(TRACE, 1003.5, 1004.5)
+    clock.t = 1007.0
+    assert led.parts() == {"compile": 2.0, "restore": 0.0, "data": 1.0, "eval": 3.0,
+                           "checkpoint": 0.0, "steps": 1.0}
+
+
+def test_the_bookkeeping_stays_small_on_a_long_run(ledger):
+    led, clock = ledger
+    steps = 3 * int(Ledger.KEEP_S)             # one data block and one step a second
+    for step in range(1, steps + 1):
+        with led.timed("data"):
+            clock.t += 0.25
+        if step % 1000 == 1:                   # a compile each 1000 steps, inside the step
+            jax.monitoring.record_event_time_span(COMPILE, clock.t, clock.t + 0.5)
+        clock.t += 0.75
+        led.step_done(step)
+    compiles = len(range(1, steps + 1, 1000))
+    assert len(led.closed) <= Ledger.KEEP_S + 1 and len(led.compile) <= Ledger.KEEP_S / 1000 + 1
+    assert led.parts() == pytest.approx({"compile": 0.5 * compiles, "restore": 0.0,
+                                         "data": 0.25 * steps, "eval": 0.0, "checkpoint": 0.0,
+                                         "steps": 0.75 * steps - 0.5 * compiles},
+                                        rel=1e-9)     # sums of ~10⁴ floats: ~1e-12 rounding
 
 
 def test_lost_steps_of_the_previous_segment_and_the_run_goodput(tmp_path):
