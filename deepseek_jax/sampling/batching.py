@@ -24,10 +24,12 @@ Schedules (`schedule`):
                 read: a query at position p reads slots ≤ p, and a row writes slot p before it
                 reads it. Idle slots still go through the step (fixed shapes); their outputs are
                 dropped. Once no row is pending, the live rows are moved (cache rows and state)
-                to half as many slots whenever they fit, down to one slot (or the batch shards'
-                count): a chain of while-loops of halving width in the same program
-                (`phase_widths`), so the last long rows do not step a mostly idle batch. One
-                compile per settings.
+                to half as many slots whenever they fit, down to `min_phase_slots` (default
+                MIN_PHASE_SLOTS; and a multiple of the batch shards' count): a chain of
+                while-loops of halving width in the same program (`phase_widths`), so the last
+                long rows do not step a mostly idle batch. Each width compiles its own copy of
+                the decode step; narrower than a few rows, a step costs no less, so the chain
+                stops there. One compile per settings.
 
 Keys: row (p, g) uses fold_in(fold_in(rng, p), g) (`group_keys`; or pass the P·G keys), and its
 token k uses fold_in(row key, k), as `generate` does with a row key. A token therefore depends
@@ -77,6 +79,7 @@ from deepseek_jax.sampling.loop import (Generation, Knobs, Settings, constrain_c
 from deepseek_jax.sampling.speculative import speculative_decode
 
 SCHEDULES = ("continuous", "static")
+MIN_PHASE_SLOTS = 8      # the narrowest drain phase: a decode step of fewer rows costs as much
 
 
 # --- the static schedule ---------------------------------------------------------------------
@@ -165,11 +168,11 @@ def _step(st: Slots, variables, step_model, keys, limits, knobs: Knobs, eos_id) 
         lengths=st.lengths.at[jnp.where(ended, st.row, R)].set(count, mode="drop"))
 
 
-def phase_widths(slots: int, min_slots: int = 1) -> list[int]:
-    """Slot counts of the drain phases: `slots`, then halved while the half stays a multiple of
-    `min_slots` (the batch shards): e.g. 64, 32, …, 1."""
+def phase_widths(slots: int, min_slots: int = 1, floor: int = MIN_PHASE_SLOTS) -> list[int]:
+    """Slot counts of the drain phases: `slots`, then halved while the half is at least `floor`
+    and a multiple of `min_slots` (the batch shards): e.g. 64, 32, 16, 8."""
     widths = [slots]
-    while widths[-1] % (2 * min_slots) == 0:
+    while widths[-1] % (2 * min_slots) == 0 and widths[-1] // 2 >= floor:
         widths.append(widths[-1] // 2)
     return widths
 
@@ -184,10 +187,10 @@ def _compact(st: Slots, width: int) -> Slots:
 
 def continuous_loop(variables, ids, lengths, keys, limits, knobs: Knobs, eos_id, pad_id, *,
                     config: ModelConfig, s: Settings, group_size: int, slots: int,
-                    min_slots: int = 1) -> Generation:
+                    min_slots: int = 1, floor: int = MIN_PHASE_SLOTS) -> Generation:
     """Prefill the P prompts once, then decode P·G rows through `slots` refilled slots; once no
-    row is pending, the live rows move to half as many slots whenever they fit (`phase_widths`),
-    so the last long rows do not step a mostly idle batch."""
+    row is pending, the live rows move to half as many slots whenever they fit, down to `floor`
+    (`phase_widths`), so the last long rows do not step a mostly idle batch."""
     W = ids.shape[1]
     R, N = keys.shape[0], s.max_new_tokens
     first_logits, _, prompt_cache = prefill(variables, ids, lengths, config=config, s=s)
@@ -208,7 +211,7 @@ def continuous_loop(variables, ids, lengths, keys, limits, knobs: Knobs, eos_id,
         st = jax.lax.cond(jnp.any(~st.live) & (st.next_row < R), refill, lambda st: st, st)
         return step(st)
 
-    widths = phase_widths(slots, min_slots)
+    widths = phase_widths(slots, min_slots, floor)
     for i, width in enumerate(widths):
         if i:
             st = _compact(st, width)
@@ -227,13 +230,13 @@ def continuous_loop(variables, ids, lengths, keys, limits, knobs: Knobs, eos_id,
 
 @functools.lru_cache(maxsize=32)
 def compiled(config: ModelConfig, s: Settings, schedule: str, group_size: int, slots: int,
-             min_slots: int = 1):
+             min_slots: int = 1, floor: int = MIN_PHASE_SLOTS):
     """The jitted run for these static settings (cached, so repeated calls do not retrace)."""
     if schedule == "static":
         return jax.jit(functools.partial(shared_static_loop, config=config, s=s,
                                          group_size=group_size))
     return jax.jit(functools.partial(continuous_loop, config=config, s=s, group_size=group_size,
-                                     slots=slots, min_slots=min_slots))
+                                     slots=slots, min_slots=min_slots, floor=floor))
 
 
 # --- the entry point -------------------------------------------------------------------------
@@ -287,7 +290,7 @@ def generate_groups(variables: dict, config: ModelConfig, prompts, group_size: i
                     schedule: str = "continuous", slots: int | None = None,
                     speculative: bool = False, row_max_new_tokens=None,
                     max_len: int | None = None, pad_id: int = 0, cache_kind: str = "latent",
-                    mesh=None, rules=None) -> Generation:
+                    min_phase_slots: int = MIN_PHASE_SLOTS, mesh=None, rules=None) -> Generation:
     """G samples of up to `max_new_tokens` tokens for each of P prompts (module docstring).
 
     Args:
@@ -300,6 +303,7 @@ def generate_groups(variables: dict, config: ModelConfig, prompts, group_size: i
       schedule: "continuous" (refilled slots) or "static" (all rows at once).
       slots: rows decoded at once by the continuous schedule (default ⌊P·G / 4⌋, at least 1).
       speculative: MTP draft-and-verify (static schedule only).
+      min_phase_slots: the continuous schedule's narrowest drain phase (`phase_widths`).
       row_max_new_tokens: [P·G] per-row budgets in [1, N] (default N each): a row stops after
         its budget as if an EOS came there.
       mesh, rules: run sharded (both or neither); slots (continuous) or P·G (static) must divide
@@ -331,7 +335,8 @@ def generate_groups(variables: dict, config: ModelConfig, prompts, group_size: i
     args = [flax.core.meta.unbox(variables), jnp.asarray(ids), jnp.asarray(lengths), keys,
             jnp.asarray(limits), knobs, jnp.int32(-1 if eos_id is None else eos_id),
             jnp.int32(pad_id)]
-    run = compiled(config, s, schedule, group_size, M, batch_shards(mesh, rules))
+    run = compiled(config, s, schedule, group_size, M, batch_shards(mesh, rules),
+                   max(1, int(min_phase_slots)))
     if mesh is None and rules is None:
         return run(*args)
     if mesh is None or rules is None:

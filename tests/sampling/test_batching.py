@@ -62,8 +62,10 @@ def test_continuous_equals_static(temperature, slots):
     rng = jax.random.key(2)
     ref = reference(temperature, rng, row_max_new_tokens=BUDGETS)
     kw = dict(max_new_tokens=N, temperature=temperature, rng=rng, row_max_new_tokens=BUDGETS)
+    # Drain phases down to one slot (`min_phase_slots=1`: 4, 2, 1 and 12, 6, 3), so that the
+    # moves between phases run at these sizes too (by default none is narrower than 8).
     got = generate_groups(decisive_variables(), tiny(), PROMPTS, G, schedule="continuous",
-                          slots=slots, **kw)
+                          slots=slots, min_phase_slots=1, **kw)
     assert_same(got, ref)
     # One slot serves rows back to back: a step per token after each row's first (drawn at
     # the refill), and an idle step for a row that ends at its first token (budget 1).
@@ -74,10 +76,13 @@ def test_continuous_equals_static(temperature, slots):
 
 
 def test_drain_phases_halve_while_the_rows_fit_the_shards():
-    assert batching.phase_widths(64) == [64, 32, 16, 8, 4, 2, 1]
-    assert batching.phase_widths(12) == [12, 6, 3]
+    assert batching.phase_widths(64) == [64, 32, 16, 8]  # MIN_PHASE_SLOTS = 8
+    assert batching.phase_widths(64, floor=1) == [64, 32, 16, 8, 4, 2, 1]
+    assert batching.phase_widths(12, floor=1) == [12, 6, 3]
+    assert batching.phase_widths(12) == [12]
     assert batching.phase_widths(24, 8) == [24]          # 12 rows would not split over 8
-    assert batching.phase_widths(32, 8) == [32, 16, 8]
+    assert batching.phase_widths(32, 8, floor=1) == [32, 16, 8]
+    assert batching.phase_widths(32, 8, floor=16) == [32, 16]
 
 
 def test_eos_ends_a_row_and_pads_it():
@@ -130,7 +135,8 @@ def test_one_compile_serves_every_setting():
                     row_max_new_tokens=BUDGETS, **kw)
     s = batching.Settings(max_new_tokens=N, speculative=False, cache_len=8 + N,
                           cache_kind="latent")
-    assert batching.compiled(c, s, "continuous", G, 5, 1)._cache_size() == 1
+    run = batching.compiled(c, s, "continuous", G, 5, 1, batching.MIN_PHASE_SLOTS)
+    assert run._cache_size() == 1
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
