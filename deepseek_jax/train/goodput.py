@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -90,7 +91,8 @@ class Ledger:
     A timed block adds its seconds less the compile inside it when it closes. A compile span
     that JAX reports after a block it overlaps has closed (a compile on another thread) is taken
     out of that block's part when it arrives; blocks and compile spans older than `KEEP_S` are
-    folded into the totals and no longer matched against later spans."""
+    folded into the totals and no longer matched against later spans. A lock orders a span's
+    arrival and a block's close, which can happen on different threads."""
 
     KEEP_S = 3600.0
 
@@ -104,6 +106,7 @@ class Ledger:
         self.timed_s = dict.fromkeys(TIMED, 0.0)   # closed blocks' seconds, less compile
         self.closed = deque()            # (part, start, end) of blocks closed within KEEP_S
         self._open = 0                   # blocks open now (an inner block counts as the outer)
+        self._lock = threading.Lock()
         self.first_step = self.last_step = None     # steps this segment ran, counted from 1
         self.resumed_from = None
         self.lost_s = 0.0
@@ -115,12 +118,13 @@ class Ledger:
     def _on_span(self, event: str, start: float, end: float, **_) -> None:
         if event not in COMPILE_EVENTS:
             return
-        new = uncovered((start, end), self.compile)
-        for part, a, b in reversed(self.closed):     # closed in time order: latest end first
-            if b <= start:
-                break
-            self.timed_s[part] -= overlap([(a, b)], new)
-        self.compile = merged([*self.compile, (start, end)])
+        with self._lock:
+            new = uncovered((start, end), self.compile)
+            for part, a, b in reversed(self.closed):     # closed in time order: latest end first
+                if b <= start:
+                    break
+                self.timed_s[part] -= overlap([(a, b)], new)
+            self.compile = merged([*self.compile, (start, end)])
 
     def _fold(self, now: float) -> None:
         """Folds blocks and compile spans that ended more than KEEP_S before `now`."""
@@ -153,9 +157,10 @@ class Ledger:
         finally:
             self._open -= 1
             t1 = self.clock()
-            self.timed_s[part] += (t1 - t0) - overlap([(t0, t1)], self.compile)
-            self.closed.append((part, t0, t1))
-            self._fold(t1)
+            with self._lock:
+                self.timed_s[part] += (t1 - t0) - overlap([(t0, t1)], self.compile)
+                self.closed.append((part, t0, t1))
+                self._fold(t1)
         if part == "checkpoint":
             self.write()
 
@@ -182,7 +187,8 @@ class Ledger:
     def parts(self, now: float | None = None) -> dict[str, float]:
         """Seconds of each part of PARTS since the segment started; they add up to the wall."""
         now = self.clock() if now is None else now
-        out = {"compile": self.compile_s + length(self.compile), **self.timed_s}
+        with self._lock:
+            out = {"compile": self.compile_s + length(self.compile), **self.timed_s}
         out["steps"] = max(0.0, (now - self.start) - sum(out.values()))
         return out
 
