@@ -11,7 +11,8 @@ checks before compiling and the sharded train step are in `train/sharded.py`
 
 Files: `mesh.py` (axes, sizes, layout on a TPU torus, multi-slice, jax.distributed), `rules.py` (the rule table,
 presets, `sharding_context`), `sharding.py` (the batch's sharding and its check; `to_global` /
-`to_host` for host values in multi-process runs).
+`to_host` for host values in multi-process runs), `processes.py` (in multi-process runs, every
+process compiles a program before any runs it: XLA's CPU collectives give the others 30 s).
 
 Expert parallelism lives with the model (`model/dispatch.py`): when the rules split E over a
 mesh axis larger than 1, the MoE layer exchanges tokens with all-to-all inside `shard_map`
@@ -30,6 +31,7 @@ from deepseek_jax.parallel.rules import (LOGICAL_AXIS_RULES, PRESETS, Preset, ax
                                          get_preset, logical_axis_rules, mesh_and_rules,
                                          run_mesh_config, sharding_context)
 from deepseek_jax.parallel.sharding import batch_sharding, check_global_batch, to_global, to_host
+from deepseek_jax.parallel.processes import together
 
 __all__ = [
     "LOGICAL_AXIS_RULES", "MESH_AXES", "MeshError", "PRESETS", "Preset", "axis_names",
@@ -37,5 +39,5 @@ __all__ = [
     "get_preset", "logical_axis_rules", "make_mesh", "maybe_initialize_distributed",
     "mesh_and_rules", "multi_process_launch", "resolve_mesh_shape", "run_mesh_config",
     "sharding_context", "skip_absent_tpu", "slice_count", "split_dimensions", "to_global",
-    "to_host", "torus_layout",
+    "to_host", "together", "torus_layout",
 ]

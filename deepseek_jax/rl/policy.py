@@ -77,7 +77,7 @@ def compile_steps(model_config: ModelConfig, tx, shardings: TrainState, mesh, ru
             in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
         logprobs = jax.jit(lambda p, r, t: target_logprobs(p, r, t, model_config,
                                                            rl.temperature)[0])
-    return update, logprobs
+    return parallel.together(update, "GRPO update"), parallel.together(logprobs, "log-probs")
 
 
 def to_device(rows: dict, advantages, mesh, rules) -> dict:

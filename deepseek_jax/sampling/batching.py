@@ -71,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.parallel.processes import together
 from deepseek_jax.sampling.cache import init_cache
 from deepseek_jax.sampling.generate import (PROMPT_BUCKET, check_settings, place_variables,
                                             plain_decode, prepare_prompts, row_limits)
@@ -233,10 +234,11 @@ def compiled(config: ModelConfig, s: Settings, schedule: str, group_size: int, s
              min_slots: int = 1, floor: int = MIN_PHASE_SLOTS):
     """The jitted run for these static settings (cached, so repeated calls do not retrace)."""
     if schedule == "static":
-        return jax.jit(functools.partial(shared_static_loop, config=config, s=s,
-                                         group_size=group_size))
-    return jax.jit(functools.partial(continuous_loop, config=config, s=s, group_size=group_size,
-                                     slots=slots, min_slots=min_slots, floor=floor))
+        fn = functools.partial(shared_static_loop, config=config, s=s, group_size=group_size)
+    else:
+        fn = functools.partial(continuous_loop, config=config, s=s, group_size=group_size,
+                               slots=slots, min_slots=min_slots, floor=floor)
+    return together(jax.jit(fn), f"{schedule} rollout")
 
 
 # --- the entry point -------------------------------------------------------------------------

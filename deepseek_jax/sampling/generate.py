@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.parallel.processes import together
 from deepseek_jax.sampling.cache import KINDS
 from deepseek_jax.sampling.loop import (Generation, Knobs, Settings, fold_keys, pick, prefill,
                                         step_models)
@@ -238,7 +239,7 @@ def plain_decode(variables, cache, logits, lengths, keys, limits, knobs: Knobs, 
 def compiled(config: ModelConfig, s: Settings):
     """The jitted run for these static settings (cached, so repeated calls do not retrace)."""
     fn = speculative_loop if s.speculative else _plain_loop
-    return jax.jit(functools.partial(fn, config=config, s=s))
+    return together(jax.jit(functools.partial(fn, config=config, s=s)), "generate")
 
 
 # --- the entry point ----------------------------------------------------------------------------

@@ -267,6 +267,7 @@ def train_steps(config, model_config, plan, mesh, rules):
                                                settings=plan.train)
     batch_sharding = parallel.batch_sharding(mesh, rules)
     with parallel.sharding_context(mesh, rules):
-        eval_fn = jax.jit(lambda s, b: eval_step(s, b, config=model_config, settings=plan.train),
-                          in_shardings=(step_fn.shardings, batch_sharding))
+        eval_fn = parallel.together(jax.jit(
+            lambda s, b: eval_step(s, b, config=model_config, settings=plan.train),
+            in_shardings=(step_fn.shardings, batch_sharding)), "eval step")
     return tx, step_fn, eval_fn, batch_sharding

@@ -47,6 +47,7 @@ from deepseek_jax.model.transformer import init_variables
 from deepseek_jax.parallel.mesh import MESH_AXES
 from deepseek_jax.parallel.rules import Rules, axis_names, mesh_axes_of, sharding_context
 from deepseek_jax.parallel.sharding import batch_problems, batch_sharding, check_global_batch
+from deepseek_jax.parallel.processes import together
 from deepseek_jax.train.schedules import StepSettings
 from deepseek_jax.train.step import TrainState, init_train_state, train_step
 
@@ -195,7 +196,8 @@ def init_sharded_state(rng: jax.Array, config: ModelConfig, tx: optax.GradientTr
     """
     validate(config, mesh, rules)
     shardings = state_shardings(config, mesh, rules, tx)
-    init = jax.jit(lambda key: init_train_state(key, config, tx), out_shardings=shardings)
+    init = together(jax.jit(lambda key: init_train_state(key, config, tx),
+                            out_shardings=shardings), "init")
     with sharding_context(mesh, rules):
         return init(rng)
 
@@ -233,4 +235,4 @@ def make_sharded_train_step(config: ModelConfig, tx: optax.GradientTransformatio
 
     step.lower = lower
     step.shardings = shardings
-    return step
+    return together(step, "train step")
