@@ -83,6 +83,7 @@ FILE_SECONDS = {
     "launch/test_dry_run.py": 50,
     "experiments/test_sft.py": 50,
     "experiments/test_context_extension.py": 45,
+    "parallel/test_processes.py": 45,
     "train/test_cuda_lowering.py": 40,
 }
 
