@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from deepseek_jax.data import tasks, text_files
+from deepseek_jax.parallel import processes
 
 FILE_FORMAT = "array_record"
 _VERSION = tfds.core.Version("1.0.0")
@@ -273,14 +274,15 @@ def build_dataset(name: str, data_dir: str | os.PathLike, **options) -> tfds.cor
     Returns:
         The prepared builder: `builder.as_data_source(split)` gives a random-access source.
     """
-    if not _multi_process():
+    if not processes.multi_process():
         builder = make_builder(name, data_dir, **options)
         builder.download_and_prepare()
         return builder
     if jax.process_index() == 0:
         with _build_lock(data_dir):
             make_builder(name, data_dir, **options).download_and_prepare()
-    _barrier(f"deepseek_jax/data/{name}/{make_config(name, **options).name}/{next(_BARRIERS)}")
+    processes.barrier(f"deepseek_jax/data/{name}/{make_config(name, **options).name}/"
+                      f"{next(_BARRIERS)}", PREPARE_TIMEOUT_S)
     builder = make_builder(name, data_dir, **options)     # reads what process 0 wrote
     if not builder.is_prepared():                        # not shared with process 0
         with _build_lock(data_dir):
@@ -295,20 +297,6 @@ PREPARE_TIMEOUT_S = 3600
 # A barrier key is used once; every process calls build_dataset in the same order, so the same
 # count on each makes the keys agree.
 _BARRIERS = itertools.count()
-
-
-def _multi_process() -> bool:
-    """Whether `jax.distributed` joins several processes (asked without starting a backend)."""
-    from jax._src import distributed      # the coordination service's client (as Orbax uses it)
-    state = distributed.global_state
-    return state.client is not None and (state.num_processes or 1) > 1
-
-
-def _barrier(key: str) -> None:
-    """Every process waits here until all have arrived (the coordination service's barrier:
-    no device collective, so it waits PREPARE_TIMEOUT_S however long preparation takes)."""
-    from jax._src import distributed
-    distributed.global_state.client.wait_at_barrier(key, PREPARE_TIMEOUT_S * 1000)
 
 
 @contextlib.contextmanager
