@@ -97,6 +97,18 @@ def test_clipping():
     assert float(m["clip_high_frac"]) == 0.25 and float(m["clip_low_frac"]) == 0.25
 
 
+def test_k3_kl_is_accurate_near_the_reference():
+    # d = ref − logp exact in fp32 (logp = 0); the float64 value is the reference. expm1(d) is
+    # within 2 ulps of itself (≈ 2u|d| for |d| ≤ 1, u = 2⁻²⁴) and the subtraction adds an ulp
+    # of the larger operand: |error| ≤ 4u·(|d| + k3). e^d − d − 1 misses this by up to u
+    # absolute (e^d rounds near 1), 10⁶ times the bound at d = 1e-6.
+    d = np.array([1e-7, -3e-7, 1e-6, -1e-5, 1e-4, -1e-3, 1e-2, -0.1, 0.5, -2.0, 5.0], np.float32)
+    got = np.asarray(loss_lib.kl_k3(jnp.zeros((1, d.size)), jnp.asarray(d)[None]))[0]
+    want = np.expm1(d.astype(np.float64)) - d.astype(np.float64)
+    bound = 4 * 2.0**-24 * (np.abs(d) + want)
+    assert np.all(np.abs(got - want) <= bound), (got - want) / bound
+
+
 def test_k3_kl():
     logp = jnp.array([[-1.0, -2.0]])
     ref = jnp.array([[-1.5, -2.0]])
