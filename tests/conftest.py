@@ -54,37 +54,49 @@ def hopper_sm_count():
         yield
 
 
-# Wall time of each file on two busy cores, in seconds: the sums of its tests in the
-# `--durations=80` table of `make test` (refresh them when a file's cost changes; only their
+# Wall time of each file on two busy cores, in seconds: the sums of its tests (setup included)
+# in the `--durations=0` table of `make test` (refresh them when a file's cost changes; only their
 # order matters). Heaviest files are collected first, so that under `--dist loadfile
 # --no-loadscope-reorder` they start at once on separate workers instead of last; files not
 # listed keep their order after them.
 FILE_SECONDS = {
-    "experiments/test_multiprocess.py": 510,
-    "parallel/test_fp8_sharded.py": 325,
-    "notebooks/test_notebooks.py": 305,
-    "experiments/test_pretrain.py": 295,
-    "experiments/test_first_run.py": 245,
-    "experiments/test_grpo.py": 190,
-    "train/test_chunked_loss.py": 160,
-    "sampling/test_batching.py": 145,
-    "parallel/test_sharded_parity.py": 145,
-    "train/test_schedules.py": 140,
-    "tools/test_plan.py": 125,
-    "tools/test_fit.py": 120,
-    "rl/test_rollout_paths.py": 120,
-    "tools/test_gpu_compile.py": 95,
-    "train/test_train.py": 85,
-    "rl/test_grpo_data_parallel.py": 75,
-    "tools/test_step_weight_casts.py": 70,
-    "tools/test_hlo.py": 70,
-    "experiments/test_sft_hf.py": 70,
-    "kernels/test_fp8_linear.py": 60,
-    "launch/test_dry_run.py": 50,
-    "experiments/test_sft.py": 50,
-    "experiments/test_context_extension.py": 45,
+    "experiments/test_multiprocess.py": 605,
+    "parallel/test_fp8_sharded.py": 490,
+    "notebooks/test_notebooks.py": 355,
+    "model/test_transformer.py": 330,
+    "experiments/test_first_run.py": 290,
+    "experiments/test_pretrain.py": 285,
+    "parallel/test_expert.py": 265,
+    "tools/test_plan.py": 235,
+    "sampling/test_batching.py": 225,
+    "train/test_chunked_loss.py": 225,
+    "parallel/test_sharded_parity.py": 220,
+    "experiments/test_grpo.py": 215,
+    "kernels/test_fp8_linear.py": 210,
+    "experiments/test_sft.py": 165,
+    "train/test_schedules.py": 160,
+    "tools/test_fit.py": 155,
+    "tools/test_hlo.py": 155,
+    "hf/test_hf_export.py": 150,
+    "tools/test_gpu_compile.py": 140,
+    "model/test_moe_padding.py": 135,
+    "launch/test_dry_run.py": 125,
+    "model/test_attention.py": 125,
+    "tools/test_step_weight_casts.py": 125,
+    "experiments/test_context_extension.py": 120,
+    "train/test_cuda_lowering.py": 115,
+    "rl/test_rollout_paths.py": 110,
+    "experiments/test_sft_hf.py": 105,
+    "train/test_train.py": 90,
+    "rl/test_grpo_data_parallel.py": 80,
+    "model/test_attention_lowering.py": 80,
+    "kernels/test_fp8.py": 75,
+    "model/test_remat.py": 55,
+    "experiments/test_evaluate.py": 55,
+    "model/test_moe.py": 55,
+    "hf/test_hf_parity.py": 55,
     "parallel/test_processes.py": 45,
-    "train/test_cuda_lowering.py": 40,
+    "rl/test_grpo_learning.py": 40,
 }
 
 
