@@ -26,7 +26,7 @@ AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 def kl_k3(logp, ref_logp):
     """k3 per token, e^d − d − 1 with d = ref − logp, computed as expm1(d) − d: near the
     reference (|d| ≪ 1, as in early steps) e^d rounds to 1 ± 6e-8 in fp32, so the textbook form
-    is noise of that size on a value d²/2; this one is within a few ulps of |d|."""
+    is noise of that size on a value d²/2; this one is off by a few ulps of |d| at most."""
     d = ref_logp - logp
     return jnp.expm1(d) - d
 
