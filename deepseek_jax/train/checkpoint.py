@@ -134,6 +134,16 @@ def load_model_config(workdir: str) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(path.read_text()))
 
 
+def saved_steps(workdir: str) -> list[int]:
+    """The steps of the checkpoints a training run kept under WORKDIR/checkpoints, ascending."""
+    if not is_remote(workdir):
+        workdir = os.path.abspath(workdir)      # Orbax reads absolute paths only
+    manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints")
+    steps = sorted(manager.all_steps())
+    manager.close()
+    return steps
+
+
 def load_trained(workdir: str, step: int | None = None, shardings=None):
     """(ModelConfig, {"params", "routing"?}) of a training run's latest (or given) checkpoint.
 
@@ -144,9 +154,8 @@ def load_trained(workdir: str, step: int | None = None, shardings=None):
     if not is_remote(workdir):
         workdir = os.path.abspath(workdir)      # Orbax reads absolute paths only
     config = load_model_config(workdir)
-    manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints")
-    step = manager.latest_step() if step is None else step
-    manager.close()
+    if step is None:
+        step = (saved_steps(workdir) or [None])[-1]
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
     path = epath.Path(workdir) / "checkpoints" / str(step) / "state"

@@ -7,6 +7,10 @@ problems a GRPO run evaluates on (`rl.problems.load_problems`). Runs after the f
 how many problems they solve that the first does not ("gained") and the reverse ("lost"). The task comes from a GRPO run
 config (default `grpo.py:small`, the demo's), read from `--data_dir`.
 
+With `--every_checkpoint` each run is evaluated at every checkpoint it kept, in step order (one
+row per step, "gained" and "lost" against the first row): accuracy over the course of training.
+The checkpoints a run keeps are set by its `train.checkpoint_every` and `train.keep_checkpoints`.
+
 With `--work_it_out` each run also answers with its think block prefilled with the equation's
 left side ("What is 43+27? <think> 43+27="), greedy: how well the run computes when made to work
 the problem out, whatever habit greedy decoding would follow (`work_it_out` in the output; for
@@ -14,6 +18,8 @@ the problem out, whatever habit greedy decoding would follow (`work_it_out` in t
 
   python experiments/benchmarks/held_out_accuracy.py --data_dir=runs/demo/data \
       runs/demo/grpo runs/demo/sft
+  python experiments/benchmarks/held_out_accuracy.py --data_dir=runs/demo/data \
+      --work_it_out --every_checkpoint runs/demo/pretrain
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=100)
     ap.add_argument("--work_it_out", action="store_true",
                     help="also answer with the equation's left side prefilled (module docstring)")
+    ap.add_argument("--every_checkpoint", action="store_true",
+                    help="evaluate every checkpoint a run kept, not only its latest")
     args = ap.parse_args()
     config = get_config(args.config)
     test = run_config.task_source(config.data, args.data_dir, "test")
@@ -49,24 +57,33 @@ def main() -> None:
     encoder = Encoder(config.data.tokenizer or None, add_bos=True)
     first = None
     for run in args.runs:
-        model_config, variables = ckpt.load_trained(run)
-        result = evaluate(variables, model_config, problems, config.data.template,
-                          max_new_tokens=config.rl.max_new_tokens, batch_size=args.batch_size,
-                          encoder=encoder, show=3)
-        estimating = sum(t.strip().startswith(r1.ESTIMATE_WORD) for t in result["completions"])
-        right = [rewards.accuracy_reward(t, p) == 1.0
-                 for t, p in zip(result["completions"], problems)]
-        first = right if first is None else first
-        print(json.dumps({"run": run, "accuracy": result["accuracy"],
-                          "format": result["format"], "length": result["length"],
-                          "estimating": estimating / len(problems),
-                          "gained": sum(r and not f for r, f in zip(right, first)),
-                          "lost": sum(f and not r for r, f in zip(right, first)),
-                          "samples": result["samples"]}
-                         | ({"work_it_out": work_it_out(variables, model_config, problems,
-                                                        config.data.template, args.batch_size,
-                                                        encoder)} if args.work_it_out else {})),
-              flush=True)
+        for step in ckpt.saved_steps(run) if args.every_checkpoint else [None]:
+            first = _report(run, step, args, config, problems, encoder, first)
+
+
+def _report(run: str, step: int | None, args, config, problems, encoder: Encoder,
+            first: list[bool] | None) -> list[bool]:
+    """Prints one row for `run` at `step` (None: its latest checkpoint); returns the first row's
+    per-problem correctness (this row's when `first` is None)."""
+    model_config, variables = ckpt.load_trained(run, step)
+    result = evaluate(variables, model_config, problems, config.data.template,
+                      max_new_tokens=config.rl.max_new_tokens, batch_size=args.batch_size,
+                      encoder=encoder, show=3)
+    estimating = sum(t.strip().startswith(r1.ESTIMATE_WORD) for t in result["completions"])
+    right = [rewards.accuracy_reward(t, p) == 1.0
+             for t, p in zip(result["completions"], problems)]
+    first = right if first is None else first
+    row = {"run": run} | ({"step": step} if step is not None else {}) | {
+        "accuracy": result["accuracy"], "format": result["format"], "length": result["length"],
+        "estimating": estimating / len(problems),
+        "gained": sum(r and not f for r, f in zip(right, first)),
+        "lost": sum(f and not r for r, f in zip(right, first)),
+        "samples": result["samples"]}
+    if args.work_it_out:
+        row["work_it_out"] = work_it_out(variables, model_config, problems,
+                                         config.data.template, args.batch_size, encoder)
+    print(json.dumps(row), flush=True)
+    return first
 
 
 def work_it_out(variables, model_config, problems, template: str, batch_size: int,
