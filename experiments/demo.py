@@ -22,9 +22,9 @@
 What this shows is the mechanism R1-Zero relies on: reinforcement learning selects, among the
 behaviours pretraining put in the model, the ones that earn reward. Measured (BENCHMARKS.md):
 made to work problems out (`experiments/benchmarks/held_out_accuracy.py --work_it_out`), the
-pretrained model is right 55–97 % of the time depending on the seed, while greedy decoding,
-mostly estimating, is right 13–40 %; GRPO's 60 steps move greedy accuracy to about the first
-figure. Times are in BENCHMARKS.md and the README.
+pretrained model is right 20–97 % of the time depending on the seed and the host, while greedy
+decoding, mostly estimating, is right 9–58 %; GRPO's 60 steps move greedy accuracy to about the
+first figure. Times are in BENCHMARKS.md and the README.
 
 Both stages checkpoint under WORKDIR/{pretrain,grpo}; rerunning resumes (a finished stage is
 skipped). WORKDIR is made absolute at start-up and checked before the first step
