@@ -70,9 +70,9 @@ _T = lambda tokens: tokens / _V3_TOKENS          # a token count as a fraction o
 _RUNS = {
     #        model      batch seq steps  lr     warmup preset      remat
     "tiny": ("tiny", 8, 32, 20, 3e-3, 2, "dp", "none"),
-    # small: 8 × 128 for 2,400 steps learns two-digit + and − (55–97 % right over three seeds
-    # when made to work them out); 16 × 128 for 1,200 steps, the same tokens, stayed near 20 %
-    # (BENCHMARKS.md)
+    # small: 8 × 128 for 2,400 steps learns two-digit + and − (20–97 % right over seeds and
+    # hosts when made to work them out); 16 × 128 for 1,200 steps, the same tokens, stayed near
+    # 20 % (BENCHMARKS.md)
     "small": ("small", 8, 128, 2400, 3e-3, 10, "dp", "none"),
     "v2-lite": ("v2-lite", 1024, 4096, 100_000, 4.2e-4, 2000, "fsdp_ep", "full"),
     "v3-671b": ("v3-671b", 15360, 4096, _V3_STEPS, 2.2e-4, 2000, "fsdp_ep", "full"),
