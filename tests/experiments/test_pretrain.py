@@ -73,21 +73,23 @@ def test_rerun_of_finished_run_resumes_and_does_nothing(reference):
 
 
 def test_held_out_accuracy_at_every_checkpoint(reference):
-    """`held_out_accuracy.py --every_checkpoint`, run as its docstring gives it: one row per
-    checkpoint the run kept, in step order, each with accuracies that are shares of problems."""
+    """`held_out_accuracy.py --every_checkpoint`, run as its docstring gives it (relative run and
+    data paths, from the directory that holds the run): one row per checkpoint the run kept, in
+    step order, each with accuracies that are shares of problems."""
     workdir, _ = reference
+    parent, run = os.path.split(workdir)
     script = os.path.join(ROOT, "experiments", "benchmarks", "held_out_accuracy.py")
     out = subprocess.run(
-        [sys.executable, script, "--config=tiny", f"--data_dir={workdir}/data",
-         "--num_problems=4", "--batch_size=4", "--work_it_out", "--every_checkpoint", workdir],
-        cwd=ROOT, env={**os.environ, "XLA_FLAGS": "", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"},
+        [sys.executable, script, "--config=tiny", f"--data_dir={run}/data",
+         "--num_problems=4", "--batch_size=4", "--work_it_out", "--every_checkpoint", run],
+        cwd=parent, env={**os.environ, "XLA_FLAGS": "", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"},
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     kept = sorted(ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps())
     assert [r["step"] for r in rows] == kept and len(kept) >= 2
     for r in rows:
-        assert r["run"] == workdir
+        assert r["run"] == run
         assert all(k * 4 == int(k * 4) and 0 <= k <= 1
                    for k in (r["accuracy"], r["work_it_out"], r["estimating"])), r
 
