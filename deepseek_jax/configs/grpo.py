@@ -103,6 +103,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.mesh.dcn_data = 0
     c.mesh.data = 0
     c.mesh.fsdp = 0
+    c.mesh.context = 0               # context parallelism is for pretraining and SFT
     c.mesh.expert = 0
     c.mesh.tensor = 0
     c.mesh.num_devices = 0           # use the first N devices of a single process; 0 = all

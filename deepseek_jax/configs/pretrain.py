@@ -159,11 +159,12 @@ def _data(arg: str, model: str, batch: int, seq: int) -> ml_collections.ConfigDi
 
 def _mesh(preset: str) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
-    m.preset = preset          # dp, fsdp, fsdp_tp, fsdp_ep, dp_ep_tp
+    m.preset = preset          # dp, fsdp, fsdp_tp, fsdp_ep, dp_ep_tp, fsdp_cp
     # Axis sizes; all 0 = the preset's default shape for the devices found. -1 = the rest.
     m.dcn_data = 0
     m.data = 0
     m.fsdp = 0
+    m.context = 0
     m.expert = 0
     m.tensor = 0
     m.distributed = ml_collections.FieldReference(None, field_type=bool)  # None = detect

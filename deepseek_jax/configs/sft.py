@@ -82,6 +82,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     m.dcn_data = 0
     m.data = 0
     m.fsdp = 0
+    m.context = 0
     m.expert = 0
     m.tensor = 0
     m.num_devices = 0                # use the first N devices of a single process; 0 = all

@@ -121,9 +121,14 @@ def attention(q, k, v, *, scale: float, causal: bool = True,
     if k.shape[:3] != (B, T, q.shape[2]) or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} must share B, T "
                          "(self-attention) and N")
-    backend = resolve_backend(backend, T, q.dtype)
+    ctx = context_axes(T)
+    n_ctx = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in ctx)
+    backend = resolve_backend(backend, T // n_ctx, q.dtype)       # a device's rows decide
     seg = _fold_padding(segment_ids, token_mask)                                  # [B, T] | None
-    out = _run(backend, q, k, v, seg, scale, causal)                              # [B, T, N, U]
+    if ctx:
+        out = _context_parallel(backend, q, k, v, seg, scale, causal)             # [B, T, N, U]
+    else:
+        out = _run(backend, q, k, v, seg, scale, causal)                          # [B, T, N, U]
     if token_mask is not None:
         out = jnp.where(token_mask[:, :, None, None], out, jnp.zeros((), out.dtype))
     return out
@@ -158,6 +163,52 @@ def _mesh_axes(logical: str, size: int, mesh, rules) -> tuple[str, ...]:
     axes = tuple(a for a in axis_names(nn.logical_to_mesh_axes((logical,), rules)[0])
                  if mesh.shape.get(a, 1) > 1)
     return axes if size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def context_axes(length: int) -> tuple[str, ...]:
+    """Mesh axes (size > 1) that split the sequence (`act_length`) under the mesh and rules in
+    context: () without context parallelism. Raises ValueError when they do not divide `length`."""
+    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return ()
+    axes = tuple(a for a in axis_names(nn.logical_to_mesh_axes(("act_length",), rules)[0])
+                 if mesh.shape.get(a, 1) > 1 and a not in set(mesh.manual_axes))
+    n = math.prod(mesh.shape[a] for a in axes)
+    if length % n:
+        raise ValueError(f"context parallelism: sequence length {length} does not split over "
+                         f"{'×'.join(axes)}={n}; use a length that is a multiple of {n}")
+    return axes
+
+
+def _context_parallel(backend, q, k, v, seg, scale, causal):
+    """Attention with the queries split along T over the context axes and every key on every
+    device: each device attends its contiguous chunk of queries, at offset chunk index × T/n,
+    to the whole k and v. k and v enter whole (the model gathers what it expands them from)."""
+    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+    B, T, N = q.shape[:3]
+    ctx = context_axes(T)
+    batch = _mesh_axes("act_batch", B, mesh, rules) or None
+    heads = _mesh_axes("act_heads", N, mesh, rules) or None
+    if backend == "cudnn":
+        raise ValueError("attention_backend='cudnn' does not take a query offset, which context "
+                         "parallelism needs: use attention_backend='blockwise', or mesh.context=1")
+    if backend.startswith("splash"):
+        return attention_tpu.context_parallel_splash(
+            q, k, v, seg, scale=scale, causal=causal, interpret=backend == "splash_interpret",
+            batch=batch, heads=heads, context=ctx)
+    core = attention_reference if backend == "einsum" else blockwise_attention
+    if seg is None:
+        seg = jnp.zeros((B, T), jnp.int32)
+
+    def per_device(q, k, v, seg_q, seg_k):       # q [b, T/n, h, A]; k, v [b, T, h, ·]
+        offset = jax.lax.axis_index(ctx) * q.shape[1]
+        return core(q, k, v, scale=scale, causal=causal, segment_ids=seg_q,
+                    kv_segment_ids=seg_k, q_offset=offset)
+
+    q_spec, kv_spec = P(batch, ctx, heads, None), P(batch, None, heads, None)
+    return jax.shard_map(per_device, in_specs=(q_spec, kv_spec, kv_spec, P(batch, ctx),
+                                               P(batch, None)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, seg, seg)
 
 
 def _per_shard(kernel, q, k, v, seg):

@@ -15,7 +15,8 @@ Expert parallelism: routed experts split over a mesh axis, tokens exchanged with
     y, load = expert_parallel_moe(x, weights, idx, w_gate, w_up, w_down, layout=..., ...)
 
 Runs inside `jax.shard_map` over the whole mesh. Each device holds B/n_batch sequences (split over
-the batch axes, which include the expert axis) and E/P experts (P = size of the expert axis,
+the batch axes, which include the expert axis; under context parallelism, a T/n_context chunk of
+each, since every step here is per token) and E/P experts (P = size of the expert axis,
 experts placed contiguously: device p owns experts [p·E/P, (p+1)·E/P)). Per device:
 
   1. sort    its M = b·T·X (token, slot) pairs by expert id; since experts are contiguous per
@@ -496,7 +497,7 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
     scores and ids over the whole batch and all-reducing [B·T·X, D] token copies.
     """
     E = w_gate.shape[0]
-    b_spec = P(layout.batch_axes or None, None, None)
+    b_spec = P(layout.batch_axes or None, layout.length_axes or None, None)
     mlp = (layout.mlp_axes if len(layout.mlp_axes) > 1 else layout.mlp_axes[0]) \
         if layout.mlp_axes else None
     embed_axes = _embed_axes(layout, x.shape[-1])
@@ -512,8 +513,8 @@ def _local_moe(x, weights, idx, w_gate, w_up, w_down, *, layout: EPLayout, dtype
                             gathers=gathers, expert_chunks=expert_chunks)   # [b, T, D]
         if layout.mlp_axes:                                                 # F split: partials
             y = jax.lax.psum(y, layout.mlp_axes)
-        if layout.batch_axes:
-            load = jax.lax.psum(load, layout.batch_axes)                    # global counts
+        if layout.token_axes:
+            load = jax.lax.psum(load, layout.token_axes)                    # global counts
         return y.astype(dtype), load, jnp.int32(0)
 
     w_spec = P(None, emb, mlp)
@@ -553,7 +554,7 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
     E = w_gate.shape[0]
     Pn = layout.n_shards
     batch = layout.batch_axes or None
-    b_spec = P(batch, None, None)
+    b_spec = P(batch, layout.length_axes or None, None)
     mlp = (layout.mlp_axes if len(layout.mlp_axes) > 1 else layout.mlp_axes[0]) \
         if layout.mlp_axes else None
     n_batch = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in layout.batch_axes)
@@ -615,9 +616,9 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         pairs = checkpoint_name(pairs.reshape(b, T, X, D), "expert_out")    # [b, T, X, D]
         y = jnp.einsum("BTXD,BTX->BTD", pairs, weights.astype(dtype))       # [b, T, D]
         load = routed.astype(jnp.float32)
-        if layout.batch_axes:
-            load = jax.lax.psum(load, layout.batch_axes)                    # global counts
-            n_rounds = jax.lax.pmax(n_rounds, layout.batch_axes)            # report the worst
+        if layout.token_axes:
+            load = jax.lax.psum(load, layout.token_axes)                    # global counts
+            n_rounds = jax.lax.pmax(n_rounds, layout.token_axes)            # report the worst
         return y.astype(dtype), load, n_rounds
 
     w_spec = P(ex, emb, mlp)

@@ -119,9 +119,10 @@ def token_axes(batch_size: int) -> tuple[str, ...]:
 def lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     """Rows of the embedding table [V, D] for token ids [B, ...], in the compute dtype.
 
-    On a mesh whose rules split D over axes that also split the batch (the `embed` and
-    `act_batch` rules share fsdp, and expert under fsdp_ep), each device gathers its group's ids
-    over those axes (ints: B·T·4 bytes), looks them up in its own D-slice of the table, and an
+    On a mesh whose rules split D over axes that also split the batch or the sequence (the
+    `embed` and `act_batch` rules share fsdp, expert under fsdp_ep; `embed` and `act_length`
+    share context under fsdp_cp), each device gathers its group's ids over those axes (ints:
+    B·T·4 bytes), looks them up in its own D-slice of the table, and an
     all-to-all over the same axes hands every device its own sequences' whole rows. The table is
     never gathered, and its gradient is a scatter-add into the local [V, D/n] slice. Left to the
     compiler, the lookup gathers the whole table and reduces a whole-table fp32 gradient (V3:
@@ -129,16 +130,18 @@ def lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     batch that does not divide over the axes) it is `jnp.take`, partitioned by the compiler.
     """
     batch, d_axes = token_axes(tokens.shape[0]), split_axes("embed")
-    if (not batch or not d_axes or split_axes("vocab") or not set(d_axes) <= set(batch)
+    length = split_axes(LENGTH) if tokens.ndim > 1 else ()
+    if (not batch or not d_axes or split_axes("vocab") or not set(d_axes) <= {*batch, *length}
             or table.shape[1] % _split_size(d_axes)):
         return jnp.take(table, tokens, axis=0).astype(dtype)
 
-    def per_device(rows, ids):                     # rows [V, D/n], ids [b, ...]
-        ids = jax.lax.all_gather(ids, d_axes, axis=0, tiled=True)               # [n·b, ...]
-        x = jnp.take(rows, ids, axis=0).astype(dtype)                           # [n·b, ..., D/n]
-        return jax.lax.all_to_all(x, d_axes, 0, x.ndim - 1, tiled=True)        # [b, ..., D]
+    def per_device(rows, ids):                     # rows [V, D/n], ids [b, t, ...]
+        ids = jax.lax.all_gather(ids, d_axes, axis=0, tiled=True)               # [n·b, t, ...]
+        x = jnp.take(rows, ids, axis=0).astype(dtype)                           # [n·b, t, ..., D/n]
+        return jax.lax.all_to_all(x, d_axes, 0, x.ndim - 1, tiled=True)        # [b, t, ..., D]
 
-    return jax.shard_map(per_device, in_specs=(P(None, d_axes), P(batch)), out_specs=P(batch),
+    spec = P(batch, length or None)
+    return jax.shard_map(per_device, in_specs=(P(None, d_axes), spec), out_specs=spec,
                          check_vma=False)(table, tokens)
 
 

@@ -162,8 +162,10 @@ class MLA(nn.Module):
         c = self.config
         impl = impl or c.attention_impl
         B, T = q_nope.shape[:2]
+        # Under context parallelism (T split) the backends take a query offset: always fused.
         if (isinstance(mask, attention.SelfMask) and impl == "expanded"
-                and attention.resolve_backend(c.attention_backend, T, c.dtype) != "einsum"):
+                and (attention.context_axes(T)
+                     or attention.resolve_backend(c.attention_backend, T, c.dtype) != "einsum")):
             o = self.fused_expanded(q_nope, q_rope, c_kv, k_rope, mask)      # [B, T, N, U]
         else:
             real = mask.token_mask if isinstance(mask, attention.SelfMask) else None
@@ -180,8 +182,14 @@ class MLA(nn.Module):
         return checkpoint_name(out, "attn_out")
 
     def fused_expanded(self, q_nope, q_rope, c_kv, k_rope, mask) -> jax.Array:
-        """The expanded core through `attention.attention`: [B, T, N, U]."""
+        """The expanded core through `attention.attention`: [B, T, N, U]. Under context
+        parallelism every device needs every key: the latents (c_kv, k_rope: C + R values a
+        token) are gathered over the context ranks and expanded on each, rather than gathering
+        the expanded keys and values (N·(A + U) values a token: 71× more for V3)."""
         c = self.config
+        if attention.context_axes(c_kv.shape[1]):
+            c_kv = layers.constrain(c_kv, (layers.BATCH, None, None))               # [B, S, C]
+            k_rope = layers.constrain(k_rope, (layers.BATCH, None, None))           # [B, S, R]
         k_nope = einsum("BSC,CNH->BSNH", c_kv, self.w_uk, c.dtype)               # [B, S, N, H]
         v = einsum("BSC,CNU->BSNU", c_kv, self.w_uv, c.dtype)                    # [B, S, N, U]
         k_rope = jnp.broadcast_to(k_rope[:, :, None, :].astype(c.dtype),

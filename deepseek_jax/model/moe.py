@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import dispatch, routing
+from deepseek_jax.model import dispatch, layers, routing
 from deepseek_jax.model.layers import MLP, param
 
 
@@ -97,6 +97,9 @@ class MoE(nn.Module):
         # Router in full fp32 (HIGHEST keeps TPU/GPU from using bf16/tf32 passes); it is tiny.
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router.astype(jnp.float32),
                             precision=jax.lax.Precision.HIGHEST)              # [B, T, E]
+        # Computed where x lies: under context parallelism the routing below wants whole
+        # sequences, and it is the logits (E a token) that should travel, not x (D a token).
+        logits = layers.constrain(logits, (layers.BATCH, layers.LENGTH, None))
         layout = None
         # Not at init: the routed output does not matter there, and init traces a dummy batch
         # (often one sequence) that need not split over the batch axes.

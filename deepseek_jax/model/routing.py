@@ -207,6 +207,12 @@ class EPLayout:
     batch_axes: tuple[str, ...]       # B of tokens, weights, ids
     mlp_axes: tuple[str, ...]         # F of the expert weights (tensor parallelism inside experts)
     n_shards: int                     # P = product of the expert axes' sizes
+    length_axes: tuple[str, ...] = () # T of tokens in the dispatch (context parallelism)
+
+    @property
+    def token_axes(self) -> tuple[str, ...]:
+        """Every axis that splits the dispatch's tokens: the batch's, then the sequence's."""
+        return self.batch_axes + self.length_axes
 
 
 def layout_from_context(config: ModelConfig, batch_size: int | None = None) -> EPLayout | None:
@@ -230,13 +236,14 @@ def layout_from_context(config: ModelConfig, batch_size: int | None = None) -> E
     expert = tuple(a for a in spec("expert") if mesh.shape.get(a, 1) > 1)
     batch = tuple(a for a in spec("act_batch") if mesh.shape.get(a, 1) > 1)
     mlp = tuple(a for a in spec("mlp") if mesh.shape.get(a, 1) > 1 and a not in expert)
+    length = tuple(a for a in spec("act_length") if mesh.shape.get(a, 1) > 1)
     if not expert:
         # Local dispatch: every device sorts its own tokens. Needs whole sequences per device;
         # a batch that does not split (a lone prompt while sampling) stays with the compiler.
         n_batch = math.prod(mesh.shape[a] for a in batch)
         if not (batch or mlp) or (batch_size is not None and batch_size % n_batch):
             return None
-        return EPLayout((), batch, mlp, 1)
+        return EPLayout((), batch, mlp, 1, length)
     n = math.prod(mesh.shape[a] for a in expert)
     E = config.n_routed_experts
     if E % n:
@@ -244,7 +251,7 @@ def layout_from_context(config: ModelConfig, batch_size: int | None = None) -> E
         raise MeshError(f"expert parallelism: n_routed_experts={E} is not divisible by the "
                         f"expert mesh axis {'×'.join(expert)}={n}; use an expert axis size that "
                         f"divides {E} (here one of {ok}) or change n_routed_experts")
-    return EPLayout(expert, batch, mlp, n)
+    return EPLayout(expert, batch, mlp, n, length)
 
 
 # --- routing on each device's own sequences ----------------------------------------------------------
@@ -253,7 +260,9 @@ def local_routing(logits: jax.Array, bias: jax.Array | None, config: ModelConfig
                   layout: EPLayout, token_mask: jax.Array | None = None):
     """`moe.gate`, `moe.sequence_balance_loss` and `capacity_keep` inside a shard_map over the
     batch axes: all three are per token or per sequence, so each device computes them for its own
-    sequences and nothing crosses devices. (Partitioned by the compiler, the top-k of the gate
+    sequences and nothing crosses devices. The sequence stays whole here (under context
+    parallelism the compiler gathers the [B, T, E] logits over the context ranks first): the
+    balance loss averages over a whole sequence and the capacity ranks count along it. (Partitioned by the compiler, the top-k of the gate
     gathered the [B, T, E] scores over the whole batch.)
 
     Args:

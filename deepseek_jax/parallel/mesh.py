@@ -8,6 +8,9 @@ One mesh serves training, rollouts and evaluation. Its axes, outermost (slowest 
   data       data parallelism inside a slice: parameters replicated, batch split.
   fsdp       fully sharded data parallelism: batch split, parameters and optimizer state split
              along "embed" (ZeRO-3), gathered layer by layer under jit.
+  context    context parallelism: the sequence split into contiguous chunks (activations'
+             T); weights split along "embed" as under fsdp. Attention gathers the keys'
+             latents (MLA's c_kv and k_rope, 576 values a token in V3) over it.
   expert     expert parallelism: routed experts split across devices; these devices also split
              the batch (DeepSeek / MaxText practice: expert ranks are data ranks).
   tensor     tensor parallelism: heads, FFN width and vocabulary split; the most communication,
@@ -51,7 +54,7 @@ from jax.sharding import AxisType, Mesh
 
 from deepseek_jax.config import MeshError
 
-MESH_AXES = ("dcn_data", "data", "fsdp", "expert", "tensor")
+MESH_AXES = ("dcn_data", "data", "fsdp", "context", "expert", "tensor")
 ICI_AXES = MESH_AXES[1:]          # inside one slice
 
 

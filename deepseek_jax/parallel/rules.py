@@ -15,18 +15,19 @@ shard of them.
 
   logical     mesh axes                              arrays
   act_batch   dcn_data, data, fsdp, expert           B of every activation and batch array
+  act_length  context                                T of every activation and batch array
   act_heads   tensor                                 N of attention outputs
   act_vocab   tensor                                 V of logits
   expert      expert                                 E of routed experts, router, routing bias
   heads       tensor                                 N of MLA projections
   mlp         tensor                                 F of dense, shared and routed FFNs
   vocab       tensor                                 V of embedding and output head
-  embed       fsdp, expert                           D of every weight without an E dimension
-  q_lora      fsdp, expert                           Q where D is absent (w_uq, w_qr, q_norm)
-  kv_lora     fsdp, expert                           C where D is absent (w_uk, w_uv, kv_norm)
-  embed       fsdp                                   D of routed-expert weights (E has expert)
-  q_lora, kv_lora  fsdp                              (the same fallback)
-  (never)     act_length, act_embed, layers, head_dim, mtp_in
+  embed       fsdp, context, expert                  D of every weight without an E dimension
+  q_lora      fsdp, context, expert                  Q where D is absent (w_uq, w_qr, q_norm)
+  kv_lora     fsdp, context, expert                  C where D is absent (w_uk, w_uv, kv_norm)
+  embed       fsdp, context                          D of routed-expert weights (E has expert)
+  q_lora, kv_lora  fsdp, context                     (the same fallback)
+  (never)     act_embed, layers, head_dim, mtp_in
 
 A preset picks which mesh axes the table may use and a default mesh shape; the rules a run
 uses are the table with every other axis, and every axis of size 1, struck out
@@ -38,7 +39,12 @@ dispatch explicitly (`model/dispatch.py`: `shard_map` with all-to-all over the e
 read from these rules through `expert.layout_from_context`); the table does not change. With the
 batch split and E not split, the same module dispatches each device's own tokens locally.
 
-Left out: sequence/context parallelism (act_length stays whole), pipeline stages ("layers").
+Context parallelism (preset fsdp_cp) splits T of the activations and of the batch over
+`context`; its ranks hold the weights as fsdp ranks do (ZeRO over them too), since every rank
+runs every weight on its own tokens. Attention then needs every key (`model/attention.py`).
+
+Left out: pipeline stages ("layers"); context parallelism combined with expert or tensor
+parallelism in a preset (the mechanisms compose, but no preset or test covers them).
 """
 
 from __future__ import annotations
@@ -57,12 +63,14 @@ from deepseek_jax.parallel.mesh import ICI_AXES, MeshError, make_mesh
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 BATCH_AXES = ("dcn_data", "data", "fsdp", "expert")
+WEIGHT_AXES = ("fsdp", "context", "expert")      # ZeRO: the ranks that split "embed"
 
 LOGICAL_AXIS_RULES: Rules = (
     # activations
     ("act_batch", BATCH_AXES),
     ("act_heads", "tensor"),
     ("act_vocab", "tensor"),
+    ("act_length", "context"),
     # parameters, in order of precedence
     ("expert", "expert"),
     ("heads", "tensor"),
@@ -70,14 +78,13 @@ LOGICAL_AXIS_RULES: Rules = (
     ("vocab", "tensor"),
     # ZeRO over expert ranks too: a weight without an E dimension is split over fsdp × expert;
     # an expert weight, whose E already takes `expert`, falls through to the fsdp-only rows.
-    ("embed", ("fsdp", "expert")),
-    ("q_lora", ("fsdp", "expert")),
-    ("kv_lora", ("fsdp", "expert")),
-    ("embed", "fsdp"),
-    ("q_lora", "fsdp"),
-    ("kv_lora", "fsdp"),
+    ("embed", WEIGHT_AXES),
+    ("q_lora", WEIGHT_AXES),
+    ("kv_lora", WEIGHT_AXES),
+    ("embed", ("fsdp", "context")),
+    ("q_lora", ("fsdp", "context")),
+    ("kv_lora", ("fsdp", "context")),
     # never sharded (listed so that every name the model uses appears once)
-    ("act_length", None),
     ("act_embed", None),
     ("layers", None),
     ("head_dim", None),
@@ -114,6 +121,9 @@ PRESETS = {p.name: p for p in (
     # ranks (ZeRO across them), not replicated.
     Preset("dp_ep_tp", axes=("data", "expert", "tensor"), fill="data",
            sizes={"expert": 2, "tensor": 2}),
+    # FSDP plus context parallelism: the sequence split over context ranks, which also hold
+    # the weights as fsdp ranks do. For sequences longer than a device's activations allow.
+    Preset("fsdp_cp", axes=("data", "fsdp", "context"), fill="fsdp", sizes={"context": 4}),
 )}
 
 
@@ -150,7 +160,7 @@ def run_mesh_config(mesh_cfg, n_devices: int, n_slices: int = 1) -> dict[str, in
     (n_devices / dcn_data, dcn_data 0 meaning 1 and -1 the `n_slices` found), so a launcher
     that only sets dcn_data keeps the preset; otherwise unset axes are 1."""
     axes = ("dcn_data",) + ICI_AXES
-    sizes = {a: int(mesh_cfg[a]) for a in axes}
+    sizes = {a: int(mesh_cfg.get(a, 0)) for a in axes}     # configs older than an axis lack it
     if all(sizes[a] == 0 for a in ICI_AXES):
         dcn = {0: 1, -1: n_slices}.get(sizes["dcn_data"], sizes["dcn_data"])
         per_group = n_devices // dcn if dcn > 0 and n_devices % dcn == 0 else n_devices

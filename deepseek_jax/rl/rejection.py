@@ -213,7 +213,7 @@ def from_run(run: str, config, *, out: str, k: int, problems_file: str = "",
         count = min(num_problems or len(source), len(source))
         problems = [r1.problem_from_record(source[i]) for i in range(count)]
     problems = problems[: num_problems or None]
-    mesh, rules = run_mesh(config.mesh, config.mesh.num_devices)
+    mesh, rules = run_mesh(config.mesh, config.mesh.num_devices, samples=True)
     model_config = ckpt.load_model_config(run)
     sharded.validate(model_config, mesh, rules, batch_prompts * k)
     if model_config.vocab_size < encoder.vocab_size:

@@ -213,7 +213,7 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
     variables = abstract_variables(config)
     leaves = jax.tree_util.tree_leaves(variables["params"],
                                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-    b_axes = [a for a in ("dcn_data", "data", "fsdp", "expert") if sizes.get(a, 1) > 1]
+    b_axes = [a for a in ("dcn_data", "data", "fsdp", "context", "expert") if sizes.get(a, 1) > 1]
     out = dict(params=0.0, optimizer=0.0, gather=0.0, scatter=0.0, allreduce=0.0,
                allreduce_dcn=0.0, table_axes=())
     compute_b = _bytes(config.dtype)
@@ -236,7 +236,8 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
         # non-expert weights that ZeRO shards across expert ranks; an expert weight's own
         # expert axis holds different experts and is never gathered.
         own = expert_axes if "expert" in names else set()
-        f = math.prod(sizes.get(a, 1) for a in used if a in ("fsdp", "expert") and a not in own)
+        f = math.prod(sizes.get(a, 1) for a in used
+                      if a in ("fsdp", "context", "expert") and a not in own)
         grad_b = pb if config.fp8 else min(pb, compute_b)
         if f > 1 and names == ("vocab", "embed") and not config.tie_embeddings and all(
                 sizes.get(a, 1) == 1 for a in axis_names(spec[0])):
@@ -315,13 +316,19 @@ def _layer_kinds(config: ModelConfig) -> tuple[tuple[bool, int], ...]:
     return (False, config.n_layers + config.mtp_depth - moe), (True, moe)
 
 
+def context_ranks(sizes: dict[str, int], rules: Rules) -> int:
+    """How many chips split the sequence (the `act_length` rule): 1 without context parallelism."""
+    return math.prod(sizes.get(a, 1) for a in axis_names(mesh_axes_of(("act_length",), rules)[0]))
+
+
 def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, batch: int,
                      seq: int, platform: str = "tpu") -> float:
     """Per-chip activation memory of one step on `platform` (see the module docstring for what
     is counted)."""
     b_split = math.prod(sizes.get(a, 1) for a in batch_axes(rules))
     tp = sizes.get("tensor", 1) if ("heads", "tensor") in rules else 1
-    Bl, T, D = batch / b_split, seq, config.d_model
+    cp = context_ranks(sizes, rules)
+    Bl, T, D = batch / b_split, seq / cp, config.d_model        # T: this chip's positions
     ab = _bytes(config.dtype)
     N = config.n_heads / tp
     H, R, U = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
@@ -329,10 +336,12 @@ def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, b
         fused = resolve_attention(config.attention_backend, T, config.dtype, platform) != "einsum"
     except ValueError:          # a backend the platform lacks: the compile reports it
         fused = False
-    keys = min(T, ATTENTION_BLOCK) if fused else T
+    keys = min(seq, ATTENTION_BLOCK) if fused or cp > 1 else seq
     scores = Bl * N * T * keys * (4 + 4 + 4)                    # scores, probs, grad (fp32)
     proj = Bl * T * (N * (2 * (H + R) + 2 * U) + 2 * D + config.kv_lora_rank
                      + config.q_lora_rank) * ab * 2
+    if cp > 1:        # every key: the gathered latents and the keys and values expanded from them
+        proj += Bl * (seq - T) * (N * (H + R + U) + config.kv_lora_rank + R) * ab * 2
     if config.n_routed_experts:
         X, F = config.n_experts_per_token, config.moe_d_ff / tp
         moe = Bl * T * X * (3 * D + 3 * F) * ab * 2
@@ -373,7 +382,8 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
     chip = target.chip
 
     b_split = math.prod(sizes.get(a, 1) for a in batch_axes(rules))
-    tokens_local = batch * seq / b_split
+    cp = context_ranks(sizes, rules)
+    tokens_local = batch * seq / (b_split * cp)
     ab = _bytes(config.dtype)
     passes = 3 if config.remat_policy != "none" else 2    # forward, backward (and recompute)
 
@@ -395,8 +405,15 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
             overlap += t
 
     k = microbatches
-    add("all-gather", k * state["gather"], ("fsdp",), False)
-    add("reduce-scatter", k * state["scatter"], ("fsdp",), False)
+    add("all-gather", k * state["gather"], ("fsdp", "context"), False)
+    add("reduce-scatter", k * state["scatter"], ("fsdp", "context"), False)
+    if cp > 1:
+        # Each layer's key latents (C + R a token) gathered over the context ranks, forward
+        # and recompute; their gradients reduce-scattered back.
+        layers = config.n_layers + config.mtp_depth
+        latent = tokens_local * cp * (config.kv_lora_rank + config.qk_rope_head_dim) * ab
+        add("all-gather", k * layers * (passes - 1) * latent, ("context",), True)
+        add("reduce-scatter", k * layers * latent, ("context",), True)
     ici_rep = tuple(a for a in ("data", "expert") if sizes[a] > 1)
     add("all-reduce", k * state["allreduce"], ici_rep, False)
     add("all-reduce", k * state["allreduce_dcn"], ("dcn_data",), False)

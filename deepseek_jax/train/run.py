@@ -76,16 +76,21 @@ class Preempted(Exception):
         self.step, self.result = step, result
 
 
-def run_mesh(mesh_config, num_devices: int = 0):
+def run_mesh(mesh_config, num_devices: int = 0, samples: bool = False):
     """(mesh, rules) of a run config's `mesh` section over every device, or over the first
     `num_devices` (single-process runs only). Starts multi-process JAX first when the config
-    asks for it or a pod is detected (`mesh.distributed`)."""
+    asks for it or a pod is detected (`mesh.distributed`). `samples`: the run decodes (GRPO,
+    rejection sampling), which context parallelism does not cover; a context axis is refused."""
     parallel.maybe_initialize_distributed(mesh_config.distributed)
     if num_devices and (jax.process_count() > 1 or num_devices > jax.device_count()):
         raise ValueError(f"mesh.num_devices={num_devices}: use 0 (all devices) in multi-process "
                          f"runs, or at most the {jax.device_count()} devices here")
     devices = jax.devices()[: num_devices or None]
     sizes = parallel.run_mesh_config(mesh_config, len(devices), parallel.slice_count(devices))
+    if samples and sizes.get("context", 1) > 1:
+        raise ValueError(f"mesh.context={sizes['context']}: context parallelism splits training "
+                         "sequences, not decoding over a KV cache; set mesh.context=1 and pick a "
+                         "preset without it for runs that sample")
     mesh = parallel.make_mesh(sizes, devices)
     return mesh, parallel.logical_axis_rules(mesh_config.preset, mesh)
 

@@ -59,7 +59,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     the last logged training metrics}."""
     rl = config.rl
     workdir, pretrained = _check(config, workdir)
-    mesh, rules = run_mesh(config.mesh, config.mesh.num_devices)
+    mesh, rules = run_mesh(config.mesh, config.mesh.num_devices, samples=True)
     batch_rows = rl.prompts_per_step * rl.group_size
 
     # --- problems: prompts start with BOS; the byte tokenizer by default, else tokenizer.json

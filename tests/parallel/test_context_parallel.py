@@ -1,0 +1,200 @@
+"""Context parallelism (preset fsdp_cp): the sequence split over `context` ranks.
+
+The whole train step under fsdp_cp is checked against one device in `test_sharded_parity.py`
+(losses, gradients, parameters, layout). Here, the parts that make it work and what it must not
+do:
+  - attention with the queries split and every key on every device, for each backend that takes
+    a query offset, against the unsplit einsum reference (values and gradients). The same
+    tolerance as `tests/model/test_attention.py`, for the same reason: each query row's sums are
+    the same terms in another order, and dk, dv sum the rows' parts across ranks in another order;
+  - the query offset itself, chunk by chunk, without a mesh;
+  - the embedding lookup on the table's own slices with the ids split along T (exact: a gather);
+  - what the compiled step gathers over the context ranks: the keys' latents, never the
+    expanded keys and values nor the layer input;
+  - bad input: a length that does not split, cuDNN, and runs that decode.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax import parallel as par
+from deepseek_jax.kernels import attention as ka
+from deepseek_jax.model import attention as attn_mod
+from deepseek_jax.model.attention import attention
+from deepseek_jax.model.layers import lookup
+from deepseek_jax.train import sharded
+from deepseek_jax.train.run import run_mesh
+from deepseek_jax.train.step import init_train_state
+from tests.model.test_attention import MASKS, SCALE, T, _inputs, _kappa, _run, _tol
+from tests.numerics import assert_leaves_close_in_norm, gradient_rtol
+
+CONTEXT = 4
+
+
+@pytest.fixture(scope="module")
+def cp():
+    """(mesh, rules): fsdp=2 × context=4 over the 8 devices."""
+    mesh = par.make_mesh({"fsdp": 2, "context": CONTEXT})
+    return mesh, par.logical_axis_rules("fsdp_cp", mesh)
+
+
+def test_the_preset_splits_the_sequence_and_holds_weights_over_context():
+    assert par.default_mesh_config("fsdp_cp", 8) == {"fsdp": -1, "context": 4}
+    mesh = par.make_mesh({"fsdp": 2, "context": 4})
+    rules = dict(par.logical_axis_rules("fsdp_cp", mesh))
+    assert rules["act_length"] == "context"
+    assert rules["act_batch"] == "fsdp"                 # context ranks do not split the batch
+    assert rules["embed"] == ("fsdp", "context")        # ZeRO over them
+    spec = par.batch_sharding(mesh, par.logical_axis_rules("fsdp_cp", mesh)).spec
+    assert spec == P("fsdp", "context")                 # [B, T] batch arrays
+    # other presets keep the sequence whole
+    dp = par.make_mesh({"data": 8})
+    assert dict(par.logical_axis_rules("dp", dp)).get("act_length") is None
+
+
+@pytest.mark.parametrize("backend,mask", [("einsum", "segments+padding"),
+                                          ("blockwise", "segments+padding"),
+                                          ("blockwise", "causal")])
+def test_attention_with_the_queries_split(cp, backend, mask):
+    mesh, rules = cp
+    seg, pad = MASKS[mask]
+    q, k, v, d_out = _inputs()
+    want, want_grads = _run("einsum", seg, pad, q, k, v, d_out)
+    with par.sharding_context(mesh, rules):
+        assert attn_mod.context_axes(T) == ("context",)
+        # blockwise: a rank's 32 rows are one block (min(256, T/4)); the keys are 4 blocks, and
+        # rank r visits r + 1 of them
+        got, got_grads = _run(backend, seg, pad, q, k, v, d_out)
+    n_blocks = T // (T // CONTEXT) if backend == "blockwise" else 1
+    kappa = _kappa(seg, pad, q, k, v, d_out)
+    assert_leaves_close_in_norm(got, want, _tol(kappa["out"], n_blocks), f"{backend} out")
+    for name, g, w in zip(("dq", "dk", "dv"), got_grads, want_grads):
+        assert_leaves_close_in_norm(g, w, _tol(kappa[name], n_blocks, 2), f"{backend} {name}")
+    assert not np.asarray(got)[~pad].any() if pad is not None else True
+
+
+def test_splash_with_the_queries_split(cp):
+    """Splash (interpreted) builds one kernel for the whole mask, its tables split with the
+    queries: T = 512 gives each rank 128 rows, splash's smallest block."""
+    mesh, rules = cp
+    Tl, N, A, U = 512, 2, 32, 16
+    ks = jax.random.split(jax.random.key(3), 4)
+    q, k = (jax.random.normal(x, (2, Tl, N, A), jnp.float32) for x in ks[:2])
+    v, d_out = (jax.random.normal(x, (2, Tl, N, U), jnp.float32) for x in ks[2:])
+    seg = np.repeat(np.array([[0, 1, 2, 3]]), 128, axis=1).repeat(2, axis=0)
+    seg[1] = np.arange(Tl) // 200                              # segments across rank borders
+
+    def run(backend):
+        f = jax.jit(lambda q, k, v: attention(q, k, v, scale=A ** -0.5, segment_ids=seg,
+                                              backend=backend))
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(d_out)
+
+    want, want_grads = run("einsum")
+    with par.sharding_context(mesh, rules):
+        got, got_grads = run("splash_interpret")
+    # The sums have at most T terms with κ of order 1 for these random inputs; 2·γ(512)·κ with
+    # κ ≤ 20, as for the gradients in test_sharded_parity.
+    rtol = gradient_rtol(Tl, 20.0)
+    assert_leaves_close_in_norm(got, want, rtol, "splash out")
+    for name, g, w in zip(("dq", "dk", "dv"), got_grads, want_grads):
+        assert_leaves_close_in_norm(g, w, 2 * rtol, f"splash {name}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_query_offset_chunk_by_chunk(causal):
+    """Rows [r·t, (r+1)·t) at q_offset = r·t (traced, as under shard_map) against every key are
+    those rows of the whole attention; blockwise visits only the key blocks up to its rows."""
+    q, k, v, _ = _inputs(1)
+    seg = jnp.asarray(MASKS["segments"][0])
+    want = ka.attention_reference(q, k, v, scale=SCALE, causal=causal, segment_ids=seg)
+    t = T // CONTEXT
+    for fn in (ka.attention_reference, functools.partial(ka.blockwise_attention, block=16)):
+        f = jax.jit(lambda qr, sr, r, fn=fn: fn(qr, k, v, scale=SCALE, causal=causal,
+                                               segment_ids=sr, kv_segment_ids=seg,
+                                               q_offset=r * t))
+        for r in range(CONTEXT):
+            rows = slice(r * t, (r + 1) * t)
+            got = f(q[:, rows], seg[:, rows], jnp.int32(r))
+            np.testing.assert_allclose(got, want[:, rows], rtol=0,
+                                       atol=gradient_rtol(T, 4.0) * float(jnp.abs(v).max()))
+
+
+def test_offset_without_the_keys_segments_is_an_error():
+    q, k, v, _ = _inputs()
+    with pytest.raises(ValueError, match="kv_segment_ids"):
+        ka.attention_reference(q[:, :32], k, v, scale=SCALE, segment_ids=q[:, :32, 0, 0] > 0,
+                               q_offset=32)
+
+
+def test_lookup_with_the_ids_split_along_the_sequence(cp):
+    mesh, rules = cp
+    table = jax.random.normal(jax.random.key(0), (64, 32), jnp.float32)
+    ids = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
+    cot = jax.random.normal(jax.random.key(2), (4, 16, 32), jnp.float32)
+
+    def run(fn):
+        out, vjp = jax.vjp(jax.jit(lambda t: fn(t, ids)), table)
+        return out, vjp(cot)[0]
+
+    want, want_grad = run(lambda t, i: jnp.take(t, i, axis=0))
+    with par.sharding_context(mesh, rules):
+        got, got_grad = run(lambda t, i: lookup(t, i, jnp.float32))
+        text = jax.jit(lambda t: lookup(t, ids, jnp.float32)).lower(table).as_text()
+    assert "all_to_all" in text                         # the table's own slices, not a gather
+    np.testing.assert_array_equal(got, want)
+    # the scatter-add of a row's cotangents may sum its occurrences in another order
+    np.testing.assert_allclose(got_grad, want_grad, rtol=gradient_rtol(64, 1.0), atol=1e-6)
+
+
+def test_the_step_gathers_latents_not_keys(tiny, cp):
+    """Over the context ranks the compiled step gathers each layer's c_kv [b, T, C] and k_rope,
+    and the router logits [b, T, E]; never a [b, T, N, ·] key or value, nor the layer input
+    [b, T, D] (its width D is the same as C's in no tiny layer)."""
+    mesh, rules = cp
+    tx = optax.sgd(0.1)
+    step = sharded.make_sharded_train_step(tiny, tx, mesh, rules)
+    state = jax.eval_shape(lambda: init_train_state(jax.random.key(0), tiny, tx))
+    batch = {"tokens": jax.ShapeDtypeStruct((8, 64), jnp.int32)}
+    hlo = step.lower(state, batch).compile().as_text()
+    # all-gathers whose result has the whole sequence (64) where a rank holds 16
+    full = [m.group(1) for m in re.finditer(r"= f32\[([\d,]*)\][^=]*? all-gather\(", hlo)
+            if "64" in m.group(1).split(",")[1:2]]
+    shapes = sorted({tuple(map(int, s.split(","))) for s in full})
+    C, N, D = tiny.kv_lora_rank, tiny.n_heads, tiny.d_model
+    assert (4, 64, C) in shapes, shapes                  # the latent, for b = 8 / fsdp 2
+    R = tiny.qk_rope_head_dim
+    for shape in shapes:                                 # k_rope's rotation pairs [b, T, R/2, 2]
+        assert len(shape) < 4 or shape[2:] == (R // 2, 2) or shape[2] != N, shape  # no key, value
+        assert shape[-1] != D, shape                     # no [b, T, D] layer input
+
+
+def test_a_length_that_does_not_split_is_refused(cp):
+    mesh, rules = cp
+    q, k, v, _ = (x[:, :126] for x in _inputs())
+    with par.sharding_context(mesh, rules), pytest.raises(ValueError, match="multiple of 4"):
+        jax.jit(lambda q, k, v: attention(q, k, v, scale=SCALE, backend="einsum")).lower(q, k, v)
+
+
+def test_cudnn_under_context_parallelism_is_refused(cp):
+    mesh, rules = cp
+    q, k, v, _ = _inputs()
+    with par.sharding_context(mesh, rules), pytest.raises(ValueError, match="blockwise"):
+        attn_mod._context_parallel("cudnn", q, k, v, None, SCALE, True)
+
+
+def test_runs_that_sample_refuse_a_context_axis(tiny):
+    import ml_collections
+    m = ml_collections.ConfigDict(dict(preset="fsdp_cp", dcn_data=0, data=0, fsdp=0, context=0,
+                                       expert=0, tensor=0, distributed=False))
+    with pytest.raises(ValueError, match="mesh.context=1"):
+        run_mesh(m, samples=True)
+    mesh, _ = run_mesh(m)                                # pretraining and SFT take it
+    assert mesh.shape["context"] == 4
