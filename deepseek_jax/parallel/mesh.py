@@ -141,7 +141,7 @@ def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[Any] | None = No
         `MeshError` for the others instead.
 
     Returns:
-      a `jax.sharding.Mesh` of shape (dcn_data, data, fsdp, expert, tensor).
+      a `jax.sharding.Mesh` of shape (dcn_data, data, fsdp, context, expert, tensor).
     """
     devices = list(jax.devices() if devices is None else devices)
     n_slices, by_slice_index = _slices(devices)
@@ -157,7 +157,7 @@ def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[Any] | None = No
                                                  allow_split_physical_axes=split)[None]
         elif dcn == n_slices:
             grid = mesh_utils.create_hybrid_device_mesh(
-                (1, *ici), (dcn, 1, 1, 1, 1), devices, process_is_granule=not by_slice_index,
+                (1, *ici), (dcn,) + (1,) * len(ici), devices, process_is_granule=not by_slice_index,
                 allow_split_physical_axes=split)
         elif n_slices == 1:
             # One slice, one process: stand in for slices with contiguous groups of devices.

@@ -56,6 +56,7 @@ from __future__ import annotations
 import signal
 
 import jax
+import numpy as np
 from etils import epath
 
 from deepseek_jax import parallel
@@ -92,7 +93,26 @@ def run_mesh(mesh_config, num_devices: int = 0, samples: bool = False):
                          "sequences, not decoding over a KV cache; set mesh.context=1 and pick a "
                          "preset without it for runs that sample")
     mesh = parallel.make_mesh(sizes, devices)
+    _check_context_groups(mesh)
     return mesh, parallel.logical_axis_rules(mesh_config.preset, mesh)
+
+
+def _check_context_groups(mesh) -> None:
+    """Context ranks must share a process: each process reads whole rows of its own sequences
+    (the data pipeline shards rows by process), so a sequence split over two processes would
+    get different rows on each. Raises MeshError naming the largest context size that fits."""
+    n = mesh.shape.get("context", 1)
+    if n == 1:
+        return
+    groups = np.moveaxis(mesh.devices, mesh.axis_names.index("context"), -1).reshape(-1, n)
+    if all(len({d.process_index for d in g}) == 1 for g in groups):
+        return
+    local = jax.local_device_count()
+    raise parallel.MeshError(
+        f"mesh.context={n} puts one sequence's chunks on several processes (each holds "
+        f"{local} devices), but each process reads whole rows of its own sequences: use a "
+        f"context size whose ranks fit in one process (context × expert × tensor ≤ {local}), "
+        "and split across hosts with fsdp or data")
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int] | None:

@@ -198,3 +198,19 @@ def test_runs_that_sample_refuse_a_context_axis(tiny):
         run_mesh(m, samples=True)
     mesh, _ = run_mesh(m)                                # pretraining and SFT take it
     assert mesh.shape["context"] == 4
+
+
+def test_context_ranks_on_two_processes_are_refused():
+    """Each process reads its own rows, so a sequence's chunks must not span processes. A mesh
+    of stand-in devices whose context groups cross a process boundary is refused."""
+    from types import SimpleNamespace
+    from deepseek_jax.train.run import _check_context_groups
+    dev = lambda i, proc: SimpleNamespace(id=i, process_index=proc)  # noqa: E731
+    names = ("dcn_data", "data", "fsdp", "context", "expert", "tensor")
+    inside = np.array([dev(i, i // 4) for i in range(8)]).reshape(1, 1, 2, 4, 1, 1)
+    _check_context_groups(SimpleNamespace(shape={"context": 4}, axis_names=names,
+                                          devices=inside))
+    across = np.array([dev(i, i // 4) for i in range(8)]).reshape(1, 1, 1, 8, 1, 1)
+    with pytest.raises(par.MeshError, match="context × expert × tensor"):
+        _check_context_groups(SimpleNamespace(shape={"context": 8}, axis_names=names,
+                                              devices=across))

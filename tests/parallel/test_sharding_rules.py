@@ -39,9 +39,14 @@ EXPECTED = {
     "dp_ep_tp": {MOE + ("w_gate",): P(None, "expert", None, "tensor"),
                  MOE + ("shared", "w_up"): P(None, "expert", "tensor"),
                  ("embed",): P("tensor", "expert"), ATTN + ("w_dq",): P(None, "expert", None)},
+    # Context ranks hold the weights as fsdp ranks do (ZeRO over them as well).
+    "fsdp_cp": {MOE + ("w_gate",): P(None, None, ("fsdp", "context"), None),
+                ("embed",): P(None, ("fsdp", "context")),
+                ATTN + ("w_uk",): P(None, ("fsdp", "context"), None, None)},
 }
 BATCH = {"dp": "data", "fsdp": "fsdp", "fsdp_tp": "fsdp", "fsdp_ep": ("fsdp", "expert"),
-         "dp_ep_tp": ("data", "expert")}
+         "dp_ep_tp": ("data", "expert"), "fsdp_cp": "fsdp"}
+LENGTH = {"fsdp_cp": "context"}                  # the sequence is whole under the others
 
 
 def _setup(preset, mesh_config=None):
@@ -60,8 +65,12 @@ def test_default_meshes():
     assert par.default_mesh_config("fsdp_tp", 2) == {"fsdp": -1, "tensor": 2}
     assert par.default_mesh_config("dp_ep_tp", 1) == {"data": -1, "expert": 1, "tensor": 1}
     shapes = {p: dict(_setup(p)[0].shape) for p in par.PRESETS}
-    assert shapes["fsdp_ep"] == {"dcn_data": 1, "data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
-    assert shapes["dp_ep_tp"] == {"dcn_data": 1, "data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
+    assert shapes["fsdp_ep"] == {"dcn_data": 1, "data": 1, "fsdp": 2, "context": 1, "expert": 4,
+                                 "tensor": 1}
+    assert shapes["dp_ep_tp"] == {"dcn_data": 1, "data": 2, "fsdp": 1, "context": 1, "expert": 2,
+                                  "tensor": 2}
+    assert shapes["fsdp_cp"] == {"dcn_data": 1, "data": 1, "fsdp": 2, "context": 4, "expert": 1,
+                                 "tensor": 1}
 
 
 @pytest.mark.parametrize("preset", list(EXPECTED))
@@ -72,7 +81,7 @@ def test_param_specs_per_preset(tiny, preset):
         assert _get(shardings["params"], path).spec == spec, (preset, path)
     bias = _get(shardings["routing"], MOE + ("bias",)).spec
     assert bias == (P(None, "expert") if "ep" in preset else P(None, None))
-    assert par.batch_sharding(mesh, rules).spec == P(BATCH[preset], None)
+    assert par.batch_sharding(mesh, rules).spec == P(BATCH[preset], LENGTH.get(preset))
 
 
 def test_state_shardings_mirror_params(tiny):
@@ -90,7 +99,7 @@ def test_preset_refuses_axes_it_does_not_use():
     mesh = par.make_mesh({"data": 4, "fsdp": 2})
     with pytest.raises(par.MeshError, match=r"preset 'dp' does not use mesh axis fsdp=2; set "
                                             r"mesh.fsdp=1 or choose a preset that uses it "
-                                            r"\(fsdp, fsdp_tp, fsdp_ep\)"):
+                                            r"\(fsdp, fsdp_tp, fsdp_ep, fsdp_cp\)"):
         par.logical_axis_rules("dp", mesh)
     with pytest.raises(par.MeshError, match="unknown parallelism preset 'zero3'"):
         par.get_preset("zero3")
@@ -153,9 +162,9 @@ def test_run_mesh_config_with_only_dcn_data_keeps_the_preset_per_group():
     sizes = run_mesh_config(section, 16, n_slices=2)
     assert sizes == {"dcn_data": 2, "fsdp": -1, "tensor": 4}
     assert resolve_mesh_shape(sizes, 16, 2) == {"dcn_data": 2, "data": 1, "fsdp": 2,
-                                                "expert": 1, "tensor": 4}
+                                                "context": 1, "expert": 1, "tensor": 4}
     section.dcn_data = 0
     assert run_mesh_config(section, 16) == {"dcn_data": 1, "fsdp": -1, "tensor": 4}
     section.dcn_data, section.fsdp = 2, 4
-    assert run_mesh_config(section, 16) == {"dcn_data": 2, "data": 1, "fsdp": 4, "expert": 1,
-                                            "tensor": 1}
+    assert run_mesh_config(section, 16) == {"dcn_data": 2, "data": 1, "fsdp": 4, "context": 1,
+                                            "expert": 1, "tensor": 1}
