@@ -19,7 +19,8 @@ Backends (`config.ATTENTION_BACKENDS`, chosen by `ModelConfig.attention_backend`
   splash_interpret  the same kernels in Pallas' interpreter (CPU tests)
   cudnn             cuDNN flash attention on GPU (`kernels.attention_gpu`)
   auto              by platform: TPU → splash (blockwise when T is not a multiple of 128),
-                    GPU → cudnn for 16-bit operands (blockwise for fp32), CPU → einsum
+                    GPU → cudnn for 16-bit operands (blockwise for fp32, and under context
+                    parallelism), CPU → einsum
 
 The platform is that of the active mesh's devices (`jax.set_mesh`, as the sharded train step
 and the planner's compile for a TPU topology set it, or `jax.sharding.use_abstract_mesh` with
@@ -37,8 +38,17 @@ compiler. The plain-JAX backends are left to the compiler.
 of a dense [B, T, S] mask: segment ids and token mask (either may be None), causal implied.
 Decoding over a KV cache keeps a dense cache mask (`blocks.cache_mask`).
 
-Left out: cross-attention (S ≠ T), sequence sharding (ring / context parallel attention), the
-absorbed (latent-space) path, which stays an einsum (`mla.absorbed_attention`).
+Context parallelism: when the rules split T (`act_length`, preset fsdp_cp), q arrives split
+into contiguous chunks and k, v whole (`mla` gathers the latents they are expanded from). A
+`shard_map` over batch, heads and the context axes gives each device its chunk, and the backend
+runs it at query offset chunk index × T/n against every key (`kernels.attention`: q_offset; splash:
+`attention_tpu.context_parallel_splash`). The gradients of k and v are summed over the context
+ranks on the way out. cuDNN takes no offset: asked for by name it is an error, and "auto" takes
+blockwise instead. Causal work is uneven: rank r visits (r + 1)/n of the key blocks.
+
+Left out: cross-attention (S ≠ T), ring attention (keys split too), load-balanced query chunks
+(a zigzag order of the sequence), and the absorbed (latent-space) path, which stays an einsum
+(`mla.absorbed_attention`).
 """
 
 from __future__ import annotations
@@ -123,7 +133,9 @@ def attention(q, k, v, *, scale: float, causal: bool = True,
                          "(self-attention) and N")
     ctx = context_axes(T)
     n_ctx = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in ctx)
-    backend = resolve_backend(backend, T // n_ctx, q.dtype)       # a device's rows decide
+    chosen = resolve_backend(backend, T // n_ctx, q.dtype)        # a device's rows decide
+    # cuDNN takes no query offset: under context parallelism "auto" falls back to blockwise.
+    backend = "blockwise" if ctx and backend == "auto" and chosen == "cudnn" else chosen
     seg = _fold_padding(segment_ids, token_mask)                                  # [B, T] | None
     if ctx:
         out = _context_parallel(backend, q, k, v, seg, scale, causal)             # [B, T, N, U]

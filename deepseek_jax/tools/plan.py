@@ -191,7 +191,8 @@ def shard_problem(config: ModelConfig, strategy: Strategy, batch: int) -> str | 
 
 def enumerate_strategies(config: ModelConfig, target: Target, batch: int) -> list[Strategy]:
     """Every preset with power-of-two sizes on its non-fill axes that shards evenly (data=1 in
-    the presets that fill fsdp: data parallelism inside a slice only adds replicas)."""
+    the presets that fill fsdp: data parallelism inside a slice only adds replicas). Context
+    parallelism is left out (its axis has no options here): it is planned when named."""
     n = target.devices_per_slice
     options = {"tensor": [1] + [t for t in _powers_of_two(min(n, 16)) if config.n_heads % t == 0],
                "expert": [1] + [e for e in _powers_of_two(min(n, config.n_routed_experts or 1))

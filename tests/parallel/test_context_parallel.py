@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax import parallel as par
 from deepseek_jax.kernels import attention as ka
 from deepseek_jax.model import attention as attn_mod
-from deepseek_jax.model.attention import attention
+from deepseek_jax.model.attention import attention, resolve_backend
 from deepseek_jax.model.layers import lookup
 from deepseek_jax.train import sharded
 from deepseek_jax.train.run import run_mesh
@@ -214,3 +214,16 @@ def test_context_ranks_on_two_processes_are_refused():
     with pytest.raises(par.MeshError, match="context × expert × tensor"):
         _check_context_groups(SimpleNamespace(shape={"context": 8}, axis_names=names,
                                               devices=across))
+
+
+def test_auto_on_gpu_takes_blockwise_under_context_parallelism(cp, monkeypatch):
+    """"auto" resolves to cuDNN for bf16 on GPU, which takes no query offset: under context
+    parallelism it runs blockwise instead (the platform answered as GPU; the kernels run here)."""
+    mesh, rules = cp
+    monkeypatch.setattr(attn_mod, "platform", lambda: "gpu")
+    q, k, v, _ = (x.astype(jnp.bfloat16) for x in _inputs())
+    run = lambda backend: jax.jit(lambda q, k, v: attention(  # noqa: E731
+        q, k, v, scale=SCALE, backend=backend))(q, k, v)
+    with par.sharding_context(mesh, rules):
+        assert resolve_backend("auto", T // CONTEXT, jnp.bfloat16) == "cudnn"
+        np.testing.assert_array_equal(run("auto"), run("blockwise"))
