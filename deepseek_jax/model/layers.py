@@ -156,11 +156,23 @@ def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool = False,
     name one to lower for another platform).
     On a mesh (x's leading axis the batch) the fp8 GEMMs run per device over the batch axes
     (`token_axes`): each weight shard is quantized where it lives and gathered once, in fp8.
+    Under context parallelism (x [B, T, ...] with T split too) x is viewed as [n, B, T/n, ...],
+    the context chunk first, so that its rows, flattened, are split over (context, batch axes)
+    in that order, each device's own rows: nothing moves to make the view.
     """
-    if fp8:
+    if not fp8:
+        return jnp.einsum(eqn, x.astype(dtype), cast_layer_weight(w, dtype))
+    axes = token_axes(x.shape[0]) if x.ndim > 1 else ()
+    ctx = split_axes(LENGTH) if axes and x.ndim > 2 else ()
+    if not ctx or x.shape[1] % _split_size(ctx):
         return fp8_einsum(eqn, x.astype(dtype), w, out_dtype=dtype, backend=fp8_backend,
-                          token_axes=token_axes(x.shape[0]) if x.ndim > 1 else ())
-    return jnp.einsum(eqn, x.astype(dtype), cast_layer_weight(w, dtype))
+                          token_axes=axes)
+    n, (B, T) = _split_size(ctx), x.shape[:2]
+    chunks = jnp.moveaxis(x.reshape(B, n, T // n, *x.shape[2:]), 1, 0)        # [n, B, T/n, ...]
+    lead = eqn if eqn.startswith("...") else "..." + eqn.replace("->", "->...")  # n leads
+    y = fp8_einsum(lead, chunks.astype(dtype), w, out_dtype=dtype, backend=fp8_backend,
+                   token_axes=ctx + axes)                                   # [n, B, T/n, ...]
+    return jnp.moveaxis(y, 0, 1).reshape(B, T, *y.shape[3:])                  # [B, T, ...]
 
 
 class RMSNorm(nn.Module):

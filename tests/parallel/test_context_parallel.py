@@ -25,6 +25,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import parallel as par
+from deepseek_jax.config import get_config
 from deepseek_jax.kernels import attention as ka
 from deepseek_jax.model import attention as attn_mod
 from deepseek_jax.model.attention import attention, resolve_backend
@@ -154,23 +155,26 @@ def test_lookup_with_the_ids_split_along_the_sequence(cp):
     np.testing.assert_allclose(got_grad, want_grad, rtol=gradient_rtol(64, 1.0), atol=1e-6)
 
 
-def test_the_step_gathers_latents_not_keys(tiny, cp):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_step_gathers_latents_not_keys(cp, fp8):
     """Over the context ranks the compiled step gathers each layer's c_kv [b, T, C] and k_rope,
-    and the router logits [b, T, E]; never a [b, T, N, ·] key or value, nor the layer input
-    [b, T, D] (its width D is the same as C's in no tiny layer)."""
+    and the router logits [b, T, E]; never a [b, T, N, ·] key or value, nor a [b, T, D] layer
+    input. With fp8 (bf16, D = 256: whole 128-blocks per shard) the fp8 GEMMs run on each rank's
+    own chunk of rows."""
     mesh, rules = cp
+    c = get_config("tiny", fp8=True, d_model=256, dtype=jnp.bfloat16) if fp8 else \
+        get_config("tiny")
     tx = optax.sgd(0.1)
-    step = sharded.make_sharded_train_step(tiny, tx, mesh, rules)
-    state = jax.eval_shape(lambda: init_train_state(jax.random.key(0), tiny, tx))
+    step = sharded.make_sharded_train_step(c, tx, mesh, rules)
+    state = jax.eval_shape(lambda: init_train_state(jax.random.key(0), c, tx))
     batch = {"tokens": jax.ShapeDtypeStruct((8, 64), jnp.int32)}
     hlo = step.lower(state, batch).compile().as_text()
     # all-gathers whose result has the whole sequence (64) where a rank holds 16
-    full = [m.group(1) for m in re.finditer(r"= f32\[([\d,]*)\][^=]*? all-gather\(", hlo)
+    full = [m.group(1) for m in re.finditer(r"= \w+\[([\d,]*)\][^=]*? all-gather\(", hlo)
             if "64" in m.group(1).split(",")[1:2]]
     shapes = sorted({tuple(map(int, s.split(","))) for s in full})
-    C, N, D = tiny.kv_lora_rank, tiny.n_heads, tiny.d_model
+    C, N, D, R = c.kv_lora_rank, c.n_heads, c.d_model, c.qk_rope_head_dim
     assert (4, 64, C) in shapes, shapes                  # the latent, for b = 8 / fsdp 2
-    R = tiny.qk_rope_head_dim
     for shape in shapes:                                 # k_rope's rotation pairs [b, T, R/2, 2]
         assert len(shape) < 4 or shape[2:] == (R // 2, 2) or shape[2] != N, shape  # no key, value
         assert shape[-1] != D, shape                     # no [b, T, D] layer input
@@ -227,3 +231,28 @@ def test_auto_on_gpu_takes_blockwise_under_context_parallelism(cp, monkeypatch):
     with par.sharding_context(mesh, rules):
         assert resolve_backend("auto", T // CONTEXT, jnp.bfloat16) == "cudnn"
         np.testing.assert_array_equal(run("auto"), run("blockwise"))
+
+
+def test_fp8_projection_on_each_ranks_own_rows(cp):
+    """`layers.einsum` with fp8 under fsdp_cp views x [B, T, D] as [n, B, T/n, D] and runs the fp8
+    GEMMs per rank on its own rows: the output and dx equal the one-device fp8 projection's. Both
+    quantize each token's row in the same 1×128 tiles and sum the same products over K, so only
+    the GEMMs' fp32 blocking may differ (1e-5 relative, as in test_fp8_sharded). dw is left out:
+    its 1×128 tiles run along the tokens, which a rank groups differently from one device (an
+    fp8 rounding apart, tested with the batch split in test_fp8_sharded)."""
+    from deepseek_jax.model.layers import einsum
+    mesh, rules = cp
+    x = jax.random.normal(jax.random.key(0), (4, 64, 256), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (256, 128), jnp.float32) * 0.05
+    cot = jax.random.normal(jax.random.key(2), (4, 64, 128), jnp.float32)
+
+    def run():
+        f = jax.jit(lambda x: einsum("BTD,DQ->BTQ", x, w, jnp.float32, fp8=True))
+        y, vjp = jax.vjp(f, x)
+        return y, vjp(cot)[0]
+
+    want_y, want_dx = run()
+    with par.sharding_context(mesh, rules):
+        got_y, got_dx = run()
+    for got, want in ((got_y, want_y), (got_dx, want_dx)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
