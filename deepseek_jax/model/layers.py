@@ -131,8 +131,8 @@ def lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     """
     batch, d_axes = token_axes(tokens.shape[0]), split_axes("embed")
     length = split_axes(LENGTH) if tokens.ndim > 1 else ()
-    if (not batch or not d_axes or split_axes("vocab") or not set(d_axes) <= {*batch, *length}
-            or table.shape[1] % _split_size(d_axes)):
+    if (not (batch or length) or not d_axes or split_axes("vocab")
+            or not set(d_axes) <= {*batch, *length} or table.shape[1] % _split_size(d_axes)):
         return jnp.take(table, tokens, axis=0).astype(dtype)
 
     def per_device(rows, ids):                     # rows [V, D/n], ids [b, t, ...]
@@ -140,7 +140,7 @@ def lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
         x = jnp.take(rows, ids, axis=0).astype(dtype)                           # [n·b, t, ..., D/n]
         return jax.lax.all_to_all(x, d_axes, 0, x.ndim - 1, tiled=True)        # [b, t, ..., D]
 
-    spec = P(batch, length or None)
+    spec = P(batch or None, length or None)
     return jax.shard_map(per_device, in_specs=(P(None, d_axes), spec), out_specs=spec,
                          check_vma=False)(table, tokens)
 
@@ -163,7 +163,7 @@ def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool = False,
     if not fp8:
         return jnp.einsum(eqn, x.astype(dtype), cast_layer_weight(w, dtype))
     axes = token_axes(x.shape[0]) if x.ndim > 1 else ()
-    ctx = split_axes(LENGTH) if axes and x.ndim > 2 else ()
+    ctx = split_axes(LENGTH) if x.ndim > 2 else ()
     if not ctx or x.shape[1] % _split_size(ctx):
         return fp8_einsum(eqn, x.astype(dtype), w, out_dtype=dtype, backend=fp8_backend,
                           token_axes=axes)

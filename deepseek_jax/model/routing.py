@@ -238,10 +238,11 @@ def layout_from_context(config: ModelConfig, batch_size: int | None = None) -> E
     mlp = tuple(a for a in spec("mlp") if mesh.shape.get(a, 1) > 1 and a not in expert)
     length = tuple(a for a in spec("act_length") if mesh.shape.get(a, 1) > 1)
     if not expert:
-        # Local dispatch: every device sorts its own tokens. Needs whole sequences per device;
-        # a batch that does not split (a lone prompt while sampling) stays with the compiler.
+        # Local dispatch: every device sorts its own tokens (its sequences, or under context
+        # parallelism its chunk of them); a batch that does not split (a lone prompt while
+        # sampling) stays with the compiler.
         n_batch = math.prod(mesh.shape[a] for a in batch)
-        if not (batch or mlp) or (batch_size is not None and batch_size % n_batch):
+        if not (batch or mlp or length) or (batch_size is not None and batch_size % n_batch):
             return None
         return EPLayout((), batch, mlp, 1, length)
     n = math.prod(mesh.shape[a] for a in expert)

@@ -256,3 +256,26 @@ def test_fp8_projection_on_each_ranks_own_rows(cp):
         got_y, got_dx = run()
     for got, want in ((got_y, want_y), (got_dx, want_dx)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_one_long_sequence_over_eight_ranks_compiles_for_tpu(fp8):
+    """One sequence over context = 8 on a v5p 2x2x2 topology (compile only, through libtpu): the
+    Mosaic kernels (splash with its tables split by query chunk, the grouped GEMM, the fp8 GEMMs)
+    each run inside a shard_map, since Mosaic cannot be partitioned by the compiler; every
+    projection and the MoE work on a rank's own 128 positions, and nothing of a [T, D] layer
+    input is gathered. (Before: the MoE left a lone sequence to the compiler, and the compile
+    failed.)"""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    from deepseek_jax.tools.compile import Strategy, compile_strategy
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
+    c = get_config("tiny", vocab_size=64, d_model=1024, n_heads=4, q_lora_rank=0,
+                   kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                   moe_d_ff=256, d_ff=512, mtp_depth=0, dtype=jnp.bfloat16, fp8=fp8)
+    r = compile_strategy(c, Strategy.make("fsdp_cp", {"fsdp": 1, "context": 8}), devices,
+                         1, 1024, keep_hlo=True)
+    assert r["fits"], r["error"]
+    assert "splash" in r["hlo"] and ("fp8_gemm_nt" in r["hlo"]) == fp8
+    gathered = [m.group(1) for m in re.finditer(r"= \w+\[([\d,]*)\][^=]*? all-gather", r["hlo"])]
+    assert not [s for s in gathered if s.startswith("1,1024,") and s.endswith(",1024")], gathered
