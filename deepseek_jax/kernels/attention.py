@@ -25,13 +25,13 @@ and the keys share the queries' segment ids.
   linearly in T in both passes. Sequences that are not a multiple of `block` are padded with a
   segment no real token has, and the padding is sliced off.
 
-With a traced `q_offset` the number of key blocks a query block visits is
-known only at run time, so the `fori_loop` becomes a while loop (the backward is written by hand,
-so nothing differentiates through it).
+With a traced `q_offset` the number of key blocks a query block visits is known only at run
+time, so the `fori_loop` becomes a while loop (the backward is written by hand, so nothing
+differentiates through it).
 
 Left out: dropout, sliding windows, logit soft-capping (DeepSeek uses none), cross-attention
-between unrelated sequences, and a CPU-tuned schedule beyond skipping hidden blocks. The HLO holds one inner loop
-per query block, so it grows linearly in T / block.
+between unrelated sequences, and a CPU-tuned schedule beyond skipping hidden blocks. The HLO
+holds one inner loop per query block, so it grows linearly in T / block.
 """
 
 from __future__ import annotations

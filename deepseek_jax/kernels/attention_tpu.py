@@ -18,23 +18,23 @@ that is not a multiple of 128 is refused (`check_length`) before anything is tra
 
 `interpret=True` runs the same kernels in Pallas' interpreter (CPU tests).
 
-Context parallelism (`context_parallel_splash`, called inside the model's mesh): the kernel is
-built once for the whole [T, T] mask with `q_seq_shards` = the context ranks (and `head_shards`
-= the tensor ranks), and its block-mask tables are split with it (`manual_sharding_spec`), so
-each device runs the rows of its own query chunk against every key; the kernel object is a
-`shard_map` argument, not a closure, so that its tables arrive split. Blocks must divide the
-local length T/n. Splash splits only the queries, so k and v enter whole.
+Context parallelism (`context_parallel_kernel`, `kernel_spec`, `splash_on_chunk`, used by
+`model/attention.py` inside its shard_map): the kernel is built once for the whole [T, T] mask
+with `q_seq_shards` = the context ranks, and its block-mask tables are split with it
+(`manual_sharding_spec`), so each device runs the rows of its own query chunk against every
+key; the kernel object is a `shard_map` argument, not a closure, so that its tables arrive
+split. Blocks must divide the local length T/n. Splash splits only the queries, so every
+device holds all of k and v.
 
 Why this kernel: it ships with the pinned JAX (no new dependency), takes U ≠ A, skips masked
 blocks in all three passes, and is what MaxText runs DeepSeek with on TPU. tokamax carries a
 copy of splash with more options (soft-cap, ring attention) that this model does not need.
 
-Left out: ring attention (keys split too), load-balanced query chunks, fused backward, sinks, soft-capping.
+Left out: ring attention (keys split too), load-balanced query chunks, fused backward, sinks,
+soft-capping.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -88,32 +88,27 @@ def splash_attention(q, k, v, *, scale: float, causal: bool = True,
     return jnp.einsum("BNTU->BTNU", out)                                        # [B, T, N, U]
 
 
-def context_parallel_splash(q, k, v, seg, *, scale: float, causal: bool, interpret: bool,
-                            batch, heads, context: tuple[str, ...]) -> jax.Array:
-    """Splash with the queries split along T over the mesh axes `context` (B over `batch`, N
-    over `heads`, either None): q [B, T, N, A], k [B, T, N, A], v [B, T, N, U] → [B, T, N, U],
-    seg [B, T] or None. Must run under the mesh (`jax.set_mesh`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    B, T, N, _ = q.shape
-    n_ctx = math.prod(mesh.shape[a] for a in context)
-    n_heads = math.prod(mesh.shape[a] for a in heads) if heads else 1
-    block = check_length(T // n_ctx)
-    mask, sizes = _mask_and_sizes(N, T, block, causal)
-    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=n_heads,
-                                    q_seq_shards=n_ctx, interpret=interpret)
-    k_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(heads, context)))
-    q = jnp.einsum("BTNA->BNTA", q * jnp.asarray(scale, q.dtype))               # [B, N, T, A]
-    k = jnp.einsum("BSNA->BNSA", k)                                             # [B, N, S, A]
-    v = jnp.einsum("BSNU->BNSU", v)                                             # [B, N, S, U]
-    seg = jnp.zeros((B, T), jnp.int32) if seg is None else seg.astype(jnp.int32)
+def context_parallel_kernel(n_heads: int, length: int, n_ctx: int, causal: bool,
+                            interpret: bool):
+    """The splash kernel for the whole [T, T] mask with its tables split into `n_ctx` query
+    chunks; pass it into the shard_map with `kernel_spec` and call `splash_on_chunk` inside."""
+    mask, sizes = _mask_and_sizes(n_heads, length, check_length(length // n_ctx), causal)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=n_ctx,
+                                  interpret=interpret)
 
-    def per_device(kernel, q, k, v, seg_q, seg_k):  # q [b, h, T/n, A]; k, v [b, h, T, ·]
-        one = lambda q, k, v, sq, sk: kernel(  # noqa: E731
-            q, k, v, segment_ids=splash.SegmentIds(q=sq, kv=sk))
-        return jax.vmap(one)(q, k, v, seg_q, seg_k)
 
-    q_spec, kv_spec = P(batch, heads, context, None), P(batch, heads, None, None)
-    out = jax.shard_map(per_device, in_specs=(k_spec, q_spec, kv_spec, kv_spec, P(batch, context),
-                                              P(batch, None)),
-                        out_specs=q_spec, check_vma=False)(kernel, q, k, v, seg, seg)
-    return jnp.einsum("BNTU->BTNU", out)                                        # [B, T, N, U]
+def kernel_spec(kernel, mesh, context: tuple[str, ...]):
+    """The shard_map spec of `context_parallel_kernel`'s tables: split by query chunk."""
+    return kernel.manual_sharding_spec(NamedSharding(mesh, P(None, context)))
+
+
+def splash_on_chunk(kernel, q, k, v, seg_q, seg_k, scale: float) -> jax.Array:
+    """Inside the shard_map: this device's query chunk q [b, T/n, N, A] against every key,
+    k [b, T, N, A], v [b, T, N, U], segment ids [b, T/n] and [b, T] → [b, T/n, N, U]."""
+    q = jnp.einsum("BTNA->BNTA", q * jnp.asarray(scale, q.dtype))               # [b, N, t, A]
+    k = jnp.einsum("BSNA->BNSA", k)                                             # [b, N, S, A]
+    v = jnp.einsum("BSNU->BNSU", v)                                             # [b, N, S, U]
+    one = lambda q, k, v, sq, sk: kernel(  # noqa: E731
+        q, k, v, segment_ids=splash.SegmentIds(q=sq, kv=sk))
+    out = jax.vmap(one)(q, k, v, seg_q, seg_k)                                  # [b, N, t, U]
+    return jnp.einsum("BNTU->BTNU", out)                                        # [b, t, N, U]

@@ -38,13 +38,15 @@ compiler. The plain-JAX backends are left to the compiler.
 of a dense [B, T, S] mask: segment ids and token mask (either may be None), causal implied.
 Decoding over a KV cache keeps a dense cache mask (`blocks.cache_mask`).
 
-Context parallelism: when the rules split T (`act_length`, preset fsdp_cp), q arrives split
-into contiguous chunks and k, v whole (`mla` gathers the latents they are expanded from). A
-`shard_map` over batch, heads and the context axes gives each device its chunk, and the backend
-runs it at query offset chunk index × T/n against every key (`kernels.attention`: q_offset; splash:
-`attention_tpu.context_parallel_splash`). The gradients of k and v are summed over the context
-ranks on the way out. cuDNN takes no offset: asked for by name it is an error, and "auto" takes
-blockwise instead. Causal work is uneven: rank r visits (r + 1)/n of the key blocks.
+Context parallelism: when the rules split T (`act_length`, preset fsdp_cp), q, k and v arrive
+split into contiguous chunks. Inside one `shard_map` over the batch and context axes each device
+all-gathers the keys and values along T, or, with `expand`, what they are computed from (MLA's
+latents: 576 values a token in V3 against 40,960 expanded), expands them, and runs its query
+chunk at offset chunk index × T/n against every key (`kernels.attention`: q_offset; splash:
+its block tables split by query chunk, `attention_tpu.context_parallel_kernel`). The gather's
+transpose reduce-scatters the gradients in the gathered form. cuDNN takes no offset: asked for
+by name it is an error, and "auto" takes blockwise instead. Causal work is uneven: rank r
+visits (r + 1)/n of the key blocks. Heads split over tensor as well are refused.
 
 Left out: cross-attention (S ≠ T), ring attention (keys split too), load-balanced query chunks
 (a zigzag order of the sequence), and the absorbed (latent-space) path, which stays an einsum
@@ -125,12 +127,19 @@ def resolve_backend(backend: str, length: int, dtype, on: str | None = None) -> 
 
 def attention(q, k, v, *, scale: float, causal: bool = True,
               segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None,
-              backend: str = "auto") -> jax.Array:
-    """q [B, T, N, A], k [B, T, N, A], v [B, T, N, U] → [B, T, N, U]; see the module docstring."""
+              backend: str = "auto", expand=None) -> jax.Array:
+    """q [B, T, N, A], k [B, T, N, A], v [B, T, N, U] → [B, T, N, U]; see the module docstring.
+
+    expand: optional; then `k` is a pytree of [B, T, ...] arrays and `v` a pytree of weights that
+    the keys and values are computed from (MLA: the latents and the up-projections), and
+    `expand(k, v)` gives the [B, T, N, ·] keys and values. Under context parallelism each
+    device gathers `k` along T and expands it itself, so only the latents cross devices, and
+    their gradients come back reduce-scattered in that form."""
     B, T = q.shape[:2]
-    if k.shape[:3] != (B, T, q.shape[2]) or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} must share B, T "
-                         "(self-attention) and N")
+    if expand is None:
+        if k.shape[:3] != (B, T, q.shape[2]) or v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} must share B, "
+                             "T (self-attention) and N")
     ctx = context_axes(T)
     n_ctx = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in ctx)
     chosen = resolve_backend(backend, T // n_ctx, q.dtype)        # a device's rows decide
@@ -138,8 +147,10 @@ def attention(q, k, v, *, scale: float, causal: bool = True,
     backend = "blockwise" if ctx and backend == "auto" and chosen == "cudnn" else chosen
     seg = _fold_padding(segment_ids, token_mask)                                  # [B, T] | None
     if ctx:
-        out = _context_parallel(backend, q, k, v, seg, scale, causal)             # [B, T, N, U]
+        out = _context_parallel(backend, q, k, v, expand, seg, scale, causal)     # [B, T, N, U]
     else:
+        if expand is not None:
+            k, v = expand(k, v)                                                   # [B, T, N, ·]
         out = _run(backend, q, k, v, seg, scale, causal)                          # [B, T, N, U]
     if token_mask is not None:
         out = jnp.where(token_mask[:, :, None, None], out, jnp.zeros((), out.dtype))
@@ -192,35 +203,48 @@ def context_axes(length: int) -> tuple[str, ...]:
     return axes
 
 
-def _context_parallel(backend, q, k, v, seg, scale, causal):
+def _context_parallel(backend, q, k, v, expand, seg, scale, causal):
     """Attention with the queries split along T over the context axes and every key on every
     device: each device attends its contiguous chunk of queries, at offset chunk index × T/n,
-    to the whole k and v. k and v enter whole (the model gathers what it expands them from)."""
+    to all keys. Inside one `shard_map`, k and v (or what `expand` takes) are all-gathered
+    along T, so their gradients leave as a reduce-scatter; weights among them enter whole."""
     mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
     B, T, N = q.shape[:3]
     ctx = context_axes(T)
+    n_ctx = math.prod(mesh.shape[a] for a in ctx)
     batch = _mesh_axes("act_batch", B, mesh, rules) or None
-    heads = _mesh_axes("act_heads", N, mesh, rules) or None
+    if _mesh_axes("act_heads", N, mesh, rules):
+        raise ValueError("context parallelism with the heads split (tensor) is not supported: "
+                         "use a preset without one of them")
     if backend == "cudnn":
         raise ValueError("attention_backend='cudnn' does not take a query offset, which context "
                          "parallelism needs: use attention_backend='blockwise', or mesh.context=1")
-    if backend.startswith("splash"):
-        return attention_tpu.context_parallel_splash(
-            q, k, v, seg, scale=scale, causal=causal, interpret=backend == "splash_interpret",
-            batch=batch, heads=heads, context=ctx)
-    core = attention_reference if backend == "einsum" else blockwise_attention
-    if seg is None:
-        seg = jnp.zeros((B, T), jnp.int32)
+    seg = jnp.zeros((B, T), jnp.int32) if seg is None else seg.astype(jnp.int32)
+    if expand is None:                            # both per token: gathered, nothing to expand
+        kv, expand = ((k, v), ()), lambda kv, _: kv
+    else:                                         # per-token arrays, and weights entering whole
+        kv = (k, v)
+    kv_specs = (jax.tree.map(lambda _: P(batch, ctx), kv[0]), jax.tree.map(lambda _: P(), kv[1]))
+    splash = backend.startswith("splash")
+    kernel = (attention_tpu.context_parallel_kernel(N, T, n_ctx, causal,
+                                                    backend == "splash_interpret")
+              if splash else None)
+    k_spec = attention_tpu.kernel_spec(kernel, mesh, ctx) if splash else None
 
-    def per_device(q, k, v, seg_q, seg_k):       # q [b, T/n, h, A]; k, v [b, T, h, ·]
+    def per_device(kernel, q, kv, seg_q, seg_k):  # q [b, T/n, N, A]; kv[0]: T/n of each
+        tokens = jax.tree.map(lambda x: jax.lax.all_gather(x, ctx, axis=1, tiled=True), kv[0])
+        k, v = expand(tokens, kv[1])                                              # [b, T, N, ·]
+        if splash:
+            return attention_tpu.splash_on_chunk(kernel, q, k, v, seg_q, seg_k, scale)
+        core = attention_reference if backend == "einsum" else blockwise_attention
         offset = jax.lax.axis_index(ctx) * q.shape[1]
         return core(q, k, v, scale=scale, causal=causal, segment_ids=seg_q,
                     kv_segment_ids=seg_k, q_offset=offset)
 
-    q_spec, kv_spec = P(batch, ctx, heads, None), P(batch, None, heads, None)
-    return jax.shard_map(per_device, in_specs=(q_spec, kv_spec, kv_spec, P(batch, ctx),
+    q_spec = P(batch, ctx)
+    return jax.shard_map(per_device, in_specs=(k_spec, q_spec, kv_specs, P(batch, ctx),
                                                P(batch, None)),
-                         out_specs=q_spec, check_vma=False)(q, k, v, seg, seg)
+                         out_specs=q_spec, check_vma=False)(kernel, q, kv, seg, seg)
 
 
 def _per_shard(kernel, q, k, v, seg):

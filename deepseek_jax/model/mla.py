@@ -182,24 +182,27 @@ class MLA(nn.Module):
         return checkpoint_name(out, "attn_out")
 
     def fused_expanded(self, q_nope, q_rope, c_kv, k_rope, mask) -> jax.Array:
-        """The expanded core through `attention.attention`: [B, T, N, U]. Under context
-        parallelism every device needs every key: the latents (c_kv, k_rope: C + R values a
-        token) are gathered over the context ranks and expanded on each, rather than gathering
-        the expanded keys and values (N·(A + U) values a token: 71× more for V3)."""
+        """The expanded core through `attention.attention`: [B, T, N, U]. The keys and values
+        are expanded from the latents there (`expand`): under context parallelism each device
+        gathers the latents (c_kv, k_rope: C + R values a token) and expands them itself,
+        rather than gathering the expanded keys and values (N·(A + U) values a token: 71× more
+        for V3), and the latents' gradients come back reduce-scattered."""
         c = self.config
-        if attention.context_axes(c_kv.shape[1]):
-            c_kv = layers.constrain(c_kv, (layers.BATCH, None, None))               # [B, S, C]
-            k_rope = layers.constrain(k_rope, (layers.BATCH, None, None))           # [B, S, R]
-        k_nope = einsum("BSC,CNH->BSNH", c_kv, self.w_uk, c.dtype)               # [B, S, N, H]
-        v = einsum("BSC,CNU->BSNU", c_kv, self.w_uv, c.dtype)                    # [B, S, N, U]
-        k_rope = jnp.broadcast_to(k_rope[:, :, None, :].astype(c.dtype),
-                                  (*k_rope.shape[:2], c.n_heads, k_rope.shape[-1]))  # [B, S, N, R]
+
+        def expand(latents, up):                     # ([B, S, C], [B, S, R]), ([C, N, H], [C, N, U])
+            (c_kv, k_rope), (w_uk, w_uv) = latents, up
+            k_nope = einsum("BSC,CNH->BSNH", c_kv, w_uk, c.dtype)               # [B, S, N, H]
+            v = einsum("BSC,CNU->BSNU", c_kv, w_uv, c.dtype)                    # [B, S, N, U]
+            k_rope = jnp.broadcast_to(k_rope[:, :, None, :].astype(c.dtype),
+                                      (*k_rope.shape[:2], c.n_heads, k_rope.shape[-1]))
+            k = jnp.concatenate([k_nope, k_rope], axis=-1)                      # [B, S, N, A]
+            return checkpoint_name((k, v), "key_value")
+
         q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)      # [B, T, N, A]
-        k = jnp.concatenate([k_nope, k_rope], axis=-1)                           # [B, S, N, A]
-        k, v = checkpoint_name((k, v), "key_value")
-        return attention.attention(q.astype(c.dtype), k, v, scale=c.softmax_scale,
-                                   segment_ids=mask.segment_ids, token_mask=mask.token_mask,
-                                   backend=c.attention_backend)                  # [B, T, N, U]
+        return attention.attention(q.astype(c.dtype), (c_kv, k_rope), (self.w_uk, self.w_uv),
+                                   scale=c.softmax_scale, segment_ids=mask.segment_ids,
+                                   token_mask=mask.token_mask, backend=c.attention_backend,
+                                   expand=expand)                                # [B, T, N, U]
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask,
                  impl: str | None = None) -> jax.Array:

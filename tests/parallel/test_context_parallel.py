@@ -159,7 +159,7 @@ def test_lookup_with_the_ids_split_along_the_sequence(cp):
 def test_the_step_gathers_latents_not_keys(cp, fp8):
     """Over the context ranks the compiled step gathers each layer's c_kv [b, T, C] and k_rope,
     and the router logits [b, T, E]; never a [b, T, N, ·] key or value, nor a [b, T, D] layer
-    input. With fp8 (bf16, D = 256: whole 128-blocks per shard) the fp8 GEMMs run on each rank's
+    input; and it reduce-scatters the latents' gradients, never all-reducing the keys'. With fp8 (bf16, D = 256: whole 128-blocks per shard) the fp8 GEMMs run on each rank's
     own chunk of rows."""
     mesh, rules = cp
     c = get_config("tiny", fp8=True, d_model=256, dtype=jnp.bfloat16) if fp8 else \
@@ -178,6 +178,14 @@ def test_the_step_gathers_latents_not_keys(cp, fp8):
     for shape in shapes:                                 # k_rope's rotation pairs [b, T, R/2, 2]
         assert len(shape) < 4 or shape[2:] == (R // 2, 2) or shape[2] != N, shape  # no key, value
         assert shape[-1] != D, shape                     # no [b, T, D] layer input
+    # The latents' gradients leave as reduce-scatters of [b, T/4, C]; the keys' and values'
+    # are never all-reduced (the transpose of a whole-k shard_map input would be).
+    scattered = {m.group(1) for m in re.finditer(r"= \w+\[([\d,]*)\][^=]*? reduce-scatter\(",
+                                                 hlo)}
+    assert f"4,16,{C}" in scattered, scattered
+    reduced = [tuple(map(int, m.group(1).split(",")))
+               for m in re.finditer(r"= \w+\[([\d,]+)\][^=]*? all-reduce\(", hlo)]
+    assert not [r for r in reduced if len(r) == 4 and r[1] == 64 and r[2] == N], reduced
 
 
 def test_a_length_that_does_not_split_is_refused(cp):
@@ -187,11 +195,12 @@ def test_a_length_that_does_not_split_is_refused(cp):
         jax.jit(lambda q, k, v: attention(q, k, v, scale=SCALE, backend="einsum")).lower(q, k, v)
 
 
-def test_cudnn_under_context_parallelism_is_refused(cp):
+def test_cudnn_under_context_parallelism_is_refused(cp, monkeypatch):
     mesh, rules = cp
-    q, k, v, _ = _inputs()
+    monkeypatch.setattr(attn_mod, "platform", lambda: "gpu")      # traced for a GPU; not run
+    q, k, v, _ = (x.astype(jnp.bfloat16) for x in _inputs())
     with par.sharding_context(mesh, rules), pytest.raises(ValueError, match="blockwise"):
-        attn_mod._context_parallel("cudnn", q, k, v, None, SCALE, True)
+        jax.eval_shape(lambda q, k, v: attention(q, k, v, scale=SCALE, backend="cudnn"), q, k, v)
 
 
 def test_runs_that_sample_refuse_a_context_axis(tiny):
