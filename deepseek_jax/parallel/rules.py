@@ -158,13 +158,18 @@ def run_mesh_config(mesh_cfg, n_devices: int, n_slices: int = 1) -> dict[str, in
     """A run config's `mesh` section (preset + axis sizes, 0 = unset) → mesh sizes. With every
     ICI axis 0 the ICI axes take the preset's default shape for the devices of one DCN group
     (n_devices / dcn_data, dcn_data 0 meaning 1 and -1 the `n_slices` found), so a launcher
-    that only sets dcn_data keeps the preset; otherwise unset axes are 1."""
+    that only sets dcn_data keeps the preset. Otherwise unset axes are 1, except the preset's
+    fill axis, which takes the rest when no ICI axis is -1 (`preset=fsdp_cp, context=4` on 8
+    devices: fsdp 2), as the planner's strategies read."""
     axes = ("dcn_data",) + ICI_AXES
     sizes = {a: int(mesh_cfg.get(a, 0)) for a in axes}     # configs older than an axis lack it
     if all(sizes[a] == 0 for a in ICI_AXES):
         dcn = {0: 1, -1: n_slices}.get(sizes["dcn_data"], sizes["dcn_data"])
         per_group = n_devices // dcn if dcn > 0 and n_devices % dcn == 0 else n_devices
         return {**default_mesh_config(mesh_cfg["preset"], per_group), "dcn_data": dcn}
+    fill = get_preset(mesh_cfg["preset"]).fill
+    if sizes[fill] == 0 and all(sizes[a] != -1 for a in ICI_AXES):
+        sizes[fill] = -1
     return {a: (1 if v == 0 else v) for a, v in sizes.items()}
 
 

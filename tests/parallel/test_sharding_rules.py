@@ -168,3 +168,10 @@ def test_run_mesh_config_with_only_dcn_data_keeps_the_preset_per_group():
     section.dcn_data, section.fsdp = 2, 4
     assert run_mesh_config(section, 16) == {"dcn_data": 2, "data": 1, "fsdp": 4, "context": 1,
                                             "expert": 1, "tensor": 1}
+    # One axis given: the preset's fill axis (fsdp here) takes the rest, as in the planner.
+    section.dcn_data, section.fsdp, section.tensor = 0, 0, 2
+    assert run_mesh_config(section, 16) == {"dcn_data": 1, "data": 1, "fsdp": -1, "context": 1,
+                                            "expert": 1, "tensor": 2}
+    assert resolve_mesh_shape(run_mesh_config(section, 16), 16)["fsdp"] == 8
+    section.dcn_data = -1                           # a launcher's slices, with the axis given
+    assert run_mesh_config(section, 16, n_slices=2)["fsdp"] == -1
