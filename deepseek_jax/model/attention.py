@@ -68,6 +68,7 @@ from deepseek_jax.kernels import attention_gpu, attention_tpu
 from deepseek_jax.kernels.platform import active_platform
 from deepseek_jax.kernels.attention import (attention_reference, blockwise_attention,
                                             dense_mask)
+from deepseek_jax.model import layers
 from deepseek_jax.parallel.rules import axis_names
 
 # backend → the platforms it lowers for
@@ -147,7 +148,7 @@ def attention(q, k, v, *, scale: float, causal: bool = True,
     backend = "blockwise" if ctx and backend == "auto" and chosen == "cudnn" else chosen
     seg = _fold_padding(segment_ids, token_mask)                                  # [B, T] | None
     if ctx:
-        out = _context_parallel(backend, q, k, v, expand, seg, scale, causal)     # [B, T, N, U]
+        out = _context_parallel(backend, ctx, q, k, v, expand, seg, scale, causal)  # [B, T, N, U]
     else:
         if expand is not None:
             k, v = expand(k, v)                                                   # [B, T, N, ·]
@@ -189,28 +190,24 @@ def _mesh_axes(logical: str, size: int, mesh, rules) -> tuple[str, ...]:
 
 
 def context_axes(length: int) -> tuple[str, ...]:
-    """Mesh axes (size > 1) that split the sequence (`act_length`) under the mesh and rules in
-    context: () without context parallelism. Raises ValueError when they do not divide `length`."""
-    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
-    if mesh.empty or not rules:
-        return ()
-    axes = tuple(a for a in axis_names(nn.logical_to_mesh_axes(("act_length",), rules)[0])
-                 if mesh.shape.get(a, 1) > 1 and a not in set(mesh.manual_axes))
-    n = math.prod(mesh.shape[a] for a in axes)
+    """Mesh axes that split the sequence (`act_length`, `layers.split_axes`) under the mesh and
+    rules in context: () without context parallelism. Raises ValueError when they do not divide
+    `length`."""
+    axes = layers.split_axes(layers.LENGTH)
+    n = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
     if length % n:
         raise ValueError(f"context parallelism: sequence length {length} does not split over "
                          f"{'×'.join(axes)}={n}; use a length that is a multiple of {n}")
     return axes
 
 
-def _context_parallel(backend, q, k, v, expand, seg, scale, causal):
+def _context_parallel(backend, ctx, q, k, v, expand, seg, scale, causal):
     """Attention with the queries split along T over the context axes and every key on every
     device: each device attends its contiguous chunk of queries, at offset chunk index × T/n,
     to all keys. Inside one `shard_map`, k and v (or what `expand` takes) are all-gathered
     along T, so their gradients leave as a reduce-scatter; weights among them enter whole."""
     mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
     B, T, N = q.shape[:3]
-    ctx = context_axes(T)
     n_ctx = math.prod(mesh.shape[a] for a in ctx)
     batch = _mesh_axes("act_batch", B, mesh, rules) or None
     if _mesh_axes("act_heads", N, mesh, rules):
