@@ -24,20 +24,23 @@ with `q_seq_shards` = the context ranks, and its block-mask tables are split wit
 (`manual_sharding_spec`), so each device runs the rows of its own query chunk against every
 key; the kernel object is a `shard_map` argument, not a closure, so that its tables arrive
 split. Blocks must divide the local length T/n. Splash splits only the queries, so every
-device holds all of k and v.
+device holds all of k and v. For the zigzag order (`model.zigzag`), where a device's rows are two
+chunks far apart, the causal mask is computed on each row's natural position (`q_positions`,
+splash's `q_sequence`: the row order the kernel and its block tables see) against the keys in
+natural order; blocks then divide the chunk, T/2n, where one fits.
 
 Why this kernel: it ships with the pinned JAX (no new dependency), takes U ≠ A, skips masked
 blocks in all three passes, and is what MaxText runs DeepSeek with on TPU. tokamax carries a
 copy of splash with more options (soft-cap, ring attention) that this model does not need.
 
-Left out: ring attention (keys split too), load-balanced query chunks, fused backward, sinks,
-soft-capping.
+Left out: ring attention (keys split too), fused backward, sinks, soft-capping.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -58,8 +61,10 @@ def check_length(length: int) -> int:
         "attention_backend='blockwise' (any length) or 'einsum'")
 
 
-def _mask_and_sizes(n_heads: int, length: int, block: int, causal: bool):
+def _mask_and_sizes(n_heads: int, length: int, block: int, causal: bool, q_positions=None):
     one = splash.CausalMask((length, length)) if causal else splash.FullMask((length, length))
+    if causal and q_positions is not None:     # kernel row i is the query at q_positions[i]
+        one.q_sequence = np.asarray(q_positions, np.int32)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
@@ -89,10 +94,15 @@ def splash_attention(q, k, v, *, scale: float, causal: bool = True,
 
 
 def context_parallel_kernel(n_heads: int, length: int, n_ctx: int, causal: bool,
-                            interpret: bool):
+                            interpret: bool, q_positions=None):
     """The splash kernel for the whole [T, T] mask with its tables split into `n_ctx` query
-    chunks; pass it into the shard_map with `kernel_spec` and call `splash_on_chunk` inside."""
-    mask, sizes = _mask_and_sizes(n_heads, length, check_length(length // n_ctx), causal)
+    chunks; pass it into the shard_map with `kernel_spec` and call `splash_on_chunk` inside.
+    q_positions: optional int [T], the natural position of each query row (zigzag order); the
+    keys stay in natural order."""
+    local = length // n_ctx
+    if q_positions is not None and (local // 2) % LANES == 0:
+        local //= 2                           # blocks inside one of a device's two chunks
+    mask, sizes = _mask_and_sizes(n_heads, length, check_length(local), causal, q_positions)
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=n_ctx,
                                   interpret=interpret)
 

@@ -45,16 +45,19 @@ latents: 576 values a token in V3 against 40,960 expanded), expands them, and ru
 chunk at offset chunk index × T/n against every key (`kernels.attention`: q_offset; splash:
 its block tables split by query chunk, `attention_tpu.context_parallel_kernel`). The gather's
 transpose reduce-scatters the gradients in the gathered form. cuDNN takes no offset: asked for
-by name it is an error, and "auto" takes blockwise instead. Causal work is uneven: rank r
-visits (r + 1)/n of the key blocks. Heads split over tensor as well are refused.
+by name it is an error, and "auto" takes blockwise instead. Heads split over tensor as well are
+refused. With contiguous chunks causal work is uneven: rank r visits (r + 1)/n of the key
+blocks. With `order` (a `zigzag.Zigzag`, as the train step passes it) the sequence arrives in the
+zigzag order: each device un-permutes the gathered latents to natural order and runs its two
+query chunks at their own offsets, and every rank visits the same number of key blocks.
 
-Left out: cross-attention (S ≠ T), ring attention (keys split too), load-balanced query chunks
-(a zigzag order of the sequence), and the absorbed (latent-space) path, which stays an einsum
-(`mla.absorbed_attention`).
+Left out: cross-attention (S ≠ T), ring attention (keys split too), and the absorbed
+(latent-space) path, which stays an einsum (`mla.absorbed_attention`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -69,6 +72,7 @@ from deepseek_jax.kernels.platform import active_platform
 from deepseek_jax.kernels.attention import (attention_reference, blockwise_attention,
                                             dense_mask)
 from deepseek_jax.model import layers
+from deepseek_jax.model.zigzag import Zigzag
 from deepseek_jax.parallel.rules import axis_names
 
 # backend → the platforms it lowers for
@@ -79,14 +83,20 @@ PLATFORMS = {"einsum": ("cpu", "gpu", "tpu"), "blockwise": ("cpu", "gpu", "tpu")
 @flax.struct.dataclass
 class SelfMask:
     """Causal self-attention over packed segments: segment_ids [B, T] and token_mask [B, T]
-    (true = a real token), each optional."""
+    (true = a real token), each optional; `order`, when set, says that T is stored in the zigzag
+    order of context parallelism (`zigzag.Zigzag`), and causality follows natural positions."""
     segment_ids: jax.Array | None = None
     token_mask: jax.Array | None = None
+    order: Zigzag | None = flax.struct.field(pytree_node=False, default=None)
 
     def dense(self, batch: int, length: int) -> jax.Array:
         """[B, T, S] bool, the same mask for the einsum paths (`blocks.attention_mask` semantics
         and, with a token mask, no padding key)."""
         mask = dense_mask(length, self.segment_ids, True, batch)                 # [B, T, S]
+        if self.order is not None:                     # causal over natural positions
+            pos = self.order.positions(length)                                   # [T]
+            mask = dense_mask(length, self.segment_ids, False, batch) & (
+                pos[:, None] >= pos[None, :])[None]                              # [B, T, S]
         if self.token_mask is not None:
             mask = mask & self.token_mask[:, None, :]
         return mask
@@ -128,8 +138,11 @@ def resolve_backend(backend: str, length: int, dtype, on: str | None = None) -> 
 
 def attention(q, k, v, *, scale: float, causal: bool = True,
               segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None,
-              backend: str = "auto", expand=None) -> jax.Array:
+              backend: str = "auto", expand=None, order: Zigzag | None = None) -> jax.Array:
     """q [B, T, N, A], k [B, T, N, A], v [B, T, N, U] → [B, T, N, U]; see the module docstring.
+
+    order: optional zigzag order of T (every [B, T] input and the output are stored in it); only
+    under context parallelism.
 
     expand: optional; then `k` is a pytree of [B, T, ...] arrays and `v` a pytree of weights that
     the keys and values are computed from (MLA: the latents and the up-projections), and
@@ -147,8 +160,12 @@ def attention(q, k, v, *, scale: float, causal: bool = True,
     # cuDNN takes no query offset: under context parallelism "auto" falls back to blockwise.
     backend = "blockwise" if ctx and backend == "auto" and chosen == "cudnn" else chosen
     seg = _fold_padding(segment_ids, token_mask)                                  # [B, T] | None
+    if order is not None and (len(ctx) == 0 or order.ranks != n_ctx):
+        raise ValueError(f"attention: a zigzag order over {order.ranks} ranks needs the sequence "
+                         f"split over as many context ranks; the mesh splits it over {n_ctx}")
     if ctx:
-        out = _context_parallel(backend, ctx, q, k, v, expand, seg, scale, causal)  # [B, T, N, U]
+        out = _context_parallel(backend, ctx, q, k, v, expand, seg, scale, causal,
+                                order)                                            # [B, T, N, U]
     else:
         if expand is not None:
             k, v = expand(k, v)                                                   # [B, T, N, ·]
@@ -201,11 +218,12 @@ def context_axes(length: int) -> tuple[str, ...]:
     return axes
 
 
-def _context_parallel(backend, ctx, q, k, v, expand, seg, scale, causal):
+def _context_parallel(backend, ctx, q, k, v, expand, seg, scale, causal, order):
     """Attention with the queries split along T over the context axes and every key on every
     device: each device attends its contiguous chunk of queries, at offset chunk index × T/n,
-    to all keys. Inside one `shard_map`, k and v (or what `expand` takes) are all-gathered
-    along T, so their gradients leave as a reduce-scatter; weights among them enter whole."""
+    to all keys, or with a zigzag `order` its two chunks at their own offsets. Inside one
+    `shard_map`, k and v (or what `expand` takes) are all-gathered along T, so their gradients
+    leave as a reduce-scatter; weights among them enter whole."""
     mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
     B, T, N = q.shape[:3]
     n_ctx = math.prod(mesh.shape[a] for a in ctx)
@@ -223,25 +241,36 @@ def _context_parallel(backend, ctx, q, k, v, expand, seg, scale, causal):
         kv = (k, v)
     kv_specs = (jax.tree.map(lambda _: P(batch, ctx), kv[0]), jax.tree.map(lambda _: P(), kv[1]))
     splash = backend.startswith("splash")
+    positions = order.positions(T) if order is not None else None               # [T] | None
     kernel = (attention_tpu.context_parallel_kernel(N, T, n_ctx, causal,
-                                                    backend == "splash_interpret")
+                                                    backend == "splash_interpret", positions)
               if splash else None)
     k_spec = attention_tpu.kernel_spec(kernel, mesh, ctx) if splash else None
+    seg_k = seg if order is None else order.natural(seg)          # the keys' ids, natural order
 
     def per_device(kernel, q, kv, seg_q, seg_k):  # q [b, T/n, N, A]; kv[0]: T/n of each
         tokens = jax.tree.map(lambda x: jax.lax.all_gather(x, ctx, axis=1, tiled=True), kv[0])
+        if order is not None:                     # the gathered chunks back in natural order
+            tokens = jax.tree.map(order.natural, tokens)
         k, v = expand(tokens, kv[1])                                              # [b, T, N, ·]
         if splash:
             return attention_tpu.splash_on_chunk(kernel, q, k, v, seg_q, seg_k, scale)
-        core = attention_reference if backend == "einsum" else blockwise_attention
-        offset = jax.lax.axis_index(ctx) * q.shape[1]
-        return core(q, k, v, scale=scale, causal=causal, segment_ids=seg_q,
-                    kv_segment_ids=seg_k, q_offset=offset)
+        core = functools.partial(attention_reference if backend == "einsum"
+                                 else blockwise_attention, k=k, v=v, scale=scale,
+                                 causal=causal, kv_segment_ids=seg_k)
+        rank = jax.lax.axis_index(ctx)
+        if order is None:
+            return core(q, segment_ids=seg_q, q_offset=rank * q.shape[1])
+        h = q.shape[1] // 2                       # two chunks, each at its natural offset
+        outs = [core(q[:, i * h:(i + 1) * h], segment_ids=seg_q[:, i * h:(i + 1) * h],
+                     q_offset=start)
+                for i, start in enumerate(order.chunk_offsets(rank, T))]         # [b, h, N, U]
+        return jnp.concatenate(outs, axis=1)                                     # [b, T/n, N, U]
 
     q_spec = P(batch, ctx)
     return jax.shard_map(per_device, in_specs=(k_spec, q_spec, kv_specs, P(batch, ctx),
                                                P(batch, None)),
-                         out_specs=q_spec, check_vma=False)(kernel, q, kv, seg, seg)
+                         out_specs=q_spec, check_vma=False)(kernel, q, kv, seg, seg_k)
 
 
 def _per_shard(kernel, q, k, v, seg):

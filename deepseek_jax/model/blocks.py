@@ -174,7 +174,8 @@ class Block(nn.Module):
             x = x + out                                                           # [B, T, D]
         h = RMSNorm(c, name="ffn_norm")(x)                                        # [B, T, D]
         if self.moe:
-            x = x + MoE(c, name="moe")(h, token_mask)                             # [B, T, D]
+            x = x + MoE(c, name="moe")(h, token_mask,
+                                       getattr(mask, "order", None))               # [B, T, D]
         else:
             x = x + MLP(c, c.d_ff, name="mlp")(h)                                 # [B, T, D]
         return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED)), cache

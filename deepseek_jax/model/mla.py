@@ -202,7 +202,7 @@ class MLA(nn.Module):
         return attention.attention(q.astype(c.dtype), (c_kv, k_rope), (self.w_uk, self.w_uv),
                                    scale=c.softmax_scale, segment_ids=mask.segment_ids,
                                    token_mask=mask.token_mask, backend=c.attention_backend,
-                                   expand=expand)                                # [B, T, N, U]
+                                   expand=expand, order=mask.order)                                # [B, T, N, U]
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask,
                  impl: str | None = None) -> jax.Array:

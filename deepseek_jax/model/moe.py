@@ -80,9 +80,11 @@ class MoE(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None,
+                 order=None) -> jax.Array:
         """x [B, T, D] → [B, T, D]. `token_mask` [B, T] (true = a real token; None = all) keeps
-        padding out of the sown load and balance loss; the outputs do not depend on it."""
+        padding out of the sown load and balance loss; the outputs do not depend on it. `order`:
+        the zigzag order T is stored in, if any (only capacity dropping reads it)."""
         c = self.config
         D, E, F = c.d_model, c.n_routed_experts, c.moe_d_ff
         router = param(self, "router", (D, E), ("embed", "expert"), c)
@@ -110,11 +112,12 @@ class MoE(nn.Module):
             # Gate, balance loss and capacity per device on its own sequences (the compiler
             # would gather the scores over the batch for the top-k).
             weights, idx, balance, keep = routing.local_routing(logits, bias, c, layout,
-                                                                token_mask)
+                                                                token_mask, order)
         else:
             weights, idx, scores = routing.gate(logits, bias, c)              # [B, T, X] ×2
             if c.moe_capacity_factor > 0:
-                keep = routing.capacity_keep(idx, E, c.moe_capacity_factor)   # [B, T, X]
+                keep = routing.capacity_keep(idx, E, c.moe_capacity_factor,
+                                             order)                           # [B, T, X]
         if keep is not None:
             stats["dropped"] = jnp.sum(~keep).astype(jnp.float32)
         # Shared experts first: they do not depend on the routed exchange, so the scheduler may

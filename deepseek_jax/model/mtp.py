@@ -23,7 +23,8 @@ it was trained. (MaxText feeds the state before the final norm; for a model trai
 scratch either is self-consistent, and one is kept.)
 All depths keep the full length T: the input tokens are shifted left by k and the last k
 positions, which have no t_{i+k}, see token 0; the loss masks every position whose target lies
-beyond the sequence (`deepseek_jax.train.losses.mtp_loss`). In training, each depth's backward
+beyond the sequence (`deepseek_jax.train.losses.mtp_loss`). When the sequence is stored in the
+zigzag order of context parallelism (the mask's `order`), the shift is taken in natural order. In training, each depth's backward
 pass completes its parameters' gradients before its input gradient goes on into the trunk
 (`_params_grad_first`): an order for the compiler, no change of value.
 
@@ -99,11 +100,13 @@ class MTP(nn.Module):
         logits (the train step applies the head itself, chunk by chunk). Arguments as in
         `__call__`."""
         c = self.config
+        order = getattr(mask, "order", None)             # T in the zigzag order: shift in natural
+        shift = shift_left if order is None else order.shift_left
         out = []
         for k in range(1, c.mtp_depth + 1):
-            emb = lookup(embed, shift_left(tokens, k), c.dtype)                   # [B, T, D]
+            emb = lookup(embed, shift(tokens, k), c.dtype)                        # [B, T, D]
             mask_k = (None if token_mask is None
-                      else token_mask & shift_left(token_mask, k))               # [B, T]
+                      else token_mask & shift(token_mask, k))                    # [B, T]
             layer = self.layers[k - 1]
             if self.is_initializing():
                 h, normed = layer(h, emb, positions, mask, None, mask_k)

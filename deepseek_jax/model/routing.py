@@ -179,7 +179,8 @@ def update_routing_bias(bias, load, rate: float):
 
 # --- capacity (optional dropping) ----------------------------------------------------------------
 
-def capacity_keep(idx: jax.Array, n_experts: int, capacity_factor: float) -> jax.Array:
+def capacity_keep(idx: jax.Array, n_experts: int, capacity_factor: float,
+                  order=None) -> jax.Array:
     """Which (token, slot) pairs fit their expert's per-sequence capacity.
 
     capacity = ceil(capacity_factor · T · X / E) pairs per expert per sequence; pairs are admitted
@@ -187,9 +188,13 @@ def capacity_keep(idx: jax.Array, n_experts: int, capacity_factor: float) -> jax
 
     Args:
       idx: expert ids [B, T, X].
+      order: optional `zigzag.Zigzag` that T is stored in; pairs are still admitted in natural
+        order.
     Returns:
       bool [B, T, X].
     """
+    if order is not None:
+        return order.stored(capacity_keep(order.natural(idx), n_experts, capacity_factor))
     B, T, X = idx.shape
     cap = math.ceil(capacity_factor * T * X / n_experts)
     onehot = jax.nn.one_hot(idx.reshape(B, T * X), n_experts, dtype=jnp.int32)  # [B, T·X, E]
@@ -258,7 +263,7 @@ def layout_from_context(config: ModelConfig, batch_size: int | None = None) -> E
 # --- routing on each device's own sequences ----------------------------------------------------------
 
 def local_routing(logits: jax.Array, bias: jax.Array | None, config: ModelConfig,
-                  layout: EPLayout, token_mask: jax.Array | None = None):
+                  layout: EPLayout, token_mask: jax.Array | None = None, order=None):
     """`moe.gate`, `moe.sequence_balance_loss` and `capacity_keep` inside a shard_map over the
     batch axes: all three are per token or per sequence, so each device computes them for its own
     sequences and nothing crosses devices. The sequence stays whole here (under context
@@ -269,6 +274,7 @@ def local_routing(logits: jax.Array, bias: jax.Array | None, config: ModelConfig
     Args:
       logits: router logits [B, T, E] fp32. bias: [E] or None. layout: `layout_from_context`.
       token_mask: optional [B, T], true for real tokens (padding is left out of the loss).
+      order: optional zigzag order of T, for the capacity ranks (`capacity_keep`).
     Returns:
       (weights [B, T, X], idx [B, T, X], balance loss scalar (mean over the B sequences that
        hold a real token), keep [B, T, X] bool when `config.moe_capacity_factor` > 0, else None).
@@ -281,7 +287,7 @@ def local_routing(logits: jax.Array, bias: jax.Array | None, config: ModelConfig
     def body(logits, token_mask, *bias):
         weights, idx, scores = gate(logits, bias[0] if bias else None, config)  # [b, T, X] ×2
         per_seq, has = sequence_balance_terms(scores, idx, E, token_mask)   # [b] ×2
-        keep = (capacity_keep(idx, E, cf),) if cf > 0 else ()               # [b, T, X]
+        keep = (capacity_keep(idx, E, cf, order),) if cf > 0 else ()        # [b, T, X]
         return (weights, idx, per_seq, has) + keep
 
     extra = () if bias is None else (bias,)

@@ -44,6 +44,7 @@ from deepseek_jax.model.blocks import BlockStack, cache_length, cache_mask, take
 from deepseek_jax.model.head import head_logits
 from deepseek_jax.model.layers import RMSNorm, param
 from deepseek_jax.model.mtp import MTP
+from deepseek_jax.model.zigzag import Zigzag
 
 
 class Transformer(nn.Module):
@@ -74,9 +75,13 @@ class Transformer(nn.Module):
         return logits, jnp.stack([self._logits(h) for h in mtp_hidden])         # [K, B, T, V]
 
     def head_inputs(self, tokens: jax.Array, positions: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None):
+                    segment_ids: jax.Array | None = None, token_mask: jax.Array | None = None,
+                    order: Zigzag | None = None):
         """What the output head takes, for a loss that applies it itself (chunk by chunk,
-        `model.head.map_head_chunks`) instead of holding whole logits. Same inputs as `__call__`.
+        `model.head.map_head_chunks`) instead of holding whole logits. Same inputs as `__call__`,
+        and `order`: under context parallelism, the zigzag order (`model.zigzag`) that every
+        [B, T] input is stored in (positions default to its natural positions); the outputs
+        are stored in it too.
 
         Returns:
           (hidden [B, T, D]: the final-normed states, `__call__`'s logits are
@@ -88,8 +93,10 @@ class Transformer(nn.Module):
         c = self.config
         B, T = tokens.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        mask = SelfMask(segment_ids)        # causal within segments; no [B, T, S] array here
+            natural = jnp.arange(T, dtype=jnp.int32) if order is None else order.positions(T)
+            positions = jnp.broadcast_to(jnp.asarray(natural), (B, T))
+        # causal within segments; no [B, T, S] array here
+        mask = SelfMask(segment_ids, order=order)
         x = self._embed(tokens)                                                  # [B, T, D]
         if token_mask is not None:
             token_mask = token_mask.astype(jnp.bool_)                            # [B, T]

@@ -20,6 +20,8 @@ Targets: for int tokens [B, T] and a mask `valid` [B, T] (1 = a real token that 
 document of the token before it; all ones for unpacked, unpadded rows), position i of the main
 logits is scored against t_{i+1}, and position i of MTP depth k against t_{i+k+1}; a position
 whose target lies past the end of the row, in padding, or in another document has weight 0.
+Under context parallelism the train step stores T in the zigzag order (`model.zigzag`); the
+shifts then take `order`, and the hidden states, tokens and masks all come in that order.
 """
 
 from __future__ import annotations
@@ -32,18 +34,21 @@ from deepseek_jax.model.head import head_nll, map_head_chunks
 from deepseek_jax.model.mtp import shift_left
 
 
-def shifted_targets(tokens: jax.Array, valid: jax.Array, k: int):
+def shifted_targets(tokens: jax.Array, valid: jax.Array, k: int, order=None):
     """(targets [B, T], weights [B, T] fp32) for predicting t_{i+k} at position i.
 
     valid[j] = 1 says token j is real and continues the document of token j−1 (the data
     pipeline's convention), so t_{i+k} is a fair target for position i only when every step
     i → i+1 → … → i+k stays inside one document: the weight is Π_{j=1..k} valid[i+j].
+    order: the zigzag order tokens and valid are stored in, if any; i + k is taken in natural
+    order and the results are stored like the inputs.
     """
+    shift = shift_left if order is None else order.shift_left
     valid = valid.astype(jnp.float32)
-    weights = shift_left(valid, 1)
+    weights = shift(valid, 1)
     for j in range(2, k + 1):
-        weights = weights * shift_left(valid, j)
-    return shift_left(tokens, k), weights
+        weights = weights * shift(valid, j)
+    return shift(tokens, k), weights
 
 
 def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -114,12 +119,13 @@ def total_loss(logits, mtp_logits, moe_stats, tokens, valid, *, mtp_weight: floa
 
 
 def head_total_loss(hidden, mtp_hidden, head, moe_stats, tokens, valid, *, mtp_weight: float,
-                    balance_alpha: float, dtype, chunk: int):
+                    balance_alpha: float, dtype, chunk: int, order=None):
     """`total_loss` from hidden [B, T, D], mtp_hidden [K, B, T, D] or None and the head [D, V]
-    (`Transformer.head_inputs`), the logits computed `chunk` positions at a time (0 = whole)."""
+    (`Transformer.head_inputs`), the logits computed `chunk` positions at a time (0 = whole).
+    `order`: the zigzag order all of them are stored in, if any (`shifted_targets`)."""
     depths = 0 if mtp_hidden is None else mtp_hidden.shape[0]
     hiddens = [hidden] + [mtp_hidden[k] for k in range(depths)]     # targets t_{i+1}, t_{i+k+2}
-    shifted = [shifted_targets(tokens, valid, k + 1) for k in range(depths + 1)]
+    shifted = [shifted_targets(tokens, valid, k + 1, order) for k in range(depths + 1)]
     nlls = _head_nlls(hiddens, head, [t for t, _ in shifted], dtype, chunk)
     means = [jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
              for nll, (_, w) in zip(nlls, shifted)]

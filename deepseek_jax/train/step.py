@@ -38,6 +38,7 @@ import optax
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.routing import update_routing_bias
+from deepseek_jax.model import zigzag
 from deepseek_jax.model.transformer import Transformer, init_variables
 from deepseek_jax.train import losses
 from deepseek_jax.train.schedules import StepSettings
@@ -97,19 +98,26 @@ def model_variables(params, routing) -> dict:
 
 
 def _forward(params, routing, batch: dict, config: ModelConfig, mtp_weight, balance_alpha):
-    """Loss and statistics of one (micro-)batch: (total, (parts, moe_stats))."""
+    """Loss and statistics of one (micro-)batch: (total, (parts, moe_stats)). Under context
+    parallelism the batch's [B, T] arrays are put in the zigzag order first (`model.zigzag`:
+    every context rank gets the same causal attention work); the loss is a sum over positions,
+    so its value does not change."""
+    order = zigzag.for_length(batch["tokens"].shape[1])
+    if order is not None:
+        batch = {k: order.stored(v) if v.ndim == 2 else v                        # [B, T] ones
+                 for k, v in batch.items()}
     tokens = batch["tokens"]
     valid = batch.get("valid")
     valid = jnp.ones(tokens.shape, jnp.float32) if valid is None else valid
     variables = model_variables(params, routing)
     (hidden, mtp_hidden, head), aux = Transformer(config).apply(
         variables, tokens, positions=batch.get("positions"),
-        segment_ids=batch.get("segment_ids"), token_mask=token_mask(batch),
+        segment_ids=batch.get("segment_ids"), token_mask=token_mask(batch), order=order,
         mutable=["moe_stats"], method="head_inputs")
     stats = aux.get("moe_stats", {})
     total, parts = losses.head_total_loss(
         hidden, mtp_hidden, head, stats, tokens, valid, mtp_weight=mtp_weight,
-        balance_alpha=balance_alpha, dtype=config.dtype, chunk=config.loss_chunk)
+        balance_alpha=balance_alpha, dtype=config.dtype, chunk=config.loss_chunk, order=order)
     return total, (parts, stats)
 
 

@@ -11,6 +11,9 @@ do:
   - the embedding lookup on the table's own slices with the ids split along T (exact: a gather);
   - what the compiled step gathers over the context ranks: the keys' latents, never the
     expanded keys and values nor the layer input;
+  - the zigzag order (`model.zigzag`) the train step stores T in: its permutations, the equal
+    causal work it gives every rank, attention in that order (every backend) and the model's
+    hidden states in that order against the natural-order model on one device;
   - bad input: a length that does not split, cuDNN, and runs that decode.
 """
 
@@ -29,7 +32,10 @@ from deepseek_jax.config import get_config
 from deepseek_jax.kernels import attention as ka
 from deepseek_jax.model import attention as attn_mod
 from deepseek_jax.model.attention import attention, resolve_backend
+from deepseek_jax.model import zigzag
 from deepseek_jax.model.layers import lookup
+from deepseek_jax.model.transformer import Transformer, init_variables
+from deepseek_jax.model.zigzag import Zigzag
 from deepseek_jax.train import sharded
 from deepseek_jax.train.run import run_mesh
 from deepseek_jax.train.step import init_train_state
@@ -81,10 +87,116 @@ def test_attention_with_the_queries_split(cp, backend, mask):
     assert not np.asarray(got)[~pad].any() if pad is not None else True
 
 
-def test_splash_with_the_queries_split(cp):
-    """Splash (interpreted) builds one kernel for the whole mask, its tables split with the
-    queries: T = 512 gives each rank 128 rows, splash's smallest block."""
+def test_the_zigzag_order(cp):
+    """Rank r's slice of the stored sequence is natural chunks r and 2n − 1 − r; `natural` undoes
+    `stored`; the shift is the natural one; and every rank gets the same causal work (exact
+    integer arithmetic)."""
+    z, h = Zigzag(CONTEXT), 4                            # 2n = 8 chunks of 4 over T = 32
+    x = np.arange(2 * 32 * 3).reshape(2, 32, 3)
+    stored = np.asarray(z.stored(jnp.asarray(x)))
+    for r in range(CONTEXT):
+        chunks = [x[:, i * h:(i + 1) * h] for i in (r, 2 * CONTEXT - 1 - r)]
+        np.testing.assert_array_equal(stored[:, 8 * r:8 * (r + 1)], np.concatenate(chunks, 1))
+        assert [int(o) for o in z.chunk_offsets(jnp.int32(r), 32)] == [r * h, (7 - r) * h]
+    np.testing.assert_array_equal(z.natural(jnp.asarray(stored)), x)
+    np.testing.assert_array_equal(z.positions(32), stored[0, :, 0] // 3)
+    tokens = x[:, :, 0]
+    for k in (1, 5):
+        shifted = np.concatenate([tokens[:, k:], np.zeros((2, k), tokens.dtype)], axis=1)
+        np.testing.assert_array_equal(z.shift_left(z.stored(jnp.asarray(tokens)), k),
+                                      z.stored(jnp.asarray(shifted)))
+    # causal work of a rank: Σ over its queries of the keys they see (position + 1)
+    work = (z.positions(1024).reshape(CONTEXT, -1) + 1).sum(axis=1)
+    contiguous = (np.arange(1024).reshape(CONTEXT, -1) + 1).sum(axis=1)
+    assert (work == work[0]).all() and contiguous[-1] / contiguous.mean() > 1.7
     mesh, rules = cp
+    with par.sharding_context(mesh, rules):
+        assert zigzag.for_length(64) == Zigzag(CONTEXT)
+        assert zigzag.for_length(36) is None            # 4 ranks, not 8 chunks: contiguous
+    assert zigzag.for_length(64) is None                # no mesh: nothing split
+
+
+@pytest.mark.parametrize("backend", ["einsum", "blockwise"])
+def test_attention_in_the_zigzag_order(cp, backend):
+    """The inputs stored in the zigzag order, attention under fsdp_cp with `order`, and the
+    result put back in natural order: the unsplit reference's values and gradients. Same
+    tolerance as with contiguous chunks: the same sums in another order."""
+    mesh, rules = cp
+    seg, pad = MASKS["segments+padding"]
+    q, k, v, d_out = _inputs()
+    want, want_grads = _run("einsum", seg, pad, q, k, v, d_out)
+    z = Zigzag(CONTEXT)
+    stored = lambda x: z.stored(jnp.asarray(x))  # noqa: E731
+    with par.sharding_context(mesh, rules):
+        got, got_grads = _run(backend, stored(seg), stored(pad), *map(stored, (q, k, v, d_out)),
+                              order=z)
+    got, got_grads = z.natural(got), [z.natural(g) for g in got_grads]
+    n_blocks = 2 * CONTEXT if backend == "blockwise" else 1     # blocks of a 16-row chunk
+    kappa = _kappa(seg, pad, q, k, v, d_out)
+    assert_leaves_close_in_norm(got, want, _tol(kappa["out"], n_blocks), f"{backend} out")
+    for name, g, w in zip(("dq", "dk", "dv"), got_grads, want_grads):
+        assert_leaves_close_in_norm(g, w, _tol(kappa[name], n_blocks, 2), f"{backend} {name}")
+    assert not np.asarray(got)[~pad].any()
+
+
+def test_a_zigzag_order_without_its_context_ranks_is_refused(cp):
+    q, k, v, _ = _inputs()
+    with pytest.raises(ValueError, match="zigzag order over 4 ranks"):
+        attention(q, k, v, scale=SCALE, backend="einsum", order=Zigzag(CONTEXT))
+
+
+def test_the_model_in_the_zigzag_order(cp):
+    """`Transformer.head_inputs` on a batch stored in the zigzag order under fsdp_cp gives the
+    one-device, natural-order hidden states and MTP states in stored order, and the same MoE
+    statistics: attention, the default positions, MTP's shift and capacity dropping (factor 1,
+    so pairs are dropped) all follow natural order. Packed rows with padding.
+    Tolerance: fp32 sums in another order, 2·γ(n)·κ per layer with n = T = 64 keys (the longest
+    sum), κ ≤ 20 as in test_sharded_parity, over 4 layers (3 + MTP): 4·2·γ(64)·20 ≈ 6e-4.
+    Expert choices and drops are discrete; they agree unless rounding flips a near-tie between
+    two experts' scores (about 1e-3 a run, as in test_sharded_parity)."""
+    mesh, rules = cp
+    c = get_config("tiny", moe_capacity_factor=1.0)
+    variables = init_variables(jax.random.key(0), c)
+    B, Tm = 8, 64
+    tokens = jax.random.randint(jax.random.key(1), (B, Tm), 1, c.vocab_size)
+    segment_ids = np.repeat(np.arange(1, 5), 16)[None].repeat(B, 0)
+    segment_ids[::2] = np.where(np.arange(Tm) < 37, 1, 2)            # a document across ranks
+    segment_ids[1, 56:] = 0                                           # padding
+    batch = dict(tokens=tokens, segment_ids=jnp.asarray(segment_ids, jnp.int32))
+    token_mask = batch["segment_ids"] != 0
+
+    def run(batch, mask, order=None):
+        f = lambda v, b, m: Transformer(c).apply(  # noqa: E731
+            v, b["tokens"], segment_ids=b["segment_ids"], token_mask=m, order=order,
+            mutable=["moe_stats"], method="head_inputs")
+        return jax.jit(f)(variables, batch, mask)
+
+    (want_h, want_mtp, _), want_stats = run(batch, token_mask)
+    z = Zigzag(CONTEXT)
+    with par.sharding_context(mesh, rules):
+        (got_h, got_mtp, _), got_stats = run(jax.tree.map(z.stored, batch), z.stored(token_mask),
+                                             z)
+    rtol = 4 * gradient_rtol(Tm, 20.0)
+    assert_leaves_close_in_norm(z.natural(got_h), want_h, rtol, "hidden")
+    assert_leaves_close_in_norm(z.natural(got_mtp, axis=2), want_mtp, rtol, "mtp hidden")
+    dropped = [x for p, x in jax.tree_util.tree_leaves_with_path(want_stats)
+               if "dropped" in jax.tree_util.keystr(p)]
+    assert dropped and sum(float(jnp.sum(x)) for x in dropped) > 0     # capacity did drop
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want_stats),
+                            jax.tree.leaves(got_stats)):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("zig", [False, True])
+def test_splash_with_the_queries_split(cp, zig):
+    """Splash (interpreted) builds one kernel for the whole mask, its tables split with the
+    queries: T = 512 gives each rank 128 rows, splash's smallest block. In the zigzag order
+    (`zig`) a block holds a rank's two 64-row chunks, and the mask follows each row's natural
+    position (splash's q_sequence)."""
+    mesh, rules = cp
+    z = Zigzag(CONTEXT) if zig else None
+    order = (lambda x: z.stored(jnp.asarray(x))) if zig else jnp.asarray  # noqa: E731
+    back = z.natural if zig else (lambda x: x)  # noqa: E731
     Tl, N, A, U = 512, 2, 32, 16
     ks = jax.random.split(jax.random.key(3), 4)
     q, k = (jax.random.normal(x, (2, Tl, N, A), jnp.float32) for x in ks[:2])
@@ -92,15 +204,16 @@ def test_splash_with_the_queries_split(cp):
     seg = np.repeat(np.array([[0, 1, 2, 3]]), 128, axis=1).repeat(2, axis=0)
     seg[1] = np.arange(Tl) // 200                              # segments across rank borders
 
-    def run(backend):
+    def run(backend, q, k, v, d_out, seg, order=None):
         f = jax.jit(lambda q, k, v: attention(q, k, v, scale=A ** -0.5, segment_ids=seg,
-                                              backend=backend))
+                                              backend=backend, order=order))
         out, vjp = jax.vjp(f, q, k, v)
         return out, vjp(d_out)
 
-    want, want_grads = run("einsum")
+    want, want_grads = run("einsum", q, k, v, d_out, seg)
     with par.sharding_context(mesh, rules):
-        got, got_grads = run("splash_interpret")
+        got, got_grads = run("splash_interpret", *map(order, (q, k, v, d_out, seg)), z)
+    got, got_grads = back(got), [back(g) for g in got_grads]
     # The sums have at most T terms with κ of order 1 for these random inputs; 2·γ(512)·κ with
     # κ ≤ 20, as for the gradients in test_sharded_parity.
     rtol = gradient_rtol(Tl, 20.0)
