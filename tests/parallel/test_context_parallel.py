@@ -401,3 +401,18 @@ def test_one_long_sequence_over_eight_ranks_compiles_for_tpu(fp8):
     assert "splash" in r["hlo"] and ("fp8_gemm_nt" in r["hlo"]) == fp8
     gathered = [m.group(1) for m in re.finditer(r"= \w+\[([\d,]*)\][^=]*? all-gather", r["hlo"])]
     assert not [s for s in gathered if s.startswith("1,1024,") and s.endswith(",1024")], gathered
+
+
+def test_the_balance_benchmark_counts_splash_blocks(tmp_path):
+    """experiments/benchmarks/context_balance.py end to end at a small size: the splash kernel's
+    own tables give every rank the same blocks in the zigzag order and rank r of the contiguous
+    layout r + 1 diagonal-block rows (exact counts; the timings are not checked)."""
+    import json
+    from experiments.benchmarks import context_balance
+    out = tmp_path / "balance.json"
+    context_balance.main(["--seq", "1024", "--ranks", "4", "--iters", "1", "--json", str(out)])
+    blocks = json.loads(out.read_text())["splash"][0]
+    # 1024 over 4 ranks: 256-row shards, 128-row blocks (zigzag chunks) and 256-row blocks
+    assert blocks["zigzag"] == [blocks["zigzag"][0]] * 4
+    assert blocks["contiguous"] == [4.0 * (r + 1) for r in range(4)]
+    assert sum(blocks["zigzag"]) < sum(blocks["contiguous"])     # finer blocks on the diagonal
