@@ -159,7 +159,7 @@ def _data(arg: str, model: str, batch: int, seq: int) -> ml_collections.ConfigDi
 
 def _mesh(preset: str) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
-    m.preset = preset          # dp, fsdp, fsdp_tp, fsdp_ep, dp_ep_tp, fsdp_cp
+    m.preset = preset          # dp, fsdp, fsdp_tp, fsdp_ep, dp_ep_tp, fsdp_cp, fsdp_ep_cp
     # Axis sizes; all 0 = the preset's default shape for the devices found. -1 = the rest.
     m.dcn_data = 0
     m.data = 0

@@ -39,12 +39,13 @@ dispatch explicitly (`model/dispatch.py`: `shard_map` with all-to-all over the e
 read from these rules through `expert.layout_from_context`); the table does not change. With the
 batch split and E not split, the same module dispatches each device's own tokens locally.
 
-Context parallelism (preset fsdp_cp) splits T of the activations and of the batch over
-`context`; its ranks hold the weights as fsdp ranks do (ZeRO over them too), since every rank
-runs every weight on its own tokens. Attention then needs every key (`model/attention.py`).
+Context parallelism (presets fsdp_cp, and fsdp_ep_cp with expert parallelism) splits T of the
+activations and of the batch over `context`; its ranks hold the weights as fsdp ranks do (ZeRO
+over them too), since every rank runs every weight on its own tokens. Attention then needs every
+key (`model/attention.py`); the MoE dispatch sends each rank's own positions to the experts.
 
-Left out: pipeline stages ("layers"); context parallelism combined with expert or tensor
-parallelism in a preset (the mechanisms compose, but no preset or test covers them).
+Left out: pipeline stages ("layers"); context with tensor parallelism (attention refuses heads
+split under context parallelism).
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ PRESETS = {p.name: p for p in (
     # FSDP plus context parallelism: the sequence split over context ranks, which also hold
     # the weights as fsdp ranks do. For sequences longer than a device's activations allow.
     Preset("fsdp_cp", axes=("data", "fsdp", "context"), fill="fsdp", sizes={"context": 4}),
+    # Context and expert parallelism together: long sequences through a model whose experts
+    # do not fit one device (DeepSeek-V3 at long context).
+    Preset("fsdp_ep_cp", axes=("data", "fsdp", "expert", "context"), fill="fsdp",
+           sizes={"expert": 2, "context": 2}),
 )}
 
 

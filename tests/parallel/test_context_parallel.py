@@ -268,13 +268,17 @@ def test_lookup_with_the_ids_split_along_the_sequence(cp):
     np.testing.assert_allclose(got_grad, want_grad, rtol=gradient_rtol(64, 1.0), atol=1e-6)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_the_step_gathers_latents_not_keys(cp, fp8):
+@pytest.mark.parametrize("preset,fp8", [("fsdp_cp", False), ("fsdp_cp", True),
+                                        ("fsdp_ep_cp", False)])
+def test_the_step_gathers_latents_not_keys(preset, fp8):
     """Over the context ranks the compiled step gathers each layer's c_kv [b, T, C] and k_rope,
     and the router logits [b, T, E]; never a [b, T, N, ·] key or value, nor a [b, T, D] layer
-    input; and it reduce-scatters the latents' gradients, never all-reducing the keys'. With fp8 (bf16, D = 256: whole 128-blocks per shard) the fp8 GEMMs run on each rank's
-    own chunk of rows."""
-    mesh, rules = cp
+    input; and it reduce-scatters the latents' gradients, never all-reducing the keys'. With fp8
+    (bf16, D = 256: whole 128-blocks per shard) the fp8 GEMMs run on each rank's own chunk of
+    rows. With expert ranks as well (fsdp_ep_cp: fsdp 2 × expert 2 × context 2) the same holds,
+    and each rank's tokens go to their experts by all-to-all."""
+    mesh = par.make_mesh(par.default_mesh_config(preset, 8))
+    rules = par.logical_axis_rules(preset, mesh)
     c = get_config("tiny", fp8=True, d_model=256, dtype=jnp.bfloat16) if fp8 else \
         get_config("tiny")
     tx = optax.sgd(0.1)
@@ -287,7 +291,9 @@ def test_the_step_gathers_latents_not_keys(cp, fp8):
             if "64" in m.group(1).split(",")[1:2]]
     shapes = sorted({tuple(map(int, s.split(","))) for s in full})
     C, N, D, R = c.kv_lora_rank, c.n_heads, c.d_model, c.qk_rope_head_dim
-    assert (4, 64, C) in shapes, shapes                  # the latent, for b = 8 / fsdp 2
+    b = 8 // (mesh.shape["fsdp"] * mesh.shape["expert"])       # this rank's sequences
+    t = 64 // mesh.shape["context"]                             # and positions
+    assert (b, 64, C) in shapes, shapes                  # the latent
     for shape in shapes:                                 # k_rope's rotation pairs [b, T, R/2, 2]
         assert len(shape) < 4 or shape[2:] == (R // 2, 2) or shape[2] != N, shape  # no key, value
         assert shape[-1] != D, shape                     # no [b, T, D] layer input
@@ -295,10 +301,13 @@ def test_the_step_gathers_latents_not_keys(cp, fp8):
     # are never all-reduced (the transpose of a whole-k shard_map input would be).
     scattered = {m.group(1) for m in re.finditer(r"= \w+\[([\d,]*)\][^=]*? reduce-scatter\(",
                                                  hlo)}
-    assert f"4,16,{C}" in scattered, scattered
+    assert f"{b},{t},{C}" in scattered, scattered
     reduced = [tuple(map(int, m.group(1).split(",")))
                for m in re.finditer(r"= \w+\[([\d,]+)\][^=]*? all-reduce\(", hlo)]
     assert not [r for r in reduced if len(r) == 4 and r[1] == 64 and r[2] == N], reduced
+    # the MoE dispatch: [1, rows, D] token rows exchanged with the expert ranks
+    rows = re.findall(rf"= \((?:\w+\[1,\d+,{D}\]\{{[\d,]+\}},? ?)+\) all-to-all\(", hlo)
+    assert bool(rows) == (mesh.shape["expert"] > 1), rows
 
 
 def test_a_length_that_does_not_split_is_refused(cp):

@@ -41,7 +41,8 @@ GRAD_RTOL = gradient_rtol(TOKENS, 20.0)
 W_GATE = {"dp": P(None, None, None, None), "fsdp": P(None, None, "fsdp", None),
           "fsdp_tp": P(None, None, "fsdp", "tensor"), "fsdp_ep": P(None, "expert", "fsdp", None),
           "dp_ep_tp": P(None, "expert", None, "tensor"),
-          "fsdp_cp": P(None, None, ("fsdp", "context"), None)}
+          "fsdp_cp": P(None, None, ("fsdp", "context"), None),
+          "fsdp_ep_cp": P(None, "expert", ("fsdp", "context"), None)}
 
 
 @pytest.fixture(scope="module")

@@ -43,10 +43,14 @@ EXPECTED = {
     "fsdp_cp": {MOE + ("w_gate",): P(None, None, ("fsdp", "context"), None),
                 ("embed",): P(None, ("fsdp", "context")),
                 ATTN + ("w_uk",): P(None, ("fsdp", "context"), None, None)},
+    # With expert ranks too: the experts split over them, the other weights over all three.
+    "fsdp_ep_cp": {MOE + ("w_gate",): P(None, "expert", ("fsdp", "context"), None),
+                   ("embed",): P(None, ("fsdp", "context", "expert")),
+                   ATTN + ("w_uk",): P(None, ("fsdp", "context", "expert"), None, None)},
 }
 BATCH = {"dp": "data", "fsdp": "fsdp", "fsdp_tp": "fsdp", "fsdp_ep": ("fsdp", "expert"),
-         "dp_ep_tp": ("data", "expert"), "fsdp_cp": "fsdp"}
-LENGTH = {"fsdp_cp": "context"}                  # the sequence is whole under the others
+         "dp_ep_tp": ("data", "expert"), "fsdp_cp": "fsdp", "fsdp_ep_cp": ("fsdp", "expert")}
+LENGTH = {"fsdp_cp": "context", "fsdp_ep_cp": "context"}   # whole under the others
 
 
 def _setup(preset, mesh_config=None):
@@ -71,6 +75,8 @@ def test_default_meshes():
                                   "tensor": 2}
     assert shapes["fsdp_cp"] == {"dcn_data": 1, "data": 1, "fsdp": 2, "context": 4, "expert": 1,
                                  "tensor": 1}
+    assert shapes["fsdp_ep_cp"] == {"dcn_data": 1, "data": 1, "fsdp": 2, "context": 2,
+                                    "expert": 2, "tensor": 1}
 
 
 @pytest.mark.parametrize("preset", list(EXPECTED))
@@ -99,7 +105,7 @@ def test_preset_refuses_axes_it_does_not_use():
     mesh = par.make_mesh({"data": 4, "fsdp": 2})
     with pytest.raises(par.MeshError, match=r"preset 'dp' does not use mesh axis fsdp=2; set "
                                             r"mesh.fsdp=1 or choose a preset that uses it "
-                                            r"\(fsdp, fsdp_tp, fsdp_ep, fsdp_cp\)"):
+                                            r"\(fsdp, fsdp_tp, fsdp_ep, fsdp_cp, fsdp_ep_cp\)"):
         par.logical_axis_rules("dp", mesh)
     with pytest.raises(par.MeshError, match="unknown parallelism preset 'zero3'"):
         par.get_preset("zero3")
