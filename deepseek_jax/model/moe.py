@@ -99,8 +99,9 @@ class MoE(nn.Module):
         # Router in full fp32 (HIGHEST keeps TPU/GPU from using bf16/tf32 passes); it is tiny.
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router.astype(jnp.float32),
                             precision=jax.lax.Precision.HIGHEST)              # [B, T, E]
-        # Computed where x lies: under context parallelism the routing below wants whole
-        # sequences, and it is the logits (E a token) that should travel, not x (D a token).
+        # Computed where x lies: under context parallelism each rank routes its own positions
+        # (`routing.local_routing`); with a capacity factor, which needs whole sequences, it is
+        # the logits (E a token) that travel, not x (D a token).
         logits = layers.constrain(logits, (layers.BATCH, layers.LENGTH, None))
         layout = None
         # Not at init: the routed output does not matter there, and init traces a dummy batch

@@ -16,8 +16,9 @@ routed experts on the mesh.
                          from the active mesh and logical rules (`parallel.sharding_context`).
   local_routing, local_load
                          the gate, balance loss, capacity and loads per device on its own
-                         sequences, inside a shard_map (the compiler would gather the [B, T, E]
-                         scores over the whole batch for the top-k).
+                         sequences (and its own positions of them under context parallelism),
+                         inside a shard_map (the compiler would gather the [B, T, E] scores over
+                         the whole batch for the top-k).
 
 `dispatch.py` moves the tokens to the chosen experts; `moe.py` is the layer.
 """
@@ -116,15 +117,28 @@ def sequence_balance_terms(scores: jax.Array, idx: jax.Array, n_experts: int,
     T in f_i and P_i is the number of tokens that count in that sequence (padding is no part
     of a sequence); a sequence of padding only has no loss and is left out of the mean.
     """
+    sums = sequence_balance_sums(scores, idx, n_experts, token_mask)
+    return balance_from_sums(*sums, n_experts, idx.shape[-1])
+
+
+def sequence_balance_sums(scores: jax.Array, idx: jax.Array, n_experts: int,
+                          token_mask: jax.Array | None = None):
+    """The sums over T behind `sequence_balance_terms`, for any slice of the sequences'
+    positions: (expert counts [B, E], normalised scores summed [B, E], tokens that count [B]).
+    Sums of slices add up to the whole sequences' sums."""
     B, T, X = idx.shape
     m = (jnp.ones((B, T), jnp.float32) if token_mask is None
          else token_mask.astype(jnp.float32))                              # [B, T]
-    n = m.sum(-1)                                                          # [B]
     counts = jax.vmap(lambda i, w: expert_load(i, n_experts, w))(idx, m)   # [B, E]
-    f = counts * (n_experts / X) / jnp.maximum(n, 1.0)[:, None]            # [B, E]
     scores = scores.astype(jnp.float32)
     s = scores / scores.sum(-1, keepdims=True)                             # [B, T, E]
-    p = jnp.einsum("BTE,BT->BE", s, m) / jnp.maximum(n, 1.0)[:, None]      # [B, E]
+    return counts, jnp.einsum("BTE,BT->BE", s, m), m.sum(-1)               # [B, E] ×2, [B]
+
+
+def balance_from_sums(counts, score_sums, n, n_experts: int, top_k: int):
+    """(Σ_i f_i·P_i [B], has a token that counts [B]) from `sequence_balance_sums`."""
+    f = counts * (n_experts / top_k) / jnp.maximum(n, 1.0)[:, None]        # [B, E]
+    p = score_sums / jnp.maximum(n, 1.0)[:, None]                          # [B, E]
     return jnp.einsum("BE,BE->B", f, p), n > 0
 
 
@@ -266,10 +280,14 @@ def local_routing(logits: jax.Array, bias: jax.Array | None, config: ModelConfig
                   layout: EPLayout, token_mask: jax.Array | None = None, order=None):
     """`moe.gate`, `moe.sequence_balance_loss` and `capacity_keep` inside a shard_map over the
     batch axes: all three are per token or per sequence, so each device computes them for its own
-    sequences and nothing crosses devices. The sequence stays whole here (under context
-    parallelism the compiler gathers the [B, T, E] logits over the context ranks first): the
-    balance loss averages over a whole sequence and the capacity ranks count along it. (Partitioned by the compiler, the top-k of the gate
-    gathered the [B, T, E] scores over the whole batch.)
+    sequences. (Partitioned by the compiler, the top-k of the gate gathered the [B, T, E] scores
+    over the whole batch.)
+
+    Under context parallelism (`layout.length_axes`) each device routes its own positions too:
+    the gate is per token, and the balance loss's sums over a sequence are summed over its
+    ranks outside the shard_map (a [B, E] reduction), so the [B, T, E] logits never cross
+    devices. Capacity dropping ranks pairs along whole sequences, so with a capacity factor the
+    sequence stays whole here and the compiler gathers the logits over the context ranks.
 
     Args:
       logits: router logits [B, T, E] fp32. bias: [E] or None. layout: `layout_from_context`.
@@ -279,35 +297,41 @@ def local_routing(logits: jax.Array, bias: jax.Array | None, config: ModelConfig
       (weights [B, T, X], idx [B, T, X], balance loss scalar (mean over the B sequences that
        hold a real token), keep [B, T, X] bool when `config.moe_capacity_factor` > 0, else None).
     """
-    E, cf = logits.shape[-1], config.moe_capacity_factor
-    b_spec = P(layout.batch_axes or None)
+    E, X, cf = logits.shape[-1], config.n_experts_per_token, config.moe_capacity_factor
+    batch = layout.batch_axes or None
+    length = (layout.length_axes or None) if cf == 0 else None       # positions split here
+    t_spec = P(batch, length)
     if token_mask is None:
         token_mask = jnp.ones(logits.shape[:2], jnp.bool_)                 # [B, T]
 
     def body(logits, token_mask, *bias):
-        weights, idx, scores = gate(logits, bias[0] if bias else None, config)  # [b, T, X] ×2
-        per_seq, has = sequence_balance_terms(scores, idx, E, token_mask)   # [b] ×2
+        weights, idx, scores = gate(logits, bias[0] if bias else None, config)  # [b, t, X] ×2
+        sums = sequence_balance_sums(scores, idx, E, token_mask)            # [b, E] ×2, [b]
         keep = (capacity_keep(idx, E, cf, order),) if cf > 0 else ()        # [b, T, X]
-        return (weights, idx, per_seq, has) + keep
+        return (weights, idx, *(x[:, None] for x in sums)) + keep           # sums: [b, 1, ·]
 
     extra = () if bias is None else (bias,)
-    n_out = 5 if cf > 0 else 4
-    out = jax.shard_map(body, in_specs=(b_spec, b_spec) + (P(),) * len(extra),
-                        out_specs=(b_spec,) * n_out, check_vma=False)(logits, token_mask, *extra)
-    # The mean over sequences outside (the compiler sums the [B] arrays across devices).
-    balance = jnp.sum(jnp.where(out[3], out[2], 0.0)) / jnp.maximum(jnp.sum(out[3]), 1)
-    return out[0], out[1], balance, (out[4] if cf > 0 else None)
+    out = jax.shard_map(body, in_specs=(t_spec, t_spec) + (P(),) * len(extra),
+                        out_specs=(t_spec,) * (5 + (cf > 0)),
+                        check_vma=False)(logits, token_mask, *extra)
+    # Each rank's sums over its positions added up per sequence, then the mean over the
+    # sequences, outside (the compiler reduces the [B, ranks, ·] arrays across devices).
+    per_seq, has = balance_from_sums(*(x.sum(axis=1) for x in out[2:5]), E, X)  # [B] ×2
+    balance = jnp.sum(jnp.where(has, per_seq, 0.0)) / jnp.maximum(jnp.sum(has), 1)
+    return out[0], out[1], balance, (out[5] if cf > 0 else None)
 
 
 def local_load(idx: jax.Array, token_mask: jax.Array, n_experts: int,
                layout: EPLayout) -> jax.Array:
     """`moe.expert_load` of the real tokens (`token_mask` [B, T]) of idx [B, T, X]: each device
-    counts its own sequences' choices, then the counts are summed over the batch axes."""
-    b_spec = P(layout.batch_axes or None)
+    counts its own sequences' choices (its own positions of them under context parallelism),
+    then the counts are summed over those axes."""
+    t_spec = P(layout.batch_axes or None, layout.length_axes or None)
+    axes = layout.token_axes
 
     def body(idx, token_mask):
         load = expert_load(idx, n_experts, token_mask)                      # [E] local
-        return jax.lax.psum(load, layout.batch_axes) if layout.batch_axes else load
+        return jax.lax.psum(load, axes) if axes else load
 
-    return jax.shard_map(body, in_specs=(b_spec, b_spec), out_specs=P(),
+    return jax.shard_map(body, in_specs=(t_spec, t_spec), out_specs=P(),
                          check_vma=False)(idx, token_mask)

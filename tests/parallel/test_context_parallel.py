@@ -88,7 +88,7 @@ def test_attention_with_the_queries_split(cp, backend, mask):
 
 
 def test_the_zigzag_order(cp):
-    """Rank r's slice of the stored sequence is natural chunks r and 2n − 1 − r; `natural` undoes
+    """Rank r's slice of the stored order is natural chunks r and 2n − 1 − r; `natural` undoes
     `stored`; the shift is the natural one; and every rank gets the same causal work (exact
     integer arithmetic)."""
     z, h = Zigzag(CONTEXT), 4                            # 2n = 8 chunks of 4 over T = 32
@@ -187,6 +187,45 @@ def test_the_model_in_the_zigzag_order(cp):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
+def test_routing_on_each_ranks_own_positions(cp):
+    """`routing.local_routing` and `local_load` under fsdp_cp, with each sequence's positions
+    split over the 4 context ranks, give the whole-sequence gate, balance loss, its gradient
+    with respect to the logits, and expert loads. The gate is per token (exact); the balance
+    loss adds each rank's per-sequence sums of positive terms: another order of the same fp32
+    sums, 2·γ(T)·κ with κ = 1. Its gradient is the sums' broadcast, the same to that bound."""
+    from deepseek_jax.model import routing
+    mesh, rules = cp
+    c = get_config("tiny")
+    B, Tr, E = 8, 64, c.n_routed_experts
+    logits = jax.random.normal(jax.random.key(0), (B, Tr, E), jnp.float32)
+    bias = jax.random.normal(jax.random.key(1), (E,), jnp.float32) * 0.1
+    token_mask = jnp.arange(Tr)[None] < jnp.array([64, 40, 64, 3, 64, 64, 0, 64])[:, None]
+
+    def run(logits):
+        layout = routing.layout_from_context(c, batch_size=B)
+        if layout is None:                                     # one device: the plain functions
+            weights, idx, scores = routing.gate(logits, bias, c)
+            balance = routing.sequence_balance_loss(scores, idx, E, token_mask)
+            load = routing.expert_load(idx, E, token_mask)
+        else:
+            assert layout.length_axes == ("context",)
+            weights, idx, balance, _ = routing.local_routing(logits, bias, c, layout, token_mask)
+            load = routing.local_load(idx, token_mask, E, layout)
+        return balance, (weights, idx, load)
+
+    f = jax.jit(jax.value_and_grad(run, has_aux=True))
+    (want, (w_want, i_want, l_want)), g_want = f(logits)
+    with par.sharding_context(mesh, rules):
+        (got, (w_got, i_got, l_got)), g_got = f(logits)
+    np.testing.assert_array_equal(i_got, i_want)
+    np.testing.assert_array_equal(w_got, w_want)
+    np.testing.assert_array_equal(l_got, l_want)                 # integer counts
+    rtol = gradient_rtol(Tr, 1.0)
+    np.testing.assert_allclose(got, want, rtol=rtol)
+    assert_leaves_close_in_norm(g_got, g_want, rtol, "d balance / d logits")
+    assert float(jnp.abs(g_want).max()) > 0
+
+
 @pytest.mark.parametrize("zig", [False, True])
 def test_splash_with_the_queries_split(cp, zig):
     """Splash (interpreted) builds one kernel for the whole mask, its tables split with the
@@ -271,16 +310,18 @@ def test_lookup_with_the_ids_split_along_the_sequence(cp):
 @pytest.mark.parametrize("preset,fp8", [("fsdp_cp", False), ("fsdp_cp", True),
                                         ("fsdp_ep_cp", False)])
 def test_the_step_gathers_latents_not_keys(preset, fp8):
-    """Over the context ranks the compiled step gathers each layer's c_kv [b, T, C] and k_rope,
-    and the router logits [b, T, E]; never a [b, T, N, ·] key or value, nor a [b, T, D] layer
-    input; and it reduce-scatters the latents' gradients, never all-reducing the keys'. With fp8
-    (bf16, D = 256: whole 128-blocks per shard) the fp8 GEMMs run on each rank's own chunk of
-    rows. With expert ranks as well (fsdp_ep_cp: fsdp 2 × expert 2 × context 2) the same holds,
+    """Over the context ranks the compiled step gathers each layer's c_kv [b, T, C] and k_rope;
+    never a [b, T, N, ·] key or value, nor a [b, T, D] layer input, nor the router logits
+    [b, T, E] (each rank routes its own positions; E = 24 here, a size no other array has); and
+    it reduce-scatters the latents' gradients, never all-reducing the keys' nor the logits'.
+    With fp8 (bf16, D = 256: whole 128-blocks per shard) the fp8 GEMMs run on each rank's own
+    chunk of rows. With expert ranks as well (fsdp_ep_cp: fsdp 2 × expert 2 × context 2) the same holds,
     and each rank's tokens go to their experts by all-to-all."""
     mesh = par.make_mesh(par.default_mesh_config(preset, 8))
     rules = par.logical_axis_rules(preset, mesh)
     c = get_config("tiny", fp8=True, d_model=256, dtype=jnp.bfloat16) if fp8 else \
         get_config("tiny")
+    c = c.replace(n_routed_experts=24)
     tx = optax.sgd(0.1)
     step = sharded.make_sharded_train_step(c, tx, mesh, rules)
     state = jax.eval_shape(lambda: init_train_state(jax.random.key(0), c, tx))
@@ -297,6 +338,7 @@ def test_the_step_gathers_latents_not_keys(preset, fp8):
     for shape in shapes:                                 # k_rope's rotation pairs [b, T, R/2, 2]
         assert len(shape) < 4 or shape[2:] == (R // 2, 2) or shape[2] != N, shape  # no key, value
         assert shape[-1] != D, shape                     # no [b, T, D] layer input
+        assert shape[-1] != c.n_routed_experts, shape    # no [b, T, E] router logits
     # The latents' gradients leave as reduce-scatters of [b, T/4, C]; the keys' and values'
     # are never all-reduced (the transpose of a whole-k shard_map input would be).
     scattered = {m.group(1) for m in re.finditer(r"= \w+\[([\d,]*)\][^=]*? reduce-scatter\(",
@@ -305,6 +347,7 @@ def test_the_step_gathers_latents_not_keys(preset, fp8):
     reduced = [tuple(map(int, m.group(1).split(",")))
                for m in re.finditer(r"= \w+\[([\d,]+)\][^=]*? all-reduce\(", hlo)]
     assert not [r for r in reduced if len(r) == 4 and r[1] == 64 and r[2] == N], reduced
+    assert not [r for r in reduced if r[-1:] == (c.n_routed_experts,) and 64 in r], reduced
     # the MoE dispatch: [1, rows, D] token rows exchanged with the expert ranks
     rows = re.findall(rf"= \((?:\w+\[1,\d+,{D}\]\{{[\d,]+\}},? ?)+\) all-to-all\(", hlo)
     assert bool(rows) == (mesh.shape["expert"] > 1), rows
