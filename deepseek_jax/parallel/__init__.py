@@ -4,6 +4,7 @@
   mesh = make_mesh(mesh_config)                     # or default_mesh_config("fsdp_tp", n)
   rules = logical_axis_rules("fsdp_tp", mesh)       # (both at once: mesh_and_rules)
   with sharding_context(mesh, rules): ...           # the mesh and rules every trace reads
+  step = InContext(jax.jit(fn), mesh, rules)        # a program that always traces in them
 
 The ground floor: nothing here imports the model or the trainers. The model's shardings, the
 checks before compiling and the sharded train step are in `train/sharded.py`
@@ -26,15 +27,16 @@ from deepseek_jax.parallel.mesh import (MESH_AXES, MeshError, make_mesh,
                                         maybe_initialize_distributed, multi_process_launch,
                                         resolve_mesh_shape, skip_absent_tpu, slice_count,
                                         split_dimensions, torus_layout)
-from deepseek_jax.parallel.rules import (LOGICAL_AXIS_RULES, PRESETS, Preset, axis_names,
-                                         batch_axes, default_mesh_config, expert_axes,
+from deepseek_jax.parallel.rules import (LOGICAL_AXIS_RULES, PRESETS, InContext, Preset,
+                                         axis_names, batch_axes, default_mesh_config, expert_axes,
                                          get_preset, logical_axis_rules, mesh_and_rules,
                                          run_mesh_config, sharding_context)
 from deepseek_jax.parallel.sharding import batch_sharding, check_global_batch, to_global, to_host
 from deepseek_jax.parallel.processes import together
 
 __all__ = [
-    "LOGICAL_AXIS_RULES", "MESH_AXES", "MeshError", "PRESETS", "Preset", "axis_names",
+    "InContext", "LOGICAL_AXIS_RULES", "MESH_AXES", "MeshError", "PRESETS", "Preset",
+    "axis_names",
     "batch_axes", "batch_sharding", "check_global_batch", "default_mesh_config", "expert_axes",
     "get_preset", "logical_axis_rules", "make_mesh", "maybe_initialize_distributed",
     "mesh_and_rules", "multi_process_launch", "resolve_mesh_shape", "run_mesh_config",

@@ -241,3 +241,25 @@ def sharding_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
         yield
 
+
+
+class InContext:
+    """`fn` (a jitted function) traced and run with `mesh` and `rules` in scope: every call and
+    `lower` enters `sharding_context`. A jitted function traces at its first call, not where
+    `jax.jit` was written, so a program made inside the context but called outside it would
+    trace without the rules: no activation constraints, and no `shard_map` around the Mosaic
+    kernels, the MoE dispatch or context-parallel attention. Other attributes are `fn`'s."""
+
+    def __init__(self, fn, mesh: Mesh, rules: Rules):
+        self.fn, self.mesh, self.rules = fn, mesh, rules
+
+    def __call__(self, *args, **kwargs):
+        with sharding_context(self.mesh, self.rules):
+            return self.fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with sharding_context(self.mesh, self.rules):
+            return self.fn.lower(*args, **kwargs)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.fn, attr)

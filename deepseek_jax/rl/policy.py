@@ -68,16 +68,17 @@ def initial_state(model_config: ModelConfig, tx, shardings: TrainState, pretrain
 def compile_steps(model_config: ModelConfig, tx, shardings: TrainState, mesh, rules, rl):
     """(update(state, batch) -> (state, metrics), logprobs(params, routing, tokens) -> [B, T])
     for the run config's `rl` section."""
-    with parallel.sharding_context(mesh, rules):
-        update = jax.jit(functools.partial(
-            grpo_step, config=model_config, tx=tx, temperature=rl.temperature,
-            eps_low=rl.eps_low, eps_high=rl.eps_high, beta=rl.beta,
-            aggregation=rl.aggregation, max_len=rl.max_new_tokens,
-            bias_update_rate=rl.bias_update_rate),
-            in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
-        logprobs = jax.jit(lambda p, r, t: target_logprobs(p, r, t, model_config,
-                                                           rl.temperature)[0])
-    return parallel.together(update, "GRPO update"), parallel.together(logprobs, "log-probs")
+    update = jax.jit(functools.partial(
+        grpo_step, config=model_config, tx=tx, temperature=rl.temperature,
+        eps_low=rl.eps_low, eps_high=rl.eps_high, beta=rl.beta,
+        aggregation=rl.aggregation, max_len=rl.max_new_tokens,
+        bias_update_rate=rl.bias_update_rate),
+        in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+    logprobs = jax.jit(lambda p, r, t: target_logprobs(p, r, t, model_config,
+                                                       rl.temperature)[0])
+    in_context = lambda fn: parallel.InContext(fn, mesh, rules)  # noqa: E731 (trace in them)
+    return (parallel.together(in_context(update), "GRPO update"),
+            parallel.together(in_context(logprobs), "log-probs"))
 
 
 def to_device(rows: dict, advantages, mesh, rules) -> dict:

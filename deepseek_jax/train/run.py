@@ -291,8 +291,7 @@ def train_steps(config, model_config, plan, mesh, rules):
                                                microbatches=config.train.microbatches,
                                                settings=plan.train)
     batch_sharding = parallel.batch_sharding(mesh, rules)
-    with parallel.sharding_context(mesh, rules):
-        eval_fn = parallel.together(jax.jit(
-            lambda s, b: eval_step(s, b, config=model_config, settings=plan.train),
-            in_shardings=(step_fn.shardings, batch_sharding)), "eval step")
+    eval_fn = parallel.together(parallel.InContext(jax.jit(
+        lambda s, b: eval_step(s, b, config=model_config, settings=plan.train),
+        in_shardings=(step_fn.shardings, batch_sharding)), mesh, rules), "eval step")
     return tx, step_fn, eval_fn, batch_sharding

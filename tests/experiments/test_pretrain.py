@@ -196,9 +196,10 @@ def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
 
 
 def test_restore_onto_another_preset(process_reference, tmp_path):
-    """Saved under `dp` on 1 device, resumed under `fsdp_cp` on 8 (fsdp 2 × context 4: the
-    weights resharded, each sequence split into 4 chunks): the run continues from the saved
-    state. Compared with the uninterrupted 1-device process run:
+    """Saved under `dp` on 1 device, resumed under `fsdp_ep_cp` on 8 (fsdp 2 × expert 2 ×
+    context 2: the weights resharded, the experts split, each sequence split into 2 ranks'
+    zigzag chunks), with eval under the same rules: the run continues from the saved state.
+    Compared with the uninterrupted 1-device process run:
 
     - up to the step it stopped at, the losses are that run's exactly (same process set-up);
     - the first step after the restore starts from the same parameters and data, so its loss
@@ -218,7 +219,7 @@ def test_restore_onto_another_preset(process_reference, tmp_path):
     stopped_at = int(out.split("stopped by signal at step ")[1].split(";")[0])
     assert 4 <= stopped_at < 12
     c2 = _tiny(steps=12, checkpoint_every=4, eval_every=6)
-    c2.mesh.preset = "fsdp_cp"
+    c2.mesh.preset = "fsdp_ep_cp"
     pretrain.train_and_evaluate(c2, workdir)
     got = _losses(workdir)
     assert sorted(got) == list(range(1, 13))
