@@ -15,7 +15,8 @@ Files: `rope.py` (RoPE + YaRN), `layers.py` (RMSNorm, SwiGLU, parameter helper),
 `routing.py` (gate, loads, balancing, capacity, mesh layout), `dispatch.py` (dense, ragged,
 local and expert-parallel dispatch), `moe.py` (the MoE layer), `blocks.py`, `mtp.py`,
 `head.py` (output-head logits, whole or in chunks of positions), `transformer.py` (embedding,
-stacks, head), `params.py` (counting).
+stacks, head), `params.py` (counting), `zigzag.py` (the load-balanced sequence order of context
+parallelism).
 """
 
 from deepseek_jax.model.params import count_params
