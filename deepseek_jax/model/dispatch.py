@@ -534,7 +534,8 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
     """Routed experts with expert parallelism (see the module docstring).
 
     Args:
-      x: tokens [B, T, D] (global arrays under jit; B split over `layout.batch_axes`).
+      x: tokens [B, T, D] (global arrays under jit; B split over `layout.batch_axes`, T over
+        `layout.length_axes`).
       weights: combine weights [B, T, X]; idx: expert ids [B, T, X] (from `moe.gate`).
       w_gate, w_up: [E, D, F]; w_down: [E, F, D]. E is split over `layout.expert_axes`, F over
         `layout.mlp_axes`; D is gathered (FSDP weights are all-gathered on the way in).
@@ -572,7 +573,9 @@ def expert_parallel_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate
         return _local_moe(x, weights, idx, w_gate, w_up, w_down, layout=layout, dtype=dtype,
                           backend=backend, fp8=fp8, keep=keep, expert_chunks=expert_chunks)
     ex = layout.expert_axes if len(layout.expert_axes) > 1 else layout.expert_axes[0]
-    M = (x.shape[0] // n_batch) * x.shape[1] * idx.shape[2]
+    # Pairs per device: its sequences, and under context parallelism its positions of them.
+    n_length = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in layout.length_axes)
+    M = (x.shape[0] // n_batch) * (x.shape[1] // n_length) * idx.shape[2]
     embed_axes = _embed_axes(layout, x.shape[-1])
     emb = embed_axes or None
     plan = _Plan(n_shards=Pn, chunk=chunk_rows(M, Pn, buffer_factor), n_local=E // Pn,

@@ -348,9 +348,12 @@ def test_the_step_gathers_latents_not_keys(preset, fp8):
                for m in re.finditer(r"= \w+\[([\d,]+)\][^=]*? all-reduce\(", hlo)]
     assert not [r for r in reduced if len(r) == 4 and r[1] == 64 and r[2] == N], reduced
     assert not [r for r in reduced if r[-1:] == (c.n_routed_experts,) and 64 in r], reduced
-    # the MoE dispatch: [1, rows, D] token rows exchanged with the expert ranks
-    rows = re.findall(rf"= \((?:\w+\[1,\d+,{D}\]\{{[\d,]+\}},? ?)+\) all-to-all\(", hlo)
-    assert bool(rows) == (mesh.shape["expert"] > 1), rows
+    # the MoE dispatch: [1, W, D] token rows exchanged with each expert rank, W sized for this
+    # rank's own pairs (b·t·X of them, buffer factor 2 over P ranks), not the whole sequence's
+    P_ = mesh.shape["expert"]
+    W = -(-2 * b * t * c.n_experts_per_token // P_)
+    rows = re.findall(rf"= \((?:\w+\[1,(\d+),{D}\]\{{[\d,]+\}},? ?)+\) all-to-all\(", hlo)
+    assert set(map(int, rows)) == ({W} if P_ > 1 else set()), (rows, W)
 
 
 def test_a_length_that_does_not_split_is_refused(cp):
