@@ -92,11 +92,10 @@ class SelfMask:
     def dense(self, batch: int, length: int) -> jax.Array:
         """[B, T, S] bool, the same mask for the einsum paths (`blocks.attention_mask` semantics
         and, with a token mask, no padding key)."""
-        mask = dense_mask(length, self.segment_ids, True, batch)                 # [B, T, S]
+        mask = dense_mask(length, self.segment_ids, self.order is None, batch)   # [B, T, S]
         if self.order is not None:                     # causal over natural positions
             pos = self.order.positions(length)                                   # [T]
-            mask = dense_mask(length, self.segment_ids, False, batch) & (
-                pos[:, None] >= pos[None, :])[None]                              # [B, T, S]
+            mask = mask & (pos[:, None] >= pos[None, :])[None]                   # [B, T, S]
         if self.token_mask is not None:
             mask = mask & self.token_mask[:, None, :]
         return mask

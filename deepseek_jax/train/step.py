@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import optax
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model import zigzag
+from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer, init_variables
 from deepseek_jax.train import losses
 from deepseek_jax.train.schedules import StepSettings

@@ -116,6 +116,15 @@ def test_the_zigzag_order(cp):
     assert zigzag.for_length(64) is None                # no mesh: nothing split
 
 
+def test_the_dense_mask_in_the_zigzag_order():
+    """`SelfMask.dense` with an order (what the einsum paths, e.g. MLA's absorbed attention,
+    read) is the natural mask with its rows and columns stored in that order (exact)."""
+    z, seg = Zigzag(CONTEXT), jnp.asarray(MASKS["segments"][0])
+    want = attn_mod.SelfMask(seg).dense(2, T)                                   # [B, T, S]
+    got = attn_mod.SelfMask(z.stored(seg), order=z).dense(2, T)
+    np.testing.assert_array_equal(got, z.stored(z.stored(want, axis=1), axis=2))
+
+
 @pytest.mark.parametrize("backend", ["einsum", "blockwise"])
 def test_attention_in_the_zigzag_order(cp, backend):
     """The inputs stored in the zigzag order, attention under fsdp_cp with `order`, and the
