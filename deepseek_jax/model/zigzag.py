@@ -10,8 +10,9 @@ widths of keys per query chunk pair.
 Stored along T, the order is chunks [0, 2n−1, 1, 2n−2, …, n−1, n]: rank r's contiguous slice of the
 stored sequence is its two chunks. In training every [B, T] array of a batch (tokens, positions,
 segment ids, masks, loss weights) is put in this order once, at the step's entry (`stored`); the
-position-wise layers (embedding, projections, MoE, norms, head) do not care, and the three things
-that read the sequence's order ask this object:
+position-wise layers (embedding, projections, MoE, norms, head) and the sums over a sequence
+(the balance loss, expert loads, the loss) do not care, and the three things that read the
+sequence's order ask this object:
 
   - attention un-permutes the all-gathered keys' latents to natural order on each device and runs
     its two query chunks at their own offsets (`model.attention`);
