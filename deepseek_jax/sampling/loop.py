@@ -10,6 +10,7 @@ builds on all three.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import Transformer
+from deepseek_jax.model import Transformer, layers
 from deepseek_jax.sampling.cache import cache_logical_axes, init_cache
 from deepseek_jax.sampling.sample import choose, token_logprobs
 
@@ -81,14 +82,28 @@ def prefill(variables, ids, lengths, *, config: ModelConfig, s: Settings, mtp: b
     a cache of the prompt width P, then the cache is padded to S slots: the prefill's attention
     (expanded, per `config.attention_impl`) up-projects every slot it reads, so its cost grows
     with the slots, and P ≪ S when many tokens are generated. `mtp` adds the (still empty) MTP
-    depth-1 cache that speculative decoding fills."""
+    depth-1 cache that speculative decoding fills.
+
+    Under a mesh whose batch axes do not divide B (a GRPO step's few distinct prompts on many
+    devices), the pass runs on B rounded up to a multiple of them, the extra rows a one-token
+    prompt, and returns the B real rows: the MoE's per-device routing and expert-parallel
+    exchange need every device to hold whole rows."""
     B, P = ids.shape
+    shards = math.prod(jax.sharding.get_abstract_mesh().shape[a]
+                       for a in layers.split_axes(layers.BATCH))
+    extra = -B % shards
+    if extra:
+        ids = jnp.pad(ids, ((0, extra), (0, 0)))                                # [B', P]
+        lengths = jnp.pad(lengths, (0, extra), constant_values=1)              # [B']
     model, _ = step_models(config, s.cache_kind)
-    cache = constrain_cache(init_cache(config, B, P, kind=s.cache_kind, mtp=mtp))
-    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))       # [B, P]
+    cache = constrain_cache(init_cache(config, B + extra, P, kind=s.cache_kind, mtp=mtp))
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B + extra, P))
     logits, hidden, cache = model.apply(variables, ids, positions, cache, (lengths - 1)[:, None],
-                                        method="decode")                        # [B, 1, V]
-    return logits[:, 0], hidden, constrain_cache(pad_slots(cache, s.cache_len))
+                                        method="decode")                        # [B', 1, V]
+    if extra:
+        cache = {name: jax.tree.map(lambda a: a[:B] if name == "mtp" else a[:, :B], entries)
+                 for name, entries in cache.items()}
+    return logits[:B, 0], hidden[:B], constrain_cache(pad_slots(cache, s.cache_len))
 
 
 def pad_slots(cache: dict, length: int) -> dict:

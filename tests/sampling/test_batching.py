@@ -166,6 +166,18 @@ def test_continuous_on_the_dp_mesh_equals_unsharded():
         generate_groups(v, c, PROMPTS, G, slots=4, mesh=mesh, rules=rules, **kw)
 
 
+def test_continuous_on_the_expert_parallel_mesh_equals_unsharded():
+    """fsdp_ep (fsdp 2 × expert 4): the shared prefill's few prompts do not fill the 8 batch
+    shards that the MoE's expert-parallel exchange needs, so it runs on padding rows and keeps
+    the real ones (before, it failed in the routing's shard_map)."""
+    mesh, rules = par.mesh_and_rules("fsdp_ep")
+    assert len(PROMPTS) % 8
+    v, c, rng = decisive_variables(), tiny(), jax.random.key(7)
+    kw = dict(max_new_tokens=N, temperature=1.0, rng=rng, row_max_new_tokens=BUDGETS)
+    got = generate_groups(v, c, PROMPTS, G, slots=8, mesh=mesh, rules=rules, **kw)
+    assert_same(got, generate_groups(v, c, PROMPTS, G, slots=8, **kw))
+
+
 def test_static_on_the_fsdp_mesh_equals_unsharded():
     mesh, rules = par.mesh_and_rules("fsdp")
     v, c = decisive_variables(), tiny()
