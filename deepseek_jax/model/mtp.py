@@ -24,9 +24,10 @@ scratch either is self-consistent, and one is kept.)
 All depths keep the full length T: the input tokens are shifted left by k and the last k
 positions, which have no t_{i+k}, see token 0; the loss masks every position whose target lies
 beyond the sequence (`deepseek_jax.train.losses.mtp_loss`). When the sequence is stored in the
-zigzag order of context parallelism (the mask's `order`), the shift is taken in natural order. In training, each depth's backward
-pass completes its parameters' gradients before its input gradient goes on into the trunk
-(`_params_grad_first`): an order for the compiler, no change of value.
+zigzag order of context parallelism (the mask's `order`), the shift is taken in natural order.
+In training, each depth's backward pass completes its parameters' gradients before its input
+gradient goes on into the trunk (`_params_grad_first`): an order for the compiler, no change of
+value.
 
 Parameter names (frozen; HF names of `model.layers.{n_layers + k − 1}`): layer_{k−1}/enorm,
 hnorm, eh_proj [2D, D] (eh_proj, transposed), block (the decoder layer), norm

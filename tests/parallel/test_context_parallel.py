@@ -324,8 +324,8 @@ def test_the_step_gathers_latents_not_keys(preset, fp8):
     [b, T, E] (each rank routes its own positions; E = 24 here, a size no other array has); and
     it reduce-scatters the latents' gradients, never all-reducing the keys' nor the logits'.
     With fp8 (bf16, D = 256: whole 128-blocks per shard) the fp8 GEMMs run on each rank's own
-    chunk of rows. With expert ranks as well (fsdp_ep_cp: fsdp 2 × expert 2 × context 2) the same holds,
-    and each rank's tokens go to their experts by all-to-all."""
+    chunk of rows. With expert ranks as well (fsdp_ep_cp: fsdp 2 × expert 2 × context 2) the
+    same holds, and each rank's tokens go to their experts by all-to-all."""
     mesh = par.make_mesh(par.default_mesh_config(preset, 8))
     rules = par.logical_axis_rules(preset, mesh)
     c = get_config("tiny", fp8=True, d_model=256, dtype=jnp.bfloat16) if fp8 else \
