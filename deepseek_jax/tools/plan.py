@@ -33,9 +33,11 @@ estimated step time), printed as a table and written to OUT/plan.md, plan.csv an
   --isolate      compile each strategy in a child process (default for TPU and GPU), which also
                  measures its peak host memory
 
-Left out: pipeline parallelism and sequence parallelism (the mesh has no such axes), and
-searching for the largest batch or micro-batch count that fits (pass them explicitly and
-compare runs).
+`all` includes context parallelism (fsdp_cp, fsdp_ep_cp) only when the batch has fewer sequences
+than a slice has devices, the case where sequences must be split; name it to compare otherwise.
+
+Left out: pipeline parallelism, and searching for the largest batch or micro-batch count that
+fits (pass them explicitly and compare runs).
 """
 
 from __future__ import annotations
@@ -189,14 +191,19 @@ def shard_problem(config: ModelConfig, strategy: Strategy, batch: int) -> str | 
     return None
 
 
-def enumerate_strategies(config: ModelConfig, target: Target, batch: int) -> list[Strategy]:
+def enumerate_strategies(config: ModelConfig, target: Target, batch: int,
+                         seq: int | None = None) -> list[Strategy]:
     """Every preset with power-of-two sizes on its non-fill axes that shards evenly (data=1 in
     the presets that fill fsdp: data parallelism inside a slice only adds replicas). Context
-    parallelism is left out (its axis has no options here): it is planned when named."""
+    parallelism only when the batch has fewer sequences than a slice has devices (given `seq`):
+    then the sequences must be split too, with context sizes that cut `seq` into whole zigzag
+    chunks (2 × context). Otherwise it is planned when named."""
     n = target.devices_per_slice
     options = {"tensor": [1] + [t for t in _powers_of_two(min(n, 16)) if config.n_heads % t == 0],
                "expert": [1] + [e for e in _powers_of_two(min(n, config.n_routed_experts or 1))
                                 if config.n_routed_experts % e == 0]}
+    if seq and batch < n:
+        options["context"] = [1] + [c for c in _powers_of_two(n) if seq % (2 * c) == 0]
     seen, out = set(), []
     for p in PRESETS.values():
         free = [a for a in p.axes if a != p.fill and a in options]
@@ -468,7 +475,7 @@ def _plan_config(config, model, target, target_name, batch, seq, strategies, top
                  analytic_only, isolate, compile_timeout, log, microbatches) -> list[dict]:
     """The rows of `plan` for one model config (one remat policy), unranked."""
     if strategies.strip() == "all":
-        candidates = enumerate_strategies(config, target, batch // microbatches)
+        candidates = enumerate_strategies(config, target, batch // microbatches, seq)
         if not candidates:
             raise PlanError(f"no strategy shards {model} with batch {batch} on {target.name}; "
                             "try a batch that is a multiple of the chip count")

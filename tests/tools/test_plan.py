@@ -280,6 +280,31 @@ def test_every_listed_strategy_builds_its_mesh_on_the_topology(model, target, ba
         assert "split as fsdp 2 × expert 4" in plan.layout_note(first, devices, t)
 
 
+def test_all_splits_the_sequences_when_the_batch_cannot_fill_the_slice():
+    """`all` with fewer sequences than a slice's devices adds context parallelism, with sizes
+    that cut the sequence into whole zigzag chunks; for one 131k-token sequence of v2-lite on 8
+    chips the analytic model ranks fsdp_cp(context=8) first, ahead of tensor parallelism, as
+    the compiled numbers in BENCHMARKS.md do (44.2 against 64.3 GiB per chip). A batch that
+    fills the slice enumerates what it did before."""
+    t = parse_target("tpu-v5p-16")
+    config = plan.load_model("v2-lite")
+    one = plan.enumerate_strategies(config, t, 1, 131072)
+    assert "fsdp_cp(context=8)" in [s.label for s in one]
+    ranked = plan.rank([plan.build_row(config, s, t, 1, 131072, None) for s in one])
+    assert ranked[0]["strategy"] == "fsdp_cp(context=8)"
+    few = plan.enumerate_strategies(config, t, 4, 32768)
+    assert {s.preset for s in few} >= {"fsdp_cp", "fsdp_ep_cp"}
+    assert all(32768 % (2 * s.mesh["context"]) == 0 for s in few)
+    # 40 tokens: 8 zigzag chunks (4 ranks) but not 16 (8 ranks)
+    assert all(s.mesh["context"] == 1
+               for s in plan.enumerate_strategies(config, t, 1, 40))   # one needs 8 ranks
+    assert [s.label for s in plan.enumerate_strategies(config, t, 2, 40)
+            if s.preset == "fsdp_cp"] == ["fsdp_cp(fsdp=2,context=4)"]
+    full = plan.enumerate_strategies(config, t, 8, 4096)
+    assert full == plan.enumerate_strategies(config, t, 8)
+    assert all(s.mesh["context"] == 1 for s in full)
+
+
 def test_failed_compile_is_shown_failed_and_ranked_last():
     config = plan.load_model(TINY_DENSE)
     ok = plan.build_row(config, Strategy.make("dp", {"data": 8}), CPU8, 8, 32, None)
