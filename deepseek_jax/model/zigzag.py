@@ -54,10 +54,9 @@ class Zigzag:
     def natural(self, x: jax.Array, axis: int = 1) -> jax.Array:
         """Stored order → natural order along `axis`: the inverse of `stored`."""
         n = self.ranks
-        pairs = _chunked(x, axis, n)                                         # [..., n, 2h, ...]
-        pairs = pairs.reshape(*pairs.shape[:axis + 1], 2, -1, *pairs.shape[axis + 2:])
-        first = jnp.take(pairs, 0, axis=axis + 1)                           # chunks 0 … n−1
-        second = jnp.flip(jnp.take(pairs, 1, axis=axis + 1), axis)         # chunks n … 2n−1
+        chunks = _chunked(x, axis, 2 * n)                    # [..., 2n, h, ...]: 0, 2n−1, 1, …
+        first = jax.lax.slice_in_dim(chunks, 0, 2 * n, 2, axis=axis)        # chunks 0 … n−1
+        second = jnp.flip(jax.lax.slice_in_dim(chunks, 1, 2 * n, 2, axis=axis), axis)  # n … 2n−1
         return _merged(jnp.concatenate([first, second], axis=axis), axis, 2)
 
     def shift_left(self, x: jax.Array, k: int) -> jax.Array:

@@ -43,12 +43,14 @@ def shifted_targets(tokens: jax.Array, valid: jax.Array, k: int, order=None):
     order: the zigzag order tokens and valid are stored in, if any; i + k is taken in natural
     order and the results are stored like the inputs.
     """
-    shift = shift_left if order is None else order.shift_left
+    if order is not None:
+        targets, weights = shifted_targets(order.natural(tokens), order.natural(valid), k)
+        return order.stored(targets), order.stored(weights)
     valid = valid.astype(jnp.float32)
-    weights = shift(valid, 1)
+    weights = shift_left(valid, 1)
     for j in range(2, k + 1):
-        weights = weights * shift(valid, j)
-    return shift(tokens, k), weights
+        weights = weights * shift_left(valid, j)
+    return shift_left(tokens, k), weights
 
 
 def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:

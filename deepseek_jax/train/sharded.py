@@ -45,7 +45,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from deepseek_jax.config import MeshError, ModelConfig
 from deepseek_jax.model.transformer import init_variables
 from deepseek_jax.parallel.mesh import MESH_AXES
-from deepseek_jax.parallel.rules import Rules, axis_names, mesh_axes_of, sharding_context
+from deepseek_jax.parallel.rules import (InContext, Rules, axis_names, mesh_axes_of,
+                                         sharding_context)
 from deepseek_jax.parallel.sharding import batch_problems, batch_sharding, check_global_batch
 from deepseek_jax.parallel.processes import together
 from deepseek_jax.train.schedules import StepSettings
@@ -223,15 +224,15 @@ def make_sharded_train_step(config: ModelConfig, tx: optax.GradientTransformatio
                      in_shardings=(shardings, batch_sharding(mesh, rules)),
                      out_shardings=(shardings, replicated), donate_argnums=0)
 
+    in_context = InContext(jitted, mesh, rules)
+
     def step(state: TrainState, batch: dict):
         check_global_batch(mesh, rules, batch["tokens"].shape[0])
-        with sharding_context(mesh, rules):
-            return jitted(state, batch)
+        return in_context(state, batch)
 
     def lower(state, batch):
         check_global_batch(mesh, rules, batch["tokens"].shape[0])
-        with sharding_context(mesh, rules):
-            return jitted.lower(state, batch)
+        return in_context.lower(state, batch)
 
     step.lower = lower
     step.shardings = shardings
