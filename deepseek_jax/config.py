@@ -169,6 +169,9 @@ class ModelConfig:
     remat_policy: str = "none"          # REMAT_POLICIES or "custom:NAME=ACTION,..."
     fp8: bool = False                   # fp8 projections (block-scaled e4m3 GEMMs)
     fp8_backend: str = "auto"           # their GEMM kernels (kernels/fp8.py): auto = by platform
+    adapter_rank: int = 0               # LoRA adapters' rank r (model/adapters.py); 0 = none
+    adapter_alpha: float = 16.0         # their update is (alpha / r)·A·B
+    adapter_targets: tuple[str, ...] = ("attention", "mlp")   # ADAPTER_GROUPS or "group.w_name"
 
     def __post_init__(self):
         validate(self)
@@ -217,6 +220,8 @@ class ModelConfig:
         fields = {k: v for k, v in fields.items() if k not in _RUN_SETTINGS}
         for key in ("dtype", "param_dtype"):
             fields[key] = jnp.dtype(fields[key]).type
+        if "adapter_targets" in fields:                # a JSON list
+            fields["adapter_targets"] = tuple(fields["adapter_targets"])
         return cls(**fields)
 
     @classmethod
@@ -228,6 +233,14 @@ class ModelConfig:
 def yarn_mscale(factor: float, mscale: float) -> float:
     """YaRN attention temperature √t = 0.1·mscale·ln(s) + 1 (1 when s ≤ 1)."""
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+# Where LoRA adapters can go (`ModelConfig.adapter_targets`): group → the weights it covers.
+ADAPTER_GROUPS = {
+    "attention": ("w_dq", "w_uq", "w_qr", "w_dkv", "w_kr", "w_uk", "w_uv", "w_o"),
+    "mlp": ("w_gate", "w_up", "w_down"),        # dense FFNs and shared experts
+    "experts": ("w_gate", "w_up", "w_down"),    # routed experts, a pair per expert
+}
 
 
 # Train-step settings (train.schedules.StepSettings) that older model_config.json files hold.
@@ -254,6 +267,16 @@ def validate(c: ModelConfig) -> None:
            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
         need(getattr(c, name) > 0, f"{name}={getattr(c, name)} must be positive")
     need(c.q_lora_rank >= 0, f"q_lora_rank={c.q_lora_rank} must be >= 0 (0 = no q compression)")
+    need(c.adapter_rank >= 0, f"adapter_rank={c.adapter_rank} must be >= 0 (0 = no LoRA adapters)")
+    need(c.adapter_alpha > 0, f"adapter_alpha={c.adapter_alpha} must be positive")
+    need(isinstance(c.adapter_targets, tuple),
+         f"adapter_targets must be a tuple of names, got {c.adapter_targets!r}")
+    known = [*ADAPTER_GROUPS, *(f"{g}.{w}" for g, ws in ADAPTER_GROUPS.items() for w in ws)]
+    unknown = [t for t in c.adapter_targets if t not in known]
+    need(not unknown, f"adapter_targets {unknown} are not adapter targets: name groups "
+         f"{list(ADAPTER_GROUPS)} or weights such as 'attention.w_o'")
+    need(not c.adapter_rank or bool(c.adapter_targets),
+         "adapter_rank > 0 needs adapter_targets: name at least one group, e.g. ('attention',)")
     need(c.qk_rope_head_dim % 2 == 0,
          f"qk_rope_head_dim={c.qk_rope_head_dim} must be even (RoPE rotates pairs)")
     need(0 <= c.n_dense_layers <= c.n_layers,

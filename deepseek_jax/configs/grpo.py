@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from deepseek_jax.configs.pretrain import model_fields
+from deepseek_jax.configs.pretrain import adapter_fields, model_fields
 from deepseek_jax.config import get_config as get_model_config
 from deepseek_jax.rl.rewards import FORMAT_WEIGHTS
 
@@ -46,6 +46,10 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     # Used only when pretrain_dir is empty (the run's model_config.json wins otherwise).
     c.model = model_fields(get_model_config(model, **({"vocab_size": 320} if arg == "tiny"
                                                       else {})))
+    # LoRA adapters on the starting weights (a run trained with them starts this one merged):
+    # --config.adapter.rank=16 trains the adapters only, and with β > 0 the reference model is
+    # the policy with them off rather than a second copy of the weights.
+    c.adapter = adapter_fields()
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = task            # arithmetic or countdown

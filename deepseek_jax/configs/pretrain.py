@@ -48,9 +48,33 @@ from deepseek_jax.config import ModelConfig, get_config as get_model_config
 from deepseek_jax.train.schedules import steps_for_tokens
 
 
+# LoRA adapters are set by a fine-tuning run's `adapter` section (`adapter_fields`), not `model`.
+ADAPTER_FIELDS = ("adapter_rank", "adapter_alpha", "adapter_targets")
+
+
 def model_fields(config: ModelConfig) -> ml_collections.ConfigDict:
-    """A ModelConfig as a ConfigDict of plain values (dtypes by name)."""
-    return ml_collections.ConfigDict(config.to_dict())
+    """A ModelConfig as a ConfigDict of plain values (dtypes by name), adapters left out."""
+    return ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
+                                      if k not in ADAPTER_FIELDS})
+
+
+def adapter_fields() -> ml_collections.ConfigDict:
+    """The `adapter` section of the SFT and GRPO configs: LoRA adapters (model/adapters.py)."""
+    a = ml_collections.ConfigDict()
+    a.rank = 0                         # r; 0 = train every weight (no adapters)
+    a.alpha = 16.0                     # the update is (alpha / r)·A·B
+    # comma-separated: groups attention, mlp (dense FFNs, shared experts), experts (routed),
+    # or single weights such as attention.w_o
+    a.targets = "attention,mlp"
+    return a
+
+
+def with_adapters(model_config: ModelConfig, run_config) -> ModelConfig:
+    """`model_config` with the run config's `adapter` section (none when its rank is 0)."""
+    a = run_config.adapter
+    targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
+    return model_config.replace(adapter_rank=a.rank, adapter_alpha=a.alpha,
+                                adapter_targets=targets)
 
 
 def to_model_config(fields) -> ModelConfig:

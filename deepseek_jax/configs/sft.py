@@ -28,7 +28,7 @@ from __future__ import annotations
 import ml_collections
 
 from deepseek_jax.config import get_config as get_model_config
-from deepseek_jax.configs.pretrain import model_fields
+from deepseek_jax.configs.pretrain import adapter_fields, model_fields
 
 _RUNS = {
     #            model     seq   batch steps epochs lr     final  warmup preset
@@ -50,6 +50,9 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.init.pretrain_dir = ""         # a run directory to start from; "" = random init of `model`
     c.model = model_fields(get_model_config(model, **({"vocab_size": 320} if arg == "tiny"
                                                       else {})))
+    # LoRA adapters on the starting weights (a run trained with them starts this one merged):
+    # --config.adapter.rank=16 trains the adapters only (optimizer state for them alone).
+    c.adapter = adapter_fields()
 
     d = c.data = ml_collections.ConfigDict()
     d.path = ""                      # JSONL: {"messages": [...]} or {"prompt", "completion"}

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.kernels.fp8_linear import fp8_einsum
+from deepseek_jax.model import adapters
 from deepseek_jax.parallel.rules import axis_names
 
 # Logical names of activation axes (parameters use the names in the docstring above).
@@ -214,7 +215,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c, D, F = self.config, self.config.d_model, self.d_ff
-        w_gate = param(self, "w_gate", (D, F), ("embed", "mlp"), c)
-        w_up = param(self, "w_up", (D, F), ("embed", "mlp"), c)
-        w_down = param(self, "w_down", (F, D), ("mlp", "embed"), c)
+        def weight(name, shape, axes):               # declared, LoRA-adapted if targeted
+            return adapters.adapt(self, name, param(self, name, shape, axes, c), axes, c, "mlp")
+
+        w_gate = weight("w_gate", (D, F), ("embed", "mlp"))
+        w_up = weight("w_up", (D, F), ("embed", "mlp"))
+        w_down = weight("w_down", (F, D), ("mlp", "embed"))
         return swiglu(x, w_gate, w_up, w_down, c.dtype, c.fp8, c.fp8_backend)  # [B, T, D]

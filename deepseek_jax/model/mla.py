@@ -62,7 +62,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import attention, layers
+from deepseek_jax.model import adapters, attention, layers
 from deepseek_jax.model.layers import RMSNorm, einsum, param
 from deepseek_jax.model.rope import apply_rope, rope_angles
 
@@ -120,17 +120,21 @@ class MLA(nn.Module):
         D, N, Q, C = c.d_model, c.n_heads, c.q_lora_rank, c.kv_lora_rank
         H, R, U = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         q_in, q_axis = (Q, "q_lora") if Q else (D, "embed")
+        def weight(name, shape, axes, n_in=1):       # declared, LoRA-adapted if targeted
+            w = param(self, name, shape, axes, c)
+            return adapters.adapt(self, name, w, axes, c, "attention", n_in)
+
         if Q:
-            self.w_dq = param(self, "w_dq", (D, Q), ("embed", "q_lora"), c)
+            self.w_dq = weight("w_dq", (D, Q), ("embed", "q_lora"))
             self.q_norm = RMSNorm(c, axis_name="q_lora")
-        self.w_uq = param(self, "w_uq", (q_in, N, H), (q_axis, "heads", "head_dim"), c)
-        self.w_qr = param(self, "w_qr", (q_in, N, R), (q_axis, "heads", "head_dim"), c)
-        self.w_dkv = param(self, "w_dkv", (D, C), ("embed", "kv_lora"), c)
+        self.w_uq = weight("w_uq", (q_in, N, H), (q_axis, "heads", "head_dim"))
+        self.w_qr = weight("w_qr", (q_in, N, R), (q_axis, "heads", "head_dim"))
+        self.w_dkv = weight("w_dkv", (D, C), ("embed", "kv_lora"))
         self.kv_norm = RMSNorm(c, axis_name="kv_lora")
-        self.w_kr = param(self, "w_kr", (D, R), ("embed", "head_dim"), c)
-        self.w_uk = param(self, "w_uk", (C, N, H), ("kv_lora", "heads", "head_dim"), c)
-        self.w_uv = param(self, "w_uv", (C, N, U), ("kv_lora", "heads", "head_dim"), c)
-        self.w_o = param(self, "w_o", (N, U, D), ("heads", "head_dim", "embed"), c)
+        self.w_kr = weight("w_kr", (D, R), ("embed", "head_dim"))
+        self.w_uk = weight("w_uk", (C, N, H), ("kv_lora", "heads", "head_dim"))
+        self.w_uv = weight("w_uv", (C, N, U), ("kv_lora", "heads", "head_dim"))
+        self.w_o = weight("w_o", (N, U, D), ("heads", "head_dim", "embed"), n_in=2)
 
     def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """(q_nope [B, T, N, H], q_rope [B, T, N, R]) for x [B, T, D]."""

@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import dispatch, layers, routing
+from deepseek_jax.model import adapters, dispatch, layers, routing
 from deepseek_jax.model.layers import MLP, param
 
 
@@ -88,9 +88,14 @@ class MoE(nn.Module):
         c = self.config
         D, E, F = c.d_model, c.n_routed_experts, c.moe_d_ff
         router = param(self, "router", (D, E), ("embed", "expert"), c)
-        w_gate = param(self, "w_gate", (E, D, F), ("expert", "embed", "mlp"), c)
-        w_up = param(self, "w_up", (E, D, F), ("expert", "embed", "mlp"), c)
-        w_down = param(self, "w_down", (E, F, D), ("expert", "mlp", "embed"), c)
+
+        def weight(name, shape, axes):               # declared, LoRA-adapted if targeted
+            return adapters.adapt(self, name, param(self, name, shape, axes, c), axes, c,
+                                  "experts")
+
+        w_gate = weight("w_gate", (E, D, F), ("expert", "embed", "mlp"))
+        w_up = weight("w_up", (E, D, F), ("expert", "embed", "mlp"))
+        w_down = weight("w_down", (E, F, D), ("expert", "mlp", "embed"))
         bias = None
         if c.routing_bias:
             bias = self.variable("routing", "bias",

@@ -27,7 +27,7 @@ shard of them.
   kv_lora     fsdp, context, expert                  C where D is absent (w_uk, w_uv, kv_norm)
   embed       fsdp, context                          D of routed-expert weights (E has expert)
   q_lora, kv_lora  fsdp, context                     (the same fallback)
-  (never)     act_embed, layers, head_dim, mtp_in
+  (never)     act_embed, layers, head_dim, mtp_in, adapter (the LoRA rank r)
 
 A preset picks which mesh axes the table may use and a default mesh shape; the rules a run
 uses are the table with every other axis, and every axis of size 1, struck out
@@ -90,6 +90,7 @@ LOGICAL_AXIS_RULES: Rules = (
     ("layers", None),
     ("head_dim", None),
     ("mtp_in", None),
+    ("adapter", None),
 )
 
 

@@ -3,7 +3,7 @@
   check_policy   the model against the mesh, the tokenizer and the workdir, before any read
   initial_state  TrainState from a pretraining run's weights (read straight into the run's
                  shardings) or a random init, plus a frozen copy as the reference model when
-                 β > 0
+                 β > 0 (with LoRA adapters: new adapters on those weights, and no copy)
   compile_steps  the jitted update (`rl.step.grpo_step`, state donated) and the jitted
                  trainer log-probs (for π_old and π_ref), both under the run's shardings
   to_device      one rollout batch placed on the mesh
@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data.encoding import Encoder
-from deepseek_jax.model import init_variables
+from deepseek_jax.model import adapters, init_variables
 from deepseek_jax.rl.step import grpo_step, target_logprobs
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import sharded
@@ -46,28 +46,47 @@ def check_policy(model_config: ModelConfig, mesh, rules, batch_rows: int, encode
 def initial_state(model_config: ModelConfig, tx, shardings: TrainState, pretrained: str, *,
                   seed: int, keep_reference: bool):
     """(state at step 0, reference params or None). `pretrained` is a run directory ("" = a
-    random init from `seed`); the reference is a copy, since the update donates the policy."""
+    random init from `seed`); the reference is a copy, since the update donates the policy.
+
+    With LoRA adapters (`model_config.adapter_rank`) the weights read are the starting run's
+    merged (`load_trained(merged=True)`: a run trained with adapters starts the next one as a
+    plain model), new adapters are drawn from `seed` (B = 0: the policy starts as the base),
+    and no copy is kept: the reference is the policy with its adapters off
+    (`model.adapters.disabled`, see `compile_steps`)."""
+    trained_s, frozen_s = adapters.split(shardings.params, model_config)
+    base_s = frozen_s if model_config.adapter_rank else trained_s
     if pretrained:
-        _, variables = ckpt.load_trained(
-            pretrained, shardings={"params": shardings.params, "routing": shardings.routing})
+        _, variables = ckpt.load_trained(pretrained, shardings={"params": base_s,
+                                                                "routing": shardings.routing},
+                                         merged=True)
     else:
-        variables = flax.core.meta.unbox(init_variables(jax.random.key(seed), model_config))
+        variables = flax.core.meta.unbox(init_variables(jax.random.key(seed),
+                                                        adapters.plain(model_config)))
     place = lambda tree, s: jax.tree.map(parallel.to_global, tree, s)   # multi-process too
-    params = place(variables["params"], shardings.params)
+    params = place(variables["params"], base_s)
     routing = place(variables.get("routing", {}), shardings.routing)
     reference = jax.tree.map(jnp.copy, params) if keep_reference else None
+    if model_config.adapter_rank:
+        new = jax.jit(lambda key: adapters.split(flax.core.meta.unbox(
+            init_variables(key, model_config))["params"], model_config)[0],
+            out_shardings=trained_s)(jax.random.key(seed))       # the base's init: dead code
+        params, reference = adapters.combine(new, params), None
     # The step placed as the update returns it: an unplaced one is another input type to the
     # jitted update, which then compiled a second time at the second step.
     state = TrainState(step=parallel.to_global(jnp.zeros((), jnp.int32), shardings.step),
                        params=params,
-                       opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
+                       opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(
+                           adapters.split(params, model_config)[0]),
                        routing=routing)
     return state, reference
 
 
 def compile_steps(model_config: ModelConfig, tx, shardings: TrainState, mesh, rules, rl):
-    """(update(state, batch) -> (state, metrics), logprobs(params, routing, tokens) -> [B, T])
-    for the run config's `rl` section."""
+    """(update(state, batch) -> (state, metrics), logprobs(params, routing, tokens) -> [B, T],
+    reference_logprobs(params, routing, tokens)) for the run config's `rl` section.
+
+    `reference_logprobs` is `logprobs` on the reference model's parameters; with LoRA adapters
+    it takes the policy's own and turns the adapters off (`adapters.disabled`)."""
     update = jax.jit(functools.partial(
         grpo_step, config=model_config, tx=tx, temperature=rl.temperature,
         eps_low=rl.eps_low, eps_high=rl.eps_high, beta=rl.beta,
@@ -77,8 +96,14 @@ def compile_steps(model_config: ModelConfig, tx, shardings: TrainState, mesh, ru
     logprobs = jax.jit(lambda p, r, t: target_logprobs(p, r, t, model_config,
                                                        rl.temperature)[0])
     in_context = lambda fn: parallel.InContext(fn, mesh, rules)  # noqa: E731 (trace in them)
-    return (parallel.together(in_context(update), "GRPO update"),
-            parallel.together(in_context(logprobs), "log-probs"))
+    logprobs = parallel.together(in_context(logprobs), "log-probs")
+    reference = logprobs
+    if model_config.adapter_rank:
+        reference = parallel.together(in_context(jax.jit(
+            lambda p, r, t: target_logprobs(adapters.disabled(p, model_config), r, t,
+                                            model_config, rl.temperature)[0])),
+            "reference log-probs")
+    return parallel.together(in_context(update), "GRPO update"), logprobs, reference
 
 
 def to_device(rows: dict, advantages, mesh, rules) -> dict:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import adapters
 from deepseek_jax.model.head import map_head_chunks
 from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer
@@ -58,8 +59,10 @@ def grpo_step(state: TrainState, batch: dict, *, config: ModelConfig,
               tx: optax.GradientTransformation, temperature: float, eps_low: float,
               eps_high: float, beta: float, aggregation: str, max_len: int,
               bias_update_rate: float = StepSettings.bias_update_rate):
-    def loss_fn(params):
-        logp, entropy, stats = target_logprobs(params, state.routing, batch["tokens"], config,
+    trained, frozen = adapters.split(state.params, config)   # LoRA: the adapters are trained
+
+    def loss_fn(trained):
+        logp, entropy, stats = target_logprobs(adapters.combine(trained, frozen), state.routing, batch["tokens"], config,
                                                temperature, batch.get("token_mask"))
         loss, metrics = loss_lib.grpo_loss(
             logp, batch["old_logp"], batch["advantages"], batch["mask"],
@@ -69,9 +72,9 @@ def grpo_step(state: TrainState, batch: dict, *, config: ModelConfig,
         metrics["entropy"] = jnp.sum(entropy * m) / jnp.maximum(jnp.sum(m), 1.0)
         return loss, (metrics, stats)
 
-    (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    params = adapters.combine(optax.apply_updates(trained, updates), frozen)
     routing = state.routing
     if routing:
         routing = update_routing_bias(routing, routing_loads(stats, routing),

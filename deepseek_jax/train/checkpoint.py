@@ -23,12 +23,14 @@ import json
 import os
 from typing import Any
 
+import flax.traverse_util as tu
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import adapters
 from deepseek_jax.train.workdir import MODEL_CONFIG, is_remote
 
 
@@ -144,12 +146,17 @@ def saved_steps(workdir: str) -> list[int]:
     return steps
 
 
-def load_trained(workdir: str, step: int | None = None, shardings=None):
+def load_trained(workdir: str, step: int | None = None, shardings=None, merged: bool = False):
     """(ModelConfig, {"params", "routing"?}) of a training run's latest (or given) checkpoint.
 
     Only the parameters and routing bias are read; the optimizer state is left on disk. Arrays
     land with `shardings` ({"params", "routing"} trees of shardings, e.g. from
     `deepseek_jax.sharded.param_shardings`), or on the first device when None.
+
+    merged=True: a run trained with LoRA adapters comes back as the plain model, each adapted
+    weight W + s·A·B (`model.adapters.merge`), with the config without adapters; `shardings`
+    are then the plain model's (the adapters land like their weights). What a new run starts
+    from. merged=False: the parameters as saved, adapters and all, with the saved config.
     """
     if not is_remote(workdir):
         workdir = os.path.abspath(workdir)      # Orbax reads absolute paths only
@@ -162,17 +169,39 @@ def load_trained(workdir: str, step: int | None = None, shardings=None):
     checkpointer = ocp.PyTreeCheckpointer()
     meta = checkpointer.metadata(path).item_metadata
     wanted = {k: meta[k] for k in ("params", "routing") if k in meta}
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if shardings is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                                wanted)
+        target = jax.tree.map(lambda _: one, wanted)
     else:
-        abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                                wanted, {k: shardings[k] for k in wanted})
+        target = {k: shardings[k] for k in wanted}
+        if merged and config.adapter_rank:
+            target["params"] = _with_adapter_shardings(target["params"], wanted["params"])
+    abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                            wanted, target)
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True))
     variables = {"params": restored["params"]}
     if restored.get("routing"):
         variables["routing"] = restored["routing"]
+    if merged and config.adapter_rank:
+        plain = adapters.split(target["params"], config)[1]
+        variables["params"] = jax.jit(lambda p: adapters.merge(p, config),
+                                      out_shardings=plain)(variables["params"])
+        config = adapters.plain(config)
     return config, variables
+
+
+def _with_adapter_shardings(plain: dict, meta: dict) -> dict:
+    """The shardings of a saved tree with adapters (`meta`, its leaves' metadata) from the
+    plain model's `plain`: each A and B sharded like its weight's inputs and outputs."""
+    flat, shapes = tu.flatten_dict(plain), tu.flatten_dict(meta)
+    for key, m in shapes.items():
+        if adapters.is_adapter(key):
+            name = str(key[-1])
+            w_key, which = (*key[:-1], name[:-len("_lora_a")]), name[-1]
+            a = shapes[(*key[:-1], w_key[-1] + "_lora_a")].shape
+            b = shapes[(*key[:-1], w_key[-1] + "_lora_b")].shape
+            flat[key] = adapters.adapter_sharding(flat[w_key], a, b, len(shapes[w_key].shape),
+                                                  which)
+    return tu.unflatten_dict(flat)

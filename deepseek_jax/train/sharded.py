@@ -43,6 +43,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepseek_jax.config import MeshError, ModelConfig
+from deepseek_jax.model import adapters
 from deepseek_jax.model.transformer import init_variables
 from deepseek_jax.parallel.mesh import MESH_AXES
 from deepseek_jax.parallel.rules import (InContext, Rules, axis_names, mesh_axes_of,
@@ -95,8 +96,10 @@ def state_shardings(config: ModelConfig, mesh: Mesh, rules: Rules,
     params = shardings["params"]
     replicated = NamedSharding(mesh, P())
     abstract_params = flax.core.meta.unbox(abstract_variables(config)["params"])
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
+    trained, _ = adapters.split(abstract_params, config)    # LoRA: the optimizer's are adapters
+    abstract_opt = jax.eval_shape(tx.init, trained)
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt,
+                                adapters.split(params, config)[0],
                                 transform_non_params=lambda _: replicated)
     # A state leaf shaped unlike its parameter (e.g. factored second moments) is replicated.
     opt = jax.tree.map(lambda a, s: s if len(s.spec) == a.ndim else replicated,

@@ -3,8 +3,9 @@
   1. forward with `mutable=["moe_stats"]` → final hidden states (main and MTP), the output
      head, per-layer expert loads and sequence-balance losses
   2. loss = LM + λ·MTP + α·balance (train/losses.py), the head applied `config.loss_chunk`
-     positions at a time (no [B, T, V] logits); gradients w.r.t. params only
-  3. optimizer update (optax)
+     positions at a time (no [B, T, V] logits); gradients w.r.t. params only (with LoRA
+     adapters, `config.adapter_rank`, w.r.t. the adapters only: `model/adapters.py`)
+  3. optimizer update (optax) of those parameters
   4. routing bias update b += γ·sign(mean_load − load) from the expert loads of this step. The
      loads are sums over the whole batch array, so under a sharded jit they are global counts
      over every data shard (XLA inserts the reduction), as V3 prescribes.
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import zigzag
+from deepseek_jax.model import adapters, zigzag
 from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer, init_variables
 from deepseek_jax.train import losses
@@ -60,7 +61,8 @@ def init_train_state(rng: jax.Array, config: ModelConfig, tx: optax.GradientTran
                      batch: int = 1, length: int = 8) -> TrainState:
     variables = flax.core.meta.unbox(init_variables(rng, config, batch, length))
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+    trained, _ = adapters.split(params, config)          # all of them, or the LoRA adapters
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trained),
                       routing=variables.get("routing", {}))
 
 
@@ -141,23 +143,28 @@ def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatch
     counts over the whole batch either way), balance losses averaged. The routing bias is the
     same for every micro-batch: it changes once per step. With batch["active"], micro-batches
     whose rows are all inactive are skipped and left out of the means.
+
+    With LoRA adapters (`config.adapter_rank`) the gradients are the adapters' only
+    (`model.adapters.split`); the other parameters are constants here.
     """
-    grad_fn = jax.value_and_grad(_forward, has_aux=True)
+    trained, frozen = adapters.split(params, config)
+    grad_fn = jax.value_and_grad(
+        lambda t, *args: _forward(adapters.combine(t, frozen), *args), has_aux=True)
     if microbatches == 1:
-        (loss, (parts, stats)), grads = grad_fn(params, routing, batch, config, mtp_weight,
+        (loss, (parts, stats)), grads = grad_fn(trained, routing, batch, config, mtp_weight,
                                                balance_alpha)
         return loss, parts, stats, grads
 
     mbs = _split_microbatches(batch, microbatches)
     first = jax.tree.map(lambda x: x[0], mbs)
     shapes = jax.eval_shape(
-        lambda p, b: grad_fn(p, routing, b, config, mtp_weight, balance_alpha), params, first)
+        lambda p, b: grad_fn(p, routing, b, config, mtp_weight, balance_alpha), trained, first)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
 
     def body(carry, mb):
         acc, count = carry
         run = lambda: jax.tree.map(lambda x: x.astype(jnp.float32),
-                                   grad_fn(params, routing, mb, config, mtp_weight,
+                                   grad_fn(trained, routing, mb, config, mtp_weight,
                                            balance_alpha))
         if "active" in mb:                          # an empty slot of a batch-size ramp
             on = jnp.max(mb["active"]) > 0
@@ -173,7 +180,7 @@ def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatch
     summed = lambda path: any(k in jax.tree_util.keystr(path) for k in ("load", "dropped"))
     stats = jax.tree_util.tree_map_with_path(
         lambda path, x: x if summed(path) else x / count, stats)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), mean(grads), params)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), mean(grads), trained)
     return loss / count, mean(parts), stats, grads
 
 
@@ -188,8 +195,9 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig,
     mtp_weight, rate = settings.at(state.step)
     loss, parts, stats, grads = loss_and_grads(state.params, state.routing, batch, config,
                                                microbatches, mtp_weight, settings.balance_alpha)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trained, frozen = adapters.split(state.params, config)
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    params = adapters.combine(optax.apply_updates(trained, updates), frozen)
 
     routing = state.routing
     grad_norm = optax.tree.norm(grads)

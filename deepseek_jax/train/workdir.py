@@ -142,7 +142,10 @@ def check_same_model(workdir: str, model_config: ModelConfig) -> None:
         raise WorkdirError(f"{path} is unreadable ({e}): remove it if the run in {workdir} is "
                            "not wanted, or pass a fresh --workdir") from e
     wanted = json.loads(json.dumps(model_config.to_dict()))     # tuples as JSON lists
-    differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    # A field the saved file predates has its default there.
+    default = json.loads(json.dumps(ModelConfig().to_dict()))
+    differ = sorted(k for k in set(saved) | set(wanted)
+                    if saved.get(k, default.get(k)) != wanted.get(k))
     if differ:
         shown = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now"
                           for k in differ[:4])

@@ -40,8 +40,9 @@ from __future__ import annotations
 import jax
 
 from deepseek_jax import parallel
-from deepseek_jax.configs.pretrain import to_model_config
+from deepseek_jax.configs.pretrain import to_model_config, with_adapters
 from deepseek_jax.data.encoding import Encoder
+from deepseek_jax.model import adapters
 from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import policy, rollout
 from deepseek_jax.rl.evaluate import evaluate
@@ -70,8 +71,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                              max_new_tokens=rl.max_new_tokens, encoder=encoder)
 
     # --- policy: the model checked against mesh, tokenizer and workdir before any read -------
-    model_config = (ckpt.load_model_config(pretrained) if pretrained
-                    else to_model_config(config.model))
+    model_config = with_adapters(adapters.plain(ckpt.load_model_config(pretrained))
+                                 if pretrained else to_model_config(config.model), config)
     policy.check_policy(model_config, mesh, rules, batch_rows, encoder, workdir)
     rollout.check_rollout(rl, model_config, mesh, rules)
     lr = learning_rate_schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps,
@@ -83,7 +84,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                             seed=config.seed, keep_reference=bool(rl.beta))
     if jax.process_index() == 0:
         ckpt.save_model_config(workdir, model_config)
-    update, logprobs = policy.compile_steps(model_config, tx, shardings, mesh, rules, rl)
+    update, logprobs, reference_logprobs = policy.compile_steps(model_config, tx, shardings, mesh, rules, rl)
 
     def sample(state, prompts, rng):
         return rollout.sample(model_variables(state.params, state.routing), model_config,
@@ -132,7 +133,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             batch = policy.to_device(rows, advantages, mesh, rules)
             batch["old_logp"] = logprobs(state.params, state.routing, batch["tokens"])
             if rl.beta:
-                batch["ref_logp"] = logprobs(reference, state.routing, batch["tokens"])
+                ref = state.params if reference is None else reference     # LoRA: adapters off
+                batch["ref_logp"] = reference_logprobs(ref, state.routing, batch["tokens"])
             for _ in range(rl.num_iterations):
                 state, m = update(state, batch)
             m = jax.device_get(m)

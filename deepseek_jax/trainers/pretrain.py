@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from deepseek_jax.configs.pretrain import to_model_config
+from deepseek_jax.model import adapters
 from deepseek_jax.data import run_config
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import schedules, sharded
@@ -165,7 +166,7 @@ def _from_run(path: str, model_config, tx, step_fn) -> TrainState:
     """A fresh TrainState (step 0, new optimizer state) holding the parameters and routing bias
     of the run at `path`, read into this run's shardings. The architectures must agree; the
     positions (RoPE/YaRN, max length) and numerics may differ."""
-    previous = ckpt.load_model_config(path)
+    previous = adapters.plain(ckpt.load_model_config(path))    # read merged, if trained so
     free = {"max_seq_len", "dtype", "remat_policy", "moe_impl", "moe_backend", "fp8", "loss_chunk",
             "attention_impl", "moe_capacity_factor", "moe_ep_buffer_factor", "moe_ep_transport"}
     free |= {f.name for f in dataclasses.fields(model_config) if f.name.startswith("rope_")
@@ -177,7 +178,7 @@ def _from_run(path: str, model_config, tx, step_fn) -> TrainState:
                          f"{', '.join(differ)} differ from this run's model config")
     shardings = step_fn.shardings
     _, variables = ckpt.load_trained(path, shardings={"params": shardings.params,
-                                                     "routing": shardings.routing})
+                                                     "routing": shardings.routing}, merged=True)
     params = variables["params"]
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     return TrainState(step=jax.device_put(np.zeros((), np.int32), shardings.step),

@@ -1,0 +1,157 @@
+"""LoRA adapters (Hu et al., 2021): a frozen projection W plus a trained low-rank update.
+
+    W' = W + (alpha / r) · A·B        A [*lead, *in, r]  (normal, std 1/√fan_in)
+                                      B [*lead, r, *out] (zeros: W' = W at the start)
+
+Not to be confused with DeepSeek's `q_lora_rank` / `kv_lora_rank`, which are the model's own
+low-rank compression of queries and keys/values: those are ordinary trained weights here.
+
+`ModelConfig.adapter_rank` r > 0 switches them on, on the projections named by
+`adapter_targets` (groups in `config.ADAPTER_GROUPS`: "attention" = the eight MLA projections,
+"mlp" = the dense FFNs and shared experts, "experts" = the routed experts, one adapter pair per
+expert; or one weight, "attention.w_o"). `*lead` is the scan's layer axis and, for routed
+experts, the expert axis: each layer and each expert gets its own pair. A is split like W's
+input axes and B like its output axes (the rank axis, logical name "adapter", never), so
+`adapt` computes W' on each device from its own shards with no communication.
+
+How it runs: `adapt` returns W' where the module declares W, and every use of the weight
+(training, prefill, the absorbed decode, fp8 quantization) sees W'. The gradient reaches A and
+B through W': dA = s·dW'·Bᵀ, dB = s·Aᵀ·dW', in·out·r multiply-adds each, beside the full
+weight gradient dW' that the backward pass forms anyway. So adapters save the optimizer state
+and the gradient of every frozen weight (AdamW keeps two fp32 moments per trained value), not
+the backward GEMMs; inserting x·A·B beside x·W would also save the wgrad GEMMs but needs a
+second path through every use of the weight (absorbed attention, fp8, expert dispatch).
+
+Training with adapters (`train.step`, `rl.step`): `split` parts the parameters into the
+adapters (differentiated, in the optimizer) and the rest (frozen); the train state holds both,
+so a checkpoint restores on its own. `merge` folds the adapters into their weights, which
+gives the plain model (`checkpoint.load_trained` reads a run trained with adapters that way).
+
+Left out: dropout on the adapter input (PEFT's `lora_dropout`); adapters on the embedding,
+the output head, the router and MTP's `eh_proj`; quantized frozen weights (QLoRA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+
+SUFFIXES = ("_lora_a", "_lora_b")
+_LETTERS = "abcdefghijklmnopq"
+
+
+def targeted(config: ModelConfig, group: str, name: str) -> bool:
+    """Whether the projection `name` of `group` ("attention", "mlp", "experts") gets adapters."""
+    return config.adapter_rank > 0 and (group in config.adapter_targets
+                                        or f"{group}.{name}" in config.adapter_targets)
+
+
+def scale(config: ModelConfig) -> float:
+    """s = alpha / r, the factor on A·B."""
+    return config.adapter_alpha / config.adapter_rank
+
+
+def update(a: jax.Array, b: jax.Array, lead: int) -> jax.Array:
+    """A·B over the rank axis: a [*lead, *in, r], b [*lead, r, *out] → [*lead, *in, *out], in
+    fp32 at full precision (TPUs and GPUs otherwise multiply fp32 in bf16 or tf32 passes)."""
+    n_in, n_out = a.ndim - lead - 1, b.ndim - lead - 1
+    L, I = _LETTERS[:lead], _LETTERS[lead:lead + n_in]
+    O = _LETTERS[lead + n_in:lead + n_in + n_out]
+    return jnp.einsum(f"{L}{I}r,{L}r{O}->{L}{I}{O}", a.astype(jnp.float32),
+                      b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def adapt(module: nn.Module, name: str, w: jax.Array, axes, config: ModelConfig, group: str,
+          n_in: int = 1) -> jax.Array:
+    """W' = W + s·A·B for a targeted weight `w` (declared with logical `axes`), else `w`.
+
+    `n_in`: how many of w's axes (after the expert axis of a routed expert) are its inputs,
+    the axes the projection contracts; the rest are outputs. Declares `{name}_lora_a` and
+    `{name}_lora_b` beside `name` in `module`."""
+    if not targeted(config, group, name):
+        return w
+    lead = 1 if group == "experts" else 0
+    r, axes = config.adapter_rank, tuple(axes)
+    ins, outs = w.shape[lead:lead + n_in], w.shape[lead + n_in:]
+    a_init = nn.initializers.normal(stddev=math.prod(ins) ** -0.5)
+    a = module.param(f"{name}_lora_a",
+                     nn.with_logical_partitioning(a_init, (*axes[:lead + n_in], "adapter")),
+                     (*w.shape[:lead], *ins, r), config.param_dtype)
+    b = module.param(f"{name}_lora_b",
+                     nn.with_logical_partitioning(nn.initializers.zeros,
+                                                  (*axes[:lead], "adapter", *axes[lead + n_in:])),
+                     (*w.shape[:lead], r, *outs), config.param_dtype)
+    return (w.astype(jnp.float32) + scale(config) * update(a, b, lead)).astype(w.dtype)
+
+
+def is_adapter(path: tuple) -> bool:
+    """Whether a flattened parameter path (a tuple of names) is an adapter's A or B."""
+    return str(path[-1]).endswith(SUFFIXES)
+
+
+def split(params: dict, config: ModelConfig) -> tuple[dict, dict]:
+    """(trained, frozen) parameters: (adapters, everything else) when the config has adapters,
+    else (params, {})."""
+    if not config.adapter_rank:
+        return params, {}
+    flat = flax.traverse_util.flatten_dict(params)
+    unflat = flax.traverse_util.unflatten_dict
+    return (unflat({k: v for k, v in flat.items() if is_adapter(k)}),
+            unflat({k: v for k, v in flat.items() if not is_adapter(k)}))
+
+
+def combine(trained: dict, frozen: dict) -> dict:
+    """The inverse of `split`."""
+    if not frozen:
+        return trained
+    return flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(frozen),
+                                              **flax.traverse_util.flatten_dict(trained)})
+
+
+def plain(config: ModelConfig) -> ModelConfig:
+    """The config without adapters (what `merge` returns parameters for)."""
+    return config.replace(adapter_rank=0)
+
+
+def merge(params: dict, config: ModelConfig) -> dict:
+    """The parameters of `plain(config)`: each adapted W replaced by W + s·A·B (the same W'
+    the model computes), the adapters dropped. Without adapters, `params` unchanged."""
+    if not config.adapter_rank:
+        return params
+    flat = flax.traverse_util.flatten_dict(params)
+    out = {k: v for k, v in flat.items() if not is_adapter(k)}
+    for key in flat:
+        if str(key[-1]).endswith(SUFFIXES[0]):
+            w_key = (*key[:-1], str(key[-1])[: -len(SUFFIXES[0])])
+            w, a, b = flat[w_key], flat[key], flat[(*key[:-1], w_key[-1] + SUFFIXES[1])]
+            lead = a.ndim + b.ndim - 2 - w.ndim     # w [*lead, *in, *out]: a + b add 2 r axes
+            out[w_key] = (w.astype(jnp.float32) + scale(config) * update(a, b, lead)
+                          ).astype(w.dtype)
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def disabled(params: dict, config: ModelConfig) -> dict:
+    """`params` with every B zero: the model then computes W' = W + 0 = W exactly, the frozen
+    base (GRPO's reference policy, with no second copy of the weights)."""
+    if not config.adapter_rank:
+        return params
+    return flax.traverse_util.unflatten_dict(
+        {k: jnp.zeros_like(v) if str(k[-1]).endswith(SUFFIXES[1]) else v
+         for k, v in flax.traverse_util.flatten_dict(params).items()})
+
+
+def adapter_sharding(w: jax.sharding.NamedSharding, a_shape, b_shape, w_ndim: int, which: str):
+    """A's or B's sharding (`which` "a" or "b") from its weight's: A takes W's input axes, B
+    its output axes, the rank axis none (as `adapt` declares them)."""
+    spec = tuple(w.spec) + (None,) * (w_ndim - len(w.spec))
+    lead = len(a_shape) + len(b_shape) - 2 - w_ndim
+    n_in = len(a_shape) - 1 - lead
+    parts = (spec[:lead + n_in] + (None,) if which == "a"
+             else spec[:lead] + (None,) + spec[lead + n_in:])
+    return jax.sharding.NamedSharding(w.mesh, jax.sharding.PartitionSpec(*parts))
