@@ -79,6 +79,7 @@ from deepseek_jax.hf.loader import leaf_sharding, set_path
 from deepseek_jax.hf.safetensors_io import INDEX_FILE
 from deepseek_jax.hf.writer import ShardedWriter
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import adapters
 from deepseek_jax.train import sharded
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -172,6 +173,38 @@ def restore_leaves(state_dir: str, leaves: Sequence[mapping.Leaf], shardings: Ma
         for k in (leaf.collection, *leaf.path):
             value = value[k]
         out[leaf.key] = value
+    return out
+
+
+def _merge_adapters(state_dir: str, leaves: Sequence[mapping.Leaf], arrays: dict,
+                    shardings: Mapping, config: ModelConfig) -> dict:
+    """`arrays` with each weight that a run trained with LoRA adapters adapted replaced by
+    W + s·A·B (`model.adapters`): such a run exports as the plain model it computes."""
+    if not config.adapter_rank:
+        return arrays
+    import orbax.checkpoint as ocp
+    at = lambda tree, keys: functools.reduce(lambda node, k: node[k], keys, tree)  # noqa: E731
+    meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+    abstract: dict = {}
+    adapted = [leaf for leaf in leaves if leaf.collection == "params" and
+               leaf.path[-1] + adapters.SUFFIXES[0] in at(meta["params"], leaf.path[:-1])]
+    for leaf in adapted:
+        for suffix in adapters.SUFFIXES:
+            path = ("params", *leaf.path[:-1], leaf.path[-1] + suffix)
+            m = at(meta, path)
+            set_path(abstract, path, jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                          sharding=at(shardings, path)))
+    if not adapted:
+        return arrays
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+    merge = jax.jit(adapters.merged_weight, static_argnums=3)
+    out = dict(arrays)
+    for leaf in adapted:
+        a, b = (at(restored, ("params", *leaf.path[:-1], leaf.path[-1] + suffix))
+                for suffix in adapters.SUFFIXES)
+        out[leaf.key] = merge(arrays[leaf.key], a, b, config)
     return out
 
 
@@ -331,6 +364,7 @@ def _write_weights(out, config, state_dir, dtypes, dtype, fp8, block, max_shard_
     writer = ShardedWriter(out, tensor_specs(config, dtype, quantized, block), max_shard_bytes)
     for group in mapping.tensor_groups(mapping.plan(config)[0]):
         arrays = restore_leaves(state_dir, group.leaves, shardings, dtypes)
+        arrays = _merge_adapters(state_dir, group.leaves, arrays, shardings, config)
         dt = _out_dtype(group.leaves[0], dtype)
         for name, value in hf_tensors(group, arrays, dtypes[group.leaves[0].key]):
             _write_tensor(writer, name, value, dt, quantized, block, copies.get(name, []))

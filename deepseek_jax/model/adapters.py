@@ -129,11 +129,15 @@ def merge(params: dict, config: ModelConfig) -> dict:
     for key in flat:
         if str(key[-1]).endswith(SUFFIXES[0]):
             w_key = (*key[:-1], str(key[-1])[: -len(SUFFIXES[0])])
-            w, a, b = flat[w_key], flat[key], flat[(*key[:-1], w_key[-1] + SUFFIXES[1])]
-            lead = a.ndim + b.ndim - 2 - w.ndim     # w [*lead, *in, *out]: a + b add 2 r axes
-            out[w_key] = (w.astype(jnp.float32) + scale(config) * update(a, b, lead)
-                          ).astype(w.dtype)
+            out[w_key] = merged_weight(flat[w_key], flat[key],
+                                       flat[(*key[:-1], w_key[-1] + SUFFIXES[1])], config)
     return flax.traverse_util.unflatten_dict(out)
+
+
+def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, config: ModelConfig) -> jax.Array:
+    """W + s·A·B for one stored weight and its adapters, any leading axes (layers, experts)."""
+    lead = a.ndim + b.ndim - 2 - w.ndim         # w [*lead, *in, *out]: a and b add an r axis each
+    return (w.astype(jnp.float32) + scale(config) * update(a, b, lead)).astype(w.dtype)
 
 
 def disabled(params: dict, config: ModelConfig) -> dict:

@@ -18,6 +18,7 @@ from deepseek_jax.hf.fp8_blocks import dequantize_blocks
 from deepseek_jax.hf.hf_config import (HFCheckpointError, config_from_hf, not_in_hf,
                                        read_hf_config, to_hf_config)
 from deepseek_jax.hf.safetensors_io import INDEX_FILE, SafetensorsFolder
+from deepseek_jax.model import adapters
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train.step import init_train_state
 from hf_helpers import fixture, flat, tensors
@@ -106,6 +107,47 @@ def test_bfloat16_unscanned_run_and_an_export_dtype(tiny_run, tmp_path):
     cast = {"params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), want["params"]),
             "routing": want["routing"]}
     assert_same(got, cast)
+
+
+def test_a_run_trained_with_adapters_exports_merged(tmp_path):
+    """A run whose checkpoint holds LoRA adapters exports W + s·A·B in each adapted weight's
+    place: importing the export gives `adapters.merge` of the run's parameters, to the rounding
+    of r = 4 products in another order (2·γ(4)·s·|A||B|) and one rounding of the sum."""
+    config = get_config("tiny").replace(adapter_rank=4, adapter_alpha=8.0,
+                                        adapter_targets=("attention", "experts"))
+    run = str(tmp_path / "run")
+    ckpt.save_model_config(run, config)
+    state = init_train_state(jax.random.key(0), config, optax.adamw(1e-3))
+    keys = iter(jax.random.split(jax.random.key(1), 256))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: 0.1 * jax.random.normal(next(keys), x.shape, x.dtype)
+        if jax.tree_util.keystr(path).endswith("_lora_b']") else x, state.params)
+    manager = ckpt.make_manager(os.path.join(run, "checkpoints"), save_every=1, keep=1,
+                                async_save=False)
+    ckpt.save(manager, 1, state.replace(params=params), jax.random.key(0), {}, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    export_run(run, str(tmp_path / "hf"), mesh_config=MESH)
+    imported, got = load_hf_checkpoint(str(tmp_path / "hf"))
+    assert imported.adapter_rank == 0
+    want, flat_params = flat({"params": adapters.merge(params, config)}), flat({"params": params})
+    got = flat({"params": got["params"]})
+    assert got.keys() == want.keys()
+    s, gamma = config.adapter_alpha / config.adapter_rank, 4 * 2.0 ** -24 / (1 - 4 * 2.0 ** -24)
+    merged = 0
+    for k in want:
+        a_key = k + "_lora_a"
+        if a_key not in flat_params:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+            continue
+        a, b = np.abs(flat_params[a_key]), np.abs(flat_params[k + "_lora_b"])
+        lead = a.ndim + b.ndim - 2 - want[k].ndim
+        a2, b2 = a.reshape(*a.shape[:lead], -1, 4), b.reshape(*b.shape[:lead], 4, -1)
+        bound = (2 * gamma * s * (a2 @ b2).reshape(want[k].shape)
+                 + 2.0 ** -23 * np.abs(np.asarray(want[k])))
+        assert np.all(np.abs(np.asarray(got[k]) - np.asarray(want[k])) <= bound), k
+        merged += 1
+    assert merged == 8 * 3 + 3 * 2       # attention: 2 layer stacks + MTP; experts: 1 + MTP
 
 
 def test_one_position_is_gathered_from_the_shards_that_hold_it():

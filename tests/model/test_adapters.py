@@ -3,7 +3,6 @@
 import flax
 import flax.traverse_util as tu
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
