@@ -6,6 +6,7 @@
                  β > 0 (with LoRA adapters: new adapters on those weights, and no copy)
   compile_steps  the jitted update (`rl.step.grpo_step`, state donated) and the jitted
                  trainer log-probs (for π_old and π_ref), both under the run's shardings
+  sampled_model  the model the rollouts sample (with adapters: the plain model, merged)
   to_device      one rollout batch placed on the mesh
 
 Left out: resetting the reference model during the run (R1-Zero resets it every 400 steps).
@@ -104,6 +105,19 @@ def compile_steps(model_config: ModelConfig, tx, shardings: TrainState, mesh, ru
                                             model_config, rl.temperature)[0])),
             "reference log-probs")
     return parallel.together(in_context(update), "GRPO update"), logprobs, reference
+
+
+def sampled_model(model_config: ModelConfig, shardings: TrainState):
+    """(config, weights(params) -> params) of the model the rollouts and evaluations sample:
+    the policy itself, or with LoRA adapters the plain model on W + s·A·B, merged once per
+    call (`adapters.merge`) and laid out like the frozen weights. Merging per decode step
+    instead (what the adapter model does when it samples) would rebuild every adapted weight
+    for each token; merged once, the rollouts hold one extra copy of the adapted weights."""
+    if not model_config.adapter_rank:
+        return model_config, lambda params: params
+    frozen = adapters.split(shardings.params, model_config)[1]
+    merge = jax.jit(lambda p: adapters.merge(p, model_config), out_shardings=frozen)
+    return adapters.plain(model_config), merge
 
 
 def to_device(rows: dict, advantages, mesh, rules) -> dict:

@@ -118,6 +118,8 @@ def load_model(model, remat: str | None = None, dtype: str | None = None,
             value = str(value).lower() in ("1", "true", "yes")
         elif isinstance(current, (int, float, str)):
             value = type(current)(value)
+        elif isinstance(current, tuple):                  # e.g. adapter_targets=attention,mlp
+            value = tuple(v for v in str(value).split(",") if v)
         else:
             value = jnp.dtype(value).type
         changes[field] = value

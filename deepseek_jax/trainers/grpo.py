@@ -13,6 +13,10 @@ rollout) and the run scaffolding shared with pretraining (`train.run`). Each ste
   3. compute the old log-probs once with a trainer forward pass (and the frozen reference
      model's when β > 0), then run μ = `rl.num_iterations` clipped policy updates on the batch.
 
+LoRA (`adapter.rank` > 0, `model/adapters.py`): the starting weights (merged, if that run had
+adapters) stay frozen and the update trains adapters only; with β > 0 the reference log-probs
+are the policy's with its adapters off, so no second copy of the weights is held.
+
 Departures from the papers (DeepSeekMath, R1), each a config choice:
   - the answer reward needs the completion's LAST <answer> block; the format reward needs
     exactly one think and one answer block; `format_weight` is R1's 1 in `v3-671b` and
@@ -86,13 +90,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.save_model_config(workdir, model_config)
     update, logprobs, reference_logprobs = policy.compile_steps(model_config, tx, shardings, mesh, rules, rl)
 
+    # The sampler runs the plain model: with LoRA adapters, on weights merged once per step.
+    sampled_config, sampled_weights = policy.sampled_model(model_config, shardings)
+
     def sample(state, prompts, rng):
-        return rollout.sample(model_variables(state.params, state.routing), model_config,
-                              prompts, rl, eos_id=encoder.eos_id, rng=rng, mesh=mesh,
-                              rules=rules)
+        return rollout.sample(model_variables(sampled_weights(state.params), state.routing),
+                              sampled_config, prompts, rl, eos_id=encoder.eos_id, rng=rng,
+                              mesh=mesh, rules=rules)
 
     def run_eval(state) -> dict:
-        return evaluate(model_variables(state.params, state.routing), model_config,
+        return evaluate(model_variables(sampled_weights(state.params), state.routing),
+                        sampled_config,
                         problems.held_out, config.data.template,
                         max_new_tokens=rl.max_new_tokens, batch_size=batch_rows, mesh=mesh,
                         rules=rules, encoder=encoder, show=config.train.samples_to_show)

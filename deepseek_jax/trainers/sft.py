@@ -8,6 +8,9 @@ step, shardings and optimizer → checkpoint → loop. The step is `train.step.t
 unchanged: the assistant mask rides in the batch's `valid`, the loss weight of each target, so
 the loss (LM + λ·MTP + α·balance) is a mean over assistant tokens only.
 
+With `adapter.rank` > 0 the starting weights stay frozen and only LoRA adapters train
+(`model/adapters.py`; the step is the same function, which differentiates the adapters alone).
+
 Each `train.eval_every` steps (and before the first) the held-out assistant-token loss is logged
 as `eval_lm_loss` (and `eval_mtp_loss`): the exact token mean over every held-out row, not a mean
 of batch means. Outputs under DIR as for pretraining: metrics.jsonl, tensorboard/,
