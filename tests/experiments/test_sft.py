@@ -156,8 +156,10 @@ def test_lora_sft_then_grpo_from_its_run(tmp_path, start_run):
     (row,) = [json.loads(line) for line in open(tmp_path / "lora_grpo" / "metrics.jsonl")]
     # With μ = 1 the logged KL is the starting policy's: fresh adapters (B = 0) on the merged
     # SFT weights, against the same weights with the adapters off. Two compiled fp32 programs
-    # give log-probs a few ulps apart (|d| ≲ 1e-5 nats), so k3 ≈ d²/2 ≲ 5e-11.
-    assert 0 <= row["kl"] < 1e-9 or abs(row["kl"]) < 1e-12, row["kl"]
+    # give log-probs a few ulps apart (|d| ≲ 1e-5 nats), so k3 ≈ d²/2 ≲ 5e-11. (The random
+    # tiny model earns no reward, so its update is zero: trained adapters in the rollouts are
+    # tested in tests/train/test_adapter_training.py.)
+    assert abs(row["kl"]) < 1e-9, row["kl"]
     assert row["sampler_trainer_logp_gap"] < 1e-4 and np.isfinite(row["loss"])
     grpo_config_saved, policy = ckpt.load_trained(str(tmp_path / "lora_grpo"))
     assert grpo_config_saved.adapter_targets == ("attention.w_o", "experts")

@@ -4,6 +4,7 @@ through W' = W + s·A·B, and a sharded step matches the one-device step."""
 import flax
 import flax.traverse_util as tu
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -121,3 +122,42 @@ def test_sharded_adapter_step_matches_one_device(lora, batch, preset):
     w, a, b = attn["w_o"], attn["w_o_lora_a"], attn["w_o_lora_b"]       # [L, N, U, D]
     assert tuple(a.sharding.spec)[:3] == tuple(w.sharding.spec)[:3]
     assert tuple(b.sharding.spec)[2:] == tuple(w.sharding.spec)[3:]
+
+
+def test_rollouts_sample_the_merged_model(lora):
+    """GRPO's sampler runs the plain model on W + s·A·B merged once (`policy.sampled_model`),
+    laid out like the frozen weights; its tokens' log-probs are the adapter model's (the
+    trainer's) to fp32 rounding of two programs (the gap GRPO logs, bounded there by 1e-4)."""
+    from deepseek_jax.rl import policy
+    from deepseek_jax.rl.step import target_logprobs
+    from deepseek_jax.sampling import generate
+    mesh = par.make_mesh(par.default_mesh_config("fsdp", 8))
+    rules = par.logical_axis_rules("fsdp", mesh)
+    shardings = sharded.state_shardings(lora, mesh, rules, optax.sgd(0.1))
+    variables = flax.core.meta.unbox(init_variables(jax.random.key(0), lora))
+    params = jax.device_put(_with_b(variables["params"]), shardings.params)
+    config, weights = policy.sampled_model(lora, shardings)
+    assert config == adapters.plain(lora)
+    merged = weights(params)
+    jax.tree.map(lambda a, s: assert_same_sharding(a, s), merged,
+                 adapters.split(shardings.params, lora)[1])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 merged, jax.jit(lambda p: adapters.merge(p, lora))(params))
+    routing = variables.get("routing", {})
+    prompt = jax.random.randint(jax.random.key(4), (2, 6), 0, lora.vocab_size)
+    out = generate({"params": merged, "routing": routing}, config, prompt, max_new_tokens=6,
+                   rng=jax.random.key(5), temperature=1.0)
+    tokens = jnp.concatenate([prompt, jnp.asarray(out.tokens)], axis=1)         # [2, 12]
+    # Position i scores token i + 1: the generated tokens are scored at positions 5..10.
+    want = np.asarray(target_logprobs(jax.device_get(params), routing, tokens, lora,
+                                      1.0)[0])[:, 5:-1]
+    gap = np.max(np.abs(np.asarray(out.logprobs) - want))
+    assert gap < 1e-4, gap
+    # The adapters matter here: the frozen base alone gives other log-probs.
+    base = np.asarray(target_logprobs(adapters.split(jax.device_get(params), lora)[1],
+                                      routing, tokens, config, 1.0)[0])[:, 5:-1]
+    assert np.max(np.abs(base - want)) > 1e-3
+
+
+def assert_same_sharding(a, s):
+    assert a.sharding.spec == s.spec, (a.sharding.spec, s.spec)
