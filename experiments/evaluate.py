@@ -34,6 +34,7 @@ from etils import epath
 
 from deepseek_jax import parallel
 from deepseek_jax.data import r1
+from deepseek_jax.model import adapters
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import evaluate as ev
 from deepseek_jax.rl.math_problems import read_problems
@@ -95,13 +96,14 @@ def evaluate_run(run: str, problems_path: str, *, k: int = 8, num_samples: int =
     _check(k, n, temperature, batch_size, template)
     problems = read_problems(problems_path, limit)
     encoder = Encoder(tokenizer or None, add_bos=True)
-    config = ckpt.load_model_config(run)
+    config = adapters.plain(ckpt.load_model_config(run))     # trained with adapters: merged
     if config.vocab_size < encoder.vocab_size:
         raise ValueError(f"{run} has vocab_size {config.vocab_size}, smaller than the "
                          f"tokenizer's {encoder.vocab_size}: pass the run's --tokenizer")
     _check_lengths(problems, template, encoder, max_new_tokens, config.max_seq_len)
     mesh, rules = parallel.mesh_and_rules(preset)
-    _, variables = ckpt.load_trained(run, shardings=sharded.param_shardings(config, mesh, rules))
+    _, variables = ckpt.load_trained(run, shardings=sharded.param_shardings(config, mesh, rules),
+                                     merged=True)
     common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, mesh=mesh, rules=rules,
                   encoder=encoder)
     greedy = ev.complete(variables, config, problems, template, progress=_progress(

@@ -198,6 +198,7 @@ def from_run(run: str, config, *, out: str, k: int, problems_file: str = "",
     `problems_file`, or else of the GRPO run config `config`'s task (`split`, the first
     `num_problems`; 0 = all), with its template, temperature, max_new_tokens, tokenizer and
     mesh. Everything is checked before the checkpoint is read."""
+    from deepseek_jax.model import adapters
     from deepseek_jax.data import run_config
     from deepseek_jax.train import checkpoint as ckpt
     from deepseek_jax.train import sharded
@@ -214,13 +215,13 @@ def from_run(run: str, config, *, out: str, k: int, problems_file: str = "",
         problems = [r1.problem_from_record(source[i]) for i in range(count)]
     problems = problems[: num_problems or None]
     mesh, rules = run_mesh(config.mesh, config.mesh.num_devices, samples=True)
-    model_config = ckpt.load_model_config(run)
+    model_config = adapters.plain(ckpt.load_model_config(run))   # trained with adapters: merged
     sharded.validate(model_config, mesh, rules, batch_prompts * k)
     if model_config.vocab_size < encoder.vocab_size:
         raise ValueError(f"the model's vocab_size {model_config.vocab_size} is smaller than the "
                          f"tokenizer's {encoder.vocab_size}: set data.tokenizer to its tokenizer")
     _, variables = ckpt.load_trained(run, shardings=sharded.param_shardings(model_config, mesh,
-                                                                            rules))
+                                                                            rules), merged=True)
     sampler = policy_sampler(variables, model_config, max_new_tokens=config.rl.max_new_tokens,
                              temperature=config.rl.temperature, eos_id=encoder.eos_id,
                              seed=seed, mesh=mesh, rules=rules)

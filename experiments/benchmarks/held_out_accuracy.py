@@ -65,7 +65,7 @@ def _report(run: str, step: int | None, args, config, problems, encoder: Encoder
             first: list[bool] | None) -> list[bool]:
     """Prints one row for `run` at `step` (None: its latest checkpoint); returns the first row's
     per-problem correctness (this row's when `first` is None)."""
-    model_config, variables = ckpt.load_trained(run, step)
+    model_config, variables = ckpt.load_trained(run, step, merged=True)
     result = evaluate(variables, model_config, problems, config.data.template,
                       max_new_tokens=config.rl.max_new_tokens, batch_size=args.batch_size,
                       encoder=encoder, show=3)
