@@ -66,6 +66,8 @@ def adapter_fields() -> ml_collections.ConfigDict:
     # comma-separated: groups attention, mlp (dense FFNs, shared experts), experts (routed),
     # or single weights such as attention.w_o
     a.targets = "attention,mlp"
+    # the frozen weights' storage: "" = as the starting run saved them; "bfloat16" halves them
+    a.frozen_dtype = ""
     return a
 
 
@@ -73,8 +75,9 @@ def with_adapters(model_config: ModelConfig, run_config) -> ModelConfig:
     """`model_config` with the run config's `adapter` section (none when its rank is 0)."""
     a = run_config.adapter
     targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
+    stored = {"param_dtype": jnp.dtype(a.frozen_dtype).type} if a.rank and a.frozen_dtype else {}
     return model_config.replace(adapter_rank=a.rank, adapter_alpha=a.alpha,
-                                adapter_targets=targets)
+                                adapter_targets=targets, **stored)
 
 
 def to_model_config(fields) -> ModelConfig:

@@ -22,6 +22,12 @@ and the gradient of every frozen weight (AdamW keeps two fp32 moments per traine
 the backward GEMMs; inserting x·A·B beside x·W would also save the wgrad GEMMs but needs a
 second path through every use of the weight (absorbed attention, fp8, expert dispatch).
 
+Precision: W' is formed in fp32 and cast to the compute dtype where it is used, as a full
+fine-tuning's fp32 master weight is; so under bf16 compute an update s·A·B shows in the forward
+pass once it moves W' by a bf16 rounding step, exactly as accumulated full fine-tuning updates
+do. The frozen weights may be stored in bf16 (`param_dtype`, the fine-tuning configs'
+`adapter.frozen_dtype`): half their memory, the adapters still fp32.
+
 Training with adapters (`train.step`, `rl.step`): `split` parts the parameters into the
 adapters (differentiated, in the optimizer) and the rest (frozen); the train state holds both,
 so a checkpoint restores on its own. `merge` folds the adapters into their weights, which
@@ -69,7 +75,8 @@ def update(a: jax.Array, b: jax.Array, lead: int) -> jax.Array:
 
 def adapt(module: nn.Module, name: str, w: jax.Array, axes, config: ModelConfig, group: str,
           n_in: int = 1) -> jax.Array:
-    """W' = W + s·A·B for a targeted weight `w` (declared with logical `axes`), else `w`.
+    """W' = W + s·A·B in fp32 for a targeted weight `w` (declared with logical `axes`), else
+    `w`. A and B are fp32 whatever `param_dtype` says: they are what the optimizer updates.
 
     `n_in`: how many of w's axes (after the expert axis of a routed expert) are its inputs,
     the axes the projection contracts; the rest are outputs. Declares `{name}_lora_a` and
@@ -82,12 +89,12 @@ def adapt(module: nn.Module, name: str, w: jax.Array, axes, config: ModelConfig,
     a_init = nn.initializers.normal(stddev=math.prod(ins) ** -0.5)
     a = module.param(f"{name}_lora_a",
                      nn.with_logical_partitioning(a_init, (*axes[:lead + n_in], "adapter")),
-                     (*w.shape[:lead], *ins, r), config.param_dtype)
+                     (*w.shape[:lead], *ins, r), jnp.float32)
     b = module.param(f"{name}_lora_b",
                      nn.with_logical_partitioning(nn.initializers.zeros,
                                                   (*axes[:lead], "adapter", *axes[lead + n_in:])),
-                     (*w.shape[:lead], r, *outs), config.param_dtype)
-    return (w.astype(jnp.float32) + scale(config) * update(a, b, lead)).astype(w.dtype)
+                     (*w.shape[:lead], r, *outs), jnp.float32)
+    return w.astype(jnp.float32) + scale(config) * update(a, b, lead)
 
 
 def is_adapter(path: tuple) -> bool:

@@ -65,6 +65,11 @@ def initial_state(model_config: ModelConfig, tx, shardings: TrainState, pretrain
                                                         adapters.plain(model_config)))
     place = lambda tree, s: jax.tree.map(parallel.to_global, tree, s)   # multi-process too
     params = place(variables["params"], base_s)
+    stored = jnp.dtype(model_config.param_dtype)
+    if model_config.adapter_rank and any(x.dtype != stored for x in jax.tree.leaves(params)):
+        params = jax.jit(                         # frozen weights stored as the config says
+            lambda t: jax.tree.map(lambda x: x.astype(model_config.param_dtype), t),
+            out_shardings=base_s)(params)
     routing = place(variables.get("routing", {}), shardings.routing)
     reference = jax.tree.map(jnp.copy, params) if keep_reference else None
     if model_config.adapter_rank:

@@ -150,6 +150,7 @@ def test_lora_sft_then_grpo_from_its_run(tmp_path, start_run):
     g.data.num_train, g.data.num_eval = 300, 20
     g.data.data_dir = str(tmp_path / "data")
     g.adapter.rank, g.adapter.targets = 2, "attention.w_o,experts"
+    g.adapter.frozen_dtype = "bfloat16"
     g.rl.beta, g.rl.num_iterations = 0.04, 1
     g.train.steps, g.train.eval_every = 1, 0
     grpo.train_and_evaluate(g, str(tmp_path / "lora_grpo"))
@@ -163,8 +164,10 @@ def test_lora_sft_then_grpo_from_its_run(tmp_path, start_run):
     assert row["sampler_trainer_logp_gap"] < 1e-4 and np.isfinite(row["loss"])
     grpo_config_saved, policy = ckpt.load_trained(str(tmp_path / "lora_grpo"))
     assert grpo_config_saved.adapter_targets == ("attention.w_o", "experts")
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 adapters.split(policy["params"], grpo_config_saved)[1], merged["params"])
+    trained, frozen = adapters.split(policy["params"], grpo_config_saved)
+    assert {x.dtype for x in jax.tree.leaves(trained)} == {np.dtype("float32")}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        np.asarray(a), np.asarray(b.astype(jax.numpy.bfloat16))), frozen, merged["params"])
 
 
 def test_bad_conversations_fail_before_any_compile(tmp_path):
