@@ -12,6 +12,8 @@ Memory per chip
                          logical names map to under the preset's rules (AdamW: two moments
                          in the parameter dtype).
   gradients              one more parameter-sized copy in the parameter dtype (a temporary).
+                         With LoRA adapters: moments for the adapters only, and gradients
+                         (and their reductions) for the adapters and the weights they adapt.
   activations            with remat ("full"): one [B, T, D] layer input per layer saved for the
                          backward pass plus one layer's working set recomputed; without remat,
                          every layer's working set; with a policy over named activations
@@ -79,6 +81,7 @@ from jax.sharding import AbstractMesh
 from deepseek_jax.config import REMAT_NAMES, ModelConfig, remat_names
 from deepseek_jax.kernels.attention import BLOCK as ATTENTION_BLOCK
 from deepseek_jax.model.attention import resolve_backend as resolve_attention
+from deepseek_jax.model import adapters
 from deepseek_jax.model.dispatch import expert_chunks
 from deepseek_jax.parallel.mesh import MESH_AXES
 from deepseek_jax.parallel.rules import (Rules, axis_names, batch_axes, logical_axis_rules,
@@ -208,20 +211,26 @@ def rules_for(preset: str, sizes: dict[str, int]) -> Rules:
 
 def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dict[str, float]:
     """Per-chip bytes of parameters and AdamW moments, and the collective bytes of the weights:
-    {"params", "optimizer", "gather", "scatter", "allreduce"} (gather in the compute dtype,
+    {"params", "optimizer", "gradients", "gather", "scatter", "allreduce"} (gather in the compute dtype,
     scatter/all-reduce of gradients in the parameter dtype, per step)."""
     variables = abstract_variables(config)
-    leaves = jax.tree_util.tree_leaves(variables["params"],
-                                       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    with_paths = jax.tree_util.tree_leaves_with_path(
+        variables["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    keys = [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in with_paths]
+    # With LoRA adapters only they are trained (optimizer moments, gradients); a weight they
+    # adapt still forms its whole gradient dW' (reduced like any weight's), a frozen one none.
+    adapted = {(*k[:-1], k[-1][:-len("_lora_a")]) for k in keys if k[-1].endswith("_lora_a")}
     b_axes = [a for a in ("dcn_data", "data", "fsdp", "context", "expert") if sizes.get(a, 1) > 1]
-    out = dict(params=0.0, optimizer=0.0, gather=0.0, scatter=0.0, allreduce=0.0,
+    out = dict(params=0.0, optimizer=0.0, gradients=0.0, gather=0.0, scatter=0.0, allreduce=0.0,
                allreduce_dcn=0.0, table_axes=())
     compute_b = _bytes(config.dtype)
     expert_axes = set(axis_names(mesh_axes_of(("expert",), rules)[0]))
     ep = any(sizes.get(a, 1) > 1 for a in expert_axes)
     looped = not ep and expert_chunks(config) > 1          # gathered a chunk at a time
     expert_passes = 3 if config.remat_policy != "none" and looped else 2
-    for leaf in leaves:
+    for key, (_, leaf) in zip(keys, with_paths):
+        trained = not config.adapter_rank or adapters.is_adapter(key)
+        reduced = trained or key in adapted
         names = tuple(leaf.names)
         value = leaf.value
         spec = mesh_axes_of(names, rules)
@@ -231,7 +240,8 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
         pb = _bytes(value.dtype)
         local = n / shard
         out["params"] += local * pb
-        out["optimizer"] += 2 * local * pb
+        out["optimizer"] += 2 * local * pb if trained else 0.0
+        out["gradients"] += local * pb if reduced else 0.0
         # Gathered over the batch-like axes it is split on: fsdp, and expert too for the
         # non-expert weights that ZeRO shards across expert ranks; an expert weight's own
         # expert axis holds different experts and is never gathered.
@@ -249,12 +259,12 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
             # docstring for the experts' third), gradient reduce-scatter.
             passes = expert_passes if "expert" in names else 2
             out["gather"] += passes * local * f * compute_b
-            out["scatter"] += local * f * grad_b
+            out["scatter"] += local * f * grad_b if reduced else 0.0
         replicated = [a for a in b_axes if a not in used]
         ici = [a for a in replicated if a != "dcn_data"]
-        if ici:
+        if ici and reduced:
             out["allreduce"] += local * grad_b
-        if "dcn_data" in replicated:
+        if "dcn_data" in replicated and reduced:
             out["allreduce_dcn"] += local * grad_b
     return out
 
@@ -435,7 +445,7 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
             * config.d_model * ab, ("expert",), True)
 
     return Estimate(params=state["params"], optimizer=state["optimizer"],
-                    gradients=state["params"], activations=acts, model_flops=model_flops,
+                    gradients=state["gradients"], activations=acts, model_flops=model_flops,
                     hardware_flops=hardware_flops, comm_bytes=comm, comm_time=times,
                     exposed_time=exposed, overlap_time=overlap,
                     compute_time=hardware_flops / chip.peak_flops, peak_flops=chip.peak_flops)

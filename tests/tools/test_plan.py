@@ -6,6 +6,7 @@ import math
 import os
 import re
 
+import flax
 import jax
 import jax.numpy as jnp
 import pytest
@@ -85,6 +86,44 @@ def test_state_bytes_agree_with_the_compiled_shardings(tiny_plan):
         assert est.params == pytest.approx(r["params"], rel=1e-6), r["strategy"]
         # The analytic optimizer state leaves out AdamW's step counter (4 bytes).
         assert est.optimizer == pytest.approx(r["optimizer"], abs=16), r["strategy"]
+
+
+def test_state_bytes_with_adapters_count_moments_for_the_adapters_only():
+    """LoRA: the analytic model's parameter and optimizer bytes per chip are the sharded train
+    state's (AdamW moments for the adapters alone), and gradients are reduced only for the
+    adapters and the weights they adapt."""
+    import optax
+    from deepseek_jax.model import adapters
+    config = get_config("tiny").replace(adapter_rank=4, adapter_targets=("attention", "mlp"))
+    sizes = {"fsdp": 2, "expert": 4}
+    mesh = parallel.make_mesh(sizes)
+    rules = parallel.logical_axis_rules("fsdp_ep", mesh)
+    state = sharded.state_shardings(config, mesh, rules, optax.adamw(1e-3))
+    shapes = jax.eval_shape(lambda: sharded.init_train_state(jax.random.key(0), config,
+                                                             optax.adamw(1e-3)))
+    local = lambda tree, s: sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+                                for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(s)))
+    got = cost_model.state_bytes(config, sizes, cost_model.rules_for("fsdp_ep", sizes))
+    assert got["params"] == pytest.approx(local(shapes.params, state.params), rel=1e-9)
+    moments = [x for x in jax.tree.leaves(shapes.opt_state) if x.ndim]
+    assert got["optimizer"] == pytest.approx(
+        local(moments, [s for x, s in zip(jax.tree.leaves(shapes.opt_state),
+                                          jax.tree.leaves(state.opt_state)) if x.ndim]),
+        rel=1e-9)
+    trained = adapters.split(shapes.params, config)[0]
+    assert got["optimizer"] == pytest.approx(
+        2 * local(trained, adapters.split(state.params, config)[0]), rel=1e-9)
+    # Gradients: the adapters' and the adapted weights' (W' = W + s·A·B forms dW'), not the
+    # frozen routed experts', embedding's or norms'.
+    flat = flax.traverse_util.flatten_dict(shapes.params)
+    flat_s = flax.traverse_util.flatten_dict(state.params)
+    reduced = [k for k in flat if adapters.is_adapter(k)
+               or (*k[:-1], k[-1] + "_lora_a") in flat]
+    assert got["gradients"] == pytest.approx(
+        local([flat[k] for k in reduced], [flat_s[k] for k in reduced]), rel=1e-9)
+    plain = cost_model.state_bytes(adapters.plain(config), sizes,
+                                   cost_model.rules_for("fsdp_ep", sizes))
+    assert got["scatter"] < plain["scatter"] and got["gradients"] < plain["gradients"]
 
 
 def test_outputs_written(tiny_plan, tmp_path):
