@@ -14,18 +14,23 @@ experts, the expert axis: each layer and each expert gets its own pair. A is spl
 input axes and B like its output axes (the rank axis, logical name "adapter", never), so
 `adapt` computes W' on each device from its own shards with no communication.
 
-How it runs: `adapt` returns W' where the module declares W, and every use of the weight
-(training, prefill, the absorbed decode, fp8 quantization) sees W'. The gradient reaches A and
-B through W': dA = s·dW'·Bᵀ, dB = s·Aᵀ·dW', in·out·r multiply-adds each, beside the full
-weight gradient dW' that the backward pass forms anyway. So adapters save the optimizer state
-and the gradient of every frozen weight (AdamW keeps two fp32 moments per trained value), not
-the backward GEMMs; inserting x·A·B beside x·W would also save the wgrad GEMMs but needs a
-second path through every use of the weight (absorbed attention, fp8, expert dispatch).
+How it runs. A projection that goes through `layers.einsum` (all eight MLA projections but
+W_UK and W_UV, the FFNs and shared experts) adds the adapters beside the frozen GEMM:
 
-Precision: W' is formed in fp32 and cast to the compute dtype where it is used, as a full
-fine-tuning's fp32 master weight is; so under bf16 compute an update s·A·B shows in the forward
-pass once it moves W' by a bf16 rounding step, exactly as accumulated full fine-tuning updates
-do. The frozen weights may be stored in bf16 (`param_dtype`, the fine-tuning configs'
+    y = x·W + s·(x·A)·B           (`declare` gives the pair, `low_rank` the second term)
+
+W is a constant there, so the backward pass forms neither W's gradient nor its reduction: A's
+and B's are contractions over the tokens, dA = s·xᵀ·(dy·Bᵀ) and dB = s·(x·A)ᵀ·dy, and the
+gradient GEMMs of the frozen weights are left out. The adapter term runs in the compute dtype,
+not fp8. W_UK and W_UV (used inside the attention cores and the absorbed decode) and the routed
+experts (used by the expert dispatch) are adapted by `adapt`, which forms W' = W + s·A·B where
+the module declares W, so every path that reads those weights sees W'; their gradient reaches
+A and B through dW'. `merge` folds every pair into its weight (the plain model).
+
+Precision: A and B are fp32; W' is formed in fp32 and cast to the compute dtype where it is
+used, as a full fine-tuning's fp32 master weight is (under bf16 compute an update s·A·B then
+shows once it moves W' by a bf16 rounding step, as accumulated full fine-tuning updates do).
+The frozen weights may be stored in bf16 (`param_dtype`, the fine-tuning configs'
 `adapter.frozen_dtype`): half their memory, the adapters still fp32.
 
 Training with adapters (`train.step`, `rl.step`): `split` parts the parameters into the
@@ -40,6 +45,7 @@ the output head, the router and MTP's `eh_proj`; quantized frozen weights (QLoRA
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import flax.traverse_util
@@ -73,28 +79,57 @@ def update(a: jax.Array, b: jax.Array, lead: int) -> jax.Array:
                       b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-def adapt(module: nn.Module, name: str, w: jax.Array, axes, config: ModelConfig, group: str,
-          n_in: int = 1) -> jax.Array:
-    """W' = W + s·A·B in fp32 for a targeted weight `w` (declared with logical `axes`), else
-    `w`. A and B are fp32 whatever `param_dtype` says: they are what the optimizer updates.
+class Pair(NamedTuple):
+    """One weight's adapters: a [*in, r], b [r, *out] (fp32) and the factor s = alpha / r."""
+    a: jax.Array
+    b: jax.Array
+    scale: float
 
-    `n_in`: how many of w's axes (after the expert axis of a routed expert) are its inputs,
-    the axes the projection contracts; the rest are outputs. Declares `{name}_lora_a` and
-    `{name}_lora_b` beside `name` in `module`."""
+
+def declare(module: nn.Module, name: str, shape, axes, config: ModelConfig, group: str,
+            n_in: int = 1) -> Pair | None:
+    """Declares `{name}_lora_a` and `{name}_lora_b` in `module` for the weight `name` of
+    `shape` and logical `axes` when the config targets it (else None). `n_in`: how many of the
+    weight's axes (after the expert axis of a routed expert) are its inputs, the axes the
+    projection contracts; the rest are outputs."""
     if not targeted(config, group, name):
-        return w
+        return None
     lead = 1 if group == "experts" else 0
-    r, axes = config.adapter_rank, tuple(axes)
-    ins, outs = w.shape[lead:lead + n_in], w.shape[lead + n_in:]
+    r, axes, shape = config.adapter_rank, tuple(axes), tuple(shape)
+    ins, outs = shape[lead:lead + n_in], shape[lead + n_in:]
     a_init = nn.initializers.normal(stddev=math.prod(ins) ** -0.5)
     a = module.param(f"{name}_lora_a",
                      nn.with_logical_partitioning(a_init, (*axes[:lead + n_in], "adapter")),
-                     (*w.shape[:lead], *ins, r), jnp.float32)
+                     (*shape[:lead], *ins, r), jnp.float32)
     b = module.param(f"{name}_lora_b",
                      nn.with_logical_partitioning(nn.initializers.zeros,
                                                   (*axes[:lead], "adapter", *axes[lead + n_in:])),
-                     (*w.shape[:lead], r, *outs), jnp.float32)
-    return w.astype(jnp.float32) + scale(config) * update(a, b, lead)
+                     (*shape[:lead], r, *outs), jnp.float32)
+    return Pair(a, b, scale(config))
+
+
+def adapt(module: nn.Module, name: str, w: jax.Array, axes, config: ModelConfig, group: str,
+          n_in: int = 1) -> jax.Array:
+    """W' = W + s·A·B in fp32 for a targeted weight `w` (declared with logical `axes`; the
+    pair from `declare`), else `w`: for weights read other than by one projection."""
+    pair = declare(module, name, w.shape, axes, config, group, n_in)
+    if pair is None:
+        return w
+    return w.astype(jnp.float32) + pair.scale * update(pair.a, pair.b,
+                                                       1 if group == "experts" else 0)
+
+
+def low_rank(eqn: str, x: jax.Array, pair: Pair, dtype) -> jax.Array:
+    """s·(x·A)·B for the projection `eqn` (as `layers.einsum` takes it: x's axes, then the
+    weight's, inputs first), in the compute dtype: what the adapters add to einsum(eqn, x, W)."""
+    lhs, out = eqn.split("->")
+    x_axes, w_axes = lhs.split(",")
+    ins = "".join(c for c in w_axes if c in x_axes)
+    outs = "".join(c for c in w_axes if c not in x_axes)
+    hidden = "".join(c for c in x_axes if c not in ins) + "z"                 # x's, r as z
+    h = jnp.einsum(f"{x_axes},{ins}z->{hidden}", x.astype(dtype), pair.a.astype(dtype))
+    y = jnp.einsum(f"{hidden},z{outs}->{out}", h, pair.b.astype(dtype))
+    return (pair.scale * y).astype(dtype)
 
 
 def is_adapter(path: tuple) -> bool:

@@ -148,7 +148,8 @@ def _cached_attention(attn: MLA, h: jax.Array, positions: jax.Array, mask: jax.A
     o = expanded_cache_attention(q_nope, q_rope, full["k"], full["v"], mask,
                                  c.softmax_scale, c.dtype)                    # [B, T, N, U]
     o = layers.constrain(o, (layers.BATCH, layers.LENGTH, layers.HEADS, None))
-    return layers.einsum("BTNU,NUD->BTD", o, attn.w_o, c.dtype, c.fp8, c.fp8_backend), new  # [B, T, D]
+    return layers.einsum("BTNU,NUD->BTD", o, attn.w_o, c.dtype, c.fp8, c.fp8_backend,
+                         attn.a_o), new                                       # [B, T, D]
 
 
 class Block(nn.Module):

@@ -147,8 +147,11 @@ def lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
 
 
 def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool = False,
-           fp8_backend: str = "auto") -> jax.Array:
+           fp8_backend: str = "auto", adapter: adapters.Pair | None = None) -> jax.Array:
     """A projection: both operands in the compute dtype, result in the compute dtype.
+
+    adapter: the weight's LoRA pair, if it has one: s·(x·A)·B is added (`adapters.low_rank`),
+    and w, frozen, gets no gradient GEMM.
 
     fp8=True: x (cast to `dtype`) and the weight as stored (the fp32 master, not cast) go through
     the fp8 GEMMs of `fp8_einsum`; the weight's contracted axes form K and its other axes N, so
@@ -161,6 +164,13 @@ def einsum(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool = False,
     the context chunk first, so that its rows, flattened, are split over (context, batch axes)
     in that order, each device's own rows: nothing moves to make the view.
     """
+    y = _projection(eqn, x, w, dtype, fp8, fp8_backend)
+    return y if adapter is None else y + adapters.low_rank(eqn, x, adapter, dtype)
+
+
+def _projection(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool,
+                fp8_backend: str) -> jax.Array:
+    """`einsum` without adapters."""
     if not fp8:
         return jnp.einsum(eqn, x.astype(dtype), cast_layer_weight(w, dtype))
     axes = token_axes(x.shape[0]) if x.ndim > 1 else ()
@@ -191,15 +201,17 @@ class RMSNorm(nn.Module):
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-           dtype, fp8: bool = False, fp8_backend: str = "auto") -> jax.Array:
+           dtype, fp8: bool = False, fp8_backend: str = "auto",
+           pairs: tuple = (None, None, None)) -> jax.Array:
     """SwiGLU FFN: w_down(silu(x·w_gate) ⊙ x·w_up). x [..., D]; w_gate, w_up [D, F]; w_down [F, D].
 
     fp8=True runs the three projections as fp8 GEMMs (`einsum`); the SiLU and the product stay
-    in `dtype`."""
-    gate = einsum("...D,DF->...F", x, w_gate, dtype, fp8, fp8_backend)    # [..., F]
-    up = einsum("...D,DF->...F", x, w_up, dtype, fp8, fp8_backend)        # [..., F]
+    in `dtype`. `pairs`: the three weights' LoRA adapters (`adapters.Pair`, None without)."""
+    gate = einsum("...D,DF->...F", x, w_gate, dtype, fp8, fp8_backend, pairs[0])  # [..., F]
+    up = einsum("...D,DF->...F", x, w_up, dtype, fp8, fp8_backend, pairs[1])      # [..., F]
     gate, up = checkpoint_name((gate, up), "mlp_hidden")
-    out = einsum("...F,FD->...D", nn.silu(gate) * up, w_down, dtype, fp8, fp8_backend)  # [..., D]
+    out = einsum("...F,FD->...D", nn.silu(gate) * up, w_down, dtype, fp8, fp8_backend,
+                 pairs[2])                                                 # [..., D]
     return checkpoint_name(out, "mlp_out")
 
 
@@ -215,10 +227,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c, D, F = self.config, self.config.d_model, self.d_ff
-        def weight(name, shape, axes):               # declared, LoRA-adapted if targeted
-            return adapters.adapt(self, name, param(self, name, shape, axes, c), axes, c, "mlp")
+        def weight(name, shape, axes):               # and its LoRA pair, if targeted
+            return (param(self, name, shape, axes, c),
+                    adapters.declare(self, name, shape, axes, c, "mlp"))
 
-        w_gate = weight("w_gate", (D, F), ("embed", "mlp"))
-        w_up = weight("w_up", (D, F), ("embed", "mlp"))
-        w_down = weight("w_down", (F, D), ("mlp", "embed"))
-        return swiglu(x, w_gate, w_up, w_down, c.dtype, c.fp8, c.fp8_backend)  # [B, T, D]
+        (w_gate, a_gate), (w_up, a_up), (w_down, a_down) = (
+            weight("w_gate", (D, F), ("embed", "mlp")), weight("w_up", (D, F), ("embed", "mlp")),
+            weight("w_down", (F, D), ("mlp", "embed")))
+        return swiglu(x, w_gate, w_up, w_down, c.dtype, c.fp8, c.fp8_backend,
+                      (a_gate, a_up, a_down))                                 # [B, T, D]

@@ -69,6 +69,20 @@ from deepseek_jax.model.rope import apply_rope, rope_angles
 _MASKED = -1e30  # added to masked scores; finite so fully masked (padding) rows stay NaN-free
 
 
+def query_adapters(x: jax.Array, a_uq, a_qr, c: ModelConfig) -> jax.Array:
+    """What LoRA adds to the joined query up-projection: [B, T, N, H+R], each half from its
+    own pair (`adapters.Pair`), zeros for a half without."""
+    B, T, N = x.shape[0], x.shape[1], c.n_heads
+
+    def half(pair, width):
+        if pair is None:
+            return jnp.zeros((B, T, N, width), c.dtype)
+        return adapters.low_rank("BTQ,QNA->BTNA", x, pair, c.dtype)          # [B, T, N, width]
+
+    return jnp.concatenate([half(a_uq, c.qk_nope_head_dim), half(a_qr, c.qk_rope_head_dim)],
+                           axis=-1)                                            # [B, T, N, H+R]
+
+
 def query_up_weight(w_uq: jax.Array, w_qr: jax.Array) -> jax.Array:
     """The query up-projection as DeepSeek stores it (q_b_proj, or q_proj when Q = 0), in our
     [in, out] layout: [Q, N, H+R], each head's H non-RoPE columns then its R RoPE columns, so
@@ -120,32 +134,39 @@ class MLA(nn.Module):
         D, N, Q, C = c.d_model, c.n_heads, c.q_lora_rank, c.kv_lora_rank
         H, R, U = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         q_in, q_axis = (Q, "q_lora") if Q else (D, "embed")
-        def weight(name, shape, axes, n_in=1):       # declared, LoRA-adapted if targeted
+        def weight(name, shape, axes, n_in=1):       # and its LoRA pair, if targeted
             w = param(self, name, shape, axes, c)
-            return adapters.adapt(self, name, w, axes, c, "attention", n_in)
+            return w, adapters.declare(self, name, shape, axes, c, "attention", n_in)
 
         if Q:
-            self.w_dq = weight("w_dq", (D, Q), ("embed", "q_lora"))
+            self.w_dq, self.a_dq = weight("w_dq", (D, Q), ("embed", "q_lora"))
             self.q_norm = RMSNorm(c, axis_name="q_lora")
-        self.w_uq = weight("w_uq", (q_in, N, H), (q_axis, "heads", "head_dim"))
-        self.w_qr = weight("w_qr", (q_in, N, R), (q_axis, "heads", "head_dim"))
-        self.w_dkv = weight("w_dkv", (D, C), ("embed", "kv_lora"))
+        self.w_uq, self.a_uq = weight("w_uq", (q_in, N, H), (q_axis, "heads", "head_dim"))
+        self.w_qr, self.a_qr = weight("w_qr", (q_in, N, R), (q_axis, "heads", "head_dim"))
+        self.w_dkv, self.a_dkv = weight("w_dkv", (D, C), ("embed", "kv_lora"))
         self.kv_norm = RMSNorm(c, axis_name="kv_lora")
-        self.w_kr = weight("w_kr", (D, R), ("embed", "head_dim"))
-        self.w_uk = weight("w_uk", (C, N, H), ("kv_lora", "heads", "head_dim"))
-        self.w_uv = weight("w_uv", (C, N, U), ("kv_lora", "heads", "head_dim"))
-        self.w_o = weight("w_o", (N, U, D), ("heads", "head_dim", "embed"), n_in=2)
+        self.w_kr, self.a_kr = weight("w_kr", (D, R), ("embed", "head_dim"))
+        self.w_o, self.a_o = weight("w_o", (N, U, D), ("heads", "head_dim", "embed"), n_in=2)
+        # Read inside the attention cores (expanded, absorbed, cached), not by one projection:
+        # adapted as W' = W + s·A·B (`adapters.adapt`).
+        for name, shape in (("w_uk", (C, N, H)), ("w_uv", (C, N, U))):
+            axes = ("kv_lora", "heads", "head_dim")
+            setattr(self, name, adapters.adapt(self, name, param(self, name, shape, axes, c),
+                                               axes, c, "attention"))
 
     def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """(q_nope [B, T, N, H], q_rope [B, T, N, R]) for x [B, T, D]."""
         c = self.config
         if c.q_lora_rank:
-            x = einsum("BTD,DQ->BTQ", x, self.w_dq, c.dtype, c.fp8, c.fp8_backend)    # [B, T, Q]
+            x = einsum("BTD,DQ->BTQ", x, self.w_dq, c.dtype, c.fp8, c.fp8_backend,
+                       self.a_dq)                                            # [B, T, Q]
             x = self.q_norm(checkpoint_name(x, "q_latent"))                  # [B, T, Q]
         # With Q = 0 the "Q" axis below is the model width D. One GEMM over q_b_proj as stored
         # (A = H + R, one full query head), so fp8 blocks match the checkpoint's.
         w_q = query_up_weight(self.w_uq, self.w_qr)                          # [Q, N, A]
         q = einsum("BTQ,QNA->BTNA", x, w_q, c.dtype, c.fp8, c.fp8_backend)   # [B, T, N, A]
+        if self.a_uq is not None or self.a_qr is not None:   # LoRA: each half's own pair
+            q = q + query_adapters(x, self.a_uq, self.a_qr, c)                 # [B, T, N, A]
         q = checkpoint_name(q, "query")                                      # [B, T, N, A]
         H = c.qk_nope_head_dim
         q_nope, q_rope = q[..., :H], q[..., H:]                              # [B, T, N, H|R]
@@ -154,8 +175,10 @@ class MLA(nn.Module):
     def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """What a cache stores per token: (c_kv [B, T, C] normalized, k_rope [B, T, R] rotated)."""
         c = self.config
-        c_kv = einsum("BTD,DC->BTC", x, self.w_dkv, c.dtype, c.fp8, c.fp8_backend)   # [B, T, C]
-        k_rope = einsum("BTD,DR->BTR", x, self.w_kr, c.dtype, c.fp8, c.fp8_backend)  # [B, T, R]
+        c_kv = einsum("BTD,DC->BTC", x, self.w_dkv, c.dtype, c.fp8, c.fp8_backend,
+                      self.a_dkv)                                           # [B, T, C]
+        k_rope = einsum("BTD,DR->BTR", x, self.w_kr, c.dtype, c.fp8, c.fp8_backend,
+                        self.a_kr)                                          # [B, T, R]
         c_kv, k_rope = checkpoint_name((c_kv, k_rope), "kv_latent")
         c_kv = self.kv_norm(c_kv)                                           # [B, T, C]
         return c_kv, apply_rope(k_rope, cos, sin, c.rope_interleaved)
@@ -182,7 +205,8 @@ class MLA(nn.Module):
                 o = jnp.where(real[:, :, None, None], o, jnp.zeros((), o.dtype))
         o = layers.constrain(o, (layers.BATCH, layers.LENGTH, layers.HEADS, None))
         o = checkpoint_name(o, "context")                                    # [B, T, N, U]
-        out = einsum("BTNU,NUD->BTD", o, self.w_o, c.dtype, c.fp8, c.fp8_backend)  # [B, T, D]
+        out = einsum("BTNU,NUD->BTD", o, self.w_o, c.dtype, c.fp8, c.fp8_backend,
+                     self.a_o)                                               # [B, T, D]
         return checkpoint_name(out, "attn_out")
 
     def fused_expanded(self, q_nope, q_rope, c_kv, k_rope, mask) -> jax.Array:

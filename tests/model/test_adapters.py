@@ -108,10 +108,11 @@ def test_merge_matches_an_independent_reference(lora, lora_params):
 
 
 def test_the_plain_model_on_merged_weights_is_the_adapter_model(lora, lora_params):
-    """The adapter model (W' formed inside each layer) and the plain model on `merge`'s weights
-    compute the same W' up to the order of r = 4 products (γ(4) ≈ 2.4e-7 relative per weight,
-    test above). Three projections in series per block over 3 layers and the MTP block give
-    some 12 such factors, ~3e-6 relative on the logits; 1e-5 bounds it."""
+    """The adapter model (x·W + s·(x·A)·B in each projection, W' = W + s·A·B inside the
+    attention cores and experts) and the plain model on `merge`'s weights: the same products
+    summed in another order, a few fp32 roundings apart per projection (relative ~1e-7 for
+    these well-conditioned random inputs). Some 12 projections in series over 3 layers and the
+    MTP block give ~3e-6 relative on the logits; 1e-5 bounds it."""
     tokens = _tokens(lora)
     routing = flax.core.meta.unbox(init_variables(jax.random.key(0), lora)).get("routing", {})
     variables = lambda p: {"params": p, **({"routing": routing} if routing else {})}
@@ -147,3 +148,20 @@ def test_bad_adapter_settings_are_refused(tiny):
         tiny.replace(adapter_rank=4, adapter_targets=())
     with pytest.raises(ConfigError, match="adapter_alpha"):
         tiny.replace(adapter_rank=4, adapter_alpha=0.0)
+
+
+@pytest.mark.parametrize("cache_kind", ["latent", "expanded"])
+def test_decoding_with_adapters_is_decoding_the_merged_model(lora, lora_params, cache_kind):
+    """KV-cached generation of the adapter model (the low-rank term in each cached step, W' in
+    the cache's attention) gives the plain model's tokens on the merged weights; log-probs to
+    the rounding of the two orders of the same products (1e-5, as for the logits above)."""
+    from deepseek_jax.sampling import generate
+    routing = flax.core.meta.unbox(init_variables(jax.random.key(0), lora)).get("routing", {})
+    prompt = _tokens(lora, B=2, T=5)
+    kw = dict(max_new_tokens=6, cache_kind=cache_kind)
+    got = generate({"params": lora_params, "routing": routing}, lora, prompt, **kw)
+    want = generate({"params": adapters.merge(lora_params, lora), "routing": routing},
+                    adapters.plain(lora), prompt, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs),
+                               rtol=1e-5, atol=1e-5)

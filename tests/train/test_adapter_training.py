@@ -40,10 +40,11 @@ def _with_b(params):
 
 def test_adapter_gradients_follow_the_chain_rule(lora, batch):
     """dA = s·dW'·Bᵀ and dB = s·Aᵀ·dW', with dW' the plain model's gradient at the merged
-    weights, evaluated in float64. Both sides run the same fp32 forward and backward up to W'
-    (equal to γ(4) relative, tests/model/test_adapters.py); what is left is the fp32 contraction
-    over W's other side, at most ~100 terms: gradient_rtol(100, κ) with κ ≤ 20 covers it for
-    gradients of random-input losses, as in the sharded-parity tests."""
+    weights, evaluated in float64. The adapter model takes A's and B's gradients as sums over
+    the B·T tokens (x·A·B beside each projection) or through dW' (W_UK, W_UV, the experts); the
+    reference contracts dW', itself a sum over the tokens, over W's other side (≤ ~100 terms):
+    two fp32 sums in other orders, gradient_rtol(B·T, κ) + gradient_rtol(100, κ) with κ ≤ 20
+    for gradients of random-input losses, as in the sharded-parity tests."""
     variables = flax.core.meta.unbox(init_variables(jax.random.key(0), lora))
     params, routing = _with_b(variables["params"]), variables.get("routing", {})
     _, _, _, grads = loss_and_grads(params, routing, batch, lora)
