@@ -132,6 +132,14 @@ def low_rank(eqn: str, x: jax.Array, pair: Pair, dtype) -> jax.Array:
     return (pair.scale * y).astype(dtype)
 
 
+def merged_in_model(path: tuple) -> bool:
+    """Whether the weight at a flattened parameter path is adapted as W' = W + s·A·B (`adapt`:
+    W_UK, W_UV, the routed experts) rather than beside its projection (`declare`)."""
+    name = str(path[-1])
+    return name in ("w_uk", "w_uv") or (len(path) >= 2 and path[-2] == "moe"
+                                        and name in ("w_gate", "w_up", "w_down"))
+
+
 def is_adapter(path: tuple) -> bool:
     """Whether a flattened parameter path (a tuple of names) is an adapter's A or B."""
     return str(path[-1]).endswith(SUFFIXES)

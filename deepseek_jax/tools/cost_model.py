@@ -217,9 +217,11 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
     with_paths = jax.tree_util.tree_leaves_with_path(
         variables["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     keys = [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in with_paths]
-    # With LoRA adapters only they are trained (optimizer moments, gradients); a weight they
-    # adapt still forms its whole gradient dW' (reduced like any weight's), a frozen one none.
+    # With LoRA adapters only they are trained (optimizer moments, gradients). A weight they
+    # adapt through W' = W + s·A·B (`adapters.MERGED`) still forms its whole gradient dW',
+    # reduced like any weight's; one used as x·W + s·(x·A)·B, or frozen, forms none.
     adapted = {(*k[:-1], k[-1][:-len("_lora_a")]) for k in keys if k[-1].endswith("_lora_a")}
+    adapted = {k for k in adapted if adapters.merged_in_model(k)}
     b_axes = [a for a in ("dcn_data", "data", "fsdp", "context", "expert") if sizes.get(a, 1) > 1]
     out = dict(params=0.0, optimizer=0.0, gradients=0.0, gather=0.0, scatter=0.0, allreduce=0.0,
                allreduce_dcn=0.0, table_axes=())

@@ -113,12 +113,11 @@ def test_state_bytes_with_adapters_count_moments_for_the_adapters_only():
     trained = adapters.split(shapes.params, config)[0]
     assert got["optimizer"] == pytest.approx(
         2 * local(trained, adapters.split(state.params, config)[0]), rel=1e-9)
-    # Gradients: the adapters' and the adapted weights' (W' = W + s·A·B forms dW'), not the
-    # frozen routed experts', embedding's or norms'.
+    # Gradients: the adapters', and W_UK's and W_UV's (adapted as W' = W + s·A·B, they form
+    # dW'); not the projections adapted beside (x·A·B), nor the frozen experts, embedding, norms.
     flat = flax.traverse_util.flatten_dict(shapes.params)
     flat_s = flax.traverse_util.flatten_dict(state.params)
-    reduced = [k for k in flat if adapters.is_adapter(k)
-               or (*k[:-1], k[-1] + "_lora_a") in flat]
+    reduced = [k for k in flat if adapters.is_adapter(k) or k[-1] in ("w_uk", "w_uv")]
     assert got["gradients"] == pytest.approx(
         local([flat[k] for k in reduced], [flat_s[k] for k in reduced]), rel=1e-9)
     plain = cost_model.state_bytes(adapters.plain(config), sizes,
