@@ -11,8 +11,7 @@ low-rank compression of queries and keys/values: those are ordinary trained weig
 "mlp" = the dense FFNs and shared experts, "experts" = the routed experts, one adapter pair per
 expert; or one weight, "attention.w_o"). `*lead` is the scan's layer axis and, for routed
 experts, the expert axis: each layer and each expert gets its own pair. A is split like W's
-input axes and B like its output axes (the rank axis, logical name "adapter", never), so
-`adapt` computes W' on each device from its own shards with no communication.
+input axes and B like its output axes (the rank axis, logical name "adapter", never).
 
 How it runs. A projection that goes through `layers.einsum` (all eight MLA projections but
 W_UK and W_UV, the FFNs and shared experts) adds the adapters beside the frozen GEMM:
@@ -170,8 +169,9 @@ def plain(config: ModelConfig) -> ModelConfig:
 
 
 def merge(params: dict, config: ModelConfig) -> dict:
-    """The parameters of `plain(config)`: each adapted W replaced by W + s·A·B (the same W'
-    the model computes), the adapters dropped. Without adapters, `params` unchanged."""
+    """The parameters of `plain(config)`: each adapted W replaced by W + s·A·B (what the
+    adapter model computes with, beside the projection or as W'), the adapters dropped.
+    Without adapters, `params` unchanged."""
     if not config.adapter_rank:
         return params
     flat = flax.traverse_util.flatten_dict(params)
@@ -191,8 +191,9 @@ def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, config: ModelConfig)
 
 
 def disabled(params: dict, config: ModelConfig) -> dict:
-    """`params` with every B zero: the model then computes W' = W + 0 = W exactly, the frozen
-    base (GRPO's reference policy, with no second copy of the weights)."""
+    """`params` with every B zero: every adapter term is then exactly 0 (x·W + 0, W + 0), so
+    the model computes the frozen base (GRPO's reference policy, no second copy of the
+    weights)."""
     if not config.adapter_rank:
         return params
     return flax.traverse_util.unflatten_dict(

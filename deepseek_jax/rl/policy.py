@@ -115,9 +115,10 @@ def compile_steps(model_config: ModelConfig, tx, shardings: TrainState, mesh, ru
 def sampled_model(model_config: ModelConfig, shardings: TrainState):
     """(config, weights(params) -> params) of the model the rollouts and evaluations sample:
     the policy itself, or with LoRA adapters the plain model on W + s·A·B, merged once per
-    call (`adapters.merge`) and laid out like the frozen weights. Merging per decode step
-    instead (what the adapter model does when it samples) would rebuild every adapted weight
-    for each token; merged once, the rollouts hold one extra copy of the adapted weights."""
+    call (`adapters.merge`) and laid out like the frozen weights. Sampling the adapter model
+    instead would add the low-rank terms to every projection and rebuild W_UK's, W_UV's and
+    the experts' W' at each token; merged once, the rollouts hold one extra copy of the
+    adapted weights."""
     if not model_config.adapter_rank:
         return model_config, lambda params: params
     frozen = adapters.split(shardings.params, model_config)[1]
