@@ -146,13 +146,14 @@ class MLA(nn.Module):
         self.w_dkv, self.a_dkv = weight("w_dkv", (D, C), ("embed", "kv_lora"))
         self.kv_norm = RMSNorm(c, axis_name="kv_lora")
         self.w_kr, self.a_kr = weight("w_kr", (D, R), ("embed", "head_dim"))
-        self.w_o, self.a_o = weight("w_o", (N, U, D), ("heads", "head_dim", "embed"), n_in=2)
         # Read inside the attention cores (expanded, absorbed, cached), not by one projection:
-        # adapted as W' = W + s·A·B (`adapters.adapt`).
+        # adapted as W' = W + s·A·B (`adapters.adapt`). (Declared in this order: each
+        # parameter's random init depends on how many were declared before it.)
         for name, shape in (("w_uk", (C, N, H)), ("w_uv", (C, N, U))):
             axes = ("kv_lora", "heads", "head_dim")
             setattr(self, name, adapters.adapt(self, name, param(self, name, shape, axes, c),
                                                axes, c, "attention"))
+        self.w_o, self.a_o = weight("w_o", (N, U, D), ("heads", "head_dim", "embed"), n_in=2)
 
     def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """(q_nope [B, T, N, H], q_rope [B, T, N, R]) for x [B, T, D]."""

@@ -74,7 +74,8 @@ def test_grpo_update_and_logprobs_trace_under_the_rules():
     model_config, mesh, rules = _expert_parallel(config)
     tx = make_optimizer(1e-3)
     shardings = sharded.state_shardings(model_config, mesh, rules, tx)
-    update, logprobs = policy.compile_steps(model_config, tx, shardings, mesh, rules, config.rl)
+    update, logprobs, _ = policy.compile_steps(model_config, tx, shardings, mesh, rules,
+                                               config.rl)
     state = _abstract(jax.eval_shape(lambda: init_train_state(jax.random.key(0), model_config,
                                                               tx)), shardings)
     tokens = jax.ShapeDtypeStruct((8, 32), jnp.int32)
