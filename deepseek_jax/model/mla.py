@@ -134,6 +134,7 @@ class MLA(nn.Module):
         D, N, Q, C = c.d_model, c.n_heads, c.q_lora_rank, c.kv_lora_rank
         H, R, U = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         q_in, q_axis = (Q, "q_lora") if Q else (D, "embed")
+
         def weight(name, shape, axes, n_in=1):       # and its LoRA pair, if targeted
             w = param(self, name, shape, axes, c)
             return w, adapters.declare(self, name, shape, axes, c, "attention", n_in)

@@ -88,7 +88,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                             seed=config.seed, keep_reference=bool(rl.beta))
     if jax.process_index() == 0:
         ckpt.save_model_config(workdir, model_config)
-    update, logprobs, reference_logprobs = policy.compile_steps(model_config, tx, shardings, mesh, rules, rl)
+    update, logprobs, reference_logprobs = policy.compile_steps(model_config, tx, shardings,
+                                                                mesh, rules, rl)
 
     # The sampler runs the plain model: with LoRA adapters, on weights merged once per step.
     sampled_config, sampled_weights = policy.sampled_model(model_config, shardings)
