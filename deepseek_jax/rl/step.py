@@ -62,7 +62,8 @@ def grpo_step(state: TrainState, batch: dict, *, config: ModelConfig,
     trained, frozen = adapters.split(state.params, config)   # LoRA: the adapters are trained
 
     def loss_fn(trained):
-        logp, entropy, stats = target_logprobs(adapters.combine(trained, frozen), state.routing, batch["tokens"], config,
+        params = adapters.combine(trained, frozen)
+        logp, entropy, stats = target_logprobs(params, state.routing, batch["tokens"], config,
                                                temperature, batch.get("token_mask"))
         loss, metrics = loss_lib.grpo_loss(
             logp, batch["old_logp"], batch["advantages"], batch["mask"],

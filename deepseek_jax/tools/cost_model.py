@@ -210,9 +210,9 @@ def rules_for(preset: str, sizes: dict[str, int]) -> Rules:
 
 
 def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dict[str, float]:
-    """Per-chip bytes of parameters and AdamW moments, and the collective bytes of the weights:
-    {"params", "optimizer", "gradients", "gather", "scatter", "allreduce"} (gather in the compute dtype,
-    scatter/all-reduce of gradients in the parameter dtype, per step)."""
+    """Per-chip bytes of parameters, AdamW moments and gradients, and the collective bytes of
+    the weights: {"params", "optimizer", "gradients", "gather", "scatter", "allreduce"} (gather
+    in the compute dtype, scatter/all-reduce of gradients in the parameter dtype, per step)."""
     variables = abstract_variables(config)
     with_paths = jax.tree_util.tree_leaves_with_path(
         variables["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
