@@ -97,6 +97,8 @@ FILE_SECONDS = {
     "hf/test_hf_parity.py": 55,
     "parallel/test_processes.py": 45,
     "rl/test_grpo_learning.py": 40,
+    "train/test_adapter_training.py": 75,
+    "model/test_adapters.py": 60,
 }
 
 
