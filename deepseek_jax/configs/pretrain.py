@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from deepseek_jax.config import ModelConfig, get_config as get_model_config
+from deepseek_jax.model import adapters
+from deepseek_jax.train.checkpoint import load_model_config
 from deepseek_jax.train.schedules import steps_for_tokens
 
 
@@ -78,6 +80,14 @@ def with_adapters(model_config: ModelConfig, run_config) -> ModelConfig:
     stored = {"param_dtype": jnp.dtype(a.frozen_dtype).type} if a.rank and a.frozen_dtype else {}
     return model_config.replace(adapter_rank=a.rank, adapter_alpha=a.alpha,
                                 adapter_targets=targets, **stored)
+
+
+def starting_model(run_config, pretrained: str) -> ModelConfig:
+    """The model of an SFT or GRPO run: the starting run's (`pretrained`; merged, if it was
+    trained with adapters) or the run config's `model`, with its `adapter` section."""
+    model = (adapters.plain(load_model_config(pretrained)) if pretrained
+             else to_model_config(run_config.model))
+    return with_adapters(model, run_config)
 
 
 def to_model_config(fields) -> ModelConfig:

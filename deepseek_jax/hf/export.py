@@ -176,15 +176,15 @@ def restore_leaves(state_dir: str, leaves: Sequence[mapping.Leaf], shardings: Ma
     return out
 
 
-def _merge_adapters(state_dir: str, leaves: Sequence[mapping.Leaf], arrays: dict,
-                    shardings: Mapping, config: ModelConfig) -> dict:
+def _merge_adapters(state_dir: str, meta: Mapping | None, leaves: Sequence[mapping.Leaf],
+                    arrays: dict, shardings: Mapping, config: ModelConfig) -> dict:
     """`arrays` with each weight that a run trained with LoRA adapters adapted replaced by
-    W + s·A·B (`model.adapters`): such a run exports as the plain model it computes."""
-    if not config.adapter_rank:
+    W + s·A·B (`model.adapters`): such a run exports as the plain model it computes. `meta`:
+    the checkpoint's leaf metadata (None for a run without adapters)."""
+    if meta is None:
         return arrays
     import orbax.checkpoint as ocp
     at = lambda tree, keys: functools.reduce(lambda node, k: node[k], keys, tree)  # noqa: E731
-    meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
     abstract: dict = {}
     adapted = [leaf for leaf in leaves if leaf.collection == "params" and
                leaf.path[-1] + adapters.SUFFIXES[0] in at(meta["params"], leaf.path[:-1])]
@@ -199,13 +199,15 @@ def _merge_adapters(state_dir: str, leaves: Sequence[mapping.Leaf], arrays: dict
     restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True))
-    merge = jax.jit(adapters.merged_weight, static_argnums=3)
     out = dict(arrays)
     for leaf in adapted:
         a, b = (at(restored, ("params", *leaf.path[:-1], leaf.path[-1] + suffix))
                 for suffix in adapters.SUFFIXES)
-        out[leaf.key] = merge(arrays[leaf.key], a, b, config)
+        out[leaf.key] = _merged_weight(arrays[leaf.key], a, b, config)
     return out
+
+
+_merged_weight = jax.jit(adapters.merged_weight, static_argnums=3)
 
 
 # --- the tensors --------------------------------------------------------------------------------
@@ -362,9 +364,13 @@ def _write_weights(out, config, state_dir, dtypes, dtype, fp8, block, max_shard_
     quantized = fp8_names(config) if fp8 else set()
     copies = _copies(config)
     writer = ShardedWriter(out, tensor_specs(config, dtype, quantized, block), max_shard_bytes)
+    meta = None                          # read once: a V3 export has hundreds of groups
+    if config.adapter_rank:
+        import orbax.checkpoint as ocp
+        meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
     for group in mapping.tensor_groups(mapping.plan(config)[0]):
         arrays = restore_leaves(state_dir, group.leaves, shardings, dtypes)
-        arrays = _merge_adapters(state_dir, group.leaves, arrays, shardings, config)
+        arrays = _merge_adapters(state_dir, meta, group.leaves, arrays, shardings, config)
         dt = _out_dtype(group.leaves[0], dtype)
         for name, value in hf_tensors(group, arrays, dtypes[group.leaves[0].key]):
             _write_tensor(writer, name, value, dt, quantized, block, copies.get(name, []))

@@ -44,9 +44,8 @@ from __future__ import annotations
 import jax
 
 from deepseek_jax import parallel
-from deepseek_jax.configs.pretrain import to_model_config, with_adapters
+from deepseek_jax.configs.pretrain import starting_model
 from deepseek_jax.data.encoding import Encoder
-from deepseek_jax.model import adapters
 from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import policy, rollout
 from deepseek_jax.rl.evaluate import evaluate
@@ -75,8 +74,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                              max_new_tokens=rl.max_new_tokens, encoder=encoder)
 
     # --- policy: the model checked against mesh, tokenizer and workdir before any read -------
-    model_config = with_adapters(adapters.plain(ckpt.load_model_config(pretrained))
-                                 if pretrained else to_model_config(config.model), config)
+    model_config = starting_model(config, pretrained)
     policy.check_policy(model_config, mesh, rules, batch_rows, encoder, workdir)
     rollout.check_rollout(rl, model_config, mesh, rules)
     lr = learning_rate_schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps,

@@ -27,10 +27,9 @@ import math
 
 import jax
 
-from deepseek_jax.configs.pretrain import to_model_config, with_adapters
+from deepseek_jax.configs.pretrain import starting_model
 from deepseek_jax.data import sft as sft_data
 from deepseek_jax.data.encoding import Encoder
-from deepseek_jax.model import adapters
 from deepseek_jax.rl import policy
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import schedules
@@ -58,8 +57,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     held = sft_data.eval_batches(held_rows, config.data.global_batch, p, n)
 
     # --- model, optimizer, sharded steps ------------------------------------------------------
-    model_config = with_adapters(adapters.plain(ckpt.load_model_config(pretrained))
-                                 if pretrained else to_model_config(config.model), config)
+    model_config = starting_model(config, pretrained)
     _check_model(config, model_config, mesh, rules, encoder, workdir)
     plan = schedules.from_run_config(config)
     tx, step_fn, eval_fn, batch_sharding = train_steps(config, model_config, plan, mesh, rules)
