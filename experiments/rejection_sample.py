@@ -3,11 +3,12 @@
     python -m experiments.rejection_sample --run=RUN --k=K --out=OUT.jsonl \
         [--problems=PROBLEMS.jsonl | --config=experiments/configs/grpo.py:NAME
          --config.data.data_dir=DATA --split=train --num_problems=N] \
-        [--keep=all|unique|shortest] [--batch_prompts=P] [--seed=S]
+        [--keep=all|unique|shortest|pairs] [--batch_prompts=P] [--seed=S]
 
 Samples K completions per problem from RUN's latest checkpoint, keeps those the verifiable
 rewards accept and appends them to OUT as SFT-ready JSONL ({"prompt", "completion", ...}, read by
-`experiments.sft`). The GRPO run config (`--config`, default `grpo.py:small`) gives the task,
+`experiments.sft`); with --keep=pairs it writes DPO pairs instead, an accepted and a rejected
+completion of the same problem ({"prompt", "chosen", "rejected", ...}, read by `experiments.dpo`). The GRPO run config (`--config`, default `grpo.py:small`) gives the task,
 the prompt template, the sampling temperature, max_new_tokens, the tokenizer and the mesh; the
 task's records are read from `--config.data.data_dir`, by default RUN/data, where a GRPO run
 keeps them unless told otherwise. `--problems` takes task problems (arithmetic, countdown) or
@@ -35,7 +36,7 @@ flags.DEFINE_string("problems", "", "JSONL of problems; empty: the run config's 
 flags.DEFINE_string("split", "train", "The task's split when --problems is empty.")
 flags.DEFINE_integer("num_problems", 0, "Use the first N problems; 0 = all.")
 flags.DEFINE_integer("batch_prompts", 16, "Problems per sampling batch (x K rows).")
-flags.DEFINE_enum("keep", "all", list(rejection.KEEP), "Which accepted completions to keep.")
+flags.DEFINE_enum("keep", "all", list(rejection.KEEP), "Which accepted completions to keep (pairs: DPO pairs).")
 flags.DEFINE_bool("require_format", True, "Accept only well-formed think/answer blocks.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 

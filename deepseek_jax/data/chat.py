@@ -275,18 +275,32 @@ class Sample:
 def tokenize_conversation(conversation: Conversation, template: ChatTemplate,
                           encoder: Encoder) -> list[Sample]:
     """The conversation's training samples (one, or one per assistant turn)."""
-    out = []
-    for text, spans in assistant_spans(conversation.messages, template, conversation.where):
-        ids, offsets = encode_with_offsets(text, encoder)
-        starts = offsets[:, 0]
-        mask = np.zeros(len(ids), np.float32)
-        for start, end in spans:
-            mask[(starts >= start) & (starts < end)] = 1.0
-        if not mask.any():
-            raise ChatError(f"{conversation.where}: the assistant turns are empty after "
-                            "tokenization; nothing to train on")
-        out.append(Sample(ids, mask, conversation.where))
-    return out
+    return [_masked(text, spans, encoder, conversation.where)
+            for text, spans in assistant_spans(conversation.messages, template,
+                                               conversation.where)]
+
+
+def last_turn_sample(messages: list[dict[str, str]], template: ChatTemplate, encoder: Encoder,
+                     where: str) -> Sample:
+    """The conversation as one sample whose mask covers its last message only (an assistant
+    turn): a response to everything before it, as preference pairs score it."""
+    if messages[-1]["role"] != "assistant":
+        raise ChatError(f"{where}: the response must end with an assistant message")
+    text, spans = assistant_spans(messages, template, where)[-1]
+    return _masked(text, spans[-1:], encoder, where)
+
+
+def _masked(text: str, spans: list[tuple[int, int]], encoder: Encoder, where: str) -> Sample:
+    """`text` tokenized, the tokens whose first character lies in a span masked in."""
+    ids, offsets = encode_with_offsets(text, encoder)
+    starts = offsets[:, 0]
+    mask = np.zeros(len(ids), np.float32)
+    for start, end in spans:
+        mask[(starts >= start) & (starts < end)] = 1.0
+    if not mask.any():
+        raise ChatError(f"{where}: the assistant turns are empty after tokenization; nothing "
+                        "to train on")
+    return Sample(ids, mask, where)
 
 
 def tokenize_all(conversations: Iterable[Conversation], template: ChatTemplate,

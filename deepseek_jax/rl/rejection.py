@@ -10,11 +10,16 @@ verifiable rewards accept kept as SFT data.
 
   keep: "all" every accepted completion; "unique" accepted completions with distinct text (the
   first of each); "shortest" the shortest accepted one (R1 keeps readable, non-redundant
-  samples; the shortest is the least rambling).
+  samples; the shortest is the least rambling); "pairs" preference pairs for DPO instead: the
+  i-th distinct accepted completion with the i-th distinct rejected one (finished, but wrong or
+  ill-formed), as many as the shorter list holds, so a problem gives pairs only when the
+  policy both solves and fails it.
 
 Output (SFT-ready, read by `data/chat.py`): one JSON object a line,
   {"prompt": the templated prompt text, "completion": the completion text (without eos),
-   "index": the problem's index, "problem": the problem's fields}.
+   "index": the problem's index, "problem": the problem's fields};
+with keep="pairs" (DPO-ready, read by `data/preference.py`) "chosen" and "rejected" replace
+"completion".
 With the byte tokenizer's built-in chat template a record renders back to exactly bos + prompt
 + completion + eos, the text the policy produced.
 
@@ -39,7 +44,7 @@ from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import math_problems, rewards
 from deepseek_jax.rl.evaluate import prompt_text
 
-KEEP = ("all", "unique", "shortest")
+KEEP = ("all", "unique", "shortest", "pairs")
 
 # sampler(prompts [B] id lists, keys [B] of (problem index, sample number)) → completion ids
 Sampler = Callable[[list[list[int]], list[tuple[int, int]]], list[list[int]]]
@@ -83,6 +88,8 @@ def select(texts: Sequence[str], keep: str) -> list[str]:
         return list(dict.fromkeys(texts))
     if keep == "shortest":
         return [min(texts, key=len)] if texts else []
+    if keep == "pairs":                    # pairs are formed by the caller from unique texts
+        return list(dict.fromkeys(texts))
     raise ValueError(f"keep={keep!r}; use one of {KEEP}")
 
 
@@ -143,11 +150,18 @@ def rejection_sample(problems: Sequence[dict[str, Any]], sampler: Sampler, *, ou
         finished = [bool(c) and c[-1] == encoder.eos_id for c in completions]
         rows, accepted_count = [], 0
         for n, i in enumerate(indices):
-            good = [t for t, done_ in zip(texts[n * k:(n + 1) * k], finished[n * k:(n + 1) * k])
-                    if done_ and accepted(t, problems[i], template, require_format)]
+            good, bad = [], []
+            for t, done_ in zip(texts[n * k:(n + 1) * k], finished[n * k:(n + 1) * k]):
+                if done_:
+                    (good if accepted(t, problems[i], template, require_format) else bad).append(t)
             accepted_count += len(good)
-            rows += [{"prompt": prompt_text(problems[i], template), "completion": t,
-                      "index": i, "problem": problems[i]} for t in select(good, keep)]
+            head = {"prompt": prompt_text(problems[i], template)}
+            tail = {"index": i, "problem": problems[i]}
+            if keep == "pairs":
+                rows += [{**head, "chosen": c, "rejected": r, **tail}
+                         for c, r in zip(select(good, "unique"), select(bad, "unique"))]
+            else:
+                rows += [{**head, "completion": t, **tail} for t in select(good, keep)]
         _append(out, rows)
         _append(progress_path(out), [{"problems": indices, "sampled": len(indices) * k,
                                       "accepted": accepted_count, "kept": len(rows)}])

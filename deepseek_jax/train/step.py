@@ -123,7 +123,7 @@ def _forward(params, routing, batch: dict, config: ModelConfig, mtp_weight, bala
     return total, (parts, stats)
 
 
-def _split_microbatches(batch: dict, k: int) -> dict:
+def split_microbatches(batch: dict, k: int) -> dict:
     """[B, ...] → [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, … (strided, so that a
     batch sharded over devices gives every device an equal share of every micro-batch)."""
     def split(x):
@@ -155,7 +155,7 @@ def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatch
                                                balance_alpha)
         return loss, parts, stats, grads
 
-    mbs = _split_microbatches(batch, microbatches)
+    mbs = split_microbatches(batch, microbatches)
     first = jax.tree.map(lambda x: x[0], mbs)
     shapes = jax.eval_shape(
         lambda p, b: grad_fn(p, routing, b, config, mtp_weight, balance_alpha), trained, first)
