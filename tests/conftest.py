@@ -99,6 +99,8 @@ FILE_SECONDS = {
     "rl/test_grpo_learning.py": 40,
     "train/test_adapter_training.py": 75,
     "model/test_adapters.py": 60,
+    "experiments/test_dpo.py": 120,
+    "rl/test_dpo.py": 45,
 }
 
 
