@@ -70,6 +70,9 @@ def adapter_fields() -> ml_collections.ConfigDict:
     a.targets = "attention,mlp"
     # the frozen weights' storage: "" = as the starting run saved them; "bfloat16" halves them
     a.frozen_dtype = ""
+    # checkpoints hold the adapters alone, the frozen weights read back from the starting run
+    # (which must keep that step); True writes them into every checkpoint too
+    a.save_frozen = False
     return a
 
 

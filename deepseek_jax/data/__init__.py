@@ -37,7 +37,8 @@ Typical use:
 Files: tokenizer.py (byte ids), synthetic.py (in-memory arithmetic stream for the demo),
 tasks.py, text_files.py, builders.py (TFDS), encoding.py, packing.py, pipeline.py (Grain),
 run_config.py (the run config's data section), chat.py (conversations, chat templates and
-assistant masks for SFT), sft.py (SFT rows, batches and the run config's SFT data section).
+assistant masks for SFT), sft.py (SFT rows, batches and the run config's SFT data section),
+preference.py (DPO's preference pairs to rows).
 
 Left out: downloads of public corpora (point `text_files` at them once downloaded).
 """

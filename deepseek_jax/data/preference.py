@@ -26,8 +26,9 @@ Rows (`PairRows`): one pair a row, the chosen side at index 0 and the rejected a
 
 A side longer than T is cut to its first T tokens (counted in `truncated`); a pair one of whose
 responses has no token left is dropped (counted in `dropped`), since its log-ratio would score
-the prompt alone. Batches (`pair_batches`) read the rows as SFT does (`data/sft.SFTBatches`): a
-seeded permutation each epoch, the batch of step s a pure function of (seed, s).
+the prompt alone. Batches (`pair_batches`, `eval_batches`) read the rows as SFT's do
+(`data/sft.py`): a seeded permutation each epoch, the batch of step s a pure function of (seed,
+s); held-out batches padded with empty pairs (all masks 0), which count for nothing.
 
 Left out: packing several pairs into a row (each side needs its own sum over positions; a
 padding-free layout would save the pad tokens of short pairs), and separate prompt and response
@@ -45,7 +46,10 @@ import numpy as np
 from deepseek_jax.data import chat
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.data.packing import check_seq_len
-from deepseek_jax.data.sft import SFTBatches, split_held_out
+from deepseek_jax.data.sft import SFTBatches, eval_batches, split_held_out
+
+__all__ = ["PAIR_FEATURES", "Pair", "PairRows", "eval_batches", "load_hf_pairs", "load_pairs",
+           "pair_batches", "pair_rows", "rows_from_config", "to_pair"]
 
 PAIR_FEATURES = ("tokens", "mask", "token_mask")
 
@@ -175,21 +179,6 @@ def pair_batches(rows: PairRows, global_batch: int, seed: int) -> SFTBatches:
     """Training batches over `rows` (every process reads the whole global batch): an epoch's
     seeded permutation as SFT reads its rows; `.batch(step)` → arrays [global_batch, ...]."""
     return SFTBatches(rows, global_batch, seed)
-
-
-def eval_batches(rows: PairRows, global_batch: int) -> list[dict[str, np.ndarray]]:
-    """Every row once, in order, in global batches; the last one padded with empty pairs (all
-    masks 0, so they count for nothing: `rl.dpo.pair_weight`)."""
-    out = []
-    for start in range(0, len(rows), global_batch):
-        part = {k: v[start: start + global_batch] for k, v in rows.arrays.items()}
-        missing = global_batch - len(part["tokens"])
-        if missing:
-            part = {k: np.concatenate([v, np.full((missing,) + v.shape[1:],
-                                                  rows.pad_id if k == "tokens" else 0, v.dtype)])
-                    for k, v in part.items()}
-        out.append(part)
-    return out
 
 
 def rows_from_config(data, encoder: Encoder) -> tuple[PairRows, PairRows]:

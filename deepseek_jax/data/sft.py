@@ -117,18 +117,18 @@ class SFTBatches:
 
 def eval_batches(rows: Rows, global_batch: int, process_index: int = 0,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """Every row once, in order, in global batches padded with empty rows (which count no
-    targets), each cut to this process's share."""
-    R, T = len(rows), rows.arrays["tokens"].shape[1]
+    """Every row once, in order, in global batches padded with empty rows (tokens `pad_id`,
+    every other array 0, as `empty_row`: they count no targets), each cut to this process's
+    share. DPO's pair rows (`data/preference.py`) batch the same way."""
     per = global_batch // process_count
     local = slice(process_index * per, (process_index + 1) * per)
     out = []
-    for start in range(0, R, global_batch):
+    for start in range(0, len(rows), global_batch):
         part = {k: v[start: start + global_batch] for k, v in rows.arrays.items()}
         missing = global_batch - len(part["tokens"])
         if missing:
-            pad = empty_row(T, rows.pad_id)
-            part = {k: np.concatenate([v, np.repeat(pad[k][None], missing, 0)])
+            part = {k: np.concatenate([v, np.full((missing,) + v.shape[1:],
+                                                  rows.pad_id if k == "tokens" else 0, v.dtype)])
                     for k, v in part.items()}
         out.append({k: v[local] for k, v in part.items()})
     return out

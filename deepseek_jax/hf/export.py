@@ -59,6 +59,7 @@ top-2-sum groups: `to_hf_config` refuses those with the reason).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import glob
 import json
@@ -136,12 +137,51 @@ def checkpoint_step(run: str, step: int | None) -> tuple[int, str]:
     return step, os.path.join(run, "checkpoints", str(step))
 
 
-def stored_dtypes(state_dir: str, config: ModelConfig) -> dict[str, np.dtype]:
-    """{leaf key: dtype} from the checkpoint's metadata; shapes checked against the plan."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where an exported run's leaves come from: its checkpoint (`state_dir`; `meta`, its leaf
+    metadata, read once: a V3 export has hundreds of groups; `dtypes`, each leaf's dtype as the
+    run computes with it) and, for a LoRA run whose checkpoints hold adapters only, the run it
+    started from (`base`), whose weights it froze in its own `param_dtype`."""
+    state_dir: str
+    config: ModelConfig
+    meta: Mapping
+    dtypes: Mapping[str, np.dtype]
+    base: "Source | None"
+
+
+def run_source(run: str, step: int | None) -> Source:
+    """The `Source` of RUN's checkpoint at `step` (default: the latest), its starting run's
+    followed back while checkpoints hold adapters only."""
     import orbax.checkpoint as ocp
+    from deepseek_jax.train.checkpoint import holds_frozen, load_model_config, load_start
+    config = load_model_config(run)
+    _, step_dir = checkpoint_step(run, step)
+    state_dir = os.path.join(step_dir, "state")
     meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+    base = None
+    if config.adapter_rank and not holds_frozen(meta["params"]):
+        start = load_start(run)
+        if start is None:
+            raise ExportError(f"{run}'s checkpoints hold LoRA adapters only and its start.json, "
+                              "which names the run with the frozen weights, is missing")
+        try:
+            base = run_source(*start)
+        except ExportError as e:
+            raise ExportError(f"{run} holds LoRA adapters only; its frozen weights are "
+                              f"{start[0]} at step {start[1]}, which cannot be read: {e}") from e
+    return Source(state_dir, config, meta, stored_dtypes(meta, config, state_dir, base), base)
+
+
+def stored_dtypes(meta: Mapping, config: ModelConfig, state_dir: str,
+                  base: Source | None = None) -> dict[str, np.dtype]:
+    """{leaf key: dtype} from the checkpoint's metadata (the parameters of a run with a `base`:
+    its `param_dtype`); shapes checked against the plan."""
     out = {}
     for leaf in mapping.plan(config)[0]:
+        if base is not None and leaf.collection == "params":
+            out[leaf.key] = np.dtype(config.param_dtype)      # the base's shapes are checked
+            continue
         m = meta
         try:
             for k in (leaf.collection, *leaf.path):
@@ -154,6 +194,23 @@ def stored_dtypes(state_dir: str, config: ModelConfig) -> dict[str, np.dtype]:
                               f"model_config.json's model {list(leaf.shape)}")
         out[leaf.key] = np.dtype(m.dtype)
     return out
+
+
+def read_group(src: Source, leaves: Sequence[mapping.Leaf], shardings: Mapping) -> dict:
+    """{leaf key: array} of `leaves` as `src`'s run computes with them: restored from its
+    checkpoint, or (its frozen parameters) read from its base and cast, then each adapted
+    weight replaced by W + s·A·B."""
+    own = [leaf for leaf in leaves if src.base is None or leaf.collection != "params"]
+    arrays = restore_leaves(src.state_dir, own, shardings, src.dtypes) if own else {}
+    frozen = [leaf for leaf in leaves if src.base is not None and leaf.collection == "params"]
+    if frozen:
+        for key, value in read_group(src.base, frozen, shardings).items():
+            arrays[key] = value.astype(src.dtypes[key])
+            if arrays[key] is not value:
+                value.delete()
+    if src.config.adapter_rank:
+        arrays = _merge_adapters(src.state_dir, src.meta, leaves, arrays, shardings, src.config)
+    return arrays
 
 
 def restore_leaves(state_dir: str, leaves: Sequence[mapping.Leaf], shardings: Mapping,
@@ -186,8 +243,14 @@ def _merge_adapters(state_dir: str, meta: Mapping | None, leaves: Sequence[mappi
     import orbax.checkpoint as ocp
     at = lambda tree, keys: functools.reduce(lambda node, k: node[k], keys, tree)  # noqa: E731
     abstract: dict = {}
-    adapted = [leaf for leaf in leaves if leaf.collection == "params" and
-               leaf.path[-1] + adapters.SUFFIXES[0] in at(meta["params"], leaf.path[:-1])]
+
+    def has_adapter(leaf) -> bool:           # an adapters-only checkpoint lacks whole modules
+        try:
+            return leaf.path[-1] + adapters.SUFFIXES[0] in at(meta["params"], leaf.path[:-1])
+        except (KeyError, TypeError):
+            return False
+
+    adapted = [leaf for leaf in leaves if leaf.collection == "params" and has_adapter(leaf)]
     for leaf in adapted:
         for suffix in adapters.SUFFIXES:
             path = ("params", *leaf.path[:-1], leaf.path[-1] + suffix)
@@ -341,10 +404,9 @@ def export_run(run: str, out: str, *, fp8: bool = False, dtype: Any = None,
     run, out = resolve(run), resolve(out)
     check_out(out, overwrite)
     config = load_model_config(run)
-    step, step_dir = checkpoint_step(run, step)
-    state_dir = os.path.join(step_dir, "state")
-    dtypes = stored_dtypes(state_dir, config)
-    dtype = np.dtype(dtype or dtypes["params/embed"])
+    src = run_source(run, step)
+    step_dir = os.path.dirname(src.state_dir)
+    dtype = np.dtype(dtype or src.dtypes["params/embed"])
     hf = to_hf_config(config, torch_dtype=dtype, fp8_block=fp8_block if fp8 else None)
     tok_files = tokenizer_files(run, step_dir, tokenizer)
     mesh, rules = parallel.mesh_and_rules(preset, mesh_config, devices)
@@ -352,27 +414,22 @@ def export_run(run: str, out: str, *, fp8: bool = False, dtype: Any = None,
     prepare_out(out)
     with open(os.path.join(out, CONFIG_FILE), "w") as f:
         json.dump(hf, f, indent=2)
-    _write_weights(out, config, state_dir, dtypes, dtype, fp8, fp8_block, max_shard_bytes,
+    _write_weights(out, src, dtype, fp8, fp8_block, max_shard_bytes,
                    sharded.param_shardings(config, mesh, rules))
     for src, name in tok_files:
         shutil.copyfile(src, os.path.join(out, name))
     return hf
 
 
-def _write_weights(out, config, state_dir, dtypes, dtype, fp8, block, max_shard_bytes,
-                   shardings) -> None:
+def _write_weights(out, src: Source, dtype, fp8, block, max_shard_bytes, shardings) -> None:
+    config = src.config
     quantized = fp8_names(config) if fp8 else set()
     copies = _copies(config)
     writer = ShardedWriter(out, tensor_specs(config, dtype, quantized, block), max_shard_bytes)
-    meta = None                          # read once: a V3 export has hundreds of groups
-    if config.adapter_rank:
-        import orbax.checkpoint as ocp
-        meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
     for group in mapping.tensor_groups(mapping.plan(config)[0]):
-        arrays = restore_leaves(state_dir, group.leaves, shardings, dtypes)
-        arrays = _merge_adapters(state_dir, meta, group.leaves, arrays, shardings, config)
+        arrays = read_group(src, group.leaves, shardings)
         dt = _out_dtype(group.leaves[0], dtype)
-        for name, value in hf_tensors(group, arrays, dtypes[group.leaves[0].key]):
+        for name, value in hf_tensors(group, arrays, src.dtypes[group.leaves[0].key]):
             _write_tensor(writer, name, value, dt, quantized, block, copies.get(name, []))
         for a in arrays.values():
             a.delete()

@@ -1,9 +1,13 @@
 """The GRPO policy: its checks, its starting state and its compiled steps, under the run's mesh.
 
   check_policy   the model against the mesh, the tokenizer and the workdir, before any read
+  start_step     the step of the starting run this run reads (recorded in WORKDIR/start.json)
   initial_state  TrainState from a pretraining run's weights (read straight into the run's
                  shardings) or a random init, plus a frozen copy as the reference model when
                  β > 0 (with LoRA adapters: new adapters on those weights, and no copy)
+  checkpointed   the state a checkpoint saves (a LoRA run: by default its adapters alone)
+  restore_state  the latest checkpoint's state, a LoRA run's frozen weights read back from its
+                 start when its checkpoints leave them out
   compile_steps  the jitted update (`rl.step.grpo_step`, state donated) and the jitted
                  trainer log-probs (for π_old and π_ref), both under the run's shardings
   sampled_model  the model the rollouts sample (with adapters: the plain model, merged)
@@ -29,7 +33,7 @@ from deepseek_jax.rl.step import grpo_step, target_logprobs
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import sharded
 from deepseek_jax.train import workdir as run_dir
-from deepseek_jax.train.step import TrainState
+from deepseek_jax.train.step import TrainState, init_train_state
 
 
 def check_policy(model_config: ModelConfig, mesh, rules, batch_rows: int, encoder: Encoder,
@@ -44,10 +48,63 @@ def check_policy(model_config: ModelConfig, mesh, rules, batch_rows: int, encode
     run_dir.check_same_model(workdir, model_config)
 
 
+def start_step(workdir: str, pretrained: str) -> int | None:
+    """The step of `pretrained` this run starts from (None without one): the one recorded in
+    WORKDIR/start.json by an earlier attempt, else its latest, then recorded. A resumed run
+    thus reads the weights it started from even after the starting run saved newer steps."""
+    if not pretrained:
+        return None
+    recorded = ckpt.load_start(workdir)
+    if recorded is not None:
+        if recorded[0] != pretrained:
+            raise ValueError(f"{workdir} started from {recorded[0]}, but init.pretrain_dir is "
+                             f"now {pretrained}: pass the same run, or start a new --workdir")
+        return recorded[1]
+    steps = ckpt.saved_steps(pretrained)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint under {pretrained}/checkpoints: "
+                                "init.pretrain_dir must be a training run or a converted "
+                                "checkpoint")
+    if jax.process_index() == 0:
+        ckpt.save_start(workdir, pretrained, steps[-1])
+    return steps[-1]
+
+
+def lean_checkpoints(run_config, model_config: ModelConfig, pretrained: str) -> bool:
+    """Whether the run's checkpoints leave its frozen weights out: a LoRA run from a starting
+    run, unless `adapter.save_frozen` (a random start has nothing to read them back from)."""
+    return bool(model_config.adapter_rank and pretrained and not run_config.adapter.save_frozen)
+
+
+def checkpointed(state: TrainState, model_config: ModelConfig, lean: bool) -> TrainState:
+    """The state a checkpoint saves: with `lean`, the parameters are the adapters alone."""
+    if not lean:
+        return state
+    return state.replace(params=adapters.split(state.params, model_config)[0])
+
+
+def restore_state(manager, model_config: ModelConfig, tx, shardings: TrainState, workdir: str,
+                  frozen=None):
+    """(state, rng, data_state) of the latest checkpoint. A checkpoint of adapters only gets
+    its frozen weights from `frozen` (the tree already on the mesh) or else from the run it
+    started from, at the recorded step (`checkpoint.frozen_from_start`)."""
+    if not model_config.adapter_rank or ckpt.holds_frozen(ckpt.saved_params(manager)):
+        return ckpt.restore_train_state(manager, model_config, tx, shardings)
+    trained_s, frozen_s = adapters.split(shardings.params, model_config)
+    shapes = jax.eval_shape(lambda: init_train_state(jax.random.key(0), model_config, tx))
+    shapes = shapes.replace(params=adapters.split(shapes.params, model_config)[0])
+    state, rng, data_state = ckpt.restore(
+        manager, ckpt.abstract_like(shapes, shardings.replace(params=trained_s)))
+    if frozen is None:
+        frozen = ckpt.frozen_from_start(workdir, model_config, frozen_s)
+    return state.replace(params=adapters.combine(state.params, frozen)), rng, data_state
+
+
 def initial_state(model_config: ModelConfig, tx, shardings: TrainState, pretrained: str, *,
-                  seed: int, keep_reference: bool):
+                  seed: int, keep_reference: bool, step: int | None = None):
     """(state at step 0, reference params or None). `pretrained` is a run directory ("" = a
-    random init from `seed`); the reference is a copy, since the update donates the policy.
+    random init from `seed`), read at `step` (None: its latest; `start_step`); the reference
+    is a copy, since the update donates the policy.
 
     With LoRA adapters (`model_config.adapter_rank`) the weights read are the starting run's
     merged (`load_trained(merged=True)`: a run trained with adapters starts the next one as a
@@ -57,9 +114,8 @@ def initial_state(model_config: ModelConfig, tx, shardings: TrainState, pretrain
     trained_s, frozen_s = adapters.split(shardings.params, model_config)
     base_s = frozen_s if model_config.adapter_rank else trained_s
     if pretrained:
-        _, variables = ckpt.load_trained(pretrained, shardings={"params": base_s,
-                                                                "routing": shardings.routing},
-                                         merged=True)
+        _, variables = ckpt.load_trained(pretrained, step, shardings={
+            "params": base_s, "routing": shardings.routing}, merged=True)
     else:
         variables = flax.core.meta.unbox(init_variables(jax.random.key(seed),
                                                         adapters.plain(model_config)))

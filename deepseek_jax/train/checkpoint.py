@@ -14,6 +14,15 @@ Restoring goes through an abstract target that carries the *current* mesh's shar
 (`jax.ShapeDtypeStruct(shape, dtype, sharding=...)`), so a checkpoint saved under one mesh or
 preset restores onto another.
 
+A run that starts from another (`init.pretrain_dir`) records where in WORKDIR/start.json: that
+run and the step it read (`save_start`), so a resumed run reads the same weights even if the
+starting run has saved newer steps since. A run trained with LoRA adapters from such a start
+saves only its adapters in `state.params` by default (`adapter.save_frozen=False`): the frozen
+weights are the starting run's, merged and cast, and are read from there (`load_trained`,
+`rl.policy.restore_state`). At V3 scale that is megabytes a checkpoint instead of the whole
+model. The starting run's checkpoint at that step must then stay; reading without it is an
+error that names it.
+
 Left out: EMA parameters (V3 keeps an EMA on CPU; not needed for the runs here).
 """
 
@@ -32,6 +41,8 @@ from etils import epath
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import adapters
 from deepseek_jax.train.workdir import MODEL_CONFIG, is_remote
+
+START = "start.json"
 
 
 def make_manager(directory: str, *, save_every: int, keep: int,
@@ -113,19 +124,49 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     return out["state"], rng, _decode_data_state(out["data"])
 
 
-def save_model_config(workdir: str, config: ModelConfig) -> None:
-    """Writes WORKDIR/model_config.json (what `load_trained` reads to rebuild the model), by
-    an atomic rename (on gs://, one object write, atomic by itself). Training runs and converted
-    checkpoints write it the same way."""
-    text = json.dumps(config.to_dict(), indent=1)
+def _write_text(workdir: str, name: str, text: str) -> None:
+    """WORKDIR/name by an atomic rename (on gs://, one object write, atomic by itself)."""
     if is_remote(workdir):
-        (epath.Path(workdir) / MODEL_CONFIG).write_text(text)
+        (epath.Path(workdir) / name).write_text(text)
         return
     os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, MODEL_CONFIG + ".tmp")
+    tmp = os.path.join(workdir, name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, os.path.join(workdir, MODEL_CONFIG))
+    os.replace(tmp, os.path.join(workdir, name))
+
+
+def save_model_config(workdir: str, config: ModelConfig) -> None:
+    """Writes WORKDIR/model_config.json (what `load_trained` reads to rebuild the model).
+    Training runs and converted checkpoints write it the same way."""
+    _write_text(workdir, MODEL_CONFIG, json.dumps(config.to_dict(), indent=1))
+
+
+def save_start(workdir: str, run: str, step: int) -> None:
+    """Writes WORKDIR/start.json: the run this one started from and the step it read."""
+    _write_text(workdir, START, json.dumps({"run": run, "step": int(step)}, indent=1))
+
+
+def load_start(workdir: str) -> tuple[str, int] | None:
+    """(run, step) of WORKDIR/start.json, or None for a run that started from scratch."""
+    path = epath.Path(workdir) / START
+    if not path.exists():
+        return None
+    start = json.loads(path.read_text())
+    return start["run"], int(start["step"])
+
+
+def saved_params(manager: ocp.CheckpointManager, step: int | None = None) -> dict:
+    """The metadata tree of a checkpoint's `state.params` (the latest unless `step`)."""
+    step = manager.latest_step() if step is None else step
+    path = epath.Path(manager.directory) / str(step) / "state"
+    return ocp.PyTreeCheckpointer().metadata(path).item_metadata["params"]
+
+
+def holds_frozen(params_meta: dict) -> bool:
+    """Whether a checkpoint's params (their metadata tree) hold weights besides adapters: false
+    for a LoRA run's adapters-only checkpoint (module docstring)."""
+    return not all(adapters.is_adapter(k) for k in tu.flatten_dict(params_meta))
 
 
 def load_model_config(workdir: str) -> ModelConfig:
@@ -156,7 +197,9 @@ def load_trained(workdir: str, step: int | None = None, shardings=None, merged: 
     merged=True: a run trained with LoRA adapters comes back as the plain model, each adapted
     weight W + s·A·B (`model.adapters.merge`), with the config without adapters; `shardings`
     are then the plain model's (the adapters land like their weights). What a new run starts
-    from. merged=False: the parameters as saved, adapters and all, with the saved config.
+    from. merged=False: the parameters as saved, adapters and all, with the saved config. A
+    checkpoint of adapters only gets its frozen weights from the run it started from
+    (`load_start`), read the same way and cast to the stored dtype, as training saw them.
     """
     if not is_remote(workdir):
         workdir = os.path.abspath(workdir)      # Orbax reads absolute paths only
@@ -170,38 +213,68 @@ def load_trained(workdir: str, step: int | None = None, shardings=None, merged: 
     meta = checkpointer.metadata(path).item_metadata
     wanted = {k: meta[k] for k in ("params", "routing") if k in meta}
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if shardings is None:
-        target = jax.tree.map(lambda _: one, wanted)
-    else:
-        target = {k: shardings[k] for k in wanted}
-        if merged and config.adapter_rank:
-            target["params"] = _with_adapter_shardings(target["params"], wanted["params"])
+    target = {k: shardings[k] if shardings and k in shardings else
+              jax.tree.map(lambda _: one, wanted[k]) for k in wanted}
+    adapted = merged and config.adapter_rank
+    plain_s = shardings["params"] if adapted and shardings else None
+    frozen = None
+    if config.adapter_rank and not holds_frozen(wanted["params"]):
+        frozen_s = plain_s or (adapters.split(shardings["params"], config)[1] if shardings
+                               else None)
+        frozen = frozen_from_start(workdir, config, frozen_s)
+    if adapted and shardings:
+        shapes = {**tu.flatten_dict(frozen or {}), **tu.flatten_dict(wanted["params"])}
+        target["params"] = _with_adapter_shardings(plain_s, wanted["params"], shapes)
+    elif frozen is not None and shardings:              # the adapters' part of the full tree
+        target["params"] = adapters.split(target["params"], config)[0]
     abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                             wanted, target)
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True))
-    variables = {"params": restored["params"]}
+    variables = {"params": adapters.combine(restored["params"], frozen or {})}
     if restored.get("routing"):
         variables["routing"] = restored["routing"]
-    if merged and config.adapter_rank:
-        plain = adapters.split(target["params"], config)[1]
+    if adapted:
         variables["params"] = jax.jit(lambda p: adapters.merge(p, config),
-                                      out_shardings=plain)(variables["params"])
+                                      out_shardings=plain_s)(variables["params"])
         config = adapters.plain(config)
     return config, variables
 
 
-def _with_adapter_shardings(plain: dict, meta: dict) -> dict:
-    """The shardings of a saved tree with adapters (`meta`, its leaves' metadata) from the
-    plain model's `plain`: each A and B sharded like its weight's inputs and outputs."""
-    flat, shapes = tu.flatten_dict(plain), tu.flatten_dict(meta)
-    for key, m in shapes.items():
-        if adapters.is_adapter(key):
-            name = str(key[-1])
-            w_key, which = (*key[:-1], name[:-len("_lora_a")]), name[-1]
-            a = shapes[(*key[:-1], w_key[-1] + "_lora_a")].shape
-            b = shapes[(*key[:-1], w_key[-1] + "_lora_b")].shape
-            flat[key] = adapters.adapter_sharding(flat[w_key], a, b, len(shapes[w_key].shape),
-                                                  which)
-    return tu.unflatten_dict(flat)
+def frozen_from_start(workdir: str, config: ModelConfig, shardings) -> dict:
+    """The frozen weights of a LoRA run whose checkpoints hold adapters only: its starting
+    run's parameters at the recorded step, merged, in the stored dtype (`param_dtype`)."""
+    start = load_start(workdir)
+    if start is None:
+        raise FileNotFoundError(f"{workdir}'s checkpoints hold LoRA adapters only, and its "
+                                f"{START}, which names the run with the frozen weights, is "
+                                "missing; restore it beside model_config.json")
+    run, step = start
+    if step not in saved_steps(run):
+        raise FileNotFoundError(
+            f"{workdir} trained LoRA adapters on {run} at step {step}, and its checkpoints hold "
+            f"the adapters only; that checkpoint is gone (the run keeps steps "
+            f"{saved_steps(run)}). Restore it, or train with adapter.save_frozen=True")
+    _, base = load_trained(run, step, None if shardings is None else {"params": shardings},
+                           merged=True)
+    cast = lambda t: jax.tree.map(lambda x: x.astype(config.param_dtype), t)  # noqa: E731
+    return jax.jit(cast, out_shardings=shardings)(base["params"])
+
+
+def _with_adapter_shardings(plain: dict, saved: dict, shapes: dict) -> dict:
+    """Shardings for the saved params (`saved`, their metadata tree) from the plain model's
+    `plain`: a weight as in `plain`, each A and B like its weight's inputs and outputs.
+    `shapes`: {flattened path: anything with a shape}, every weight and adapter."""
+    flat = tu.flatten_dict(plain)
+    out = {}
+    for key in tu.flatten_dict(saved):
+        if not adapters.is_adapter(key):
+            out[key] = flat[key]
+            continue
+        name = str(key[-1])
+        w_key, which = (*key[:-1], name[:-len("_lora_a")]), name[-1]
+        a = shapes[(*key[:-1], w_key[-1] + "_lora_a")].shape
+        b = shapes[(*key[:-1], w_key[-1] + "_lora_b")].shape
+        out[key] = adapters.adapter_sharding(flat[w_key], a, b, len(shapes[w_key].shape), which)
+    return tu.unflatten_dict(out)

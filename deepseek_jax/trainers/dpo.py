@@ -66,6 +66,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # --- model, optimizer, programs -----------------------------------------------------------
     model_config = starting_model(config, pretrained)
     _check_model(config, model_config, mesh, rules, encoder, workdir)
+    start = policy.start_step(workdir, pretrained)
+    lean = policy.lean_checkpoints(config, model_config, pretrained)
     lr = learning_rate_schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps,
                                 kind=config.optim.schedule,
                                 final_fraction=config.optim.final_fraction)
@@ -103,15 +105,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         resuming = run.manager.latest_step() is not None
         with run.timed("restore"):
             if resuming:
-                state, rng, data_state = ckpt.restore_train_state(run.manager, model_config, tx,
-                                                                  shardings)
+                state, rng, data_state = policy.restore_state(run.manager, model_config, tx,
+                                                              shardings, workdir)
                 start, before = int(state.step), data_state.get("before", {})
                 saved = data_state["reference"]
                 refs = {k: np.asarray(saved[k], np.float32).reshape(-1, 2) for k in saved}
                 run.resumed(start)
             else:
                 state, _ = policy.initial_state(model_config, tx, shardings, pretrained,
-                                                seed=config.seed, keep_reference=False)
+                                                seed=config.seed, keep_reference=False,
+                                                step=start)
                 rng, start, before = jax.random.key(config.seed), 0, {}
                 refs = {"train": reference_pass(state, train_rows),
                         "held": reference_pass(state, held_rows)}
@@ -144,8 +147,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             stopping = run.stopping(done)
             if run.checkpoint_due(done, stopping):
                 with run.timed("checkpoint"):
-                    ckpt.save(run.manager, done, state, rng,
-                              {"step": done, "before": before, "reference": saved_refs},
+                    ckpt.save(run.manager, done, policy.checkpointed(state, model_config, lean),
+                              rng, {"step": done, "before": before, "reference": saved_refs},
                               force=True)
             if stopping:
                 run.stop(done, {"before": before, "after": after, "last": last})

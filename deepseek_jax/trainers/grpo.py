@@ -46,6 +46,7 @@ import jax
 from deepseek_jax import parallel
 from deepseek_jax.configs.pretrain import starting_model
 from deepseek_jax.data.encoding import Encoder
+from deepseek_jax.model import adapters
 from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import policy, rollout
 from deepseek_jax.rl.evaluate import evaluate
@@ -82,8 +83,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tx = make_optimizer(lr, b1=config.optim.b1, b2=config.optim.b2,
                         weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
     shardings = sharded.state_shardings(model_config, mesh, rules, tx)
+    lean = policy.lean_checkpoints(config, model_config, pretrained)
     state, reference = policy.initial_state(model_config, tx, shardings, pretrained,
-                                            seed=config.seed, keep_reference=bool(rl.beta))
+                                            seed=config.seed, keep_reference=bool(rl.beta),
+                                            step=policy.start_step(workdir, pretrained))
     if jax.process_index() == 0:
         ckpt.save_model_config(workdir, model_config)
     update, logprobs, reference_logprobs = policy.compile_steps(model_config, tx, shardings,
@@ -109,8 +112,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         rng, start, before = jax.random.key(config.seed), 0, {}
         if run.manager.latest_step() is not None:
             with run.timed("restore"):
-                state, rng, data_state = ckpt.restore(run.manager,
-                                                      ckpt.abstract_like(state, shardings))
+                frozen = adapters.split(state.params, model_config)[1]    # LoRA: kept
+                state, rng, data_state = policy.restore_state(run.manager, model_config, tx,
+                                                              shardings, workdir, frozen)
             start, before = int(state.step) // rl.num_iterations, data_state.get("before", {})
             run.resumed(start)
         elif config.train.eval_every:
@@ -166,7 +170,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             stopping = run.stopping(done)
             if run.checkpoint_due(done, stopping):
                 with run.timed("checkpoint"):
-                    ckpt.save(run.manager, done * rl.num_iterations, state, rng,
+                    ckpt.save(run.manager, done * rl.num_iterations,
+                              policy.checkpointed(state, model_config, lean), rng,
                               {"step": done, "before": before}, force=True)
             if stopping:
                 run.stop(done, {"before": before, "after": after, "last": last})

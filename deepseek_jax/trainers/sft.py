@@ -59,6 +59,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # --- model, optimizer, sharded steps ------------------------------------------------------
     model_config = starting_model(config, pretrained)
     _check_model(config, model_config, mesh, rules, encoder, workdir)
+    start = policy.start_step(workdir, pretrained)
+    lean = policy.lean_checkpoints(config, model_config, pretrained)
     plan = schedules.from_run_config(config)
     tx, step_fn, eval_fn, batch_sharding = train_steps(config, model_config, plan, mesh, rules)
     to_device = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -85,13 +87,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         resuming = run.manager.latest_step() is not None
         with run.timed("restore"):
             if resuming:
-                state, rng, data_state = ckpt.restore_train_state(run.manager, model_config, tx,
-                                                                  step_fn.shardings)
+                state, rng, data_state = policy.restore_state(run.manager, model_config, tx,
+                                                              step_fn.shardings, workdir)
                 start, before = int(state.step), data_state.get("before", {})
                 run.resumed(start)
             else:
                 state, _ = policy.initial_state(model_config, tx, step_fn.shardings, pretrained,
-                                                seed=config.seed, keep_reference=False)
+                                                seed=config.seed, keep_reference=False,
+                                                step=start)
                 rng, start, before = jax.random.key(config.seed), 0, {}
         if not resuming and config.train.eval_every:
             with run.timed("eval"):
@@ -121,8 +124,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             stopping = run.stopping(done)
             if run.checkpoint_due(done, stopping):
                 with run.timed("checkpoint"):
-                    ckpt.save(run.manager, done, state, rng, {"step": done, "before": before},
-                              force=True)
+                    ckpt.save(run.manager, done, policy.checkpointed(state, model_config, lean),
+                              rng, {"step": done, "before": before}, force=True)
             if stopping:
                 run.stop(done, {"before": before, "after": after, "last": last})
     return {"before": before, "after": after, "last": last}

@@ -170,6 +170,68 @@ def test_lora_sft_then_grpo_from_its_run(tmp_path, start_run):
         np.asarray(a), np.asarray(b.astype(jax.numpy.bfloat16))), frozen, merged["params"])
 
 
+def _make_start(path, seeds, first_step=1):
+    """A run directory with a checkpoint per seed (steps first_step, first_step + 1, …), each
+    other weights."""
+    model_config = to_model_config(get_config("tiny").model)
+    manager = ckpt.make_manager(os.path.join(path, "checkpoints"), save_every=1, keep=5,
+                                async_save=False)
+    states = []
+    for step, seed in enumerate(seeds, first_step):
+        states.append(init_train_state(jax.random.key(seed), model_config, make_optimizer(1e-3)))
+        ckpt.save(manager, step, states[-1], jax.random.key(0), {}, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    ckpt.save_model_config(path, model_config)
+    return states
+
+
+def test_lora_checkpoints_hold_the_adapters_only(tmp_path):
+    """A LoRA run's checkpoints leave the frozen weights out and read them back from the
+    recorded step of the run it started from, even after that run saved a newer step; with that
+    step gone, reading says so; adapter.save_frozen=True writes them in."""
+    start = str(tmp_path / "start")
+    first, *_ = _make_start(start, [7])
+    c = get_config("tiny")
+    c.init.pretrain_dir = start
+    c.data.path = _write_conversations(tmp_path / "conv.jsonl")
+    c.data.validation_fraction = 0.1
+    c.adapter.rank, c.adapter.targets = 4, "attention.w_o,mlp"
+    c.train.steps, c.train.eval_every, c.train.checkpoint_every = 4, 0, 2
+    workdir = str(tmp_path / "lora")
+    sft_trainer.train_and_evaluate(c, workdir)
+    manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), save_every=1, keep=2,
+                                async_save=False)
+    saved = flax.traverse_util.flatten_dict(ckpt.saved_params(manager))
+    manager.close()
+    assert saved and all(adapters.is_adapter(k) for k in saved), sorted(saved)[:3]
+    assert ckpt.load_start(workdir) == (start, 1)
+
+    # The starting run moves on (a newer step, other weights); the LoRA run still reads step 1.
+    _make_start(start, [8], first_step=2)
+    c.train.steps = 6
+    sft_trainer.train_and_evaluate(c, workdir)                   # resumes from step 4
+    lora_config, params = ckpt.load_trained(workdir)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 adapters.split(params["params"], lora_config)[1], jax.device_get(first.params))
+
+    # Step 1 of the starting run removed: the error names the run, the step and the way out.
+    import shutil
+    shutil.rmtree(os.path.join(start, "checkpoints", "1"))
+    with pytest.raises(FileNotFoundError, match=r"at step 1, .* that checkpoint is gone"):
+        ckpt.load_trained(workdir, merged=True)
+
+    c.adapter.save_frozen, c.train.steps = True, 2
+    whole = str(tmp_path / "whole")
+    sft_trainer.train_and_evaluate(c, whole)          # from the starting run's step 2 now
+    manager = ckpt.make_manager(os.path.join(whole, "checkpoints"), save_every=1, keep=2,
+                                async_save=False)
+    assert ckpt.holds_frozen(ckpt.saved_params(manager))
+    manager.close()
+    shutil.rmtree(os.path.join(start, "checkpoints"))
+    ckpt.load_trained(whole, merged=True)             # reads without the starting run
+
+
 def test_bad_conversations_fail_before_any_compile(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" +

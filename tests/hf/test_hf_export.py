@@ -109,10 +109,13 @@ def test_bfloat16_unscanned_run_and_an_export_dtype(tiny_run, tmp_path):
     assert_same(got, cast)
 
 
-def test_a_run_trained_with_adapters_exports_merged(tmp_path):
+@pytest.mark.parametrize("adapters_only", [False, True])
+def test_a_run_trained_with_adapters_exports_merged(tmp_path, adapters_only):
     """A run whose checkpoint holds LoRA adapters exports W + s·A·B in each adapted weight's
     place: importing the export gives `adapters.merge` of the run's parameters, to the rounding
-    of r = 4 products in another order (2·γ(4)·s·|A||B|) and one rounding of the sum."""
+    of r = 4 products in another order (2·γ(4)·s·|A||B|) and one rounding of the sum. With
+    `adapters_only` the checkpoint holds the adapters alone and W is read from the recorded
+    step of the run it started from (step 1 of two)."""
     config = get_config("tiny").replace(adapter_rank=4, adapter_alpha=8.0,
                                         adapter_targets=("attention", "experts"))
     run = str(tmp_path / "run")
@@ -122,9 +125,18 @@ def test_a_run_trained_with_adapters_exports_merged(tmp_path):
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: 0.1 * jax.random.normal(next(keys), x.shape, x.dtype)
         if jax.tree_util.keystr(path).endswith("_lora_b']") else x, state.params)
+    saved = params
+    if adapters_only:
+        base = str(tmp_path / "base")
+        make_run(base, adapters.plain(config), steps=(1, 3))   # step 1's weights: key(1)
+        frozen = init_train_state(jax.random.key(1), adapters.plain(config),
+                                  optax.adamw(1e-3)).params
+        saved = adapters.split(params, config)[0]
+        params = adapters.combine(saved, frozen)
+        ckpt.save_start(run, base, 1)
     manager = ckpt.make_manager(os.path.join(run, "checkpoints"), save_every=1, keep=1,
                                 async_save=False)
-    ckpt.save(manager, 1, state.replace(params=params), jax.random.key(0), {}, force=True)
+    ckpt.save(manager, 1, state.replace(params=saved), jax.random.key(0), {}, force=True)
     manager.wait_until_finished()
     manager.close()
     export_run(run, str(tmp_path / "hf"), mesh_config=MESH)
