@@ -34,8 +34,9 @@ The frozen weights may be stored in bf16 (`param_dtype`, the fine-tuning configs
 
 Training with adapters (`train.step`, `rl.step`): `split` parts the parameters into the
 adapters (differentiated, in the optimizer) and the rest (frozen); the train state holds both,
-so a checkpoint restores on its own. `merge` folds the adapters into their weights, which
-gives the plain model (`checkpoint.load_trained` reads a run trained with adapters that way).
+and a checkpoint by default the adapters alone (`train/checkpoint.py`: the frozen weights are
+read back from the starting run). `merge` folds the adapters into their weights, which gives
+the plain model (`checkpoint.load_trained` reads a run trained with adapters that way).
 
 Left out: dropout on the adapter input (PEFT's `lora_dropout`); adapters on the embedding,
 the output head, the router and MTP's `eh_proj`; quantized frozen weights (QLoRA).
