@@ -8,7 +8,9 @@ preference datasets use:
       the responses are the messages that follow the prompt; each must end with an assistant
       message
   {"chosen": [messages], "rejected": [messages]}                   the prompt left implicit:
-      two whole conversations that agree on every message but the last (an assistant turn)
+      two whole conversations that agree on every message but the last (an assistant turn);
+      lists that start with a system or user message are read this way even beside a "prompt"
+      field, which is then ignored (HuggingFaceH4/ultrafeedback_binarized has both)
 
 Other fields are ignored; a line in no form is an error naming the file and the line.
 
@@ -86,14 +88,15 @@ def to_pair(record: Any, where: str) -> Pair:
                              f"(and a 'prompt', or whole conversations in both); found {found}")
     chosen = _messages(record["chosen"], "assistant", where, "chosen")
     rejected = _messages(record["rejected"], "assistant", where, "rejected")
-    if "prompt" in record:
-        prompt = _messages(record["prompt"], "user", where, "prompt")
-    else:
+    whole = chosen[0]["role"] != "assistant"          # conversations, not responses
+    if whole or "prompt" not in record:
         if chosen[:-1] != rejected[:-1]:
-            raise chat.ChatError(f"{where}: without a 'prompt' field, 'chosen' and 'rejected' "
-                                 "must be whole conversations that differ only in their last "
-                                 "message; add the shared prompt as 'prompt'")
+            raise chat.ChatError(f"{where}: 'chosen' and 'rejected' as whole conversations must "
+                                 "differ only in their last message; or give the responses "
+                                 "alone, with the shared prompt as 'prompt'")
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    else:
+        prompt = _messages(record["prompt"], "user", where, "prompt")
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
         if messages[-1]["role"] != "assistant":
             raise chat.ChatError(f"{where}: the '{side}' response must end with an assistant "

@@ -136,14 +136,15 @@ def eval_batches(rows: Rows, global_batch: int, process_index: int = 0,
 
 def split_held_out(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, held out): a seeded `fraction` of the conversations (at least one) held out, so
-    every sample of one conversation lands on the same side."""
+    every sample of one conversation lands on the same side. DPO splits its pairs the same
+    way."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"data.validation_fraction={fraction}: use a share between 0 and 1, "
                          "or set data.eval_path")
     order = np.random.default_rng(seed).permutation(len(conversations))
     n = max(1, int(round(fraction * len(conversations))))
     if n >= len(conversations):
-        raise ValueError(f"{len(conversations)} conversations leave none for training after "
+        raise ValueError(f"{len(conversations)} records leave none for training after "
                          f"holding out {n}; add data or lower data.validation_fraction")
     held = set(order[:n].tolist())
     return ([c for i, c in enumerate(conversations) if i not in held],

@@ -36,13 +36,15 @@ def test_the_three_forms_render_prompt_then_response(tmp_path):
          "rejected": [{"role": "assistant", "content": "5"}], "score": 1},
         {"chosen": user + [{"role": "assistant", "content": "4"}],
          "rejected": user + [{"role": "assistant", "content": "5"}]},
+        {"prompt": "2+2=", "chosen": user + [{"role": "assistant", "content": "4"}],
+         "rejected": user + [{"role": "assistant", "content": "5"}]},    # UltraFeedback's form
     ])
     pairs = preference.load_pairs(path)
     assert len({(json.dumps(p.prompt), json.dumps(p.chosen), json.dumps(p.rejected))
                 for p in pairs}) == 1
     rows = preference.pair_rows(pairs, TEMPLATE, ENCODER, seq_len=12)
-    assert rows.arrays["tokens"].shape == (3, 2, 12) and rows.dropped == rows.truncated == 0
-    for r in range(3):
+    assert rows.arrays["tokens"].shape == (4, 2, 12) and rows.dropped == rows.truncated == 0
+    for r in range(4):
         for side, answer in ((0, "4"), (1, "5")):
             text = [BOS, *B("2+2=" + answer), EOS]
             np.testing.assert_array_equal(rows.arrays["tokens"][r, side, :len(text)], text)
@@ -84,6 +86,9 @@ def test_long_sides_are_cut_and_pairs_without_a_response_dropped():
      "'rejected' response must end with an assistant message"),
     ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
       "rejected": [{"role": "user", "content": "z"}, {"role": "assistant", "content": "c"}]},
+     "differ only in their last message"),
+    ({"prompt": "a", "chosen": [{"role": "user", "content": "a"},
+                                {"role": "assistant", "content": "b"}], "rejected": "c"},
      "differ only in their last message"),
     ({"chosen": [{"role": "assistant", "content": "b"}],
       "rejected": [{"role": "assistant", "content": "c"}]}, "the prompt is empty"),
