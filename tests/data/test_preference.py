@@ -120,3 +120,24 @@ def test_batches_are_a_function_of_the_step_and_eval_pads_with_empty_pairs():
     assert (last["tokens"][2:] == ENCODER.pad_id).all()
     np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in evals])[:10],
                                   rows.arrays["tokens"])
+
+
+def test_under_a_template_that_rewrites_history_the_last_turn_is_scored():
+    """The DeepSeek-R1-style fixture template drops earlier reasoning from the history: each
+    side is the prompt as the model sees it when answering, plus its own last turn."""
+    from test_chat import ASSISTANT, BOS, CONFIG, EOS, TOKENIZER, USER, chars, ids_and_mask
+    template, encoder = chat.ChatTemplate.from_tokenizer_config(CONFIG), Encoder(TOKENIZER)
+    prompt = [{"role": "user", "content": "1+1?"},
+              {"role": "assistant", "content": "<think>1+1=2</think>2"},
+              {"role": "user", "content": "2+2?"}]
+    pair = preference.to_pair({"prompt": prompt, "chosen": "<think>ok</think>4",
+                               "rejected": "5"}, "x")
+    rows = preference.pair_rows([pair], template, encoder, seq_len=48)
+    for side, answer in ((0, "<think>ok</think>4"), (1, "5")):
+        tokens, mask = ids_and_mask(([BOS, USER], 0), (chars("1+1?"), 0), ([ASSISTANT], 0),
+                                    (chars("2") + [EOS], 0), ([USER], 0), (chars("2+2?"), 0),
+                                    ([ASSISTANT], 0), (chars(answer) + [EOS], 1))
+        n = len(tokens)
+        np.testing.assert_array_equal(rows.arrays["tokens"][0, side, :n], tokens)
+        np.testing.assert_array_equal(rows.arrays["mask"][0, side, : n - 1], mask[1:])
+        assert not rows.arrays["mask"][0, side, n - 1:].any()
