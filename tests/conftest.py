@@ -100,7 +100,7 @@ FILE_SECONDS = {
     "train/test_adapter_training.py": 75,
     "model/test_adapters.py": 60,
     "experiments/test_dpo.py": 120,
-    "rl/test_dpo.py": 45,
+    "rl/test_dpo_loss.py": 45,
 }
 
 
