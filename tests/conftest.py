@@ -62,7 +62,7 @@ def hopper_sm_count():
 FILE_SECONDS = {
     "experiments/test_multiprocess.py": 605,
     "parallel/test_fp8_sharded.py": 490,
-    "notebooks/test_notebooks.py": 355,
+    "notebooks/test_notebooks.py": 410,
     "model/test_transformer.py": 330,
     "experiments/test_first_run.py": 290,
     "experiments/test_pretrain.py": 285,
