@@ -10,6 +10,12 @@
   keys; causal attention averages S = T/2 keys, so the forward pass costs N·(H+R+U)·T and
   training three times that. The expanded path is counted (the absorbed path costs more FLOPs
   and less memory; it is for decoding).
+* LoRA adapters (`config.adapter_rank`): a frozen weight forms no weight gradient, so it costs
+  4 per parameter (forward, input gradient), not 6. An adapter beside its projection costs 6
+  per parameter of A and B (x·A, then ·B: forward and both gradients). A weight adapted as
+  W' = W + s·A·B (W_UK, W_UV, the routed experts) still forms its whole gradient dW' and costs
+  6; forming W' and A's and B's gradients from dW' happen once per step, not per token, and
+  are left out.
 * Left out: norms, softmax, RoPE, the router's top-k (all O(D) per token), rematerialization
   (MFU counts useful FLOPs only, as in PaLM's definition).
 
@@ -20,6 +26,7 @@ MFU is then not reported.
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from deepseek_jax.config import ModelConfig
 
@@ -52,7 +59,40 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     attn_layers = config.n_layers + config.mtp_depth
     attn = 3 * attn_layers * config.n_heads * (
         config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * seq_len
-    return 6.0 * p_matmul + attn
+    return 6.0 * p_matmul - _adapter_savings(config) + attn
+
+
+def _adapter_savings(config: ModelConfig) -> float:
+    """What LoRA adapters take off 6·P_matmul per token (module docstring), leaf by leaf, P
+    counting every parameter leaf (adapters included) as `count_params` does: 2 per parameter
+    of a frozen weight that forms no gradient, and the whole 6 of the A and B of a weight
+    adapted as W' (used once per step, not per token). Adapters beside their projections cost
+    the 6 they are counted at."""
+    if not config.adapter_rank:
+        return 0.0
+    import flax
+
+    from deepseek_jax.model import adapters
+    from deepseek_jax.model.params import _is_routed_expert
+    from deepseek_jax.model.transformer import init_variables
+    shapes = jax.eval_shape(lambda: init_variables(jax.random.key(0), config, 1, 1))
+    flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(shapes["params"]))
+    share = config.n_experts_per_token / max(config.n_routed_experts, 1)
+    saved = 0.0
+    for path, leaf in flat.items():
+        n = float(np.prod(leaf.shape))
+        if adapters.is_adapter(path):
+            name = str(path[-1])
+            if adapters.merged_in_model((*path[:-1], name[:-len(adapters.SUFFIXES[0])])):
+                saved += 6.0 * n                 # counted (unscaled) at 6; costs ~0 a token
+            continue
+        if path == ("embed",):
+            continue                             # a lookup, not in P_matmul
+        adapted = (*path[:-1], str(path[-1]) + adapters.SUFFIXES[0]) in flat
+        if adapted and adapters.merged_in_model(path):
+            continue                             # dW' is formed: 6 per parameter, as counted
+        saved += 2.0 * n * (share if _is_routed_expert(path) else 1.0)
+    return saved
 
 
 def _mtp_active_fraction(config: ModelConfig, n: dict) -> float:
