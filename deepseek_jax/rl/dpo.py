@@ -23,8 +23,9 @@ plus `sft_weight`·(−log π(y_w|x) / |y_w|), the chosen response's mean token 
 iterative RPO, Pang et al. 2024), which keeps the chosen likelihood from falling while the
 margin grows. The batch loss is the mean over its pairs; the sums run over the whole batch
 array, so under a sharded jit they are global. Empty pairs (a padded evaluation batch, both
-masks 0) weigh 0. Log-probs are at temperature 1. The logged implicit rewards are β·r_w and
-β·r_l; `reward_accuracy` is the share of pairs with h > 0.
+masks 0) weigh 0. Log-probs are at temperature 1. Logged beside "loss": "preference_loss" (the
+term above alone), "nll_chosen", the implicit rewards β·r_w and β·r_l, and `reward_accuracy`,
+the share of pairs with h > 0.
 
 `microbatches` = k splits the pairs into k strided micro-batches, sums their gradients (each
 micro-batch's loss sum over the whole batch's pair count) and applies one update, as the
@@ -105,9 +106,8 @@ def pair_terms(logp, ref_logp, mask, settings: DPOSettings) -> dict:
     else:
         loss = jax.nn.relu(1.0 - s.beta * h)
     nll = -logp[:, 0] / jnp.maximum(jnp.sum(mask[:, 0], -1), 1.0)               # [B]
-    if s.sft_weight:
-        loss = loss + s.sft_weight * nll
-    return {"loss": loss, "reward_chosen": s.beta * ratio[:, 0],
+    total = loss + s.sft_weight * nll if s.sft_weight else loss
+    return {"loss": total, "preference_loss": loss, "reward_chosen": s.beta * ratio[:, 0],
             "reward_rejected": s.beta * ratio[:, 1], "reward_margin": s.beta * h,
             "reward_accuracy": (h > 0).astype(jnp.float32), "logp_chosen": logp[:, 0],
             "logp_rejected": logp[:, 1], "nll_chosen": nll}

@@ -15,11 +15,11 @@ copy of the model. With LoRA adapters (`adapter.rank` > 0) the reference is the 
 adapters off, and only the adapters train.
 
 Each `train.eval_every` steps (and before the first) the held-out pair means are logged with the
-prefix `eval_`: loss, reward_accuracy (the share of pairs whose chosen response gained more
-log-probability against the reference than the rejected one), reward_margin, reward_chosen,
-reward_rejected, logp_chosen, logp_rejected. Outputs under DIR as for SFT: metrics.jsonl,
-tensorboard/, checkpoints/, model_config.json; rerunning resumes from the latest checkpoint with
-the same batches.
+prefix `eval_`: loss, preference_loss, nll_chosen, reward_accuracy (the share of pairs whose
+chosen response gained more log-probability against the reference than the rejected one),
+reward_margin, reward_chosen, reward_rejected, logp_chosen, logp_rejected. Outputs under DIR as
+for SFT: metrics.jsonl, tensorboard/, checkpoints/, model_config.json, start.json; rerunning
+resumes from the latest checkpoint with the same batches.
 
 Left out: reference log-probs refreshed during the run, and pairs sampled online.
 """

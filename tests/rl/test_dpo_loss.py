@@ -29,7 +29,8 @@ def _np_terms(logp, ref, n_chosen, s: dpo.DPOSettings) -> dict:
             "ipo": (h - 1 / (2 * s.beta)) ** 2,
             "hinge": np.maximum(0.0, 1 - s.beta * h)}[s.loss_type]
     nll = -logp[:, 0] / n_chosen
-    return {"loss": loss + s.sft_weight * nll, "reward_margin": s.beta * h,
+    return {"loss": loss + s.sft_weight * nll, "preference_loss": loss,
+            "reward_margin": s.beta * h,
             "reward_chosen": s.beta * r[:, 0], "reward_rejected": s.beta * r[:, 1],
             "reward_accuracy": (h > 0).astype(np.float64), "nll_chosen": nll}
 
