@@ -66,7 +66,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # --- model, optimizer, programs -----------------------------------------------------------
     model_config = starting_model(config, pretrained)
     _check_model(config, model_config, mesh, rules, encoder, workdir)
-    start = policy.start_step(workdir, pretrained)
+    base_step = policy.start_step(workdir, pretrained)    # the starting run's step read
     lean = policy.lean_checkpoints(config, model_config, pretrained)
     lr = learning_rate_schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps,
                                 kind=config.optim.schedule,
@@ -114,7 +114,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             else:
                 state, _ = policy.initial_state(model_config, tx, shardings, pretrained,
                                                 seed=config.seed, keep_reference=False,
-                                                step=start)
+                                                step=base_step)
                 rng, start, before = jax.random.key(config.seed), 0, {}
                 refs = {"train": reference_pass(state, train_rows),
                         "held": reference_pass(state, held_rows)}

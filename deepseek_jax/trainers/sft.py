@@ -59,7 +59,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # --- model, optimizer, sharded steps ------------------------------------------------------
     model_config = starting_model(config, pretrained)
     _check_model(config, model_config, mesh, rules, encoder, workdir)
-    start = policy.start_step(workdir, pretrained)
+    base_step = policy.start_step(workdir, pretrained)    # the starting run's step read
     lean = policy.lean_checkpoints(config, model_config, pretrained)
     plan = schedules.from_run_config(config)
     tx, step_fn, eval_fn, batch_sharding = train_steps(config, model_config, plan, mesh, rules)
@@ -94,7 +94,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             else:
                 state, _ = policy.initial_state(model_config, tx, step_fn.shardings, pretrained,
                                                 seed=config.seed, keep_reference=False,
-                                                step=start)
+                                                step=base_step)
                 rng, start, before = jax.random.key(config.seed), 0, {}
         if not resuming and config.train.eval_every:
             with run.timed("eval"):
