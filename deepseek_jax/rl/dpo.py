@@ -83,7 +83,7 @@ def pair_logprobs(params, routing, batch: dict, config: ModelConfig):
     B, _, T = tokens.shape
     flat = lambda x: x.reshape(2 * B, T)                                        # noqa: E731
     logp, _, stats = target_logprobs(params, routing, flat(tokens), config, 1.0,
-                                     flat(batch["token_mask"]))                 # [2B, T]
+                                     flat(batch["token_mask"]), entropy=False)  # [2B, T]
     return jnp.sum(logp * flat(batch["mask"]), -1).reshape(B, 2), stats
 
 

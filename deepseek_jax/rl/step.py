@@ -35,24 +35,27 @@ from deepseek_jax.train.step import TrainState, model_variables, routing_loads
 
 
 def target_logprobs(params, routing, tokens, config: ModelConfig, temperature: float,
-                    token_mask=None):
-    """(logp [B, T] of tokens[i+1] at position i (0 at the last), entropy [B, T], moe_stats);
-    `token_mask` [B, T] (None = all real) only shapes the MoE statistics. The head is applied
-    `config.loss_chunk` positions at a time (model/head.py), so no [B, T, V] logits are held."""
+                    token_mask=None, entropy: bool = True):
+    """(logp [B, T] of tokens[i+1] at position i (0 at the last), entropy [B, T] (zeros with
+    entropy=False, which skips its pass over the vocabulary), moe_stats); `token_mask` [B, T]
+    (None = all real) only shapes the MoE statistics. The head is applied `config.loss_chunk`
+    positions at a time (model/head.py), so no [B, T, V] logits are held."""
     (hidden, _, head), aux = Transformer(config).apply(
         model_variables(params, routing), tokens, token_mask=token_mask,
         mutable=["moe_stats"], method="head_inputs")
     targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)           # [B, T]
 
     def per_position(logits, targets):                  # logits [B, t, V] → ([B, t], [B, t])
+        logp = token_logprobs(logits, targets, temperature)                     # [B, t]
+        if not entropy:
+            return logp, jnp.zeros_like(logp)
         logp_all = tempered_log_softmax(logits, temperature)                    # [B, t, V]
-        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)               # [B, t]
-        return token_logprobs(logits, targets, temperature), entropy
+        return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)            # [B, t] ×2
 
-    logp, entropy = map_head_chunks(per_position, hidden, head, targets, dtype=config.dtype,
-                                    chunk=config.loss_chunk)                    # [B, T] each
+    logp, ent = map_head_chunks(per_position, hidden, head, targets, dtype=config.dtype,
+                                chunk=config.loss_chunk)                        # [B, T] each
     last = jnp.arange(tokens.shape[1]) == tokens.shape[1] - 1
-    return jnp.where(last, 0.0, logp), entropy, aux.get("moe_stats", {})
+    return jnp.where(last, 0.0, logp), ent, aux.get("moe_stats", {})
 
 
 def grpo_step(state: TrainState, batch: dict, *, config: ModelConfig,
