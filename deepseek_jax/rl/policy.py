@@ -58,7 +58,8 @@ def start_step(workdir: str, pretrained: str) -> int | None:
     if recorded is not None:
         if recorded[0] != pretrained:
             raise ValueError(f"{workdir} started from {recorded[0]}, but init.pretrain_dir is "
-                             f"now {pretrained}: pass the same run, or start a new --workdir")
+                             f"now {pretrained}: pass the same run (if it moved, write its new "
+                             f"path into {workdir}/start.json), or start a new --workdir")
         return recorded[1]
     steps = ckpt.saved_steps(pretrained)
     if not steps:

@@ -251,11 +251,13 @@ def frozen_from_start(workdir: str, config: ModelConfig, shardings) -> dict:
                                 f"{START}, which names the run with the frozen weights, is "
                                 "missing; restore it beside model_config.json")
     run, step = start
-    if step not in saved_steps(run):
+    steps = saved_steps(run) if (epath.Path(run) / "checkpoints").exists() else []
+    if step not in steps:
         raise FileNotFoundError(
             f"{workdir} trained LoRA adapters on {run} at step {step}, and its checkpoints hold "
-            f"the adapters only; that checkpoint is gone (the run keeps steps "
-            f"{saved_steps(run)}). Restore it, or train with adapter.save_frozen=True")
+            f"the adapters only; that checkpoint is gone (the run keeps steps {steps}). "
+            f"Restore it (if the run moved, write its new path into {workdir}/{START}), or "
+            "train with adapter.save_frozen=True")
     _, base = load_trained(run, step, None if shardings is None else {"params": shardings},
                            merged=True)
     cast = lambda t: jax.tree.map(lambda x: x.astype(config.param_dtype), t)  # noqa: E731
