@@ -261,7 +261,7 @@ def frozen_from_start(workdir: str, config: ModelConfig, shardings) -> dict:
     _, base = load_trained(run, step, None if shardings is None else {"params": shardings},
                            merged=True)
     cast = lambda t: jax.tree.map(lambda x: x.astype(config.param_dtype), t)  # noqa: E731
-    return jax.jit(cast, out_shardings=shardings)(base["params"])
+    return jax.jit(cast, out_shardings=shardings, donate_argnums=0)(base["params"])  # no copy
 
 
 def _with_adapter_shardings(plain: dict, saved: dict, shapes: dict) -> dict:
