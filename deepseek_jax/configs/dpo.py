@@ -30,7 +30,8 @@ from __future__ import annotations
 import ml_collections
 
 from deepseek_jax.config import get_config as get_model_config
-from deepseek_jax.configs.pretrain import adapter_fields, model_fields
+from deepseek_jax.configs.pretrain import (adapter_fields, finetune_mesh_fields,
+                                           finetune_optim_fields, model_fields)
 
 _RUNS = {
     #            model     seq  pairs steps epochs lr    warmup mb preset
@@ -79,26 +80,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     # some right ones down with them
     p.sft_weight = 1.0 if arg == "small" else 0.0
 
-    o = c.optim = ml_collections.ConfigDict()
-    o.lr = lr
-    o.warmup_steps = warmup
-    o.schedule = "cosine"            # to final_fraction·lr at the last step; or "constant"
-    o.final_fraction = 0.1
-    o.weight_decay = 0.0
-    o.clip_norm = 1.0
-    o.b1 = 0.9
-    o.b2 = 0.95
-
-    m = c.mesh = ml_collections.ConfigDict()
-    m.preset = preset
-    m.dcn_data = 0
-    m.data = 0
-    m.fsdp = 0
-    m.context = 0
-    m.expert = 0
-    m.tensor = 0
-    m.num_devices = 0                # use the first N devices of a single process; 0 = all
-    m.distributed = ml_collections.FieldReference(None, field_type=bool)
+    c.optim = finetune_optim_fields(lr, warmup, 0.1, 0.0)
+    c.mesh = finetune_mesh_fields(preset)
 
     t = c.train = ml_collections.ConfigDict()
     t.steps = steps                  # 0 = epochs × ceil(training pairs / global_batch)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from deepseek_jax.configs.pretrain import adapter_fields, model_fields
+from deepseek_jax.configs.pretrain import adapter_fields, finetune_mesh_fields, model_fields
 from deepseek_jax.config import get_config as get_model_config
 from deepseek_jax.rl.rewards import FORMAT_WEIGHTS
 
@@ -102,16 +102,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.99
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.preset = "dp" if arg != "v3-671b" else "fsdp_ep"
-    c.mesh.dcn_data = 0
-    c.mesh.data = 0
-    c.mesh.fsdp = 0
-    c.mesh.context = 0               # context parallelism is for pretraining and SFT
-    c.mesh.expert = 0
-    c.mesh.tensor = 0
-    c.mesh.num_devices = 0           # use the first N devices of a single process; 0 = all
-    c.mesh.distributed = ml_collections.FieldReference(None, field_type=bool)
+    # context parallelism is for pretraining and SFT: leave mesh.context at 0
+    c.mesh = finetune_mesh_fields("dp" if arg != "v3-671b" else "fsdp_ep")
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = steps

@@ -60,6 +60,29 @@ def model_fields(config: ModelConfig) -> ml_collections.ConfigDict:
                                       if k not in ADAPTER_FIELDS})
 
 
+def finetune_mesh_fields(preset: str) -> ml_collections.ConfigDict:
+    """`mesh_fields` plus `num_devices`, for the SFT, DPO and GRPO configs."""
+    m = mesh_fields(preset)
+    m.num_devices = 0                # use the first N devices of a single process; 0 = all
+    return m
+
+
+def finetune_optim_fields(lr: float, warmup: int, final_fraction: float,
+                          weight_decay: float) -> ml_collections.ConfigDict:
+    """The `optim` section of the SFT and DPO configs: AdamW, a linear warm-up, then a cosine
+    to final_fraction·lr at the last step (`schedule="constant"` holds lr instead)."""
+    o = ml_collections.ConfigDict()
+    o.lr = lr
+    o.warmup_steps = warmup
+    o.schedule = "cosine"
+    o.final_fraction = final_fraction
+    o.weight_decay = weight_decay
+    o.clip_norm = 1.0
+    o.b1 = 0.9
+    o.b2 = 0.95
+    return o
+
+
 def adapter_fields() -> ml_collections.ConfigDict:
     """The `adapter` section of the SFT and GRPO configs: LoRA adapters (model/adapters.py)."""
     a = ml_collections.ConfigDict()
@@ -139,7 +162,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     # Extension phases must start from a run: an empty pretrain_dir is then an error.
     c.init.required = arg in _EXTENSIONS
     c.data = _data(arg, model, batch, seq)
-    c.mesh = _mesh(preset)
+    c.mesh = mesh_fields(preset)
     c.optim = _optim(arg, lr, warmup)
     c.train = _train(arg, model, steps)
     return c
@@ -197,7 +220,9 @@ def _data(arg: str, model: str, batch: int, seq: int) -> ml_collections.ConfigDi
     return d
 
 
-def _mesh(preset: str) -> ml_collections.ConfigDict:
+def mesh_fields(preset: str) -> ml_collections.ConfigDict:
+    """The `mesh` section of every run config (the fine-tuning stages add `num_devices`:
+    `finetune_mesh_fields`)."""
     m = ml_collections.ConfigDict()
     m.preset = preset          # dp, fsdp, fsdp_tp, fsdp_ep, dp_ep_tp, fsdp_cp, fsdp_ep_cp
     # Axis sizes; all 0 = the preset's default shape for the devices found. -1 = the rest.

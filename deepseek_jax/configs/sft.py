@@ -28,7 +28,8 @@ from __future__ import annotations
 import ml_collections
 
 from deepseek_jax.config import get_config as get_model_config
-from deepseek_jax.configs.pretrain import adapter_fields, model_fields
+from deepseek_jax.configs.pretrain import (adapter_fields, finetune_mesh_fields,
+                                           finetune_optim_fields, model_fields)
 
 _RUNS = {
     #            model     seq   batch steps epochs lr     final  warmup preset
@@ -70,26 +71,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     d.pack = True                    # several samples per row, kept apart (data/sft.py)
     d.shuffle_seed = 0
 
-    o = c.optim = ml_collections.ConfigDict()
-    o.lr = lr
-    o.warmup_steps = warmup
-    o.schedule = "cosine"            # to final_fraction·lr at the last step
-    o.final_fraction = final
-    o.weight_decay = 0.1 if arg == "v3-671b" else 0.0
-    o.clip_norm = 1.0
-    o.b1 = 0.9
-    o.b2 = 0.95
-
-    m = c.mesh = ml_collections.ConfigDict()
-    m.preset = preset
-    m.dcn_data = 0
-    m.data = 0
-    m.fsdp = 0
-    m.context = 0
-    m.expert = 0
-    m.tensor = 0
-    m.num_devices = 0                # use the first N devices of a single process; 0 = all
-    m.distributed = ml_collections.FieldReference(None, field_type=bool)
+    c.optim = finetune_optim_fields(lr, warmup, final, 0.1 if arg == "v3-671b" else 0.0)
+    c.mesh = finetune_mesh_fields(preset)
 
     t = c.train = ml_collections.ConfigDict()
     t.steps = steps                  # 0 = epochs × ceil(training rows / global_batch)
