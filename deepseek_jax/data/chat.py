@@ -54,6 +54,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from deepseek_jax.data import jsonl
 from deepseek_jax.data import tokenizer as byte_tokenizer
 from deepseek_jax.data.encoding import Encoder
 
@@ -113,17 +114,8 @@ class Conversation:
 
 def load_conversations(path: str) -> list[Conversation]:
     """Every conversation of a JSONL file (blank lines skipped), checked line by line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(Conversation(to_messages(record, where), where))
+    out = [Conversation(to_messages(record, where), where)
+           for where, _, record in jsonl.records(path, ChatError)]
     if not out:
         raise ChatError(f"{path}: no conversations")
     return out

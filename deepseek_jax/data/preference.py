@@ -40,12 +40,11 @@ length limits (TRL's max_prompt_length; here one cut keeps the start of the prom
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Sequence
 
 import numpy as np
 
-from deepseek_jax.data import chat
+from deepseek_jax.data import chat, jsonl
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.data.packing import check_seq_len
 from deepseek_jax.data.sft import SFTBatches, eval_batches, split_held_out
@@ -109,17 +108,7 @@ def to_pair(record: Any, where: str) -> Pair:
 
 def load_pairs(path: str) -> list[Pair]:
     """Every pair of a JSONL file (blank lines skipped), checked line by line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise chat.ChatError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(to_pair(record, where))
+    out = [to_pair(record, where) for where, _, record in jsonl.records(path, chat.ChatError)]
     if not out:
         raise chat.ChatError(f"{path}: no preference pairs")
     return out

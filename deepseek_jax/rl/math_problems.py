@@ -16,11 +16,11 @@ the two first.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from etils import epath
 
+from deepseek_jax.data import jsonl
 from deepseek_jax.rl.math_answers import gsm8k_final, last_boxed
 
 EXPECTED = ('GSM8K-style {"question", "answer" ending "#### N"} or MATH-style {"problem", '
@@ -67,15 +67,8 @@ def read_problems(path: str, limit: int = 0) -> list[dict[str, Any]]:
     if not path.exists():
         raise ProblemFileError(f"{path}: no such problem file")
     problems = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProblemFileError(f"{where}: not JSON ({e.msg}); expected one object a line, "
-                                   f"{EXPECTED}") from None
+    for where, number, record in jsonl.records(
+            str(path), ProblemFileError, f"; expected one object a line, {EXPECTED}"):
         problems.append(parse_problem(record, where, f"line {number}"))
         if limit and len(problems) == limit:
             break

@@ -39,7 +39,7 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
-from deepseek_jax.data import r1
+from deepseek_jax.data import jsonl, r1
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.rl import math_problems, rewards
 from deepseek_jax.rl.evaluate import prompt_text
@@ -56,25 +56,17 @@ def load_problem_file(path: str) -> list[dict[str, Any]]:
     MATH form (`math_problems`, checked by math-verify); a line missing a field is an error
     naming it."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if isinstance(record, dict) and ({"question", "problem"} & set(record)):
-                out.append(math_problems.parse_problem(record, f"{path}:{number}",
-                                                       f"line {number}"))
-                continue
-            need = ("prompt", "answer", "op") if "op" in record else ("numbers", "target")
-            missing = [k for k in need if k not in record]
-            if missing:
-                raise ValueError(f"{path}:{number}: missing {missing}; an arithmetic problem "
-                                 "needs prompt, answer and op, a countdown one numbers and "
-                                 f"target, a math problem {math_problems.EXPECTED}")
-            out.append(record)
+    for where, number, record in jsonl.records(path):
+        if isinstance(record, dict) and ({"question", "problem"} & set(record)):
+            out.append(math_problems.parse_problem(record, where, f"line {number}"))
+            continue
+        need = ("prompt", "answer", "op") if "op" in record else ("numbers", "target")
+        missing = [k for k in need if k not in record]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}; an arithmetic problem needs "
+                             "prompt, answer and op, a countdown one numbers and target, a "
+                             f"math problem {math_problems.EXPECTED}")
+        out.append(record)
     if not out:
         raise ValueError(f"{path}: no problems")
     return out

@@ -114,7 +114,7 @@ def test_bad_problem_files_name_the_file_line_and_fields(tmp_path):
     with pytest.raises(ProblemFileError, match=r"problems.jsonl:3: missing fields: expected "
                        r"GSM8K-style .*\['question', 'solution'\]"):
         read_problems(path)
-    with pytest.raises(ProblemFileError, match=r"problems.jsonl:2: not JSON"):
+    with pytest.raises(ProblemFileError, match=r"problems.jsonl:2: not valid JSON"):
         read_problems(_write(tmp_path, [good, "{oops"]))
     with pytest.raises(ProblemFileError, match=r"problems.jsonl:1: expected a JSON object"):
         read_problems(_write(tmp_path, ["[1, 2]"]))
