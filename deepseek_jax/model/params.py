@@ -24,7 +24,7 @@ from deepseek_jax.config import ModelConfig
 _ROUTED = ("w_gate", "w_up", "w_down")
 
 
-def _is_routed_expert(path: tuple[str, ...]) -> bool:
+def is_routed_expert(path: tuple[str, ...]) -> bool:
     """Routed expert weights sit directly under a `moe` module (the shared experts under moe/shared)."""
     return len(path) >= 2 and path[-2] == "moe" and path[-1] in _ROUTED
 
@@ -42,6 +42,6 @@ def count_params(config: ModelConfig) -> dict[str, int]:
             continue
         total += n
         active += n * config.n_experts_per_token / config.n_routed_experts \
-            if _is_routed_expert(path) else n
+            if is_routed_expert(path) else n
     return {"total": int(total), "active": int(round(active)), "mtp": int(mtp),
             "embedding": config.vocab_size * config.d_model}

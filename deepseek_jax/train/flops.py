@@ -73,9 +73,9 @@ def _adapter_savings(config: ModelConfig) -> float:
     import flax
 
     from deepseek_jax.model import adapters
-    from deepseek_jax.model.params import _is_routed_expert
-    from deepseek_jax.model.transformer import init_variables
-    shapes = jax.eval_shape(lambda: init_variables(jax.random.key(0), config, 1, 1))
+    from deepseek_jax.model.params import is_routed_expert
+    from deepseek_jax.train.sharded import abstract_variables      # cached: the planner's too
+    shapes = abstract_variables(config)
     flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(shapes["params"]))
     share = config.n_experts_per_token / max(config.n_routed_experts, 1)
     saved = 0.0
@@ -91,7 +91,7 @@ def _adapter_savings(config: ModelConfig) -> float:
         adapted = (*path[:-1], str(path[-1]) + adapters.SUFFIXES[0]) in flat
         if adapted and adapters.merged_in_model(path):
             continue                             # dW' is formed: 6 per parameter, as counted
-        saved += 2.0 * n * (share if _is_routed_expert(path) else 1.0)
+        saved += 2.0 * n * (share if is_routed_expert(path) else 1.0)
     return saved
 
 
