@@ -11,16 +11,14 @@ import numpy as np
 import pytest
 
 from deepseek_jax.configs.dpo import get_config
-from deepseek_jax.configs.pretrain import to_model_config
 from deepseek_jax.data import preference, r1, tasks
 from deepseek_jax.data.encoding import Encoder
 from deepseek_jax.model import adapters
 from deepseek_jax.rl import rejection
 from deepseek_jax.train import checkpoint as ckpt
-from deepseek_jax.train.optimizer import make_optimizer
-from deepseek_jax.train.step import init_train_state
 from deepseek_jax.trainers import dpo as dpo_trainer
 from numerics import gradient_rtol
+from run_helpers import make_start_run
 
 
 def _write_pairs(path, n=40, seed=0):
@@ -101,14 +99,7 @@ def test_eight_devices_match_one(tmp_path):
 
 def test_lora_dpo_keeps_the_starting_weights(tmp_path):
     path = str(tmp_path / "start")
-    model_config = to_model_config(get_config("tiny").model)
-    state = init_train_state(jax.random.key(7), model_config, make_optimizer(1e-3))
-    manager = ckpt.make_manager(os.path.join(path, "checkpoints"), save_every=1, keep=1,
-                                async_save=False)
-    ckpt.save(manager, 2, state, jax.random.key(0), {}, force=True)
-    manager.wait_until_finished()
-    manager.close()
-    ckpt.save_model_config(path, model_config)
+    (state,) = make_start_run(path, [7], first_step=2)
 
     c = _config(tmp_path, steps=4, eval_every=4, checkpoint_every=4)
     c.init.pretrain_dir = path

@@ -19,6 +19,7 @@ from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.step import eval_step, init_train_state
 from deepseek_jax.trainers import sft as sft_trainer
+from run_helpers import make_start_run
 
 
 def _problems(n, seed=0):
@@ -63,15 +64,7 @@ def test_packed_and_unpacked_rows_give_the_same_loss(tiny):
 def start_run(tmp_path_factory):
     """A run directory as pretraining leaves it: model_config.json and an Orbax checkpoint."""
     path = str(tmp_path_factory.mktemp("pretrained"))
-    model_config = to_model_config(get_config("tiny").model)
-    tx = make_optimizer(1e-3)
-    state = init_train_state(jax.random.key(7), model_config, tx)
-    manager = ckpt.make_manager(os.path.join(path, "checkpoints"), save_every=1, keep=1,
-                                async_save=False)
-    ckpt.save(manager, 3, state, jax.random.key(0), {}, force=True)
-    manager.wait_until_finished()
-    manager.close()
-    ckpt.save_model_config(path, model_config)
+    (state,) = make_start_run(path, [7], first_step=3)
     return path, state
 
 
@@ -170,28 +163,12 @@ def test_lora_sft_then_grpo_from_its_run(tmp_path, start_run):
         np.asarray(a), np.asarray(b.astype(jax.numpy.bfloat16))), frozen, merged["params"])
 
 
-def _make_start(path, seeds, first_step=1):
-    """A run directory with a checkpoint per seed (steps first_step, first_step + 1, …), each
-    other weights."""
-    model_config = to_model_config(get_config("tiny").model)
-    manager = ckpt.make_manager(os.path.join(path, "checkpoints"), save_every=1, keep=5,
-                                async_save=False)
-    states = []
-    for step, seed in enumerate(seeds, first_step):
-        states.append(init_train_state(jax.random.key(seed), model_config, make_optimizer(1e-3)))
-        ckpt.save(manager, step, states[-1], jax.random.key(0), {}, force=True)
-    manager.wait_until_finished()
-    manager.close()
-    ckpt.save_model_config(path, model_config)
-    return states
-
-
 def test_lora_checkpoints_hold_the_adapters_only(tmp_path):
     """A LoRA run's checkpoints leave the frozen weights out and read them back from the
     recorded step of the run it started from, even after that run saved a newer step; with that
     step gone, reading says so; adapter.save_frozen=True writes them in."""
     start = str(tmp_path / "start")
-    first, *_ = _make_start(start, [7])
+    first, *_ = make_start_run(start, [7])
     c = get_config("tiny")
     c.init.pretrain_dir = start
     c.data.path = _write_conversations(tmp_path / "conv.jsonl")
@@ -208,7 +185,7 @@ def test_lora_checkpoints_hold_the_adapters_only(tmp_path):
     assert ckpt.load_start(workdir) == (start, 1)
 
     # The starting run moves on (a newer step, other weights); the LoRA run still reads step 1.
-    _make_start(start, [8], first_step=2)
+    make_start_run(start, [8], first_step=2)
     c.train.steps = 6
     sft_trainer.train_and_evaluate(c, workdir)                   # resumes from step 4
     lora_config, params = ckpt.load_trained(workdir)
