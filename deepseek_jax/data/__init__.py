@@ -36,6 +36,7 @@ Typical use:
 
 Files: tokenizer.py (byte ids), synthetic.py (in-memory arithmetic stream for the demo),
 tasks.py, text_files.py, builders.py (TFDS), encoding.py, packing.py, pipeline.py (Grain),
+jsonl.py (JSONL input, errors that name the file and line),
 run_config.py (the run config's data section), chat.py (conversations, chat templates and
 assistant masks for SFT), sft.py (SFT rows, batches and the run config's SFT data section),
 preference.py (DPO's preference pairs to rows).
