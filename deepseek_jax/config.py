@@ -172,6 +172,9 @@ class ModelConfig:
     adapter_rank: int = 0               # LoRA adapters' rank r (model/adapters.py); 0 = none
     adapter_alpha: float = 16.0         # their update is (alpha / r)·A·B
     adapter_targets: tuple[str, ...] = ("attention", "mlp")   # ADAPTER_GROUPS or "group.w_name"
+    pipeline_stages: int = 1            # S: stacks split into S stages over mesh axis "stage"
+                                        # (model/pipeline.py); must equal the mesh's stage size
+    pipeline_microbatches: int = 0      # M of the pipeline schedule; 0 = 2·S
 
     def __post_init__(self):
         validate(self)
@@ -184,6 +187,15 @@ class ModelConfig:
     @property
     def n_moe_layers(self) -> int:
         return self.n_layers - self.n_dense_layers if self.n_routed_experts else 0
+
+    @property
+    def n_microbatches(self) -> int:
+        """M, the pipeline's micro-batches per (accumulation) batch."""
+        return self.pipeline_microbatches or 2 * self.pipeline_stages
+
+    def pipelined(self, n_layers: int) -> bool:
+        """Whether a stack of `n_layers` blocks runs as a pipeline: S > 1 and S divides it."""
+        return self.pipeline_stages > 1 and n_layers % self.pipeline_stages == 0
 
     @property
     def uses_yarn(self) -> bool:
@@ -241,6 +253,18 @@ ADAPTER_GROUPS = {
     "mlp": ("w_gate", "w_up", "w_down"),        # dense FFNs and shared experts
     "experts": ("w_gate", "w_up", "w_down"),    # routed experts, a pair per expert
 }
+
+
+# Fields that say how the stacks are scheduled over devices, not what they compute: the same
+# checkpoint serves any value (a run saved with 2 pipeline stages resumes with 4, or none), and a
+# saved model config is read back without them (`unscheduled`).
+SCHEDULE_FIELDS = ("pipeline_stages", "pipeline_microbatches")
+
+
+def unscheduled(config: "ModelConfig") -> "ModelConfig":
+    """`config` with the SCHEDULE_FIELDS at their defaults (no pipeline)."""
+    return config.replace(**{f: ModelConfig.__dataclass_fields__[f].default
+                             for f in SCHEDULE_FIELDS})
 
 
 # Train-step settings (train.schedules.StepSettings) that older model_config.json files hold.
@@ -311,6 +335,7 @@ def validate(c: ModelConfig) -> None:
          f"remat_policy={c.remat_policy!r}: use one of {REMAT_POLICIES} or "
          "custom:NAME=ACTION,... (see REMAT_NAMES)")
     remat_names(c.remat_policy)
+    _validate_pipeline(c, need)
     need(c.rope_factor >= 1.0, f"rope_factor={c.rope_factor} must be >= 1 (1 = plain RoPE)")
     if c.n_routed_experts:
         E, X, G = c.n_routed_experts, c.n_experts_per_token, c.n_expert_groups
@@ -330,6 +355,24 @@ def validate(c: ModelConfig) -> None:
         need(not (c.routing_bias and c.score_func == "softmax"),
              "routing_bias=True goes with score_func='sigmoid' (V3); set routing_bias=False for "
              "softmax routing (V2)")
+
+
+def _validate_pipeline(c: ModelConfig, need) -> None:
+    S = c.pipeline_stages
+    need(S >= 1, f"pipeline_stages={S} must be >= 1 (1 = no pipeline)")
+    need(c.pipeline_microbatches >= 0,
+         f"pipeline_microbatches={c.pipeline_microbatches} must be >= 0 (0 = 2·pipeline_stages)")
+    if S == 1:
+        return
+    need(c.scan_layers, "pipeline_stages > 1 needs scan_layers=True (the stages split the "
+                        "scanned stacks' layer axis)")
+    stacks = {"dense": c.n_layers - c.n_moe_layers, "MoE": c.n_moe_layers}
+    need(any(n and n % S == 0 for n in stacks.values()),
+         f"pipeline_stages={S} divides no layer stack ("
+         + ", ".join(f"{k} {n}" for k, n in stacks.items() if n)
+         + "); use a stage count that divides one of them: "
+         + ", ".join(str(d) for d in range(2, max(stacks.values()) + 1)
+                     if any(n and n % d == 0 for n in stacks.values())))
 
 
 # --- named variants --------------------------------------------------------------------------

@@ -224,10 +224,12 @@ def mesh_fields(preset: str) -> ml_collections.ConfigDict:
     """The `mesh` section of every run config (the fine-tuning stages add `num_devices`:
     `finetune_mesh_fields`)."""
     m = ml_collections.ConfigDict()
-    m.preset = preset          # dp, fsdp, fsdp_tp, fsdp_ep, dp_ep_tp, fsdp_cp, fsdp_ep_cp
+    m.preset = preset          # dp, fsdp, fsdp_tp, fsdp_ep, dp_ep_tp, fsdp_cp, fsdp_ep_cp,
+                               # fsdp_pp, fsdp_ep_pp (stage = model.pipeline_stages)
     # Axis sizes; all 0 = the preset's default shape for the devices found. -1 = the rest.
     m.dcn_data = 0
     m.data = 0
+    m.stage = 0
     m.fsdp = 0
     m.context = 0
     m.expert = 0

@@ -48,13 +48,14 @@ Left out: paged or ring-buffer caches, cache quantization, fused decode-attentio
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig, remat_names
-from deepseek_jax.model import layers
+from deepseek_jax.model import layers, pipeline
 from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.moe import MoE
@@ -223,11 +224,9 @@ class BlockStack(nn.Module):
         if cache is None:
             block = _remat(Block, c)
             if c.scan_layers:
-                stack = nn.scan(block, length=self.n,
-                                variable_axes={"params": 0, "routing": 0, "moe_stats": 0},
-                                split_rngs={"params": True},
-                                in_axes=(nn.broadcast,) * 4,
-                                metadata_params={nn.PARTITION_NAME: "layers"})
+                if c.pipelined(self.n) and not self.is_initializing():
+                    return self._pipelined(x, positions, mask, token_mask)
+                stack = _scanned(block, self.n, c)
                 x, _ = stack(c, self.moe, name="layers")(x, positions, mask, None, token_mask)
                 return x
             for i in range(self.n):
@@ -238,11 +237,7 @@ class BlockStack(nn.Module):
         # Decoding: no remat (nothing is differentiated); the layer's cache slice is scanned
         # along with its parameters, the new entries [L, B, T, ...] come out as the scan's ys.
         if c.scan_layers:
-            stack = nn.scan(Block, length=self.n,
-                            variable_axes={"params": 0, "routing": 0, "moe_stats": 0},
-                            split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, 0),
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+            stack = _scanned(Block, self.n, c, in_axes=(nn.broadcast, nn.broadcast, 0))
             x, new = stack(c, self.moe, name="layers")(x, positions, mask, cache)
         else:
             entries = []
@@ -252,3 +247,40 @@ class BlockStack(nn.Module):
                 entries.append(e)
             new = jax.tree.map(lambda *e: jnp.stack(e), *entries)               # [L, B, T, ...]
         return x, {k: write_stacked_cache(cache[k], new[k], positions) for k in cache}
+
+    def _pipelined(self, x, positions, mask, token_mask):
+        """The training path of a stack split into pipeline stages (`model/pipeline.py`)."""
+        c, P = self.config, self.config.pipeline_stages
+        I, J = self.n // P, c.n_microbatches
+        stage = _scanned(_remat(Block, c), I, c)(c, self.moe, parent=None)   # I layers
+        variables = flax.core.meta.unbox(self.variables)
+        stage_vars = pipeline.by_stage(
+            {k: v["layers"] for k, v in variables.items() if k in ("params", "routing")}, P)
+        rows = {"positions": positions, "mask": mask, "token_mask": token_mask}
+
+        def stage_fn(v, h, mine, live):
+            keep = jnp.broadcast_to(live, h.shape[:2])           # bubble: no statistics
+            if mine["token_mask"] is not None:
+                keep = keep & mine["token_mask"]                  # [b, T]
+            (y, _), stats = stage.apply(v, h, mine["positions"], mine["mask"], None, keep,
+                                        mutable=["moe_stats"])                 # [b, T, D]
+            stats = jax.tree.map(lambda a: jnp.where(live, a, 0), stats.get("moe_stats", {}))
+            return y, stats
+
+        y, stats = pipeline.run(stage_fn, stage_vars, x, rows, stages=P, microbatches=J)
+        if stats and self.is_mutable_collection("moe_stats"):
+            summed = lambda path: any(k in jax.tree_util.keystr(path) for k in ("load", "dropped"))
+            stats = jax.tree_util.tree_map_with_path(
+                lambda path, a: (a if summed(path) else a / J).reshape(self.n, *a.shape[2:]),
+                stats)                                                     # [L, ...]
+            self.put_variable("moe_stats", "layers", stats)
+        return y
+
+
+def _scanned(block, n: int, c: ModelConfig, in_axes=(nn.broadcast,) * 4):
+    """`block` scanned over n layers; the layer axis is named "stage_layers" in a stack the
+    config pipelines (`ModelConfig.pipelined`), "layers" otherwise."""
+    name = "stage_layers" if c.pipelined(n) else "layers"
+    return nn.scan(block, length=n, variable_axes={"params": 0, "routing": 0, "moe_stats": 0},
+                   split_rngs={"params": True}, in_axes=in_axes,
+                   metadata_params={nn.PARTITION_NAME: name})

@@ -103,7 +103,7 @@ def split_axes(logical: str) -> tuple[str, ...]:
                  if mesh.shape.get(a, 1) > 1 and a not in manual)
 
 
-def _split_size(axes: Sequence[str]) -> int:
+def split_size(axes: Sequence[str]) -> int:
     """Devices the mesh in context splits over `axes` together."""
     mesh = jax.sharding.get_abstract_mesh()
     return math.prod(mesh.shape[a] for a in axes)
@@ -114,7 +114,7 @@ def token_axes(batch_size: int) -> tuple[str, ...]:
     mesh and rules in context; () when there are none or when `batch_size` does not divide
     over them."""
     axes = split_axes(BATCH)
-    return axes if axes and batch_size % _split_size(axes) == 0 else ()
+    return axes if axes and batch_size % split_size(axes) == 0 else ()
 
 
 def lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
@@ -133,7 +133,7 @@ def lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     batch, d_axes = token_axes(tokens.shape[0]), split_axes("embed")
     length = split_axes(LENGTH) if tokens.ndim > 1 else ()
     if (not (batch or length) or not d_axes or split_axes("vocab")
-            or not set(d_axes) <= {*batch, *length} or table.shape[1] % _split_size(d_axes)):
+            or not set(d_axes) <= {*batch, *length} or table.shape[1] % split_size(d_axes)):
         return jnp.take(table, tokens, axis=0).astype(dtype)
 
     def per_device(rows, ids):                     # rows [V, D/n], ids [b, t, ...]
@@ -175,10 +175,10 @@ def _projection(eqn: str, x: jax.Array, w: jax.Array, dtype, fp8: bool,
         return jnp.einsum(eqn, x.astype(dtype), cast_layer_weight(w, dtype))
     axes = token_axes(x.shape[0]) if x.ndim > 1 else ()
     ctx = split_axes(LENGTH) if x.ndim > 2 else ()
-    if not ctx or x.shape[1] % _split_size(ctx):
+    if not ctx or x.shape[1] % split_size(ctx):
         return fp8_einsum(eqn, x.astype(dtype), w, out_dtype=dtype, backend=fp8_backend,
                           token_axes=axes)
-    n, (B, T) = _split_size(ctx), x.shape[:2]
+    n, (B, T) = split_size(ctx), x.shape[:2]
     chunks = jnp.moveaxis(x.reshape(B, n, T // n, *x.shape[2:]), 1, 0)        # [n, B, T/n, ...]
     lead = eqn if eqn.startswith("...") else "..." + eqn.replace("->", "->...")  # n leads
     y = fp8_einsum(lead, chunks.astype(dtype), w, out_dtype=dtype, backend=fp8_backend,

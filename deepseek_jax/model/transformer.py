@@ -28,7 +28,8 @@ cache for speculative decoding. Both are documented on the methods; caches, samp
 generation loop are in `deepseek_jax.sampling`. Without a cache nothing changes: `__call__`
 runs exactly the training computation.
 
-Left out: pipeline parallelism.
+Pipeline parallelism (`config.pipeline_stages` > 1) changes how a stack runs in training, not
+its parameters: `model/pipeline.py`, `blocks.BlockStack`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ One mesh serves training, rollouts and evaluation. Its axes, outermost (slowest 
              1 on a single slice. DCN is the slow link, so only the cheapest traffic (one
              gradient all-reduce per step) crosses it.
   data       data parallelism inside a slice: parameters replicated, batch split.
+  stage      pipeline parallelism: each device holds the layers of one stage of the stacks
+             the model pipelines (`model/pipeline.py`); only activations, one micro-batch
+             at a time, cross it.
   fsdp       fully sharded data parallelism: batch split, parameters and optimizer state split
              along "embed" (ZeRO-3), gathered layer by layer under jit.
   context    context parallelism: the sequence split into contiguous chunks (activations'
@@ -17,7 +20,7 @@ One mesh serves training, rollouts and evaluation. Its axes, outermost (slowest 
              so it is innermost (neighbouring devices).
 
 Sizes come from a mapping (`ml_collections.ConfigDict` or dict) with any of those fields; a
-missing field is 1 and one of data/fsdp/expert/tensor may be -1 to take the remaining devices.
+missing field is 1 and one of the ICI axes may be -1 to take the remaining devices.
 `dcn_data` = -1 means "one per slice found". Axis types are `AxisType.Auto`: the compiler
 (Shardy) propagates shardings from the rules in `rules.py`; no explicit-mode annotations.
 
@@ -37,7 +40,7 @@ number of hosts, a divisor of the process count, groups consecutive process ids 
 GPU host), dcn_data > 1 is emulated by splitting the device list into contiguous groups;
 nothing crosses a real DCN then.
 
-Left out: DCN axes other than data (e.g. FSDP across slices), pipeline stages, hosts found by
+Left out: DCN axes other than data (e.g. FSDP or pipeline stages across slices), hosts found by
 anything but consecutive process ids (a SLURM distribution other than block).
 """
 
@@ -54,7 +57,7 @@ from jax.sharding import AxisType, Mesh
 
 from deepseek_jax.config import MeshError
 
-MESH_AXES = ("dcn_data", "data", "fsdp", "context", "expert", "tensor")
+MESH_AXES = ("dcn_data", "data", "stage", "fsdp", "context", "expert", "tensor")
 ICI_AXES = MESH_AXES[1:]          # inside one slice
 
 
@@ -141,7 +144,7 @@ def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[Any] | None = No
         `MeshError` for the others instead.
 
     Returns:
-      a `jax.sharding.Mesh` of shape (dcn_data, data, fsdp, context, expert, tensor).
+      a `jax.sharding.Mesh` of shape (dcn_data, data, stage, fsdp, context, expert, tensor).
     """
     devices = list(jax.devices() if devices is None else devices)
     n_slices, by_slice_index = _slices(devices)

@@ -16,8 +16,10 @@ shard of them.
   logical     mesh axes                              arrays
   act_batch   dcn_data, data, fsdp, expert           B of every activation and batch array
   act_length  context                                T of every activation and batch array
+  act_stage   stage                                  S of the pipeline's per-stage activations
   act_heads   tensor                                 N of attention outputs
   act_vocab   tensor                                 V of logits
+  stage_layers  stage                                L of a pipelined stack's weights
   expert      expert                                 E of routed experts, router, routing bias
   heads       tensor                                 N of MLA projections
   mlp         tensor                                 F of dense, shared and routed FFNs
@@ -44,8 +46,13 @@ activations and of the batch over `context`; its ranks hold the weights as fsdp 
 over them too), since every rank runs every weight on its own tokens. Attention then needs every
 key (`model/attention.py`); the MoE dispatch sends each rank's own positions to the experts.
 
-Left out: pipeline stages ("layers"); context with tensor parallelism (attention refuses heads
-split under context parallelism).
+Pipeline parallelism (presets fsdp_pp, fsdp_ep_pp) splits the layer axis of the stacks the model
+pipelines (named "stage_layers" instead of "layers" when `ModelConfig.pipelined` says so) over
+`stage`; every other weight, and every activation outside the pipeline, is replicated over it
+(`model/pipeline.py`).
+
+Left out: ZeRO over stage ranks for the weights outside the pipeline; context with tensor
+parallelism (attention refuses heads split under context parallelism).
 """
 
 from __future__ import annotations
@@ -72,7 +79,9 @@ LOGICAL_AXIS_RULES: Rules = (
     ("act_heads", "tensor"),
     ("act_vocab", "tensor"),
     ("act_length", "context"),
+    ("act_stage", "stage"),
     # parameters, in order of precedence
+    ("stage_layers", "stage"),
     ("expert", "expert"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -130,6 +139,12 @@ PRESETS = {p.name: p for p in (
     # do not fit one device (DeepSeek-V3 at long context).
     Preset("fsdp_ep_cp", axes=("data", "fsdp", "expert", "context"), fill="fsdp",
            sizes={"expert": 2, "context": 2}),
+    # FSDP plus pipeline parallelism: the pipelined stacks' layers split into stages
+    # (`model/pipeline.py`; the model's pipeline_stages must equal the stage size).
+    Preset("fsdp_pp", axes=("data", "stage", "fsdp"), fill="fsdp", sizes={"stage": 2}),
+    # Pipeline stages whose MoE layers are also split over expert ranks.
+    Preset("fsdp_ep_pp", axes=("data", "stage", "fsdp", "expert"), fill="fsdp",
+           sizes={"stage": 2, "expert": 2}),
 )}
 
 

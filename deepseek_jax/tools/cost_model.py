@@ -62,8 +62,14 @@ critical path. step = max(compute, overlapped comm) + exposed comm; compute = ha
 `recomputed_flops_per_token`) at peak.
 MFU = model FLOPs per chip / (step time × peak).
 
-Left out: HBM-bandwidth-bound time (weight reads at small batch), latency, pipeline stages,
-load imbalance between experts, and the compiler's own scheduling; the ranking is a relative
+Pipeline (stage > 1, `model/pipeline.py`): a chip runs the unpipelined part (embedding, head,
+MTP, stacks that are not pipelined) on its whole batch shard and 1/P of the pipelined stacks over
+J + P − 1 ticks of J micro-batches: compute, activations, and the tensor- and expert-parallel
+traffic of those layers scale by (J + P − 1)/(J·P); the pipelined weights are gathered and their
+gradients reduced at every tick; each tick permutes one micro-batch's [b, T, D] to the next
+stage, forward and backward, on the critical path.
+
+Left out: HBM-bandwidth-bound time (weight reads at small batch), latency, load imbalance between experts, and the compiler's own scheduling; the ranking is a relative
 guide, the compile is what says whether a strategy fits.
 """
 
@@ -73,6 +79,7 @@ import dataclasses
 import functools
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,7 +97,8 @@ from deepseek_jax.train.sharded import abstract_variables
 from deepseek_jax.tools.targets import Target
 from deepseek_jax.train.flops import flops_per_token
 
-COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
+COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                    "collective-permute")
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
@@ -159,7 +167,9 @@ def collective_time(kind: str, nbytes: float, group: int, bandwidth: float, chip
     if group <= 1 or nbytes == 0:
         return 0.0
     t = nbytes * (group - 1) / group / bandwidth
-    if kind == "all-reduce":
+    if kind == "collective-permute":          # each chip sends its whole shard to one other
+        t = nbytes / bandwidth
+    elif kind == "all-reduce":
         t *= 2
     elif kind in ("all-to-all", "ragged-all-to-all") and chip_kind == "tpu":
         t /= 4
@@ -203,6 +213,38 @@ class Estimate:
 @functools.lru_cache(maxsize=64)
 def _flops_per_token(config: ModelConfig, seq: int) -> float:
     return flops_per_token(config, seq)          # counts parameters with an eval_shape: cached
+
+
+def pipeline_ticks(config: ModelConfig) -> int:
+    """Ticks of the pipeline schedule, J + P − 1 (`model/pipeline.py`); 1 without one."""
+    P = config.pipeline_stages
+    return config.n_microbatches + P - 1 if P > 1 else 1
+
+
+def pipelined_share(config: ModelConfig) -> float:
+    """The fraction of the main model's layers that run in the pipeline (0 without one)."""
+    dense = config.n_layers - config.n_moe_layers
+    piped = sum(n for n in (dense, config.n_moe_layers) if n and config.pipelined(n))
+    return piped / config.n_layers
+
+
+def pipelined_flops_per_token(config: ModelConfig, seq: int) -> float:
+    """Training FLOPs per token (as `flops_per_token` counts them, adapters aside) of the
+    stacks the config pipelines: 6 per active parameter of their layers plus their attention."""
+    from deepseek_jax.model.params import is_routed_expert
+    params = flax.core.meta.unbox(abstract_variables(config)["params"])
+    share = config.n_experts_per_token / max(config.n_routed_experts, 1)
+    c, total = config, 0.0
+    attention = 3 * c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * seq
+    for stack in ("dense_layers", "moe_layers"):
+        leaves = flax.traverse_util.flatten_dict(params.get(stack, {}))
+        if not leaves or not c.pipelined(next(iter(leaves.values())).shape[0]):
+            continue
+        for path, leaf in leaves.items():
+            n = math.prod(leaf.shape)
+            total += 6.0 * n * (share if is_routed_expert(path) else 1.0)
+        total += attention * next(iter(leaves.values())).shape[0]
+    return total
 
 
 def rules_for(preset: str, sizes: dict[str, int]) -> Rules:
@@ -250,6 +292,9 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
         own = expert_axes if "expert" in names else set()
         f = math.prod(sizes.get(a, 1) for a in used
                       if a in ("fsdp", "context", "expert") and a not in own)
+        # A pipelined stack's weights are gathered (and their gradients reduced) again at every
+        # tick of the schedule: each tick runs the stage's layers on one micro-batch.
+        ticks = pipeline_ticks(config) if "stage_layers" in names else 1
         grad_b = pb if config.fp8 else min(pb, compute_b)
         if f > 1 and names == ("vocab", "embed") and not config.tie_embeddings and all(
                 sizes.get(a, 1) == 1 for a in axis_names(spec[0])):
@@ -260,8 +305,8 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
             # Forward and backward gathers of the full-over-fsdp array (see the module
             # docstring for the experts' third), gradient reduce-scatter.
             passes = expert_passes if "expert" in names else 2
-            out["gather"] += passes * local * f * compute_b
-            out["scatter"] += local * f * grad_b if reduced else 0.0
+            out["gather"] += ticks * passes * local * f * compute_b
+            out["scatter"] += ticks * local * f * grad_b if reduced else 0.0
         replicated = [a for a in b_axes if a not in used]
         ici = [a for a in replicated if a != "dcn_data"]
         if ici and reduced:
@@ -361,20 +406,37 @@ def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, b
         moe = Bl * T * 3 * config.d_ff / tp * ab * 2
     layer = scores + proj + moe
     layers = config.n_layers + config.mtp_depth
+    # Under a pipeline a chip keeps its stage's share of the pipelined layers, for every tick
+    # (bubble ticks included), and the schedule's buffers: the stage's state and the outputs.
+    depth = effective_layers(config) / layers
+    buffers = Bl * T * D * ab * (1 + 2 / config.n_microbatches) if depth != 1 else 0.0
     vocab = config.vocab_size / tp
     if config.loss_chunk:
         logits = Bl * min(T, config.loss_chunk) * vocab * 4 * 3 + D * vocab * ab
     else:
         logits = Bl * T * vocab * 4 * 3 * (1 + config.mtp_depth)
     if config.remat_policy == "none":
-        return layers * layer + logits
+        return depth * layers * layer + logits + buffers
     kept = remat_names(config.remat_policy) or {}
     per_token = 0.0 if kept.get("layer_input") == "offload" else layers * D   # layer inputs
     for moe, count in _layer_kinds(config):
         named = named_activations(config, moe, tp)
         per_token += count * sum(named[n][0] for n, a in kept.items()
                                  if a == "save" and n in named and n != "layer_input")
-    return Bl * T * per_token * ab + layer + logits
+    return depth * Bl * T * per_token * ab + layer + logits + buffers
+
+
+def effective_layers(config: ModelConfig) -> float:
+    """Blocks (main and MTP) one chip runs per step, in units of the whole batch's pass through
+    one block: all of them without a pipeline; under one, the pipelined layers count 1/P each,
+    times the schedule's ticks over its micro-batches (the bubble)."""
+    layers = config.n_layers + config.mtp_depth
+    share = pipelined_share(config)
+    if not share:
+        return float(layers)
+    P, J = config.pipeline_stages, config.n_microbatches
+    piped = share * config.n_layers
+    return layers - piped + piped / P * pipeline_ticks(config) / J
 
 
 def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int, seq: int,
@@ -391,6 +453,17 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
 
     model_flops = _flops_per_token(config, seq) * batch * seq / n
     hardware_flops = model_flops + recomputed_flops_per_token(config, seq) * batch * seq / n
+    stages = sizes["stage"]
+    if stages > 1:
+        # Every stage runs the unpipelined part on its whole batch shard, and its 1/P of the
+        # pipelined stacks over J + P − 1 ticks of micro-batches.
+        J, ticks = config.n_microbatches, pipeline_ticks(config)
+        piped = pipelined_flops_per_token(config, seq)
+        per_token = _flops_per_token(config, seq) - piped + piped / stages * ticks / J
+        share = pipelined_share(config)
+        recomputed = recomputed_flops_per_token(config, seq) * (
+            1 - share + share / stages * ticks / J)
+        hardware_flops = (per_token + recomputed) * batch * seq * stages / n
     chip = target.chip
 
     b_split = math.prod(sizes.get(a, 1) for a in batch_axes(rules))
@@ -430,9 +503,16 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
     add("all-reduce", k * state["allreduce"], ici_rep, False)
     add("all-reduce", k * state["allreduce_dcn"], ("dcn_data",), False)
     if sizes["tensor"] > 1:
-        layers = config.n_layers + config.mtp_depth
+        layers = effective_layers(config)
         add("all-reduce", 2 * layers * passes * tokens_local * config.d_model * ab, ("tensor",),
             True)
+    if stages > 1:
+        # Each tick hands a micro-batch's [b, T, D] to the next stage, forward and backward;
+        # the last stage's outputs reach every stage once, and the input's gradient once back.
+        rows = tokens_local * config.d_model * ab
+        add("collective-permute", 2 * pipeline_ticks(config) * rows / config.n_microbatches,
+            ("stage",), True)
+        add("all-reduce", 2 * rows, ("stage",), True)
     if state["table_axes"]:
         # Embedding rows to their sequences' devices: one all-to-all of [B, T, D] per lookup
         # (the main model's and each MTP depth's) forward, one backward.
@@ -440,6 +520,9 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
             state["table_axes"], True)
     if sizes["expert"] > 1 and config.n_routed_experts:
         moe_layers = config.n_moe_layers + config.mtp_depth
+        if config.pipelined(config.n_moe_layers):
+            moe_layers += config.n_moe_layers * (
+                pipeline_ticks(config) / (config.n_microbatches * stages) - 1)
         # Keeping the rows received and the outputs returned spares the recomputed exchange.
         kept = remat_names(config.remat_policy) or {}
         exchanges = 2 if {"expert_rows", "expert_out"} <= set(kept) else passes

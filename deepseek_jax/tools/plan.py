@@ -36,8 +36,12 @@ estimated step time), printed as a table and written to OUT/plan.md, plan.csv an
 `all` includes context parallelism (fsdp_cp, fsdp_ep_cp) only when the batch has fewer sequences
 than a slice has devices, the case where sequences must be split; name it to compare otherwise.
 
-Left out: pipeline parallelism, and searching for the largest batch or micro-batch count that
-fits (pass them explicitly and compare runs).
+Pipeline strategies (fsdp_pp, fsdp_ep_pp, or stage=N in a mesh shape) run the model with
+pipeline_stages = the mesh's stage size and the config's pipeline_microbatches (default 2·S;
+--set=pipeline_microbatches=M); `all` enumerates the stage sizes that divide a layer stack.
+
+Left out: searching for the largest batch or micro-batch count that fits (pass them explicitly
+and compare runs).
 """
 
 from __future__ import annotations
@@ -173,6 +177,13 @@ def _powers_of_two(limit: int) -> list[int]:
     return [2 ** k for k in range(1, int(math.log2(max(limit, 1))) + 1)]
 
 
+def config_for(config: ModelConfig, strategy: Strategy) -> ModelConfig:
+    """The model as `strategy` runs it: pipeline_stages set to its mesh's stage size (the
+    micro-batch count stays the config's). Raises ConfigError when no stack splits that way."""
+    stages = strategy.mesh.get("stage", 1)
+    return config if config.pipeline_stages == stages else config.replace(pipeline_stages=stages)
+
+
 def shard_problem(config: ModelConfig, strategy: Strategy, batch: int) -> str | None:
     """Why the strategy cannot shard the model or batch evenly (None if it can); no devices."""
     sizes = strategy.mesh
@@ -180,6 +191,13 @@ def shard_problem(config: ModelConfig, strategy: Strategy, batch: int) -> str | 
     k = math.prod(sizes[a] for a in parallel.batch_axes(rules))
     if batch % k:
         return f"batch {batch} does not split over {k} batch shards"
+    try:
+        config = config_for(config, strategy)
+    except ConfigError as e:
+        return str(e)
+    if config.pipeline_stages > 1 and batch % (config.n_microbatches * k):
+        return (f"batch {batch} does not split into pipeline_microbatches="
+                f"{config.n_microbatches} of {k} batch shards each (--set=pipeline_microbatches)")
     for name, size in (("heads", config.n_heads), ("expert", config.n_routed_experts or 1),
                        ("mlp", math.gcd(config.d_ff, config.moe_d_ff or config.d_ff)),
                        ("vocab", config.vocab_size), ("embed", config.d_model),
@@ -206,6 +224,9 @@ def enumerate_strategies(config: ModelConfig, target: Target, batch: int,
                                 if config.n_routed_experts % e == 0]}
     if seq and batch < n:
         options["context"] = [1] + [c for c in _powers_of_two(n) if seq % (2 * c) == 0]
+    stacks = (config.n_layers - config.n_moe_layers, config.n_moe_layers)
+    options["stage"] = [1] + [s for s in _powers_of_two(min(n, 16))
+                              if any(m and m % s == 0 for m in stacks)]
     seen, out = set(), []
     for p in PRESETS.values():
         free = [a for a in p.axes if a != p.fill and a in options]
@@ -481,8 +502,8 @@ def _plan_config(config, model, target, target_name, batch, seq, strategies, top
         if not candidates:
             raise PlanError(f"no strategy shards {model} with batch {batch} on {target.name}; "
                             "try a batch that is a multiple of the chip count")
-        scored = rank([build_row(config, s, target, batch, seq, None, microbatches)
-                       for s in candidates])
+        scored = rank([build_row(config_for(config, s), s, target, batch, seq, None,
+                                 microbatches) for s in candidates])
         by_label = {s.label: s for s in candidates}
         chosen = [by_label[r["strategy"]] for r in scored[:top_k]]
         log(f"{len(candidates)} valid meshes; compiling the analytic top {len(chosen)}")
@@ -501,18 +522,19 @@ def _plan_config(config, model, target, target_name, batch, seq, strategies, top
     for s in candidates:
         layout = layout_note(s, devices, target) if devices else ""
         compiled = None
+        config_s = config_for(config, s)
         if compile_it and s in chosen:
             log(f"compiling {s.label} for {target.name} ...")
             if isolate:
-                compiled = compile_isolated({"config": config.to_dict(), "target": target_name,
+                compiled = compile_isolated({"config": config_s.to_dict(), "target": target_name,
                                              "batch": batch, "seq": seq, "preset": s.preset,
                                              "mesh": s.mesh, "microbatches": microbatches},
                                             compile_timeout)
             else:
                 t0 = time.perf_counter()
-                compiled = compile_in_process(config, s, target, batch, seq, microbatches)
+                compiled = compile_in_process(config_s, s, target, batch, seq, microbatches)
                 compiled["process_s"] = time.perf_counter() - t0
-        row = build_row(config, s, target, batch, seq, compiled, microbatches)
+        row = build_row(config_s, s, target, batch, seq, compiled, microbatches)
         row["note"] = "; ".join(n for n in (layout, row["note"]) if n)
         rows.append(row)
     return rows

@@ -150,9 +150,9 @@ def _buffer_lists(rows: list[dict], key: str, title: str) -> list[str]:
     return out
 
 
-CSV_FIELDS = ["rank", "strategy", "preset", "remat", "source", "dcn_data", "data", "fsdp",
-              "context", "expert", "tensor", "params_gib", "optimizer_gib", "act_temp_gib", "total_gib",
-              "analytic_total_gib", "hbm_gib", "fits", "model_tflops", "xla_tflops",
+CSV_FIELDS = ["rank", "strategy", "preset", "remat", "source", "dcn_data", "data", "stage",
+              "fsdp", "context", "expert", "tensor", "params_gib", "optimizer_gib",
+              "act_temp_gib", "total_gib", "analytic_total_gib", "hbm_gib", "fits", "model_tflops", "xla_tflops",
               "all_gather_gib", "reduce_scatter_gib", "all_reduce_gib", "all_to_all_gib",
               "collective_permute_gib", "analytic_all_gather_gib",
               "analytic_reduce_scatter_gib", "analytic_all_reduce_gib",

@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, unscheduled
 from deepseek_jax.model import adapters
 from deepseek_jax.train.workdir import MODEL_CONFIG, is_remote
 
@@ -170,11 +170,12 @@ def holds_frozen(params_meta: dict) -> bool:
 
 
 def load_model_config(workdir: str) -> ModelConfig:
-    """The ModelConfig in WORKDIR/model_config.json (a training run's or a converted checkpoint's)."""
+    """The ModelConfig in WORKDIR/model_config.json (a training run's or a converted checkpoint's),
+    without the run's pipeline schedule (`config.unscheduled`): a reader sets its own."""
     path = epath.Path(workdir) / MODEL_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a training run's directory?")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+    return unscheduled(ModelConfig.from_dict(json.loads(path.read_text())))
 
 
 def saved_steps(workdir: str) -> list[int]:

@@ -142,6 +142,19 @@ def _dim_problem(path: str, name: str, size: int, axes: tuple[str, ...], mesh: M
             + _fix(f"the rule for {name!r}", size, axes, mesh))
 
 
+def _pipeline_problems(config: ModelConfig, mesh: Mesh) -> list[str]:
+    """The model's pipeline stages against the mesh's stage axis (`model/pipeline.py`)."""
+    stages = mesh.shape.get("stage", 1)
+    if config.pipeline_stages == stages:
+        return []
+    if stages == 1:
+        return [f"model.pipeline_stages={config.pipeline_stages} but the mesh has no stage "
+                f"axis; set mesh.stage={config.pipeline_stages} with a pipeline preset "
+                "(fsdp_pp, fsdp_ep_pp), or model.pipeline_stages=1"]
+    return [f"mesh stage={stages} but model.pipeline_stages={config.pipeline_stages}; set "
+            f"model.pipeline_stages={stages} (the stacks split into one stage per stage rank)"]
+
+
 def validate(config: ModelConfig, mesh: Mesh, rules: Rules,
              global_batch: int | None = None) -> None:
     """Checks shardings before anything compiles.
@@ -166,6 +179,7 @@ def validate(config: ModelConfig, mesh: Mesh, rules: Rules,
 
     if global_batch is not None:
         problems += batch_problems(mesh, rules, global_batch)
+    problems += _pipeline_problems(config, mesh)
 
     variables = abstract_variables(config)
     named = {"params": variables["params"],

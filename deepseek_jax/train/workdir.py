@@ -35,7 +35,7 @@ import uuid
 
 from etils import epath
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import SCHEDULE_FIELDS, ModelConfig
 
 MODEL_CONFIG = "model_config.json"
 
@@ -132,7 +132,8 @@ def _check_checkpoint_commit(workdir: str, flag: str) -> None:
 
 
 def check_same_model(workdir: str, model_config: ModelConfig) -> None:
-    """Raises unless WORKDIR holds no model_config.json or one equal to `model_config`."""
+    """Raises unless WORKDIR holds no model_config.json or one equal to `model_config` (the
+    `SCHEDULE_FIELDS` aside)."""
     path = epath.Path(workdir) / MODEL_CONFIG
     if not path.exists():
         return
@@ -145,7 +146,7 @@ def check_same_model(workdir: str, model_config: ModelConfig) -> None:
     # A field the saved file predates has its default there.
     default = json.loads(json.dumps(ModelConfig().to_dict()))
     differ = sorted(k for k in set(saved) | set(wanted)
-                    if saved.get(k, default.get(k)) != wanted.get(k))
+                    if k not in SCHEDULE_FIELDS and saved.get(k, default.get(k)) != wanted.get(k))
     if differ:
         shown = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now"
                           for k in differ[:4])

@@ -14,8 +14,8 @@ from deepseek_jax.parallel.mesh import MESH_AXES, MeshError, make_mesh, resolve_
 def test_sizes_and_fill():
     mesh = make_mesh({"fsdp": -1, "tensor": 2})
     assert mesh.axis_names == MESH_AXES
-    assert dict(mesh.shape) == {"dcn_data": 1, "data": 1, "fsdp": 4, "context": 1, "expert": 1,
-                                "tensor": 2}
+    assert dict(mesh.shape) == {"dcn_data": 1, "data": 1, "stage": 1, "fsdp": 4, "context": 1,
+                                "expert": 1, "tensor": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
@@ -30,7 +30,7 @@ def test_config_dict_and_explicit_devices():
 def test_multi_slice_is_slice_major():
     """dcn_data=2 on one host: the two 'slices' are the contiguous halves of the device list."""
     mesh = make_mesh({"dcn_data": 2, "fsdp": -1, "tensor": 2})
-    assert mesh.devices.shape == (2, 1, 2, 1, 1, 2)
+    assert mesh.devices.shape == (2, 1, 1, 2, 1, 1, 2)
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
     # -1 on dcn_data means "the slices found": one here.
@@ -44,7 +44,7 @@ def test_multi_slice_is_slice_major():
                              "product 8, or set one axis to -1"),
     ({"data": 4, "fsdp": 4, "tensor": -1}, "mesh data=4 × fsdp=4 = 16 does not divide 8 "
                                            "devices"),
-    ({"model": 8}, "unknown mesh axis 'model'; mesh axes are dcn_data, data, fsdp, context, "
+    ({"model": 8}, "unknown mesh axis 'model'; mesh axes are dcn_data, data, stage, fsdp, context, "
                    "expert, tensor"),
     ({"tensor": 0, "fsdp": -1}, "mesh tensor=0: use a positive size, or -1"),
 ])

@@ -1,5 +1,7 @@
 """The key check: the same 3-step run of the tiny model under every preset on 8 fake devices
-matches the run on a 1-device mesh, and the state really is laid out as the preset says.
+matches the run on a 1-device mesh, and the state really is laid out as the preset says. Under
+the pipeline presets the model runs its MoE stack as 2 pipeline stages (`model/pipeline.py`)
+against the unpipelined reference: the same sums over the same tokens, in another order.
 
 The run uses SGD with momentum, not AdamW, and compares gradients: sharding changes only the order
 of fp32 reductions, whose effect on a gradient is bounded (tests/numerics.py), and under SGD two
@@ -42,7 +44,10 @@ W_GATE = {"dp": P(None, None, None, None), "fsdp": P(None, None, "fsdp", None),
           "fsdp_tp": P(None, None, "fsdp", "tensor"), "fsdp_ep": P(None, "expert", "fsdp", None),
           "dp_ep_tp": P(None, "expert", None, "tensor"),
           "fsdp_cp": P(None, None, ("fsdp", "context"), None),
-          "fsdp_ep_cp": P(None, "expert", ("fsdp", "context"), None)}
+          "fsdp_ep_cp": P(None, "expert", ("fsdp", "context"), None),
+          # pipelines: the MoE stack's layer axis split into the 2 stages
+          "fsdp_pp": P("stage", None, "fsdp", None),
+          "fsdp_ep_pp": P("stage", "expert", "fsdp", None)}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,10 @@ def test_same_run_under_every_preset(tiny, setup, reference, preset):
                      state, host_state)
     else:
         state = host_state
-    losses, grads, routing, state, step = _run(tiny, tx, state, batch, preset, jax.devices())
+    config = tiny
+    if "pp" in preset:      # 2 stages of the MoE stack; 2 micro-batches of 4 rows, 1 per rank
+        config = tiny.replace(pipeline_stages=2, pipeline_microbatches=2)
+    losses, grads, routing, state, step = _run(config, tx, state, batch, preset, jax.devices())
 
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
     assert losses[-1] < losses[0]

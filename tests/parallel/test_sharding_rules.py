@@ -69,13 +69,13 @@ def test_default_meshes():
     assert par.default_mesh_config("fsdp_tp", 2) == {"fsdp": -1, "tensor": 2}
     assert par.default_mesh_config("dp_ep_tp", 1) == {"data": -1, "expert": 1, "tensor": 1}
     shapes = {p: dict(_setup(p)[0].shape) for p in par.PRESETS}
-    assert shapes["fsdp_ep"] == {"dcn_data": 1, "data": 1, "fsdp": 2, "context": 1, "expert": 4,
-                                 "tensor": 1}
-    assert shapes["dp_ep_tp"] == {"dcn_data": 1, "data": 2, "fsdp": 1, "context": 1, "expert": 2,
+    assert shapes["fsdp_ep"] == {"dcn_data": 1, "data": 1, "stage": 1, "fsdp": 2, "context": 1,
+                                 "expert": 4, "tensor": 1}
+    assert shapes["dp_ep_tp"] == {"dcn_data": 1, "data": 2, "stage": 1, "fsdp": 1, "context": 1, "expert": 2,
                                   "tensor": 2}
-    assert shapes["fsdp_cp"] == {"dcn_data": 1, "data": 1, "fsdp": 2, "context": 4, "expert": 1,
+    assert shapes["fsdp_cp"] == {"dcn_data": 1, "data": 1, "stage": 1, "fsdp": 2, "context": 4, "expert": 1,
                                  "tensor": 1}
-    assert shapes["fsdp_ep_cp"] == {"dcn_data": 1, "data": 1, "fsdp": 2, "context": 2,
+    assert shapes["fsdp_ep_cp"] == {"dcn_data": 1, "data": 1, "stage": 1, "fsdp": 2, "context": 2,
                                     "expert": 2, "tensor": 1}
 
 
@@ -105,7 +105,7 @@ def test_preset_refuses_axes_it_does_not_use():
     mesh = par.make_mesh({"data": 4, "fsdp": 2})
     with pytest.raises(par.MeshError, match=r"preset 'dp' does not use mesh axis fsdp=2; set "
                                             r"mesh.fsdp=1 or choose a preset that uses it "
-                                            r"\(fsdp, fsdp_tp, fsdp_ep, fsdp_cp, fsdp_ep_cp\)"):
+                                            r"\(fsdp, fsdp_tp, fsdp_ep, fsdp_cp, fsdp_ep_cp, fsdp_pp, fsdp_ep_pp\)"):
         par.logical_axis_rules("dp", mesh)
     with pytest.raises(par.MeshError, match="unknown parallelism preset 'zero3'"):
         par.get_preset("zero3")
@@ -167,16 +167,17 @@ def test_run_mesh_config_with_only_dcn_data_keeps_the_preset_per_group():
                                              expert=0, tensor=0))
     sizes = run_mesh_config(section, 16, n_slices=2)
     assert sizes == {"dcn_data": 2, "fsdp": -1, "tensor": 4}
-    assert resolve_mesh_shape(sizes, 16, 2) == {"dcn_data": 2, "data": 1, "fsdp": 2,
-                                                "context": 1, "expert": 1, "tensor": 4}
+    assert resolve_mesh_shape(sizes, 16, 2) == {"dcn_data": 2, "data": 1, "stage": 1,
+                                                "fsdp": 2, "context": 1, "expert": 1,
+                                                "tensor": 4}
     section.dcn_data = 0
     assert run_mesh_config(section, 16) == {"dcn_data": 1, "fsdp": -1, "tensor": 4}
     section.dcn_data, section.fsdp = 2, 4
-    assert run_mesh_config(section, 16) == {"dcn_data": 2, "data": 1, "fsdp": 4, "context": 1,
+    assert run_mesh_config(section, 16) == {"dcn_data": 2, "data": 1, "stage": 1, "fsdp": 4, "context": 1,
                                             "expert": 1, "tensor": 1}
     # One axis given: the preset's fill axis (fsdp here) takes the rest, as in the planner.
     section.dcn_data, section.fsdp, section.tensor = 0, 0, 2
-    assert run_mesh_config(section, 16) == {"dcn_data": 1, "data": 1, "fsdp": -1, "context": 1,
+    assert run_mesh_config(section, 16) == {"dcn_data": 1, "data": 1, "stage": 1, "fsdp": -1, "context": 1,
                                             "expert": 1, "tensor": 2}
     assert resolve_mesh_shape(run_mesh_config(section, 16), 16)["fsdp"] == 8
     section.dcn_data = -1                           # a launcher's slices, with the axis given

@@ -144,7 +144,7 @@ def test_tpu7x_devices_are_tensorcores():
     assert chip.peak_flops == pytest.approx(2307e12 / 2) and chip.devices_per_chip == 2
     sizes = {"fsdp": 128, "tensor": 2}
     assert cost_model.axis_dims(sizes, t) == {"tensor": [-1], "expert": [], "context": [],
-                                              "fsdp": [0, 1, 2], "data": []}
+                                              "fsdp": [0, 1, 2], "stage": [], "data": []}
     assert cost_model.axis_bandwidth(("tensor",), sizes, t) == chip.die_bw
     assert cost_model.axis_bandwidth(("fsdp",), sizes, t) == pytest.approx(
         2 * chip.ici_link_bw * 3 / 2)
