@@ -26,9 +26,13 @@ over the micro-batches the expert loads (and dropped counts) are summed and the 
 losses averaged, as gradient accumulation combines them, so the train step sees one value per
 layer as without a pipeline.
 
-Outside the pipeline (embedding, unpipelined stacks, head, MTP, loss) every stage runs the
-same computation on the whole batch, its weights replicated over "stage": simple, and cheap
-next to a deep stack of MoE layers, but not free.
+Outside the pipeline (embedding, unpipelined stacks, head, MTP, loss) the stage ranks split the
+batch as data-parallel ranks do (the rules' batch axes include "stage"), so each process reads
+rows of its own and no stage repeats another's work there; those weights are replicated over
+"stage". At its entry the pipeline gathers the batch of its stage group over "stage" (every
+stage sees every micro-batch), and at its exit splits the last stage's output back; inside, the
+rules in context have "stage" struck from every name but the stages' own, so the blocks see
+the batch axes of one stage.
 
 Left out: circular (interleaved) stages, which shrink the bubble by the number of rounds;
 1F1B and DualPipe schedules (JAX's autodiff of the loop gives GPipe's memory: every stage keeps
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
@@ -81,8 +86,34 @@ def _shift(state: jax.Array, stages: int) -> jax.Array:
                          axis_names={axes[0]}, check_vma=False)(state)
 
 
+def _stage_rules():
+    """The rules in context with "stage" struck from every logical name but the stages' own
+    (`STAGE`, "stage_layers"): what the blocks inside the pipeline see."""
+    def strike(name, axes):
+        if name in (STAGE, "stage_layers"):
+            return axes
+        kept = tuple(a for a in (() if axes is None else (axes,) if isinstance(axes, str)
+                                 else axes) if a != "stage")
+        return kept[0] if len(kept) == 1 else (kept or None)
+    return [(name, strike(name, axes)) for name, axes in nn.get_logical_axis_rules()]
+
+
 def run(stage_fn: Callable, stage_vars, x: jax.Array, rows, *, stages: int,
         microbatches: int):
+    """The GPipe schedule (module docstring), with the stage ranks' batch gathered at its entry
+    and split again at its exit. Arguments and result as `_schedule`'s."""
+    with nn.logical_axis_rules(_stage_rules()):
+        x = layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))   # gathered
+        rows = jax.tree.map(
+            lambda r: layers.constrain(r, (layers.BATCH,) + (None,) * (r.ndim - 1)), rows)
+        y, stats = _schedule(stage_fn, stage_vars, x, rows, stages=stages,
+                             microbatches=microbatches)
+        y = layers.constrain(y, (layers.BATCH, layers.LENGTH, layers.EMBED))
+    return layers.constrain(y, (layers.BATCH, layers.LENGTH, layers.EMBED)), stats  # split
+
+
+def _schedule(stage_fn: Callable, stage_vars, x: jax.Array, rows, *, stages: int,
+              microbatches: int):
     """The GPipe schedule (module docstring).
 
     Args:

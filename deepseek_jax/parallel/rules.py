@@ -14,7 +14,7 @@ ranks (which are also its expert ranks); without it, every expert rank would hol
 shard of them.
 
   logical     mesh axes                              arrays
-  act_batch   dcn_data, data, fsdp, expert           B of every activation and batch array
+  act_batch   dcn_data, data, stage, fsdp, expert    B of every activation and batch array
   act_length  context                                T of every activation and batch array
   act_stage   stage                                  S of the pipeline's per-stage activations
   act_heads   tensor                                 N of attention outputs
@@ -48,8 +48,9 @@ key (`model/attention.py`); the MoE dispatch sends each rank's own positions to 
 
 Pipeline parallelism (presets fsdp_pp, fsdp_ep_pp) splits the layer axis of the stacks the model
 pipelines (named "stage_layers" instead of "layers" when `ModelConfig.pipelined` says so) over
-`stage`; every other weight, and every activation outside the pipeline, is replicated over it
-(`model/pipeline.py`).
+`stage`; every other weight is replicated over it. Outside the pipeline the stage ranks split the
+batch as data ranks do (so each process still reads rows of its own); inside it, `stage` indexes
+the stages and is struck from the other rules (`model/pipeline.py`).
 
 Left out: ZeRO over stage ranks for the weights outside the pipeline; context with tensor
 parallelism (attention refuses heads split under context parallelism).
@@ -70,7 +71,7 @@ from deepseek_jax.parallel.mesh import ICI_AXES, MeshError, make_mesh
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-BATCH_AXES = ("dcn_data", "data", "fsdp", "expert")
+BATCH_AXES = ("dcn_data", "data", "stage", "fsdp", "expert")
 WEIGHT_AXES = ("fsdp", "context", "expert")      # ZeRO: the ranks that split "embed"
 
 LOGICAL_AXIS_RULES: Rules = (

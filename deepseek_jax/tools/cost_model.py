@@ -62,12 +62,13 @@ critical path. step = max(compute, overlapped comm) + exposed comm; compute = ha
 `recomputed_flops_per_token`) at peak.
 MFU = model FLOPs per chip / (step time × peak).
 
-Pipeline (stage > 1, `model/pipeline.py`): a chip runs the unpipelined part (embedding, head,
-MTP, stacks that are not pipelined) on its whole batch shard and 1/P of the pipelined stacks over
-J + P − 1 ticks of J micro-batches: compute, activations, and the tensor- and expert-parallel
-traffic of those layers scale by (J + P − 1)/(J·P); the pipelined weights are gathered and their
+Pipeline (stage > 1, `model/pipeline.py`): the stage ranks split the batch outside the pipeline
+as data ranks do; inside, a chip runs 1/P of the pipelined layers on its stage group's batch (P
+times its own) over J + P − 1 ticks of J micro-batches, so their compute, activations and tensor-
+and expert-parallel traffic scale by (J + P − 1)/J; the pipelined weights are gathered and their
 gradients reduced at every tick; each tick permutes one micro-batch's [b, T, D] to the next
-stage, forward and backward, on the critical path.
+stage, forward and backward, and the pipeline's entry and exit gather and split the batch over
+the stage ranks (permutes too), all on the critical path.
 
 Left out: HBM-bandwidth-bound time (weight reads at small batch), latency, load imbalance between experts, and the compiler's own scheduling; the ranking is a relative
 guide, the compile is what says whether a strategy fits.
@@ -264,7 +265,8 @@ def state_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules) -> dic
     # reduced like any weight's; one used as x·W + s·(x·A)·B, or frozen, forms none.
     adapted = {(*k[:-1], k[-1][:-len("_lora_a")]) for k in keys if k[-1].endswith("_lora_a")}
     adapted = {k for k in adapted if adapters.merged_in_model(k)}
-    b_axes = [a for a in ("dcn_data", "data", "fsdp", "context", "expert") if sizes.get(a, 1) > 1]
+    b_axes = [a for a in ("dcn_data", "data", "stage", "fsdp", "context", "expert")
+              if sizes.get(a, 1) > 1]
     out = dict(params=0.0, optimizer=0.0, gradients=0.0, gather=0.0, scatter=0.0, allreduce=0.0,
                allreduce_dcn=0.0, table_axes=())
     compute_b = _bytes(config.dtype)
@@ -406,10 +408,11 @@ def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, b
         moe = Bl * T * 3 * config.d_ff / tp * ab * 2
     layer = scores + proj + moe
     layers = config.n_layers + config.mtp_depth
-    # Under a pipeline a chip keeps its stage's share of the pipelined layers, for every tick
+    # Under a pipeline a chip keeps its stage's layers for its stage group's rows at every tick
     # (bubble ticks included), and the schedule's buffers: the stage's state and the outputs.
     depth = effective_layers(config) / layers
-    buffers = Bl * T * D * ab * (1 + 2 / config.n_microbatches) if depth != 1 else 0.0
+    P = config.pipeline_stages
+    buffers = P * Bl * T * D * ab * (1 + 2 / config.n_microbatches) if P > 1 else 0.0
     vocab = config.vocab_size / tp
     if config.loss_chunk:
         logits = Bl * min(T, config.loss_chunk) * vocab * 4 * 3 + D * vocab * ab
@@ -427,16 +430,13 @@ def activation_bytes(config: ModelConfig, sizes: dict[str, int], rules: Rules, b
 
 
 def effective_layers(config: ModelConfig) -> float:
-    """Blocks (main and MTP) one chip runs per step, in units of the whole batch's pass through
-    one block: all of them without a pipeline; under one, the pipelined layers count 1/P each,
-    times the schedule's ticks over its micro-batches (the bubble)."""
+    """Blocks (main and MTP) one chip runs per step, in units of its batch shard's pass through
+    one block: all of them without a pipeline; under one, a pipelined layer counts the
+    schedule's ticks over its micro-batches, (J + P − 1)/J (a stage runs 1/P of the layers on
+    P times the rows, and the bubble)."""
     layers = config.n_layers + config.mtp_depth
-    share = pipelined_share(config)
-    if not share:
-        return float(layers)
-    P, J = config.pipeline_stages, config.n_microbatches
-    piped = share * config.n_layers
-    return layers - piped + piped / P * pipeline_ticks(config) / J
+    piped = pipelined_share(config) * config.n_layers
+    return layers + piped * (pipeline_ticks(config) / config.n_microbatches - 1)
 
 
 def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int, seq: int,
@@ -455,15 +455,13 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
     hardware_flops = model_flops + recomputed_flops_per_token(config, seq) * batch * seq / n
     stages = sizes["stage"]
     if stages > 1:
-        # Every stage runs the unpipelined part on its whole batch shard, and its 1/P of the
-        # pipelined stacks over J + P − 1 ticks of micro-batches.
-        J, ticks = config.n_microbatches, pipeline_ticks(config)
+        # The pipelined layers run over J + P − 1 ticks of J micro-batches (the bubble).
+        bubble = pipeline_ticks(config) / config.n_microbatches
         piped = pipelined_flops_per_token(config, seq)
-        per_token = _flops_per_token(config, seq) - piped + piped / stages * ticks / J
+        per_token = _flops_per_token(config, seq) + piped * (bubble - 1)
         share = pipelined_share(config)
-        recomputed = recomputed_flops_per_token(config, seq) * (
-            1 - share + share / stages * ticks / J)
-        hardware_flops = (per_token + recomputed) * batch * seq * stages / n
+        recomputed = recomputed_flops_per_token(config, seq) * (1 + share * (bubble - 1))
+        hardware_flops = (per_token + recomputed) * batch * seq / n
     chip = target.chip
 
     b_split = math.prod(sizes.get(a, 1) for a in batch_axes(rules))
@@ -499,7 +497,7 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
         latent = tokens_local * cp * (config.kv_lora_rank + config.qk_rope_head_dim) * ab
         add("all-gather", k * layers * (passes - 1) * latent, ("context",), True)
         add("reduce-scatter", k * layers * latent, ("context",), True)
-    ici_rep = tuple(a for a in ("data", "expert") if sizes[a] > 1)
+    ici_rep = tuple(a for a in ("data", "stage", "expert") if sizes[a] > 1)
     add("all-reduce", k * state["allreduce"], ici_rep, False)
     add("all-reduce", k * state["allreduce_dcn"], ("dcn_data",), False)
     if sizes["tensor"] > 1:
@@ -507,12 +505,14 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
         add("all-reduce", 2 * layers * passes * tokens_local * config.d_model * ab, ("tensor",),
             True)
     if stages > 1:
-        # Each tick hands a micro-batch's [b, T, D] to the next stage, forward and backward;
-        # the last stage's outputs reach every stage once, and the input's gradient once back.
-        rows = tokens_local * config.d_model * ab
-        add("collective-permute", 2 * pipeline_ticks(config) * rows / config.n_microbatches,
-            ("stage",), True)
-        add("all-reduce", 2 * rows, ("stage",), True)
+        # Each tick hands a micro-batch's [b, T, D] (b = the stage group's rows / J) to the
+        # next stage, forward and backward; the entry gathers the stage group's rows and the
+        # exit splits them back, each mirrored in the backward pass (permutes of the group's
+        # [B, T, D] over "stage" in the compiled programs).
+        group = stages * tokens_local * config.d_model * ab
+        ticks = pipeline_ticks(config)
+        add("collective-permute", (2 * ticks / config.n_microbatches + 4) * group, ("stage",),
+            True)
     if state["table_axes"]:
         # Embedding rows to their sequences' devices: one all-to-all of [B, T, D] per lookup
         # (the main model's and each MTP depth's) forward, one backward.
@@ -522,7 +522,7 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
         moe_layers = config.n_moe_layers + config.mtp_depth
         if config.pipelined(config.n_moe_layers):
             moe_layers += config.n_moe_layers * (
-                pipeline_ticks(config) / (config.n_microbatches * stages) - 1)
+                pipeline_ticks(config) / config.n_microbatches - 1)
         # Keeping the rows received and the outputs returned spares the recomputed exchange.
         kept = remat_names(config.remat_policy) or {}
         exchanges = 2 if {"expert_rows", "expert_out"} <= set(kept) else passes

@@ -195,9 +195,11 @@ def shard_problem(config: ModelConfig, strategy: Strategy, batch: int) -> str | 
         config = config_for(config, strategy)
     except ConfigError as e:
         return str(e)
-    if config.pipeline_stages > 1 and batch % (config.n_microbatches * k):
+    inner = k // config.pipeline_stages           # the batch shards of one stage group
+    if config.pipeline_stages > 1 and batch % (config.n_microbatches * inner):
         return (f"batch {batch} does not split into pipeline_microbatches="
-                f"{config.n_microbatches} of {k} batch shards each (--set=pipeline_microbatches)")
+                f"{config.n_microbatches} of {inner} batch shards each "
+                "(--set=pipeline_microbatches)")
     for name, size in (("heads", config.n_heads), ("expert", config.n_routed_experts or 1),
                        ("mlp", math.gcd(config.d_ff, config.moe_d_ff or config.d_ff)),
                        ("vocab", config.vocab_size), ("embed", config.d_model),

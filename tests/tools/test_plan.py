@@ -492,3 +492,33 @@ def test_flops_with_adapters_match_xla_on_an_unrolled_model():
     assert 0.88 < predicted / unrolled["xla_flops"] <= 1.0
     plain = flops_per_token(config.replace(adapter_rank=0), seq)
     assert flops_per_token(config, seq) < 0.8 * plain
+
+
+def test_pipeline_strategies_are_planned_and_compiled():
+    """The 5-layer tiny model (4 MoE layers) on cpu-8: `all` lists 2-stage pipelines, a named
+    one compiles with the model's pipeline_stages set from its mesh, its parameter bytes are the
+    compiled shardings' (the MoE stack split over stage × fsdp, the rest over fsdp), and the
+    analytic permutes are the compiled ones: each of J + P − 1 = 3 ticks hands a micro-batch of
+    one row per device ([1, 32, 32] fp32 = 4 KiB) on, forward and backward, and the entry and
+    exit move the stage group's 2 rows, forward and backward (the compiled step adds the
+    positions' and masks' few hundred bytes)."""
+    config = get_config("tiny", n_layers=5, pipeline_microbatches=2)
+    listed = {s.label for s in plan.enumerate_strategies(config, CPU8, 8)}
+    assert "fsdp_pp(stage=2,fsdp=4)" in listed
+    _, rows = plan.plan(config, "cpu-8", batch=8, seq=32, strategies="fsdp,fsdp_pp:stage=2",
+                        log=lambda m: None)
+    by = {r["preset"]: r for r in rows}
+    pp = by["fsdp_pp"]
+    assert pp["source"] == "compiled (cpu)" and pp["fits"]
+    staged = plan.config_for(config, Strategy.make("fsdp_pp", pp["mesh"]))
+    assert staged.pipeline_stages == 2
+    est = cost_model.estimate(staged, pp["mesh"], "fsdp_pp", 8, 32, CPU8)
+    assert est.params == pytest.approx(pp["params"], rel=1e-6)
+    assert pp["params"] > by["fsdp"]["params"]       # the unpipelined weights: 4 ways, not 8
+    assert pp["comm"]["collective-permute"] == pytest.approx(
+        2 * 3 * 4096 + 4 * 8192, rel=0.02)
+    assert pp["analytic_comm"]["collective-permute"] == 2 * 3 * 4096 + 4 * 8192
+    assert "collective-permute" not in by["fsdp"]["comm"]
+    with pytest.raises(plan.PlanError, match="pipeline_microbatches=4 of 4 batch shards"):
+        plan.plan(config.replace(pipeline_microbatches=4), "cpu-8", batch=8, seq=32,
+                  strategies="fsdp_pp:stage=2", analytic_only=True, log=lambda m: None)
