@@ -5,7 +5,8 @@ coordinator on a free localhost port (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCES
 What is checked: the dataset is prepared once while both processes start together; each process
 reads its own data shards; the 2-process losses are the 1-process ones; SIGTERM to one process
 makes both save the same step and exit 42; the rerun resumes exactly; the checkpoint written by
-both processes resumes in 1 process × 8 devices; GRPO gives the 1-process metrics. What is not:
+both processes resumes in 1 process × 8 devices; pipeline stages on separate processes give the
+1-process losses; GRPO gives the 1-process metrics. What is not:
 real TPU/GPU hosts, DCN, NCCL.
 """
 
@@ -122,6 +123,22 @@ def test_each_process_reads_its_own_shard_and_data_is_prepared_once(tmp_path):
 def test_two_processes_give_the_one_process_losses(one_process, two_processes):
     _, got = two_processes
     want = one_process
+    assert sorted(got) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(got[1], want[1], rtol=STEP1_RTOL)
+    for step in range(2, STEPS + 1):
+        np.testing.assert_allclose(got[step], want[step], rtol=1e-4, err_msg=str(step))
+
+
+def test_pipeline_stages_in_two_processes_give_the_one_process_losses(one_process, tmp_path):
+    """fsdp_pp with stage = 2 over 2 processes × 4 devices: each process holds one stage (the
+    stage axis is outer), reads its own rows (the stage ranks split the batch outside the
+    pipeline), and the permutes between stages cross the processes. Same checks as above."""
+    workdir, logdir = str(tmp_path / "run"), str(tmp_path / "logs")
+    codes, logs = _finish(_pretrain(workdir, logdir, "--config.mesh.preset=fsdp_pp",
+                                    "--config.mesh.stage=2", "--config.model.pipeline_stages=2",
+                                    "--config.model.pipeline_microbatches=2"), logdir)
+    assert codes == [0, 0], logs
+    got, want = _losses(workdir), one_process
     assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose(got[1], want[1], rtol=STEP1_RTOL)
     for step in range(2, STEPS + 1):
