@@ -225,7 +225,7 @@ def mesh_fields(preset: str) -> ml_collections.ConfigDict:
     `finetune_mesh_fields`)."""
     m = ml_collections.ConfigDict()
     m.preset = preset          # dp, fsdp, fsdp_tp, fsdp_ep, dp_ep_tp, fsdp_cp, fsdp_ep_cp,
-                               # fsdp_pp, fsdp_ep_pp (stage = model.pipeline_stages)
+                               # fsdp_pp, fsdp_ep_pp
     # Axis sizes; all 0 = the preset's default shape for the devices found. -1 = the rest.
     m.dcn_data = 0
     m.data = 0
@@ -234,6 +234,8 @@ def mesh_fields(preset: str) -> ml_collections.ConfigDict:
     m.context = 0
     m.expert = 0
     m.tensor = 0
+    # Pipeline (stage > 1): the schedule's micro-batches; 0 = the model's (2 × stage).
+    m.pipeline_microbatches = 0
     m.distributed = ml_collections.FieldReference(None, field_type=bool)  # None = detect
     return m
 

@@ -209,7 +209,7 @@ def from_run(run: str, config, *, out: str, k: int, problems_file: str = "",
     from deepseek_jax.train import checkpoint as ckpt
     from deepseek_jax.train import sharded
     from deepseek_jax.train import workdir as run_dir
-    from deepseek_jax.train.run import run_mesh
+    from deepseek_jax.train.run import run_mesh, scheduled
     select([], keep)
     encoder = Encoder(config.data.tokenizer or None, add_bos=True)
     if problems_file:
@@ -221,7 +221,8 @@ def from_run(run: str, config, *, out: str, k: int, problems_file: str = "",
         problems = [r1.problem_from_record(source[i]) for i in range(count)]
     problems = problems[: num_problems or None]
     mesh, rules = run_mesh(config.mesh, config.mesh.num_devices, samples=True)
-    model_config = adapters.plain(ckpt.load_model_config(run))   # trained with adapters: merged
+    model_config = scheduled(adapters.plain(ckpt.load_model_config(run)), mesh,
+                             config.mesh)                 # trained with adapters: merged
     sharded.validate(model_config, mesh, rules, batch_prompts * k)
     if model_config.vocab_size < encoder.vocab_size:
         raise ValueError(f"the model's vocab_size {model_config.vocab_size} is smaller than the "

@@ -2,6 +2,7 @@
 `Run` holding the workdir's checkpoint manager, metrics writer and preemption handling.
 
   mesh, rules = run_mesh(config.mesh)
+  model_config = scheduled(model_config, mesh, config.mesh)     # the pipeline's stages
   with Run(workdir, config.train) as run:
       with run.timed("restore"):
           state = ... run.manager.latest_step() ... (restore or initialize)
@@ -60,6 +61,7 @@ import numpy as np
 from etils import epath
 
 from deepseek_jax import parallel
+from deepseek_jax.config import ConfigError, ModelConfig
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train.goodput import Ledger
 from deepseek_jax.train.metrics import MetricsWriter, last_logged_step, truncate_after
@@ -95,6 +97,26 @@ def run_mesh(mesh_config, num_devices: int = 0, samples: bool = False):
     mesh = parallel.make_mesh(sizes, devices)
     _check_context_groups(mesh)
     return mesh, parallel.logical_axis_rules(mesh_config.preset, mesh)
+
+
+def scheduled(model_config: ModelConfig, mesh, mesh_config) -> ModelConfig:
+    """The model as the run's mesh runs it: pipeline_stages = the mesh's stage size
+    (`model/pipeline.py`), and the mesh section's pipeline_microbatches when set (0 keeps the
+    model's, 2·stages by default). Raises MeshError when no layer stack splits into the stages,
+    or when the model asks for a stage count the mesh does not have."""
+    stages = mesh.shape.get("stage", 1)
+    if model_config.pipeline_stages not in (1, stages):
+        raise parallel.MeshError(
+            f"model.pipeline_stages={model_config.pipeline_stages} but mesh.stage={stages}: the "
+            "stage count is the mesh's; set mesh.stage (with a pipeline preset: fsdp_pp, "
+            "fsdp_ep_pp)")
+    micro = int(mesh_config.get("pipeline_microbatches", 0) or 0)
+    try:
+        return model_config.replace(
+            pipeline_stages=stages,
+            pipeline_microbatches=micro or model_config.pipeline_microbatches)
+    except ConfigError as e:
+        raise parallel.MeshError(f"mesh.stage={stages}: {e}") from None
 
 
 def _check_context_groups(mesh) -> None:

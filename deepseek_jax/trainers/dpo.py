@@ -43,7 +43,7 @@ from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import sharded
 from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from deepseek_jax.train.run import Run, run_mesh
+from deepseek_jax.train.run import Run, run_mesh, scheduled
 from deepseek_jax.train.step import NonFiniteLoss
 
 
@@ -64,7 +64,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     batches = preference.pair_batches(train_rows, B, config.data.shuffle_seed)
 
     # --- model, optimizer, programs -----------------------------------------------------------
-    model_config = starting_model(config, pretrained)
+    model_config = scheduled(starting_model(config, pretrained), mesh, config.mesh)
     _check_model(config, model_config, mesh, rules, encoder, workdir)
     base_step = policy.start_step(workdir, pretrained)    # the starting run's step read
     lean = policy.lean_checkpoints(config, model_config, pretrained)

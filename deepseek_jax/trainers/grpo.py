@@ -55,7 +55,7 @@ from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import sharded
 from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.train.optimizer import make_optimizer, learning_rate_schedule
-from deepseek_jax.train.run import Run, run_mesh
+from deepseek_jax.train.run import Run, run_mesh, scheduled
 from deepseek_jax.train.step import NonFiniteLoss, model_variables
 
 
@@ -75,7 +75,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                              max_new_tokens=rl.max_new_tokens, encoder=encoder)
 
     # --- policy: the model checked against mesh, tokenizer and workdir before any read -------
-    model_config = starting_model(config, pretrained)
+    model_config = scheduled(starting_model(config, pretrained), mesh, config.mesh)
     policy.check_policy(model_config, mesh, rules, batch_rows, encoder, workdir)
     rollout.check_rollout(rl, model_config, mesh, rules)
     lr = learning_rate_schedule(config.optim.lr, config.optim.warmup_steps, config.train.steps,

@@ -39,7 +39,7 @@ from deepseek_jax.train import schedules, sharded
 from deepseek_jax.train import workdir as run_dir
 from deepseek_jax.train.flops import flops_per_token, peak_flops_per_device
 from deepseek_jax.train.metrics import Throughput
-from deepseek_jax.train.run import Run, run_mesh, train_steps
+from deepseek_jax.train.run import Run, run_mesh, scheduled, train_steps
 from deepseek_jax.train.step import NonFiniteLoss, TrainState
 
 
@@ -48,6 +48,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # --- mesh ---------------------------------------------------------------------------------
     model_config = to_model_config(config.model)
     mesh, rules = run_mesh(config.mesh)
+    model_config = scheduled(model_config, mesh, config.mesh)
     sharded.validate(model_config, mesh, rules, config.data.global_batch)
     if model_config.vocab_size < run_config.vocab_size(config.data.tokenizer):
         raise ValueError(f"model.vocab_size={model_config.vocab_size} is smaller than the "

@@ -34,7 +34,7 @@ from deepseek_jax.rl import policy
 from deepseek_jax.train import checkpoint as ckpt
 from deepseek_jax.train import schedules
 from deepseek_jax.train import workdir as run_dir
-from deepseek_jax.train.run import Run, run_mesh, train_steps
+from deepseek_jax.train.run import Run, run_mesh, scheduled, train_steps
 from deepseek_jax.train.step import NonFiniteLoss
 
 
@@ -57,7 +57,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     held = sft_data.eval_batches(held_rows, config.data.global_batch, p, n)
 
     # --- model, optimizer, sharded steps ------------------------------------------------------
-    model_config = starting_model(config, pretrained)
+    model_config = scheduled(starting_model(config, pretrained), mesh, config.mesh)
     _check_model(config, model_config, mesh, rules, encoder, workdir)
     base_step = policy.start_step(workdir, pretrained)    # the starting run's step read
     lean = policy.lean_checkpoints(config, model_config, pretrained)

@@ -135,8 +135,8 @@ def test_pipeline_stages_in_two_processes_give_the_one_process_losses(one_proces
     pipeline), and the permutes between stages cross the processes. Same checks as above."""
     workdir, logdir = str(tmp_path / "run"), str(tmp_path / "logs")
     codes, logs = _finish(_pretrain(workdir, logdir, "--config.mesh.preset=fsdp_pp",
-                                    "--config.mesh.stage=2", "--config.model.pipeline_stages=2",
-                                    "--config.model.pipeline_microbatches=2"), logdir)
+                                    "--config.mesh.stage=2",
+                                    "--config.mesh.pipeline_microbatches=2"), logdir)
     assert codes == [0, 0], logs
     got, want = _losses(workdir), one_process
     assert sorted(got) == list(range(1, STEPS + 1))

@@ -239,8 +239,7 @@ def test_pipeline_run_resumes_without_the_pipeline(reference, tmp_path):
     Later steps follow AdamW updates computed in another order (no bound; see above)."""
     workdir = str(tmp_path)
     c = _tiny(steps=4, checkpoint_every=4, eval_every=4)
-    c.mesh.preset = "fsdp_pp"
-    c.model.pipeline_stages, c.model.pipeline_microbatches = 2, 2
+    c.mesh.preset, c.mesh.pipeline_microbatches = "fsdp_pp", 2   # stage 2: the preset's
     pretrain.train_and_evaluate(c, workdir)
     got = _losses(workdir)
     assert sorted(got) == [1, 2, 3, 4]

@@ -23,7 +23,7 @@ import pytest
 from deepseek_jax import parallel as par
 from deepseek_jax.config import ConfigError, MeshError
 from deepseek_jax.model import init_variables, pipeline
-from deepseek_jax.train import sharded
+from deepseek_jax.train import run, sharded
 from deepseek_jax.train.step import loss_and_grads
 from numerics import assert_leaves_close_in_norm, gradient_rtol
 
@@ -126,6 +126,15 @@ def test_bad_settings_name_the_fix(deep, tiny, inputs):
     mesh1, rules1 = par.mesh_and_rules("fsdp", {"fsdp": 8})
     with pytest.raises(MeshError, match="set mesh.stage=2 with a pipeline preset"):
         sharded.validate(deep.replace(pipeline_stages=2), mesh1, rules1, 8)
+    # The trainers take the stage count from the mesh (`run.scheduled`).
+    section = {"pipeline_microbatches": 4}
+    assert run.scheduled(deep, mesh, section).pipeline_stages == 2
+    assert run.scheduled(deep, mesh, section).pipeline_microbatches == 4
+    assert run.scheduled(deep, mesh, {}).n_microbatches == 4            # 2 × stages
+    with pytest.raises(MeshError, match="mesh.stage=4: pipeline_stages=4 divides no layer stack"):
+        run.scheduled(tiny, par.make_mesh({"stage": 4, "fsdp": 2}), {})
+    with pytest.raises(MeshError, match="model.pipeline_stages=2 but mesh.stage=1"):
+        run.scheduled(deep.replace(pipeline_stages=2), mesh1, {})
     # 8 rows in 4 micro-batches of 2 cannot split over fsdp=4: said while tracing, before XLA
     config = deep.replace(pipeline_stages=2, pipeline_microbatches=4)
     variables, batch = inputs
