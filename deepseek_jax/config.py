@@ -172,9 +172,9 @@ class ModelConfig:
     adapter_rank: int = 0               # LoRA adapters' rank r (model/adapters.py); 0 = none
     adapter_alpha: float = 16.0         # their update is (alpha / r)·A·B
     adapter_targets: tuple[str, ...] = ("attention", "mlp")   # ADAPTER_GROUPS or "group.w_name"
-    pipeline_stages: int = 1            # S: stacks split into S stages over mesh axis "stage"
-                                        # (model/pipeline.py); must equal the mesh's stage size
-    pipeline_microbatches: int = 0      # M of the pipeline schedule; 0 = 2·S
+    pipeline_stages: int = 1            # P: stacks split into P stages over mesh axis "stage"
+                                        # (model/pipeline.py); the trainers set the mesh's size
+    pipeline_microbatches: int = 0      # J of the pipeline schedule; 0 = 2·P
 
     def __post_init__(self):
         validate(self)
@@ -190,11 +190,11 @@ class ModelConfig:
 
     @property
     def n_microbatches(self) -> int:
-        """M, the pipeline's micro-batches per (accumulation) batch."""
+        """J, the pipeline's micro-batches per (accumulation) batch."""
         return self.pipeline_microbatches or 2 * self.pipeline_stages
 
     def pipelined(self, n_layers: int) -> bool:
-        """Whether a stack of `n_layers` blocks runs as a pipeline: S > 1 and S divides it."""
+        """Whether a stack of `n_layers` blocks runs as a pipeline: P > 1 and P divides it."""
         return self.pipeline_stages > 1 and n_layers % self.pipeline_stages == 0
 
     @property
@@ -358,17 +358,17 @@ def validate(c: ModelConfig) -> None:
 
 
 def _validate_pipeline(c: ModelConfig, need) -> None:
-    S = c.pipeline_stages
-    need(S >= 1, f"pipeline_stages={S} must be >= 1 (1 = no pipeline)")
+    P = c.pipeline_stages
+    need(P >= 1, f"pipeline_stages={P} must be >= 1 (1 = no pipeline)")
     need(c.pipeline_microbatches >= 0,
          f"pipeline_microbatches={c.pipeline_microbatches} must be >= 0 (0 = 2·pipeline_stages)")
-    if S == 1:
+    if P == 1:
         return
     need(c.scan_layers, "pipeline_stages > 1 needs scan_layers=True (the stages split the "
                         "scanned stacks' layer axis)")
     stacks = {"dense": c.n_layers - c.n_moe_layers, "MoE": c.n_moe_layers}
-    need(any(n and n % S == 0 for n in stacks.values()),
-         f"pipeline_stages={S} divides no layer stack ("
+    need(any(n and n % P == 0 for n in stacks.values()),
+         f"pipeline_stages={P} divides no layer stack ("
          + ", ".join(f"{k} {n}" for k, n in stacks.items() if n)
          + "); use a stage count that divides one of them: "
          + ", ".join(str(d) for d in range(2, max(stacks.values()) + 1)

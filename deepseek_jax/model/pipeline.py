@@ -4,7 +4,7 @@ schedule over J micro-batches, each stage on its own ranks of the mesh axis "sta
 Layout. The stack's parameters keep their stored shape [L, ...]; stage p holds layers
 p·I … p·I + I − 1 (I = L/P), because the rules split the L axis ("stage_layers") over
 "stage" in contiguous blocks. Inside the schedule they are viewed as [P, I, ...], a reshape
-that moves nothing. Each stage's K layers run as the same scanned (and rematerialized) blocks
+that moves nothing. Each stage's I layers run as the same scanned (and rematerialized) blocks
 as an unpipelined stack, so a checkpoint does not depend on the stage count.
 
 Schedule, for x [B, T, D] split into J micro-batches of b = B/J rows (strided as

@@ -141,7 +141,7 @@ PRESETS = {p.name: p for p in (
     Preset("fsdp_ep_cp", axes=("data", "fsdp", "expert", "context"), fill="fsdp",
            sizes={"expert": 2, "context": 2}),
     # FSDP plus pipeline parallelism: the pipelined stacks' layers split into stages
-    # (`model/pipeline.py`; the model's pipeline_stages must equal the stage size).
+    # (`model/pipeline.py`; the trainers set the model's pipeline_stages to the stage size).
     Preset("fsdp_pp", axes=("data", "stage", "fsdp"), fill="fsdp", sizes={"stage": 2}),
     # Pipeline stages whose MoE layers are also split over expert ranks.
     Preset("fsdp_ep_pp", axes=("data", "stage", "fsdp", "expert"), fill="fsdp",

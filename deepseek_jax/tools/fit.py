@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.train.run import scheduled
 
 GiB = 2.0 ** 30
 
@@ -73,6 +74,7 @@ def verdict(run_config, *, target: str | None = None, devices=None,
         stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
         limit = float((stats or {}).get("bytes_limit", 0)) or None
     strategy = run_strategy(run_config.mesh, n, slices)
+    config = scheduled(config, strategy.mesh, run_config.mesh)     # as the trainer sets it
     on_target_devices = (tgt.devices() if tgt is not None and tgt.compile_on in ("tpu", "gpu")
                          else None)
     if analytic or (tgt is not None and on_target_devices is None):

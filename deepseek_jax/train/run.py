@@ -100,11 +100,11 @@ def run_mesh(mesh_config, num_devices: int = 0, samples: bool = False):
 
 
 def scheduled(model_config: ModelConfig, mesh, mesh_config) -> ModelConfig:
-    """The model as the run's mesh runs it: pipeline_stages = the mesh's stage size
-    (`model/pipeline.py`), and the mesh section's pipeline_microbatches when set (0 keeps the
-    model's, 2·stages by default). Raises MeshError when no layer stack splits into the stages,
-    or when the model asks for a stage count the mesh does not have."""
-    stages = mesh.shape.get("stage", 1)
+    """The model as the run's mesh (a Mesh, or its {axis: size}) runs it: pipeline_stages = the
+    mesh's stage size (`model/pipeline.py`), and the mesh section's pipeline_microbatches when
+    set (0 keeps the model's, 2·stages by default). Raises MeshError when no layer stack splits
+    into the stages, or when the model asks for a stage count the mesh does not have."""
+    stages = dict(getattr(mesh, "shape", mesh)).get("stage", 1)
     if model_config.pipeline_stages not in (1, stages):
         raise parallel.MeshError(
             f"model.pipeline_stages={model_config.pipeline_stages} but mesh.stage={stages}: the "

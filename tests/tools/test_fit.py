@@ -4,6 +4,7 @@ micro-batches it would accumulate, and the memory limit of the devices it names.
 import os
 
 import jax
+import pytest
 
 from deepseek_jax import parallel
 from deepseek_jax.configs import pretrain
@@ -43,3 +44,15 @@ def test_this_machines_cpu_devices_report_no_limit():
     v = fit.verdict(pretrain.get_config("tiny"), devices=jax.devices()[:8])
     assert v["fits"] is None and v["total"] > 0
     assert "no memory limit reported here" in v["detail"]
+
+
+def test_pipeline_run_config_is_compiled_with_its_stages():
+    """A run config with preset fsdp_pp: the verdict compiles the step with the model's
+    pipeline_stages taken from the mesh, as the trainer sets it (`run.scheduled`)."""
+    c = pretrain.get_config("tiny")
+    c.mesh.preset, c.mesh.pipeline_microbatches = "fsdp_pp", 2
+    v = fit.verdict(c, devices=jax.devices()[:8])
+    assert v["strategy"] == "fsdp_pp(stage=2,fsdp=4)" and v["source"] == "compiled"
+    c.mesh.pipeline_microbatches = 4           # 8 rows: 4 micro-batches of 2 over fsdp = 4
+    with pytest.raises(ValueError, match="pipeline_microbatches=4"):
+        fit.verdict(c, devices=jax.devices()[:8])
