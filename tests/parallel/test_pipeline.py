@@ -87,13 +87,15 @@ def test_schedule_gives_the_unpipelined_stack(deep, inputs, reference, microbatc
     _assert_same(_loss_and_grads(config, *inputs, accumulate=accumulate), reference)
 
 
-@pytest.mark.parametrize("preset, mesh_config", [
-    ("fsdp_pp", {"stage": 2, "fsdp": 4}),
-    ("fsdp_ep_pp", {"stage": 2, "fsdp": 2, "expert": 2}),     # the MoE dispatch in each stage
+@pytest.mark.parametrize("preset, mesh_config, microbatches", [
+    ("fsdp_pp", {"stage": 2, "fsdp": 4}, 2),
+    ("fsdp_ep_pp", {"stage": 2, "fsdp": 2, "expert": 2}, 2),   # the MoE dispatch in each stage
+    ("fsdp_pp", {"stage": 4, "fsdp": 2}, 4),                   # a chain of 4, a layer each
 ])
 def test_stages_on_the_mesh_give_the_unpipelined_stack(deep, inputs, reference, preset,
-                                                       mesh_config):
-    config = deep.replace(pipeline_stages=2, pipeline_microbatches=2)
+                                                       mesh_config, microbatches):
+    config = deep.replace(pipeline_stages=mesh_config["stage"],
+                          pipeline_microbatches=microbatches)
     _assert_same(_loss_and_grads(config, *inputs, preset=preset, mesh_config=mesh_config),
                  reference)
 
