@@ -86,6 +86,24 @@ def _shift(state: jax.Array, stages: int) -> jax.Array:
                          axis_names={axes[0]}, check_vma=False)(state)
 
 
+def _each_stage(stage_fn: Callable) -> Callable:
+    """`stage_fn` over a leading stage axis P of every argument and result: on the mesh, a
+    `shard_map` manual over "stage" (each device runs its own stage's layers as written, with
+    its kernels and the MoE exchange unbatched); without a stage axis, `jax.vmap`."""
+    axes = layers.split_axes(STAGE)
+    if not axes:
+        return jax.vmap(stage_fn)
+    first = lambda tree: jax.tree.map(lambda a: a[0], tree)           # [1, ...] → [...]
+
+    def local(v, h, mine, live):
+        y, stats = stage_fn(first(v), h[0], first(mine), live[0])
+        return y[None], jax.tree.map(lambda a: a[None], stats)
+
+    spec = PartitionSpec(axes[0])
+    return jax.shard_map(local, in_specs=spec, out_specs=spec, axis_names={axes[0]},
+                         check_vma=False)
+
+
 def _stage_rules():
     """The rules in context with "stage" struck from every logical name but the stages' own
     (`STAGE`, "stage_layers"): what the blocks inside the pipeline see."""
@@ -142,7 +160,7 @@ def _schedule(stage_fn: Callable, stage_vars, x: jax.Array, rows, *, stages: int
     rows = jax.tree.map(lambda r: split_rows(r, J), rows)                   # [J, b, ...]
     stage_ids = jnp.arange(P)                                               # [P]
     per_stage = lambda a: layers.constrain(a, (STAGE,) + (None,) * (a.ndim - 1))
-    run_stages = jax.vmap(stage_fn, spmd_axis_name=layers.split_axes(STAGE) or None)
+    run_stages = _each_stage(stage_fn)
 
     def tick(carry, i):
         state, out = carry                             # [P, b, T, D], [P, J, b, T, D]
