@@ -151,3 +151,21 @@ def test_rows_round_trip():
     split = pipeline.split_rows(x, 3)                          # [3, 4, 2]
     np.testing.assert_array_equal(split[1], x[1::3])
     np.testing.assert_array_equal(pipeline.merge_rows(split), x)
+
+
+def test_ragged_expert_exchange_inside_the_stages_lowers(deep, inputs):
+    """On TPU and GPU the expert exchange is `ragged_all_to_all`, which JAX cannot batch with
+    unbatched offsets (what vmapping the stages would need): each stage runs in a shard_map
+    manual over "stage" instead. Lowered for TPU from this host: the exchange is in the step,
+    unbatched, beside the stage permutes."""
+    config = deep.replace(pipeline_stages=2, pipeline_microbatches=2,
+                          moe_ep_transport="ragged_all_to_all")
+    mesh, rules = par.mesh_and_rules("fsdp_ep_pp", {"stage": 2, "fsdp": 2, "expert": 2})
+    variables, batch = inputs
+    fn = jax.jit(lambda p, r, b: loss_and_grads(p, r, b, config)[3])
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+    with par.sharding_context(mesh, rules):
+        text = fn.trace(shapes["params"], shapes["routing"], batch).lower(
+            lowering_platforms=("tpu",)).as_text()
+    assert "ragged_all_to_all" in text and "collective_permute" in text
