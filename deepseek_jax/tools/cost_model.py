@@ -488,8 +488,11 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
             overlap += t
 
     k = microbatches
-    add("all-gather", k * state["gather"], ("fsdp", "context"), False)
-    add("reduce-scatter", k * state["scatter"], ("fsdp", "context"), False)
+    # ZeRO gathers run over fsdp and context, and over the expert ranks for the weights
+    # without an E dimension (counted even when fsdp is 1).
+    zero = ("fsdp", "context", "expert")
+    add("all-gather", k * state["gather"], zero, False)
+    add("reduce-scatter", k * state["scatter"], zero, False)
     if cp > 1:
         # Each layer's key latents (C + R a token) gathered over the context ranks, forward
         # and recompute; their gradients reduce-scattered back.
