@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from flax.core.meta import unbox
 
@@ -59,19 +60,26 @@ def test_tiny_grpo_run(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trained["params"]))
 
 
-def _run(tmp_path, name, num_devices):
+def _run(tmp_path, name, num_devices, **mesh):
     c = get_config("tiny")
     c.data.num_train, c.data.num_eval = 300, 20
     c.data.data_dir = str(tmp_path / "data")
     c.train.steps, c.train.eval_every = 1, 0
     c.rl.num_iterations = 1          # the logged loss and KL are then those before the update
     c.mesh.num_devices = num_devices
+    c.mesh.update(mesh)
     grpo.train_and_evaluate(c, str(tmp_path / name))
     (row,) = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
     return row
 
 
-def test_data_parallel_over_two_devices_equals_one(tmp_path):
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    path = tmp_path_factory.mktemp("grpo_one")
+    return path, _run(path, "one", 1)
+
+
+def test_data_parallel_over_two_devices_equals_one(one_device):
     """The entrypoint on 1 device and data-parallel over 2 (rollouts split by row, gradients
     all-reduced), compared on what one step computes before its update: the samples, their
     rewards, and the loss, KL and entropy of the starting policy.
@@ -81,7 +89,19 @@ def test_data_parallel_over_two_devices_equals_one(tmp_path):
     group-centred advantages make such entries common (one run's gradient norm was 3e-5). The
     gradient itself is compared, with a bound from fp32 summation, in
     tests/rl/test_grpo_data_parallel.py."""
-    one, two = _run(tmp_path, "one", 1), _run(tmp_path, "two", 2)
+    path, one = one_device
+    _same_step(one, _run(path, "two", 2))
+
+
+def test_pipeline_stages_equal_one_device(one_device):
+    """The same under fsdp_pp on 8 devices (stage 2 × fsdp 4): the update's forward runs the
+    MoE stack as 2 pipeline stages, the sampler runs it unpipelined on the stage-split
+    weights."""
+    path, one = one_device
+    _same_step(one, _run(path, "pp", 8, preset="fsdp_pp", pipeline_microbatches=2))
+
+
+def _same_step(one, two):
     # The sampler draws with per-row keys from identical parameters: the same tokens.
     for key in ("reward_mean", "accuracy_reward_mean", "format_reward_mean",
                 "completion_length", "truncation_rate", "zero_variance_groups"):
