@@ -58,7 +58,7 @@ from deepseek_jax.config import ModelConfig, remat_names
 from deepseek_jax.model import layers, pipeline
 from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
-from deepseek_jax.model.moe import MoE
+from deepseek_jax.model.moe import MoE, combine_microbatch_stats
 from deepseek_jax.model.rope import rope_angles
 
 _MASKED = -1e30  # as in mla.py: finite, so a fully masked row stays NaN-free
@@ -269,10 +269,8 @@ class BlockStack(nn.Module):
 
         y, stats = pipeline.run(stage_fn, stage_vars, x, rows, stages=P, microbatches=J)
         if stats and self.is_mutable_collection("moe_stats"):
-            summed = lambda path: any(k in jax.tree_util.keystr(path) for k in ("load", "dropped"))
-            stats = jax.tree_util.tree_map_with_path(
-                lambda path, a: (a if summed(path) else a / J).reshape(self.n, *a.shape[2:]),
-                stats)                                                     # [L, ...]
+            stats = jax.tree.map(lambda a: a.reshape(self.n, *a.shape[2:]),
+                                 combine_microbatch_stats(stats, J))          # [L, ...]
             self.put_variable("moe_stats", "layers", stats)
         return y
 

@@ -70,6 +70,15 @@ from deepseek_jax.model import adapters, dispatch, layers, routing
 from deepseek_jax.model.layers import MLP, param
 
 
+def combine_microbatch_stats(stats, count):
+    """The sown statistics of `count` equal micro-batches, summed leaf by leaf, as one batch's:
+    the counts (expert `load`, `dropped` pairs) stay sums; the others (the balance losses,
+    means over sequences) are divided by `count`."""
+    is_count = lambda path: any(k in jax.tree_util.keystr(path) for k in ("load", "dropped"))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if is_count(path) else x / count, stats)
+
+
 class MoE(nn.Module):
     """DeepSeekMoE FFN: shared experts + top-X of E routed experts. [B, T, D] → [B, T, D].
 

@@ -37,8 +37,9 @@ estimated step time), printed as a table and written to OUT/plan.md, plan.csv an
 than a slice has devices, the case where sequences must be split; name it to compare otherwise.
 
 Pipeline strategies (fsdp_pp, fsdp_ep_pp, or stage=N in a mesh shape) run the model with
-pipeline_stages = the mesh's stage size and the config's pipeline_microbatches (default 2·S;
---set=pipeline_microbatches=M); `all` enumerates the stage sizes that divide a layer stack.
+pipeline_stages = the mesh's stage size and the config's pipeline_microbatches (default twice
+the stages; --set=pipeline_microbatches=J); `all` enumerates the stage sizes that divide a
+layer stack.
 
 Left out: searching for the largest batch or micro-batch count that fits (pass them explicitly
 and compare runs).

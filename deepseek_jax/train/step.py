@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import adapters, zigzag
+from deepseek_jax.model import adapters, moe, zigzag
 from deepseek_jax.model.routing import update_routing_bias
 from deepseek_jax.model.transformer import Transformer, init_variables
 from deepseek_jax.train import losses
@@ -177,9 +177,7 @@ def loss_and_grads(params, routing, batch: dict, config: ModelConfig, microbatch
         body, (zeros, jnp.float32(0)), mbs)
     count = jnp.maximum(count, 1.0)
     mean = lambda t: jax.tree.map(lambda x: x / count, t)
-    summed = lambda path: any(k in jax.tree_util.keystr(path) for k in ("load", "dropped"))
-    stats = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if summed(path) else x / count, stats)
+    stats = moe.combine_microbatch_stats(stats, count)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), mean(grads), trained)
     return loss / count, mean(parts), stats, grads
 
