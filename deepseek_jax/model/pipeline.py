@@ -14,6 +14,11 @@ Schedule, for x [B, T, D] split into J micro-batches of b = B/J rows (strided as
                             every stage hands its output to stage p + 1 (one collective
                             permute of [b, T, D] over "stage"); stage 0 takes micro-batch i + 1
 
+On a mesh with a stage axis each tick runs the stages inside a `shard_map` manual over "stage":
+every device traces its own stage's layers as written, kernels and expert exchange unbatched
+(JAX cannot batch `ragged_all_to_all`, TPU's and GPU's expert exchange, over a vmapped stage
+axis); without one, a `jax.vmap` over the stages gives the same schedule on one device.
+
 Micro-batch m leaves the last stage at tick m + P − 1. A stage with no micro-batch (the first
 and last P − 1 ticks) computes on zeros or on a stale state and its output is never used: the
 bubble, a fraction (P − 1)/(J + P − 1) of the stack's compute. The backward pass is JAX's
