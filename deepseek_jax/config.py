@@ -189,6 +189,14 @@ class ModelConfig:
         return self.n_layers - self.n_dense_layers if self.n_routed_experts else 0
 
     @property
+    def layer_stacks(self) -> dict[str, int]:
+        """{stack name: its layers} of the main model's scanned stacks ("dense_layers", then
+        "moe_layers"), the empty ones left out: the names `Transformer`'s parameters use."""
+        stacks = {"dense_layers": self.n_layers - self.n_moe_layers,
+                  "moe_layers": self.n_moe_layers}
+        return {name: n for name, n in stacks.items() if n}
+
+    @property
     def n_microbatches(self) -> int:
         """J, the pipeline's micro-batches per (accumulation) batch."""
         return self.pipeline_microbatches or 2 * self.pipeline_stages
@@ -366,13 +374,13 @@ def _validate_pipeline(c: ModelConfig, need) -> None:
         return
     need(c.scan_layers, "pipeline_stages > 1 needs scan_layers=True (the stages split the "
                         "scanned stacks' layer axis)")
-    stacks = {"dense": c.n_layers - c.n_moe_layers, "MoE": c.n_moe_layers}
-    need(any(n and n % P == 0 for n in stacks.values()),
+    stacks = c.layer_stacks
+    need(any(c.pipelined(n) for n in stacks.values()),
          f"pipeline_stages={P} divides no layer stack ("
-         + ", ".join(f"{k} {n}" for k, n in stacks.items() if n)
+         + ", ".join(f"{k} {n}" for k, n in stacks.items())
          + "); use a stage count that divides one of them: "
          + ", ".join(str(d) for d in range(2, max(stacks.values()) + 1)
-                     if any(n and n % d == 0 for n in stacks.values())))
+                     if any(n % d == 0 for n in stacks.values())))
 
 
 # --- named variants --------------------------------------------------------------------------

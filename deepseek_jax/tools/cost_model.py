@@ -70,8 +70,9 @@ gradients reduced at every tick; each tick permutes one micro-batch's [b, T, D] 
 stage, forward and backward, and the pipeline's entry and exit gather and split the batch over
 the stage ranks (permutes too), all on the critical path.
 
-Left out: HBM-bandwidth-bound time (weight reads at small batch), latency, load imbalance between experts, and the compiler's own scheduling; the ranking is a relative
-guide, the compile is what says whether a strategy fits.
+Left out: HBM-bandwidth-bound time (weight reads at small batch), latency, load imbalance
+between experts, and the compiler's own scheduling; the ranking is a relative guide, the compile
+is what says whether a strategy fits.
 """
 
 from __future__ import annotations
@@ -80,7 +81,6 @@ import dataclasses
 import functools
 import math
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,7 @@ from deepseek_jax.parallel.rules import (Rules, axis_names, batch_axes, logical_
                                          mesh_axes_of)
 from deepseek_jax.train.sharded import abstract_variables
 from deepseek_jax.tools.targets import Target
-from deepseek_jax.train.flops import flops_per_token
+from deepseek_jax.train.flops import flops_per_token, stack_flops_per_token
 
 COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                     "collective-permute")
@@ -222,30 +222,14 @@ def pipeline_ticks(config: ModelConfig) -> int:
     return config.n_microbatches + P - 1 if P > 1 else 1
 
 
+def pipelined_stacks(config: ModelConfig) -> list[str]:
+    """The main model's stacks the config runs as a pipeline (none without one)."""
+    return [name for name, n in config.layer_stacks.items() if config.pipelined(n)]
+
+
 def pipelined_share(config: ModelConfig) -> float:
     """The fraction of the main model's layers that run in the pipeline (0 without one)."""
-    dense = config.n_layers - config.n_moe_layers
-    piped = sum(n for n in (dense, config.n_moe_layers) if n and config.pipelined(n))
-    return piped / config.n_layers
-
-
-def pipelined_flops_per_token(config: ModelConfig, seq: int) -> float:
-    """Training FLOPs per token (as `flops_per_token` counts them, adapters aside) of the
-    stacks the config pipelines: 6 per active parameter of their layers plus their attention."""
-    from deepseek_jax.model.params import is_routed_expert
-    params = flax.core.meta.unbox(abstract_variables(config)["params"])
-    share = config.n_experts_per_token / max(config.n_routed_experts, 1)
-    c, total = config, 0.0
-    attention = 3 * c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * seq
-    for stack in ("dense_layers", "moe_layers"):
-        leaves = flax.traverse_util.flatten_dict(params.get(stack, {}))
-        if not leaves or not c.pipelined(next(iter(leaves.values())).shape[0]):
-            continue
-        for path, leaf in leaves.items():
-            n = math.prod(leaf.shape)
-            total += 6.0 * n * (share if is_routed_expert(path) else 1.0)
-        total += attention * next(iter(leaves.values())).shape[0]
-    return total
+    return sum(config.layer_stacks[s] for s in pipelined_stacks(config)) / config.n_layers
 
 
 def rules_for(preset: str, sizes: dict[str, int]) -> Rules:
@@ -457,7 +441,7 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
     if stages > 1:
         # The pipelined layers run over J + P − 1 ticks of J micro-batches (the bubble).
         bubble = pipeline_ticks(config) / config.n_microbatches
-        piped = pipelined_flops_per_token(config, seq)
+        piped = sum(stack_flops_per_token(config, seq, s) for s in pipelined_stacks(config))
         per_token = _flops_per_token(config, seq) + piped * (bubble - 1)
         share = pipelined_share(config)
         recomputed = recomputed_flops_per_token(config, seq) * (1 + share * (bubble - 1))
@@ -523,7 +507,7 @@ def estimate(config: ModelConfig, sizes: dict[str, int], preset: str, batch: int
             state["table_axes"], True)
     if sizes["expert"] > 1 and config.n_routed_experts:
         moe_layers = config.n_moe_layers + config.mtp_depth
-        if config.pipelined(config.n_moe_layers):
+        if "moe_layers" in pipelined_stacks(config):
             moe_layers += config.n_moe_layers * (
                 pipeline_ticks(config) / config.n_microbatches - 1)
         # Keeping the rows received and the outputs returned spares the recomputed exchange.

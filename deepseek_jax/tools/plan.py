@@ -83,6 +83,7 @@ from deepseek_jax.parallel.rules import PRESETS  # noqa: E402
 from deepseek_jax.tools import cost_model, hlo, report  # noqa: E402
 from deepseek_jax.tools.compile import Strategy  # noqa: E402
 from deepseek_jax.tools.hlo import Collective, CollectiveStats  # noqa: E402
+from deepseek_jax.train.run import scheduled  # noqa: E402
 from deepseek_jax.tools.targets import Target, TargetError, parse_target  # noqa: E402
 from deepseek_jax.train import workdir as run_dir  # noqa: E402
 
@@ -179,10 +180,10 @@ def _powers_of_two(limit: int) -> list[int]:
 
 
 def config_for(config: ModelConfig, strategy: Strategy) -> ModelConfig:
-    """The model as `strategy` runs it: pipeline_stages set to its mesh's stage size (the
-    micro-batch count stays the config's). Raises ConfigError when no stack splits that way."""
-    stages = strategy.mesh.get("stage", 1)
-    return config if config.pipeline_stages == stages else config.replace(pipeline_stages=stages)
+    """The model as `strategy` runs it, set as the trainers set it (`train.run.scheduled`):
+    pipeline_stages from its mesh (whatever the config asked), the config's micro-batches.
+    Raises MeshError (a ConfigError) when no stack splits that way."""
+    return scheduled(config.replace(pipeline_stages=1), strategy.mesh, {})
 
 
 def shard_problem(config: ModelConfig, strategy: Strategy, batch: int) -> str | None:
@@ -227,9 +228,8 @@ def enumerate_strategies(config: ModelConfig, target: Target, batch: int,
                                 if config.n_routed_experts % e == 0]}
     if seq and batch < n:
         options["context"] = [1] + [c for c in _powers_of_two(n) if seq % (2 * c) == 0]
-    stacks = (config.n_layers - config.n_moe_layers, config.n_moe_layers)
     options["stage"] = [1] + [s for s in _powers_of_two(min(n, 16))
-                              if any(m and m % s == 0 for m in stacks)]
+                              if any(m % s == 0 for m in config.layer_stacks.values())]
     seen, out = set(), []
     for p in PRESETS.values():
         free = [a for a in p.axes if a != p.fill and a in options]

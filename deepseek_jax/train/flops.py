@@ -56,10 +56,32 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     from deepseek_jax.model.params import count_params
     n = count_params(config)
     p_matmul = n["active"] - n["embedding"] + n["mtp"] * _mtp_active_fraction(config, n)
-    attn_layers = config.n_layers + config.mtp_depth
-    attn = 3 * attn_layers * config.n_heads * (
-        config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * seq_len
+    attn = (config.n_layers + config.mtp_depth) * _attention_per_layer(config, seq_len)
     return 6.0 * p_matmul - _adapter_savings(config) + attn
+
+
+def stack_flops_per_token(config: ModelConfig, seq_len: int, stack: str) -> float:
+    """The part of `flops_per_token` one scanned stack of the main model takes ("dense_layers"
+    or "moe_layers"; 0 for a stack the model lacks), adapters aside: 6 per active parameter of
+    its layers plus their attention. The planner's cost model weighs a pipelined stack by it."""
+    import flax
+
+    from deepseek_jax.model.params import is_routed_expert
+    from deepseek_jax.train.sharded import abstract_variables      # cached: the planner's too
+    params = flax.core.meta.unbox(abstract_variables(config)["params"]).get(stack)
+    if params is None:
+        return 0.0
+    share = config.n_experts_per_token / max(config.n_routed_experts, 1)
+    leaves = flax.traverse_util.flatten_dict(params)
+    active = sum(float(np.prod(leaf.shape)) * (share if is_routed_expert(path) else 1.0)
+                 for path, leaf in leaves.items())
+    return 6.0 * active + config.layer_stacks[stack] * _attention_per_layer(config, seq_len)
+
+
+def _attention_per_layer(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of one layer's causal attention core (module docstring)."""
+    c = config
+    return 3 * c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * seq_len
 
 
 def _adapter_savings(config: ModelConfig) -> float:
